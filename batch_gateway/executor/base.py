@@ -1,0 +1,40 @@
+"""How a batch gets a runner: one short-lived runner process per batch, started by an executor.
+
+`local.py` starts a subprocess on this machine; `argo.py` creates an Argo Workflow that starts one runner pod.
+Executors are idempotent: submitting a batch twice starts one runner (the runner's lease makes sure of it too).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+
+
+class RunState(enum.Enum):
+    RUNNING = "running"  # a runner is (or will shortly be) working on the batch
+    FINISHED = "finished"  # the runner exited (succeeded or not)
+    FAILED = "failed"  # the run failed or errored without finishing the batch
+    UNKNOWN = "unknown"  # the executor has no record of the batch (never submitted, or the record vanished)
+
+
+class Executor(abc.ABC):
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Get ready to accept submissions."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop accepting work. Runners already started keep going (they resume after a restart anyway)."""
+
+    @abc.abstractmethod
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+        """Arrange for one runner to run the batch. Calling it again for the same batch is a no-op."""
+
+    @abc.abstractmethod
+    async def cancel(self, batch_id: str) -> None:
+        """Ask the batch's runner to stop gracefully (it finalises partial results). Best effort: the runner also
+        watches the batch status."""
+
+    @abc.abstractmethod
+    async def state(self, batch_id: str) -> RunState:
+        """What the executor knows of the batch's run, for the reconciler."""

@@ -1,0 +1,184 @@
+"""All configuration in one documented object.
+
+Every field is a CLI flag (`--data-dir`) and an environment variable (`BATCH_GATEWAY_DATA_DIR`); a flag wins over the
+environment, which wins over the default. The docs' configuration reference is generated from these definitions
+(`batch-gateway config-reference`). The runner process receives the API's settings through the environment
+(`Settings.to_env`), so both always agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BATCH_GATEWAY_"
+
+
+def setting(default: Any, help: str, *, group: str = "general", multiple: bool = False) -> Any:
+    meta = {"help": help, "group": group, "multiple": multiple}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    # --- server ---
+    host: str = setting("127.0.0.1", "Address the API listens on.", group="server")
+    port: int = setting(8000, "Port the API listens on.", group="server")
+    insecure_no_auth: bool = setting(
+        False, "Allow a non-loopback --host while no API key exists (anyone can use the gateway).", group="server"
+    )
+    log_format: str = setting("auto", "Log format: console, json, or auto (console on a terminal).", group="server")
+    log_level: str = setting("info", "Log level: debug, info, warning, error.", group="server")
+    # --- storage ---
+    data_dir: str = setting(".batch-gateway", "Directory for the embedded database, files and work files.", group="storage")
+    database_url: str = setting(
+        "", "PostgreSQL URL (postgresql://...). Empty: SQLite in the data directory.", group="storage"
+    )
+    object_store: str = setting(
+        "", "Where file bytes live: s3://bucket/prefix or file:///path. Empty: <data-dir>/objects.", group="storage"
+    )
+    valkey_url: str = setting(
+        "", "Valkey/Redis URL for live progress and cancel events. Empty: the database alone.", group="storage"
+    )
+    # --- limits ---
+    max_upload_bytes: int = setting(200 * 1024 * 1024, "Largest file upload, in bytes.", group="limits")
+    max_requests_per_batch: int = setting(50_000, "Most request lines in one batch input file.", group="limits")
+    max_line_bytes: int = setting(
+        10 * 1024 * 1024, "Largest single line of a batch input file, in bytes.", group="limits"
+    )
+    # --- upstream ---
+    upstream: list[str] = setting(
+        [],
+        "OpenAI-compatible server(s) the batches run on: URL for every model, MODEL=URL for one model; "
+        "several endpoints as URL1,URL2. Repeat the flag for several models.",
+        group="upstream",
+        multiple=True,
+    )
+    simulate: bool = setting(False, "Start the built-in vLLM simulator in-process and use it as the upstream.", group="upstream")
+    upstream_api_key: str = setting("", "Bearer token the runner sends to the upstream (the gateway's own, never a user's).", group="upstream")
+    request_timeout: float = setting(600.0, "Seconds one upstream request may take before it counts as a timeout.", group="upstream")
+    # --- runner ---
+    executor: str = setting("local", "How batches run: local (a subprocess per batch) or argo (a Workflow per batch).", group="runner")
+    max_concurrent_runners: int = setting(4, "Most batches running at once with the local executor; the rest wait.", group="runner")
+    initial_concurrency: int = setting(8, "In-flight requests per upstream endpoint when a runner starts.", group="runner")
+    max_concurrency: int = setting(256, "Upper bound of in-flight requests per upstream endpoint.", group="runner")
+    fixed_concurrency: int = setting(0, "Pin in-flight requests per endpoint (turns the adaptive controller off); 0 = adaptive.", group="runner")
+    retry_budget: float = setting(
+        0.2, "Retries allowed per batch, as a share of its requests (at least 100), before requests give up.", group="runner"
+    )
+    max_attempts: int = setting(5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner")
+    checkpoint_interval: float = setting(2.0, "Seconds between durable result checkpoints.", group="runner")
+    work_dir: str = setting("", "Scratch directory for runner work files. Empty: <data-dir>/work.", group="runner")
+    # --- argo ---
+    argo_namespace: str = setting("batch-gateway", "Namespace the runner Workflows are created in.", group="argo")
+    argo_template: str = setting("batch-gateway-runner", "WorkflowTemplate that runs one batch.", group="argo")
+    # --- gc ---
+    gc_interval: float = setting(60.0, "Seconds between garbage-collection passes inside `serve` (local mode); 0 = off.", group="gc")
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir).expanduser() if self.work_dir else self.data_path / "work"
+
+    @property
+    def object_store_url(self) -> str:
+        return self.object_store or (self.data_path / "objects").resolve().as_uri()
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in another process (the runner)."""
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                env[env_name(f.name)] = "\n".join(value)
+            elif isinstance(value, bool):
+                env[env_name(f.name)] = "true" if value else "false"
+            else:
+                env[env_name(f.name)] = str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = parse_value(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(Settings)
+    return hints[f.name]
+
+
+def parse_value(f: dataclasses.Field, raw: str) -> Any:
+    kind = _field_type(f)
+    if kind is bool:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{env_name(f.name)}={raw!r}: expected true or false")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    if typing.get_origin(kind) is list:
+        return [item.strip() for item in raw.replace("\n", " ").split() if item.strip()]
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str] | None = None) -> None:
+    """Add a flag for each setting (or only those named), each naming its env var in --help."""
+    wanted = set(names) if names is not None else None
+    for f in dataclasses.fields(Settings):
+        if wanted is not None and f.name not in wanted:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f"{f.metadata['help']} [env {env_name(f.name)}; default {default!r}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**overrides)
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the definitions above."""
+    lines = ["# Configuration reference", "", "Generated by `batch-gateway config-reference` from `batch_gateway/settings.py`.", ""]
+    group = None
+    for f in dataclasses.fields(Settings):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines += ["", f"## {group}", "", "| flag | env var | default | meaning |", "|---|---|---|---|"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        lines.append(f"| `{flag}` | `{env_name(f.name)}` | `{default!r}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,211 @@
+"""The metadata store: files, batches, runner leases and API keys.
+
+One interface, one module per backend (`sqlite.py`, `postgres.py`). Every query is scoped by tenant where a tenant is
+given (`tenant=None` is the service's own view, used by runners and gc). Every status change is a compare-and-set in
+one statement, so a cancel racing a completion can never produce an illegal transition.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection
+from typing import Any
+
+import msgspec
+
+from batch_gateway import wire
+
+
+class FileRecord(msgspec.Struct):
+    id: str
+    tenant: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    object_key: str
+    expires_at: int | None = None
+    status: str = "processed"
+
+    def to_wire(self) -> wire.FileObject:
+        return wire.FileObject(
+            id=self.id,
+            bytes=self.bytes,
+            created_at=self.created_at,
+            filename=self.filename,
+            purpose=self.purpose,
+            status=self.status,
+            expires_at=self.expires_at,
+        )
+
+
+class BatchRecord(msgspec.Struct):
+    id: str
+    tenant: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] | None = None
+    output_expires_after: int | None = None  # seconds after the output file's creation
+    model: str | None = None
+    errors: list[wire.BatchError] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: wire.RequestCounts = msgspec.field(default_factory=wire.RequestCounts)
+    usage: wire.Usage | None = None
+    fingerprint: str | None = None  # hash of the create request, to fold SDK retries into one batch
+    idempotency_key: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in wire.TERMINAL_STATUSES
+
+    def to_wire(self) -> wire.Batch:
+        return wire.Batch(
+            id=self.id,
+            endpoint=self.endpoint,
+            input_file_id=self.input_file_id,
+            completion_window=self.completion_window,
+            status=self.status,
+            created_at=self.created_at,
+            model=self.model,
+            errors=wire.BatchErrors(data=self.errors) if self.errors else None,
+            output_file_id=self.output_file_id,
+            error_file_id=self.error_file_id,
+            in_progress_at=self.in_progress_at,
+            expires_at=self.expires_at,
+            finalizing_at=self.finalizing_at,
+            completed_at=self.completed_at,
+            failed_at=self.failed_at,
+            expired_at=self.expired_at,
+            cancelling_at=self.cancelling_at,
+            cancelled_at=self.cancelled_at,
+            request_counts=self.request_counts,
+            usage=self.usage,
+            metadata=self.metadata,
+        )
+
+
+class ApiKeyRecord(msgspec.Struct):
+    id: str
+    tenant: str
+    key_hash: str
+    prefix: str  # the first characters, so an operator can tell keys apart in `keys list`
+    created_at: int
+    revoked_at: int | None = None
+
+
+# Columns a transition may change besides the status and its timestamp.
+TRANSITION_FIELDS = frozenset(
+    {"model", "errors", "output_file_id", "error_file_id", "request_counts", "usage"}
+)
+
+
+class MetadataStore(abc.ABC):
+    """Async access to the metadata. Implementations translate driver errors into `StorageUnavailable`."""
+
+    # --- lifecycle ---
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise `StorageUnavailable` when the database cannot answer."""
+
+    # --- files ---
+    @abc.abstractmethod
+    async def insert_file(self, record: FileRecord) -> None:
+        """Insert a file; inserting the same id again is a no-op (result files are written idempotently)."""
+
+    @abc.abstractmethod
+    async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_files(
+        self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
+    ) -> tuple[list[FileRecord], bool]:
+        """A page of files in creation order (`asc` or `desc`) after the file `after`, and whether more follow."""
+
+    @abc.abstractmethod
+    async def delete_file(self, file_id: str, tenant: str | None) -> bool: ...
+
+    @abc.abstractmethod
+    async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
+        """Files whose `expires_at` has passed, oldest expiry first."""
+
+    # --- batches ---
+    @abc.abstractmethod
+    async def insert_batch(self, record: BatchRecord) -> tuple[BatchRecord, bool]:
+        """Insert a batch. If the tenant already has a batch with the same `idempotency_key`, return that one and
+        False instead."""
+
+    @abc.abstractmethod
+    async def find_recent_batch(self, tenant: str, fingerprint: str, since: int) -> BatchRecord | None:
+        """The newest batch of this tenant created from the same request since `since` (SDK retry folding)."""
+
+    @abc.abstractmethod
+    async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_batches(self, tenant: str, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
+        """A page of batches, newest first, after the batch `after`, and whether more follow."""
+
+    @abc.abstractmethod
+    async def transition(
+        self, batch_id: str, from_statuses: Collection[str], to_status: str, now: int, **changes: Any
+    ) -> BatchRecord | None:
+        """Compare-and-set: move the batch to `to_status` (setting `<to_status>_at = now` if it is unset) only if its
+        status is one of `from_statuses`. Returns the updated batch, or None if the status did not match."""
+
+    @abc.abstractmethod
+    async def save_progress(self, batch_id: str, counts: wire.RequestCounts, usage: wire.Usage | None) -> None:
+        """Store live counts and usage of a running batch (no status change)."""
+
+    @abc.abstractmethod
+    async def batches_with_status(self, statuses: Collection[str], limit: int = 1000) -> list[BatchRecord]: ...
+
+    @abc.abstractmethod
+    async def overdue_batches(self, now: int, limit: int = 1000) -> list[BatchRecord]:
+        """Batches not yet terminal whose `expires_at` has passed."""
+
+    # --- runner leases: only one runner may work on a batch at a time ---
+    @abc.abstractmethod
+    async def claim_batch(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
+        """Take the batch for `owner` if nobody holds an unexpired lease on it (or `owner` already does)."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
+        """Extend the lease; False when another runner has taken the batch over."""
+
+    @abc.abstractmethod
+    async def release_batch(self, batch_id: str, owner: str) -> None: ...
+
+    # --- API keys ---
+    @abc.abstractmethod
+    async def insert_key(self, record: ApiKeyRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def list_keys(self) -> list[ApiKeyRecord]: ...
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, now: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def active_key_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def tenant_for_key_hash(self, key_hash: str) -> str | None: ...

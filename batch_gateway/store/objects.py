@@ -1,0 +1,140 @@
+"""File bytes in object storage through obstore: S3 in production, the local filesystem by default.
+
+obstore already speaks to S3, GCS, Azure and local disks behind one API, so one small wrapper serves every backend;
+the URL picks it (`s3://bucket/prefix`, `file:///path`, `memory:///`). S3 endpoint, region and credentials come from
+the usual `AWS_*` environment variables (for MinIO or moto: `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true`).
+
+Key layout: one bucket, everything under `<tenant>/`: `<tenant>/files/<file_id>` for files and
+`<tenant>/batches/<batch_id>/...` for a runner's checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import obstore
+from obstore.exceptions import NotFoundError
+from obstore.store import from_url
+
+from batch_gateway.errors import GatewayError, StorageUnavailable
+
+CHUNK = 8 * 1024 * 1024
+
+
+class ObjectMissing(GatewayError):
+    """The object does not exist in the object store."""
+
+
+def file_key(tenant: str, file_id: str) -> str:
+    return f"{tenant}/files/{file_id}"
+
+
+def batch_prefix(tenant: str, batch_id: str) -> str:
+    return f"{tenant}/batches/{batch_id}"
+
+
+class ObjectStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            Path(parsed.path).mkdir(parents=True, exist_ok=True)
+            self._store = from_url(url, mkdir=True)
+        elif parsed.scheme in ("s3", "s3a"):
+            options = {}
+            if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
+                options["allow_http"] = True
+            self._store = from_url(url, client_options=options or None)
+        else:
+            self._store = from_url(url)
+
+    async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> None:
+        """Write an object from a stream (multipart on S3). If the stream raises, nothing is stored."""
+        try:
+            await obstore.put_async(self._store, key, chunks, chunk_size=CHUNK)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            if _caused_by_gateway_error(exc):
+                raise _caused_by_gateway_error(exc) from exc  # type: ignore[misc]
+            raise StorageUnavailable(f"object store write failed for {key}: {exc}") from exc
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            await obstore.put_async(self._store, key, data)
+        except Exception as exc:
+            raise StorageUnavailable(f"object store write failed for {key}: {exc}") from exc
+
+    async def put_file(self, key: str, path: Path) -> None:
+        try:
+            await obstore.put_async(self._store, key, path, chunk_size=CHUNK)
+        except Exception as exc:
+            raise StorageUnavailable(f"object store write failed for {key}: {exc}") from exc
+
+    async def stream(self, key: str, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """The object's bytes as a stream of chunks; raises ObjectMissing before the first chunk if absent."""
+        try:
+            result = await obstore.get_async(self._store, key)
+        except NotFoundError as exc:
+            raise ObjectMissing(key) from exc
+        except FileNotFoundError as exc:
+            raise ObjectMissing(key) from exc
+        except Exception as exc:
+            raise StorageUnavailable(f"object store read failed for {key}: {exc}") from exc
+        return _chunks(result.stream(min_chunk_size=chunk_size))
+
+    async def get_bytes(self, key: str) -> bytes:
+        parts = [chunk async for chunk in await self.stream(key)]
+        return b"".join(parts)
+
+    async def delete(self, key: str) -> None:
+        """Delete an object; deleting a missing object is not an error (gc may run twice)."""
+        try:
+            await obstore.delete_async(self._store, key)
+        except (NotFoundError, FileNotFoundError):
+            return
+        except Exception as exc:
+            raise StorageUnavailable(f"object store delete failed for {key}: {exc}") from exc
+
+    async def list(self, prefix: str) -> list[str]:
+        try:
+            keys: list[str] = []
+            async for chunk in obstore.list(self._store, prefix=prefix):
+                keys.extend(meta["path"] for meta in chunk)
+            return sorted(keys)
+        except (NotFoundError, FileNotFoundError):
+            return []
+        except Exception as exc:
+            raise StorageUnavailable(f"object store list failed for {prefix}: {exc}") from exc
+
+    async def delete_prefix(self, prefix: str) -> None:
+        for key in await self.list(prefix):
+            await self.delete(key)
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable if the store cannot be listed."""
+        try:
+            await obstore.list_with_delimiter_async(self._store, prefix=None)
+        except Exception as exc:
+            raise StorageUnavailable(f"object store unreachable: {exc}") from exc
+
+
+async def _chunks(stream: AsyncIterator) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield bytes(chunk)
+    except Exception as exc:
+        raise StorageUnavailable(f"object store stream failed: {exc}") from exc
+
+
+def _caused_by_gateway_error(exc: BaseException) -> GatewayError | None:
+    """obstore wraps exceptions raised by our input stream; find ours (e.g. the upload size limit) again."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, GatewayError):
+            return seen
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return None

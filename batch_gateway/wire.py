@@ -1,0 +1,169 @@
+"""The OpenAI wire format: Batch and File objects, list pages, JSONL result lines.
+
+Every key of the Batch and File objects is always sent, with `null` where empty, because strict
+clients (LiteLLM and others) break on missing keys. `omit_defaults` is therefore never set.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+BatchStatus = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired", "cancelled"})
+ACTIVE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+# Endpoints the gateway forwards to an OpenAI-compatible engine such as vLLM.
+SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+FILE_PURPOSES: tuple[str, ...] = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+
+class RequestCounts(msgspec.Struct):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class InputTokensDetails(msgspec.Struct):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(msgspec.Struct):
+    reasoning_tokens: int = 0
+
+
+class Usage(msgspec.Struct):
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = msgspec.field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = msgspec.field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.input_tokens_details.cached_tokens += other.input_tokens_details.cached_tokens
+        self.output_tokens += other.output_tokens
+        self.output_tokens_details.reasoning_tokens += other.output_tokens_details.reasoning_tokens
+        self.total_tokens += other.total_tokens
+
+
+class BatchError(msgspec.Struct):
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(msgspec.Struct):
+    data: list[BatchError]
+    object: str = "list"
+
+
+class Batch(msgspec.Struct):
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    object: str = "batch"
+    model: str | None = None
+    errors: BatchErrors | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts = msgspec.field(default_factory=RequestCounts)
+    usage: Usage | None = None
+    metadata: dict[str, str] | None = None
+
+
+class FileObject(msgspec.Struct):
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    object: str = "file"
+    status: str = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class FileDeleted(msgspec.Struct):
+    id: str
+    object: str = "file"
+    deleted: bool = True
+
+
+class ListPage(msgspec.Struct):
+    data: list
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+    object: str = "list"
+
+
+class ExpiresAfter(msgspec.Struct, forbid_unknown_fields=True):
+    anchor: str
+    seconds: int
+
+
+class BatchCreate(msgspec.Struct):
+    """Body of POST /v1/batches. Fields are loosely typed so that each error gets its own OpenAI message."""
+
+    input_file_id: object = None
+    endpoint: object = None
+    completion_window: object = None
+    metadata: object = None
+    output_expires_after: object = None
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody
+
+
+# --- JSONL result lines ---------------------------------------------------------------------
+
+
+class LineResponse(msgspec.Struct):
+    status_code: int
+    request_id: str
+    body: msgspec.Raw  # the upstream's JSON, embedded as an object and never re-serialised
+
+
+class LineError(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ResultLine(msgspec.Struct):
+    """One line of an output or error file: `response` for an HTTP answer, `error` when there was none."""
+
+    id: str
+    custom_id: str
+    response: LineResponse | None
+    error: LineError | None
+
+
+_result_encoder = msgspec.json.Encoder()
+
+
+def encode_result_line(line: ResultLine) -> bytes:
+    return _result_encoder.encode(line) + b"\n"

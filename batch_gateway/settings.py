@@ -75,6 +75,13 @@ class Settings:
     )
     max_attempts: int = setting(5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner")
     checkpoint_interval: float = setting(2.0, "Seconds between durable result checkpoints.", group="runner")
+    runner_lease_seconds: int = setting(
+        30, "Seconds a runner's claim on a batch lasts without renewal; a crashed runner's batch is taken over after it.",
+        group="runner",
+    )
+    cancel_grace: float = setting(
+        5.0, "Seconds in-flight requests may finish after a cancel or expiry before they are cut off.", group="runner"
+    )
     work_dir: str = setting("", "Scratch directory for runner work files. Empty: <data-dir>/work.", group="runner")
     # --- argo ---
     argo_namespace: str = setting("batch-gateway", "Namespace the runner Workflows are created in.", group="argo")

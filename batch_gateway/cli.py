@@ -1,0 +1,163 @@
+"""The `batch-gateway` command: the server, the runner, gc, key management and the simulator.
+
+Every server flag also reads `BATCH_GATEWAY_<NAME>` from the environment (see `--help` or docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+
+from batch_gateway import logs, settings as settings_mod
+from batch_gateway.settings import Settings
+
+STORAGE_FLAGS = ("data_dir", "database_url", "object_store", "valkey_url", "log_format", "log_level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batch-gateway", description="Self-hosted OpenAI-compatible Batch API for your own models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="Run the API server (and, locally, the batch runners and gc).")
+    settings_mod.add_arguments(serve)
+
+    runner = sub.add_parser("runner", help="Run (or resume) one batch to a terminal status, then exit.")
+    runner.add_argument("--batch-id", required=True)
+    settings_mod.add_arguments(runner)
+
+    reconcile = sub.add_parser(
+        "reconcile", help="After a batch's runner ended: resume or fail the batch if it is not terminal (exit handler)."
+    )
+    reconcile.add_argument("--batch-id", required=True)
+    settings_mod.add_arguments(reconcile)
+
+    gc = sub.add_parser("gc", help="One garbage-collection pass: expire overdue batches, delete expired files, then exit.")
+    settings_mod.add_arguments(gc)
+
+    migrate = sub.add_parser("migrate", help="Apply pending database migrations and exit.")
+    settings_mod.add_arguments(migrate, STORAGE_FLAGS)
+
+    keys = sub.add_parser("keys", help="Manage API keys (each key belongs to one tenant).")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="Create a key for a tenant; prints the key (only this once).")
+    create.add_argument("--tenant", required=True)
+    settings_mod.add_arguments(create, STORAGE_FLAGS)
+    listing = keys_sub.add_parser("list", help="List keys (id, tenant, prefix, created, revoked).")
+    settings_mod.add_arguments(listing, STORAGE_FLAGS)
+    revoke = keys_sub.add_parser("revoke", help="Revoke a key by its id (from `keys list`).")
+    revoke.add_argument("key_id")
+    settings_mod.add_arguments(revoke, STORAGE_FLAGS)
+
+    sim = sub.add_parser("sim", help="Run the vLLM simulator (an OpenAI-compatible stand-in for a GPU server).")
+    from batch_gateway.sim.cli import add_arguments as add_sim_arguments
+
+    add_sim_arguments(sim)
+
+    sub.add_parser("config-reference", help="Print the configuration reference (Markdown).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "sim":
+        from batch_gateway.sim.cli import run as run_sim
+
+        return run_sim(args)
+    if args.command == "config-reference":
+        sys.stdout.write(settings_mod.reference_markdown())
+        return 0
+    try:
+        settings = settings_mod.from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logs.configure(settings.log_format, settings.log_level)
+    command = {
+        "serve": _serve,
+        "runner": _runner,
+        "reconcile": _reconcile,
+        "gc": _gc,
+        "migrate": _migrate,
+        "keys": _keys,
+    }[args.command]
+    try:
+        return asyncio.run(command(settings, args))
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from batch_gateway.server import serve
+
+    return await serve(settings)
+
+
+async def _runner(settings: Settings, args: argparse.Namespace) -> int:
+    from batch_gateway.runner.process import run_batch
+
+    return await run_batch(settings, args.batch_id)
+
+
+async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from batch_gateway.gc.reconcile import reconcile_batch
+
+    return await reconcile_batch(settings, args.batch_id)
+
+
+async def _gc(settings: Settings, args: argparse.Namespace) -> int:
+    from batch_gateway.executor import build_executor
+    from batch_gateway.gc.collector import collect
+    from batch_gateway.services import Services
+
+    services = await Services.open(settings)
+    executor = build_executor(settings, services.metadata)
+    await executor.start()
+    try:
+        await collect(services, executor)
+    finally:
+        await executor.stop()
+        await services.close()
+    return 0
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from batch_gateway.services import open_metadata_store
+
+    store = open_metadata_store(settings)
+    await store.open()  # open() applies pending migrations
+    await store.close()
+    structlog.get_logger("migrate").info("migrate.done")
+    return 0
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from batch_gateway import ids, keys
+    from batch_gateway.services import open_metadata_store
+
+    store = open_metadata_store(settings)
+    await store.open()
+    try:
+        if args.keys_command == "create":
+            key, _ = await keys.create_key(store, args.tenant)
+            print(key)
+        elif args.keys_command == "list":
+            records = await store.list_keys()
+            print(f"{'ID':<22} {'TENANT':<20} {'PREFIX':<12} {'CREATED':<11} REVOKED")
+            for r in records:
+                print(f"{r.id:<22} {r.tenant:<20} {r.prefix:<12} {r.created_at:<11} {r.revoked_at or '-'}")
+        elif args.keys_command == "revoke":
+            if not await store.revoke_key(args.key_id, ids.now()):
+                print(f"No active key with id {args.key_id}; see `batch-gateway keys list`.", file=sys.stderr)
+                return 1
+    finally:
+        await store.close()
+    return 0
+

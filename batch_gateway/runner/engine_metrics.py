@@ -1,0 +1,46 @@
+"""Read an engine's queue gauges from its Prometheus `/metrics`: vLLM names, with llama.cpp's as a fallback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+_WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
+_RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+@dataclass
+class QueueMetrics:
+    waiting: float
+    running: float | None
+    kv_usage: float | None
+
+
+def parse_queue_metrics(text: str) -> QueueMetrics | None:
+    """Sum each gauge over its label sets (several models or engines behind one endpoint)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+
+    def first(names: tuple[str, ...]) -> float | None:
+        return next((values[n] for n in names if n in values), None)
+
+    waiting = first(_WAITING)
+    if waiting is None:
+        return None
+    return QueueMetrics(waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE))
+
+
+async def read_queue_metrics(client: httpx.AsyncClient, endpoint: str) -> QueueMetrics | None:
+    """None when the endpoint has no usable /metrics (or did not answer in time)."""
+    try:
+        response = await client.get(endpoint + "/metrics", timeout=5.0)
+        if response.status_code != 200:
+            return None
+        return parse_queue_metrics(response.text)
+    except (httpx.HTTPError, ValueError):
+        return None

@@ -1,0 +1,231 @@
+"""Read and validate: stream the input file once into a local work file plus a compact per-line index.
+
+Memory stays flat whatever the input size: request bodies go to the work file, and per line we keep only its offset,
+length, prefix key blocks and a hash of its custom_id, in packed arrays (about 56 bytes per line). Later stages read
+a body back by offset when it is about to be sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from batch_gateway.runner.prefix import MAX_BLOCKS, prefix_key
+from batch_gateway.runner.validate import ValidLine, validate_line
+from batch_gateway.wire import BatchError
+
+MAX_REPORTED_ERRORS = 500
+
+
+@dataclass
+class Limits:
+    max_requests: int
+    max_line_bytes: int
+
+
+@dataclass
+class Ingested:
+    path: Path
+    offsets: np.ndarray  # uint64, byte offset of request i in the work file
+    lengths: np.ndarray  # uint32
+    keys: np.ndarray  # (n, MAX_BLOCKS) uint64 prefix key blocks
+    line_numbers: np.ndarray  # uint32, 1-based line of request i in the input file (blank lines are skipped)
+    model: str | None
+    errors: list[BatchError] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets)
+
+
+class _Errors:
+    """Collects validation errors, keeping the first MAX_REPORTED_ERRORS and counting the rest."""
+
+    def __init__(self) -> None:
+        self.kept: list[BatchError] = []
+        self.dropped = 0
+
+    def add(self, errors: list[BatchError]) -> None:
+        for error in errors:
+            if len(self.kept) < MAX_REPORTED_ERRORS:
+                self.kept.append(error)
+            else:
+                self.dropped += 1
+
+    def result(self) -> list[BatchError]:
+        if not self.dropped:
+            return self.kept
+        summary = BatchError(code="too_many_errors", message=f"{self.dropped} more errors were not listed.")
+        return [*self.kept, summary]
+
+
+def _custom_id_hash(custom_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
+
+
+async def split_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[tuple[int, bytes | None]]:
+    """Yield (1-based line number, line bytes) from a byte stream; None for a line over the size limit, whose bytes
+    are skipped rather than buffered."""
+    pending = bytearray()
+    oversized = False
+    line_no = 0
+    async for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                if not oversized:
+                    pending += chunk[start:]
+                    if len(pending) > max_line_bytes:
+                        oversized, pending = True, bytearray()
+                break
+            line_no += 1
+            if oversized:
+                yield line_no, None
+            else:
+                pending += chunk[start:end]
+                yield line_no, (None if len(pending) > max_line_bytes else bytes(pending))
+            pending, oversized = bytearray(), False
+            start = end + 1
+    if pending or oversized:
+        yield line_no + 1, (None if oversized else bytes(pending))
+
+
+async def ingest(
+    chunks: AsyncIterator[bytes],
+    work_file: Path,
+    endpoint: str,
+    limits: Limits,
+    known_model: Callable[[str], bool],
+) -> Ingested:
+    work_file.parent.mkdir(parents=True, exist_ok=True)
+    offsets, lengths, keys, id_hashes, line_numbers = array("Q"), array("I"), array("Q"), array("Q"), array("I")
+    errors = _Errors()
+    model: str | None = None
+    model_line = 0
+    too_many = False
+    position = 0
+    with open(work_file, "wb", buffering=1024 * 1024) as out:
+        async for line_no, raw in split_lines(chunks, limits.max_line_bytes):
+            if raw is None:
+                errors.add([BatchError("line_too_long", f"The line is longer than {limits.max_line_bytes} bytes.", None, line_no)])
+                continue
+            raw = raw.rstrip(b"\r")
+            if not raw.strip():
+                continue  # blank lines are not requests
+            if len(offsets) >= limits.max_requests:
+                too_many = True
+                break
+            parsed = validate_line(raw, line_no, endpoint)
+            if isinstance(parsed, list):
+                errors.add(parsed)
+                # Keep the index aligned with request numbers; this batch fails anyway.
+                parsed = None
+            else:
+                if model is None:
+                    model, model_line = parsed.model, line_no
+                    if not known_model(model):
+                        errors.add([_model_not_found(model, line_no)])
+                elif parsed.model != model:
+                    errors.add(
+                        [
+                            BatchError(
+                                "model_mismatch",
+                                f"All requests in a batch must use the same model: line {model_line} uses '{model}', "
+                                f"this line uses '{parsed.model}'.",
+                                "body.model",
+                                line_no,
+                            )
+                        ]
+                    )
+            out.write(raw)
+            out.write(b"\n")
+            offsets.append(position)
+            lengths.append(len(raw))
+            position += len(raw) + 1
+            keys.extend(_padded_key(endpoint, parsed))
+            id_hashes.append(_custom_id_hash(parsed.custom_id) if parsed else 0)
+            line_numbers.append(line_no)
+
+    if too_many:
+        errors.add(
+            [
+                BatchError(
+                    "too_many_tasks",
+                    f"The input file has more than {limits.max_requests} requests, the most one batch may hold.",
+                    None,
+                    None,
+                )
+            ]
+        )
+    elif not offsets and not errors.kept:
+        errors.add([BatchError("empty_file", "The input file has no requests.", None, None)])
+
+    ingested = Ingested(
+        path=work_file,
+        offsets=np.frombuffer(offsets, dtype=np.uint64) if offsets else np.zeros(0, np.uint64),
+        lengths=np.frombuffer(lengths, dtype=np.uint32) if lengths else np.zeros(0, np.uint32),
+        keys=(np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, np.uint64)).reshape(-1, MAX_BLOCKS),
+        line_numbers=np.frombuffer(line_numbers, dtype=np.uint32) if line_numbers else np.zeros(0, np.uint32),
+        model=model,
+    )
+    if not too_many:
+        errors.add(_duplicate_ids(ingested, np.frombuffer(id_hashes, dtype=np.uint64) if id_hashes else None))
+    ingested.errors = errors.result()
+    return ingested
+
+
+def _padded_key(endpoint: str, parsed: ValidLine | None) -> list[int]:
+    blocks = list(prefix_key(endpoint, parsed.body))[:MAX_BLOCKS] if parsed else []
+    return blocks + [0] * (MAX_BLOCKS - len(blocks))
+
+
+def _model_not_found(model: str, line_no: int) -> BatchError:
+    return BatchError(
+        "model_not_found",
+        f"The provided model '{model}' is not supported by the Batch API: no upstream serves it.",
+        "body.model",
+        line_no,
+    )
+
+
+def read_request(ingested: Ingested, fd: int, index: int) -> bytes:
+    """The raw bytes of request `index`, read back from the work file."""
+    return os.pread(fd, int(ingested.lengths[index]), int(ingested.offsets[index]))
+
+
+def _duplicate_ids(ingested: Ingested, id_hashes: np.ndarray | None) -> list[BatchError]:
+    """custom_id must be unique. Compare 64-bit hashes, then confirm candidates against the real ids."""
+    if id_hashes is None or len(id_hashes) < 2:
+        return []
+    order = np.argsort(id_hashes, kind="stable")
+    sorted_hashes = id_hashes[order]
+    repeats = np.nonzero((sorted_hashes[1:] == sorted_hashes[:-1]) & (sorted_hashes[1:] != 0))[0] + 1
+    if not len(repeats):
+        return []
+    errors: list[BatchError] = []
+    with open(ingested.path, "rb") as f:
+        fd = f.fileno()
+        seen: dict[str, int] = {}
+        candidates = sorted({int(order[i]) for i in repeats} | {int(order[i - 1]) for i in repeats})
+        for index in candidates:
+            custom_id = msgspec.json.decode(read_request(ingested, fd, index)).get("custom_id")
+            if custom_id in seen:
+                errors.append(
+                    BatchError(
+                        "duplicate_custom_id",
+                        f"The custom_id '{custom_id}' is used more than once; each custom_id must be unique in a batch.",
+                        "custom_id",
+                        int(ingested.line_numbers[index]),
+                    )
+                )
+            else:
+                seen[custom_id] = index
+    return errors

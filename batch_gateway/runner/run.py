@@ -1,0 +1,412 @@
+"""One runner runs one batch, start to finish, and can be killed and started again at any moment.
+
+The pipeline: claim the batch (a lease, so two runners never run it together) → read and validate the input into a
+work file → plan the order (prefix groups) → dispatch to the upstream under adaptive concurrency, checkpointing
+results → finalise the output and error files → a terminal status. Cancel and expiry stop dispatch within a second;
+results that finished are kept, and every line that did not run gets a `batch_cancelled` / `batch_expired` error line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+import numpy as np
+import structlog
+
+from batch_gateway import ids, wire
+from batch_gateway.errors import StorageUnavailable
+from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
+from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
+from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
+from batch_gateway.runner.prefix import group_ids, plan_order
+from batch_gateway.runner.schedule import GroupScheduler
+from batch_gateway.runner.upstream import endpoints_for, parse_upstreams, resolve_endpoints
+from batch_gateway.services import Services
+from batch_gateway.store.metadata import BatchRecord, FileRecord
+from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key
+
+WATCH_INTERVAL = 0.2  # how often the cancel signal is checked; the database is checked every second
+OUTPUT_TTL_DEFAULT = 30 * 86400
+
+_STOP_REASON_CODES = {
+    "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+}
+
+
+class LeaseLost(Exception):
+    """Another runner took the batch over; stop without touching it."""
+
+
+class Interrupted(Exception):
+    """The process was asked to stop (SIGTERM); results so far are checkpointed for the next runner."""
+
+
+class _CustomId(msgspec.Struct):
+    custom_id: str
+
+
+class BatchRunner:
+    def __init__(self, services: Services, batch_id: str) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.metadata = services.metadata
+        self.batch_id = batch_id
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.log = structlog.get_logger("runner").bind(batch_id=batch_id)
+        self.totals = Totals()
+        self.total = 0
+        self._stop_reason: str | None = None
+
+    # --- entry point ---------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Run the batch to a terminal status and return it. Raises LeaseLost if another runner owns it."""
+        batch = await self.metadata.get_batch(self.batch_id, None)
+        if batch is None:
+            self.log.error("runner.batch_missing")
+            return "missing"
+        if batch.terminal:
+            await self._cleanup(batch)
+            self.log.info("runner.already_terminal", status=batch.status)
+            return batch.status
+        await self._claim()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            return await self._run_claimed(batch)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+            with contextlib.suppress(Exception):
+                await self.metadata.release_batch(self.batch_id, self.owner)
+
+    async def _claim(self) -> None:
+        """Take the lease, waiting out a crashed runner's lease (bounded by the lease length)."""
+        lease = self.settings.runner_lease_seconds
+        deadline = time.monotonic() + lease + 5
+        while not await self.metadata.claim_batch(self.batch_id, self.owner, ids.now(), lease):
+            if time.monotonic() > deadline:
+                raise LeaseLost(f"batch {self.batch_id} is held by another runner")
+            self.log.info("runner.waiting_for_lease")
+            await asyncio.sleep(1.0)
+        self.log.info("runner.claimed", owner=self.owner)
+
+    async def _heartbeat(self) -> None:
+        lease = self.settings.runner_lease_seconds
+        while True:
+            await asyncio.sleep(max(1.0, lease / 3))
+            try:
+                if not await self.metadata.renew_lease(self.batch_id, self.owner, ids.now(), lease):
+                    self.log.error("runner.lease_lost")
+                    self._stop("lease_lost")
+                    return
+            except StorageUnavailable as exc:
+                self.log.warning("runner.lease_renew_failed", error=str(exc))
+
+    # --- the pipeline --------------------------------------------------------------------------
+
+    async def _run_claimed(self, batch: BatchRecord) -> str:
+        work_dir = self.settings.work_path / self.batch_id
+        routes = parse_upstreams(self.settings.upstream)
+        try:
+            chunks = await self.services.objects.stream(file_key(batch.tenant, batch.input_file_id))
+        except ObjectMissing:
+            return await self._fail(
+                batch,
+                [wire.BatchError("invalid_request", f"Cannot find file {batch.input_file_id}.", "input_file_id", None)],
+            )
+        started = time.monotonic()
+        ingested = await ingest(
+            chunks,
+            work_dir / "input.jsonl",
+            batch.endpoint,
+            Limits(self.settings.max_requests_per_batch, self.settings.max_line_bytes),
+            known_model=lambda model: bool(endpoints_for(routes, model)),
+        )
+        self.total = ingested.count
+        self.log.info(
+            "runner.ingested", requests=ingested.count, errors=len(ingested.errors), seconds=round(time.monotonic() - started, 3)
+        )
+
+        if batch.status == "validating":
+            if ingested.errors:
+                return await self._fail(batch, ingested.errors)
+            moved = await self.metadata.transition(
+                self.batch_id,
+                ["validating"],
+                "in_progress",
+                ids.now(),
+                model=ingested.model,
+                request_counts=wire.RequestCounts(total=ingested.count),
+            )
+            batch = moved or await self._reload()
+        if batch.status == "cancelling" and batch.in_progress_at is None:
+            # Cancelled before it ever ran: nothing to report.
+            return await self._end(batch, "cancelled", ["cancelling"], {})
+
+        checkpoints = Checkpoints(self.services.objects, batch_prefix(batch.tenant, self.batch_id), self.owner)
+        done, self.totals = await checkpoints.load(ingested.count)
+        self.log.info("runner.resumed" if done.any() else "runner.starting", already_done=int(done.sum()))
+
+        if batch.status == "in_progress" and ids.now() >= batch.expires_at:
+            reason = "expired"
+        elif batch.status == "in_progress" and not done.all():
+            reason = await self._dispatch(batch, ingested, done, checkpoints, routes)
+        else:
+            reason = {"cancelling": "cancelled"}.get(batch.status, "completed")
+        if reason == "lease_lost":
+            raise LeaseLost(f"batch {self.batch_id} was taken over by another runner")
+        if reason == "shutdown":
+            raise Interrupted(f"batch {self.batch_id}: stopped by a signal; results so far are checkpointed")
+        return await self._finalize(batch, ingested, checkpoints, reason)
+
+    async def _dispatch(
+        self,
+        batch: BatchRecord,
+        ingested: Ingested,
+        done: np.ndarray,
+        checkpoints: Checkpoints,
+        routes: dict[str, list[str]],
+    ) -> str:
+        """Send every line without a durable result. Returns why dispatch ended: completed, cancelled, expired."""
+        urls = await resolve_endpoints(endpoints_for(routes, ingested.model or ""))
+        order = plan_order(ingested.keys)
+        groups = group_ids(ingested.keys[order])
+        keep = ~done[order]
+        scheduler = GroupScheduler(order[keep], groups[keep], endpoints=len(urls))
+        settings = self.settings
+        endpoints = [
+            Endpoint(
+                url,
+                ConcurrencyController(
+                    initial=settings.initial_concurrency,
+                    maximum=settings.max_concurrency,
+                    fixed=settings.fixed_concurrency or None,
+                ),
+            )
+            for url in urls
+        ]
+        headers = {"authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=settings.max_concurrency * len(urls))
+        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=settings.request_timeout) as client:
+
+            def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
+                checkpoints.add(line, kind, usage, result_line)
+                self.totals.add(kind, usage)
+
+            dispatcher = Dispatcher(
+                batch_id=self.batch_id,
+                path=batch.endpoint,
+                ingested=ingested,
+                endpoints=endpoints,
+                scheduler=scheduler,
+                client=client,
+                sink=on_result,
+                budget=RetryBudget(int((~done).sum()), settings.retry_budget),
+                max_attempts=settings.max_attempts,
+                request_timeout=settings.request_timeout,
+                log=self.log,
+            )
+            self._dispatcher = dispatcher
+            self.log.info("runner.dispatching", endpoints=urls, pending=int(keep.sum()))
+            watcher = asyncio.create_task(self._watch(batch, checkpoints))
+            try:
+                await dispatcher.run()
+            finally:
+                if self._stop_reason:
+                    await dispatcher.abort(self.settings.cancel_grace)
+                else:
+                    await dispatcher.abort(0)
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        await self._flush(checkpoints)
+        self.log.info(
+            "runner.dispatch_ended",
+            reason=self._stop_reason or "completed",
+            retries=dispatcher.retries,
+            limits=[ep.controller.limit for ep in endpoints],
+        )
+        return self._stop_reason or "completed"
+
+    def shutdown(self) -> bool:
+        """Stop dispatching for a process shutdown; False if dispatch has not started (nothing to save)."""
+        if getattr(self, "_dispatcher", None) is None:
+            return False
+        self._stop("shutdown")
+        return True
+
+    def _stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            self.log.info("runner.stopping", reason=reason)
+        dispatcher = getattr(self, "_dispatcher", None)
+        if dispatcher is not None:
+            dispatcher.stop()
+
+    async def _watch(self, batch: BatchRecord, checkpoints: Checkpoints) -> None:
+        """Checkpoints, live progress, cancel and expiry, while dispatch runs."""
+        signals = self.services.signals
+        last_db = last_checkpoint = time.monotonic()
+        db_interval = 5.0 if signals.state != "disabled" else 1.0
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            counts = self._counts()
+            await signals.publish_progress(self.batch_id, counts, self.totals.usage)
+            if await signals.cancel_requested(self.batch_id):
+                self._stop("cancelled")
+            if ids.now() >= batch.expires_at:
+                self._stop("expired")
+            if now - last_checkpoint >= self.settings.checkpoint_interval:
+                last_checkpoint = now
+                await self._flush(checkpoints)
+            if now - last_db >= db_interval:
+                last_db = now
+                try:
+                    await self.metadata.save_progress(self.batch_id, counts, self.totals.usage)
+                    current = await self.metadata.get_batch(self.batch_id, None)
+                except StorageUnavailable as exc:
+                    self.log.warning("runner.database_unavailable", error=str(exc))
+                    continue
+                if current is not None and current.status == "cancelling":
+                    self._stop("cancelled")
+
+    async def _flush(self, checkpoints: Checkpoints) -> None:
+        try:
+            await checkpoints.flush()
+        except StorageUnavailable as exc:
+            # The results stay buffered and go out with the next flush.
+            self.log.warning("runner.checkpoint_failed", error=str(exc), pending=checkpoints.pending)
+
+    # --- finishing -----------------------------------------------------------------------------
+
+    async def _finalize(self, batch: BatchRecord, ingested: Ingested, checkpoints: Checkpoints, reason: str) -> str:
+        await checkpoints.flush()
+        if reason == "completed":
+            moved = await self.metadata.transition(self.batch_id, ["in_progress"], "finalizing", ids.now())
+            batch = moved or await self._reload()
+            if batch.status == "cancelling":
+                reason = "cancelled"
+            elif batch.status != "finalizing":
+                self.log.warning("runner.unexpected_status", status=batch.status)
+                return batch.status
+        done, totals = await checkpoints.load(ingested.count)
+        missing = int((~done).sum())
+        if reason == "completed" and missing:
+            raise RuntimeError(f"{missing} lines have no result; refusing to complete the batch")
+        code = _STOP_REASON_CODES.get(reason)
+        failed = totals.failed + (missing if code else 0)
+
+        output_id = error_id = None
+        now = ids.now()
+        ttl = batch.output_expires_after or OUTPUT_TTL_DEFAULT
+        if totals.completed:
+            output_id = ids.result_file_id(self.batch_id, "output")
+            size = await checkpoints.write_file(file_key(batch.tenant, output_id), OUTPUT, ingested.count)
+            await self._record_file(batch, output_id, "output", size, now, ttl)
+        if failed:
+            error_id = ids.result_file_id(self.batch_id, "error")
+            extra = self._unfinished_lines(ingested, done, *code) if code else None
+            size = await checkpoints.write_file(file_key(batch.tenant, error_id), ERROR, ingested.count, extra)
+            await self._record_file(batch, error_id, "error", size, now, ttl)
+
+        changes = {
+            "output_file_id": output_id,
+            "error_file_id": error_id,
+            "request_counts": wire.RequestCounts(total=ingested.count, completed=totals.completed, failed=failed),
+            "usage": totals.usage,
+        }
+        terminal = {"completed": "completed", "cancelled": "cancelled", "expired": "expired"}[reason]
+        sources = {
+            "completed": ["finalizing"],
+            "cancelled": ["cancelling"],
+            "expired": ["in_progress", "finalizing"],
+        }[reason]
+        status = await self._end(batch, terminal, sources, changes)
+        await checkpoints.delete()
+        shutil.rmtree(ingested.path.parent, ignore_errors=True)
+        return status
+
+    async def _end(self, batch: BatchRecord, status: str, sources: list[str], changes: dict) -> str:
+        moved = await self.metadata.transition(self.batch_id, sources, status, ids.now(), **changes)
+        if moved is None and status == "completed":
+            # Cancelled while finalising: the cancel wins, with the same files.
+            moved = await self.metadata.transition(self.batch_id, ["cancelling"], "cancelled", ids.now(), **changes)
+        if moved is None and status == "expired":
+            moved = await self.metadata.transition(self.batch_id, ["cancelling"], "cancelled", ids.now(), **changes)
+        final = moved or await self._reload()
+        counts = final.request_counts
+        self.log.info(
+            "runner.finished",
+            status=final.status,
+            total=counts.total,
+            completed=counts.completed,
+            failed=counts.failed,
+            output_file_id=final.output_file_id,
+            error_file_id=final.error_file_id,
+        )
+        return final.status
+
+    async def _fail(self, batch: BatchRecord, errors: list[wire.BatchError]) -> str:
+        moved = await self.metadata.transition(self.batch_id, ["validating"], "failed", ids.now(), errors=errors)
+        if moved is None:
+            current = await self._reload()
+            if current.status == "cancelling":
+                return await self._end(current, "cancelled", ["cancelling"], {})
+            return current.status
+        self.log.info("runner.validation_failed", errors=len(errors), first=errors[0].message if errors else None)
+        shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
+        return "failed"
+
+    async def _record_file(self, batch: BatchRecord, file_id: str, kind: str, size: int, now: int, ttl: int) -> None:
+        await self.metadata.insert_file(
+            FileRecord(
+                id=file_id,
+                tenant=batch.tenant,
+                bytes=size,
+                created_at=now,
+                filename=f"{self.batch_id}_{kind}.jsonl",
+                purpose="batch_output",
+                object_key=file_key(batch.tenant, file_id),
+                expires_at=now + ttl,
+            )
+        )
+
+    def _unfinished_lines(self, ingested: Ingested, done: np.ndarray, code: str, message: str) -> Iterator[bytes]:
+        with open(ingested.path, "rb") as f:
+            fd = f.fileno()
+            for line in np.flatnonzero(~done):
+                custom_id = msgspec.json.decode(read_request(ingested, fd, int(line)), type=_CustomId).custom_id
+                yield wire.encode_result_line(
+                    wire.ResultLine(
+                        id=ids.request_line_id(self.batch_id, int(line)),
+                        custom_id=custom_id,
+                        response=None,
+                        error=wire.LineError(code=code, message=message),
+                    )
+                )
+
+    async def _cleanup(self, batch: BatchRecord) -> None:
+        """A terminal batch keeps no checkpoints or work files (a runner may have died right after finishing)."""
+        await self.services.objects.delete_prefix(batch_prefix(batch.tenant, self.batch_id) + "/parts/")
+        shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
+
+    async def _reload(self) -> BatchRecord:
+        batch = await self.metadata.get_batch(self.batch_id, None)
+        assert batch is not None
+        return batch
+
+    def _counts(self) -> wire.RequestCounts:
+        return wire.RequestCounts(total=self.total, completed=self.totals.completed, failed=self.totals.failed)

@@ -1,0 +1,110 @@
+"""`batch-gateway serve`: the API, plus (in local mode) the runner subprocesses and periodic gc."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+
+import structlog
+import uvicorn
+
+from batch_gateway.executor import build_executor
+from batch_gateway.services import Services
+from batch_gateway.settings import Settings
+
+log = structlog.get_logger("serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(settings: Settings) -> int:
+    simulator = None
+    if settings.simulate:
+        from batch_gateway.sim import SimConfig, SimServer
+
+        simulator = SimServer(SimConfig())
+        simulator.start()
+        settings = dataclasses.replace(settings, upstream=[*settings.upstream, simulator.url])
+        log.warning("serve.simulator", url=simulator.url, note="batches run on the built-in vLLM simulator, not a real model")
+    if settings.upstream:
+        log.info("serve.upstreams", upstream=settings.upstream)
+    else:
+        log.warning(
+            "serve.no_upstream",
+            note="no --upstream given: every batch will fail with model_not_found. "
+            "Pass --upstream http://your-vllm:8000 or --simulate.",
+        )
+
+    services = await Services.open(settings)
+    try:
+        if not is_loopback(settings.host) and not settings.insecure_no_auth and await services.metadata.active_key_count() == 0:
+            log.error(
+                "serve.refused",
+                host=settings.host,
+                reason="no API key exists, so anyone could use the gateway. Create one with "
+                "`batch-gateway keys create --tenant NAME`, or pass --insecure-no-auth.",
+            )
+            return 2
+        executor = build_executor(settings, services.metadata)
+        services.executor = executor
+        await executor.start()
+        background = [asyncio.create_task(_resume_unfinished(services))]
+        if settings.executor == "local" and settings.gc_interval > 0:
+            background.append(asyncio.create_task(_periodic_gc(services)))
+
+        from batch_gateway.api.app import create_app
+
+        app = create_app(services)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+        server = uvicorn.Server(config)
+        log.info(
+            "serve.listening",
+            url=f"http://{settings.host}:{settings.port}/v1",
+            data_dir=str(settings.data_path.resolve()),
+            database="postgresql" if settings.database_url.startswith("postgres") else "sqlite",
+            object_store=settings.object_store_url,
+            valkey=services.signals.state,
+            executor=settings.executor,
+        )
+        await server.serve()
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    finally:
+        await services.close()
+        if simulator is not None:
+            simulator.stop()
+    return 0
+
+
+async def _resume_unfinished(services: Services) -> None:
+    """Batches a crash left unfinished run again (their runners resume from checkpoints)."""
+    from batch_gateway.gc.collector import GcReport, reconcile
+
+    assert services.executor is not None
+    report = GcReport()
+    await reconcile(services, services.executor, report)
+    if report.resubmitted:
+        log.info("serve.resumed_unfinished", batches=report.resubmitted)
+
+
+async def _periodic_gc(services: Services) -> None:
+    from batch_gateway.gc.collector import collect
+
+    assert services.executor is not None
+    while True:
+        await asyncio.sleep(services.settings.gc_interval)
+        try:
+            await collect(services, services.executor)
+        except Exception:
+            log.exception("gc.pass_failed")

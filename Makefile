@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   start the gateway on embedded defaults (SQLite, local files) with the built-in simulator
+#   make test    install everything and run the whole test suite
+# Both create ./.venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test test-quick bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) and installing batch-gateway with its test dependencies"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/batch-gateway serve --simulate
+
+# The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, and the real-engine tests.
+test: install
+	scripts/ensure-services.sh
+	scripts/install-real-engine.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything except the tests that need the real llama.cpp engine.
+test-quick: install
+	scripts/ensure-services.sh
+	$(BIN)/python -m pytest -m "not real_engine" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .batch-gateway .pytest_cache

@@ -1,0 +1,74 @@
+"""Per-line validation: every OpenAI error code, with its line and param."""
+
+import msgspec
+import pytest
+
+from batch_gateway.runner.validate import ValidLine, validate_line
+
+CHAT = "/v1/chat/completions"
+
+
+def line(**overrides) -> bytes:
+    obj = {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": CHAT,
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    obj.update(overrides)
+    return msgspec.json.encode({k: v for k, v in obj.items() if v is not ...})
+
+
+def codes(result) -> list[tuple[str, str | None, int | None]]:
+    assert isinstance(result, list), result
+    return [(e.code, e.param, e.line) for e in result]
+
+
+def test_valid_line_is_parsed():
+    result = validate_line(line(), 1, CHAT)
+    assert isinstance(result, ValidLine)
+    assert (result.custom_id, result.model) == ("r1", "m")
+
+
+def test_not_json():
+    assert codes(validate_line(b"{not json", 7, CHAT)) == [("invalid_json_line", None, 7)]
+    assert codes(validate_line(b"[1,2]", 8, CHAT)) == [("invalid_json_line", None, 8)]
+
+
+@pytest.mark.parametrize("missing", ["custom_id", "method", "url", "body"])
+def test_missing_required_parameter(missing):
+    result = validate_line(line(**{missing: ...}), 3, CHAT)
+    assert codes(result) == [("missing_required_parameter", missing, 3)]
+    assert result[0].message == f"Missing required parameter: '{missing}'."
+
+
+@pytest.mark.parametrize("url", ["/v1/completions", "http://evil.example/v1/chat/completions", "v1/chat/completions"])
+def test_url_must_be_the_batch_endpoint(url):
+    assert codes(validate_line(line(url=url), 2, CHAT)) == [("invalid_url", "url", 2)]
+
+
+def test_method_must_be_post():
+    assert codes(validate_line(line(method="GET"), 4, CHAT)) == [("invalid_value", "method", 4)]
+
+
+def test_streaming_unsupported():
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    result = validate_line(line(body=body), 5, CHAT)
+    assert codes(result) == [("streaming_unsupported", "body.stream", 5)]
+    assert "Streaming is not supported" in result[0].message
+
+
+def test_model_and_messages_required():
+    assert codes(validate_line(line(body={"messages": [{"role": "user", "content": "x"}]}), 6, CHAT)) == [
+        ("invalid_request", "body.model", 6)
+    ]
+    assert codes(validate_line(line(body={"model": "m"}), 6, CHAT)) == [("invalid_request", "body.messages", 6)]
+
+
+def test_body_must_be_object():
+    assert codes(validate_line(line(body="text"), 9, CHAT)) == [("invalid_type", "body", 9)]
+
+
+def test_embeddings_needs_input():
+    embed = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m"}}
+    assert codes(validate_line(msgspec.json.encode(embed), 1, "/v1/embeddings")) == [("invalid_request", "body.input", 1)]

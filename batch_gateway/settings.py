@@ -50,6 +50,12 @@ class Settings:
     # --- limits ---
     max_upload_bytes: int = setting(200 * 1024 * 1024, "Largest file upload, in bytes.", group="limits")
     max_requests_per_batch: int = setting(50_000, "Most request lines in one batch input file.", group="limits")
+    completion_window_seconds: int = setting(
+        86400,
+        "Seconds a batch may run before it expires (its `expires_at`). OpenAI's window is 24 h; raise it for big batches "
+        "on small clusters.",
+        group="limits",
+    )
     max_line_bytes: int = setting(
         10 * 1024 * 1024, "Largest single line of a batch input file, in bytes.", group="limits"
     )

@@ -1,0 +1,145 @@
+"""End-to-end fixtures: the real `batch-gateway serve` process and a simulator, driven with the `openai` SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from batch_gateway.sim import SimConfig, SimServer
+from tests.helpers import free_port
+
+# Fast enough for tests, slow enough that cancel and expiry can catch a batch mid-run.
+FAST_SIM = dict(time_scale=0.02)
+
+
+class Gateway:
+    """One `batch-gateway serve` process on a loopback port, with its own data directory."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], extra_args: list[str]) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.env = {**os.environ, **env, "BATCH_GATEWAY_LOG_FORMAT": "json"}
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+        self.log_path = data_dir / "serve.log"
+
+    def start(self) -> Gateway:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "batch_gateway", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so kill() can take the runner subprocesses down with it
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"serve did not start:\n{self.logs()}")
+
+    def client(self, api_key: str = "anything", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, **kwargs)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._kill_group()
+
+    def kill(self) -> None:
+        """SIGKILL the server and every runner it started: a machine crash."""
+        self._kill_group()
+        if self.process:
+            self.process.wait()
+
+    def _kill_group(self) -> None:
+        if self.process:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "batch_gateway", *args, "--data-dir", str(self.data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def sim_factory() -> Iterator:
+    started: list[SimServer] = []
+
+    def start(**overrides) -> SimServer:
+        server = SimServer(SimConfig(**{**FAST_SIM, **overrides}))
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(params=["embedded"])
+def backend(request) -> dict[str, str]:
+    """Environment for one backend set. Production (PostgreSQL + Valkey + S3) is added by tests/e2e/backends.py."""
+    return {}
+
+
+@pytest.fixture
+def gateway_factory(tmp_path, backend) -> Iterator:
+    started: list[Gateway] = []
+
+    def start(upstream: str | list[str] | None = None, *, env: dict[str, str] | None = None, args: list[str] = (), name: str = "gw") -> Gateway:
+        upstreams = [upstream] if isinstance(upstream, str) else list(upstream or [])
+        full_env = {**backend, "BATCH_GATEWAY_UPSTREAM": "\n".join(upstreams), "BATCH_GATEWAY_GC_INTERVAL": "1", **(env or {})}
+        gateway = Gateway(tmp_path / name, full_env, list(args)).start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def sim(sim_factory):
+    return sim_factory()
+
+
+@pytest.fixture
+def gateway(gateway_factory, sim):
+    return gateway_factory(sim.url)
+
+
+@pytest.fixture
+def client(gateway):
+    return gateway.client()

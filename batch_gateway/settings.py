@@ -76,6 +76,12 @@ class Settings:
     initial_concurrency: int = setting(8, "In-flight requests per upstream endpoint when a runner starts.", group="runner")
     max_concurrency: int = setting(256, "Upper bound of in-flight requests per upstream endpoint.", group="runner")
     fixed_concurrency: int = setting(0, "Pin in-flight requests per endpoint (turns the adaptive controller off); 0 = adaptive.", group="runner")
+    prefix_ordering: bool = setting(
+        True,
+        "Order requests by prompt-prefix group (and warm each group's cache before its followers go out) so the "
+        "engine's prefix cache is reused; off = input order.",
+        group="runner",
+    )
     retry_budget: float = setting(
         0.2, "Retries allowed per batch, as a share of its requests (at least 100), before requests give up.", group="runner"
     )

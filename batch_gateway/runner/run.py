@@ -181,8 +181,12 @@ class BatchRunner:
     ) -> str:
         """Send every line without a durable result. Returns why dispatch ended: completed, cancelled, expired."""
         urls = await resolve_endpoints(endpoints_for(routes, ingested.model or ""))
-        order = plan_order(ingested.keys)
-        groups = group_ids(ingested.keys[order])
+        if self.settings.prefix_ordering:
+            order = plan_order(ingested.keys)
+            groups = group_ids(ingested.keys[order])
+        else:  # input order, every request its own group (no warm-up holds)
+            order = np.arange(ingested.count)
+            groups = order.copy()
         keep = ~done[order]
         scheduler = GroupScheduler(order[keep], groups[keep], endpoints=len(urls))
         settings = self.settings

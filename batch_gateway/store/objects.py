@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable, AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,17 +40,10 @@ def batch_prefix(tenant: str, batch_id: str) -> str:
 class ObjectStore:
     def __init__(self, url: str) -> None:
         self.url = url
-        parsed = urlparse(url)
-        if parsed.scheme == "file":
-            Path(parsed.path).mkdir(parents=True, exist_ok=True)
-            self._store = from_url(url, mkdir=True)
-        elif parsed.scheme in ("s3", "s3a"):
-            options = {}
-            if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
-                options["allow_http"] = True
-            self._store = from_url(url, client_options=options or None)
-        else:
-            self._store = from_url(url)
+        self._store = _open_store(url)
+        # ping answers readiness probes: it must fail in a second or two, not after obstore's default of 10 retries
+        # over up to 3 minutes.
+        self._ping_store = _open_store(url, fast_fail=True)
 
     async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> None:
         """Write an object from a stream (multipart on S3). If the stream raises, nothing is stored."""
@@ -117,9 +111,25 @@ class ObjectStore:
     async def ping(self) -> None:
         """Raise StorageUnavailable if the store cannot be listed."""
         try:
-            await obstore.list_with_delimiter_async(self._store, prefix=None)
+            await obstore.list_with_delimiter_async(self._ping_store, prefix=None)
         except Exception as exc:
             raise StorageUnavailable(f"object store unreachable: {exc}") from exc
+
+
+def _open_store(url: str, *, fast_fail: bool = False) -> obstore.store.ObjectStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        Path(parsed.path).mkdir(parents=True, exist_ok=True)
+        return from_url(url, mkdir=True)
+    if parsed.scheme in ("s3", "s3a"):
+        options: dict = {}
+        if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
+            options["allow_http"] = True
+        if fast_fail:
+            options.update(connect_timeout="1s", timeout="2s")
+            return from_url(url, client_options=options, retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=2)})
+        return from_url(url, client_options=options or None)
+    return from_url(url)
 
 
 async def _chunks(stream: AsyncIterator) -> AsyncIterator[bytes]:

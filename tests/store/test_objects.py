@@ -1,0 +1,144 @@
+"""ObjectStore behaviour, the same on a local directory and on a real S3 server (moto over HTTP)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batch_gateway.errors import PayloadTooLarge, StorageUnavailable
+from batch_gateway.store.objects import ObjectMissing, ObjectStore
+from tests.fixtures.s3 import S3Server, s3  # noqa: F401  (s3 is a session fixture)
+from tests.helpers import free_port
+
+MB = 1024 * 1024
+
+
+class Backend:
+    """An ObjectStore plus a way to see what really landed in the backend, bypassing ObjectStore."""
+
+    def __init__(self, store: ObjectStore, raw_keys, pending_uploads) -> None:
+        self.store = store
+        self.raw_keys = raw_keys  # every stored object, as the backend lists it
+        self.pending_uploads = pending_uploads  # unfinished multipart uploads (S3) or staging files (disk)
+
+
+@pytest.fixture(params=["file", "s3"])
+def backend(request, tmp_path: Path, monkeypatch) -> Backend:
+    if request.param == "file":
+        root = tmp_path / "objects"
+        files = lambda: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+        # obstore's local multipart upload stages parts in "<key>#<n>" files next to the target.
+        staging = lambda: [name for name in files() if "#" in name]  # noqa: E731
+        return Backend(ObjectStore(root.as_uri()), files, staging)
+    server: S3Server = request.getfixturevalue("s3")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = server.create_bucket()
+    return Backend(
+        ObjectStore(server.url(bucket, prefix="gw")),
+        lambda: server.keys(bucket),
+        lambda: server.pending_uploads(bucket),
+    )
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Bytes that differ by position, so a reordered or dropped chunk changes the content."""
+    block = bytes((i * 7 + seed) % 251 for i in range(MB))
+    return (block * (size // MB + 1))[:size]
+
+
+async def chunked(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def test_put_stream_multipart_and_stream_back(backend: Backend):
+    data = pattern(12 * MB + 12345)  # more than one 8 MB part: a multipart upload on S3
+    await backend.store.put_stream("t1/files/big", chunked(data, 256 * 1024))
+
+    assert await backend.store.get_bytes("t1/files/big") == data
+    chunks = [chunk async for chunk in await backend.store.stream("t1/files/big", chunk_size=MB)]
+    assert b"".join(chunks) == data
+    assert len(chunks) > 1 and all(isinstance(chunk, bytes) for chunk in chunks)
+    assert backend.pending_uploads() == []
+
+
+async def test_put_bytes_put_file_overwrite(backend: Backend, tmp_path: Path):
+    await backend.store.put_bytes("t1/files/a", b"first")
+    await backend.store.put_bytes("t1/files/a", b"second")
+    assert await backend.store.get_bytes("t1/files/a") == b"second"
+
+    source = tmp_path / "upload.bin"
+    source.write_bytes(pattern(3 * MB, seed=5))
+    await backend.store.put_file("t1/files/b", source)
+    assert await backend.store.get_bytes("t1/files/b") == source.read_bytes()
+
+    await backend.store.put_bytes("t1/files/empty", b"")
+    assert await backend.store.get_bytes("t1/files/empty") == b""
+
+
+async def test_list_by_prefix_matches_whole_path_segments(backend: Backend):
+    keys = ["t1/batches/b1/out-0", "t1/batches/b1/out-1", "t1/batches/b10/out-0", "t1/files/f1", "t2/files/f1"]
+    for key in keys:
+        await backend.store.put_bytes(key, key.encode())
+
+    assert await backend.store.list("t1/batches/b1") == ["t1/batches/b1/out-0", "t1/batches/b1/out-1"]
+    assert await backend.store.list("t1") == sorted(k for k in keys if k.startswith("t1/"))
+    assert await backend.store.list("t3") == []
+
+    await backend.store.delete_prefix("t1/batches/b1")
+    assert await backend.store.list("t1/batches") == ["t1/batches/b10/out-0"]
+
+
+async def test_delete_is_idempotent_and_missing_objects_raise(backend: Backend):
+    await backend.store.put_bytes("t1/files/gone", b"x")
+    await backend.store.delete("t1/files/gone")
+    await backend.store.delete("t1/files/gone")
+    await backend.store.delete("t1/files/never-existed")
+
+    with pytest.raises(ObjectMissing):
+        await backend.store.get_bytes("t1/files/gone")
+    with pytest.raises(ObjectMissing):
+        await backend.store.stream("t1/files/never-existed")
+    assert backend.raw_keys() == []
+
+
+@pytest.mark.parametrize("fail_after", [0, 3 * MB, 9 * MB], ids=["before-data", "first-part", "after-a-part"])
+async def test_failing_stream_stores_nothing_and_reraises(backend: Backend, fail_after: int):
+    async def upload() -> AsyncIterator[bytes]:
+        async for chunk in chunked(pattern(fail_after), MB):
+            yield chunk
+        raise PayloadTooLarge("File is larger than the upload limit.", code="file_too_large")
+
+    with pytest.raises(PayloadTooLarge) as raised:
+        await backend.store.put_stream("t1/files/partial", upload())
+    assert raised.value.code == "file_too_large"
+    assert await backend.store.list("t1") == []
+    assert backend.raw_keys() == []
+    assert backend.pending_uploads() == []
+
+
+async def test_ping_ok(backend: Backend):
+    await backend.store.ping()
+
+
+async def test_ping_unreachable_s3_fails_fast(s3: S3Server, monkeypatch):  # noqa: F811
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    store = ObjectStore("s3://no-server/prefix")
+
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable):
+        await store.ping()
+    assert time.monotonic() - started < 1.5
+
+
+async def test_ping_missing_bucket_fails(s3: S3Server, monkeypatch):  # noqa: F811
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(StorageUnavailable):
+        await ObjectStore("s3://bucket-that-does-not-exist/prefix").ping()

@@ -31,7 +31,7 @@ def open_signals(settings: Settings) -> Signals:
     if settings.valkey_url:
         from batch_gateway.store.valkey import ValkeySignals
 
-        return ValkeySignals(settings.valkey_url)
+        return ValkeySignals(settings.valkey_url, prefix=settings.valkey_prefix)
     return NullSignals()
 
 

@@ -47,6 +47,9 @@ class Settings:
     valkey_url: str = setting(
         "", "Valkey/Redis URL for live progress and cancel events. Empty: the database alone.", group="storage"
     )
+    valkey_prefix: str = setting(
+        "bg:", "Prefix of every Valkey key and channel, so several deployments can share one Valkey.", group="storage"
+    )
     # --- limits ---
     max_upload_bytes: int = setting(200 * 1024 * 1024, "Largest file upload, in bytes.", group="limits")
     max_requests_per_batch: int = setting(50_000, "Most request lines in one batch input file.", group="limits")

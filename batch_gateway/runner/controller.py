@@ -48,6 +48,7 @@ class ConcurrencyController:
         self._limit = float(max(minimum, min(maximum, initial)))
         self._slow_start = True
         self._sends = 0
+        self._inflight = 0
         self._cut_epoch = -1  # sends up to this epoch were in flight at the last cut
         self._window_start: float | None = None
         self._window_samples: list[float] = []
@@ -71,8 +72,18 @@ class ConcurrencyController:
     # --- events ----------------------------------------------------------------------------------
 
     def on_send(self, now: float) -> int:
+        """A request goes out. Every send is later closed by exactly one of on_success, on_backpressure or
+        on_other; the controller counts what is in flight itself (for the app-limited guard)."""
+        if self._window_start is None:
+            self._window_start = now
         self._sends += 1
+        self._inflight += 1
+        self._window_inflight = max(self._window_inflight, self._inflight)
         return self._sends
+
+    def on_other(self, now: float, *, epoch: int) -> None:
+        """An answer that says nothing about load (a 4xx, a plain 500)."""
+        self._inflight = max(0, self._inflight - 1)
 
     def on_success(
         self,
@@ -82,20 +93,20 @@ class ConcurrencyController:
         output_tokens: int,
         prompt_tokens: int = 0,
         cached_tokens: int = 0,
-        inflight: int,
         epoch: int,
     ) -> None:
+        self._inflight = max(0, self._inflight - 1)
         if self._window_start is None:
             self._window_start = now
         self._window_samples.append(latency / max(1, output_tokens))
-        self._window_inflight = max(self._window_inflight, inflight)
         elapsed = now - self._window_start
         if (elapsed >= WINDOW_SECONDS and len(self._window_samples) >= WINDOW_SAMPLES) or elapsed >= MAX_WINDOW_SECONDS:
             self._close_window(now)
 
     def on_backpressure(self, now: float, *, epoch: int, kind: str) -> None:
-        """429/503/timeout/reset: cut once per flight. A plain 500 is a broken request, not overload: ignored."""
-        if kind in ("5xx", "500") or self.fixed or epoch <= self._cut_epoch:
+        """429/503/timeout/reset: cut once per flight."""
+        self._inflight = max(0, self._inflight - 1)
+        if self.fixed or epoch <= self._cut_epoch:
             return
         self._cut_epoch = self._sends
         self._slow_start = False
@@ -161,7 +172,7 @@ class ConcurrencyController:
     def _reset_window(self, now: float) -> None:
         self._window_start = now
         self._window_samples = []
-        self._window_inflight = 0
+        self._window_inflight = self._inflight
 
     def _set(self, value: float) -> None:
         self._limit = float(min(self.maximum, max(self.minimum, value)))

@@ -208,6 +208,7 @@ class Dispatcher:
             self._wake.set()
 
     def _feedback(self, endpoint: Endpoint, exchange: Exchange, usage: TokenUsage | None, epoch: int) -> None:
+        """Close the send with exactly one controller event."""
         now = time.monotonic()
         controller = endpoint.controller
         if exchange.ok and usage is not None:
@@ -217,7 +218,6 @@ class Dispatcher:
                 output_tokens=usage.completion_tokens,
                 prompt_tokens=usage.prompt_tokens,
                 cached_tokens=usage.cached_tokens,
-                inflight=endpoint.limiter.inflight + 1,
                 epoch=epoch,
             )
         elif exchange.status == 0:
@@ -225,8 +225,9 @@ class Dispatcher:
             controller.on_backpressure(now, epoch=epoch, kind=kind)
         elif exchange.status in (429, 503):
             controller.on_backpressure(now, epoch=epoch, kind=str(exchange.status))
-        elif exchange.status >= 500:
-            controller.on_backpressure(now, epoch=epoch, kind="5xx")
+        else:
+            controller.on_other(now, epoch=epoch)  # a 4xx or a plain 500 says nothing about load
+        endpoint.limiter.poke()
         runner_metrics.LIMIT.labels(endpoint=endpoint.url).set(controller.limit)
 
     def _finish(self, line: int, custom_id: str, exchange: Exchange, usage: TokenUsage | None) -> None:

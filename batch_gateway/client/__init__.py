@@ -1,0 +1,1 @@
+"""The user-facing client: `batch-gateway submit`, `batches ...` and `files ...`, built on the `openai` SDK."""

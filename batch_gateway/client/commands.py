@@ -1,0 +1,493 @@
+"""The client commands: `submit`, `batches list|get|cancel|watch`, `files list|download|delete`.
+
+They use the `openai` SDK and nothing else from the server, so they work against OpenAI itself as well as against
+batch-gateway. Human text by default; `--json` prints the API's objects for scripts. Progress, status changes and
+hints go to stderr; ids, tables, summaries and JSON go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from batch_gateway.client.partial import PartialResults
+from batch_gateway.client.progress import ProgressDisplay, Snapshot, format_duration
+from batch_gateway.client.tables import format_bytes, format_time, render_table
+from batch_gateway.wire import TERMINAL_STATUSES
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+# The SDK refuses to start without a key; a gateway with no API keys created accepts any token.
+PLACEHOLDER_API_KEY = "no-key"
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the command could not do its job (server error, unreachable server, bad file, ...)
+EXIT_FAILED = 3
+EXIT_EXPIRED = 4
+EXIT_CANCELLED = 5
+EXIT_INTERRUPTED = 130  # Ctrl-C while waiting; the batch keeps running on the server
+STATUS_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_FAILED, "expired": EXIT_EXPIRED, "cancelled": EXIT_CANCELLED}
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    the batch completed (some requests may still have failed: see the errors file)
+  1    error: the server refused a request or could not be reached, or a local file problem
+  2    bad command-line arguments
+  3    the batch failed (its input did not validate; the errors are printed)
+  4    the batch expired before finishing (partial results are downloaded)
+  5    the batch was cancelled (partial results are downloaded)
+  130  interrupted while waiting: the batch keeps running; `batch-gateway batches watch ID` resumes
+"""
+
+
+class CommandError(Exception):
+    """A problem the user can fix, reported as one line without a traceback."""
+
+
+# --- plumbing ------------------------------------------------------------------------------------
+
+
+def resolve_base_url(args: argparse.Namespace) -> str:
+    return args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+
+def make_client(args: argparse.Namespace) -> openai.OpenAI:
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
+    return openai.OpenAI(base_url=resolve_base_url(args), api_key=api_key)
+
+
+def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the errors a user can meet into a one-line message on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CommandError as exc:
+            err(f"error: {exc}")
+        except openai.AuthenticationError as exc:
+            err(f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set OPENAI_API_KEY.")
+        except openai.APIStatusError as exc:
+            err(f"error: {exc.status_code} {api_message(exc)}")
+        except openai.APIConnectionError as exc:
+            base_url = resolve_base_url(args)
+            hint = " Is the gateway running (`batch-gateway serve`)? Or pass --base-url." if base_url == DEFAULT_BASE_URL else ""
+            err(f"error: cannot reach {base_url}: {exc.message}{hint}")
+        except OSError as exc:
+            err(f"error: {exc}")
+        except KeyboardInterrupt:
+            err("\ninterrupted")
+            return EXIT_INTERRUPTED
+        return EXIT_ERROR
+
+    return run
+
+
+def api_message(exc: openai.APIStatusError) -> str:
+    """The `message` of OpenAI's error envelope (the SDK has already unwrapped `{"error": ...}`)."""
+    if isinstance(exc.body, dict) and exc.body.get("message"):
+        return str(exc.body["message"])
+    return exc.message
+
+
+def err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def as_json(obj: Any) -> Any:
+    """An SDK object as the server sent it (unknown fields kept, unset ones left out)."""
+    return obj.to_dict(mode="json")
+
+
+def file_id_or_none(value: str | None) -> str | None:
+    # Some servers send "" instead of null for a missing file (see the contract, pitfall 2).
+    return value or None
+
+
+# --- submit --------------------------------------------------------------------------------------
+
+
+def parse_metadata(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    metadata: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--metadata {item!r}: expected KEY=VALUE")
+        metadata[key] = value
+    return metadata
+
+
+def guess_endpoint(path: Path) -> str | None:
+    """The `url` of the input's first request line, so `--endpoint` can be left out when it is obvious."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    url = json.loads(raw).get("url")
+                except (ValueError, AttributeError):
+                    return None
+                return url if isinstance(url, str) and url.startswith("/v1/") else None
+    return None
+
+
+def count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as f:
+        for raw in f:
+            count += bool(raw.strip())
+    return count
+
+
+def default_result_paths(input_path: Path) -> tuple[Path, Path]:
+    """`data/in.jsonl` -> `data/in.output.jsonl`, `data/in.errors.jsonl`."""
+    stem = input_path.name.removesuffix(".jsonl") if input_path.name.endswith(".jsonl") else input_path.stem
+    return input_path.with_name(f"{stem}.output.jsonl"), input_path.with_name(f"{stem}.errors.jsonl")
+
+
+@command
+def submit(args: argparse.Namespace) -> int:
+    path = Path(args.input)
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    requests = count_lines(path)
+    if requests == 0:
+        raise CommandError(f"{path}: the file has no request lines")
+    endpoint = args.endpoint or guess_endpoint(path) or "/v1/chat/completions"
+    metadata = parse_metadata(args.metadata)
+    output, errors = default_result_paths(path)
+    options = WaitOptions.from_args(args, default_output=output, default_errors=errors)
+    client = make_client(args)
+
+    err(f"Uploading {path} ({requests} requests, {format_bytes(path.stat().st_size)}) to {resolve_base_url(args)}")
+    with path.open("rb") as f:
+        uploaded = client.files.create(file=(path.name, f), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint=endpoint,  # type: ignore[arg-type]  # a Literal in the SDK; the server judges it
+        completion_window=args.completion_window,  # type: ignore[arg-type]
+        metadata=metadata,
+    )
+    if not args.wait:
+        if args.json:
+            print_json(as_json(batch))
+        else:
+            print(batch.id)
+            err(f"Created batch {batch.id} ({endpoint}). Watch it with: batch-gateway batches watch {batch.id}")
+        return EXIT_OK
+    if not args.json:
+        print(batch.id, flush=True)
+    return wait_and_download(client, batch, options, base_url_flag=args.base_url)
+
+
+# --- waiting -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaitOptions:
+    output: Path
+    errors: Path
+    partial: Path | None
+    interval: float
+    json: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, default_output: Path, default_errors: Path) -> WaitOptions:
+        if args.interval <= 0:
+            raise CommandError("--interval must be more than 0 seconds")
+        return cls(
+            output=Path(args.output) if args.output else default_output,
+            errors=Path(args.errors) if args.errors else default_errors,
+            partial=Path(args.partial) if args.partial else None,
+            interval=args.interval,
+            json=args.json,
+        )
+
+
+def resume_command(batch_id: str, options: WaitOptions, base_url_flag: str | None) -> str:
+    """The `batches watch` command line that carries on where this wait stopped (never with the API key)."""
+    argv = ["batch-gateway", "batches", "watch", batch_id, "--output", str(options.output), "--errors", str(options.errors)]
+    if options.partial:
+        argv += ["--partial", str(options.partial)]
+    if base_url_flag:
+        argv += ["--base-url", base_url_flag]
+    return shlex.join(argv)
+
+
+def snapshot(batch: Any) -> Snapshot:
+    counts = batch.request_counts
+    if counts is None:
+        return Snapshot(batch.status, 0, 0, 0)
+    return Snapshot(batch.status, counts.total or 0, counts.completed or 0, counts.failed or 0)
+
+
+def wait_and_download(client: openai.OpenAI, batch: Any, options: WaitOptions, *, base_url_flag: str | None) -> int:
+    """Show progress until the batch ends, then download its files and print a summary; returns the exit code."""
+    display = ProgressDisplay()
+    partial = PartialResults(options.partial) if options.partial else None
+    try:
+        while True:
+            display.update(snapshot(batch))
+            if batch.status in TERMINAL_STATUSES:
+                break
+            if partial is not None and partial.supported and batch.status == "in_progress":
+                poll_partial(client, batch.id, partial, display)
+            time.sleep(options.interval)
+            batch = client.batches.retrieve(batch.id)
+    except KeyboardInterrupt:
+        display.clear()
+        err(
+            f"\nStopped watching. Batch {batch.id} keeps running on the server.\n"
+            f"  resume watching: {resume_command(batch.id, options, base_url_flag)}\n"
+            f"  cancel it:       batch-gateway batches cancel {batch.id}"
+        )
+        return EXIT_INTERRUPTED
+    display.clear()
+
+    try:
+        output_lines = download(client, file_id_or_none(batch.output_file_id), options.output)
+        error_lines = download(client, file_id_or_none(batch.error_file_id), options.errors)
+    except KeyboardInterrupt:
+        err(f"\nDownload interrupted; run `{resume_command(batch.id, options, base_url_flag)}` to download again.")
+        return EXIT_INTERRUPTED
+    if options.json:
+        print_json(as_json(batch))
+    else:
+        print(summary(batch, options, output_lines, error_lines, partial))
+    return STATUS_EXIT_CODES.get(batch.status, EXIT_ERROR)
+
+
+def poll_partial(client: openai.OpenAI, batch_id: str, partial: PartialResults, display: ProgressDisplay) -> None:
+    try:
+        added = partial.poll(client, batch_id)
+    except openai.NotFoundError:
+        # 404 also answers a batch that just left in_progress; only a batch still running means "no extension".
+        if client.batches.retrieve(batch_id).status == "in_progress":
+            partial.supported = False
+            display.line(
+                f"The server does not offer partial results (GET /v1/batches/{batch_id}/partial_results answered "
+                "404); the results will be downloaded when the batch ends."
+            )
+        return
+    except openai.APIError as exc:
+        display.line(f"partial results: {exc}; will retry")
+        return
+    if added and partial.written == added:  # say it once; the summary gives the total
+        display.line(f"partial results: writing finished requests to {partial.path} as they arrive")
+
+
+def download(client: openai.OpenAI, file_id: str | None, path: Path) -> int | None:
+    """Stream a file's content to `path` (through a temporary file, so a broken download leaves no half file);
+    returns its line count, or None when there is no such file."""
+    if file_id is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_name(path.name + ".part")
+    lines, last = 0, b"\n"
+    try:
+        with client.files.with_streaming_response.content(file_id) as response, partial_path.open("wb") as out:
+            for chunk in response.iter_bytes():
+                if chunk:
+                    out.write(chunk)
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:]
+        os.replace(partial_path, path)
+    except BaseException:
+        partial_path.unlink(missing_ok=True)
+        raise
+    return lines + (last != b"\n")  # a last line without its newline still counts
+
+
+def summary(batch: Any, options: WaitOptions, output_lines: int | None, error_lines: int | None,
+            partial: PartialResults | None) -> str:
+    snap = snapshot(batch)
+    ended_at = batch.completed_at or batch.failed_at or batch.expired_at or batch.cancelled_at
+    took = f" in {format_duration(ended_at - batch.created_at)}" if ended_at else ""
+    counts = f": {snap.total} requests, {snap.completed} completed, {snap.failed} failed" if snap.total else ""
+    lines = [f"Batch {batch.id} {batch.status}{took}{counts}."]
+    if batch.status == "failed":
+        lines.append("The input file did not validate:" if batch.errors and batch.errors.data else "The batch failed.")
+        lines += ["  " + format_batch_error(e) for e in (batch.errors.data if batch.errors else None) or []]
+    elif batch.status in ("expired", "cancelled"):
+        how = "It expired" if batch.status == "expired" else "It was cancelled"
+        lines.append(f"{how} before every request ran; the files below hold the part that finished.")
+    usage = getattr(batch, "usage", None)
+    if usage is not None and usage.total_tokens:
+        cached = usage.input_tokens_details.cached_tokens if usage.input_tokens_details else 0
+        lines.append(f"  usage:  {usage.input_tokens} input tokens ({cached} cached), {usage.output_tokens} output tokens")
+    if output_lines is not None:
+        lines.append(f"  output: {options.output} ({output_lines} lines)")
+    elif batch.status != "failed":
+        lines.append("  output: none (no request succeeded)")
+    if error_lines is not None:
+        lines.append(f"  errors: {options.errors} ({error_lines} lines)")
+    if partial is not None and partial.written:
+        lines.append(f"  partial results: {partial.path} ({partial.written} lines written while running)")
+    return "\n".join(lines)
+
+
+def format_batch_error(error: Any) -> str:
+    """`line 3: invalid_json: Line 3 is not valid JSON. (param body.model)`"""
+    where = f"line {error.line}: " if error.line is not None else ""
+    param = f" (param {error.param})" if error.param else ""
+    return f"{where}{error.code or 'error'}: {error.message}{param}"
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+@command
+def batches_list(args: argparse.Namespace) -> int:
+    client = make_client(args)
+    query: dict[str, Any] = {"limit": args.limit}
+    if args.after:
+        query["after"] = args.after
+    page = client.batches.list(**query)
+    if args.json:
+        print_json(as_json(page))
+        return EXIT_OK
+    rows = [
+        (b.id, b.status, format_time(b.created_at), *_counts(b), b.endpoint, _metadata_text(b.metadata))
+        for b in page.data
+    ]
+    print(render_table(("ID", "STATUS", "CREATED", "DONE", "FAILED", "TOTAL", "ENDPOINT", "METADATA"), rows))
+    if page.has_more and page.data:
+        err(f"more: batch-gateway batches list --after {page.data[-1].id}")
+    return EXIT_OK
+
+
+def _counts(batch: Any) -> tuple[int, int, int]:
+    snap = snapshot(batch)
+    return snap.done, snap.failed, snap.total
+
+
+def _metadata_text(metadata: dict[str, str] | None) -> str | None:
+    return ",".join(f"{k}={v}" for k, v in metadata.items()) if metadata else None
+
+
+@command
+def batches_get(args: argparse.Namespace) -> int:
+    batch = make_client(args).batches.retrieve(args.batch_id)
+    if args.json:
+        print_json(as_json(batch))
+    else:
+        print(describe_batch(batch))
+    return EXIT_OK
+
+
+def describe_batch(batch: Any) -> str:
+    snap = snapshot(batch)
+    rows: list[tuple[str, object]] = [
+        ("id", batch.id),
+        ("status", batch.status),
+        ("endpoint", batch.endpoint),
+        ("model", getattr(batch, "model", None)),
+        ("requests", f"{snap.total} total, {snap.completed} completed, {snap.failed} failed"),
+        ("input_file_id", batch.input_file_id),
+        ("output_file_id", file_id_or_none(batch.output_file_id)),
+        ("error_file_id", file_id_or_none(batch.error_file_id)),
+    ]
+    for stamp in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                  "cancelling_at", "cancelled_at", "expires_at"):
+        value = getattr(batch, stamp, None)
+        if value is not None:
+            rows.append((stamp, format_time(value)))
+    usage = getattr(batch, "usage", None)
+    if usage is not None:
+        rows.append(("usage", f"{usage.input_tokens} input, {usage.output_tokens} output, {usage.total_tokens} total tokens"))
+    rows.append(("metadata", _metadata_text(batch.metadata)))
+    width = max(len(name) for name, _ in rows)
+    text = "\n".join(f"{name:<{width}}  {'-' if value is None else value}" for name, value in rows)
+    if batch.errors and batch.errors.data:
+        text += "\nerrors:\n" + "\n".join("  " + format_batch_error(e) for e in batch.errors.data)
+    return text
+
+
+@command
+def batches_cancel(args: argparse.Namespace) -> int:
+    batch = make_client(args).batches.cancel(args.batch_id)
+    if args.json:
+        print_json(as_json(batch))
+    else:
+        print(f"{batch.id}  {batch.status}")
+    return EXIT_OK
+
+
+@command
+def batches_watch(args: argparse.Namespace) -> int:
+    client = make_client(args)
+    batch = client.batches.retrieve(args.batch_id)
+    options = WaitOptions.from_args(
+        args, default_output=Path(f"{batch.id}.output.jsonl"), default_errors=Path(f"{batch.id}.errors.jsonl")
+    )
+    return wait_and_download(client, batch, options, base_url_flag=args.base_url)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+@command
+def files_list(args: argparse.Namespace) -> int:
+    client = make_client(args)
+    query: dict[str, Any] = {"limit": args.limit}
+    if args.purpose:
+        query["purpose"] = args.purpose
+    if args.after:
+        query["after"] = args.after
+    page = client.files.list(**query)
+    if args.json:
+        print_json(as_json(page))
+        return EXIT_OK
+    rows = [
+        (f.id, f.purpose, format_bytes(f.bytes), format_time(f.created_at), format_time(getattr(f, "expires_at", None)), f.filename)
+        for f in page.data
+    ]
+    print(render_table(("ID", "PURPOSE", "SIZE", "CREATED", "EXPIRES", "FILENAME"), rows))
+    if getattr(page, "has_more", False) and page.data:
+        err(f"more: batch-gateway files list --after {page.data[-1].id}")
+    return EXIT_OK
+
+
+@command
+def files_download(args: argparse.Namespace) -> int:
+    client = make_client(args)
+    if args.output == "-":
+        with client.files.with_streaming_response.content(args.file_id) as response:
+            for chunk in response.iter_bytes():
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    if args.output:
+        path = Path(args.output)
+    else:
+        # The file's own name, without any directory part a server might have put in it.
+        name = Path(client.files.retrieve(args.file_id).filename or "").name
+        path = Path(name or f"{args.file_id}.jsonl")
+    lines = download(client, args.file_id, path)
+    err(f"{args.file_id} -> {path} ({lines} lines)")
+    return EXIT_OK
+
+
+@command
+def files_delete(args: argparse.Namespace) -> int:
+    deleted = make_client(args).files.delete(args.file_id)
+    if args.json:
+        print_json(as_json(deleted))
+    else:
+        print(f"{deleted.id}  {'deleted' if deleted.deleted else 'not deleted'}")
+    return EXIT_OK

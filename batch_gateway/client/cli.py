@@ -11,7 +11,8 @@ import sys
 from textwrap import fill
 
 from batch_gateway.client import commands
-from batch_gateway.client.commands import DEFAULT_BASE_URL, EXIT_CODES_HELP
+from batch_gateway.client.commands import DEFAULT_BASE_URL
+from batch_gateway.client.watch import EXIT_CODES_HELP
 
 
 def _connection_options() -> argparse.ArgumentParser:

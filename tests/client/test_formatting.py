@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 from openai.types import Batch
 
-from batch_gateway.client import commands
-from batch_gateway.client.commands import CommandError, WaitOptions
+from batch_gateway.client import commands, watch
+from batch_gateway.client.output import CommandError
+from batch_gateway.client.watch import WaitOptions
 from batch_gateway.client.partial import PartialResults
-from batch_gateway.client.tables import format_bytes, render_table
+from batch_gateway.client.output import format_bytes, render_table
 
 
 def test_table_aligns_columns_and_right_aligns_numbers():
@@ -56,7 +57,7 @@ def test_endpoint_is_guessed_from_the_first_line(tmp_path):
 
 def test_resume_command_repeats_the_paths_and_base_url_but_never_the_key():
     options = WaitOptions(Path("my dir/out.jsonl"), Path("err.jsonl"), Path("part.jsonl"), 2.0, False)
-    assert commands.resume_command("batch_1", options, "http://gw:8000/v1") == (
+    assert watch.resume_command("batch_1", options, "http://gw:8000/v1") == (
         "batch-gateway batches watch batch_1 --output 'my dir/out.jsonl' --errors err.jsonl "
         "--partial part.jsonl --base-url http://gw:8000/v1"
     )
@@ -73,7 +74,7 @@ def batch(**fields) -> Batch:
 
 def test_summary_of_a_completed_batch():
     options = WaitOptions(Path("in.output.jsonl"), Path("in.errors.jsonl"), None, 2.0, False)
-    text = commands.summary(batch(), options, 38, 2, None)
+    text = watch.summary(batch(), options, 38, 2, None)
     assert text.splitlines() == [
         "Batch batch_1 completed in 1m02s: 40 requests, 38 completed, 2 failed.",
         "  output: in.output.jsonl (38 lines)",
@@ -91,13 +92,13 @@ def test_summary_of_a_failed_batch_lists_the_validation_errors():
         ]},
     )
     options = WaitOptions(Path("o"), Path("e"), None, 2.0, False)
-    assert commands.summary(failed, options, None, None, None).splitlines() == [
+    assert watch.summary(failed, options, None, None, None).splitlines() == [
         "Batch batch_1 failed in 1s.",
         "The input file did not validate:",
         "  line 2: invalid_json: Line 2 is not valid JSON.",
         "  line 5: model_not_found: No model 'x'. (param body.model)",
     ]
-    assert commands.STATUS_EXIT_CODES["failed"] == 3
+    assert watch.STATUS_EXIT_CODES["failed"] == 3
 
 
 def test_describe_batch_treats_empty_file_ids_as_absent():

@@ -1,9 +1,12 @@
-"""Plain-text tables and the small value formats the human output uses."""
+"""What the client shows: plain-text tables, value formats, JSON for scripts, one-line errors and notes on stderr."""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -45,3 +48,25 @@ def format_bytes(size: int | None) -> str | None:
             return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+class CommandError(Exception):
+    """A problem the user can fix, reported as one line without a traceback."""
+
+
+def err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def as_json(obj: Any) -> Any:
+    """An SDK object as the server sent it (unknown fields kept, unset ones left out)."""
+    return obj.to_dict(mode="json")
+
+
+def file_id_or_none(value: str | None) -> str | None:
+    # Some servers send "" instead of null for a missing file (see the contract, pitfall 2).
+    return value or None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def test_submit_json_then_batch_and_file_commands(fast_gateway, run_cli, tmp_pat
     done = json.loads(got.out)
     assert done["id"] == batch_id and done["status"] == "completed" and done["request_counts"]["completed"] == 6
     human = run_cli(fast_gateway, "batches", "get", batch_id)
-    assert f"id              {batch_id}" in human.out and "6 total, 6 completed, 0 failed" in human.out
+    assert re.search(rf"^id +{batch_id}$", human.out, re.M) and "6 total, 6 completed, 0 failed" in human.out
 
     listed = run_cli(fast_gateway, "batches", "list", "--limit", "100")
     assert listed.out.splitlines()[0].split() == ["ID", "STATUS", "CREATED", "DONE", "FAILED", "TOTAL", "ENDPOINT", "METADATA"]
@@ -161,14 +162,17 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in watcher.stderr], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in watcher.stderr], daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 30
-        while "status: in_progress" not in lines.get(timeout=max(0.1, deadline - time.monotonic())):
-            pass
+        while True:  # "status: in_progress" or "status: validating -> in_progress (after 1s)"
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.startswith("status:") and line.rstrip().split(" (")[0].endswith("in_progress"):
+                break
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(timeout=10) == 130
-        time.sleep(0.2)
+        reader.join(timeout=5)
         rest = "".join(lines.get_nowait() for _ in range(lines.qsize()))
         assert "keeps running on the server" in rest
         assert f"batch-gateway batches watch {batch_id} --output {batch_id}.output.jsonl" in rest

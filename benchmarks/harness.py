@@ -38,7 +38,9 @@ class RunResult:
 class LocalStack:
     def __init__(self, upstream: list[str], **settings: object) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="bg-bench-"))
-        self.settings = Settings(data_dir=str(self.dir), upstream=upstream, log_format="json", log_level="warning", **settings)
+        options = {"log_format": "json", "log_level": "warning", **settings}
+        self.settings = Settings(data_dir=str(self.dir), upstream=upstream, **options)
+        self.log = open(self.dir / "runner.log", "ab")
 
     def with_settings(self, **changes: object) -> Settings:
         return dataclasses.replace(self.settings, **changes)
@@ -74,7 +76,7 @@ class LocalStack:
     def start_runner(self, batch_id: str, settings: Settings | None = None) -> subprocess.Popen:
         env = {**os.environ, **(settings or self.settings).to_env()}
         return subprocess.Popen([sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=self.log)
 
     def run_runner(self, batch_id: str, settings: Settings | None = None, timeout: float = 3600) -> RunResult:
         started = time.monotonic()

@@ -129,8 +129,6 @@ class Dispatcher:
         finally:
             for poller in pollers:
                 poller.cancel()
-            if not self._tasks:
-                os.close(self._fd)
 
     def stop(self) -> None:
         """Send nothing more. In-flight requests finish or are cut by `abort`."""

@@ -1,0 +1,43 @@
+"""The HTTP API: OpenAI's /v1/files and /v1/batches, plus /health and /ready."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from batch_gateway.api import batches, files, health
+from batch_gateway.api.auth import Authenticator, provide_tenant
+from batch_gateway.api.context import request_context_middleware, stamp_response
+from batch_gateway.api.errors import handle_exception
+from batch_gateway.services import Services
+
+# JSON bodies are tiny; the upload route lifts this limit and enforces its own while streaming.
+MAX_JSON_BODY_BYTES = 1024 * 1024
+
+
+def create_app(services: Services) -> Litestar:
+    return Litestar(
+        route_handlers=[
+            files.upload_file,
+            files.list_files,
+            files.retrieve_file,
+            files.delete_file,
+            files.file_content,
+            batches.create_batch,
+            batches.list_batches,
+            batches.retrieve_batch,
+            batches.cancel_batch,
+            health.health,
+            health.ready,
+        ],
+        dependencies={"tenant": Provide(provide_tenant)},
+        exception_handlers={Exception: handle_exception},
+        middleware=[request_context_middleware],
+        before_send=[stamp_response],
+        state=State({"services": services, "authenticator": Authenticator(services.metadata)}),
+        request_max_body_size=MAX_JSON_BODY_BYTES,
+        openapi_config=None,  # the contract is OpenAI's; its spec is the reference, not ours
+        logging_config=None,  # structlog is configured by the process (batch_gateway.logs)
+        debug=False,
+    )

@@ -1,0 +1,97 @@
+"""Bearer-key authentication and the tenant every object is scoped to.
+
+While no active key exists the gateway is open: any bearer token (or none) is the tenant `default` (`serve` refuses a
+non-loopback address in that mode). Once a key exists, a request needs a valid key, and its tenant scopes everything.
+The key count and key lookups are cached for a couple of seconds so that a busy API does not ask the database on every
+request; a key created or revoked from the CLI takes effect within that time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TypeAlias
+
+import structlog
+from litestar import Request
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from batch_gateway.api.context import TENANT_STATE
+from batch_gateway.errors import Unauthorized
+from batch_gateway.keys import DEFAULT_TENANT, hash_key, tenant_for_key
+from batch_gateway.store.metadata import MetadataStore
+
+# Handler parameter types: the authenticated tenant, and an object id from the path.
+Tenant: TypeAlias = NamedDependency[str]
+PathId: TypeAlias = FromPath[str]
+
+CACHE_SECONDS = 2.0
+_MAX_CACHED_KEYS = 10_000
+
+_NO_KEY_MESSAGE = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth "
+    "(i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+def mask_key(key: str) -> str:
+    """OpenAI-style masking: enough of the key to recognise it, never enough to use it."""
+    if len(key) <= 8:
+        return "*" * len(key)
+    return key[:3] + "*" * (len(key) - 7) + key[-4:]
+
+
+class Authenticator:
+    def __init__(self, metadata: MetadataStore, cache_seconds: float = CACHE_SECONDS) -> None:
+        self._metadata = metadata
+        self._cache_seconds = cache_seconds
+        self._key_count: tuple[float, int] | None = None  # (checked at, count)
+        self._tenants: dict[str, tuple[float, str | None]] = {}  # key hash -> (checked at, tenant)
+
+    async def tenant_for(self, authorization: str | None) -> str:
+        """The tenant of the request, or `Unauthorized`."""
+        if await self._active_key_count() == 0:
+            return DEFAULT_TENANT
+        key = _bearer_token(authorization)
+        if not key:
+            raise Unauthorized(_NO_KEY_MESSAGE, code="invalid_api_key")
+        tenant = await self._tenant_for_key(key)
+        if tenant is None:
+            raise Unauthorized(f"Incorrect API key provided: {mask_key(key)}.", code="invalid_api_key")
+        return tenant
+
+    async def _active_key_count(self) -> int:
+        now = time.monotonic()
+        if self._key_count is None or now - self._key_count[0] > self._cache_seconds:
+            self._key_count = (now, await self._metadata.active_key_count())
+        return self._key_count[1]
+
+    async def _tenant_for_key(self, key: str) -> str | None:
+        digest = hash_key(key)
+        now = time.monotonic()
+        cached = self._tenants.get(digest)
+        if cached is not None and now - cached[0] <= self._cache_seconds:
+            return cached[1]
+        tenant = await tenant_for_key(self._metadata, key)
+        if len(self._tenants) >= _MAX_CACHED_KEYS:
+            self._tenants.clear()
+        self._tenants[digest] = (now, tenant)
+        return tenant
+
+
+def _bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+async def provide_tenant(request: Request) -> str:
+    """Litestar dependency: authenticate the request and bind its tenant to the logs."""
+    authenticator: Authenticator = request.app.state.authenticator
+    tenant = await authenticator.tenant_for(request.headers.get("authorization"))
+    request.scope["state"][TENANT_STATE] = tenant
+    structlog.contextvars.bind_contextvars(tenant=tenant)
+    return tenant

@@ -1,0 +1,110 @@
+"""The body of POST /v1/batches: parsed, validated with OpenAI's errors, and fingerprinted for retry folding."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+from batch_gateway import wire
+from batch_gateway.api.validation import expires_after_seconds, invalid_choice, invalid_type, invalid_value, missing
+from batch_gateway.errors import InvalidRequest
+
+COMPLETION_WINDOWS = ("24h",)
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY_CHARS = 64
+METADATA_MAX_VALUE_CHARS = 512
+
+_BAD_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
+    "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+
+
+class BatchSpec(msgspec.Struct, frozen=True):
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    output_expires_after: int | None  # seconds
+
+    def fingerprint(self, tenant: str) -> str:
+        """Same tenant and same request (after normalisation) give the same fingerprint."""
+        canonical = msgspec.json.encode(
+            {"tenant": tenant, "request": self}, order="sorted"
+        )
+        return hashlib.sha256(canonical).hexdigest()
+
+
+def parse_batch_create(body: bytes) -> BatchSpec:
+    try:
+        raw = msgspec.json.decode(body, type=wire.BatchCreate)
+    except msgspec.DecodeError:
+        raise InvalidRequest(_BAD_JSON) from None
+    return BatchSpec(
+        input_file_id=_required_string("input_file_id", raw.input_file_id),
+        endpoint=_choice("endpoint", raw.endpoint, wire.SUPPORTED_ENDPOINTS),
+        completion_window=_choice("completion_window", raw.completion_window, COMPLETION_WINDOWS),
+        metadata=_metadata(raw.metadata),
+        output_expires_after=_output_expires_after(raw.output_expires_after),
+    )
+
+
+def _required_string(param: str, value: object) -> str:
+    if value is None:
+        raise missing(param)
+    if not isinstance(value, str):
+        raise invalid_type(param, "a string", value)
+    if value == "":
+        raise invalid_value(
+            param, f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string instead."
+        )
+    return value
+
+
+def _choice(param: str, value: object, supported: tuple[str, ...]) -> str:
+    if value is None:
+        raise missing(param)
+    if not isinstance(value, str):
+        raise invalid_type(param, "a string", value)
+    if value not in supported:
+        raise invalid_choice(param, value, supported)
+    return value
+
+
+def _metadata(value: object) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_type("metadata", "an object", value)
+    if len(value) > METADATA_MAX_PAIRS:
+        raise invalid_value(
+            "metadata",
+            f"Invalid 'metadata': too many properties. Expected an object with at most {METADATA_MAX_PAIRS} "
+            f"properties, but got an object with {len(value)} properties instead.",
+        )
+    for key, item in value.items():
+        if len(key) > METADATA_MAX_KEY_CHARS:
+            raise invalid_value(
+                "metadata",
+                f"Invalid 'metadata': key too long. Expected keys with at most {METADATA_MAX_KEY_CHARS} characters, "
+                f"but got a key with {len(key)} characters instead.",
+            )
+        param = f"metadata.{key}"
+        if not isinstance(item, str):
+            raise invalid_type(param, "a string", item)
+        if len(item) > METADATA_MAX_VALUE_CHARS:
+            raise invalid_value(
+                param,
+                f"Invalid '{param}': string too long. Expected a string with maximum length "
+                f"{METADATA_MAX_VALUE_CHARS}, but got a string with length {len(item)} instead.",
+            )
+    return dict(value)
+
+
+def _output_expires_after(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_type("output_expires_after", "an object", value)
+    return expires_after_seconds("output_expires_after", value.get("anchor"), value.get("seconds"))

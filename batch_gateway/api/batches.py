@@ -1,0 +1,218 @@
+"""The four /v1/batches endpoints.
+
+Creating a batch must never give the SDK a reason to send it again once it is stored: after `insert_batch` nothing
+answers 5xx or 409 (the executor hand-off is best effort; the reconciler resubmits batches left in `validating`).
+Retries that arrive anyway are folded into the first batch: by `Idempotency-Key` when the client sends one, otherwise
+by the request's fingerprint when the SDK marks the request as a retry (`x-stainless-retry-count` > 0).
+
+Idempotency-Key reused with a different request: 409 `idempotency_key_reused` with `x-should-retry: false` (the same
+choice as Llama Stack; nothing was stored, and retrying could not help).
+"""
+
+from __future__ import annotations
+
+import structlog
+from litestar import Request, Response, get, post
+
+from batch_gateway import ids, wire
+from batch_gateway.api.batch_create import parse_batch_create
+from batch_gateway.api.auth import PathId, Tenant
+from batch_gateway.api.errors import json_response
+from batch_gateway.api.files import services_of
+from batch_gateway.api.validation import query_int, query_str
+from batch_gateway.errors import Conflict, InvalidRequest, NotFound
+from batch_gateway.services import Services
+from batch_gateway.store.metadata import BatchRecord
+
+log = structlog.get_logger("api.batches")
+
+BATCHES_LIMIT_DEFAULT = 20
+BATCHES_LIMIT_MAX = 100
+RETRY_FOLD_WINDOW_SECONDS = 600
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+CANCELLABLE = ("validating", "in_progress", "finalizing")
+NO_RETRY = {"x-should-retry": "false"}
+# Statuses whose runner may have progress the database has not seen yet.
+_LIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+
+def batch_not_found(batch_id: str) -> NotFound:
+    return NotFound(f"No such Batch object: {batch_id}", param="id")
+
+
+@post("/v1/batches", status_code=200)
+async def create_batch(request: Request, tenant: Tenant) -> Response:
+    services = services_of(request)
+    spec = parse_batch_create(await request.body())
+    fingerprint = spec.fingerprint(tenant)
+    idempotency_key = _idempotency_key(request)
+
+    if idempotency_key is None and _retry_count(request) > 0:
+        earlier = await services.metadata.find_recent_batch(tenant, fingerprint, ids.now() - RETRY_FOLD_WINDOW_SECONDS)
+        if earlier is not None:
+            log.info("batch.retry_folded", batch_id=earlier.id)
+            return json_response((await with_live_progress(services, [earlier]))[0])
+
+    await _check_input_file(services, tenant, spec.input_file_id)
+    created_at = ids.now()
+    record = BatchRecord(
+        id=ids.new_batch_id(),
+        tenant=tenant,
+        endpoint=spec.endpoint,
+        input_file_id=spec.input_file_id,
+        completion_window=spec.completion_window,
+        status="validating",
+        created_at=created_at,
+        expires_at=created_at + services.settings.completion_window_seconds,
+        metadata=spec.metadata,
+        output_expires_after=spec.output_expires_after,
+        fingerprint=fingerprint,
+        idempotency_key=idempotency_key,
+    )
+    stored, created = await services.metadata.insert_batch(record)
+    if not created:
+        if stored.fingerprint != fingerprint:
+            raise Conflict(
+                f"Idempotency-Key '{idempotency_key}' was already used for a different request.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+                headers=NO_RETRY,
+            )
+        log.info("batch.idempotent_replay", batch_id=stored.id)
+        if stored.status == "validating":
+            await _submit(services, stored)  # the first attempt's hand-off may have failed; submitting is idempotent
+        return json_response((await with_live_progress(services, [stored]))[0])
+
+    # -- persisted: from here on, only a 200 --
+    log.info("batch.created", batch_id=stored.id, endpoint=stored.endpoint, input_file_id=stored.input_file_id)
+    await _submit(services, stored)
+    return json_response(stored.to_wire())
+
+
+@get("/v1/batches")
+async def list_batches(request: Request, tenant: Tenant) -> Response:
+    limit = query_int(request, "limit", default=BATCHES_LIMIT_DEFAULT, minimum=1, maximum=BATCHES_LIMIT_MAX)
+    services = services_of(request)
+    records, has_more = await services.metadata.list_batches(tenant, after=query_str(request, "after"), limit=limit)
+    data = await with_live_progress(services, records)
+    page = wire.ListPage(
+        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
+    return json_response(page)
+
+
+@get("/v1/batches/{batch_id:str}")
+async def retrieve_batch(request: Request, batch_id: PathId, tenant: Tenant) -> Response:
+    services = services_of(request)
+    record = await services.metadata.get_batch(batch_id, tenant)
+    if record is None:
+        raise batch_not_found(batch_id)
+    return json_response((await with_live_progress(services, [record]))[0])
+
+
+@post("/v1/batches/{batch_id:str}/cancel", status_code=200)
+async def cancel_batch(request: Request, batch_id: PathId, tenant: Tenant) -> Response:
+    services = services_of(request)
+    record = await services.metadata.get_batch(batch_id, tenant)
+    if record is None:
+        raise batch_not_found(batch_id)
+    # A compare-and-set can lose to the runner moving the batch on; look again and decide on what won.
+    for _ in range(5):
+        if record.status in ("cancelling", "cancelled"):
+            return json_response(record.to_wire())
+        if record.status not in CANCELLABLE:
+            raise Conflict(f"Cannot cancel a batch with status '{record.status}'.", headers=NO_RETRY)
+        previous_status = record.status
+        moved = await services.metadata.transition(batch_id, CANCELLABLE, "cancelling", ids.now())
+        if moved is not None:
+            log.info("batch.cancelling", batch_id=batch_id, previous_status=previous_status)
+            await _signal_cancel(services, batch_id)
+            return json_response(moved.to_wire())
+        refreshed = await services.metadata.get_batch(batch_id, tenant)
+        if refreshed is None:
+            raise batch_not_found(batch_id)
+        record = refreshed
+    raise Conflict(f"Batch {batch_id} changed status while being cancelled; try again.")
+
+
+async def with_live_progress(services: Services, records: list[BatchRecord]) -> list[wire.Batch]:
+    """The wire batches, with running ones' counts and usage brought up to date from the live signals. Live data
+    can only be ahead of the database, so the larger value wins."""
+    batches = [r.to_wire() for r in records]
+    live_ids = [b.id for b in batches if b.status in _LIVE_STATUSES]
+    if not live_ids:
+        return batches
+    progress = await services.signals.read_progress(live_ids)
+    for batch in batches:
+        if batch.id not in progress:
+            continue
+        counts, usage = progress[batch.id]
+        db = batch.request_counts
+        batch.request_counts = wire.RequestCounts(
+            total=max(db.total, counts.total),
+            completed=max(db.completed, counts.completed),
+            failed=max(db.failed, counts.failed),
+        )
+        if usage is not None and (batch.usage is None or usage.total_tokens >= batch.usage.total_tokens):
+            batch.usage = usage
+    return batches
+
+
+async def _check_input_file(services: Services, tenant: str, file_id: str) -> None:
+    record = await services.metadata.get_file(file_id, tenant)
+    if record is None:
+        raise InvalidRequest(
+            f"Invalid 'input_file_id': no file with id '{file_id}' exists, or you do not have access to it.",
+            param="input_file_id",
+            code="invalid_value",
+        )
+    if record.purpose != "batch":
+        raise InvalidRequest(
+            f"Invalid 'input_file_id': file '{file_id}' has purpose '{record.purpose}', but a batch input file "
+            "must be uploaded with purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_value",
+        )
+
+
+async def _submit(services: Services, batch: BatchRecord) -> None:
+    if services.executor is None:
+        log.warning("batch.no_executor", batch_id=batch.id, note="the batch waits in validating for the reconciler")
+        return
+    try:
+        await services.executor.submit(batch.id, tenant=batch.tenant, model=None)
+    except Exception:
+        log.exception("batch.submit_failed", batch_id=batch.id, note="the reconciler resubmits it")
+
+
+async def _signal_cancel(services: Services, batch_id: str) -> None:
+    try:
+        await services.signals.request_cancel(batch_id)
+    except Exception:
+        log.exception("batch.cancel_signal_failed", batch_id=batch_id)
+    if services.executor is not None:
+        try:
+            await services.executor.cancel(batch_id)
+        except Exception:
+            log.exception("batch.executor_cancel_failed", batch_id=batch_id)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None or not key.strip():
+        return None
+    key = key.strip()
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidRequest(
+            f"The Idempotency-Key header is too long (at most {MAX_IDEMPOTENCY_KEY_CHARS} characters).",
+            param="Idempotency-Key",
+        )
+    return key
+
+
+def _retry_count(request: Request) -> int:
+    try:
+        return int(request.headers.get("x-stainless-retry-count", "0"))
+    except ValueError:
+        return 0
+

@@ -59,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_arguments(sim)
 
     sub.add_parser("config-reference", help="Print the configuration reference (Markdown).")
+
+    from batch_gateway.client.cli import register as register_client
+
+    register_client(sub)  # submit, batches, files: the user-facing client built on the openai SDK
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "client_command", None):
+        return args.client_command(args)
     if args.command == "sim":
         from batch_gateway.sim.cli import run as run_sim
 

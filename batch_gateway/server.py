@@ -44,6 +44,9 @@ async def serve(settings: Settings) -> int:
             "Pass --upstream http://your-vllm:8000 or --simulate.",
         )
 
+    from batch_gateway.webhooks import parse_webhooks
+
+    parse_webhooks(settings.webhook, settings.webhook_secret)  # a bad webhook setting fails now, not at the first event
     services = await Services.open(settings)
     try:
         if not is_loopback(settings.host) and not settings.insecure_no_auth and await services.metadata.active_key_count() == 0:

@@ -101,6 +101,21 @@ class Settings:
     # --- argo ---
     argo_namespace: str = setting("batch-gateway", "Namespace the runner Workflows are created in.", group="argo")
     argo_template: str = setting("batch-gateway-runner", "WorkflowTemplate that runs one batch.", group="argo")
+    # --- webhooks ---
+    webhook: list[str] = setting(
+        [],
+        "Where to POST OpenAI-style batch events (batch.completed/failed/expired/cancelled): TENANT=URL for one tenant, "
+        "or a bare URL for every tenant without its own. Repeatable.",
+        group="webhooks",
+        multiple=True,
+    )
+    webhook_secret: list[str] = setting(
+        [],
+        "Signing secret per webhook: TENANT=whsec_..., or a bare whsec_... for the bare URL. Receivers verify with "
+        "openai's client.webhooks.unwrap(). Prefer the env var: flags show in `ps`.",
+        group="webhooks",
+        multiple=True,
+    )
     # --- gc ---
     gc_interval: float = setting(60.0, "Seconds between garbage-collection passes inside `serve` (local mode); 0 = off.", group="gc")
 

@@ -108,10 +108,57 @@ def sim_factory() -> Iterator:
         server.stop()
 
 
-@pytest.fixture(params=["embedded"])
-def backend(request) -> dict[str, str]:
-    """Environment for one backend set. Production (PostgreSQL + Valkey + S3) is added by tests/e2e/backends.py."""
-    return {}
+@pytest.fixture(scope="session")
+def s3_session():
+    from tests.fixtures.s3 import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["embedded", "production"])
+def backend(request) -> Iterator[dict[str, str]]:
+    """Environment for one backend set: embedded (SQLite, local files, no Valkey) or production (a fresh PostgreSQL
+    database, Valkey/Redis with a unique key prefix, and an S3 bucket on a real S3 server)."""
+    if request.param == "embedded":
+        yield {}
+        return
+    from tests.fixtures.redis import unique_prefix
+
+    s3 = request.getfixturevalue("s3_session")
+    database = create_database()
+    try:
+        yield {
+            "BATCH_GATEWAY_DATABASE_URL": database,
+            "BATCH_GATEWAY_VALKEY_URL": "redis://127.0.0.1:6379/0",
+            "BATCH_GATEWAY_VALKEY_PREFIX": unique_prefix(),
+            "BATCH_GATEWAY_OBJECT_STORE": s3.url(),
+            **s3.env(),
+        }
+    finally:
+        drop_database(database)
+
+
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def create_database() -> str:
+    import uuid
+
+    import psycopg
+
+    name = f"bg_e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

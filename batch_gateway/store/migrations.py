@@ -1,12 +1,19 @@
-"""Versioned schema migrations: numbered SQL files per backend, recorded in `schema_migrations`."""
+"""Versioned schema migrations: numbered SQL files per backend, recorded in `schema_migrations`.
+
+`sql/<dialect>/NNNN_name.sql` holds one migration. The files are append-only: a migration that has shipped is never
+edited, a change is a new file. Each backend applies the pending ones in one transaction under a lock, so several
+processes opening the same database at once apply each migration exactly once.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
 
-_NAME = re.compile(r"^(\d{4})_(.+)\.sql$")
+_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+DIALECTS = ("sqlite", "postgres")
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,8 @@ class Migration:
 
 def migrations(dialect: str) -> list[Migration]:
     """Every migration of `dialect` (sqlite or postgres), in order."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown SQL dialect {dialect!r}")
     folder = resources.files("batch_gateway.store") / "sql" / dialect
     found = []
     for entry in folder.iterdir():
@@ -29,3 +38,15 @@ def migrations(dialect: str) -> list[Migration]:
     if versions != list(range(1, len(found) + 1)):
         raise RuntimeError(f"{dialect} migrations must be numbered 0001, 0002, ... without gaps: {versions}")
     return found
+
+
+def pending(dialect: str, applied: Collection[int], target: int | None = None) -> list[Migration]:
+    """The migrations still to apply to reach `target` (default: the newest), in order."""
+    known = migrations(dialect)
+    if target is not None and not 0 <= target <= len(known):
+        raise ValueError(f"no {dialect} schema version {target}; versions run from 1 to {len(known)}")
+    return [m for m in known if m.version not in applied and (target is None or m.version <= target)]
+
+
+def latest_version(dialect: str) -> int:
+    return len(migrations(dialect))

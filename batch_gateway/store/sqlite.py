@@ -1,90 +1,110 @@
 """The embedded metadata store: one SQLite file shared by the API and its runner subprocesses.
 
-WAL mode lets readers and one writer work at once across processes; a busy timeout absorbs short write contention.
-sqlite3 is blocking, so every call runs in a worker thread; one connection per store, serialised by a lock.
+WAL mode lets readers work beside one writer across processes; a busy timeout absorbs short write contention, and
+every write is one autocommit statement, so no process holds the write lock for long. sqlite3 blocks, so each store
+owns one connection living on one worker thread of its own: calls are serialised there and never tie up the
+event loop or the default thread pool.
+
+Cursor pagination looks up the `seq` of the `after` object inside the query; an `after` that is unknown, deleted or
+another tenant's gives an empty page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-import msgspec
+import structlog
 
 from batch_gateway import wire
 from batch_gateway.errors import StorageUnavailable
-from batch_gateway.store.metadata import TRANSITION_FIELDS, ApiKeyRecord, BatchRecord, FileRecord, MetadataStore
-from batch_gateway.store.migrations import migrations
+from batch_gateway.store import rows
+from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, StorageStats
+from batch_gateway.store.migrations import latest_version, pending
 
-_FILE_COLUMNS = "id, tenant, bytes, created_at, filename, purpose, object_key, expires_at, status"
-_BATCH_COLUMNS = (
-    "id, tenant, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
-    "output_expires_after, model, errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, request_counts, usage, fingerprint, idempotency_key"
-)
-_JSON_FIELDS = {
-    "metadata": dict[str, str] | None,
-    "errors": list[wire.BatchError] | None,
-    "request_counts": wire.RequestCounts,
-    "usage": wire.Usage | None,
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+_FILES = ", ".join(rows.FILE_COLUMNS)
+_BATCHES = ", ".join(rows.BATCH_COLUMNS)
+_KEYS = ", ".join(rows.KEY_COLUMNS)
+
+# Primary result codes that mean "the database cannot serve right now", as opposed to a bug in a query.
+_UNAVAILABLE_CODES = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_READONLY,
 }
-_LIVE_STATUSES = ("in_progress", "finalizing", "cancelling")
 
 
-def _encode(value: Any) -> str | None:
-    return None if value is None else msgspec.json.encode(value).decode()
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in values)
 
 
-def _file(row: sqlite3.Row) -> FileRecord:
-    return FileRecord(**dict(row))
-
-
-def _batch(row: sqlite3.Row) -> BatchRecord:
-    values = dict(row)
-    for name, kind in _JSON_FIELDS.items():
-        raw = values[name]
-        values[name] = None if raw is None else msgspec.json.decode(raw, type=kind)
-    return BatchRecord(**values)
+def split_statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit the surrounding transaction)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    stripped = "\n".join(line for line in current.splitlines() if not line.strip().startswith("--")).strip()
+    if stripped:
+        raise ValueError(f"migration ends with an unterminated statement: {stripped[:80]!r}")
+    return statements
 
 
 class SqliteStore(MetadataStore):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 20.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         self._connection: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._thread: ThreadPoolExecutor | None = None
 
     # --- plumbing ----------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        # isolation_level=None: autocommit; the few multi-statement transactions say BEGIN themselves.
+        connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable against process crashes in WAL mode; only a power loss can drop the last commits.
         connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA busy_timeout=30000")
         return connection
 
-    async def _run(self, work):
-        def call():
-            with self._lock:
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            try:
                 if self._connection is None:
                     self._connection = self._connect()
-                try:
-                    return work(self._connection)
-                except sqlite3.OperationalError as exc:
-                    raise StorageUnavailable(f"SQLite at {self.path}: {exc}") from exc
+                return work(self._connection)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES:
+                    raise StorageUnavailable(f"SQLite database {self.path}: {exc}") from exc
+                raise
 
-        return await asyncio.to_thread(call)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
-    async def _fetch(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        # fetchall() also for UPDATE ... RETURNING: the statement only completes (and commits) once fully stepped.
         return await self._run(lambda c: c.execute(sql, params).fetchall())
 
-    async def _fetch_one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
-        return await self._run(lambda c: c.execute(sql, params).fetchone())
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        found = await self._rows(sql, params)
+        return found[0] if found else None
 
-    async def _execute(self, sql: str, params: Any = ()) -> int:
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return await self._run(lambda c: c.execute(sql, params).rowcount)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -92,81 +112,89 @@ class SqliteStore(MetadataStore):
     async def open(self) -> None:
         await self.migrate()
 
-    async def migrate(self) -> list[int]:
-        """Apply pending migrations; safe when several processes start at once (BEGIN IMMEDIATE)."""
+    async def migrate(self, target: int | None = None) -> list[int]:
+        """Apply pending migrations (up to `target`); returns the versions applied. BEGIN IMMEDIATE takes the write
+        lock before reading what is applied, so processes starting together apply each migration once."""
 
         def work(c: sqlite3.Connection) -> list[int]:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-                "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-            )
-            applied_now = []
             c.execute("BEGIN IMMEDIATE")
             try:
-                done = {row[0] for row in c.execute("SELECT version FROM schema_migrations")}
-                for migration in migrations("sqlite"):
-                    if migration.version in done:
-                        continue
-                    for statement in migration.sql.split(";"):
-                        if statement.strip() and not all(
-                            line.strip().startswith("--") or not line.strip() for line in statement.splitlines()
-                        ):
-                            c.execute(statement)
-                    c.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (migration.version, migration.name))
-                    applied_now.append(migration.version)
+                c.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                    "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+                )
+                applied = {row[0] for row in c.execute("SELECT version FROM schema_migrations")}
+                done = []
+                for migration in pending("sqlite", applied, target):
+                    for statement in split_statements(migration.sql):
+                        c.execute(statement)
+                    c.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (migration.version, migration.name)
+                    )
+                    done.append(migration.version)
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:  # some errors (a full disk, an I/O error) have rolled back already
+                    c.execute("ROLLBACK")
                 raise
-            return applied_now
+            newest = max(applied | set(done), default=0)
+            if newest > latest_version("sqlite"):
+                log.warning("store.schema_newer_than_code", path=self.path, version=newest)
+            if done:
+                log.info("store.migrated", path=self.path, versions=done)
+            return done
 
         return await self._run(work)
 
-    async def close(self) -> None:
-        def work() -> None:
-            with self._lock:
-                if self._connection is not None:
-                    self._connection.close()
-                    self._connection = None
+    async def schema_version(self) -> int:
+        row = await self._row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        return int(row[0]) if row else 0
 
-        await asyncio.to_thread(work)
+    async def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+
+        def work() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        await asyncio.get_running_loop().run_in_executor(thread, work)
+        thread.shutdown(wait=False)
 
     async def ping(self) -> None:
-        await self._fetch_one("SELECT 1")
+        await self._rows("SELECT version FROM schema_migrations LIMIT 1")
 
     # --- files -------------------------------------------------------------------------------
 
     async def insert_file(self, record: FileRecord) -> None:
-        await self._execute(
-            f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (record.id, record.tenant, record.bytes, record.created_at, record.filename, record.purpose,
-             record.object_key, record.expires_at, record.status),
-        )
+        values = rows.file_values(record)
+        await self._execute(f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values)
 
     async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
         if tenant is None:
-            row = await self._fetch_one(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
+            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = ?", (file_id,))
         else:
-            row = await self._fetch_one(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
-        return _file(row) if row else None
+            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
+        return rows.file_from_row(row) if row else None
 
     async def list_files(
         self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
     ) -> tuple[list[FileRecord], bool]:
-        descending = order != "asc"
+        rows.check_page(order, limit)
         clauses, params = ["tenant = ?"], [tenant]
         if purpose is not None:
             clauses.append("purpose = ?")
             params.append(purpose)
         if after is not None:
-            clauses.append(f"seq {'<' if descending else '>'} (SELECT seq FROM files WHERE id = ? AND tenant = ?)")
+            clauses.append(f"seq {'>' if order == 'asc' else '<'} (SELECT seq FROM files WHERE id = ? AND tenant = ?)")
             params += [after, tenant]
-        rows = await self._fetch(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE {' AND '.join(clauses)} "
-            f"ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?",
+        found = await self._rows(
+            f"SELECT {_FILES} FROM files WHERE {' AND '.join(clauses)} ORDER BY seq {order.upper()} LIMIT ?",
             (*params, limit + 1),
         )
-        return [_file(r) for r in rows[:limit]], len(rows) > limit
+        return [rows.file_from_row(r) for r in found[:limit]], len(found) > limit
 
     async def delete_file(self, file_id: str, tenant: str | None) -> bool:
         if tenant is None:
@@ -174,149 +202,163 @@ class SqliteStore(MetadataStore):
         return await self._execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)) > 0
 
     async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
-        rows = await self._fetch(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
-            (now, limit),
+        found = await self._rows(
+            f"SELECT {_FILES} FROM files WHERE expires_at <= ? ORDER BY expires_at, seq LIMIT ?", (now, limit)
         )
-        return [_file(r) for r in rows]
+        return [rows.file_from_row(r) for r in found]
 
     # --- batches -----------------------------------------------------------------------------
 
     async def insert_batch(self, record: BatchRecord) -> tuple[BatchRecord, bool]:
-        values = msgspec.structs.asdict(record)
-        names = _BATCH_COLUMNS.split(", ")
-        params = [_encode(values[n]) if n in _JSON_FIELDS else values[n] for n in names]
+        values = rows.batch_values(record)
+        # The conflict target is the partial unique index (tenant, idempotency_key): a concurrent insert with the
+        # same key loses here, atomically, and then reads the winner.
         inserted = await self._execute(
-            f"INSERT INTO batches ({_BATCH_COLUMNS}) VALUES ({', '.join('?' for _ in names)}) "
+            f"INSERT INTO batches ({_BATCHES}) VALUES ({_marks(values)}) "
             "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-            params,
+            values,
         )
         if inserted:
             return record, True
-        row = await self._fetch_one(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND idempotency_key = ?",
+        row = await self._row(
+            f"SELECT {_BATCHES} FROM batches WHERE tenant = ? AND idempotency_key = ?",
             (record.tenant, record.idempotency_key),
         )
-        assert row is not None
-        return _batch(row), False
+        if row is None:  # batches are never deleted, so the winner is there
+            raise StorageUnavailable(f"batch with idempotency key {record.idempotency_key!r} vanished")
+        return rows.batch_from_row(row), False
 
     async def find_recent_batch(self, tenant: str, fingerprint: str, since: int) -> BatchRecord | None:
-        row = await self._fetch_one(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND fingerprint = ? AND created_at >= ? "
-            "ORDER BY seq DESC LIMIT 1",
+        row = await self._row(
+            f"SELECT {_BATCHES} FROM batches WHERE tenant = ? AND fingerprint = ? AND created_at >= ? "
+            "ORDER BY created_at DESC, seq DESC LIMIT 1",
             (tenant, fingerprint, since),
         )
-        return _batch(row) if row else None
+        return rows.batch_from_row(row) if row else None
 
     async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None:
         if tenant is None:
-            row = await self._fetch_one(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,))
+            row = await self._row(f"SELECT {_BATCHES} FROM batches WHERE id = ?", (batch_id,))
         else:
-            row = await self._fetch_one(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)
-            )
-        return _batch(row) if row else None
+            row = await self._row(f"SELECT {_BATCHES} FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant))
+        return rows.batch_from_row(row) if row else None
 
     async def list_batches(self, tenant: str, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
+        rows.check_page("desc", limit)
         if after is None:
-            rows = await self._fetch(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? ORDER BY seq DESC LIMIT ?", (tenant, limit + 1)
+            found = await self._rows(
+                f"SELECT {_BATCHES} FROM batches WHERE tenant = ? ORDER BY seq DESC LIMIT ?", (tenant, limit + 1)
             )
         else:
-            rows = await self._fetch(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? "
+            found = await self._rows(
+                f"SELECT {_BATCHES} FROM batches WHERE tenant = ? "
                 "AND seq < (SELECT seq FROM batches WHERE id = ? AND tenant = ?) ORDER BY seq DESC LIMIT ?",
                 (tenant, after, tenant, limit + 1),
             )
-        return [_batch(r) for r in rows[:limit]], len(rows) > limit
+        return [rows.batch_from_row(r) for r in found[:limit]], len(found) > limit
 
     async def transition(
         self, batch_id: str, from_statuses: Collection[str], to_status: str, now: int, **changes: Any
     ) -> BatchRecord | None:
-        unknown = set(changes) - TRANSITION_FIELDS
-        if unknown:
-            raise ValueError(f"transition cannot change {sorted(unknown)}")
-        if to_status not in wire.BatchStatus.__args__:  # type: ignore[attr-defined]
-            raise ValueError(f"unknown status {to_status!r}")
-        sets = ["status = ?", f"{to_status}_at = COALESCE({to_status}_at, ?)"]
-        params: list[Any] = [to_status, now]
+        changes = rows.checked_changes(changes)
+        sources = rows.checked_statuses(from_statuses)
+        stamp = rows.timestamp_column(to_status)  # validates to_status, which names a column
+        if not sources:
+            return None
+        sets, params = ["status = ?"], [to_status]
+        if stamp is not None:
+            sets.append(f"{stamp} = COALESCE({stamp}, ?)")
+            params.append(now)
         for name, value in changes.items():
             sets.append(f"{name} = ?")
-            params.append(_encode(value) if name in _JSON_FIELDS else value)
-        placeholders = ", ".join("?" for _ in from_statuses)
-        row = await self._fetch_one(
-            f"UPDATE batches SET {', '.join(sets)} WHERE id = ? AND status IN ({placeholders}) RETURNING {_BATCH_COLUMNS}",
-            (*params, batch_id, *from_statuses),
+            params.append(rows.encode_json(value) if name in rows.BATCH_JSON_TYPES else value)
+        row = await self._row(
+            f"UPDATE batches SET {', '.join(sets)} WHERE id = ? AND status IN ({_marks(sources)}) RETURNING {_BATCHES}",
+            (*params, batch_id, *sources),
         )
-        return _batch(row) if row else None
+        return rows.batch_from_row(row) if row else None
 
     async def save_progress(self, batch_id: str, counts: wire.RequestCounts, usage: wire.Usage | None) -> None:
+        # Only while running, and never backwards: a stale writer (a runner resumed from an older checkpoint, a
+        # delayed update) cannot undo newer progress.
         await self._execute(
-            f"UPDATE batches SET request_counts = ?, usage = ? WHERE id = ? AND status IN {_LIVE_STATUSES}",
-            (_encode(counts), _encode(usage), batch_id),
+            "UPDATE batches SET request_counts = ?, usage = ? "
+            f"WHERE id = ? AND status IN ({_marks(rows.LIVE_STATUSES)}) "
+            "AND json_extract(request_counts, '$.completed') + json_extract(request_counts, '$.failed') <= ?",
+            (rows.encode_json(counts), rows.encode_json(usage), batch_id, *rows.LIVE_STATUSES,
+             counts.completed + counts.failed),
         )
 
     async def batches_with_status(self, statuses: Collection[str], limit: int = 1000) -> list[BatchRecord]:
-        statuses = list(statuses)
-        rows = await self._fetch(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE status IN ({', '.join('?' for _ in statuses)}) ORDER BY seq LIMIT ?",
-            (*statuses, limit),
+        wanted = rows.checked_statuses(statuses)
+        if not wanted:
+            return []
+        found = await self._rows(
+            f"SELECT {_BATCHES} FROM batches WHERE status IN ({_marks(wanted)}) ORDER BY seq LIMIT ?", (*wanted, limit)
         )
-        return [_batch(r) for r in rows]
+        return [rows.batch_from_row(r) for r in found]
 
     async def overdue_batches(self, now: int, limit: int = 1000) -> list[BatchRecord]:
-        active = sorted(wire.ACTIVE_STATUSES)
-        rows = await self._fetch(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE status IN ({', '.join('?' for _ in active)}) "
-            "AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        active = rows.ACTIVE_STATUSES
+        found = await self._rows(
+            f"SELECT {_BATCHES} FROM batches WHERE status IN ({_marks(active)}) AND expires_at <= ? "
+            "ORDER BY expires_at, seq LIMIT ?",
             (*active, now, limit),
         )
-        return [_batch(r) for r in rows]
+        return [rows.batch_from_row(r) for r in found]
+
+    async def storage_stats(self) -> StorageStats:
+        """Whole-table counts (all tenants); GROUP BY over the status index and the files table, cheap enough for a
+        metrics scrape at the sizes SQLite serves."""
+        batches = await self._rows("SELECT status, COUNT(*) FROM batches GROUP BY status")
+        files = await self._rows("SELECT purpose, COUNT(*), COALESCE(SUM(bytes), 0) FROM files GROUP BY purpose")
+        return StorageStats(
+            batches_by_status={row[0]: row[1] for row in batches},
+            files_by_purpose={row[0]: (row[1], row[2]) for row in files},
+        )
 
     # --- leases ------------------------------------------------------------------------------
 
     async def claim_batch(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
-        return (
-            await self._execute(
-                "UPDATE batches SET runner_owner = ?, lease_until = ? WHERE id = ? "
-                "AND (runner_owner IS NULL OR runner_owner = ? OR lease_until IS NULL OR lease_until < ?)",
-                (owner, now + lease_seconds, batch_id, owner, now),
-            )
-            > 0
+        taken = await self._execute(
+            "UPDATE batches SET runner_owner = ?, lease_until = ? WHERE id = ? "
+            "AND (runner_owner IS NULL OR runner_owner = ? OR lease_until IS NULL OR lease_until < ?)",
+            (owner, now + lease_seconds, batch_id, owner, now),
         )
+        return taken > 0
 
     async def renew_lease(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
-        return (
-            await self._execute(
-                "UPDATE batches SET lease_until = ? WHERE id = ? AND runner_owner = ?", (now + lease_seconds, batch_id, owner)
-            )
-            > 0
+        renewed = await self._execute(
+            "UPDATE batches SET lease_until = ? WHERE id = ? AND runner_owner = ?", (now + lease_seconds, batch_id, owner)
         )
+        return renewed > 0
 
     async def release_batch(self, batch_id: str, owner: str) -> None:
         await self._execute(
-            "UPDATE batches SET runner_owner = NULL, lease_until = NULL WHERE id = ? AND runner_owner = ?", (batch_id, owner)
+            "UPDATE batches SET runner_owner = NULL, lease_until = NULL WHERE id = ? AND runner_owner = ?",
+            (batch_id, owner),
         )
 
     # --- keys --------------------------------------------------------------------------------
 
     async def insert_key(self, record: ApiKeyRecord) -> None:
-        await self._execute(
-            "INSERT INTO api_keys (id, tenant, key_hash, prefix, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.id, record.tenant, record.key_hash, record.prefix, record.created_at, record.revoked_at),
-        )
+        values = rows.key_values(record)
+        try:
+            await self._execute(f"INSERT INTO api_keys ({_KEYS}) VALUES ({_marks(values)})", values)
+        except sqlite3.IntegrityError as exc:
+            raise ValueError(f"API key {record.id} (or its hash) already exists") from exc
 
     async def list_keys(self) -> list[ApiKeyRecord]:
-        rows = await self._fetch("SELECT id, tenant, key_hash, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
-        return [ApiKeyRecord(**dict(r)) for r in rows]
+        found = await self._rows(f"SELECT {_KEYS} FROM api_keys ORDER BY created_at, id")
+        return [rows.key_from_row(r) for r in found]
 
     async def revoke_key(self, key_id: str, now: int) -> bool:
         return await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)) > 0
 
     async def active_key_count(self) -> int:
-        row = await self._fetch_one("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
+        row = await self._row("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(row[0]) if row else 0
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
-        row = await self._fetch_one("SELECT tenant FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+        row = await self._row("SELECT tenant FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
         return row[0] if row else None

@@ -1,0 +1,354 @@
+"""The production metadata store: PostgreSQL through psycopg 3 and a connection pool.
+
+Outages: a connection failure or a pool timeout becomes `StorageUnavailable` (the API answers 503, runners retry).
+The pool checks each connection as it hands it out, so connections killed by a server restart or a failover are
+replaced instead of failing a request, and it reconnects by itself once the server is back.
+
+Cursor pagination looks up the `seq` of the `after` object inside the query; an `after` that is unknown, deleted or
+another tenant's gives an empty page. `seq` comes from a sequence, so it follows insertion, not commit, order: a row
+committed late with a lower `seq` can be missed by a page that was already read, which the API can live with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import Any
+
+import msgspec
+import psycopg
+import structlog
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb, set_json_loads
+from psycopg_pool import AsyncConnectionPool
+
+from batch_gateway import wire
+from batch_gateway.errors import StorageUnavailable
+from batch_gateway.store import rows
+from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, StorageStats
+from batch_gateway.store.migrations import latest_version, pending
+
+log = structlog.get_logger(__name__)
+
+_FILES = ", ".join(rows.FILE_COLUMNS)
+_BATCHES = ", ".join(rows.BATCH_COLUMNS)
+_KEYS = ", ".join(rows.KEY_COLUMNS)
+
+# pg_advisory_xact_lock key serialising migrations across processes ("bgmigr").
+MIGRATION_LOCK = 0x62676D696772
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("%s" for _ in values)
+
+
+def _jsonb(value: Any) -> Jsonb | None:
+    return None if value is None else Jsonb(value, dumps=msgspec.json.encode)
+
+
+async def _configure(connection: psycopg.AsyncConnection) -> None:
+    # Hand json/jsonb over undecoded: msgspec decodes it straight into the record types.
+    set_json_loads(lambda data: data, connection)
+
+
+class PostgresStore(MetadataStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        timeout: float = 5.0,
+        connect_timeout: int = 5,
+        reconnect_timeout: float = 30.0,
+    ) -> None:
+        """`timeout` bounds the wait for a pooled connection (how long a request waits before a 503);
+        `reconnect_timeout` bounds the pool's backoff between reconnection attempts during an outage."""
+        self.url = url
+        self._pool_options = dict(
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            reconnect_timeout=reconnect_timeout,
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": connect_timeout},
+        )
+        self._pool: AsyncConnectionPool | None = None
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore is not open")
+        try:
+            async with self._pool.connection() as connection:
+                yield connection
+        except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout and PoolClosed
+            raise StorageUnavailable(f"PostgreSQL: {exc}") from exc
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        async with self._connection() as connection:
+            cursor = await connection.execute(sql, params)
+            return await cursor.fetchall()
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        found = await self._rows(sql, params)
+        return found[0] if found else None
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        async with self._connection() as connection:
+            cursor = await connection.execute(sql, params)
+            return cursor.rowcount
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is None:
+            pool = AsyncConnectionPool(
+                self.url,
+                open=False,
+                configure=_configure,
+                check=AsyncConnectionPool.check_connection,
+                name="batch-gateway-metadata",
+                **self._pool_options,
+            )
+            try:
+                await pool.open(wait=True, timeout=self._pool_options["timeout"])
+            except psycopg.OperationalError as exc:
+                await pool.close()
+                raise StorageUnavailable(f"PostgreSQL: {exc}") from exc
+            self._pool = pool
+        await self.migrate()
+
+    async def migrate(self, target: int | None = None) -> list[int]:
+        """Apply pending migrations (up to `target`) in one transaction; returns the versions applied. An advisory
+        lock makes processes starting together take turns, so each migration is applied once."""
+        async with self._connection() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cursor = await connection.execute("SELECT version FROM schema_migrations")
+            applied = {row["version"] for row in await cursor.fetchall()}
+            done = []
+            for migration in pending("postgres", applied, target):
+                await connection.execute(migration.sql)  # no parameters: the file may hold several statements
+                await connection.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
+                )
+                done.append(migration.version)
+        if max(applied | set(done), default=0) > latest_version("postgres"):
+            log.warning("store.schema_newer_than_code", version=max(applied))
+        if done:
+            log.info("store.migrated", versions=done)
+        return done
+
+    async def schema_version(self) -> int:
+        row = await self._row("SELECT COALESCE(MAX(version), 0) AS version FROM schema_migrations")
+        return int(row["version"]) if row else 0
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def ping(self) -> None:
+        await self._rows("SELECT 1 AS ok")
+
+    # --- files -------------------------------------------------------------------------------
+
+    async def insert_file(self, record: FileRecord) -> None:
+        values = rows.file_values(record)
+        await self._execute(f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values)
+
+    async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
+        if tenant is None:
+            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = %s", (file_id,))
+        else:
+            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = %s AND tenant = %s", (file_id, tenant))
+        return rows.file_from_row(row) if row else None
+
+    async def list_files(
+        self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
+    ) -> tuple[list[FileRecord], bool]:
+        rows.check_page(order, limit)
+        clauses, params = ["tenant = %s"], [tenant]
+        if purpose is not None:
+            clauses.append("purpose = %s")
+            params.append(purpose)
+        if after is not None:
+            clauses.append(f"seq {'>' if order == 'asc' else '<'} (SELECT seq FROM files WHERE id = %s AND tenant = %s)")
+            params += [after, tenant]
+        found = await self._rows(
+            f"SELECT {_FILES} FROM files WHERE {' AND '.join(clauses)} ORDER BY seq {order.upper()} LIMIT %s",
+            (*params, limit + 1),
+        )
+        return [rows.file_from_row(r) for r in found[:limit]], len(found) > limit
+
+    async def delete_file(self, file_id: str, tenant: str | None) -> bool:
+        if tenant is None:
+            return await self._execute("DELETE FROM files WHERE id = %s", (file_id,)) > 0
+        return await self._execute("DELETE FROM files WHERE id = %s AND tenant = %s", (file_id, tenant)) > 0
+
+    async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
+        found = await self._rows(
+            f"SELECT {_FILES} FROM files WHERE expires_at <= %s ORDER BY expires_at, seq LIMIT %s", (now, limit)
+        )
+        return [rows.file_from_row(r) for r in found]
+
+    # --- batches -----------------------------------------------------------------------------
+
+    async def insert_batch(self, record: BatchRecord) -> tuple[BatchRecord, bool]:
+        values = rows.batch_values(record, json=_jsonb)
+        # The conflict target is the partial unique index (tenant, idempotency_key): a concurrent insert with the
+        # same key waits for the winner's commit, does nothing, and then reads the winner.
+        inserted = await self._execute(
+            f"INSERT INTO batches ({_BATCHES}) VALUES ({_marks(values)}) "
+            "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+            values,
+        )
+        if inserted:
+            return record, True
+        row = await self._row(
+            f"SELECT {_BATCHES} FROM batches WHERE tenant = %s AND idempotency_key = %s",
+            (record.tenant, record.idempotency_key),
+        )
+        if row is None:  # batches are never deleted, so the winner is there
+            raise StorageUnavailable(f"batch with idempotency key {record.idempotency_key!r} vanished")
+        return rows.batch_from_row(row), False
+
+    async def find_recent_batch(self, tenant: str, fingerprint: str, since: int) -> BatchRecord | None:
+        row = await self._row(
+            f"SELECT {_BATCHES} FROM batches WHERE tenant = %s AND fingerprint = %s AND created_at >= %s "
+            "ORDER BY created_at DESC, seq DESC LIMIT 1",
+            (tenant, fingerprint, since),
+        )
+        return rows.batch_from_row(row) if row else None
+
+    async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None:
+        if tenant is None:
+            row = await self._row(f"SELECT {_BATCHES} FROM batches WHERE id = %s", (batch_id,))
+        else:
+            row = await self._row(f"SELECT {_BATCHES} FROM batches WHERE id = %s AND tenant = %s", (batch_id, tenant))
+        return rows.batch_from_row(row) if row else None
+
+    async def list_batches(self, tenant: str, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
+        rows.check_page("desc", limit)
+        if after is None:
+            found = await self._rows(
+                f"SELECT {_BATCHES} FROM batches WHERE tenant = %s ORDER BY seq DESC LIMIT %s", (tenant, limit + 1)
+            )
+        else:
+            found = await self._rows(
+                f"SELECT {_BATCHES} FROM batches WHERE tenant = %s "
+                "AND seq < (SELECT seq FROM batches WHERE id = %s AND tenant = %s) ORDER BY seq DESC LIMIT %s",
+                (tenant, after, tenant, limit + 1),
+            )
+        return [rows.batch_from_row(r) for r in found[:limit]], len(found) > limit
+
+    async def transition(
+        self, batch_id: str, from_statuses: Collection[str], to_status: str, now: int, **changes: Any
+    ) -> BatchRecord | None:
+        changes = rows.checked_changes(changes)
+        sources = rows.checked_statuses(from_statuses)
+        stamp = rows.timestamp_column(to_status)  # validates to_status, which names a column
+        if not sources:
+            return None
+        sets, params = ["status = %s"], [to_status]
+        if stamp is not None:
+            sets.append(f"{stamp} = COALESCE({stamp}, %s)")
+            params.append(now)
+        for name, value in changes.items():
+            sets.append(f"{name} = %s")
+            params.append(_jsonb(value) if name in rows.BATCH_JSON_TYPES else value)
+        row = await self._row(
+            f"UPDATE batches SET {', '.join(sets)} WHERE id = %s AND status = ANY(%s) RETURNING {_BATCHES}",
+            (*params, batch_id, sources),
+        )
+        return rows.batch_from_row(row) if row else None
+
+    async def save_progress(self, batch_id: str, counts: wire.RequestCounts, usage: wire.Usage | None) -> None:
+        # Only while running, and never backwards: a stale writer (a runner resumed from an older checkpoint, a
+        # delayed update) cannot undo newer progress.
+        await self._execute(
+            "UPDATE batches SET request_counts = %s, usage = %s WHERE id = %s AND status = ANY(%s) "
+            "AND (request_counts->>'completed')::bigint + (request_counts->>'failed')::bigint <= %s",
+            (_jsonb(counts), _jsonb(usage), batch_id, list(rows.LIVE_STATUSES), counts.completed + counts.failed),
+        )
+
+    async def batches_with_status(self, statuses: Collection[str], limit: int = 1000) -> list[BatchRecord]:
+        wanted = rows.checked_statuses(statuses)
+        found = await self._rows(
+            f"SELECT {_BATCHES} FROM batches WHERE status = ANY(%s) ORDER BY seq LIMIT %s", (wanted, limit)
+        )
+        return [rows.batch_from_row(r) for r in found]
+
+    async def overdue_batches(self, now: int, limit: int = 1000) -> list[BatchRecord]:
+        found = await self._rows(
+            f"SELECT {_BATCHES} FROM batches WHERE status = ANY(%s) AND expires_at <= %s "
+            "ORDER BY expires_at, seq LIMIT %s",
+            (list(rows.ACTIVE_STATUSES), now, limit),
+        )
+        return [rows.batch_from_row(r) for r in found]
+
+    async def storage_stats(self) -> StorageStats:
+        """Whole-table counts (all tenants) for a metrics scrape."""
+        batches = await self._rows("SELECT status, COUNT(*) AS n FROM batches GROUP BY status")
+        files = await self._rows(
+            "SELECT purpose, COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS bytes FROM files GROUP BY purpose"
+        )
+        return StorageStats(
+            batches_by_status={row["status"]: row["n"] for row in batches},
+            files_by_purpose={row["purpose"]: (row["n"], int(row["bytes"])) for row in files},
+        )
+
+    # --- leases ------------------------------------------------------------------------------
+
+    async def claim_batch(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
+        taken = await self._execute(
+            "UPDATE batches SET runner_owner = %s, lease_until = %s WHERE id = %s "
+            "AND (runner_owner IS NULL OR runner_owner = %s OR lease_until IS NULL OR lease_until < %s)",
+            (owner, now + lease_seconds, batch_id, owner, now),
+        )
+        return taken > 0
+
+    async def renew_lease(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
+        renewed = await self._execute(
+            "UPDATE batches SET lease_until = %s WHERE id = %s AND runner_owner = %s",
+            (now + lease_seconds, batch_id, owner),
+        )
+        return renewed > 0
+
+    async def release_batch(self, batch_id: str, owner: str) -> None:
+        await self._execute(
+            "UPDATE batches SET runner_owner = NULL, lease_until = NULL WHERE id = %s AND runner_owner = %s",
+            (batch_id, owner),
+        )
+
+    # --- keys --------------------------------------------------------------------------------
+
+    async def insert_key(self, record: ApiKeyRecord) -> None:
+        values = rows.key_values(record)
+        try:
+            await self._execute(f"INSERT INTO api_keys ({_KEYS}) VALUES ({_marks(values)})", values)
+        except psycopg.errors.UniqueViolation as exc:
+            raise ValueError(f"API key {record.id} (or its hash) already exists") from exc
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        found = await self._rows(f"SELECT {_KEYS} FROM api_keys ORDER BY created_at, id")
+        return [rows.key_from_row(r) for r in found]
+
+    async def revoke_key(self, key_id: str, now: int) -> bool:
+        revoked = await self._execute(
+            "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL", (now, key_id)
+        )
+        return revoked > 0
+
+    async def active_key_count(self) -> int:
+        row = await self._row("SELECT COUNT(*) AS n FROM api_keys WHERE revoked_at IS NULL")
+        return int(row["n"]) if row else 0
+
+    async def tenant_for_key_hash(self, key_hash: str) -> str | None:
+        row = await self._row("SELECT tenant FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", (key_hash,))
+        return row["tenant"] if row else None

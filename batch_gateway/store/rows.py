@@ -1,0 +1,97 @@
+"""Rows to records and back, shared by the SQL backends (`sqlite.py`, `postgres.py`).
+
+Both backends store the same columns; only placeholders and the JSON column type differ. Column lists are spelled
+out (never `*`) so that bookkeeping columns (`seq`, the runner lease) stay out of the records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import msgspec
+
+from batch_gateway import wire
+from batch_gateway.store.metadata import TRANSITION_FIELDS, ApiKeyRecord, BatchRecord, FileRecord
+
+FILE_COLUMNS: tuple[str, ...] = tuple(FileRecord.__struct_fields__)
+BATCH_COLUMNS: tuple[str, ...] = tuple(BatchRecord.__struct_fields__)
+KEY_COLUMNS: tuple[str, ...] = tuple(ApiKeyRecord.__struct_fields__)
+
+# Columns holding JSON, with the type each decodes to.
+BATCH_JSON_TYPES: dict[str, Any] = {
+    "metadata": dict[str, str] | None,
+    "errors": list[wire.BatchError] | None,
+    "request_counts": wire.RequestCounts,
+    "usage": wire.Usage | None,
+}
+
+ALL_STATUSES: frozenset[str] = frozenset(wire.BatchStatus.__args__)  # type: ignore[attr-defined]
+# Statuses a runner reports progress in; a terminal batch never has its counts rewritten.
+LIVE_STATUSES: tuple[str, ...] = ("in_progress", "finalizing", "cancelling")
+ACTIVE_STATUSES: tuple[str, ...] = tuple(sorted(wire.ACTIVE_STATUSES))
+
+PAGE_ORDERS = ("asc", "desc")
+
+
+def encode_json(value: Any) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
+def file_from_row(row: Mapping[str, Any]) -> FileRecord:
+    return FileRecord(**{name: row[name] for name in FILE_COLUMNS})
+
+
+def key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:
+    return ApiKeyRecord(**{name: row[name] for name in KEY_COLUMNS})
+
+
+def batch_from_row(row: Mapping[str, Any]) -> BatchRecord:
+    """JSON columns arrive as text or bytes (both backends hand them over undecoded) and are decoded by msgspec."""
+    values = {name: row[name] for name in BATCH_COLUMNS}
+    for name, kind in BATCH_JSON_TYPES.items():
+        raw = values[name]
+        values[name] = None if raw is None else msgspec.json.decode(raw, type=kind)
+    return BatchRecord(**values)
+
+
+def file_values(record: FileRecord) -> list[Any]:
+    return [getattr(record, name) for name in FILE_COLUMNS]
+
+
+def key_values(record: ApiKeyRecord) -> list[Any]:
+    return [getattr(record, name) for name in KEY_COLUMNS]
+
+
+def batch_values(record: BatchRecord, json: Any = encode_json) -> list[Any]:
+    """Column values in `BATCH_COLUMNS` order; `json` wraps the JSON columns for the driver."""
+    return [json(getattr(record, name)) if name in BATCH_JSON_TYPES else getattr(record, name) for name in BATCH_COLUMNS]
+
+
+def timestamp_column(status: str) -> str | None:
+    """The `<status>_at` column set when a batch enters `status` (`validating` has none: it is `created_at`)."""
+    if status not in ALL_STATUSES:
+        raise ValueError(f"unknown batch status {status!r}")
+    return None if status == "validating" else f"{status}_at"
+
+
+def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """The changes a transition may make; anything else is a programming error, never silently written."""
+    unknown = set(changes) - TRANSITION_FIELDS
+    if unknown:
+        raise ValueError(f"a transition cannot change {sorted(unknown)}; allowed: {sorted(TRANSITION_FIELDS)}")
+    return dict(changes)
+
+
+def checked_statuses(statuses: Collection[str]) -> list[str]:
+    unknown = set(statuses) - ALL_STATUSES
+    if unknown:
+        raise ValueError(f"unknown batch statuses {sorted(unknown)}")
+    return sorted(statuses)
+
+
+def check_page(order: str, limit: int) -> None:
+    if order not in PAGE_ORDERS:
+        raise ValueError(f"order must be one of {PAGE_ORDERS}, not {order!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")

@@ -6,7 +6,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from batch_gateway.api import batches, files, health
+from batch_gateway.api import batches, files, health, metrics, partial
 from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
@@ -28,8 +28,10 @@ def create_app(services: Services) -> Litestar:
             batches.list_batches,
             batches.retrieve_batch,
             batches.cancel_batch,
+            partial.partial_results,
             health.health,
             health.ready,
+            metrics.metrics,
         ],
         dependencies={"tenant": Provide(provide_tenant)},
         exception_handlers={Exception: handle_exception},

@@ -15,6 +15,7 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from batch_gateway import ids
+from batch_gateway.api import metrics
 
 log = structlog.get_logger("api.access")
 
@@ -68,6 +69,10 @@ async def stamp_response(message: Message, scope: Scope) -> None:
 def _access_log(scope: Scope) -> None:
     state: dict[str, Any] = scope.get("state", {})
     started = state.get(_STATE_STARTED)
+    if started is not None:
+        # The route template, not the path: ids in paths would make a metric series per object.
+        metrics.observe(scope.get("method", ""), scope.get("path_template") or "unmatched",
+                        state.get(_STATE_STATUS) or 0, time.perf_counter() - started)
     log.info(
         "http.request",
         method=scope.get("method"),

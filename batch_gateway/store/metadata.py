@@ -105,6 +105,11 @@ class ApiKeyRecord(msgspec.Struct):
     revoked_at: int | None = None
 
 
+class StorageStats(msgspec.Struct):
+    batches_by_status: dict[str, int]
+    files_by_purpose: dict[str, tuple[int, int]]  # purpose → (count, bytes)
+
+
 # Columns a transition may change besides the status and its timestamp.
 TRANSITION_FIELDS = frozenset(
     {"model", "errors", "output_file_id", "error_file_id", "request_counts", "usage"}
@@ -181,6 +186,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def overdue_batches(self, now: int, limit: int = 1000) -> list[BatchRecord]:
         """Batches not yet terminal whose `expires_at` has passed."""
+
+    async def storage_stats(self) -> StorageStats:
+        """Counts for metrics: batches by status, files and bytes by purpose (all tenants)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report storage stats")
 
     # --- runner leases: only one runner may work on a batch at a time ---
     @abc.abstractmethod

@@ -1,0 +1,63 @@
+"""Metrics on the API, and partial results while a batch runs."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import chat_lines, jsonl, wait_for
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_api_metrics_count_requests_batches_and_bytes(gateway, client):
+    file = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(4))), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(client, batch.id)
+    text = httpx.get(f"http://127.0.0.1:{gateway.port}/metrics").text
+    values = samples(text)
+    assert values[("batch_gateway_batches", (("status", "completed"),))] == 1
+    assert values[("batch_gateway_files", (("purpose", "batch"),))] == 1
+    assert values[("batch_gateway_file_bytes", (("purpose", "batch"),))] == file.bytes
+    assert values[("batch_gateway_files", (("purpose", "batch_output"),))] == 1
+    created = ("batch_gateway_http_requests_total", (("method", "POST"), ("route", "/v1/batches"), ("status", "200")))
+    assert values[created] == 1
+    polled = [v for (name, labels), v in values.items() if name == "batch_gateway_http_requests_total" and ("route", "/v1/batches/{batch_id}") in labels]
+    assert sum(polled) >= 1  # route templates, not one series per batch id
+    assert not any(batch.id in str(key) for key in values)
+
+
+def test_partial_results_stream_while_the_batch_runs(gateway_factory, sim_factory):
+    sim = sim_factory(time_scale=1.0, max_num_seqs=4)
+    gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_FIXED_CONCURRENCY": "4", "BATCH_GATEWAY_CHECKPOINT_INTERVAL": "0.3"})
+    client = gateway.client()
+    file = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(80, max_tokens=16))), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    url = f"{gateway.base_url}/batches/{batch.id}/partial_results"
+    partial: list[dict] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        current = client.batches.retrieve(batch.id)
+        lines = jsonl(httpx.get(url, headers={"authorization": "Bearer x"}).content)
+        if current.status == "in_progress" and 0 < len(lines) < 80:
+            partial = lines
+            break
+        time.sleep(0.2)
+    assert partial, "no partial results were seen while the batch ran"
+    assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in partial)
+    assert len({line["custom_id"] for line in partial}) == len(partial)
+    done = wait_for(client, batch.id, timeout=90)
+    final = {line["custom_id"]: line for line in jsonl(client.files.content(done.output_file_id).content)}
+    assert all(final[line["custom_id"]] == line for line in partial)
+    after = jsonl(httpx.get(url, headers={"authorization": "Bearer x"}).content)
+    assert len(after) == 80  # once terminal: the output file
+    assert httpx.get(f"{gateway.base_url}/batches/batch_nope/partial_results").status_code == 404

@@ -263,8 +263,9 @@ class BatchRunner:
         """Checkpoints, live progress, cancel and expiry, while dispatch runs."""
         signals = self.services.signals
         last_db = last_checkpoint = time.monotonic()
-        db_interval = 5.0 if signals.state != "disabled" else 1.0
         while True:
+            # With Valkey up, progress and cancels travel there; the database is the fallback, polled faster.
+            db_interval = 5.0 if signals.state == "ok" else 1.0
             await asyncio.sleep(WATCH_INTERVAL)
             now = time.monotonic()
             counts = self._counts()

@@ -97,6 +97,10 @@ class Settings:
     cancel_grace: float = setting(
         5.0, "Seconds in-flight requests may finish after a cancel or expiry before they are cut off.", group="runner"
     )
+    runner_metrics_port: int = setting(
+        0, "Port where a runner serves Prometheus /metrics while it runs (in-flight, limit, latency, tokens); 0 = off.",
+        group="runner",
+    )
     work_dir: str = setting("", "Scratch directory for runner work files. Empty: <data-dir>/work.", group="runner")
     # --- argo ---
     argo_namespace: str = setting("batch-gateway", "Namespace the runner Workflows are created in.", group="argo")

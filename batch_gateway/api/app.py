@@ -29,6 +29,7 @@ def create_app(services: Services) -> Litestar:
             batches.retrieve_batch,
             batches.cancel_batch,
             partial.partial_results,
+            partial.run_stats,
             health.health,
             health.ready,
             metrics.metrics,

@@ -16,8 +16,9 @@ from litestar.response import Stream
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.batches import batch_not_found
 from batch_gateway.api.files import services_of
+from batch_gateway.errors import NotFound
 from batch_gateway.runner.checkpoint import OUTPUT, Checkpoints
-from batch_gateway.store.objects import batch_prefix, file_key
+from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
 
 JSONL = "application/jsonl"
 
@@ -44,3 +45,16 @@ async def partial_results(request: Request, tenant: Tenant, batch_id: PathId) ->
                     yield result + b"\n"
 
     return Stream(lines(), media_type=JSONL)
+
+
+@get("/v1/batches/{batch_id:str}/run_stats")
+async def run_stats(request: Request, tenant: Tenant, batch_id: PathId) -> Response:
+    """Another extension: the final figures of the batch's run (404 until the batch has ended)."""
+    services = services_of(request)
+    if await services.metadata.get_batch(batch_id, tenant) is None:
+        raise batch_not_found(batch_id)
+    try:
+        body = await services.objects.get_bytes(run_stats_key(tenant, batch_id))
+    except ObjectMissing:
+        raise NotFound(f"Batch {batch_id} has no run statistics yet; they are written when it ends.", param="id") from None
+    return Response(body, media_type="application/json")

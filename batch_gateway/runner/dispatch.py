@@ -226,7 +226,17 @@ class Dispatcher:
         else:
             controller.on_other(now, epoch=epoch)  # a 4xx or a plain 500 says nothing about load
         endpoint.limiter.poke()
-        runner_metrics.LIMIT.labels(endpoint=endpoint.url).set(controller.limit)
+        snapshot = controller.snapshot()
+        runner_metrics.LIMIT.labels(endpoint=endpoint.url).set(snapshot["limit"])
+        if snapshot["last_per_token_s"] is not None:
+            runner_metrics.LATENCY.labels(endpoint=endpoint.url).set(snapshot["last_per_token_s"])
+            runner_metrics.BASELINE.labels(endpoint=endpoint.url).set(snapshot["baseline_per_token_s"])
+        if snapshot["waiting"] is not None:
+            runner_metrics.WAITING.labels(endpoint=endpoint.url).set(snapshot["waiting"])
+        if usage is not None:
+            runner_metrics.TOKENS.labels("prompt").inc(usage.prompt_tokens)
+            runner_metrics.TOKENS.labels("cached").inc(usage.cached_tokens)
+            runner_metrics.TOKENS.labels("completion").inc(usage.completion_tokens)
 
     def _finish(self, line: int, custom_id: str, exchange: Exchange, usage: TokenUsage | None) -> None:
         line_id = ids.request_line_id(self.batch_id, line)

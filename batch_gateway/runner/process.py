@@ -17,7 +17,13 @@ EXIT_LEASE_LOST = 3
 
 
 async def run_batch(settings: Settings, batch_id: str) -> int:
-    log = structlog.get_logger("runner").bind(batch_id=batch_id)
+    # Every line this process logs, whichever module writes it, carries the batch id.
+    structlog.contextvars.bind_contextvars(batch_id=batch_id)
+    log = structlog.get_logger("runner")
+    if settings.runner_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.runner_metrics_port, addr="0.0.0.0" if settings.executor == "argo" else "127.0.0.1")
     services = await Services.open(settings)
     runner = BatchRunner(services, batch_id)
     loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ import structlog
 
 from batch_gateway import ids, webhooks, wire
 from batch_gateway.errors import StorageUnavailable
+from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
@@ -33,7 +34,7 @@ from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import endpoints_for, parse_upstreams, resolve_endpoints
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord, FileRecord
-from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key
+from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
 
 WATCH_INTERVAL = 0.2  # how often the cancel signal is checked; the database is checked every second
 OUTPUT_TTL_DEFAULT = 30 * 86400
@@ -223,6 +224,7 @@ class BatchRunner:
                 log=self.log,
             )
             self._dispatcher = dispatcher
+            dispatch_started = time.monotonic()
             self.log.info("runner.dispatching", endpoints=urls, pending=int(keep.sum()))
             watcher = asyncio.create_task(self._watch(batch, checkpoints))
             try:
@@ -236,12 +238,17 @@ class BatchRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
         await self._flush(checkpoints)
-        self.log.info(
-            "runner.dispatch_ended",
-            reason=self._stop_reason or "completed",
-            retries=dispatcher.retries,
-            limits=[ep.controller.limit for ep in endpoints],
-        )
+        self.run_summary = {
+            "runner": self.owner,
+            "dispatch_seconds": round(time.monotonic() - dispatch_started, 3),
+            "requests_sent_this_run": int(keep.sum()),
+            "resumed_with_done": int(done.sum()),
+            "retries": dispatcher.retries,
+            "ended": self._stop_reason or "completed",
+            "endpoints": {ep.url: ep.controller.snapshot() for ep in endpoints},
+        }
+        self.log.info("runner.dispatch_ended", **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
+                      limits=[ep.controller.limit for ep in endpoints])
         return self._stop_reason or "completed"
 
     def shutdown(self) -> bool:
@@ -269,7 +276,10 @@ class BatchRunner:
             await asyncio.sleep(WATCH_INTERVAL)
             now = time.monotonic()
             counts = self._counts()
-            await signals.publish_progress(self.batch_id, counts, self.totals.usage)
+            usage = self.totals.usage
+            if usage.input_tokens:
+                runner_metrics.PREFIX_HIT_RATE.set(usage.input_tokens_details.cached_tokens / usage.input_tokens)
+            await signals.publish_progress(self.batch_id, counts, usage)
             if await signals.cancel_requested(self.batch_id):
                 self._stop("cancelled")
             if ids.now() >= batch.expires_at:
@@ -340,6 +350,7 @@ class BatchRunner:
             "expired": ["in_progress", "finalizing"],
         }[reason]
         status = await self._end(batch, terminal, sources, changes)
+        await self._save_run_summary(batch, totals)
         await checkpoints.delete()
         shutil.rmtree(ingested.path.parent, ignore_errors=True)
         return status
@@ -377,6 +388,20 @@ class BatchRunner:
         await self._notify(moved)
         shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
         return "failed"
+
+    async def _save_run_summary(self, batch: BatchRecord, totals: Totals) -> None:
+        """The run's final figures, kept beside the batch (GET /v1/batches/{id}/run_stats)."""
+        usage = totals.usage
+        summary = {
+            **getattr(self, "run_summary", {}),
+            "completed": totals.completed,
+            "failed": totals.failed,
+            "prefix_cache_hit_rate": usage.input_tokens_details.cached_tokens / usage.input_tokens if usage.input_tokens else None,
+        }
+        try:
+            await self.services.objects.put_bytes(run_stats_key(batch.tenant, self.batch_id), msgspec.json.encode(summary))
+        except StorageUnavailable as exc:
+            self.log.warning("runner.run_stats_not_saved", error=str(exc))
 
     async def _notify(self, batch: BatchRecord) -> None:
         """The batch's webhook event, if its tenant has one. Delivery problems are logged, never raised."""

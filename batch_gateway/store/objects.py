@@ -37,6 +37,11 @@ def batch_prefix(tenant: str, batch_id: str) -> str:
     return f"{tenant}/batches/{batch_id}"
 
 
+def run_stats_key(tenant: str, batch_id: str) -> str:
+    """The final figures of a batch's run (controller limits, retries, cache hit rate), kept after it ends."""
+    return f"{batch_prefix(tenant, batch_id)}/run.json"
+
+
 class ObjectStore:
     def __init__(self, url: str) -> None:
         self.url = url

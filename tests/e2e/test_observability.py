@@ -61,3 +61,29 @@ def test_partial_results_stream_while_the_batch_runs(gateway_factory, sim_factor
     after = jsonl(httpx.get(url, headers={"authorization": "Bearer x"}).content)
     assert len(after) == 80  # once terminal: the output file
     assert httpx.get(f"{gateway.base_url}/batches/batch_nope/partial_results").status_code == 404
+
+
+def test_run_stats_and_runner_metrics(gateway_factory, sim_factory):
+    from tests.helpers import free_port
+
+    sim = sim_factory(time_scale=1.0, max_num_seqs=4)
+    port = free_port()
+    gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_RUNNER_METRICS_PORT": str(port)})
+    client = gateway.client()
+    file = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(40, systems=2, max_tokens=16))), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    scraped = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "batch_runner_tokens_total" not in scraped:
+        try:
+            scraped = {name: v for (name, _), v in samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text).items()}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    assert scraped.get("batch_runner_concurrency_limit", 0) >= 1, "the runner served no metrics while it ran"
+    done = wait_for(client, batch.id, timeout=60)
+    stats = httpx.get(f"{gateway.base_url}/batches/{batch.id}/run_stats", headers={"authorization": "Bearer x"}).json()
+    assert stats["completed"] == 40 and stats["ended"] == "completed"
+    assert stats["prefix_cache_hit_rate"] == done.usage.input_tokens_details.cached_tokens / done.usage.input_tokens
+    (endpoint,) = stats["endpoints"].values()
+    assert endpoint["limit"] >= 1

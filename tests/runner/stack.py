@@ -1,0 +1,50 @@
+"""Run the real runner process on embedded storage, without the API: create a batch, run it, read its files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from batch_gateway import ids
+from batch_gateway.services import Services
+from batch_gateway.settings import Settings
+from batch_gateway.store.metadata import BatchRecord, FileRecord
+from batch_gateway.store.objects import file_key
+from tests.helpers import jsonl
+
+
+async def create_batch(settings: Settings, data: bytes) -> str:
+    services = await Services.open(settings)
+    try:
+        file_id, batch_id, now = ids.new_file_id(), ids.new_batch_id(), ids.now()
+        await services.objects.put_bytes(file_key("t", file_id), data)
+        await services.metadata.insert_file(
+            FileRecord(id=file_id, tenant="t", bytes=len(data), created_at=now, filename="in.jsonl", purpose="batch",
+                       object_key=file_key("t", file_id))
+        )
+        await services.metadata.insert_batch(
+            BatchRecord(id=batch_id, tenant="t", endpoint="/v1/chat/completions", input_file_id=file_id,
+                        completion_window="24h", status="validating", created_at=now, expires_at=now + 86400)
+        )
+        return batch_id
+    finally:
+        await services.close()
+
+
+async def results(settings: Settings, batch_id: str) -> tuple[BatchRecord, list[dict], list[dict]]:
+    services = await Services.open(settings)
+    try:
+        batch = await services.metadata.get_batch(batch_id, None)
+        out = jsonl(await services.objects.get_bytes(file_key("t", batch.output_file_id))) if batch.output_file_id else []
+        err = jsonl(await services.objects.get_bytes(file_key("t", batch.error_file_id))) if batch.error_file_id else []
+        return batch, out, err
+    finally:
+        await services.close()
+
+
+def start_runner(settings: Settings, batch_id: str, log) -> subprocess.Popen:
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.Popen([sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env, stdout=log, stderr=log)
+
+

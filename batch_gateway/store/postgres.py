@@ -103,6 +103,11 @@ class PostgresStore(MetadataStore):
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
+        await self.connect()
+        await self.migrate()
+
+    async def connect(self) -> None:
+        """Open the connection pool without migrating (open() does both); waits for the first connection."""
         if self._pool is None:
             pool = AsyncConnectionPool(
                 self.url,
@@ -118,7 +123,6 @@ class PostgresStore(MetadataStore):
                 await pool.close()
                 raise StorageUnavailable(f"PostgreSQL: {exc}") from exc
             self._pool = pool
-        await self.migrate()
 
     async def migrate(self, target: int | None = None) -> list[int]:
         """Apply pending migrations (up to `target`) in one transaction; returns the versions applied. An advisory

@@ -88,7 +88,7 @@ class SqliteStore(MetadataStore):
                     self._connection = self._connect()
                 return work(self._connection)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES:
+                if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in _UNAVAILABLE_CODES:
                     raise StorageUnavailable(f"SQLite database {self.path}: {exc}") from exc
                 raise
 
@@ -110,7 +110,12 @@ class SqliteStore(MetadataStore):
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
+        await self.connect()
         await self.migrate()
+
+    async def connect(self) -> None:
+        """Open the connection without migrating (open() does both)."""
+        await self._run(lambda c: None)
 
     async def migrate(self, target: int | None = None) -> list[int]:
         """Apply pending migrations (up to `target`); returns the versions applied. BEGIN IMMEDIATE takes the write

@@ -1,0 +1,358 @@
+"""One behaviour suite for every MetadataStore backend (SQLite and PostgreSQL, see conftest.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import msgspec
+import pytest
+
+from batch_gateway import ids, wire
+from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore
+
+_clock = itertools.count(1_000)
+
+
+def file_record(tenant: str = "acme", purpose: str = "batch", **fields) -> FileRecord:
+    values = dict(
+        id=ids.new_file_id(), tenant=tenant, bytes=123, created_at=next(_clock), filename="in.jsonl",
+        purpose=purpose, object_key=f"{tenant}/files/x",
+    )
+    return FileRecord(**(values | fields))
+
+
+def batch_record(tenant: str = "acme", status: str = "validating", **fields) -> BatchRecord:
+    created = next(_clock)
+    values = dict(
+        id=ids.new_batch_id(), tenant=tenant, endpoint="/v1/chat/completions", input_file_id="file-in",
+        completion_window="24h", status=status, created_at=created, expires_at=created + 86400,
+    )
+    return BatchRecord(**(values | fields))
+
+
+async def insert_batches(store: MetadataStore, n: int, **fields) -> list[BatchRecord]:
+    out = []
+    for _ in range(n):
+        record, created = await store.insert_batch(batch_record(**fields))
+        assert created
+        out.append(record)
+    return out
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+async def test_file_round_trip_and_tenant_scoping(store: MetadataStore):
+    record = file_record(expires_at=5_000, bytes=2**40)
+    await store.insert_file(record)
+
+    assert await store.get_file(record.id, "acme") == record
+    assert await store.get_file(record.id, "other") is None
+    assert await store.get_file(record.id, None) == record  # the service's own view
+    assert await store.get_file("file-missing", "acme") is None
+
+
+async def test_inserting_a_file_again_is_a_no_op(store: MetadataStore):
+    record = file_record()
+    await store.insert_file(record)
+    await store.insert_file(msgspec.structs.replace(record, filename="changed.jsonl", bytes=1))
+    assert await store.get_file(record.id, None) == record
+
+
+async def test_delete_file_only_in_own_tenant(store: MetadataStore):
+    record = file_record()
+    await store.insert_file(record)
+    assert not await store.delete_file(record.id, "other")
+    assert await store.get_file(record.id, "acme") == record
+    assert await store.delete_file(record.id, "acme")
+    assert not await store.delete_file(record.id, "acme")
+    assert await store.get_file(record.id, None) is None
+
+    service_deleted = file_record()
+    await store.insert_file(service_deleted)
+    assert await store.delete_file(service_deleted.id, None)
+
+
+async def test_list_files_pages_both_orders_with_purpose_filter_and_tenant_isolation(store: MetadataStore):
+    mine = []
+    for i in range(7):
+        record = file_record(purpose="batch_output" if i % 3 == 2 else "batch")
+        await store.insert_file(record)
+        mine.append(record)
+        await store.insert_file(file_record(tenant="other"))  # interleaved: must never show up
+
+    async def walk(order: str, purpose: str | None, limit: int) -> list[FileRecord]:
+        seen, after = [], None
+        while True:
+            page, has_more = await store.list_files("acme", purpose=purpose, order=order, after=after, limit=limit)
+            assert len(page) <= limit
+            seen += page
+            if not has_more:
+                return seen
+            assert len(page) == limit
+            after = page[-1].id
+
+    assert await walk("desc", None, 3) == mine[::-1]
+    assert await walk("asc", None, 3) == mine
+    assert await walk("asc", None, 7) == mine
+    assert await walk("desc", "batch", 2) == [r for r in mine[::-1] if r.purpose == "batch"]
+    assert await walk("asc", "batch_output", 1) == [r for r in mine if r.purpose == "batch_output"]
+
+    page, has_more = await store.list_files("acme", purpose=None, order="desc", after=None, limit=7)
+    assert (len(page), has_more) == (7, False)
+    page, has_more = await store.list_files("acme", purpose=None, order="desc", after=None, limit=6)
+    assert (len(page), has_more) == (6, True)
+    assert await store.list_files("nobody", purpose=None, order="desc", after=None, limit=10) == ([], False)
+
+
+async def test_list_files_after_an_unknown_or_foreign_id_is_an_empty_page(store: MetadataStore):
+    await store.insert_file(file_record())
+    foreign = file_record(tenant="other")
+    await store.insert_file(foreign)
+    for after in ("file-unknown", foreign.id):
+        for order in ("asc", "desc"):
+            assert await store.list_files("acme", purpose=None, order=order, after=after, limit=10) == ([], False)
+
+
+async def test_list_files_rejects_a_bad_order_or_limit(store: MetadataStore):
+    with pytest.raises(ValueError, match="order"):
+        await store.list_files("acme", purpose=None, order="newest", after=None, limit=10)
+    with pytest.raises(ValueError, match="limit"):
+        await store.list_files("acme", purpose=None, order="asc", after=None, limit=0)
+
+
+async def test_expired_files_oldest_expiry_first_across_tenants(store: MetadataStore):
+    late = file_record(expires_at=300)
+    early = file_record(tenant="other", expires_at=100)
+    future = file_record(expires_at=10_000)
+    forever = file_record(expires_at=None)
+    for record in (late, early, future, forever):
+        await store.insert_file(record)
+    assert await store.expired_files(300, 10) == [early, late]
+    assert await store.expired_files(300, 1) == [early]
+    assert await store.expired_files(99, 10) == []
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+async def test_batch_round_trip_with_json_columns(store: MetadataStore):
+    record = batch_record(
+        metadata={"project": "q3", "ünïcode": "✓"},
+        output_expires_after=7200,
+        model="m",
+        errors=[wire.BatchError("invalid_json_line", "This line is not parseable as valid JSON.", None, 3)],
+        request_counts=wire.RequestCounts(total=10, completed=4, failed=1),
+        usage=wire.Usage(input_tokens=5, output_tokens=7, total_tokens=12),
+        fingerprint="fp",
+        idempotency_key="key-1",
+    )
+    stored, created = await store.insert_batch(record)
+    assert created and stored == record
+    assert await store.get_batch(record.id, "acme") == record
+    assert await store.get_batch(record.id, None) == record
+    assert await store.get_batch(record.id, "other") is None
+    assert await store.get_batch("batch_missing", None) is None
+
+
+async def test_list_batches_newest_first_across_pages(store: MetadataStore):
+    mine = await insert_batches(store, 5)
+    await insert_batches(store, 3, tenant="other")
+    newest_first = [b.id for b in mine[::-1]]
+
+    page, has_more = await store.list_batches("acme", after=None, limit=2)
+    assert ([b.id for b in page], has_more) == (newest_first[:2], True)
+    page, has_more = await store.list_batches("acme", after=page[-1].id, limit=2)
+    assert ([b.id for b in page], has_more) == (newest_first[2:4], True)
+    page, has_more = await store.list_batches("acme", after=page[-1].id, limit=2)
+    assert ([b.id for b in page], has_more) == (newest_first[4:], False)
+    page, has_more = await store.list_batches("acme", after=None, limit=5)
+    assert (len(page), has_more) == (5, False)
+
+    other = (await store.list_batches("other", after=None, limit=10))[0]
+    assert len(other) == 3
+    assert await store.list_batches("acme", after=other[0].id, limit=10) == ([], False)  # foreign cursor
+    assert await store.list_batches("acme", after="batch_unknown", limit=10) == ([], False)
+
+
+async def test_idempotency_key_returns_the_existing_batch_per_tenant(store: MetadataStore):
+    first, created = await store.insert_batch(batch_record(idempotency_key="k"))
+    assert created
+    again, created = await store.insert_batch(batch_record(idempotency_key="k", metadata={"x": "y"}))
+    assert not created and again == first
+    elsewhere, created = await store.insert_batch(batch_record(tenant="other", idempotency_key="k"))
+    assert created and elsewhere.id != first.id
+    # Without a key, nothing is folded.
+    a, created_a = await store.insert_batch(batch_record())
+    b, created_b = await store.insert_batch(batch_record())
+    assert created_a and created_b and a.id != b.id
+    assert len((await store.list_batches("acme", after=None, limit=10))[0]) == 3
+
+
+async def test_find_recent_batch_by_fingerprint(store: MetadataStore):
+    older = batch_record(fingerprint="fp", created_at=100)
+    newer = batch_record(fingerprint="fp", created_at=200)
+    for record in (older, newer, batch_record(fingerprint="other", created_at=300),
+                   batch_record(tenant="other", fingerprint="fp", created_at=400)):
+        await store.insert_batch(record)
+    assert (await store.find_recent_batch("acme", "fp", 50)).id == newer.id
+    assert (await store.find_recent_batch("acme", "fp", 200)).id == newer.id
+    assert await store.find_recent_batch("acme", "fp", 201) is None
+    assert await store.find_recent_batch("nobody", "fp", 0) is None
+
+
+async def test_transition_is_compare_and_set(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1)
+
+    assert await store.transition(batch.id, ["in_progress"], "finalizing", 10) is None  # wrong source
+    assert await store.transition("batch_missing", ["validating"], "in_progress", 10) is None
+    assert await store.get_batch(batch.id, None) == batch
+
+    counts = wire.RequestCounts(total=3)
+    moved = await store.transition(batch.id, ["validating"], "in_progress", 10, model="m", request_counts=counts)
+    assert moved is not None
+    assert (moved.status, moved.in_progress_at, moved.model, moved.request_counts) == ("in_progress", 10, "m", counts)
+    assert await store.get_batch(batch.id, None) == moved
+
+    cancelling = await store.transition(batch.id, ["validating", "in_progress", "finalizing"], "cancelling", 20)
+    assert (cancelling.status, cancelling.cancelling_at, cancelling.in_progress_at) == ("cancelling", 20, 10)
+    # Re-entering a status keeps its first timestamp.
+    again = await store.transition(batch.id, ["cancelling"], "cancelling", 30)
+    assert again.cancelling_at == 20
+
+    usage = wire.Usage(input_tokens=1, output_tokens=2, total_tokens=3)
+    done = await store.transition(
+        batch.id, ["cancelling"], "cancelled", 40,
+        output_file_id="file-out", error_file_id=None, usage=usage,
+        request_counts=wire.RequestCounts(total=3, completed=2, failed=1),
+    )
+    assert (done.status, done.cancelled_at, done.output_file_id, done.error_file_id) == ("cancelled", 40, "file-out", None)
+    assert done.usage == usage and done.request_counts.completed == 2
+    assert done.terminal
+
+
+async def test_transition_to_failed_with_errors(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1)
+    errors = [wire.BatchError("invalid_url", "bad url", "url", 2), wire.BatchError("invalid_json_line", "bad", None, 5)]
+    failed = await store.transition(batch.id, ["validating"], "failed", 7, errors=errors)
+    assert (failed.status, failed.failed_at, failed.errors) == ("failed", 7, errors)
+    assert failed.to_wire().errors.data == errors
+
+
+async def test_transition_refuses_fields_and_statuses_it_does_not_know(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1)
+    with pytest.raises(ValueError, match="tenant"):
+        await store.transition(batch.id, ["validating"], "in_progress", 1, tenant="evil")
+    with pytest.raises(ValueError, match="status"):
+        await store.transition(batch.id, ["validating"], "in_progress", 1, status="completed")
+    with pytest.raises(ValueError, match="unknown batch status"):
+        await store.transition(batch.id, ["validating"], "done; DROP TABLE batches", 1)
+    with pytest.raises(ValueError, match="unknown batch status"):
+        await store.transition(batch.id, ["validatin"], "in_progress", 1)
+    assert await store.get_batch(batch.id, None) == batch
+    assert await store.transition(batch.id, [], "in_progress", 1) is None
+
+
+async def test_save_progress_only_while_running_and_never_backwards(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1)
+    await store.save_progress(batch.id, wire.RequestCounts(total=9, completed=1), None)
+    assert (await store.get_batch(batch.id, None)).request_counts == wire.RequestCounts()  # still validating
+
+    await store.transition(batch.id, ["validating"], "in_progress", 1, request_counts=wire.RequestCounts(total=9))
+    usage = wire.Usage(input_tokens=10, total_tokens=10)
+    await store.save_progress(batch.id, wire.RequestCounts(total=9, completed=3, failed=1), usage)
+    current = await store.get_batch(batch.id, None)
+    assert current.request_counts == wire.RequestCounts(total=9, completed=3, failed=1) and current.usage == usage
+
+    await store.save_progress(batch.id, wire.RequestCounts(total=9, completed=2, failed=1), None)  # stale
+    assert (await store.get_batch(batch.id, None)).request_counts.completed == 3
+    await store.save_progress(batch.id, wire.RequestCounts(total=9, completed=4, failed=0), usage)  # a retry succeeded
+    assert (await store.get_batch(batch.id, None)).request_counts == wire.RequestCounts(total=9, completed=4, failed=0)
+
+    final = wire.RequestCounts(total=9, completed=8, failed=1)
+    await store.transition(batch.id, ["in_progress"], "finalizing", 2)
+    await store.transition(batch.id, ["finalizing"], "completed", 3, request_counts=final)
+    await store.save_progress(batch.id, wire.RequestCounts(total=9, completed=9), None)
+    assert (await store.get_batch(batch.id, None)).request_counts == final
+
+
+async def test_batches_with_status_and_overdue(store: MetadataStore):
+    running = batch_record(status="in_progress", expires_at=100)
+    cancelling = batch_record(tenant="other", status="cancelling", expires_at=50)
+    done = batch_record(status="completed", expires_at=10)
+    waiting = batch_record(status="validating", expires_at=1_000)
+    for record in (running, cancelling, done, waiting):
+        await store.insert_batch(record)
+
+    assert {b.id for b in await store.batches_with_status(wire.ACTIVE_STATUSES)} == {running.id, cancelling.id, waiting.id}
+    assert [b.id for b in await store.batches_with_status(["completed"])] == [done.id]
+    assert await store.batches_with_status([]) == []
+    assert len(await store.batches_with_status(wire.ACTIVE_STATUSES, limit=2)) == 2
+    assert [b.id for b in await store.overdue_batches(100)] == [cancelling.id, running.id]
+    assert [b.id for b in await store.overdue_batches(100, limit=1)] == [cancelling.id]
+    assert await store.overdue_batches(49) == []
+
+
+async def test_storage_stats_count_all_tenants(store: MetadataStore):
+    await store.insert_batch(batch_record(status="in_progress"))
+    await store.insert_batch(batch_record(tenant="other", status="in_progress"))
+    await store.insert_batch(batch_record(status="completed"))
+    await store.insert_file(file_record(bytes=10))
+    await store.insert_file(file_record(tenant="other", bytes=5))
+    await store.insert_file(file_record(purpose="batch_output", bytes=7))
+    stats = await store.storage_stats()
+    assert stats.batches_by_status == {"in_progress": 2, "completed": 1}
+    assert stats.files_by_purpose == {"batch": (2, 15), "batch_output": (1, 7)}
+
+
+# --- leases --------------------------------------------------------------------------------------
+
+
+async def test_lease_claim_renew_release(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1)
+    assert await store.claim_batch(batch.id, "runner-a", now=100, lease_seconds=30)
+    assert not await store.claim_batch(batch.id, "runner-b", now=110, lease_seconds=30)
+    assert await store.claim_batch(batch.id, "runner-a", now=110, lease_seconds=30)  # already mine
+    assert await store.renew_lease(batch.id, "runner-a", now=120, lease_seconds=30)  # until 150
+    assert not await store.renew_lease(batch.id, "runner-b", now=120, lease_seconds=30)
+    assert not await store.claim_batch(batch.id, "runner-b", now=150, lease_seconds=30)
+
+    # runner-a stops renewing; once its lease has run out, runner-b takes over and runner-a cannot renew.
+    assert await store.claim_batch(batch.id, "runner-b", now=151, lease_seconds=30)
+    assert not await store.renew_lease(batch.id, "runner-a", now=152, lease_seconds=30)
+    await store.release_batch(batch.id, "runner-a")  # not mine: no effect
+    assert not await store.claim_batch(batch.id, "runner-c", now=153, lease_seconds=30)
+    await store.release_batch(batch.id, "runner-b")
+    assert await store.claim_batch(batch.id, "runner-c", now=153, lease_seconds=30)
+    assert not await store.claim_batch("batch_missing", "runner-c", now=153, lease_seconds=30)
+    # The lease is bookkeeping, not part of the record.
+    assert await store.get_batch(batch.id, None) == batch
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+
+async def test_api_keys(store: MetadataStore):
+    first = ApiKeyRecord(id="key_1", tenant="acme", key_hash="h1", prefix="sk-bg-aa", created_at=1)
+    second = ApiKeyRecord(id="key_2", tenant="other", key_hash="h2", prefix="sk-bg-bb", created_at=2)
+    assert await store.active_key_count() == 0
+    await store.insert_key(first)
+    await store.insert_key(second)
+    with pytest.raises(ValueError):
+        await store.insert_key(ApiKeyRecord(id="key_3", tenant="acme", key_hash="h1", prefix="x", created_at=3))
+
+    assert await store.list_keys() == [first, second]
+    assert await store.active_key_count() == 2
+    assert await store.tenant_for_key_hash("h1") == "acme"
+    assert await store.tenant_for_key_hash("nope") is None
+
+    assert await store.revoke_key("key_1", now=50)
+    assert not await store.revoke_key("key_1", now=60)
+    assert not await store.revoke_key("key_missing", now=60)
+    assert await store.tenant_for_key_hash("h1") is None
+    assert await store.active_key_count() == 1
+    assert (await store.list_keys())[0].revoked_at == 50
+
+
+async def test_ping(store: MetadataStore):
+    await store.ping()

@@ -1,0 +1,304 @@
+"""The Argo executor: one Argo Workflow per batch, created through the Kubernetes API.
+
+The Workflow only references the runner WorkflowTemplate (`templates/runner-workflowtemplate.yaml`) and passes the
+batch id, tenant and model as parameters; everything else (image, resources, retries, deadlines, the concurrency
+semaphore, the exit handler) lives in the template. This is what `argo submit --from workflowtemplate/...` does, and it
+passes a controller configured with `templateReferencing: Strict`. Why the `kubernetes` client and not the PyPI
+`argo-workflows` SDK: docs/kubernetes.md.
+
+- submit: the Workflow's name is derived from the batch id, so a retried create answers 409 AlreadyExists and nothing
+  runs twice. A Workflow that already finished while the batch still is not terminal (the runner and the exit handler
+  both died) is replaced by a fresh one, up to MAX_RUNS times; then the batch is failed with a clear error (when the
+  executor has the metadata store) instead of being retried forever.
+- cancel: a merge patch `spec.shutdown: Stop`. Argo stops the runner pod (SIGTERM: it checkpoints and exits) and runs
+  the exit handler, which finalises the batch as cancelled with its partial results. (`Terminate` would skip it.)
+- state: the Workflow's `status.phase`, for the reconciler.
+
+The kubernetes client is synchronous, so every call runs in a worker thread. Transient API failures (connection errors,
+429, 5xx) are retried with exponential backoff; when retries run out an `ArgoError` says what failed and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import urllib3
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from batch_gateway import ids, wire
+from batch_gateway.executor.base import Executor, RunState
+from batch_gateway.executor.kube import LABEL_VALUE_MAX, is_label_value, load_api_client
+from batch_gateway.settings import Settings
+from batch_gateway.store.metadata import MetadataStore
+
+GROUP = "argoproj.io"
+VERSION = "v1alpha1"
+PLURAL = "workflows"
+
+LABEL_BATCH_ID = "batch-gateway/batch-id"
+LABEL_TENANT = "batch-gateway/tenant"
+LABEL_MODEL = "batch-gateway/model"
+ANNOTATION_BATCH_ID = "batch-gateway/batch-id"
+ANNOTATION_TENANT = "batch-gateway/tenant"
+ANNOTATION_RUN = "batch-gateway/run"  # 1 for the first Workflow of a batch, +1 for every replacement
+
+MAX_RUNS = 3  # Workflows per batch (each with the template's own pod retries and exit handler)
+COMPLETED_PHASES = frozenset({"Succeeded", "Failed", "Error"})
+TRANSIENT_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
+MAX_BACKOFF = 8.0
+
+_BATCH_ID = re.compile(r"^batch_([0-9a-f]{1,60})$")
+
+log = structlog.get_logger("executor.argo")
+
+
+class ArgoError(RuntimeError):
+    """The Kubernetes API refused or could not take a request about a batch's Workflow."""
+
+
+def workflow_name(batch_id: str) -> str:
+    """A DNS-1123 name for the batch's Workflow: `bg-<hex>` for our `batch_<hex>` ids, a digest for anything else."""
+    match = _BATCH_ID.match(batch_id)
+    if match:
+        return "bg-" + match.group(1)
+    return "bg-" + hashlib.blake2b(batch_id.encode(), digest_size=16).hexdigest()
+
+
+def label_value(value: str) -> str:
+    """`value` if Kubernetes accepts it as a label value; otherwise a readable, still unique stand-in."""
+    if is_label_value(value):
+        return value
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[: LABEL_VALUE_MAX - 13].strip("-_.")
+    digest = hashlib.blake2b(value.encode(), digest_size=4).hexdigest()
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+class ArgoExecutor(Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        metadata: MetadataStore | None = None,
+        *,
+        api_client: client.ApiClient | None = None,
+        attempts: int = 5,
+        backoff: float = 0.5,
+        request_timeout: tuple[float, float] = (5.0, 30.0),
+    ) -> None:
+        self.namespace = settings.argo_namespace
+        self.template = settings.argo_template
+        self.metadata = metadata
+        self.attempts = attempts
+        self.backoff = backoff
+        self.request_timeout = request_timeout
+        self._api_client = api_client
+        self._owns_client = api_client is None
+        self._api: client.CustomObjectsApi | None = None
+
+    # --- Executor --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._objects()  # a missing kubeconfig fails now, with its reason, not at the first batch
+
+    async def stop(self) -> None:
+        if self._owns_client and self._api_client is not None:
+            await asyncio.to_thread(self._api_client.close)
+            self._api_client = None
+            self._api = None
+
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+        name = workflow_name(batch_id)
+        run = 1
+        for _ in range(MAX_RUNS + 2):  # room for a replacement racing another submitter
+            body = self.workflow_body(batch_id, tenant=tenant, model=model, run=run)
+            try:
+                await self._call("create", self._objects().create_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, body)
+                log.info("argo.submitted", batch_id=batch_id, workflow=name, namespace=self.namespace, run=run)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise self._error(f"create Workflow {name} for batch {batch_id}", exc) from exc
+            existing = await self._get(name)
+            if existing is None:
+                continue  # deleted between our create and our get: create it again
+            meta = existing.get("metadata", {})
+            if meta.get("deletionTimestamp"):
+                await asyncio.sleep(self.backoff)  # still being deleted: the name frees up shortly
+                continue
+            phase = (existing.get("status") or {}).get("phase") or ""
+            if phase not in COMPLETED_PHASES:
+                log.info("argo.already_submitted", batch_id=batch_id, workflow=name, phase=phase or "new")
+                return
+            # The Workflow finished but the batch is still not terminal: its runner and exit handler both died.
+            finished_run = _run_number(existing)
+            if finished_run >= MAX_RUNS:
+                await self._give_up(batch_id, name, existing)
+                return
+            run = finished_run + 1
+            log.warning("argo.replacing_finished_workflow", batch_id=batch_id, workflow=name, phase=phase, run=run)
+            await self._delete(name, uid=meta.get("uid"))
+        raise ArgoError(f"could not create Workflow {name} for batch {batch_id}: it kept changing under us; try again")
+
+    async def cancel(self, batch_id: str) -> None:
+        name = workflow_name(batch_id)
+        patch = {"spec": {"shutdown": "Stop"}}
+        try:
+            await self._call("stop", self._objects().patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name, patch)
+        except ApiException as exc:
+            if exc.status == 404:
+                log.info("argo.cancel_without_workflow", batch_id=batch_id, workflow=name)
+                return
+            raise self._error(f"stop Workflow {name} of batch {batch_id}", exc) from exc
+        log.info("argo.stopped", batch_id=batch_id, workflow=name)
+
+    async def state(self, batch_id: str) -> RunState:
+        workflow = await self._get(workflow_name(batch_id))
+        if workflow is None or workflow.get("metadata", {}).get("deletionTimestamp"):
+            return RunState.UNKNOWN
+        phase = (workflow.get("status") or {}).get("phase") or ""
+        if phase == "Succeeded":
+            return RunState.FINISHED
+        if phase in ("Failed", "Error"):
+            return RunState.FAILED
+        return RunState.RUNNING  # "" (not yet seen by the controller), Pending (e.g. waiting for the semaphore), Running
+
+    # --- the Workflow object ---------------------------------------------------------------------
+
+    def workflow_body(self, batch_id: str, *, tenant: str, model: str | None, run: int = 1) -> dict[str, Any]:
+        labels = {
+            "app.kubernetes.io/name": "batch-gateway",
+            "app.kubernetes.io/component": "runner",
+            "app.kubernetes.io/part-of": "batch-gateway",
+            "app.kubernetes.io/managed-by": "batch-gateway",
+            LABEL_BATCH_ID: label_value(batch_id),
+            LABEL_TENANT: label_value(tenant),
+        }
+        if model:
+            labels[LABEL_MODEL] = label_value(model)
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Workflow",
+            "metadata": {
+                "name": workflow_name(batch_id),
+                "namespace": self.namespace,
+                "labels": labels,
+                # exact values, whatever characters they hold (labels may have been shortened)
+                "annotations": {ANNOTATION_BATCH_ID: batch_id, ANNOTATION_TENANT: tenant, ANNOTATION_RUN: str(run)},
+            },
+            "spec": {
+                "workflowTemplateRef": {"name": self.template},
+                "arguments": {
+                    "parameters": [
+                        {"name": "batch_id", "value": batch_id},
+                        {"name": "tenant", "value": tenant},
+                        {"name": "model", "value": model or ""},
+                    ]
+                },
+            },
+        }
+
+    # --- Kubernetes API calls --------------------------------------------------------------------
+
+    def _objects(self) -> client.CustomObjectsApi:
+        if self._api is None:
+            if self._api_client is None:
+                self._api_client = load_api_client()
+            self._api = client.CustomObjectsApi(self._api_client)
+        return self._api
+
+    async def _call(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one API call in a thread, retrying transient failures with exponential backoff. Non-transient
+        ApiExceptions (404, 409, 403, 422...) are raised at once for the caller to interpret."""
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await asyncio.to_thread(method, *args, _request_timeout=self.request_timeout, **kwargs)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if attempt == self.attempts:
+                    raise ArgoError(
+                        f"Kubernetes API {what} failed {attempt} times in namespace {self.namespace}: {_describe(exc)}"
+                    ) from exc
+                log.warning("argo.api_retry", what=what, attempt=attempt, error=_describe(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+        raise AssertionError("unreachable")
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call("get", self._objects().get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise self._error(f"read Workflow {name}", exc) from exc
+
+    async def _delete(self, name: str, *, uid: str | None) -> None:
+        # The uid precondition makes sure we delete the finished Workflow we looked at, never a newer one.
+        options: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            await self._call("delete", self._objects().delete_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name, body=options)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return  # already gone, or already replaced by someone else
+            raise self._error(f"delete finished Workflow {name}", exc) from exc
+
+    async def _give_up(self, batch_id: str, name: str, workflow: dict[str, Any]) -> None:
+        status = workflow.get("status") or {}
+        reason = f"phase {status.get('phase')}" + (f": {status['message']}" if status.get("message") else "")
+        message = (
+            f"The batch's runner failed in {MAX_RUNS} Argo Workflows in a row (last one {name}, {reason}). See its "
+            f"logs in the Argo UI or with `argo logs -n {self.namespace} {name}`. Completed results were kept in "
+            "checkpoints."
+        )
+        log.error("argo.gave_up", batch_id=batch_id, workflow=name, runs=MAX_RUNS, reason=reason)
+        if self.metadata is not None:
+            await self.metadata.transition(
+                batch_id,
+                list(wire.ACTIVE_STATUSES),
+                "failed",
+                ids.now(),
+                errors=[wire.BatchError(code="runner_failed", message=message)],
+            )
+
+    def _error(self, what: str, exc: ApiException) -> ArgoError:
+        hint = {
+            401: "the API server rejected our credentials",
+            403: f"the ServiceAccount lacks permission on workflows.argoproj.io in namespace {self.namespace} "
+            "(see templates/rbac-*.yaml)",
+            404: f"namespace {self.namespace} or the Argo Workflow CRD does not exist (is Argo Workflows installed?)",
+            422: "the API server rejected the Workflow as invalid",
+        }.get(exc.status, "")
+        return ArgoError(f"cannot {what}: {_describe(exc)}" + (f" ({hint})" if hint else ""))
+
+
+def _run_number(workflow: dict[str, Any]) -> int:
+    try:
+        return int(workflow.get("metadata", {}).get("annotations", {}).get(ANNOTATION_RUN, "1"))
+    except ValueError:
+        return 1
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiException):
+        return exc.status in TRANSIENT_STATUSES
+    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        message = ""
+        try:
+            message = json.loads(exc.body or "{}").get("message", "")
+        except (ValueError, AttributeError):
+            message = str(exc.body or "")[:200]
+        return f"HTTP {exc.status} {exc.reason}" + (f": {message}" if message else "")
+    return f"{type(exc).__name__}: {exc}"

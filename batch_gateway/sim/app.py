@@ -1,231 +1,250 @@
-"""The simulator's HTTP face: an OpenAI-compatible API shaped like vLLM's, as a small raw ASGI app.
+"""The simulator's HTTP face: vLLM's OpenAI-compatible API as a small raw ASGI app.
 
-Raw ASGI (no framework) keeps the per-request overhead tiny, so the gateway's own overhead can be measured against
-it with zero engine latency.
+Raw ASGI (no framework) and msgspec keep the per-request overhead tiny, so the gateway's own overhead can be measured
+against the simulator in zero-latency mode.
+
+Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses; GET /v1/models, /health, /version,
+/metrics; POST /reset_prefix_cache (as vLLM's). Test hooks: GET /sim/stats (JSON counters), POST /sim/load
+(`{"sequences": N, "context_tokens": 512, "model": ...}`: N interactive sequences that take slots until set back to 0),
+POST /sim/pause and /sim/resume (hold the scheduler, so arrivals pile up and are admitted in one step).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from batch_gateway.sim.engine import Engine, SimConfig
+from batch_gateway.sim import bodies, metrics
+from batch_gateway.sim.config import SimConfig
+from batch_gateway.sim.engine import Engine
+from batch_gateway.sim.requests import EMBEDDINGS, ENDPOINTS, Job, RequestError, decode_body, parse_job
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 _json = msgspec.json.Encoder()
-_WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars watch quietly".split()
-
-
-def _text(tokens: int, seed: int) -> str:
-    return " ".join(_WORDS[(seed + i) % len(_WORDS)] for i in range(tokens))
-
-
-def _error(status: int, message: str, err_type: str, code: str | None = None, param: str | None = None) -> tuple[int, bytes]:
-    return status, _json.encode({"error": {"message": message, "type": err_type, "param": param, "code": code}})
-
-
-def _prompt_text(path: str, body: dict[str, Any]) -> str:
-    if path == "/v1/chat/completions":
-        parts = []
-        for message in body.get("messages") or ():
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(f"<|{message.get('role', '') if isinstance(message, dict) else ''}|>{content or ''}")
-        return "".join(parts)
-    prompt = body.get("prompt") if path == "/v1/completions" else body.get("input")
-    if isinstance(prompt, list):
-        return "\n".join(p if isinstance(p, str) else str(p) for p in prompt)
-    return str(prompt or "")
+_JSON = b"application/json"
+_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+_SIM_VERSION = "0.1.0-sim"
 
 
 class SimApp:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.engine = Engine(config)
+        self.engines = {model: Engine(config, model) for model in config.models}
         self.rng = random.Random(config.seed)
-        self.started = False
+        self.injected = {"429": 0, "500": 0, "503": 0, "timeout": 0}
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    self.engine.start()
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await self.engine.stop()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        body = b""
-        more = True
-        while more:
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
             message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        status, payload, headers = await self.handle(scope["method"], scope["path"], body)
-        request_id = "req_" + secrets.token_hex(8)
+            if message["type"] == "lifespan.startup":
+                for engine in self.engines.values():
+                    engine.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for engine in self.engines.values():
+                    await engine.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        message = await receive()
+        raw = message.get("body", b"")
+        while message.get("more_body"):
+            message = await receive()
+            raw += message.get("body", b"")
+        method, path = scope["method"], scope["path"]
+        content_type = _JSON
+        try:
+            if path in ENDPOINTS:
+                if method != "POST":
+                    raise RequestError(405, f"Method {method} not allowed on {path}; use POST.")
+                answer = await self._generate(path, raw, receive)
+                if answer is None:
+                    return  # the client went away; nobody to answer
+            else:
+                answer = self._control(method, path, raw)
+                if path == "/metrics":
+                    content_type = _TEXT
+        except RequestError as exc:
+            body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+            answer = (exc.status, _json.encode(body), exc.headers)
+        status, payload, headers = answer
+        request_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), None) or secrets.token_hex(16).encode()
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
-                    (b"content-type", b"text/plain; version=0.0.4" if scope["path"] == "/metrics" else b"application/json"),
+                    (b"content-type", content_type),
                     (b"content-length", str(len(payload)).encode()),
-                    (b"x-request-id", request_id.encode()),
+                    (b"x-request-id", request_id),
                     *headers,
                 ],
             }
         )
         await send({"type": "http.response.body", "body": payload})
 
-    async def handle(self, method: str, path: str, raw: bytes) -> tuple[int, bytes, list]:
-        if method == "GET":
-            if path == "/health":
-                return 200, b"{}", []
-            if path == "/v1/models":
-                data = [{"id": m, "object": "model", "created": 0, "owned_by": "batch-gateway-sim"} for m in self.config.models]
-                return 200, _json.encode({"object": "list", "data": data}), []
-            if path == "/metrics":
-                return 200, self.metrics().encode(), []
-            if path == "/sim/stats":
-                return 200, _json.encode(self.stats()), []
-            return (*_error(404, f"Not found: {path}", "not_found_error"), [])
-        if method != "POST":
-            return (*_error(405, "Method not allowed", "invalid_request_error"), [])
-        if path == "/sim/load":
-            count = int(msgspec.json.decode(raw or b"{}").get("sequences", 0))
-            self.engine.set_synthetic_load(count)
-            return 200, _json.encode({"sequences": count}), []
-        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-            return (*_error(404, f"Not found: {path}", "not_found_error"), [])
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
-            return (*_error(400, "The request body is not valid JSON.", "invalid_request_error"), [])
-        if not isinstance(body, dict):
-            return (*_error(400, "The request body must be a JSON object.", "invalid_request_error"), [])
-        model = body.get("model")
-        if model not in self.config.models:
-            return (*_error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found", "model"), [])
-        if body.get("stream"):
-            return (*_error(400, "The simulator does not stream.", "invalid_request_error", param="stream"), [])
+    # --- the engine endpoints -----------------------------------------------------------------------
+
+    async def _generate(self, path: str, raw: bytes, receive: Receive) -> Answer | None:
+        job = parse_job(path, decode_body(raw), self.config)
         injected = self._inject_failure()
         if injected == "timeout":
-            await asyncio.sleep(self.config.timeout_seconds)
-            return (*_error(504, "Injected timeout.", "server_error"), [])
-        if injected is not None:
-            return injected
-        return await self._complete(path, body, model)
+            finished, _ = await _unless_disconnected(asyncio.sleep(self.config.timeout_seconds), receive)
+            if not finished:
+                return None
+            raise RequestError(504, "Injected timeout: the engine did not answer in time.", type="server_error")
+        if self.config.instant:  # nothing to wait for: skip the disconnect watch and its overhead
+            result = await self._run(job)
+        else:
+            finished, result = await _unless_disconnected(self._run(job), receive)
+            if not finished:
+                return None
+        return 200, _json.encode(result), []
 
-    def _inject_failure(self) -> tuple[int, bytes, list] | str | None:
+    async def _run(self, job: Job) -> dict[str, Any]:
+        engine = self.engines[job.model]
+        finish = "length" if job.length_limited else "stop"
+        pooling = job.endpoint == EMBEDDINGS
+        for prompt, tokens in zip(job.prompts, job.output_tokens):
+            if not engine.fits(prompt.tokens + tokens):
+                raise RequestError(400, f"The request needs {prompt.tokens + tokens} tokens of KV cache; the engine "
+                                   f"holds {self.config.kv_blocks * self.config.block_size}.", param="max_tokens")
+        runs = [
+            engine.generate(prompt, tokens, pooling=pooling, finish_reason=finish)
+            for prompt, tokens in zip(job.prompts, job.output_tokens)
+            for _ in range(job.n)
+        ]
+        sequences = [await runs[0]] if len(runs) == 1 else list(await asyncio.gather(*runs))
+        return bodies.build(job, sequences)
+
+    def _inject_failure(self) -> str | None:
         config = self.config
         roll = self.rng.random()
-        for rate, status, kind in (
-            (config.error_rate_429, 429, "rate_limit_error"),
-            (config.error_rate_500, 500, "server_error"),
-            (config.error_rate_503, 503, "server_error"),
-        ):
+        for kind, rate in (("429", config.error_rate_429), ("500", config.error_rate_500),
+                           ("503", config.error_rate_503), ("timeout", config.timeout_rate)):
             if roll < rate:
-                self.engine.stats.errors[str(status)] = self.engine.stats.errors.get(str(status), 0) + 1
-                retry = [(b"retry-after", b"1")] if status in (429, 503) else []
-                return (*_error(status, f"Injected {status}.", kind), retry)
+                self.injected[kind] += 1
+                if kind == "timeout":
+                    return kind
+                retry = [(b"retry-after", str(config.retry_after_seconds).encode())] if kind != "500" else []
+                if kind == "429":
+                    raise RequestError(429, "Injected rate limit: too many requests.", type="rate_limit_error",
+                                       code="rate_limit_exceeded", headers=retry)
+                if kind == "503":
+                    raise RequestError(503, "Injected overload: the engine is unavailable.", type="server_error",
+                                       code="service_unavailable", headers=retry)
+                raise RequestError(500, "Injected internal server error.", type="server_error")
             roll -= rate
-        if roll < config.timeout_rate:
-            self.engine.stats.errors["timeout"] = self.engine.stats.errors.get("timeout", 0) + 1
-            return "timeout"
         return None
 
-    async def _complete(self, path: str, body: dict[str, Any], model: str) -> tuple[int, bytes, list]:
-        config = self.config
-        if path == "/v1/embeddings":
-            output_tokens = 1
-        else:
-            requested = body.get("max_completion_tokens") or body.get("max_tokens") or config.default_output_tokens
-            if not isinstance(requested, int) or requested < 1:
-                return (*_error(400, "max_tokens must be a positive integer.", "invalid_request_error", param="max_tokens"), [])
-            output_tokens = min(requested, config.max_output_tokens)
-        text = _prompt_text(path, body)
-        sequence = await self.engine.generate(text, output_tokens)
-        usage = {
-            "prompt_tokens": sequence.prompt_tokens,
-            "total_tokens": sequence.prompt_tokens + (0 if path == "/v1/embeddings" else output_tokens),
-            "completion_tokens": 0 if path == "/v1/embeddings" else output_tokens,
-            "prompt_tokens_details": {"cached_tokens": sequence.cached_tokens},
+    # --- everything else -----------------------------------------------------------------------------
+
+    def _control(self, method: str, path: str, raw: bytes) -> Answer:
+        routes: dict[tuple[str, str], Callable[[bytes], Any]] = {
+            ("GET", "/health"): lambda _: b"",
+            ("GET", "/version"): lambda _: {"version": _SIM_VERSION},
+            ("GET", "/v1/models"): lambda _: self._models(),
+            ("GET", "/metrics"): lambda _: metrics.render(self.engines.values()).encode(),
+            ("GET", "/sim/stats"): lambda _: self.stats(),
+            ("POST", "/sim/load"): self._set_load,
+            ("POST", "/sim/pause"): lambda body: self._pause(body, True),
+            ("POST", "/sim/resume"): lambda body: self._pause(body, False),
+            ("POST", "/reset_prefix_cache"): lambda _: {
+                "reset_blocks": sum(e.reset_prefix_cache() for e in self.engines.values())
+            },
         }
-        created = int(time.time())
-        seed = len(text)
-        finish = "length" if output_tokens == (body.get("max_completion_tokens") or body.get("max_tokens")) else "stop"
-        if path == "/v1/chat/completions":
-            response = {
-                "id": "chatcmpl-" + secrets.token_hex(12),
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": _text(output_tokens, seed)},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": usage,
-            }
-        elif path == "/v1/completions":
-            response = {
-                "id": "cmpl-" + secrets.token_hex(12),
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "text": _text(output_tokens, seed), "logprobs": None, "finish_reason": finish}],
-                "usage": usage,
-            }
-        else:
-            inputs = body.get("input")
-            count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
-            rng = random.Random(seed)
-            data = [{"object": "embedding", "index": i, "embedding": [round(rng.uniform(-1, 1), 6) for _ in range(config.embedding_dim)]}
-                    for i in range(count)]
-            response = {"object": "list", "data": data, "model": model, "usage": usage}
-        return 200, _json.encode(response), []
+        handler = routes.get((method, path))
+        if handler is None:
+            if any(p == path for _, p in routes):
+                raise RequestError(405, f"Method {method} not allowed on {path}.")
+            raise RequestError(404, f"Not found: {path}", type="not_found_error")
+        result = handler(raw)
+        return 200, result if isinstance(result, bytes) else _json.encode(result), []
+
+    def _models(self) -> dict[str, Any]:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m, "parent": None,
+             "max_model_len": self.config.max_model_len}
+            for m in self.config.models
+        ]
+        return {"object": "list", "data": data}
+
+    def _engines_named(self, body: dict[str, Any]) -> list[Engine]:
+        model = body.get("model")
+        if model is None:
+            return list(self.engines.values())
+        if model not in self.engines:
+            raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return [self.engines[model]]
+
+    def _set_load(self, raw: bytes) -> dict[str, Any]:
+        body = decode_body(raw or b"{}")
+        count, context = body.get("sequences", 0), body.get("context_tokens", 512)
+        for value, name in ((count, "sequences"), (context, "context_tokens")):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RequestError(400, f"{name} must be a non-negative integer.", param=name)
+        for engine in self._engines_named(body):
+            engine.set_synthetic_load(count, context)
+        return {"sequences": count, "context_tokens": context}
+
+    def _pause(self, raw: bytes, paused: bool) -> dict[str, Any]:
+        for engine in self._engines_named(decode_body(raw or b"{}")):
+            engine.pause(paused)
+        return {"paused": paused}
 
     def stats(self) -> dict[str, Any]:
-        s = self.engine.stats
-        return {
-            "requests": s.requests,
-            "completed": s.completed,
-            "prompt_tokens": s.prompt_tokens,
-            "generation_tokens": s.generation_tokens,
-            "prefix_cache_queries": s.prefix_queries,
-            "prefix_cache_hits": s.prefix_hits,
-            "prefix_cache_hit_rate": s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
-            "steps": s.steps,
-            "busy_seconds": s.busy_seconds,
-            "running": len(self.engine.running),
-            "waiting": len(self.engine.waiting),
-            "kv_cache_usage": self.engine.kv_usage,
-            "errors": s.errors,
-        }
+        """Counters of every engine, their totals at the top level, and the injected failures."""
+        per_model = {model: engine.snapshot() for model, engine in self.engines.items()}
+        totals: dict[str, Any] = {}
+        for snapshot in per_model.values():
+            for key, value in snapshot.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    totals[key] = totals.get(key, 0) + value
+                elif isinstance(value, dict):
+                    merged = totals.setdefault(key, {})
+                    for name, count in value.items():
+                        merged[name] = merged.get(name, 0) + count
+        queries = totals.get("prefix_cache_queries", 0)
+        totals["prefix_cache_hit_rate"] = totals.get("prefix_cache_hits", 0) / queries if queries else 0.0
+        totals["kv_cache_usage"] = max(s["kv_cache_usage"] for s in per_model.values())
+        return {**totals, "injected": dict(self.injected), "models": per_model}
 
-    def metrics(self) -> str:
-        s = self.engine.stats
-        lines = []
-        for model in self.config.models:
-            label = f'{{model_name="{model}"}}'
-            for name, kind, value in (
-                ("vllm:num_requests_running", "gauge", len(self.engine.running)),
-                ("vllm:num_requests_waiting", "gauge", len(self.engine.waiting)),
-                ("vllm:kv_cache_usage_perc", "gauge", self.engine.kv_usage),
-                ("vllm:prefix_cache_queries", "counter", s.prefix_queries),
-                ("vllm:prefix_cache_hits", "counter", s.prefix_hits),
-                ("vllm:num_preemptions", "counter", 0),
-                ("vllm:prompt_tokens", "counter", s.prompt_tokens),
-                ("vllm:generation_tokens", "counter", s.generation_tokens),
-                ("vllm:request_success", "counter", s.completed),
-            ):
-                suffix = "_total" if kind == "counter" else ""
-                lines += [f"# TYPE {name} {kind}", f"{name}{suffix}{label} {value}"]
-            # Only the first model carries the engine-wide figures; one engine serves every alias.
-            break
-        return "\n".join(lines) + "\n"
+
+async def _unless_disconnected(work: Awaitable[Any], receive: Receive) -> tuple[bool, Any]:
+    """Await `work` unless the client disconnects first; then cancel it (as vLLM aborts the request): (False, None)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False, None
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,210 +1,406 @@
-"""A continuous-batching engine in (scaled) real time: the cost model behind the simulator.
+"""A continuous-batching engine in scaled real time: the cost model behind the simulator.
 
-Default cost model — a mid-size model (about 8B parameters) on one modern data-centre GPU, as vLLM runs it:
-- a decode **step** costs `step_base_ms` (10 ms: reading the weights once per step) plus `per_seq_ms` (0.05 ms) per
-  running sequence — decode is memory-bound, so a bigger batch costs little more per step;
-- every running sequence gains one token per step; at most `max_num_seqs` (128) run at once and the rest **wait**
-  in FIFO order — past that knee, more concurrency only adds queueing;
-- **prefill**: the uncached prompt tokens of the sequences admitted in a step cost `prefill_ms_per_token` (0.02 ms,
-  i.e. 50k tokens/s) in that step — long prompts slow everyone's step, as in a real engine;
-- a **prefix cache** of `block_size`-token blocks (16), hashed chained like vLLM's (a block's hash covers all
-  blocks before it), LRU with room for `cache_blocks` blocks. A request's leading blocks found in the cache are not
-  prefilled and are reported as `cached_tokens`. Blocks computed in a step become reusable only **after** that step:
-  two requests with the same prefix admitted in the same step both compute it;
-- the KV cache holds `kv_blocks` blocks; a sequence holds the blocks of its prompt and output so far. New sequences
-  wait while the KV cache is full (`kv_cache_usage_perc` shows it).
+One engine serves one model, as one vLLM process does. It runs **steps** back to back while there is work:
 
-Tokens are approximated as 4 bytes of UTF-8 text each, so the same text always costs the same. `time_scale`
-multiplies every duration (0.1 = ten times faster), for tests and benchmarks.
+- Each step first schedules the running sequences (in admission order): a decoding sequence takes one token of the
+  step's budget (`max_num_batched_tokens`), a sequence still in prefill takes the next chunk of its prompt. Then it
+  admits waiting sequences in FIFO order while fewer than `max_num_seqs` run, budget is left and the KV cache has room
+  for the chunk. This is vLLM's V1 scheduler with chunked prefill: a long prompt is spread over several steps, and
+  prefill is charged in the steps that compute it.
+- A step costs `step_base_ms + per_seq_ms * sequences_in_step + prefill_ms_per_token * prompt_tokens_computed
+  + context_ms_per_token * context_tokens_of_decoding_sequences`, times `time_scale`, in wall-clock time. The loop
+  keeps a schedule, so small sleep overshoots do not add up; when it falls far behind (a busy CPU) it starts afresh.
+- At the end of the step every scheduled sequence gains its tokens: a decoding one gains one output token, one whose
+  prefill completes samples its first output token. Past `max_num_seqs` only the queue grows: that is the knee.
+- **Prefix cache** (see kv.py): on admission, the prompt's leading blocks found in the cache are not computed; they
+  are the response's `cached_tokens` and the `prefix_cache_hits`. At least one prompt token is always computed, so a
+  fully cached prompt still recomputes its last block, as vLLM does. Blocks are registered in the cache at the **end**
+  of the step that computed them: two requests with the same prefix admitted in the same step both compute it.
+- **KV cache**: a sequence holds blocks for the tokens computed so far and grows as it decodes. A new sequence waits
+  while its first chunk does not fit; a running sequence that cannot grow preempts the most recently admitted one
+  (which returns to the head of the queue and later recomputes its prompt and output so far).
+- Embedding requests are prefill-only ("pooling") sequences and skip the prefix cache.
+
+Zero-latency mode (`SimConfig.instant`): steps cost nothing, and a sequence produces all its output in the step that
+completes its prefill, so a request is answered after one pass of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
-import msgspec
+from batch_gateway.sim.config import SimConfig
+from batch_gateway.sim.kv import BlockPool
+from batch_gateway.sim.metrics import Histogram
+from batch_gateway.sim.tokens import Prompt
 
-CHARS_PER_TOKEN = 4
-
-
-class SimConfig(msgspec.Struct, kw_only=True):
-    models: list[str] = msgspec.field(default_factory=lambda: ["sim-model"])
-    max_num_seqs: int = 128
-    step_base_ms: float = 10.0
-    per_seq_ms: float = 0.05
-    prefill_ms_per_token: float = 0.02
-    block_size: int = 16
-    cache_blocks: int = 65536
-    kv_blocks: int = 65536
-    default_output_tokens: int = 64
-    max_output_tokens: int = 4096
-    time_scale: float = 1.0
-    error_rate_429: float = 0.0
-    error_rate_500: float = 0.0
-    error_rate_503: float = 0.0
-    timeout_rate: float = 0.0
-    timeout_seconds: float = 3600.0
-    embedding_dim: int = 8
-    seed: int = 0
+MAX_LAG_SECONDS = 0.05  # behind schedule by more than this (a starved CPU): drop the debt instead of bursting
 
 
-def prompt_blocks(text: str, block_size: int) -> tuple[int, list[bytes]]:
-    """(prompt tokens, chained hashes of its full blocks)."""
-    data = text.encode()
-    tokens = max(1, math.ceil(len(data) / CHARS_PER_TOKEN))
-    block_bytes = block_size * CHARS_PER_TOKEN
-    hasher = hashlib.blake2b(digest_size=16)
-    hashes = []
-    for start in range(0, len(data) - block_bytes + 1, block_bytes):
-        hasher.update(data[start : start + block_bytes])
-        hashes.append(hasher.copy().digest())
-    return tokens, hashes
+class State(Enum):
+    WAITING = 1
+    RUNNING = 2
+    FINISHED = 3
+    ABORTED = 4
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    prompt_tokens: int
-    blocks: list[bytes]
+    prompt: Prompt
     output_tokens: int
-    done: asyncio.Future
+    arrived: float
+    done: asyncio.Future | None = None
+    pooling: bool = False  # an embedding: prefill only
+    synthetic: bool = False  # interactive load from /sim/load: decodes until removed, holds a fixed KV
+    state: State = State.WAITING
+    prefill_target: int = 0  # tokens to compute before decoding: the prompt, plus the output so far after a preemption
+    computed: int = 0
     generated: int = 0
-    cached_tokens: int = 0
-    kv_held: int = 0
-    synthetic: bool = False  # "interactive" load added through /sim/load: runs until removed
+    cached_tokens: int | None = None  # prefix-cache hit at the first admission, as vLLM reports it
+    finish_reason: str = "length"
+    hashes: list[bytes] = field(default_factory=list)  # cached blocks this sequence holds
+    registered: int = 0  # prompt blocks [0, registered) are cached (or were computed as duplicates)
+    private: int = 0  # blocks held without reusable content
+    first_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.prefill_target = self.prompt.tokens
 
 
 @dataclass
 class Stats:
-    requests: int = 0
+    requests: int = 0  # sequences that arrived
     completed: int = 0
+    aborted: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed: cache hits excluded, recomputation after preemption included
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which found
+    preemptions: int = 0
     steps: int = 0
-    busy_seconds: float = 0.0  # unscaled engine time spent stepping
-    errors: dict[str, int] = field(default_factory=dict)
+    busy_seconds: float = 0.0  # engine time spent in steps (unscaled model time)
+    finished: dict[str, int] = field(default_factory=dict)  # by finish_reason
+    e2e: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    queue: Histogram = field(default_factory=Histogram)
+
+
+@dataclass
+class _Work:
+    sequence: Sequence
+    tokens: int
+    prefill: bool
 
 
 class Engine:
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, model: str) -> None:
         self.config = config
+        self.model = model
+        self.pool = BlockPool(config.kv_blocks, config.cache_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.cache: OrderedDict[bytes, None] = OrderedDict()
-        self.kv_used = 0
         self.stats = Stats()
+        self.paused = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        if self._task is None:
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name=f"sim-engine-{self.model}")
 
     async def stop(self) -> None:
-        if self._task:
+        if self._task is not None:
             self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
 
-    @property
-    def kv_usage(self) -> float:
-        return min(1.0, self.kv_used / self.config.kv_blocks)
+    # --- requests ----------------------------------------------------------------------------------
 
-    async def generate(self, text: str, output_tokens: int) -> Sequence:
-        tokens, blocks = prompt_blocks(text, self.config.block_size)
-        sequence = Sequence(tokens, blocks, max(1, output_tokens), asyncio.get_running_loop().create_future())
-        self.stats.requests += 1
+    def fits(self, tokens: int) -> bool:
+        """Whether a sequence of `tokens` (prompt + output) could ever be held by the KV cache."""
+        return math.ceil(tokens / self.config.block_size) <= self.config.kv_blocks
+
+    async def generate(self, prompt: Prompt, output_tokens: int, *, pooling: bool = False,
+                       finish_reason: str = "length") -> Sequence:
+        """Run one sequence to completion. Cancelling the caller aborts it and frees its slot, as vLLM does.
+
+        `finish_reason` is what its end will be reported as: "length" when it ends at max_tokens, "stop" when the
+        simulated model ends by itself.
+        """
+        self.start()
+        loop = asyncio.get_running_loop()
+        sequence = Sequence(prompt, max(1, output_tokens), loop.time(), loop.create_future(), pooling=pooling,
+                            finish_reason=finish_reason)
         self.waiting.append(sequence)
+        self.stats.requests += 1
         self._wake.set()
         try:
             await sequence.done
-        except asyncio.CancelledError:  # the client went away: free its slot, as vLLM aborts the request
-            if sequence in self.waiting:
-                self.waiting.remove(sequence)
-            else:
-                sequence.output_tokens = sequence.generated
+        except asyncio.CancelledError:
+            self.abort(sequence)
             raise
         return sequence
 
-    def set_synthetic_load(self, count: int) -> None:
-        """Hold `count` extra sequences in the running batch (interactive users the batch must make room for)."""
-        current = [s for s in self.running if s.synthetic]
-        for sequence in current[count:]:
+    def abort(self, sequence: Sequence) -> None:
+        if sequence.state is State.WAITING:
+            self.waiting.remove(sequence)
+        elif sequence.state is State.RUNNING:
+            self._release(sequence)
             self.running.remove(sequence)
+        else:
+            return
+        sequence.state = State.ABORTED
+        if not sequence.synthetic:
+            self.stats.aborted += 1
+        self._wake.set()
+
+    def set_synthetic_load(self, count: int, context_tokens: int) -> None:
+        """Keep `count` interactive sequences in the engine: they take slots, KV and step time until removed."""
+        current = [s for s in (*self.running, *self.waiting) if s.synthetic]
+        for sequence in current[count:]:
+            self.abort(sequence)
         loop = asyncio.get_running_loop()
         for _ in range(count - len(current)):
-            self.running.append(Sequence(1, [], 1 << 60, loop.create_future(), synthetic=True))
+            prompt = Prompt(max(1, context_tokens), [], 0)
+            self.waiting.appendleft(Sequence(prompt, 1 << 62, loop.time(), synthetic=True))  # interactive goes first
         self._wake.set()
+
+    def pause(self, paused: bool) -> None:
+        """Hold (or release) the scheduler before its next step; arrivals pile up in the queue meanwhile."""
+        self.paused = paused
+        self._wake.set()
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.reset()
 
     # --- the step loop -----------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
-        config = self.config
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        scale = self.config.time_scale
+        next_at = loop.time()
         while True:
-            if not self.running and not self.waiting:
+            work = [] if self.paused else self._schedule()
+            if not work:  # idle, paused, or nothing fits: sleep until something changes
                 self._wake.clear()
                 await self._wake.wait()
+                next_at = loop.time()
                 continue
-            admitted, new_blocks, prefill_tokens = self._admit()
-            cost_ms = config.step_base_ms + config.per_seq_ms * len(self.running) + config.prefill_ms_per_token * prefill_tokens
-            started = time.monotonic()
-            await asyncio.sleep(cost_ms / 1000 * config.time_scale)
-            self.stats.busy_seconds += (time.monotonic() - started) / max(config.time_scale, 1e-9)
+            cost = self._cost_seconds(work)
             self.stats.steps += 1
-            for block in new_blocks:  # reusable only now that the step that computed them is over
-                self._cache_put(block)
-            self._decode()
+            self.stats.busy_seconds += cost
+            next_at += cost * scale
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)  # let arrivals in between back-to-back steps
+                if delay < -MAX_LAG_SECONDS:
+                    next_at = loop.time()
+            self._complete(work, loop.time())
 
-    def _admit(self) -> tuple[list[Sequence], list[bytes], int]:
+    def _schedule(self) -> list[_Work]:
         config = self.config
-        admitted: list[Sequence] = []
-        new_blocks: list[bytes] = []
-        prefill = 0
-        while self.waiting and len(self.running) < config.max_num_seqs:
-            sequence = self.waiting[0]
-            need = math.ceil((sequence.prompt_tokens + sequence.output_tokens) / config.block_size)
-            if self.kv_used + need > config.kv_blocks and self.running:
-                break  # KV cache full: wait for sequences to finish
-            self.waiting.popleft()
-            hits = 0
-            for block in sequence.blocks:
-                if block not in self.cache:
+        budget = config.max_num_batched_tokens
+        work: list[_Work] = []
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            sequence = self.running[index]
+            prefill = sequence.computed < sequence.prefill_target
+            tokens = min(sequence.prefill_target - sequence.computed, budget) if prefill else 1
+            grow = 0 if sequence.synthetic and not prefill else self._blocks_short(sequence, sequence.computed + tokens)
+            while grow > self.pool.available:  # KV full: preempt from the back until this sequence fits
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is sequence:
                     break
-                self.cache.move_to_end(block)
-                hits += 1
-            # At least one token is always computed (vLLM recomputes the last token even on a full hit).
-            cached = min(hits * config.block_size, sequence.prompt_tokens - 1)
-            sequence.cached_tokens = cached
-            new_blocks.extend(sequence.blocks[hits:])
-            prefill += sequence.prompt_tokens - cached
-            sequence.kv_held = need
-            self.kv_used += need
-            self.stats.prefix_queries += sequence.prompt_tokens
+            if sequence.state is not State.RUNNING:
+                break  # it preempted itself: it was the last one
+            self.pool.take(grow)
+            sequence.private += grow
+            work.append(_Work(sequence, tokens, prefill))
+            budget -= tokens
+            index += 1
+        if preempted:
+            return work  # like vLLM: no admissions in a step that had to preempt
+        while self.waiting and len(self.running) < config.max_num_seqs and budget > 0:
+            sequence = self.waiting[0]
+            admitted = self._admit(sequence, budget)
+            if admitted is None:
+                break  # the head does not fit in the KV cache: everyone waits (FIFO)
+            work.append(admitted)
+            budget -= admitted.tokens
+        return work
+
+    def _admit(self, sequence: Sequence, budget: int) -> _Work | None:
+        block = self.config.block_size
+        cacheable = not sequence.pooling and not sequence.synthetic
+        # At least one token must be computed (it yields the first output token), so a full hit drops its last block.
+        hits = self.pool.longest_hit(sequence.prompt.block_hashes, (sequence.prefill_target - 1) // block) if cacheable else []
+        cached = len(hits) * block
+        tokens = min(sequence.prefill_target - cached, budget)
+        need = math.ceil((cached + tokens) / block) - len(hits)
+        if need + self.pool.idle_count(hits) > self.pool.available:
+            return None
+        self.waiting.popleft()
+        for h in hits:
+            self.pool.acquire(h)
+        self.pool.take(need)
+        sequence.hashes = list(hits)
+        sequence.registered = len(hits)
+        sequence.private = need
+        sequence.computed = cached
+        sequence.state = State.RUNNING
+        self.running.append(sequence)
+        if cacheable:
+            self.stats.prefix_queries += sequence.prefill_target
             self.stats.prefix_hits += cached
-            self.stats.prompt_tokens += sequence.prompt_tokens
-            self.running.append(sequence)
-            admitted.append(sequence)
-        return admitted, new_blocks, prefill
+        if sequence.cached_tokens is None:
+            sequence.cached_tokens = cached
+            if not sequence.synthetic:
+                self.stats.queue.observe(self._now() - sequence.arrived)
+        return _Work(sequence, tokens, True)
 
-    def _decode(self) -> None:
-        still = []
-        for sequence in self.running:
-            sequence.generated += 1
-            if sequence.synthetic or sequence.generated < sequence.output_tokens:
-                still.append(sequence)
+    def _cost_seconds(self, work: list[_Work]) -> float:
+        config = self.config
+        prefill = sum(w.tokens for w in work if w.prefill)
+        context = sum(w.sequence.computed for w in work if not w.prefill)
+        self.stats.prefill_tokens += prefill
+        ms = (
+            config.step_base_ms
+            + config.per_seq_ms * len(work)
+            + config.prefill_ms_per_token * prefill
+            + config.context_ms_per_token * context
+        )
+        return ms / 1000
+
+    def _complete(self, work: list[_Work], now: float) -> None:
+        instant = self.config.instant
+        finished = False
+        for item in work:
+            sequence = item.sequence
+            if sequence.state is not State.RUNNING:
+                continue  # aborted while the step ran
+            if sequence.synthetic and not item.prefill:
+                continue  # interactive load holds a fixed context
+            sequence.computed += item.tokens
+            if item.prefill:
+                self._register(sequence)
+                if sequence.computed < sequence.prefill_target:
+                    continue  # more chunks to go
+                if sequence.first_token_at is None:
+                    sequence.first_token_at = now
+                    if not sequence.synthetic:
+                        self.stats.prompt_tokens += sequence.prompt.tokens
+                        self.stats.ttft.observe(now - sequence.arrived)
+                if sequence.pooling:
+                    self._finish(sequence, "stop", now)
+                    finished = True
+                    continue
+            if sequence.synthetic:
                 continue
-            self.kv_used -= sequence.kv_held
-            self.stats.completed += 1
-            self.stats.generation_tokens += sequence.output_tokens
-            if not sequence.done.done():
-                sequence.done.set_result(None)
-        self.running = still
+            new = sequence.output_tokens - sequence.generated if instant else 1
+            sequence.generated += new
+            self.stats.generation_tokens += new
+            if sequence.generated >= sequence.output_tokens:
+                self._finish(sequence, sequence.finish_reason, now)
+                finished = True
+        if finished:
+            self.running = [s for s in self.running if s.state is State.RUNNING]
 
-    def _cache_put(self, block: bytes) -> None:
-        self.cache[block] = None
-        self.cache.move_to_end(block)
-        while len(self.cache) > self.config.cache_blocks:
-            self.cache.popitem(last=False)
+    # --- blocks --------------------------------------------------------------------------------------
+
+    def _blocks_short(self, sequence: Sequence, tokens: int) -> int:
+        held = len(sequence.hashes) + sequence.private
+        return max(0, math.ceil(tokens / self.config.block_size) - held)
+
+    def _register(self, sequence: Sequence) -> None:
+        """Cache the prompt blocks this sequence has now computed in full: reusable from the next step on."""
+        if sequence.pooling or sequence.synthetic:
+            return
+        hashes = sequence.prompt.block_hashes
+        full = min(len(hashes), sequence.computed // self.config.block_size)
+        while sequence.registered < full:
+            h = hashes[sequence.registered]
+            if self.pool.register(h):
+                sequence.private -= 1
+                sequence.hashes.append(h)
+            sequence.registered += 1
+
+    def _release(self, sequence: Sequence) -> None:
+        for h in reversed(sequence.hashes):  # the tail is released first, so it is evicted first
+            self.pool.release(h)
+        self.pool.give_back(sequence.private)
+        sequence.hashes = []
+        sequence.private = 0
+        sequence.registered = 0
+
+    def _preempt(self, sequence: Sequence) -> None:
+        self._release(sequence)
+        self.running.remove(sequence)
+        sequence.computed = 0
+        sequence.prefill_target = sequence.prompt.tokens + (0 if sequence.synthetic else sequence.generated)
+        sequence.state = State.WAITING
+        self.waiting.appendleft(sequence)
+        self.stats.preemptions += 1
+
+    def _finish(self, sequence: Sequence, reason: str, now: float) -> None:
+        self._release(sequence)
+        sequence.state = State.FINISHED
+        sequence.finish_reason = reason
+        self.stats.completed += 1
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self.stats.e2e.observe(now - sequence.arrived)
+        if sequence.done is not None and not sequence.done.done():
+            sequence.done.set_result(None)
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop else 0.0
+
+    # --- views ---------------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.pool.usage
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        return {
+            "requests": s.requests,
+            "completed": s.completed,
+            "aborted": s.aborted,
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "kv_cache_usage": self.kv_usage,
+            "prompt_tokens": s.prompt_tokens,
+            "generation_tokens": s.generation_tokens,
+            "prefill_tokens": s.prefill_tokens,
+            "prefix_cache_queries": s.prefix_queries,
+            "prefix_cache_hits": s.prefix_hits,
+            "prefix_cache_hit_rate": s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
+            "preemptions": s.preemptions,
+            "steps": s.steps,
+            "busy_seconds": s.busy_seconds,
+            "finished": dict(s.finished),
+            "paused": self.paused,
+        }

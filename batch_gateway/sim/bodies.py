@@ -1,0 +1,106 @@
+"""Response bodies shaped like vLLM's OpenAI server: ids, objects, choices, deterministic text and vectors, usage."""
+
+from __future__ import annotations
+
+import base64
+import math
+import random
+import secrets
+import struct
+import time
+from typing import Any
+
+from batch_gateway.sim.engine import Sequence
+from batch_gateway.sim.requests import CHAT, COMPLETIONS, EMBEDDINGS, Job
+from batch_gateway.sim.tokens import output_text
+
+
+def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
+    """`sequences` are in the job's order: for each prompt, its `n` sequences."""
+    if job.endpoint == EMBEDDINGS:
+        return _embeddings(job, sequences)
+    finish = "length" if job.length_limited else "stop"
+    prompt_tokens = sum(p.tokens for p in job.prompts)
+    cached = sum(sequences[i * job.n].cached_tokens or 0 for i in range(len(job.prompts)))
+    completion_tokens = sum(s.generated for s in sequences)
+    texts = [output_text(s.prompt.key + i % job.n, s.generated) for i, s in enumerate(sequences)]
+    created = int(time.time())
+    if job.endpoint == CHAT:
+        return {
+            "id": "chatcmpl-" + secrets.token_hex(16),
+            "object": "chat.completion",
+            "created": created,
+            "model": job.model,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": text, "tool_calls": []}, "logprobs": None,
+                 "finish_reason": finish, "stop_reason": None}
+                for i, text in enumerate(texts)
+            ],
+            "usage": _usage(prompt_tokens, completion_tokens, cached),
+        }
+    if job.endpoint == COMPLETIONS:
+        return {
+            "id": "cmpl-" + secrets.token_hex(16),
+            "object": "text_completion",
+            "created": created,
+            "model": job.model,
+            "choices": [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+                for i, text in enumerate(texts)
+            ],
+            "usage": _usage(prompt_tokens, completion_tokens, cached),
+        }
+    return {  # /v1/responses
+        "id": "resp_" + secrets.token_hex(16),
+        "object": "response",
+        "created_at": created,
+        "model": job.model,
+        "status": "incomplete" if job.length_limited else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if job.length_limited else None,
+        "error": None,
+        "output": [
+            {"type": "message", "id": "msg_" + secrets.token_hex(16), "status": "completed", "role": "assistant",
+             "content": [{"type": "output_text", "text": texts[0], "annotations": []}]}
+        ],
+        "usage": {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _embeddings(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
+    data = []
+    for index, prompt in enumerate(job.prompts):
+        vector = embedding_vector(prompt.key, job.dimensions)
+        encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if job.base64 else vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(p.tokens for p in job.prompts)
+    return {
+        "id": "embd-" + secrets.token_hex(16),
+        "object": "list",
+        "created": int(time.time()),
+        "model": job.model,
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def embedding_vector(key: int, dimensions: int) -> list[float]:
+    """A unit vector fixed by the input: the same text always embeds the same."""
+    rng = random.Random(key)
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]

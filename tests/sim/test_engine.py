@@ -1,0 +1,190 @@
+"""The engine model over real HTTP: the honest prefix cache, the queue and the knee, KV pressure, chunked prefill."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from batch_gateway.sim.tokens import BYTES_PER_TOKEN
+from tests.sim.conftest import SYSTEM, chat, stats, wait_until
+
+
+async def _post_all(url: str, bodies: list[dict], path: str = "/v1/chat/completions") -> list[dict]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        responses = await asyncio.gather(*(http.post(path, json=body) for body in bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def _send_while_paused(server, bodies: list[dict]) -> list[dict]:
+    """Hold the scheduler, let every request arrive, then release: they are all admitted in the same step."""
+    httpx.post(server.url + "/sim/pause")
+
+    async def run() -> list[dict]:
+        sending = asyncio.ensure_future(_post_all(server.url, bodies))
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            while (await http.get("/sim/stats")).json()["waiting"] < len(bodies):
+                await asyncio.sleep(0.005)
+            await http.post("/sim/resume")
+        return await sending
+
+    return asyncio.run(run())
+
+
+def test_same_step_both_miss_a_later_request_hits(start_sim):
+    server = start_sim(time_scale=0.05)
+    together = _send_while_paused(server, [chat("first"), chat("second")])
+    assert [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in together] == [0, 0]
+    later = httpx.post(server.url + "/v1/chat/completions", json=chat("third")).json()["usage"]
+    cached = later["prompt_tokens_details"]["cached_tokens"]
+    shared_tokens = len(SYSTEM) // BYTES_PER_TOKEN
+    assert cached % 16 == 0 and shared_tokens - 16 <= cached < later["prompt_tokens"]
+    counters = stats(server)
+    assert counters["prefix_cache_hits"] == cached
+    assert counters["prefix_cache_queries"] == sum(r["usage"]["prompt_tokens"] for r in together) + later["prompt_tokens"]
+    assert counters["kv_cache_usage"] == 0.0  # nothing running holds blocks; the cached ones are idle
+
+
+def test_identical_prompt_recomputes_its_last_block_and_reset_forgets(start_sim):
+    server = start_sim(time_scale=0.02)
+    body = {"model": "sim-model", "prompt": "y" * 64 * 10, "max_tokens": 1}  # exactly 10 blocks of 16 tokens
+    first = httpx.post(server.url + "/v1/completions", json=body).json()["usage"]
+    second = httpx.post(server.url + "/v1/completions", json=body).json()["usage"]
+    assert first["prompt_tokens"] == 160 and first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == 144  # one token must be computed: the last block is
+    assert httpx.post(server.url + "/reset_prefix_cache").json()["reset_blocks"] == 10
+    third = httpx.post(server.url + "/v1/completions", json=body).json()["usage"]
+    assert third["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_waiting_queue_grows_beyond_max_num_seqs(start_sim):
+    server = start_sim(max_num_seqs=4, time_scale=0.05)
+
+    async def run() -> tuple[dict, dict]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            await http.post("/sim/pause")
+            sending = [asyncio.ensure_future(http.post("/v1/chat/completions", json=chat(str(i), max_tokens=200)))
+                       for i in range(10)]
+            while (await http.get("/sim/stats")).json()["waiting"] < 10:
+                await asyncio.sleep(0.005)
+            paused = (await http.get("/sim/stats")).json()
+            await http.post("/sim/resume")
+            while (await http.get("/sim/stats")).json()["running"] < 4:
+                await asyncio.sleep(0.002)
+            running = (await http.get("/sim/stats")).json()
+            responses = await asyncio.gather(*sending)
+            assert all(r.status_code == 200 for r in responses)
+            return paused, running
+
+    paused, running = asyncio.run(run())
+    assert (paused["running"], paused["waiting"]) == (0, 10)
+    assert (running["running"], running["waiting"]) == (4, 6)
+    final = stats(server)
+    assert (final["running"], final["waiting"], final["completed"]) == (0, 0, 10)
+
+
+def _closed_loop(url: str, concurrency: int, per_worker: int) -> tuple[float, float]:
+    """(requests per second, mean latency) of `concurrency` workers each sending `per_worker` requests in turn."""
+    latencies: list[float] = []
+
+    async def worker(http: httpx.AsyncClient, w: int) -> None:
+        for i in range(per_worker):
+            started = time.monotonic()
+            response = await http.post("/v1/chat/completions", json=chat(f"{w}-{i}", system="s", max_tokens=10))
+            assert response.status_code == 200
+            latencies.append(time.monotonic() - started)
+
+    async def run() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            started = time.monotonic()
+            await asyncio.gather(*(worker(http, w) for w in range(concurrency)))
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(run())
+    return concurrency * per_worker / elapsed, sum(latencies) / len(latencies)
+
+
+def test_throughput_knee_at_max_num_seqs(start_sim):
+    # 10 steps of ~5 ms per request: slow enough that the client's own CPU time does not blur the picture.
+    server = start_sim(max_num_seqs=4, time_scale=0.5)
+    below = _closed_loop(server.url, 2, 6)
+    knee = _closed_loop(server.url, 4, 6)
+    beyond = _closed_loop(server.url, 8, 6)
+    assert knee[0] > 1.5 * below[0]  # below the knee, concurrency buys throughput...
+    assert beyond[0] < 1.3 * knee[0]  # ...past it, it does not...
+    assert beyond[1] > 1.5 * knee[1]  # ...and only latency grows (the queue)
+
+
+def test_kv_cache_full_makes_requests_wait_and_preempts(start_sim):
+    # 40 blocks of 16 tokens; each request holds ~13 blocks of prompt and grows by 5 more while decoding.
+    server = start_sim(kv_blocks=40, max_num_seqs=8, time_scale=0.05)
+    bodies = [{"model": "sim-model", "prompt": f"{i} " + "z" * 800, "max_tokens": 80} for i in range(6)]
+    seen: list[dict] = []
+
+    async def run() -> list[dict]:
+        sending = asyncio.ensure_future(_post_all(server.url, bodies, "/v1/completions"))
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            while not sending.done():
+                seen.append((await http.get("/sim/stats")).json())
+                await asyncio.sleep(0.01)
+        return await sending
+
+    results = asyncio.run(run())
+    assert all(r["usage"]["completion_tokens"] == 80 for r in results)
+    assert any(s["waiting"] > 0 and s["running"] < 8 for s in seen)  # waiting on KV, not on slots
+    assert max(s["kv_cache_usage"] for s in seen) > 0.8
+    final = stats(server)
+    assert final["preemptions"] > 0 and final["completed"] == 6 and final["kv_cache_usage"] == 0.0
+
+
+def test_long_prompt_is_prefilled_in_chunks(start_sim):
+    server = start_sim(time_scale=0, max_num_batched_tokens=8192)
+    body = {"model": "sim-model", "prompt": list(range(20_000)), "max_tokens": 1}
+    assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200
+    assert stats(server)["steps"] == 3  # 8192 + 8192 + 3616 prompt tokens; the last chunk yields the output token
+
+
+def test_step_costs_follow_the_documented_model(start_sim):
+    server = start_sim(time_scale=0.5, step_base_ms=4, per_seq_ms=1, prefill_ms_per_token=0.1, context_ms_per_token=0.01)
+    body = {"model": "sim-model", "prompt": list(range(100)), "max_tokens": 11}
+    started = time.monotonic()
+    httpx.post(server.url + "/v1/completions", json=body)
+    wall = time.monotonic() - started
+    # Step 1 prefills 100 tokens (and samples token 1); steps 2..11 decode with 100..109 tokens of context.
+    expected_ms = (4 + 1 + 0.1 * 100) + sum(4 + 1 + 0.01 * (100 + k) for k in range(10))
+    counters = stats(server)
+    assert counters["steps"] == 11
+    assert counters["busy_seconds"] == pytest.approx(expected_ms / 1000)
+    assert 0.5 * expected_ms / 1000 <= wall < 0.5 * expected_ms / 1000 + 0.1
+
+
+def test_client_going_away_aborts_the_request(start_sim):
+    server = start_sim(time_scale=1.0, max_num_seqs=1)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=1000), timeout=0.2)
+    wait_until(lambda: stats(server)["aborted"] == 1)
+    assert stats(server)["running"] == 0  # the slot is free again
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+
+
+def test_interactive_load_takes_slots(start_sim):
+    server = start_sim(max_num_seqs=4, time_scale=0.05)
+    httpx.post(server.url + "/sim/load", json={"sequences": 3, "context_tokens": 256})
+    wait_until(lambda: stats(server)["running"] == 3)
+    assert stats(server)["kv_cache_usage"] > 0
+    _send_while_paused(server, [chat(str(i), max_tokens=3) for i in range(2)])
+    assert stats(server)["completed"] == 2  # one slot left: they ran one after the other, and both finished
+    httpx.post(server.url + "/sim/load", json={"sequences": 0})
+    wait_until(lambda: stats(server)["running"] == 0)
+    assert stats(server)["kv_cache_usage"] == 0.0
+    assert httpx.post(server.url + "/sim/load", json={"sequences": -1}).status_code == 400
+
+
+def test_each_model_has_its_own_engine(start_sim):
+    server = start_sim(models=["small", "large"], max_num_seqs=2, time_scale=0.02)
+    asyncio.run(_post_all(server.url, [chat(str(i), model="small") for i in range(3)] + [chat("x", model="large")]))
+    per_model = stats(server)["models"]
+    assert per_model["small"]["completed"] == 3 and per_model["large"]["completed"] == 1

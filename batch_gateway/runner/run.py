@@ -84,6 +84,12 @@ class BatchRunner:
         await self._claim()
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
+            # Read again under the lease: another runner may have finished the batch while this one waited.
+            batch = await self._reload()
+            if batch.terminal:
+                await self._cleanup(batch)
+                self.log.info("runner.already_terminal", status=batch.status)
+                return batch.status
             return await self._run_claimed(batch)
         finally:
             heartbeat.cancel()

@@ -28,7 +28,7 @@ def test_transient_errors_are_retried_until_they_succeed(tmp_path):
         batch, out, err, _ = run(tmp_path, sim.url, 30, max_attempts=10)
         served = httpx.get(sim.url + "/sim/stats").json()
     assert batch.status == "completed" and len(out) == 30 and not err
-    assert served["errors"].get("429", 0) + served["errors"].get("503", 0) > 0  # failures really happened
+    assert served["injected"]["429"] + served["injected"]["503"] > 0  # failures really happened
 
 
 def test_retry_budget_bounds_a_failing_upstream(tmp_path):
@@ -37,7 +37,7 @@ def test_retry_budget_bounds_a_failing_upstream(tmp_path):
         served = httpx.get(sim.url + "/sim/stats").json()
     assert batch.status == "completed" and not out and len(err) == 150
     assert all(line["response"]["status_code"] == 503 for line in err)
-    retries = served["errors"]["503"] - 150
+    retries = served["injected"]["503"] - 150
     assert retries <= 100  # the budget: max(100, 10% of 150)
 
 

@@ -118,7 +118,7 @@ class ArgoExecutor(Executor):
         for _ in range(MAX_RUNS + 2):  # room for a replacement racing another submitter
             body = self.workflow_body(batch_id, tenant=tenant, model=model, run=run)
             try:
-                await self._call("create", self._objects().create_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, body)
+                await self._call("create", self._objects().create_namespaced_custom_object, *self._collection, body)
                 log.info("argo.submitted", batch_id=batch_id, workflow=name, namespace=self.namespace, run=run)
                 return
             except ApiException as exc:
@@ -149,7 +149,7 @@ class ArgoExecutor(Executor):
         name = workflow_name(batch_id)
         patch = {"spec": {"shutdown": "Stop"}}
         try:
-            await self._call("stop", self._objects().patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name, patch)
+            await self._call("stop", self._objects().patch_namespaced_custom_object, *self._collection, name, patch)
         except ApiException as exc:
             if exc.status == 404:
                 log.info("argo.cancel_without_workflow", batch_id=batch_id, workflow=name)
@@ -166,7 +166,7 @@ class ArgoExecutor(Executor):
             return RunState.FINISHED
         if phase in ("Failed", "Error"):
             return RunState.FAILED
-        return RunState.RUNNING  # "" (not yet seen by the controller), Pending (e.g. waiting for the semaphore), Running
+        return RunState.RUNNING  # "" (the controller has not seen it yet), Pending (e.g. semaphore), Running
 
     # --- the Workflow object ---------------------------------------------------------------------
 
@@ -205,6 +205,10 @@ class ArgoExecutor(Executor):
 
     # --- Kubernetes API calls --------------------------------------------------------------------
 
+    @property
+    def _collection(self) -> tuple[str, str, str, str]:
+        return GROUP, VERSION, self.namespace, PLURAL
+
     def _objects(self) -> client.CustomObjectsApi:
         if self._api is None:
             if self._api_client is None:
@@ -233,7 +237,7 @@ class ArgoExecutor(Executor):
 
     async def _get(self, name: str) -> dict[str, Any] | None:
         try:
-            return await self._call("get", self._objects().get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name)
+            return await self._call("get", self._objects().get_namespaced_custom_object, *self._collection, name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -245,7 +249,7 @@ class ArgoExecutor(Executor):
         if uid:
             options["preconditions"] = {"uid": uid}
         try:
-            await self._call("delete", self._objects().delete_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name, body=options)
+            await self._call("delete", self._objects().delete_namespaced_custom_object, *self._collection, name, body=options)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return  # already gone, or already replaced by someone else

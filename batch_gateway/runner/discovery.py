@@ -28,7 +28,8 @@ from kubernetes import client
 from batch_gateway.executor.kube import load_api_client, own_namespace
 
 SCHEME = "k8s://"
-_REF = re.compile(r"^k8s://(?:(?P<namespace>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/)?(?P<service>[a-z0-9]([-a-z0-9]*[a-z0-9])?):(?P<port>[0-9]+|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
+_NAME = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"  # DNS-1123 label
+_REF = re.compile(rf"^k8s://(?:(?P<namespace>{_NAME})/)?(?P<service>{_NAME}):(?P<port>[0-9]+|{_NAME})$")
 
 log = structlog.get_logger("runner.discovery")
 
@@ -53,7 +54,9 @@ def parse_k8s_url(url: str, *, default_namespace: str | None = None) -> ServiceR
         )
     namespace = match.group("namespace") or default_namespace
     if not namespace:
-        raise ValueError(f"upstream {url!r} names no namespace and this process does not run in a pod; use k8s://NAMESPACE/...")
+        raise ValueError(
+            f"upstream {url!r} names no namespace and this process does not run in a pod; use k8s://NAMESPACE/..."
+        )
     port_text = match.group("port")
     port: int | str = int(port_text) if port_text.isdigit() else port_text
     if isinstance(port, int) and not 0 < port < 65536:
@@ -74,7 +77,9 @@ async def discover_from_url(url: str, api_client: client.ApiClient | None = None
     return urls
 
 
-async def discover_endpoints(namespace: str, service: str, port: int | str, api_client: client.ApiClient | None = None) -> list[str]:
+async def discover_endpoints(
+    namespace: str, service: str, port: int | str, api_client: client.ApiClient | None = None
+) -> list[str]:
     """`http://<ready pod ip>:<port>` for every ready endpoint of the Service, sorted; [] if none is ready."""
     owned = api_client is None
     api_client = api_client or load_api_client()
@@ -87,7 +92,9 @@ async def discover_endpoints(namespace: str, service: str, port: int | str, api_
             _request_timeout=(5.0, 30.0),
         )
     except client.exceptions.ApiException as exc:
-        raise DiscoveryError(f"cannot list EndpointSlices of Service {namespace}/{service}: HTTP {exc.status} {exc.reason}") from exc
+        raise DiscoveryError(
+            f"cannot list EndpointSlices of Service {namespace}/{service}: HTTP {exc.status} {exc.reason}"
+        ) from exc
     except Exception as exc:  # urllib3 connection errors and the like
         raise DiscoveryError(f"cannot list EndpointSlices of Service {namespace}/{service}: {exc}") from exc
     finally:

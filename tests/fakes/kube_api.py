@@ -29,7 +29,9 @@ from kubernetes import client
 
 from tests.fakes import argo_schemas
 
-_PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<namespace>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$")
+_PATH = re.compile(
+    r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<namespace>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$"
+)
 
 RESOURCES: dict[tuple[str, str, str], tuple[str, str | None]] = {
     # (group, version, plural): (kind, the Argo schema that validates it)
@@ -186,7 +188,8 @@ class FakeKubeAPI:
                     f"Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: {current['metadata']['uid']}",
                 )
             del self.objects[key]
-            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"name": name, "kind": plural, "uid": current["metadata"]["uid"]}}
+            details = {"name": name, "kind": plural, "uid": current["metadata"]["uid"]}
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}
         raise HTTPError(405, "MethodNotAllowed", f"{method} is not supported")
 
     # --- store ---------------------------------------------------------------------------------
@@ -224,7 +227,12 @@ class FakeKubeAPI:
             for (g, p, ns, _), o in sorted(self.objects.items())
             if g == group and p == plural and ns == namespace and _matches(o["metadata"].get("labels") or {}, selector)
         ]
-        return {"apiVersion": f"{group}/{version}" if group else version, "kind": f"{kind}List", "metadata": {"resourceVersion": str(self._version)}, "items": items}
+        return {
+            "apiVersion": f"{group}/{version}",
+            "kind": f"{kind}List",
+            "metadata": {"resourceVersion": str(self._version)},
+            "items": items,
+        }
 
     def _existing(self, key: tuple[str, str, str, str], kind: str) -> dict[str, Any]:
         found = self.objects.get(key)

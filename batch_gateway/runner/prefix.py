@@ -1,14 +1,27 @@
-"""Prefix keys: order requests so that those sharing a prompt prefix reach the engine back to back.
+"""Prefix keys: order requests so that those sharing a prompt prefix reach the engine close together.
 
-The key of a request is built from the text the engine will see first, in order. Its first block is the request's
-*static head*: `tools` (canonical JSON) and the leading system/developer messages for chat, `instructions` for
-/v1/responses — whatever its length, so requests sharing a system prompt always share their first block. The rest
-(the leading turns, with text of string or content-part contents and image URLs; the `prompt` for /v1/completions;
-`input` for embeddings) is cut into blocks of growing size (64, 256, 1024 characters: fine near the start, where
-prefixes diverge, coarse later). Blocks are hashed chained, so block i's hash covers everything up to block i:
-requests sharing a longer prefix share more leading hashes, and a lexicographic sort of the keys puts them next to
-each other. BLAKE2b makes keys deterministic across processes and machines (Python's `hash()` is salted per
-process).
+**Text.** The key of a request is built from the text the engine sees first, in order:
+* chat: the leading system/developer messages, then `tools` (canonical JSON), then the remaining turns. Content may be
+  a string or an array of parts: text parts count as text; images, audio and files count as a short hash of their
+  data or URL.
+* /v1/responses: `instructions`, then `tools`, then `input`.
+* /v1/completions: `prompt` (a string, a list of strings, or token ids as JSON).
+* embeddings: `input`.
+
+Only the first `COVERED` characters matter.
+
+**Blocks.** That text is cut into blocks of growing size (`BLOCK_SIZES`: 64, 128, ... 8192 bytes, so 16 KiB in all).
+The blocks are fine near the start, where prompts diverge, and coarse further in. One exception: the first block ends
+where the static head (system/developer messages, tools, instructions) ends, if that comes sooner. Requests that
+share a system prompt therefore always share their first block, however short the prompt is. They are hashed chained: block i's
+hash covers bytes 0..end of block i. Requests that share a longer prefix therefore share more leading hashes, and a
+lexicographic sort of the keys puts them next to each other. BLAKE2b keeps keys identical across processes and
+machines (Python's `hash()` is salted per process). A real block never hashes to 0: 0 pads the keys of short texts.
+
+**Shape of the plan.** `shared_depths` gives, for every request in planned order, how many leading blocks it shares
+with the one before it. Its zeros split the plan into *top-level groups*: requests that share at least their first
+block. The depths inside a group describe the whole prefix tree; the scheduler uses them to warm each shared prefix
+once before the requests that reuse it go out.
 """
 
 from __future__ import annotations
@@ -19,100 +32,179 @@ from typing import Any
 import msgspec
 import numpy as np
 
-BLOCK_SIZES = (64, 256, 1024)  # after the static head
-MAX_BLOCKS = 1 + len(BLOCK_SIZES)
+BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+MAX_BLOCKS = len(BLOCK_SIZES)
+COVERED = sum(BLOCK_SIZES)
+_SEPARATOR = "\x1e"
 
 _canonical = msgspec.json.Encoder(order="sorted")
+
+
+def _digest(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def _part_text(part: Any) -> str:
+    """One content part. Text stands for itself; media stand for a hash of their data (a data: URL can be megabytes)."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        return _canonical.encode(part).decode()
+    text = part.get("text")
+    if isinstance(text, str):
+        return text
+    kind = part.get("type") or "part"
+    return f"<{kind}:{_digest(_canonical.encode({k: v for k, v in part.items() if k != 'type'}))}>"
 
 
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
+    if content is None:
+        return ""
     if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict):
-                if isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-                elif isinstance(part.get("image_url"), dict):
-                    parts.append(f"<image:{part['image_url'].get('url', '')}>")
-                else:
-                    parts.append(_canonical.encode(part).decode())
-            elif isinstance(part, str):
-                parts.append(part)
-        return "\n".join(parts)
-    return "" if content is None else _canonical.encode(content).decode()
+        return "\n".join(_part_text(part) for part in content)
+    return _canonical.encode(content).decode()
 
 
-def prefix_text(endpoint: str, body: dict[str, Any]) -> tuple[str, str]:
-    """The normalised text the engine sees first for this request: (static head, the rest)."""
-    head: list[str] = []
-    rest: list[str] = []
-    if body.get("tools"):
-        head.append(_canonical.encode(body["tools"]).decode())
+class _Text:
+    """Accumulates the normalised text, and tells the caller when COVERED characters are reached."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.head = 0  # characters of the static head (system prompt, tools, instructions)
+
+    def end_head(self) -> None:
+        self.head = min(self.length, COVERED)
+
+    def add(self, text: str) -> bool:
+        """Append; False once enough text has been collected (the rest cannot change the key)."""
+        self.parts.append(text)
+        self.length += len(text) + 1
+        return self.length < COVERED
+
+    def value(self) -> str:
+        return _SEPARATOR.join(self.parts)[:COVERED]
+
+
+def _add_message(text: _Text, message: Any) -> bool:
+    if not isinstance(message, dict):
+        return text.add(_canonical.encode(message).decode())
+    return text.add(f"<{message.get('role', '')}>{_content_text(message.get('content'))}")
+
+
+def prefix_text(endpoint: str, body: dict[str, Any]) -> str:
+    """The normalised text the engine sees first for this request (at most COVERED characters)."""
+    return _normalised(endpoint, body).value()
+
+
+def _normalised(endpoint: str, body: dict[str, Any]) -> _Text:
+    text = _Text()
     if endpoint == "/v1/chat/completions":
-        messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
-        leading = True
-        for message in messages:
-            role = message.get("role", "")
-            leading = leading and role in ("system", "developer")
-            (head if leading else rest).append(f"<{role}>{_content_text(message.get('content'))}")
-    elif endpoint == "/v1/completions":
-        prompt = body.get("prompt")
-        rest.append(prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else _content_text(prompt))
+        messages = body.get("messages") or []
+        if not isinstance(messages, list):
+            messages = [messages]
+        leading = 0
+        while leading < len(messages) and isinstance(messages[leading], dict) and messages[leading].get("role") in ("system", "developer"):
+            if not _add_message(text, messages[leading]):
+                return text
+            leading += 1
+        if body.get("tools") and not text.add(_canonical.encode(body["tools"]).decode()):
+            return text
+        text.end_head()
+        for message in messages[leading:]:
+            if not _add_message(text, message):
+                break
     elif endpoint == "/v1/responses":
-        if body.get("instructions"):
-            head.append(str(body["instructions"]))
+        if body.get("instructions") and not text.add(_content_text(body["instructions"])):
+            return text
+        if body.get("tools") and not text.add(_canonical.encode(body["tools"]).decode()):
+            return text
+        text.end_head()
         value = body.get("input")
-        if isinstance(value, list):
+        for item in value if isinstance(value, list) else [value]:
+            if not (_add_message(text, item) if isinstance(item, dict) else text.add(_content_text(item))):
+                break
+    else:  # /v1/completions (prompt) and /v1/embeddings (input)
+        value = body.get("prompt") if endpoint == "/v1/completions" else body.get("input")
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             for item in value:
-                if isinstance(item, dict):
-                    rest.append(f"<{item.get('role', '')}>{_content_text(item.get('content'))}")
+                if not text.add(item):
+                    break
         else:
-            rest.append(_content_text(value))
-    else:
-        rest.append(_content_text(body.get("input")))
-    return "\x1e".join(head), "\x1e".join(rest)
+            text.add(_content_text(value))  # a string, or token ids (as JSON: shared id prefixes stay shared)
+    return text
 
 
 def prefix_key(endpoint: str, body: dict[str, Any]) -> tuple[int, ...]:
-    """Chained hashes: the static head, then the blocks of the rest that are present (MAX_BLOCKS at most)."""
-    head, rest = prefix_text(endpoint, body)
-    hasher = hashlib.blake2b(head.encode(), digest_size=8)
-    keys = [_nonzero(hasher)]
-    data = rest.encode()
+    """Chained hashes of the blocks of the request's normalised prefix text: one per block present (≥ 1)."""
+    text = _normalised(endpoint, body)
+    value = text.value()
+    data = value.encode()
+    hasher = hashlib.blake2b(digest_size=8)
+    keys: list[int] = []
     start = 0
     for size in BLOCK_SIZES:
+        if not keys and text.head:  # the first block ends with a short static head
+            size = min(size, len(value[: text.head].encode()))
         block = data[start : start + size]
-        if not block:
+        if not block and keys:
             break
         hasher.update(block)
-        keys.append(_nonzero(hasher))
+        keys.append(int.from_bytes(hasher.copy().digest(), "big") | 1)  # never 0: 0 is padding
         start += size
     return tuple(keys)
 
 
-def _nonzero(hasher) -> int:
-    # Never 0: zero pads keys that have fewer blocks, and must sort before any real block.
-    return int.from_bytes(hasher.copy().digest(), "big") | 1
-
-
 def plan_order(keys: np.ndarray) -> np.ndarray:
-    """A stable, deterministic order of request indices sorting the (n, MAX_BLOCKS) keys lexicographically."""
-    if len(keys) == 0:
-        return np.zeros(0, dtype=np.int64)
-    # np.lexsort sorts by the last key first, so pass the columns reversed; it is stable, so ties keep input order.
-    return np.lexsort(tuple(keys[:, i] for i in range(keys.shape[1] - 1, -1, -1))).astype(np.int64)
+    """A deterministic order of request indices for (n, MAX_BLOCKS) uint64 keys (0-padded).
 
-
-def group_ids(sorted_keys: np.ndarray) -> np.ndarray:
-    """For keys in planned order, a group number per request: requests sharing their first block (the start of the
-    system prompt or tools, where a chat template puts them) form one group, whose prefix one request warms up."""
-    n = len(sorted_keys)
+    Keys are sorted lexicographically (stable: ties keep input order), then top-level groups (requests sharing their
+    first block) are ordered by size, largest first, ties in key order. Large groups start early, when their warm-up
+    is cheapest to hide. Requests that share nothing come last and make good filler for the final minutes."""
+    n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    first = sorted_keys[:, 0]
-    starts = np.empty(n, dtype=bool)
-    starts[0] = True
-    starts[1:] = first[1:] != first[:-1]
-    return np.cumsum(starts).astype(np.int64) - 1
+    keys = np.asarray(keys)
+    if keys.ndim != 2:
+        raise ValueError(f"keys must be a 2-D array of shape (n, blocks), got shape {keys.shape}")
+    # np.lexsort sorts by its last key first, so pass the columns reversed.
+    order = np.lexsort(tuple(keys[:, i] for i in range(keys.shape[1] - 1, -1, -1)))
+    first = keys[order, 0]
+    starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    group_rank = np.argsort(-sizes, kind="stable")  # groups by size, largest first, ties in key order
+    position_of_group = np.empty(len(starts), dtype=np.int64)
+    position_of_group[group_rank] = np.r_[0, np.cumsum(sizes[group_rank])[:-1]]
+    # Each request moves with its group: new position = group's new start + offset within the group.
+    group = np.repeat(np.arange(len(starts)), sizes)
+    new_position = position_of_group[group] + (np.arange(n) - starts[group])
+    planned = np.empty(n, dtype=np.int64)
+    planned[new_position] = order
+    return planned
+
+
+def shared_depths(keys: np.ndarray, order: np.ndarray | None = None, *, chunk: int = 1 << 16) -> np.ndarray:
+    """How many leading blocks each request shares with the one planned before it (0 for the first request and at
+    every top-level group boundary). `keys` are in planned order, or give the keys as ingested plus `order` (from
+    `plan_order`, possibly filtered): then no sorted copy of the whole key array is made."""
+    n = len(keys) if order is None else len(order)
+    depths = np.zeros(n, dtype=np.uint8)
+    for start in range(1, n, chunk):
+        end = min(n, start + chunk)
+        rows = keys[start - 1 : end] if order is None else keys[order[start - 1 : end]]
+        same = (rows[1:] == rows[:-1]) & (rows[1:] != 0)
+        depths[start:end] = np.logical_and.accumulate(same, axis=1).sum(axis=1)
+    return depths
+
+
+def group_ids(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """A top-level group number per planned request (arguments as for `shared_depths`). A group is a run of
+    requests sharing at least their first block (the first 64 bytes: a system prompt's opening, or the start of a
+    shared prompt); the scheduler's warm-up works on the whole prefix tree within it (see `shared_depths`)."""
+    depths = shared_depths(keys, order)
+    if len(depths) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.cumsum(depths == 0).astype(np.int64) - 1

@@ -1,16 +1,37 @@
-"""Cold-group gating and endpoint affinity: which planned request goes out next, and where.
+"""Cold-prefix gating and endpoint affinity: which planned request goes out next, and where.
 
-Sorting alone is not enough: requests of one prefix group sent together all start cold, and each computes the shared
-prefix (measured on llama.cpp: ~1% cache hits, worse than random order). So the first request of a group (its head)
-goes out alone; once it has finished — the prefix is now in the engine's cache — the group is *warm* and its other
-requests go out back to back. Meanwhile other groups' heads keep the engine busy. A head that fails hands the role
-to the group's next request.
+Sorting alone is not enough. Requests sharing a prefix that go out together all start cold, and each computes the
+shared prefix: measured on llama.cpp, about 1 % cache hits, worse than random order. vLLM likewise reuses a block
+only once a request has finished computing it. So a shared prefix is first computed by one request alone, and the
+requests that reuse it follow once it has finished. Meanwhile other work keeps the engine busy.
 
-With several endpoints, a group sticks to the endpoint that sent its head (its cache is warm there). Endpoints pull
-work when they have a free slot, so busy endpoints take fewer new groups: groups balance by load.
+**The prefix tree.** The plan is the requests in key order, plus each one's *depth*: how many leading key blocks it
+shares with the request before it (`prefix.shared_depths`). The *parent* of request i (depth d > 0) is the first
+request of the run of requests around i that share those d blocks. That is the one that computes them. Requests
+with depth 0 have no parent; they are the heads of top-level groups. This is the general case: a shared system prompt
+with distinct questions is a one-level tree, and few-shot prompts that branch at several points are deeper trees.
 
-Memory: the plan is numpy arrays (lines in planned order, group boundaries, a cursor per group); only groups that are
-in flight or warm live in Python containers.
+**Gating.** A request with no parent may go at any time. The children of a parent form a *pool*. The pool opens on an
+endpoint (turns *warm* there) when its parent finishes successfully there; from then on its children go out back to
+back. If the parent fails, the pool's first remaining child becomes a stand-in parent. It goes out alone, and the
+pool opens when it succeeds. It is the child sharing the deepest prefix, so it computes what all the others reuse.
+Children are themselves parents of their own pools, so every level of the tree is warmed once per endpoint.
+
+**Endpoints.** A pool is warm on the endpoints where its parent, or a stand-in, succeeded; its children go there,
+since their prefix sits in that engine's cache. Endpoints pull work when they have a free slot, so busy endpoints take
+fewer new groups: groups balance by load. The order of preference for `next_ready(endpoint)` is:
+1. a pool warm on this endpoint (drained front first, back to back);
+2. a pool whose head failed on this endpoint (send a stand-in);
+3. a new top-level request;
+4. join: take over work from another endpoint's busiest pool by sending a stand-in head here. After it succeeds,
+   both endpoints drain the pool. Without this, one huge group (every request sharing a system prompt) would keep
+   all but one endpoint idle.
+
+**Contract.** The dispatcher retries a request itself. The scheduler hands out each request exactly once and needs
+exactly one `on_finished(line, success)` per handed-out request, whatever its final outcome.
+
+**Memory.** For n requests: the lines (int64), the children index (int32) and its offsets (int64), about 20 bytes
+per request. Only pools that are open or waiting for a stand-in, and requests in flight, are Python objects.
 """
 
 from __future__ import annotations
@@ -19,36 +40,71 @@ from collections import deque
 
 import numpy as np
 
-COLD, HEAD_OUT, WARM = 0, 1, 2
+ROOT = -1
+JOIN_CANDIDATES = 4  # pools examined per other endpoint when joining: the fronts of their queues
+
+
+class _Pool:
+    """The children of one parent: children[cursor:end] are still to go out."""
+
+    __slots__ = ("parent", "cursor", "end", "warm", "heading")
+
+    def __init__(self, parent: int, cursor: int, end: int, warm: int = 0) -> None:
+        self.parent = parent
+        self.cursor = cursor
+        self.end = end
+        self.warm = warm  # bit e: open on endpoint e
+        self.heading = 0  # bit e: a stand-in head is in flight on endpoint e
+
+    @property
+    def left(self) -> int:
+        return self.end - self.cursor
 
 
 class GroupScheduler:
-    def __init__(self, lines: np.ndarray, groups: np.ndarray, endpoints: int = 1) -> None:
-        """`lines`: request indices in planned order; `groups`: their group numbers (equal groups are contiguous)."""
+    def __init__(self, lines: np.ndarray, groups: np.ndarray | None = None, endpoints: int = 1, *,
+                 depths: np.ndarray | None = None) -> None:
+        """`lines`: request indices in planned order. Then either `depths` (shared leading key blocks with the
+        previous planned request, see `prefix.shared_depths`: gating at every level of the prefix tree), or
+        `groups` (a top-level group number per position, equal numbers contiguous: one level, each group's first
+        request warms it)."""
         self.lines = np.asarray(lines, dtype=np.int64)
-        groups = np.asarray(groups, dtype=np.int64)
         n = len(self.lines)
-        if n:
-            boundaries = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        if endpoints < 1:
+            raise ValueError("endpoints must be at least 1")
+        if depths is None:
+            if groups is None:
+                raise ValueError("give either groups or depths")
+            groups = np.asarray(groups)
+            if len(groups) != n:
+                raise ValueError(f"groups has {len(groups)} entries for {n} lines")
+            depths = np.zeros(n, dtype=np.uint8)
+            if n > 1:
+                depths[1:] = groups[1:] == groups[:-1]
         else:
-            boundaries = np.zeros(0, dtype=np.int64)
-        self.starts = boundaries
-        self.ends = np.r_[boundaries[1:], n].astype(np.int64)
-        self.cursor = self.starts.copy()  # next position to hand out, per group
-        self.state = np.zeros(len(boundaries), dtype=np.int8)
-        # Where each request sits: its group, looked up when it finishes.
-        self.group_of = np.empty(int(self.lines.max()) + 1 if n else 0, dtype=np.int32)
-        self.group_of[self.lines] = np.repeat(np.arange(len(boundaries), dtype=np.int32), self.ends - self.starts)
-        self.head_line: dict[int, int] = {}  # group → its head in flight
-        self.affinity: dict[int, int] = {}  # group → endpoint
-        self._warm: list[deque[int]] = [deque() for _ in range(endpoints)]  # warm groups with requests left
-        self._orphan_heads: list[deque[int]] = [deque() for _ in range(endpoints)]  # cold groups whose head failed
-        self._next_new = 0
+            depths = np.asarray(depths)
+            if len(depths) != n:
+                raise ValueError(f"depths has {len(depths)} entries for {n} lines")
+        if n and (int(depths[0]) != 0 or int(depths.min()) < 0):
+            raise ValueError("depths must be non-negative and the first must be 0")
+        self.endpoints = endpoints
+        self._children, self._offsets = _tree(depths.astype(np.int64, copy=False))
+        # Root pool: requests with no parent, open everywhere.
+        self._root = _Pool(ROOT, int(self._offsets[0]), int(self._offsets[1]), warm=(1 << endpoints) - 1)
+        self._ready: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools open on the endpoint
+        self._retry: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools needing a stand-in here
+        self._inflight: dict[int, tuple[int, int, _Pool | None]] = {}  # line → (position, endpoint, pool it heads)
         self.handed_out = 0
+        self.joins = 0
 
     @property
     def total(self) -> int:
         return len(self.lines)
+
+    @property
+    def pending(self) -> int:
+        """Requests not handed out yet."""
+        return len(self.lines) - self.handed_out
 
     @property
     def done(self) -> bool:
@@ -56,75 +112,107 @@ class GroupScheduler:
         return self.handed_out >= len(self.lines)
 
     @property
-    def pending(self) -> int:
-        return len(self.lines) - self.handed_out
+    def inflight(self) -> int:
+        return len(self._inflight)
 
     def next_ready(self, endpoint: int = 0) -> int | None:
-        """The next request for `endpoint`, or None if nothing can go there right now."""
-        warm = self._warm[endpoint]
-        while warm:
-            group = warm[0]
-            position = self.cursor[group]
-            if position < self.ends[group]:
-                self.cursor[group] = position + 1
-                if position + 1 >= self.ends[group]:
-                    warm.popleft()
-                return self._hand_out(position)
-            warm.popleft()
-        orphans = self._orphan_heads[endpoint]
-        while orphans:
-            group = orphans.popleft()
-            if self.cursor[group] < self.ends[group]:
-                return self._send_head(group, endpoint)
-        if self._next_new < len(self.starts):
-            group = self._next_new
-            self._next_new += 1
-            self.affinity[group] = endpoint
-            return self._send_head(group, endpoint)
-        return self._steal(endpoint)
+        """The next request (line index) for `endpoint`, or None if nothing may go there right now. When None and
+        not `done`, work is waiting for a cold prefix to finish: ask again after the next `on_finished`."""
+        bit = 1 << endpoint
+        ready = self._ready[endpoint]
+        while ready:
+            pool = ready[0]
+            if pool.cursor < pool.end:
+                position = int(self._children[pool.cursor])
+                pool.cursor += 1
+                if pool.cursor >= pool.end:
+                    ready.popleft()
+                return self._hand_out(position, endpoint, None)
+            ready.popleft()
+        retry = self._retry[endpoint]
+        while retry:
+            pool = retry.popleft()
+            if pool.left and not (pool.warm | pool.heading) & bit:
+                return self._send_head(pool, endpoint)
+        root = self._root
+        if root.cursor < root.end:
+            position = int(self._children[root.cursor])
+            root.cursor += 1
+            return self._hand_out(position, endpoint, None)
+        return self._join(endpoint)
 
     def on_finished(self, line: int, success: bool) -> None:
-        """A request has its final result. If it was a cold group's head, warm the group or pick a new head."""
-        group = int(self.group_of[line])
-        if self.head_line.get(group) != line:
-            return
-        del self.head_line[group]
-        endpoint = self.affinity[group]
-        if self.cursor[group] >= self.ends[group]:
-            self.state[group] = WARM
+        """A handed-out request has its final result."""
+        try:
+            position, endpoint, heads = self._inflight.pop(line)
+        except KeyError:
+            raise ValueError(f"line {line} is not in flight") from None
+        if heads is not None:  # a stand-in for its pool's parent
+            heads.heading &= ~(1 << endpoint)
+            self._settle(heads, endpoint, success)
+        begin, end = int(self._offsets[position + 1]), int(self._offsets[position + 2])
+        if end > begin:  # it is a parent itself: its own pool opens here, or needs a stand-in
+            self._settle(_Pool(position, begin, end), endpoint, success)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _settle(self, pool: _Pool, endpoint: int, success: bool) -> None:
+        bit = 1 << endpoint
+        if not pool.left:
             return
         if success:
-            self.state[group] = WARM
-            self._warm[endpoint].append(group)
-        else:
-            self.state[group] = COLD
-            self._orphan_heads[endpoint].append(group)
+            if not pool.warm & bit:
+                pool.warm |= bit
+                self._ready[endpoint].append(pool)
+        elif not pool.warm:
+            self._retry[endpoint].append(pool)  # nobody has this prefix: the next child tries, here
+        # else: warm on another endpoint, which carries on with it
 
-    def _steal(self, endpoint: int) -> int | None:
-        """Near the end, an idle endpoint takes over another endpoint's longest warm group (cold here: head first)."""
-        best, best_left = None, 1
-        for other, warm in enumerate(self._warm):
+    def _join(self, endpoint: int) -> int | None:
+        """Nothing of its own: send a stand-in head for the pool with the most requests left elsewhere."""
+        bit = 1 << endpoint
+        best: _Pool | None = None
+        for other in range(self.endpoints):
             if other == endpoint:
                 continue
-            for group in warm:
-                left = int(self.ends[group] - self.cursor[group])
-                if left > best_left:
-                    best, best_left = (other, group), left
+            for queue in (self._ready[other], self._retry[other]):
+                for i, pool in enumerate(queue):
+                    if i >= JOIN_CANDIDATES:
+                        break
+                    if pool.left and not (pool.warm | pool.heading) & bit and (best is None or pool.left > best.left):
+                        best = pool
         if best is None:
             return None
-        other, group = best
-        self._warm[other].remove(group)
-        self.affinity[group] = endpoint
-        return self._send_head(group, endpoint)
+        self.joins += 1
+        return self._send_head(best, endpoint)
 
-    def _send_head(self, group: int, endpoint: int) -> int:
-        position = self.cursor[group]
-        self.cursor[group] = position + 1
-        self.state[group] = HEAD_OUT
-        line = self._hand_out(position)
-        self.head_line[group] = line
+    def _send_head(self, pool: _Pool, endpoint: int) -> int:
+        position = int(self._children[pool.cursor])
+        pool.cursor += 1
+        pool.heading |= 1 << endpoint
+        return self._hand_out(position, endpoint, pool)
+
+    def _hand_out(self, position: int, endpoint: int, heads: _Pool | None) -> int:
+        line = int(self.lines[position])
+        self._inflight[line] = (position, endpoint, heads)
+        self.handed_out += 1
         return line
 
-    def _hand_out(self, position: int) -> int:
-        self.handed_out += 1
-        return int(self.lines[position])
+
+def _tree(depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Children index of the prefix tree: children[offsets[p + 1]:offsets[p + 2]] are the positions whose parent
+    is p, in order; children[offsets[0]:offsets[1]] are the positions with no parent."""
+    n = len(depths)
+    positions = np.arange(n, dtype=np.int64)
+    parent = np.full(n, ROOT, dtype=np.int64)
+    for depth in range(1, int(depths.max()) + 1 if n else 1):
+        # The run of depth `depth` around i starts at the last position j <= i that shares fewer blocks with its
+        # predecessor; for i with exactly this depth, that j is its parent.
+        run_start = np.maximum.accumulate(np.where(depths < depth, positions, 0))
+        mine = depths == depth
+        parent[mine] = run_start[mine]
+    children = np.argsort(parent, kind="stable").astype(np.int32)
+    counts = np.bincount(parent + 1, minlength=n + 1)
+    offsets = np.zeros(n + 2, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return children, offsets

@@ -5,8 +5,9 @@ It simulates vLLM's continuous batching in scaled real time (engine.py): steps o
 `prefill_ms_per_token` (0.05) per prompt token computed, at most `max_num_seqs` (128) running and the rest waiting
 in FIFO order, chunked prefill within `max_num_batched_tokens` (8192) per step, a prefix cache of 16-token blocks
 hashed chained inside a KV cache of `kv_blocks` (25 000 blocks = 400k tokens) with preemption when it is full.
-Those defaults resemble an 8B model in bf16 on one 80 GB H100-class GPU: about 8 ms per step at batch 1 and about
-4 000 output tokens/s at full batch with 1k-token contexts; prefill about 20 000 tokens/s. `time_scale` runs the same
+Those defaults resemble an 8B model in bf16 on one 80 GB H100-class GPU: about 10 ms per step at batch 1 (100
+tokens/s for a lone sequence), about 4 500 output tokens/s at full batch with 1k-token contexts (28 ms steps), and
+prefill at 20 000 tokens/s. `time_scale` runs the same
 model faster (0.1 = ten times) and 0 answers at once (zero-latency mode, for measuring the gateway's own overhead).
 Tokens are approximated as 4 bytes of UTF-8 text each (tokens.py).
 

@@ -53,5 +53,8 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr, flush=True,
     )
     server = uvicorn.Server(uvicorn_config(create_sim_app(config), host=args.host, port=args.port, log_level="warning"))
-    server.run()  # handles SIGINT/SIGTERM itself and returns after a graceful shutdown
+    try:
+        server.run()  # shuts down gracefully on SIGINT/SIGTERM, then raises the signal again
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how this command is meant to end
     return 0 if server.started else 1

@@ -108,15 +108,22 @@ class Engine:
         self.paused = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop the engine runs on, once started
 
     def start(self) -> None:
-        if self._task is None:
-            self._loop = asyncio.get_running_loop()
-            self._task = self._loop.create_task(self._run(), name=f"sim-engine-{self.model}")
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self.loop is loop and not self._task.done():
+            return
+        if self.loop is not None and self.loop is not loop:  # the app is served again on a new loop: start afresh
+            self.waiting.clear()
+            self.running.clear()
+            self.pool = BlockPool(self.config.kv_blocks, self.config.cache_blocks)
+            self._wake = asyncio.Event()
+        self.loop = loop
+        self._task = loop.create_task(self._run(), name=f"sim-engine-{self.model}")
 
     async def stop(self) -> None:
-        if self._task is not None:
+        if self._task is not None and self.loop is asyncio.get_running_loop():
             self._task.cancel()
             try:
                 await self._task
@@ -367,7 +374,7 @@ class Engine:
             sequence.done.set_result(None)
 
     def _now(self) -> float:
-        return self._loop.time() if self._loop else 0.0
+        return self.loop.time() if self.loop else 0.0
 
     # --- views ---------------------------------------------------------------------------------------
 

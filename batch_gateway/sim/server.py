@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -67,8 +68,15 @@ class SimServer:
         self._socket.close()
 
     def stats(self) -> dict[str, Any]:
-        """The same counters as GET /sim/stats, read in-process (a snapshot; counters move while it is taken)."""
-        return self.app.stats()
+        """The same counters as GET /sim/stats, read in-process (taken on the server's loop, so consistent)."""
+        loop = next((e.loop for e in self.app.engines.values() if e.loop is not None), None)
+        if loop is None or not loop.is_running():
+            return self.app.stats()
+
+        async def take() -> dict[str, Any]:
+            return self.app.stats()
+
+        return asyncio.run_coroutine_threadsafe(take(), loop).result(10)
 
     def __enter__(self) -> SimServer:
         return self.start()

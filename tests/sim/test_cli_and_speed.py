@@ -85,5 +85,5 @@ def test_zero_latency_mode_answers_at_once(start_sim):
             latencies.append(time.perf_counter() - started)
             assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 512
     latencies.sort()
-    assert latencies[100] < 0.005  # median well under 5 ms for a 512-token answer, client included
+    assert latencies[100] < 0.02  # the default model would take 5 s for these 512 tokens; here ~1 ms, client included
     assert stats(server)["steps"] == 201  # one step per request: all of its output at once

@@ -44,7 +44,11 @@ def slow_gateway(tmp_path_factory) -> Iterator[Gateway]:
     """Requests take real time (four at once), so a batch can be watched, interrupted and cancelled mid-run."""
     sim = SimServer(SimConfig(time_scale=1.0, max_num_seqs=4))
     sim.start()
-    gateway = start_gateway(tmp_path_factory.mktemp("slow-gw"), sim, {"BATCH_GATEWAY_FIXED_CONCURRENCY": "4"})
+    gateway = start_gateway(
+        tmp_path_factory.mktemp("slow-gw"),
+        sim,
+        {"BATCH_GATEWAY_FIXED_CONCURRENCY": "4", "BATCH_GATEWAY_CHECKPOINT_INTERVAL": "0.3"},
+    )
     yield gateway
     gateway.stop()
     sim.stop()
@@ -186,7 +190,7 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
 
 
 def test_partial_results_arrive_while_the_batch_runs(slow_gateway, run_cli, tmp_path):
-    path = write_input(tmp_path, chat_lines(40, max_tokens=16))
+    path = write_input(tmp_path, chat_lines(80, max_tokens=24))
     partial = tmp_path / "partial.jsonl"
     result = run_cli(slow_gateway, "submit", str(path), "--wait", "--interval", "0.2", "--partial", str(partial))
     assert result.code == 0, result
@@ -194,7 +198,7 @@ def test_partial_results_arrive_while_the_batch_runs(slow_gateway, run_cli, tmp_
     assert f"partial results: writing finished requests to {partial}" in result.err
     early = jsonl(partial.read_bytes())
     final = jsonl((tmp_path / "prompts.output.jsonl").read_bytes())
-    assert 0 < len(early) <= 40
+    assert 0 < len(early) <= 80
     assert len({line["id"] for line in early}) == len(early)  # each line once
     final_by_id = {line["id"]: line for line in final}
     for line in early:  # what arrived early is exactly what the output file holds

@@ -17,5 +17,5 @@ def build_executor(settings: Settings, metadata: MetadataStore) -> Executor:
     if settings.executor == "argo":
         from batch_gateway.executor.argo import ArgoExecutor
 
-        return ArgoExecutor(settings)
+        return ArgoExecutor(settings, metadata=metadata)
     raise ValueError(f"unknown executor {settings.executor!r}: use local or argo")

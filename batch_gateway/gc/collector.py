@@ -38,11 +38,16 @@ async def reconcile(services: Services, executor: Executor, report: GcReport) ->
     for batch in await services.metadata.batches_with_status(wire.ACTIVE_STATUSES):
         overdue = batch.expires_at <= now
         report.overdue += overdue
-        state = await executor.state(batch.id)
-        if state == RunState.RUNNING:
-            continue  # its runner handles cancel and expiry itself
-        log.info("gc.resubmit", batch_id=batch.id, status=batch.status, run_state=state.value, overdue=overdue)
-        await executor.submit(batch.id, tenant=batch.tenant, model=batch.model)
+        try:
+            state = await executor.state(batch.id)
+            if state == RunState.RUNNING:
+                continue  # its runner handles cancel and expiry itself
+            log.info("gc.resubmit", batch_id=batch.id, status=batch.status, run_state=state.value, overdue=overdue)
+            await executor.submit(batch.id, tenant=batch.tenant, model=batch.model)
+        except Exception:
+            # One batch that cannot be handled now must not stop the pass for the others; the next pass retries.
+            log.exception("gc.resubmit_failed", batch_id=batch.id)
+            continue
         report.resubmitted += 1
 
 

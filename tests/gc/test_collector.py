@@ -1,0 +1,72 @@
+"""The gc pass: orphaned and overdue batches go back to the executor, expired files are deleted (object, then row)."""
+
+from __future__ import annotations
+
+from batch_gateway import ids
+from batch_gateway.executor.base import Executor, RunState
+from batch_gateway.gc.collector import collect
+from batch_gateway.services import Services
+from batch_gateway.settings import Settings
+from batch_gateway.store.metadata import BatchRecord, FileRecord
+from batch_gateway.store.objects import ObjectMissing, file_key
+
+
+class RecordingExecutor(Executor):
+    """Test double: remembers submissions; one batch is 'running', one fails to submit."""
+
+    def __init__(self, running: set[str], broken: set[str]) -> None:
+        self.running, self.broken, self.submitted = running, broken, []
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+        if batch_id in self.broken:
+            raise RuntimeError("the cluster said no")
+        self.submitted.append(batch_id)
+
+    async def cancel(self, batch_id: str) -> None: ...
+
+    async def state(self, batch_id: str) -> RunState:
+        return RunState.RUNNING if batch_id in self.running else RunState.UNKNOWN
+
+
+def batch(batch_id: str, status: str, expires_at: int) -> BatchRecord:
+    return BatchRecord(id=batch_id, tenant="t", endpoint="/v1/chat/completions", input_file_id="f", completion_window="24h",
+                       status=status, created_at=1, expires_at=expires_at)
+
+
+async def test_gc_pass(tmp_path):
+    services = await Services.open(Settings(data_dir=str(tmp_path)))
+    try:
+        now = ids.now()
+        for record in (
+            batch("batch_orphan", "in_progress", now + 999),
+            batch("batch_running", "in_progress", now + 999),
+            batch("batch_overdue", "validating", now - 5),
+            batch("batch_broken", "cancelling", now + 999),
+            batch("batch_done", "completed", now - 5),
+        ):
+            await services.metadata.insert_batch(record)
+        for file_id, expires_at in (("file-old", now - 10), ("file-new", now + 1000), ("file-none", None)):
+            await services.objects.put_bytes(file_key("t", file_id), b"x")
+            await services.metadata.insert_file(FileRecord(id=file_id, tenant="t", bytes=1, created_at=1, filename="a",
+                                                           purpose="batch", object_key=file_key("t", file_id), expires_at=expires_at))
+        executor = RecordingExecutor(running={"batch_running"}, broken={"batch_broken"})
+
+        report = await collect(services, executor)
+
+        assert sorted(executor.submitted) == ["batch_orphan", "batch_overdue"]
+        assert report.resubmitted == 2 and report.overdue == 1 and report.files_deleted == 1
+        assert await services.metadata.get_file("file-old", None) is None
+        try:
+            await services.objects.get_bytes(file_key("t", "file-old"))
+            raise AssertionError("the expired file's object is still there")
+        except ObjectMissing:
+            pass
+        assert await services.metadata.get_file("file-new", None) is not None
+        assert await services.metadata.get_file("file-none", None) is not None
+        assert (await collect(services, executor)).files_deleted == 0  # idempotent
+    finally:
+        await services.close()

@@ -23,10 +23,10 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      the current `running`. The room matters because arrivals wait for the next step boundary even when slots are
      free, and fixed-length outputs finish in bursts whose refill is briefly "waiting".
    * A queue seen in two consecutive readings cuts the limit to `inflight - queue`: the number of our requests the
-     engine actually serves, at most half off per reading. A whole request queued in both readings, or a queue in
-     three readings running, is the knee: it also ends slow start and holds probing for `QUEUE_HOLD` seconds. The cut is absolute, not relative, so a reading taken
+     engine actually serves, at most half off per reading. The cut is absolute, not relative, so a reading taken
      before an earlier cut took effect does not cut twice. Interactive requests in the queue push the batch lower:
-     the batch yields to them.
+     the batch yields to them. A whole request queued in both readings, or a queue in three readings running, is
+     the knee: it also ends slow start and holds probing for `QUEUE_HOLD` seconds.
    * No queue, KV usage below `KV_FULL`, not app-limited, and at least `WINDOW_SECONDS` since the last change: grow.
      Slow start doubles once per service time S (the smoothed request latency): x2^(Δt/S) per reading, at least +1,
      and not before the first answers. Overshooting is paid in S, since an overshooting request waits a whole
@@ -62,8 +62,11 @@ it, it grows more slowly. So the controller follows, strongest signal first:
 Growth never happens while app-limited, so a batch that runs dry does not leave a huge limit behind. In latency
 mode that means fewer than half of the limit in flight during the level (the Netflix/AIMD guard). In queue mode it
 is stricter: the runner must have filled the current limit since the last change, so every increase is checked by a
-reading that saw it. Limits stay within
-[minimum, maximum]. With `fixed`, the limit never moves; signals are still recorded for the snapshot.
+reading that saw it. Limits stay within [minimum, maximum]. With `fixed`, the limit never moves; signals are still
+recorded for the snapshot.
+
+Callers: after `on_queue_metrics`, poke the limiter (`AdaptiveLimiter.poke()`); otherwise an increase only takes
+effect at the next release.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ QUEUE_HOLD = 10.0  # queue mode: seconds without probing beyond the limit a queu
 LATENCY_SMOOTHING = 0.2  # weight of a new request latency in the service-time estimate
 PROBE_GAIN = 1.25  # latency mode: size of an upward probe after slow start
 ELASTICITY_LIMIT = 0.85  # latency mode: an upward probe whose latency grew faster than this share of its load is undone
-DOWN_ELASTICITY_LIMIT = 0.95  # latency mode: a downward probe is kept only if the requests it gave up were just queueing
+DOWN_ELASTICITY_LIMIT = 0.95  # latency mode: a downward probe stays only if what it gave up was just queueing
 DRIFT_TOLERANCE = 0.25  # latency mode: per-token latency rise at the same load read as lost capacity
 REFERENCE_BLEND = 0.2  # latency mode: weight of a new level in the reference at the same limit
 CRUISE_WINDOWS = 4  # latency mode: levels between probes
@@ -188,7 +191,8 @@ class ConcurrencyController:
             self._inflight_area = 0.0
         if self._cohort_end is None and self._level_started is not None:
             sent = self._sends - self._level_epoch
-            if sent >= max(WINDOW_SAMPLES, self._limit) or (now - self._level_started >= WINDOW_SECONDS and sent >= WINDOW_SAMPLES):
+            enough = sent >= WINDOW_SAMPLES and now - self._level_started >= WINDOW_SECONDS
+            if sent >= max(WINDOW_SAMPLES, self._limit) or enough:
                 self._cohort_end = self._sends
         return self._sends
 
@@ -233,7 +237,9 @@ class ConcurrencyController:
         """An answer that says nothing about load (a 4xx, a plain 500 for a broken request)."""
         self._closed(now, epoch, None)
 
-    def on_queue_metrics(self, now: float, *, waiting: float, running: float | None = None, kv_usage: float | None = None) -> None:
+    def on_queue_metrics(
+        self, now: float, *, waiting: float, running: float | None = None, kv_usage: float | None = None
+    ) -> None:
         """A reading of the engine's gauges (summed over label sets), taken at `now`."""
         if waiting < 0 or (running is not None and running < 0):
             raise ValueError("waiting and running must not be negative")
@@ -288,7 +294,7 @@ class ConcurrencyController:
         return {
             "limit": self.limit,
             "inflight": self._inflight,
-            "mode": "fixed" if self.fixed else "queue" if reading is not None and self._last_event - reading.at <= QUEUE_METRICS_TTL else "latency",
+            "mode": "fixed" if self.fixed else "queue" if self.queue_mode(self._last_event) else "latency",
             "slow_start": self._slow_start,
             "baseline_per_token_s": self.baseline,
             "last_per_token_s": self.last_sample,
@@ -325,7 +331,8 @@ class ConcurrencyController:
         self._account(now)
         samples = sorted(self._samples)
         assert self._level_started is not None
-        level = _Level(self._limit, self._inflight_area / max(1e-9, now - self._level_started), samples[len(samples) // 2])
+        load = self._inflight_area / max(1e-9, now - self._level_started)
+        level = _Level(self._limit, load, samples[len(samples) // 2])
         app_limited = self._app_limited()
         self.levels += 1
         self.last_sample = level.per_token
@@ -355,7 +362,11 @@ class ConcurrencyController:
             self._change(now, self._limit * max(BACKOFF, reference.per_token / level.per_token))
             self.decreases["latency"] += 1
             return
-        elif self._before_drift and level.per_token * (1 + DRIFT_TOLERANCE) < reference.per_token and level.load >= reference.load * 0.95:
+        elif (
+            self._before_drift
+            and level.per_token * (1 + DRIFT_TOLERANCE) < reference.per_token
+            and level.load >= reference.load * 0.95
+        ):
             # Faster at the same load: the capacity others took is back. Return toward the limit held before.
             target = min(self._before_drift, self._limit * reference.per_token / level.per_token)
             self._before_drift = None if target >= self._before_drift else self._before_drift

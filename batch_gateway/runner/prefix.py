@@ -13,10 +13,12 @@ Only the first `COVERED` characters matter.
 **Blocks.** That text is cut into blocks of growing size (`BLOCK_SIZES`: 64, 128, ... 8192 bytes, so 16 KiB in all).
 The blocks are fine near the start, where prompts diverge, and coarse further in. One exception: the first block ends
 where the static head (system/developer messages, tools, instructions) ends, if that comes sooner. Requests that
-share a system prompt therefore always share their first block, however short the prompt is. They are hashed chained: block i's
-hash covers bytes 0..end of block i. Requests that share a longer prefix therefore share more leading hashes, and a
-lexicographic sort of the keys puts them next to each other. BLAKE2b keeps keys identical across processes and
-machines (Python's `hash()` is salted per process). A real block never hashes to 0: 0 pads the keys of short texts.
+share a system prompt therefore always share their first block, however short the prompt is.
+
+Blocks are hashed chained: block i's hash covers bytes 0..end of block i. Requests that share a longer prefix
+therefore share more leading hashes, and a lexicographic sort of the keys puts them next to each other. BLAKE2b
+keeps keys identical across processes and machines (Python's `hash()` is salted per process). A real block never
+hashes to 0: 0 pads the keys of short texts.
 
 **Shape of the plan.** `shared_depths` gives, for every request in planned order, how many leading blocks it shares
 with the one before it. Its zeros split the plan into *top-level groups*: requests that share at least their first
@@ -95,6 +97,10 @@ def _add_message(text: _Text, message: Any) -> bool:
     return text.add(f"<{message.get('role', '')}>{_content_text(message.get('content'))}")
 
 
+def _is_instruction(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") in ("system", "developer")
+
+
 def prefix_text(endpoint: str, body: dict[str, Any]) -> str:
     """The normalised text the engine sees first for this request (at most COVERED characters)."""
     return _normalised(endpoint, body).value()
@@ -107,7 +113,7 @@ def _normalised(endpoint: str, body: dict[str, Any]) -> _Text:
         if not isinstance(messages, list):
             messages = [messages]
         leading = 0
-        while leading < len(messages) and isinstance(messages[leading], dict) and messages[leading].get("role") in ("system", "developer"):
+        while leading < len(messages) and _is_instruction(messages[leading]):
             if not _add_message(text, messages[leading]):
                 return text
             leading += 1

@@ -1,0 +1,141 @@
+"""Load generators that talk to the simulator directly: closed loop (fixed concurrency) and open loop (Poisson).
+
+Both use the raw keep-alive client so that they take as little CPU as possible from the system under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from benchmarks.rawhttp import RawPool
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int = 0
+
+
+class _Completion(msgspec.Struct):
+    usage: _Usage = msgspec.field(default_factory=_Usage)
+
+
+_decode_completion = msgspec.json.Decoder(_Completion).decode
+
+
+@dataclass
+class Sample:
+    started: float  # monotonic
+    latency: float  # seconds
+    status: int
+    completion_tokens: int
+
+
+@dataclass
+class LoadResult:
+    samples: list[Sample] = field(default_factory=list)
+    errors: int = 0
+
+    def between(self, start: float, end: float) -> list[Sample]:
+        """Requests that started inside [start, end)."""
+        return [s for s in self.samples if start <= s.started < end]
+
+    def tokens_finished_between(self, start: float, end: float) -> int:
+        return sum(s.completion_tokens for s in self.samples if start <= s.started + s.latency < end)
+
+
+async def _send(pool: RawPool, path: str, body: bytes, result: LoadResult) -> None:
+    started = time.monotonic()
+    try:
+        status, payload = await pool.request("POST", path, body)
+    except (OSError, asyncio.IncompleteReadError):
+        result.errors += 1
+        return
+    tokens = _decode_completion(payload).usage.completion_tokens if status == 200 else 0
+    result.samples.append(Sample(started, time.monotonic() - started, status, tokens))
+
+
+async def closed_loop(url: str, body: Callable[[int], bytes], concurrency: int, duration: float,
+                      path: str = "/v1/chat/completions") -> LoadResult:
+    """`concurrency` workers, each sending its next request as soon as the last one answered, for `duration` s."""
+    pool = RawPool(url)
+    result = LoadResult()
+    deadline = time.monotonic() + duration
+    counter = iter(range(1 << 62))
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            await _send(pool, path, body(next(counter)), result)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        pool.close()
+    return result
+
+
+async def poisson(url: str, body: Callable[[int], bytes], rate: float, duration: float, seed: int = 7,
+                  path: str = "/v1/chat/completions") -> LoadResult:
+    """Open loop: requests arrive at exponential intervals (mean 1/rate) for `duration` s, whatever the latency."""
+    pool = RawPool(url)
+    result = LoadResult()
+    rng = random.Random(seed)
+    tasks: set[asyncio.Task] = set()
+    start = time.monotonic()
+    next_at = start
+    i = 0
+    try:
+        while True:
+            next_at += rng.expovariate(rate)
+            if next_at - start >= duration:
+                break
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_send(pool, path, body(i), result))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            i += 1
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        pool.close()
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def measure_capacity(sim, body: Callable[[int], bytes], concurrency: int, warmup: float, duration: float) -> dict:
+    """Saturate the simulator with a closed loop at `concurrency` and return its steady output rate (tokens/s, real
+    time) over the last `duration` seconds, with the mean running and waiting counts it showed meanwhile."""
+    from benchmarks.harness import StatsSampler, mean
+
+    sampler = StatsSampler(sim).start()
+    started = time.monotonic()
+    try:
+        asyncio.run(closed_loop(sim.url, body, concurrency, warmup + duration))
+    finally:
+        sampler.stop()
+    window = (started + warmup, started + warmup + duration)
+    inside = [s for t, s in sampler.samples if window[0] <= t <= window[1]]
+    first, last = sampler.at(window[0]), sampler.at(window[1])
+    steps = last["steps"] - first["steps"]
+    return {
+        "tokens_per_s": sampler.rate("generation_tokens", *window),
+        "requests_per_s": sampler.rate("completed", *window),
+        "running": mean([s["running"] for s in inside]),
+        "waiting": mean([s["waiting"] for s in inside]),
+        "step_ms": 1000 * (last["busy_seconds"] - first["busy_seconds"]) / steps if steps else float("nan"),
+    }

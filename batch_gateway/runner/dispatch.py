@@ -148,10 +148,6 @@ class Dispatcher:
             os.close(self._fd)
             self._fd = -1
 
-    @property
-    def inflight(self) -> int:
-        return sum(ep.limiter.inflight for ep in self.endpoints)
-
     # ------------------------------------------------------------------------------------------
 
     async def _feed(self, index: int, endpoint: Endpoint) -> None:

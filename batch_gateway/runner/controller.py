@@ -26,7 +26,7 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      engine actually serves, at most half off per reading. The cut is absolute, not relative, so a reading taken
      before an earlier cut took effect does not cut twice. Interactive requests in the queue push the batch lower:
      the batch yields to them. A whole request queued in both readings, or a queue in three readings running, is
-     the knee: it also ends slow start and holds probing for `QUEUE_HOLD` seconds.
+     the knee: it also ends slow start and holds probing beyond it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
    * No queue, KV usage below `KV_FULL`, not app-limited, and at least `WINDOW_SECONDS` since the last change: grow.
      Slow start doubles once per service time S (the smoothed request latency): x2^(Δt/S) per reading, at least +1,
      and not before the first answers. Overshooting is paid in S, since an overshooting request waits a whole
@@ -61,8 +61,9 @@ it, it grows more slowly. So the controller follows, strongest signal first:
 
 Growth never happens while app-limited, so a batch that runs dry does not leave a huge limit behind. In latency
 mode that means fewer than half of the limit in flight during the level (the Netflix/AIMD guard). In queue mode it
-is stricter: the runner must have filled the current limit since the last change, so every increase is checked by a
-reading that saw it. Limits stay within [minimum, maximum]. With `fixed`, the limit never moves; signals are still
+is stricter: the runner must be using the whole limit at the reading (and have filled it since the last change), so
+every increase is checked by a reading that saw it, and room that is only ours, idle for want of work, is not
+mistaken for the engine's. Limits stay within [minimum, maximum]. With `fixed`, the limit never moves; signals are still
 recorded for the snapshot.
 
 Callers: after `on_queue_metrics`, poke the limiter (`AdaptiveLimiter.poke()`); otherwise an increase only takes
@@ -88,7 +89,8 @@ QUEUE_ALLOWANCE = 0.5  # waiting requests tolerated...
 QUEUE_ALLOWANCE_SHARE = 0.01  # ...plus this share of the running batch (arrivals waiting for the next step)
 KV_FULL = 0.95  # KV cache usage at which growth stops (more sequences would be preempted)
 GROWTH_SHARE = 0.05  # queue mode: growth per reading after slow start (at least +1)
-QUEUE_HOLD = 10.0  # queue mode: seconds without probing beyond the limit a queue cut set
+QUEUE_HOLD = 10.0  # queue mode: at least this long without probing beyond the knee once found...
+HOLD_SERVICE_TIMES = 3.0  # ...and at least this many service times (an overshoot there costs ~S/K of queueing)
 LATENCY_SMOOTHING = 0.2  # weight of a new request latency in the service-time estimate
 PROBE_GAIN = 1.25  # latency mode: size of an upward probe after slow start
 ELASTICITY_LIMIT = 0.85  # latency mode: an upward probe whose latency grew faster than this share of its load is undone
@@ -254,18 +256,22 @@ class ConcurrencyController:
             # the engine is at its knee: that ends slow start and holds probing for a while.
             recent = previous is not None and previous.queued > 0 and now - previous.at <= QUEUE_PERSISTENCE
             self._queued_streak = self._queued_streak + 1 if recent else 1
+            if self._queued_streak < 2 or self._inflight == 0:
+                return
+            assert previous is not None
+            if self._queued_streak >= 3 or min(previous.queued, reading.queued) >= 1:
+                self._slow_start = False
+                self._hold_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
             target = self._inflight - reading.queued  # how many of ours the engine serves
-            if self._queued_streak >= 2 and self._inflight > 0 and target < self._limit:
-                assert previous is not None
-                if self._queued_streak >= 3 or min(previous.queued, reading.queued) >= 1:
-                    self._slow_start = False
-                    self._hold_until = now + QUEUE_HOLD
+            if target < self._limit:
                 self._change(now, max(self._limit * BACKOFF, target))
                 self.decreases["queue"] += 1
             return
         self._queued_streak = 0
-        if now - self._changed_at < WINDOW_SECONDS or self._peak < self.limit:
-            return  # too soon, or the runner has not filled the current limit: no reading has seen it yet
+        if now - self._changed_at < WINDOW_SECONDS or self._peak < self.limit or self._inflight < self.limit:
+            # Too soon, or the runner is not using the whole limit: no reading has seen it, and free slots in the
+            # engine may just be ours, idle for want of work.
+            return
         if kv_usage is not None and kv_usage >= KV_FULL:
             return
         room = 0.0  # free slots the engine has shown it has

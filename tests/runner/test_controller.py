@@ -153,6 +153,26 @@ def test_after_a_queue_cut_growth_holds_for_a_while():
     assert c.limit == 7  # then probe again, one request
 
 
+def test_slots_left_idle_by_the_runner_itself_are_not_room():
+    c = ConcurrencyController(initial=8)
+    epochs = fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
+    c.on_queue_metrics(1.0, waiting=0, running=8)  # the engine has run 8: all ours
+    for epoch in epochs[:3]:
+        c.on_success(1.5, latency=1.5, output_tokens=10, epoch=epoch)  # 3 finish; the rest of the work is gated
+    c.on_queue_metrics(2.5, waiting=0, running=5)
+    assert c.limit == 8  # the 3 free slots are ours, idle for want of work
+
+
+def test_a_one_request_queue_that_persists_is_the_knee():
+    c = ConcurrencyController(initial=9)
+    fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
+    for second in range(1, 5):  # an 8-slot engine: our ninth request keeps waiting
+        c.on_queue_metrics(float(second), waiting=1, running=8)
+    assert c.limit == 8 and not c.snapshot()["slow_start"]
+
+
 def test_capacity_freed_by_others_is_refilled_at_once():
     c = ConcurrencyController(initial=64, maximum=256)
     fill(c, 0.0)

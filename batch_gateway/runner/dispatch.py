@@ -290,3 +290,4 @@ class Dispatcher:
             endpoint.controller.on_queue_metrics(
                 time.monotonic(), waiting=queue.waiting, running=queue.running, kv_usage=queue.kv_usage
             )
+            endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release

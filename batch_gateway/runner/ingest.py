@@ -1,7 +1,7 @@
 """Read and validate: stream the input file once into a local work file plus a compact per-line index.
 
 Memory stays flat whatever the input size: request bodies go to the work file, and per line we keep only its offset,
-length, prefix key blocks and a hash of its custom_id, in packed arrays (about 56 bytes per line). Later stages read
+length, line number, prefix key blocks and a hash of its custom_id, in packed arrays (under 100 bytes per line). Later stages read
 a body back by offset when it is about to be sent.
 """
 

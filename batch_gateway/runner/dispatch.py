@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
 import msgspec
 import structlog
 
@@ -26,7 +25,7 @@ from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter
 from batch_gateway.runner.schedule import GroupScheduler
-from batch_gateway.runner.upstream import Exchange, TokenUsage, send, usage_of
+from batch_gateway.runner.upstream import Exchange, TokenUsage, UpstreamClient, usage_of
 
 # Called with (line, kind, usage, encoded result line) once a line has its final result.
 ResultSink = Callable[[int, int, TokenUsage | None, bytes], None]
@@ -94,7 +93,7 @@ class Dispatcher:
         ingested: Ingested,
         endpoints: list[Endpoint],
         scheduler: GroupScheduler,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         sink: ResultSink,
         budget: RetryBudget,
         max_attempts: int,
@@ -178,7 +177,7 @@ class Dispatcher:
                 epoch = endpoint.controller.on_send(time.monotonic())
                 runner_metrics.INFLIGHT.inc()
                 try:
-                    exchange = await send(self.client, endpoint.url, self.path, body, self.request_timeout)
+                    exchange = await self.client.post(endpoint.url, self.path, body, self.request_timeout)
                 finally:
                     runner_metrics.INFLIGHT.dec()
                 permit.release()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from batch_gateway.runner.upstream import UpstreamClient
 
 _WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
@@ -35,12 +38,12 @@ def parse_queue_metrics(text: str) -> QueueMetrics | None:
     return QueueMetrics(waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE))
 
 
-async def read_queue_metrics(client: httpx.AsyncClient, endpoint: str) -> QueueMetrics | None:
+async def read_queue_metrics(client: UpstreamClient, endpoint: str) -> QueueMetrics | None:
     """None when the endpoint has no usable /metrics (or did not answer in time)."""
+    text = await client.get_text(endpoint + "/metrics", timeout=5.0)
+    if text is None:
+        return None
     try:
-        response = await client.get(endpoint + "/metrics", timeout=5.0)
-        if response.status_code != 200:
-            return None
-        return parse_queue_metrics(response.text)
-    except (httpx.HTTPError, ValueError):
+        return parse_queue_metrics(text)
+    except ValueError:
         return None

@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import msgspec
 import numpy as np
 import structlog
@@ -31,7 +30,7 @@ from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
 from batch_gateway.runner.prefix import group_ids, plan_order
 from batch_gateway.runner.schedule import GroupScheduler
-from batch_gateway.runner.upstream import endpoints_for, parse_upstreams, resolve_endpoints
+from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, parse_upstreams, resolve_endpoints
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
@@ -208,9 +207,7 @@ class BatchRunner:
             )
             for url in urls
         ]
-        headers = {"authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=settings.max_concurrency * len(urls))
-        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=settings.request_timeout) as client:
+        async with UpstreamClient(api_key=settings.upstream_api_key) as client:
 
             def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
                 checkpoints.add(line, kind, usage, result_line)

@@ -7,10 +7,12 @@ URL is accepted: the batch line's `url` (`/v1/chat/completions`) is appended to 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import msgspec
 
 from batch_gateway import ids
@@ -128,7 +130,7 @@ class Exchange:
         return self.status == 0 or self.status in (408, 429) or self.status >= 500
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value:
@@ -139,21 +141,62 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return None
 
 
-async def send(client: httpx.AsyncClient, endpoint: str, path: str, body: bytes, timeout: float) -> Exchange:
-    started = time.monotonic()
-    try:
-        response = await client.post(
-            endpoint + path, content=body, headers={"content-type": "application/json"}, timeout=timeout
+# Below the 5 s keep-alive of vLLM's (uvicorn's) server, so that we never reuse a connection the server is closing:
+# a reset there would read as backpressure and halve the limit for nothing.
+KEEPALIVE_SECONDS = 4.0
+
+
+class UpstreamClient:
+    """One pool of keep-alive connections to every upstream endpoint. aiohttp, not httpx: at a few hundred requests
+    in flight httpx's pool costs milliseconds of CPU per request (benchmarks/overhead.py measures both), enough to
+    make the runner, not the engine, the bottleneck. No connection limit here: the per-endpoint limiters decide."""
+
+    def __init__(self, *, api_key: str | None = None) -> None:
+        self._headers = {"content-type": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> UpstreamClient:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
+        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use UpstreamClient as `async with UpstreamClient() as client:`")
+        return self._session
+
+    async def post(self, endpoint: str, path: str, body: bytes, timeout: float) -> Exchange:
+        """One attempt. Never raises for HTTP or transport trouble: that is an Exchange with `status == 0`."""
+        started = time.monotonic()
+        try:
+            async with self.session.post(
+                endpoint + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                content = await response.read()
+        except asyncio.TimeoutError as exc:
+            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"timeout: {exc!r}")
+        except aiohttp.ClientError as exc:
+            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"connection: {exc!r}")
+        return Exchange(
+            response.status,
+            content,
+            response.headers.get("x-request-id") or ids.new_request_id(),
+            time.monotonic() - started,
+            retry_after=_retry_after(response.headers),
         )
-    except httpx.TimeoutException as exc:
-        return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"timeout: {exc!r}")
-    except httpx.TransportError as exc:
-        return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"connection: {exc!r}")
-    request_id = response.headers.get("x-request-id") or ids.new_request_id()
-    return Exchange(
-        response.status_code,
-        response.content,
-        request_id,
-        time.monotonic() - started,
-        retry_after=_retry_after(response.headers),
-    )
+
+    async def get_text(self, url: str, timeout: float) -> str | None:
+        """GET a small text document; None unless it answered 200 in time."""
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return await response.text() if response.status == 200 else None
+        except (asyncio.TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+            return None

@@ -15,6 +15,7 @@ from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.ingest import Limits, ingest
 from batch_gateway.runner.schedule import GroupScheduler
+from batch_gateway.runner.upstream import UpstreamClient
 from batch_gateway.sim import SimConfig, SimServer
 from tests.helpers import chat_lines
 
@@ -42,10 +43,10 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
                                 "/v1/chat/completions", Limits(10_000, 1 << 20), lambda model: True)
         endpoint = Endpoint(sim.url, ConcurrencyController(initial=4, maximum=256))
         lines = np.arange(ingested.count)
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=60) as client, UpstreamClient() as upstream:
             dispatcher = Dispatcher(
                 batch_id="batch_test", path="/v1/chat/completions", ingested=ingested, endpoints=[endpoint],
-                scheduler=GroupScheduler(lines, lines), client=client, sink=lambda *args: None,
+                scheduler=GroupScheduler(lines, lines), client=upstream, sink=lambda *args: None,
                 budget=RetryBudget(ingested.count, 0.2), max_attempts=3, request_timeout=60,
                 log=structlog.get_logger("test"),
             )

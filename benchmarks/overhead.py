@@ -132,7 +132,7 @@ async def _client_cost(kind: str, url: str, concurrency: int, requests: int) -> 
 
 
 def client_costs(sim: SimProcess, requests: int = 5000) -> list[dict]:
-    """The HTTP client library alone, in this process, against the same simulator: httpx (what the runner uses)
+    """The HTTP client library alone, in this process, against the same simulator: httpx and aiohttp (what the runner uses)
     and aiohttp (if installed) for comparison."""
     rows = []
     for kind in ("httpx", "aiohttp"):
@@ -165,12 +165,7 @@ def run() -> None:
                      "runner capacity on one core (req/s)": 1 / r["runner_cpu_per_request"],
                      "runner CPU use": f"{r['runner_cpu_share']:.0%}", "simulator CPU use": f"{r['sim_cpu_share']:.0%}",
                      "runner CPU s (whole run)": r["runner_cpu_total"], "runner peak RSS MB": r["peak_mb"]})
-    import inspect
-
-    from batch_gateway.runner import run as runner_module
-
-    runner_client = (" (httpx, with the pool settings the runner uses, is the runner's client)"
-                     if "httpx.AsyncClient(" in inspect.getsource(runner_module) else "")
+    runner_client = " (the runner's client is aiohttp: batch_gateway/runner/upstream.py's UpstreamClient)"
     default = results[SETTINGS[0][0]]
     one_core = 1 / default["runner_cpu_per_request"]
     others = report.background_load() or 0.0

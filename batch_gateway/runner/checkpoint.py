@@ -4,7 +4,12 @@ As results arrive they are buffered and written every few seconds as an immutabl
 `<tenant>/batches/<batch_id>/parts/`. A part is JSONL; each record is `[line, kind, usage, result_line]`. A runner that
 is killed and started again loads the parts, skips every line that already has a durable result, and re-sends only
 the rest. Finalising streams the parts into the output and error files; a line found in two parts (two runners
-racing after a lease expired) is written once, so every input line ends in exactly one file.
+racing after a lease expired, or a crash between a compaction's write and its deletes) is written once, so every
+input line ends in exactly one file.
+
+Frequent small parts keep what a crash loses small, but a day-long batch would leave ~100,000 of them to read back one
+by one. So each runner compacts its own parts as it goes, like an LSM tree: every `COMPACT_FANIN` parts of one level
+are concatenated into one part of the next level, written before the small ones are deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from batch_gateway.runner.upstream import TokenUsage
 from batch_gateway.store.objects import ObjectStore
 
 OUTPUT, ERROR = 0, 1
+COMPACT_FANIN = 32  # parts of one level merged into one part of the next
 
 
 class Totals(msgspec.Struct):
@@ -60,6 +66,7 @@ class Checkpoints:
         self._buffer = bytearray()
         self._buffered = 0
         self._sequence = 0
+        self._levels: list[list[str]] = [[]]  # this runner's part keys, by compaction level
 
     # --- writing ---
     def add(self, line: int, kind: int, usage: TokenUsage | None, result_line: bytes) -> None:
@@ -84,6 +91,29 @@ class Checkpoints:
             self._buffer[:0] = data
             self._buffered += data.count(b"\n")
             raise
+        self._levels[0].append(key)
+        await self._compact()
+
+    async def _compact(self) -> None:
+        level = 0
+        while len(self._levels[level]) >= COMPACT_FANIN:
+            keys = self._levels[level]
+            self._sequence += 1
+            merged = f"{self.parts_prefix}{self.owner}-{self._sequence:08d}.jsonl"
+
+            async def concatenated() -> AsyncIterator[bytes]:
+                for key in keys:
+                    async for chunk in await self.objects.stream(key):
+                        yield chunk
+
+            await self.objects.put_stream(merged, concatenated())
+            self._levels[level] = []
+            if len(self._levels) == level + 1:
+                self._levels.append([])
+            self._levels[level + 1].append(merged)
+            for key in keys:  # a crash before these deletes leaves duplicates, which readers skip
+                await self.objects.delete(key)
+            level += 1
 
     # --- reading ---
     async def part_keys(self) -> list[str]:

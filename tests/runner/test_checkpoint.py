@@ -58,3 +58,46 @@ async def test_failed_flush_keeps_results(tmp_path):
     except OSError:
         pass
     assert checkpoints.pending == 1
+
+
+async def test_parts_are_compacted_level_by_level(tmp_path, monkeypatch):
+    from batch_gateway.runner import checkpoint
+
+    monkeypatch.setattr(checkpoint, "COMPACT_FANIN", 3)
+    objects = ObjectStore((tmp_path / "o").as_uri())
+    checkpoints = Checkpoints(objects, "t/batches/b", "r")
+    flushes = 3 * 3 * 2 + 3 + 2  # two level-2 parts, one level-1 part, two small parts
+    for line in range(flushes):
+        checkpoints.add(line, OUTPUT if line % 2 else ERROR, None, result(line))
+        await checkpoints.flush()
+    assert len(await checkpoints.part_keys()) == 2 + 1 + 2
+
+    done, totals = await Checkpoints(objects, "t/batches/b", "next").load(flushes)
+    assert done.all() and (totals.completed, totals.failed) == (flushes // 2, flushes - flushes // 2)
+    await checkpoints.write_file("t/files/out", OUTPUT, flushes)
+    out = [msgspec.json.decode(x)["custom_id"] for x in (await objects.get_bytes("t/files/out")).splitlines()]
+    assert sorted(out) == sorted(f"c{line}" for line in range(1, flushes, 2))
+
+
+async def test_a_crash_between_compaction_and_deletes_duplicates_nothing(tmp_path, monkeypatch):
+    from batch_gateway.runner import checkpoint
+
+    monkeypatch.setattr(checkpoint, "COMPACT_FANIN", 2)
+    objects = ObjectStore((tmp_path / "o").as_uri())
+    checkpoints = Checkpoints(objects, "t/batches/b", "r")
+
+    async def crash(key):
+        raise OSError("killed")
+
+    objects.delete = crash  # type: ignore[method-assign]
+    for line in range(2):
+        checkpoints.add(line, OUTPUT, None, result(line))
+        try:
+            await checkpoints.flush()
+        except OSError:
+            pass
+    assert len(await checkpoints.part_keys()) == 3  # the merged part and both small ones
+    done, totals = await Checkpoints(objects, "t/batches/b", "next").load(2)
+    assert done.all() and totals.completed == 2
+    await checkpoints.write_file("t/files/out", OUTPUT, 2)
+    assert len((await objects.get_bytes("t/files/out")).splitlines()) == 2

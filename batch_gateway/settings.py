@@ -89,7 +89,12 @@ class Settings:
         0.2, "Retries allowed per batch, as a share of its requests (at least 100), before requests give up.", group="runner"
     )
     max_attempts: int = setting(5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner")
-    checkpoint_interval: float = setting(2.0, "Seconds between durable result checkpoints.", group="runner")
+    checkpoint_interval: float = setting(
+        0.5,
+        "Seconds between durable result checkpoints. A crash re-sends what was in flight plus what was answered "
+        "since the last checkpoint.",
+        group="runner",
+    )
     runner_lease_seconds: int = setting(
         30, "Seconds a runner's claim on a batch lasts without renewal; a crashed runner's batch is taken over after it.",
         group="runner",

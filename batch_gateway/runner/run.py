@@ -60,7 +60,8 @@ class _CustomId(msgspec.Struct):
 def plan(ingested: Ingested, done: np.ndarray, prefix_ordering: bool, endpoints: int) -> GroupScheduler:
     """The scheduler for the lines without a result yet, in planned order. The prefix keys are needed for nothing
     else, so they are released here (ingested.keys becomes None): dispatch holds only the order and the index."""
-    if prefix_ordering and ingested.keys is not None:
+    if prefix_ordering:
+        assert ingested.keys is not None, "the prefix keys are released once planned"
         order = plan_order(ingested.keys)
         order = order[~done[order]]
         # One level of warm-up: each top-level group (depth 0 at its start) warms once. As 0/1 depths (1 byte a

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from textwrap import fill
 
-from batch_gateway.client import commands
-from batch_gateway.client.commands import DEFAULT_BASE_URL
-from batch_gateway.client.watch import EXIT_CODES_HELP
+from batch_gateway.client.output import DEFAULT_BASE_URL, EXIT_CODES_HELP
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The client command `name`, imported only when it runs: the openai SDK it needs is heavy (~40 MB), and the
+    server and the runner parse their arguments with this same parser."""
+
+    def run(args: argparse.Namespace) -> int:
+        from batch_gateway.client import commands
+
+        return getattr(commands, name)(args)
+
+    return run
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -77,20 +88,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     submit.add_argument("--completion-window", default="24h", help="The batch's completion window (default 24h).")
     submit.add_argument("--wait", action="store_true", help="Watch the batch until it ends, then download its results.")
-    submit.set_defaults(client_command=commands.submit)
+    submit.set_defaults(client_command=_command("submit"))
 
     batches = subparsers.add_parser("batches", help="List, inspect, cancel or watch batches.")
     actions = batches.add_subparsers(dest="batches_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="List batches, newest first.")
     listing.add_argument("--limit", type=int, default=20, help="How many batches (default 20).")
     listing.add_argument("--after", metavar="BATCH_ID", help="Start after this batch (the next page).")
-    listing.set_defaults(client_command=commands.batches_list)
+    listing.set_defaults(client_command=_command("batches_list"))
     get = actions.add_parser("get", parents=[common], help="Show one batch.")
     get.add_argument("batch_id")
-    get.set_defaults(client_command=commands.batches_get)
+    get.set_defaults(client_command=_command("batches_get"))
     cancel = actions.add_parser("cancel", parents=[common], help="Cancel a batch (finished results are kept).")
     cancel.add_argument("batch_id")
-    cancel.set_defaults(client_command=commands.batches_cancel)
+    cancel.set_defaults(client_command=_command("batches_cancel"))
     watch = actions.add_parser(
         "watch",
         parents=[common, wait],
@@ -104,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXIT_CODES_HELP,
     )
     watch.add_argument("batch_id")
-    watch.set_defaults(client_command=commands.batches_watch)
+    watch.set_defaults(client_command=_command("batches_watch"))
 
     files = subparsers.add_parser("files", help="List, download or delete files.")
     file_actions = files.add_subparsers(dest="files_command", required=True, metavar="ACTION")
@@ -112,16 +123,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flist.add_argument("--purpose", help="Only files with this purpose (batch, batch_output, ...).")
     flist.add_argument("--limit", type=int, default=100, help="How many files (default 100).")
     flist.add_argument("--after", metavar="FILE_ID", help="Start after this file (the next page).")
-    flist.set_defaults(client_command=commands.files_list)
+    flist.set_defaults(client_command=_command("files_list"))
     fdownload = file_actions.add_parser("download", parents=[common], help="Download a file's content.")
     fdownload.add_argument("file_id")
     fdownload.add_argument(
         "-o", "--output", metavar="PATH", help="Where to save it; - for stdout (default: the file's own name)."
     )
-    fdownload.set_defaults(client_command=commands.files_download)
+    fdownload.set_defaults(client_command=_command("files_download"))
     fdelete = file_actions.add_parser("delete", parents=[common], help="Delete a file.")
     fdelete.add_argument("file_id")
-    fdelete.set_defaults(client_command=commands.files_delete)
+    fdelete.set_defaults(client_command=_command("files_delete"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from typing import Any
 import openai
 
 from batch_gateway.client.output import (
+    DEFAULT_BASE_URL,
     CommandError,
     as_json,
     err,
@@ -39,7 +40,6 @@ from batch_gateway.client.watch import (
     wait_and_download,
 )
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 # The SDK refuses to start without a key; a gateway with no API keys created accepts any token.
 PLACEHOLDER_API_KEY = "no-key"
 

@@ -8,6 +8,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    the batch completed (some requests may still have failed: see the errors file)
+  1    error: the server refused a request or could not be reached, or a local file problem
+  2    bad command-line arguments
+  3    the batch failed (its input did not validate; the errors are printed)
+  4    the batch expired before finishing (partial results are downloaded)
+  5    the batch was cancelled (partial results are downloaded)
+  130  interrupted while waiting: the batch keeps running; `batch-gateway batches watch ID` resumes
+"""
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-aligned columns separated by two spaces; numbers aligned right. `None` shows as `-`."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 
-from batch_gateway.client.output import CommandError, as_json, err, file_id_or_none, print_json
+from batch_gateway.client.output import EXIT_CODES_HELP, CommandError, as_json, err, file_id_or_none, print_json
 from batch_gateway.client.partial import PartialResults
 from batch_gateway.client.progress import ProgressDisplay, Snapshot, format_duration
 from batch_gateway.wire import TERMINAL_STATUSES
@@ -27,17 +27,6 @@ EXIT_EXPIRED = 4
 EXIT_CANCELLED = 5
 EXIT_INTERRUPTED = 130  # Ctrl-C while waiting; the batch keeps running on the server
 STATUS_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_FAILED, "expired": EXIT_EXPIRED, "cancelled": EXIT_CANCELLED}
-
-EXIT_CODES_HELP = """\
-exit codes:
-  0    the batch completed (some requests may still have failed: see the errors file)
-  1    error: the server refused a request or could not be reached, or a local file problem
-  2    bad command-line arguments
-  3    the batch failed (its input did not validate; the errors are printed)
-  4    the batch expired before finishing (partial results are downloaded)
-  5    the batch was cancelled (partial results are downloaded)
-  130  interrupted while waiting: the batch keeps running; `batch-gateway batches watch ID` resumes
-"""
 
 
 @dataclass(frozen=True)

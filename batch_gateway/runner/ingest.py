@@ -1,8 +1,9 @@
 """Read and validate: stream the input file once into a local work file plus a compact per-line index.
 
 Memory stays flat whatever the input size: request bodies go to the work file, and per line we keep only its offset,
-length, line number, prefix key blocks and a hash of its custom_id, in packed arrays (under 100 bytes per line). Later stages read
-a body back by offset when it is about to be sent.
+length, line number, prefix key blocks and a hash of its custom_id, in packed arrays: 25 bytes per line plus 8 per key
+block (one block for a prompt under 64 bytes, at most MAX_BLOCKS). Later stages read a body back by offset when it is
+about to be sent.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from batch_gateway.runner.prefix import MAX_BLOCKS, prefix_key
-from batch_gateway.runner.validate import ValidLine, validate_line
+from batch_gateway.runner.prefix import MAX_BLOCKS, PrefixKeys, prefix_key
+from batch_gateway.runner.validate import validate_line
 from batch_gateway.wire import BatchError
 
 MAX_REPORTED_ERRORS = 500
@@ -35,7 +36,7 @@ class Ingested:
     path: Path
     offsets: np.ndarray  # uint64, byte offset of request i in the work file
     lengths: np.ndarray  # uint32
-    keys: np.ndarray  # (n, MAX_BLOCKS) uint64 prefix key blocks
+    keys: PrefixKeys | None  # prefix key blocks; None once planning no longer needs them (see run.plan)
     line_numbers: np.ndarray  # uint32, 1-based line of request i in the input file (blank lines are skipped)
     model: str | None
     errors: list[BatchError] = field(default_factory=list)
@@ -106,7 +107,8 @@ async def ingest(
     known_model: Callable[[str], bool],
 ) -> Ingested:
     work_file.parent.mkdir(parents=True, exist_ok=True)
-    offsets, lengths, keys, id_hashes, line_numbers = array("Q"), array("I"), array("Q"), array("Q"), array("I")
+    offsets, lengths, id_hashes, line_numbers = array("Q"), array("I"), array("Q"), array("I")
+    key_counts, key_levels = array("B"), [array("Q") for _ in range(MAX_BLOCKS)]
     errors = _Errors()
     model: str | None = None
     model_line = 0
@@ -150,7 +152,10 @@ async def ingest(
             offsets.append(position)
             lengths.append(len(raw))
             position += len(raw) + 1
-            keys.extend(_padded_key(endpoint, parsed))
+            blocks = prefix_key(endpoint, parsed.body)[:MAX_BLOCKS] if parsed else ()
+            key_counts.append(len(blocks))
+            for level, block in zip(key_levels, blocks):
+                level.append(block)
             id_hashes.append(_custom_id_hash(parsed.custom_id) if parsed else 0)
             line_numbers.append(line_no)
 
@@ -170,10 +175,10 @@ async def ingest(
 
     ingested = Ingested(
         path=work_file,
-        offsets=np.frombuffer(offsets, dtype=np.uint64) if offsets else np.zeros(0, np.uint64),
-        lengths=np.frombuffer(lengths, dtype=np.uint32) if lengths else np.zeros(0, np.uint32),
-        keys=(np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, np.uint64)).reshape(-1, MAX_BLOCKS),
-        line_numbers=np.frombuffer(line_numbers, dtype=np.uint32) if line_numbers else np.zeros(0, np.uint32),
+        offsets=_packed(offsets, np.uint64),
+        lengths=_packed(lengths, np.uint32),
+        keys=PrefixKeys(_packed(key_counts, np.uint8), [_packed(level, np.uint64) for level in key_levels]),
+        line_numbers=_packed(line_numbers, np.uint32),
         model=model,
     )
     if not too_many:
@@ -182,9 +187,9 @@ async def ingest(
     return ingested
 
 
-def _padded_key(endpoint: str, parsed: ValidLine | None) -> list[int]:
-    blocks = list(prefix_key(endpoint, parsed.body))[:MAX_BLOCKS] if parsed else []
-    return blocks + [0] * (MAX_BLOCKS - len(blocks))
+def _packed(values: array, dtype: type[np.generic]) -> np.ndarray:
+    """The array's buffer as a numpy array, without a copy."""
+    return np.frombuffer(values, dtype=dtype) if values else np.zeros(0, dtype)
 
 
 def _model_not_found(model: str, line_no: int) -> BatchError:

@@ -164,53 +164,130 @@ def prefix_key(endpoint: str, body: dict[str, Any]) -> tuple[int, ...]:
     return tuple(keys)
 
 
-def plan_order(keys: np.ndarray) -> np.ndarray:
-    """A deterministic order of request indices for (n, MAX_BLOCKS) uint64 keys (0-padded).
+class PrefixKeys:
+    """The prefix keys of n requests, stored by depth: `levels[d]` holds block d's key for every request that has more
+    than d blocks, in request order. Most prompts are short (one block below 64 bytes), so this takes 1 + 8 × blocks
+    bytes per request where a padded (n, MAX_BLOCKS) array takes 64."""
+
+    def __init__(self, counts: np.ndarray, levels: list[np.ndarray]) -> None:
+        self.counts = counts  # uint8: blocks per request (0: no key, an invalid line)
+        self.levels = [level for level in levels if len(level)]
+        for d, level in enumerate(self.levels):
+            if len(level) != int(np.count_nonzero(counts > d)):
+                raise ValueError(f"level {d} has {len(level)} keys for {np.count_nonzero(counts > d)} requests")
+
+    @classmethod
+    def from_padded(cls, keys: np.ndarray) -> PrefixKeys:
+        """From an (n, blocks) uint64 array, 0-padded: a request's key ends at its first 0."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        if keys.ndim != 2:
+            raise ValueError(f"keys must be a 2-D array of shape (n, blocks), got shape {keys.shape}")
+        counts = np.logical_and.accumulate(keys != 0, axis=1).sum(axis=1).astype(np.uint8)
+        return cls(counts, [keys[counts > d, d] for d in range(keys.shape[1])])
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @property
+    def depth(self) -> int:
+        """The most blocks any request has."""
+        return len(self.levels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.counts.nbytes + sum(level.nbytes for level in self.levels)
+
+    def column(self, d: int) -> np.ndarray:
+        """Block d's key for every request, 0 where a request has fewer blocks."""
+        column = np.zeros(len(self.counts), dtype=np.uint64)
+        if d < len(self.levels):
+            column[self.counts > d] = self.levels[d]
+        return column
+
+
+def _prefix_keys(keys: PrefixKeys | np.ndarray) -> PrefixKeys:
+    return keys if isinstance(keys, PrefixKeys) else PrefixKeys.from_padded(keys)
+
+
+def plan_order(keys: PrefixKeys | np.ndarray) -> np.ndarray:
+    """A deterministic order of request indices, from `PrefixKeys` or an (n, MAX_BLOCKS) uint64 array (0-padded).
 
     Keys are sorted lexicographically (stable: ties keep input order), then top-level groups (requests sharing their
     first block) are ordered by size, largest first, ties in key order. Large groups start early, when their warm-up
-    is cheapest to hide. Requests that share nothing come last and make good filler for the final minutes."""
+    is cheapest to hide. Requests that share nothing come last and make good filler for the final minutes.
+
+    Memory: a few n-long arrays at a time (one key column, the order, the sort's result), never all columns at once."""
+    keys = _prefix_keys(keys)
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    keys = np.asarray(keys)
-    if keys.ndim != 2:
-        raise ValueError(f"keys must be a 2-D array of shape (n, blocks), got shape {keys.shape}")
-    # np.lexsort sorts by its last key first, so pass the columns reversed.
-    order = np.lexsort(tuple(keys[:, i] for i in range(keys.shape[1] - 1, -1, -1)))
-    first = keys[order, 0]
-    starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
-    sizes = np.diff(np.r_[starts, n])
+    # Lexicographic and stable: a stable sort by each block in turn, the deepest first (np.lexsort's method, but it
+    # copies every column up front).
+    order = np.arange(n, dtype=np.int64)
+    for d in range(keys.depth - 1, -1, -1):
+        column = keys.column(d)
+        if d < keys.depth - 1:
+            column = column[order]
+        by_block = np.argsort(column, kind="stable")
+        del column
+        order = by_block if d == keys.depth - 1 else order[by_block]
+        del by_block
+    if keys.depth == 0:
+        return order
+    first = keys.column(0)[order]
+    boundary = np.empty(n, dtype=bool)
+    boundary[0] = True
+    np.not_equal(first[1:], first[:-1], out=boundary[1:])
+    del first
+    starts = np.flatnonzero(boundary)
+    del boundary
+    sizes = np.diff(starts, append=n)
+    if (sizes == sizes[0]).all():
+        return order  # groups of one size (all singletons, say) keep key order
     group_rank = np.argsort(-sizes, kind="stable")  # groups by size, largest first, ties in key order
-    position_of_group = np.empty(len(starts), dtype=np.int64)
-    position_of_group[group_rank] = np.r_[0, np.cumsum(sizes[group_rank])[:-1]]
-    # Each request moves with its group: new position = group's new start + offset within the group.
-    group = np.repeat(np.arange(len(starts)), sizes)
-    new_position = position_of_group[group] + (np.arange(n) - starts[group])
-    planned = np.empty(n, dtype=np.int64)
-    planned[new_position] = order
-    return planned
+    # Move each group whole, in rank order. `source[p]` is the position in key order of planned position p: it steps
+    # by one inside a group and jumps at each group's start, so it is a cumulative sum of those steps.
+    moved_starts, moved_sizes = starts[group_rank], sizes[group_rank]
+    del starts, sizes, group_rank
+    source = np.ones(n, dtype=np.int64)
+    previous_last = np.empty_like(moved_starts)
+    previous_last[0] = 0
+    previous_last[1:] = (moved_starts + moved_sizes - 1)[:-1]
+    source[np.cumsum(moved_sizes) - moved_sizes] = moved_starts - previous_last
+    del moved_starts, moved_sizes, previous_last
+    np.cumsum(source, out=source)
+    return order[source]
 
 
-def shared_depths(keys: np.ndarray, order: np.ndarray | None = None, *, chunk: int = 1 << 16) -> np.ndarray:
+def shared_depths(keys: PrefixKeys | np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
     """How many leading blocks each request shares with the one planned before it (0 for the first request and at
     every top-level group boundary). `keys` are in planned order, or give the keys as ingested plus `order` (from
-    `plan_order`, possibly filtered): then no sorted copy of the whole key array is made."""
+    `plan_order`, possibly filtered). Works one key column at a time."""
+    keys = _prefix_keys(keys)
     n = len(keys) if order is None else len(order)
     depths = np.zeros(n, dtype=np.uint8)
-    for start in range(1, n, chunk):
-        end = min(n, start + chunk)
-        rows = keys[start - 1 : end] if order is None else keys[order[start - 1 : end]]
-        same = (rows[1:] == rows[:-1]) & (rows[1:] != 0)
-        depths[start:end] = np.logical_and.accumulate(same, axis=1).sum(axis=1)
+    if n < 2:
+        return depths
+    sharing = np.ones(n - 1, dtype=bool)  # shares every block so far with its predecessor
+    for d in range(keys.depth):
+        column = keys.column(d)
+        if order is not None:
+            column = column[order]
+        sharing &= (column[1:] == column[:-1]) & (column[1:] != 0)
+        del column
+        if not sharing.any():
+            break
+        depths[1:] += sharing
     return depths
 
 
-def group_ids(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+def group_ids(keys: PrefixKeys | np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
     """A top-level group number per planned request (arguments as for `shared_depths`). A group is a run of
     requests sharing at least their first block (the first 64 bytes: a system prompt's opening, or the start of a
     shared prompt); the scheduler's warm-up works on the whole prefix tree within it (see `shared_depths`)."""
     depths = shared_depths(keys, order)
     if len(depths) == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.cumsum(depths == 0).astype(np.int64) - 1
+    groups = np.cumsum(depths == 0, dtype=np.int64)
+    groups -= 1
+    return groups

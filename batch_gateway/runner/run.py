@@ -28,7 +28,7 @@ from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
-from batch_gateway.runner.prefix import group_ids, plan_order
+from batch_gateway.runner.prefix import plan_order, shared_depths
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, parse_upstreams, resolve_endpoints
 from batch_gateway.services import Services
@@ -54,6 +54,23 @@ class Interrupted(Exception):
 
 class _CustomId(msgspec.Struct):
     custom_id: str
+
+
+def plan(ingested: Ingested, done: np.ndarray, prefix_ordering: bool, endpoints: int) -> GroupScheduler:
+    """The scheduler for the lines without a result yet, in planned order. The prefix keys are needed for nothing
+    else, so they are released here (ingested.keys becomes None): dispatch holds only the order and the index."""
+    if prefix_ordering:
+        assert ingested.keys is not None, "the prefix keys are released once planned"
+        order = plan_order(ingested.keys)
+        order = order[~done[order]]
+        # One level of warm-up: each top-level group (depth 0 at its start) warms once. As 0/1 depths (1 byte a
+        # request) rather than group ids (8).
+        depths = np.minimum(shared_depths(ingested.keys, order), 1)
+    else:  # input order, every request its own group (no warm-up holds)
+        order = np.flatnonzero(~done)
+        depths = np.zeros(len(order), dtype=np.uint8)
+    ingested.keys = None
+    return GroupScheduler(order, endpoints=endpoints, depths=depths)
 
 
 class BatchRunner:
@@ -187,14 +204,7 @@ class BatchRunner:
     ) -> str:
         """Send every line without a durable result. Returns why dispatch ended: completed, cancelled, expired."""
         urls = await resolve_endpoints(endpoints_for(routes, ingested.model or ""))
-        if self.settings.prefix_ordering:
-            order = plan_order(ingested.keys)
-            groups = group_ids(ingested.keys[order])
-        else:  # input order, every request its own group (no warm-up holds)
-            order = np.arange(ingested.count)
-            groups = order.copy()
-        keep = ~done[order]
-        scheduler = GroupScheduler(order[keep], groups[keep], endpoints=len(urls))
+        scheduler = plan(ingested, done, self.settings.prefix_ordering, endpoints=len(urls))
         settings = self.settings
         endpoints = [
             Endpoint(
@@ -228,7 +238,7 @@ class BatchRunner:
             )
             self._dispatcher = dispatcher
             dispatch_started = time.monotonic()
-            self.log.info("runner.dispatching", endpoints=urls, pending=int(keep.sum()))
+            self.log.info("runner.dispatching", endpoints=urls, pending=scheduler.total)
             watcher = asyncio.create_task(self._watch(batch, checkpoints))
             try:
                 await dispatcher.run()
@@ -244,7 +254,7 @@ class BatchRunner:
         self.run_summary = {
             "runner": self.owner,
             "dispatch_seconds": round(time.monotonic() - dispatch_started, 3),
-            "requests_sent_this_run": int(keep.sum()),
+            "requests_sent_this_run": scheduler.total,
             "resumed_with_done": int(done.sum()),
             "retries": dispatcher.retries,
             "ended": self._stop_reason or "completed",

@@ -88,7 +88,7 @@ class GroupScheduler:
         if n and (int(depths[0]) != 0 or int(depths.min()) < 0):
             raise ValueError("depths must be non-negative and the first must be 0")
         self.endpoints = endpoints
-        self._children, self._offsets = _tree(depths.astype(np.int64, copy=False))
+        self._children, self._offsets = _tree(depths)
         # Root pool: requests with no parent, open everywhere.
         self._root = _Pool(ROOT, int(self._offsets[0]), int(self._offsets[1]), warm=(1 << endpoints) - 1)
         self._ready: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools open on the endpoint
@@ -202,17 +202,22 @@ class GroupScheduler:
 def _tree(depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Children index of the prefix tree: children[offsets[p + 1]:offsets[p + 2]] are the positions whose parent
     is p, in order; children[offsets[0]:offsets[1]] are the positions with no parent."""
+    # Temporaries are freed as soon as they are used, in place where possible: at a million requests each n-long
+    # int64 is 8 MB, and this runs while the ingest index is held.
     n = len(depths)
-    positions = np.arange(n, dtype=np.int64)
     parent = np.full(n, ROOT, dtype=np.int64)
     for depth in range(1, int(depths.max()) + 1 if n else 1):
         # The run of depth `depth` around i starts at the last position j <= i that shares fewer blocks with its
         # predecessor; for i with exactly this depth, that j is its parent.
-        run_start = np.maximum.accumulate(np.where(depths < depth, positions, 0))
+        run_start = np.where(depths < depth, np.arange(n, dtype=np.int64), 0)
+        np.maximum.accumulate(run_start, out=run_start)
         mine = depths == depth
         parent[mine] = run_start[mine]
+        del run_start, mine
     children = np.argsort(parent, kind="stable").astype(np.int32)
-    counts = np.bincount(parent + 1, minlength=n + 1)
+    parent += 1  # ROOT counts in slot 0
+    counts = np.bincount(parent, minlength=n + 1)
+    del parent
     offsets = np.zeros(n + 2, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     return children, offsets

@@ -15,7 +15,21 @@ Python API: `SimConfig`, `create_sim_app(config)` (an ASGI app), `SimServer(conf
 background thread, `.url`, `.stop()`, `.stats()`).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from batch_gateway.sim.config import SimConfig
-from batch_gateway.sim.server import SimServer, create_sim_app
+
+if TYPE_CHECKING:
+    from batch_gateway.sim.server import SimServer, create_sim_app
 
 __all__ = ["SimConfig", "SimServer", "create_sim_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # The server (uvicorn, ~15 MB) loads on first use: every `batch-gateway` command, the runner included, imports
+    # `sim.config` for its argument parser.
+    if name in ("SimServer", "create_sim_app"):
+        from batch_gateway.sim import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

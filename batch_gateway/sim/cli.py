@@ -6,10 +6,8 @@ import argparse
 import sys
 
 import msgspec
-import uvicorn
 
 from batch_gateway.sim.config import HELP, SimConfig
-from batch_gateway.sim.server import create_sim_app, uvicorn_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +40,11 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: every `batch-gateway` command builds this parser, and only `sim` needs the server.
+    import uvicorn
+
+    from batch_gateway.sim.server import create_sim_app, uvicorn_config
+
     try:
         config = config_from_args(args)
     except ValueError as exc:

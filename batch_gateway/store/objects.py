@@ -50,10 +50,11 @@ class ObjectStore:
         # over up to 3 minutes.
         self._ping_store = _open_store(url, fast_fail=True)
 
-    async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> None:
-        """Write an object from a stream (multipart on S3). If the stream raises, nothing is stored."""
+    async def put_stream(self, key: str, chunks: AsyncIterable[bytes], max_concurrency: int = 12) -> None:
+        """Write an object from a stream (multipart on S3). If the stream raises, nothing is stored. Up to
+        `max_concurrency` parts of CHUNK bytes are buffered while they upload: a fast producer fills them all."""
         try:
-            await obstore.put_async(self._store, key, chunks, chunk_size=CHUNK)
+            await obstore.put_async(self._store, key, chunks, chunk_size=CHUNK, max_concurrency=max_concurrency)
         except GatewayError:
             raise
         except Exception as exc:

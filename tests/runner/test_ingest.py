@@ -1,8 +1,14 @@
 """Reading the input: streaming line split, whole-file checks, and the compact index."""
 
+import tracemalloc
+
 import msgspec
+import numpy as np
 
 from batch_gateway.runner.ingest import Limits, ingest, read_request, split_lines
+from batch_gateway.runner.prefix import group_ids, plan_order
+from batch_gateway.runner.run import plan
+from batch_gateway.runner.schedule import GroupScheduler
 
 CHAT = "/v1/chat/completions"
 
@@ -37,7 +43,7 @@ async def test_valid_file_index_and_bodies(tmp_path):
         assert [read_request(ingested, f.fileno(), i) for i in range(3)] == lines
     assert ingested.line_numbers.tolist() == [1, 2, 3]
     # Same system prompt: the first key block is shared.
-    assert len(set(ingested.keys[:, 0].tolist())) == 1
+    assert len(set(ingested.keys.column(0).tolist())) == 1
 
 
 async def test_every_bad_line_is_reported(tmp_path):
@@ -67,3 +73,52 @@ async def test_error_list_is_capped(tmp_path):
     ingested = await run(b"\n".join(b"{bad" for _ in range(600)), tmp_path, max_requests=1000)
     assert len(ingested.errors) == 501
     assert ingested.errors[-1].code == "too_many_errors"
+
+
+def tiny(i: int, system: str | None = None) -> bytes:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": f"hi {i}"}]
+    body = {"model": "m", "messages": messages, "max_tokens": 1}
+    return msgspec.json.encode({"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": body})
+
+
+async def test_index_stays_within_its_per_line_budget(tmp_path):
+    """A short prompt has one key block: the index holds offset (8), length (4), line number (4) and key (1 + 8)
+    bytes a line, not 8 × MAX_BLOCKS for the key. At a million lines every byte here is a megabyte."""
+    n = 20_000
+    data = b"\n".join(tiny(i) for i in range(n))
+    ingested = await run(data, tmp_path, chunk=1 << 20, max_requests=n)
+    assert ingested.errors == [] and ingested.count == n
+    assert ingested.keys is not None and ingested.keys.depth == 1
+    index = ingested.offsets.nbytes + ingested.lengths.nbytes + ingested.line_numbers.nbytes + ingested.keys.nbytes
+    assert index / n <= 25, f"{index / n:.1f} bytes per line"
+
+
+async def test_plan_frees_the_keys_matches_group_planning_and_stays_small(tmp_path):
+    n = 30_000
+    # 100 shared system prompts over a third of the lines, the rest distinct: groups of many sizes and singletons.
+    systems = [f"You are assistant {k}. " + "Follow the house rules. " * 20 for k in range(100)]
+    data = b"\n".join(tiny(i, systems[i % 100] if i % 3 == 0 else None) for i in range(n))
+    ingested = await run(data, tmp_path, chunk=1 << 20, max_requests=n)
+    assert ingested.errors == []
+    done = np.zeros(n, dtype=bool)
+    done[::7] = True
+    keys = ingested.keys
+    order = plan_order(keys)
+    keep = ~done[order]
+    expected = GroupScheduler(order[keep], group_ids(keys, order)[keep])  # top-level groups of the full plan
+
+    tracemalloc.start()
+    try:
+        scheduler = plan(ingested, done, prefix_ordering=True, endpoints=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ingested.keys is None  # dispatch does not need them: released
+    assert np.array_equal(scheduler.lines, order[keep])
+    assert np.array_equal(scheduler._children, expected._children)
+    assert np.array_equal(scheduler._offsets, expected._offsets)
+    # The scheduler keeps ~20 bytes a request; planning's temporaries come on top, a few n-long arrays at a time.
+    assert peak / n < 64, f"planning peaked at {peak / n:.0f} bytes per request"
+
+    unordered = plan(ingested, done, prefix_ordering=False, endpoints=1)
+    assert np.array_equal(unordered.lines, np.flatnonzero(~done))

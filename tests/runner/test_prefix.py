@@ -14,6 +14,7 @@ import pytest
 from batch_gateway.runner.prefix import (
     BLOCK_SIZES,
     MAX_BLOCKS,
+    PrefixKeys,
     group_ids,
     plan_order,
     prefix_key,
@@ -152,7 +153,10 @@ def test_plan_order_sorts_groups_together_largest_group_first_and_is_stable():
 def test_shared_depths_stop_at_padding():
     keys = np.array([[5, 7, 0, 0], [5, 7, 0, 0], [5, 8, 0, 0], [6, 0, 0, 0]], dtype=np.uint64)
     assert shared_depths(keys).tolist() == [0, 2, 1, 0]
-    assert shared_depths(keys, chunk=2).tolist() == [0, 2, 1, 0]
+    compact = PrefixKeys.from_padded(keys)
+    assert compact.counts.tolist() == [2, 2, 2, 1] and compact.depth == 2
+    assert shared_depths(compact).tolist() == [0, 2, 1, 0]
+    assert np.array_equal(compact.column(1), keys[:, 1]) and not compact.column(5).any()
     assert plan_order(np.zeros((0, MAX_BLOCKS), dtype=np.uint64)).tolist() == []
     with pytest.raises(ValueError):
         plan_order(np.zeros(5, dtype=np.uint64))
@@ -190,3 +194,48 @@ def test_planning_a_million_lines_is_fast_and_small():
     assert (depths == 0).sum() == len(np.unique(group))  # one top-level group per first block
     assert elapsed < 20, elapsed
     assert peak < 150e6, f"peak {peak / 1e6:.0f} MB besides the 64 MB of keys"
+
+
+def _reference_plan_order(keys: np.ndarray) -> np.ndarray:
+    """The plan as first written: np.lexsort over all padded columns, then groups by size (largest first)."""
+    n = len(keys)
+    order = np.lexsort(tuple(keys[:, i] for i in range(keys.shape[1] - 1, -1, -1)))
+    first = keys[order, 0]
+    starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    group_rank = np.argsort(-sizes, kind="stable")
+    position_of_group = np.empty(len(starts), dtype=np.int64)
+    position_of_group[group_rank] = np.r_[0, np.cumsum(sizes[group_rank])[:-1]]
+    group = np.repeat(np.arange(len(starts)), sizes)
+    planned = np.empty(n, dtype=np.int64)
+    planned[position_of_group[group] + (np.arange(n) - starts[group])] = order
+    return planned
+
+
+def _reference_depths(sorted_keys: np.ndarray) -> np.ndarray:
+    same = (sorted_keys[1:] == sorted_keys[:-1]) & (sorted_keys[1:] != 0)
+    return np.r_[0, np.logical_and.accumulate(same, axis=1).sum(axis=1)].astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_column_at_a_time_planning_matches_lexsort(seed):
+    """The lean planner gives exactly the order and depths of a full lexsort, on random prefix trees with ties,
+    groups of equal and different sizes, short and long keys, and requests without a key."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    keys = np.zeros((n, MAX_BLOCKS), dtype=np.uint64)
+    keys[:, 0] = rng.integers(1, 40, n)
+    lengths = rng.integers(0, MAX_BLOCKS + 1, n)
+    for d in range(1, MAX_BLOCKS):
+        # Chained like real keys: few distinct values near the root, so subtrees share deep prefixes.
+        keys[:, d] = keys[:, d - 1] * np.uint64(31) + rng.integers(0, 3 + d, n).astype(np.uint64) + np.uint64(1)
+    keys[np.arange(MAX_BLOCKS) >= lengths[:, None]] = 0
+    order = plan_order(keys)
+    assert np.array_equal(order, _reference_plan_order(keys))
+    assert np.array_equal(plan_order(PrefixKeys.from_padded(keys)), order)
+    assert np.array_equal(shared_depths(keys, order), _reference_depths(keys[order]))
+    keep = rng.random(n) < 0.7
+    assert np.array_equal(shared_depths(keys, order[keep]), _reference_depths(keys[order[keep]]))
+    singletons = np.zeros((50, MAX_BLOCKS), dtype=np.uint64)
+    singletons[:, 0] = rng.permutation(50) + 1
+    assert np.array_equal(plan_order(singletons), _reference_plan_order(singletons))

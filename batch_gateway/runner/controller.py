@@ -22,17 +22,28 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      `QUEUE_ALLOWANCE_SHARE` x running. Room is the largest `running` of the last `CAPACITY_MEMORY` seconds minus
      the current `running`. The room matters because arrivals wait for the next step boundary even when slots are
      free, and fixed-length outputs finish in bursts whose refill is briefly "waiting".
-   * A queue seen in two consecutive readings cuts the limit to `inflight - queue`: the number of our requests the
-     engine actually serves, at most half off per reading. The cut is absolute, not relative, so a reading taken
-     before an earlier cut took effect does not cut twice. Interactive requests in the queue push the batch lower:
-     the batch yields to them. A whole request queued in both readings, or a queue in three readings running, is
-     the knee: it also ends slow start and holds probing beyond it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
+   * A queue seen in two consecutive readings cuts the limit to `inflight - queue x share`, where share =
+     inflight / (running + waiting) is our part of the engine's load, at most half off per reading. Every batch
+     client that sees the queue cuts its own part of it, so together they cut what the queue is (each cutting the
+     whole queue would cut it once per client), and the larger cuts more. The cut is absolute, not relative, so a
+     reading taken before an earlier cut took effect does not cut twice. Interactive requests in the queue push the
+     batch lower, by its share of them on each reading, until they no longer queue. A whole request queued in both
+     readings, or a queue in three readings running, is the knee: it also ends slow start and holds probing beyond
+     it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
    * No queue, KV usage below `KV_FULL`, not app-limited, and at least `WINDOW_SECONDS` since the last change: grow.
      Slow start doubles once per service time S (the smoothed request latency): x2^(Δt/S) per reading, at least +1,
      and not before the first answers. Overshooting is paid in S, since an overshooting request waits a whole
-     service time in the engine's queue and cannot be called back. After slow start, growth is +`GROWTH_SHARE`.
-     Free room the engine has shown (capacity seen - running - waiting) is filled at once, hold or not, so capacity
-     freed by departing interactive users is refilled quickly.
+     service time in the engine's queue and cannot be called back. After slow start, a probe adds `GROWTH_SHARE` x
+     the capacity seen: the same step for every client, as growth in proportion to the limit would keep an unfair
+     split unfair for ever. Free room the engine has shown (capacity seen - running - waiting) is filled at once,
+     hold or not, so capacity freed by departing interactive users is refilled quickly.
+   * Fairness between batch clients of the engine (separate runners, which only share its gauges): proportional
+     cuts and equal steps converge only by the small amounts the queue and the probes move. So a runner holding more
+     than all the others together (inflight > others = running + waiting - inflight) also gives back
+     `FAIR_GIVEBACK` x its excess over them, capped at the others' load, on a queue; and it takes at most half of
+     the room it sees, leaving the rest to whoever else reads it. The cap keeps a batch alone, or next to a few
+     interactive requests, at the knee: the metrics cannot tell another batch runner from interactive load, and
+     slots given back that nobody takes are room the runner refills at its next reading.
 
 3. **Per-token latency**, when the endpoint has no usable /metrics. The per-token latency of a request is
    `latency / output_tokens` (per uncached prompt token for embeddings), so long and short answers compare. A
@@ -88,7 +99,8 @@ CAPACITY_MEMORY = 10.0  # seconds over which the largest `running` reading stand
 QUEUE_ALLOWANCE = 0.5  # waiting requests tolerated...
 QUEUE_ALLOWANCE_SHARE = 0.01  # ...plus this share of the running batch (arrivals waiting for the next step)
 KV_FULL = 0.95  # KV cache usage at which growth stops (more sequences would be preempted)
-GROWTH_SHARE = 0.05  # queue mode: growth per reading after slow start (at least +1)
+GROWTH_SHARE = 0.05  # queue mode: growth per probe after slow start, as a share of the capacity seen (at least +1)
+FAIR_GIVEBACK = 0.5  # queue mode: share of its excess over the others' load a runner gives back on a queue
 QUEUE_HOLD = 10.0  # queue mode: at least this long without probing beyond the knee once found...
 HOLD_SERVICE_TIMES = 3.0  # ...and at least this many service times (an overshoot there costs ~S/K of queueing)
 LATENCY_SMOOTHING = 0.2  # weight of a new request latency in the service-time estimate
@@ -262,7 +274,10 @@ class ConcurrencyController:
             if self._queued_streak >= 3 or min(previous.queued, reading.queued) >= 1:
                 self._slow_start = False
                 self._hold_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
-            target = self._inflight - reading.queued  # how many of ours the engine serves
+            # Our part of the queue (the other clients cut theirs), and more if we hold more than all of them.
+            others = self._others(reading)
+            share = self._inflight / (self._inflight + others) if others is not None else 1.0
+            target = self._inflight - reading.queued * share - self._giveback(others)
             if target < self._limit:
                 self._change(now, max(self._limit * BACKOFF, target))
                 self.decreases["queue"] += 1
@@ -278,7 +293,8 @@ class ConcurrencyController:
         if running is not None and self._capacity:
             room = max(0.0, self._capacity[0][1] - running - waiting)
         if room >= 1:
-            self._grow(now, room)  # fill what is known to be free, hold or not
+            # Fill what is known to be free, hold or not; a runner holding more than the others leaves them half.
+            self._grow(now, room - min(room / 2, self._giveback(self._others(reading))))
         elif now >= self._hold_until:
             self._grow(now, self._probe_step(now - previous.at if previous else None))
 
@@ -287,9 +303,11 @@ class ConcurrencyController:
         whole service time in the engine's queue, where interactive users wait behind it, and cannot be called
         back. So slow start doubles once per service time, as TCP does once per round trip: x 2^(Δt / S) per reading,
         with S the smoothed request latency, and not at all before the first answers tell S. On a fast engine that is
-        still x1.6 a second; on a CPU llama.cpp server (S ≈ 15 s) it is +1. After slow start: +GROWTH_SHARE."""
+        still x1.6 a second; on a CPU llama.cpp server (S ≈ 15 s) it is +1. After slow start: +GROWTH_SHARE x the
+        capacity seen, the same step for every client sharing the engine."""
         if not self._slow_start:
-            return max(1.0, self._limit * GROWTH_SHARE)
+            capacity = self._capacity[0][1] if self._capacity else self._limit
+            return max(1.0, capacity * GROWTH_SHARE)
         if self.service_time is None or interval is None:
             return 0.0
         elapsed = min(interval, 2 * WINDOW_SECONDS, self.service_time)  # time without readings was not watched
@@ -460,6 +478,19 @@ class ConcurrencyController:
             capacity.popleft()
         room = capacity[0][1] - running
         return waiting - room - (QUEUE_ALLOWANCE + QUEUE_ALLOWANCE_SHARE * running)
+
+    def _others(self, reading: _Reading) -> float | None:
+        """Requests in the engine that are not ours (other runners' or interactive users'), if the gauges tell."""
+        if reading.running is None:
+            return None
+        return max(0.0, reading.running + reading.waiting - self._inflight)
+
+    def _giveback(self, others: float | None) -> float:
+        """What a runner holding more than all the others together gives back towards them: part of its excess,
+        at most their own load (alone, or beside a few interactive requests, there is no one to give it to)."""
+        if others is None:
+            return 0.0
+        return FAIR_GIVEBACK * min(others, max(0.0, self._inflight - others))
 
     def _grow(self, now: float, step: float) -> None:
         if self._limit >= self.maximum or step <= 0:

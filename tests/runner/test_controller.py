@@ -95,7 +95,7 @@ def test_growth_waits_a_window_after_each_change():
     assert c.limit > grown
 
 
-def test_a_persistent_queue_cuts_to_what_the_engine_serves():
+def test_a_persistent_queue_of_our_own_cuts_to_what_the_engine_serves():
     c = ConcurrencyController(initial=128, maximum=256)
     fill(c, 0.0)
     c.on_queue_metrics(1.0, waiting=28, running=100)
@@ -108,11 +108,20 @@ def test_a_persistent_queue_cuts_to_what_the_engine_serves():
     assert c.snapshot()["slow_start"] is False
 
 
-def test_a_queue_of_interactive_requests_pushes_the_batch_down_at_most_by_half_per_reading():
+def test_a_shared_queue_is_cut_in_proportion_to_our_share_of_the_load():
     c = ConcurrencyController(initial=64)
     fill(c, 0.0)
     c.on_queue_metrics(1.0, waiting=64 + 40, running=128)  # our 64 are waiting behind 40 interactive ones, and more
     c.on_queue_metrics(2.0, waiting=64 + 40, running=128)
+    # Ours are 64 of the 232 requests the engine holds: cut that share of the queue, 64/232 x (104 - 1.5 - 1.28).
+    assert c.limit == 35
+
+
+def test_a_queue_pushes_the_batch_down_at_most_by_half_per_reading():
+    c = ConcurrencyController(initial=64)
+    fill(c, 0.0)
+    c.on_queue_metrics(1.0, waiting=64 + 400, running=128)
+    c.on_queue_metrics(2.0, waiting=64 + 400, running=128)
     assert c.limit == 32
 
 
@@ -135,22 +144,21 @@ def test_waiting_requests_the_engine_has_room_for_are_not_a_queue():
 
 
 def test_after_a_queue_cut_growth_holds_for_a_while():
-    c = ConcurrencyController(initial=8)
+    c = ConcurrencyController(initial=10)
     fill(c, 0.0)
     answered(c, 0.5, latency=0.5)
-    c.on_queue_metrics(1.0, waiting=0, running=8)  # the engine runs 8, the batch has 8 out
+    c.on_queue_metrics(1.0, waiting=2, running=8)  # an 8-slot engine, the batch has 10 out
     c.on_queue_metrics(2.0, waiting=2, running=8)
-    c.on_queue_metrics(3.0, waiting=2, running=8)
-    assert c.limit == 6  # 8 - (2 - 0.5 - 1 % of 8)
+    assert c.limit == 8  # 10 - (2 - 0.5 - 1 % of 8)
     fill(c, 3.0)
-    hold_ends = 3.0 + controller_module.QUEUE_HOLD
-    second = 4.0
+    hold_ends = 2.0 + controller_module.QUEUE_HOLD
+    second = 3.0
     while second < hold_ends:
         c.on_queue_metrics(second, waiting=0, running=8)  # no queue, but no free room either: hold
         second += 1
-    assert c.limit == 6
+    assert c.limit == 8
     c.on_queue_metrics(hold_ends, waiting=0, running=8)
-    assert c.limit == 7  # then probe again, one request
+    assert c.limit == 9  # then probe again, one request
 
 
 def test_slots_left_idle_by_the_runner_itself_are_not_room():
@@ -176,12 +184,12 @@ def test_a_one_request_queue_that_persists_is_the_knee():
 def test_capacity_freed_by_others_is_refilled_at_once():
     c = ConcurrencyController(initial=64, maximum=256)
     fill(c, 0.0)
-    c.on_queue_metrics(0.5, waiting=10, running=128)  # shared with interactive users: 64 of theirs
+    c.on_queue_metrics(0.5, waiting=10, running=128)  # shared with interactive users: 74 of theirs
     c.on_queue_metrics(1.0, waiting=10, running=128)
-    assert c.limit == 55  # 64 - (10 - 0.5 - 1 % of 128)
+    assert c.limit == 60  # 64 - 64/138 x (10 - 0.5 - 1 % of 128)
     fill(c, 1.5)
-    c.on_queue_metrics(3.0, waiting=0, running=55)  # they left: 73 slots the engine has shown are free
-    assert c.limit == 55 + 73
+    c.on_queue_metrics(3.0, waiting=0, running=60)  # they left: 68 slots the engine has shown are free
+    assert c.limit == 60 + 68
     assert c.snapshot()["slow_start"] is False
 
 
@@ -210,6 +218,60 @@ def test_stale_readings_hand_control_back_to_latency():
     assert c.queue_mode(5.0) and not c.queue_mode(controller_module.QUEUE_METRICS_TTL + 1)
 
 
+class SharedSlots:
+    """K slots shared by several clients, in virtual time: every request takes half a second, the engine runs
+    min(K, all in flight) and the rest waits, and the clients read the gauges once a second, in turn."""
+
+    def __init__(self, slots: int, clients: list[ConcurrencyController]) -> None:
+        self.slots, self.clients = slots, clients
+        self.flights: list[list[int]] = [[] for _ in clients]
+        self.joins = [0.0] * len(clients)  # when each client starts sending
+        self.now = 0.0
+
+    def run(self, seconds: float) -> list[list[int]]:
+        """Each client's in-flight count at each of its readings."""
+        seen: list[list[int]] = [[] for _ in self.clients]
+        end = self.now + seconds
+        while self.now < end:
+            active = [k for k, at in enumerate(self.joins) if self.now >= at]
+            for k in active:  # the last half second's requests answered; the limit is refilled
+                c = self.clients[k]
+                for epoch in self.flights[k]:
+                    c.on_success(self.now, latency=0.5, output_tokens=10, epoch=epoch)
+                self.flights[k] = [c.on_send(self.now) for _ in range(c.limit)]
+            total = sum(len(f) for f in self.flights)
+            reader = round(self.now * 2) % len(self.clients)
+            if reader in active:
+                c = self.clients[reader]
+                c.on_queue_metrics(self.now, waiting=max(0, total - self.slots), running=min(self.slots, total),
+                                   kv_usage=0.4)
+                seen[reader].append(c.inflight)
+            self.now += 0.5
+        return seen
+
+
+def assert_fair_at_the_knee(seen: list[list[int]], slots: int) -> None:
+    for x, y in zip(*seen):
+        assert 0.4 <= x / (x + y) <= 0.6, seen  # each within ±20 % of an equal share at every reading
+        assert 0.95 * slots <= x + y <= 1.1 * slots + 2, seen  # and together at the knee
+
+
+@pytest.mark.parametrize("initial", [(8, 8), (8, 100), (120, 8)])
+def test_two_clients_started_together_converge_to_equal_shares_at_the_knee(initial):
+    engine = SharedSlots(128, [ConcurrencyController(initial=n) for n in initial])
+    engine.run(20)
+    assert_fair_at_the_knee(engine.run(10), 128)
+
+
+def test_a_client_joining_a_full_engine_gets_an_equal_share_within_fifteen_seconds():
+    engine = SharedSlots(128, [ConcurrencyController(), ConcurrencyController()])
+    engine.joins[1] = 30.0
+    engine.run(30)
+    assert engine.clients[0].limit >= 0.95 * 128  # alone, the first filled the engine
+    engine.run(15)
+    assert_fair_at_the_knee(engine.run(10), 128)
+
+
 # --- exact reactions: hard backpressure, bounds -----------------------------------------------------
 
 
@@ -231,11 +293,11 @@ def test_backpressure_halves_once_per_flight():
 def test_backpressure_from_before_a_queue_cut_is_ignored():
     c = ConcurrencyController(initial=64)
     epochs = fill(c, 0.0)
-    c.on_queue_metrics(1.0, waiting=20, running=60)
-    c.on_queue_metrics(2.0, waiting=20, running=60)
-    assert c.limit == 45  # 64 - (20 - 0.5 - 1 % of 60)
+    c.on_queue_metrics(1.0, waiting=20, running=44)
+    c.on_queue_metrics(2.0, waiting=20, running=44)
+    assert c.limit == 44  # 64 - (20 - 0.5 - 1 % of 44)
     c.on_backpressure(2.1, epoch=epochs[-1], kind="503")  # sent before the cut, which already answered that load
-    assert c.limit == 45 and c.decreases["backpressure"] == 0
+    assert c.limit == 44 and c.decreases["backpressure"] == 0
 
 
 def test_other_answers_only_close_the_send():

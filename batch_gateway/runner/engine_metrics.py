@@ -1,4 +1,5 @@
-"""Read an engine's queue gauges from its Prometheus `/metrics`: vLLM names, with llama.cpp's as a fallback."""
+"""Read an engine's queue gauges from its Prometheus `/metrics`: vLLM names, with llama.cpp's as a fallback; and
+vLLM's count of finished requests, against which a runner measures its share of the engine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 _WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_COMPLETED = ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count")
 
 
 @dataclass
@@ -17,6 +19,7 @@ class QueueMetrics:
     waiting: float
     running: float | None
     kv_usage: float | None
+    completed: float | None = None  # requests finished so far, all clients together
 
 
 def parse_queue_metrics(text: str) -> QueueMetrics | None:
@@ -32,7 +35,7 @@ def parse_queue_metrics(text: str) -> QueueMetrics | None:
     waiting = first(_WAITING)
     if waiting is None:
         return None
-    return QueueMetrics(waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE))
+    return QueueMetrics(waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE), completed=first(_COMPLETED))
 
 
 async def read_queue_metrics(client: httpx.AsyncClient, endpoint: str) -> QueueMetrics | None:

@@ -98,6 +98,7 @@ def test_growth_waits_a_window_after_each_change():
 def test_a_persistent_queue_of_our_own_cuts_to_what_the_engine_serves():
     c = ConcurrencyController(initial=128, maximum=256)
     fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
     c.on_queue_metrics(1.0, waiting=28, running=100)
     assert c.limit == 128  # one reading can be a burst's refill waiting for the next step
     c.on_queue_metrics(2.0, waiting=28, running=100)
@@ -131,6 +132,40 @@ def test_an_engine_running_nothing_has_no_queue():
     c.on_queue_metrics(0.01, waiting=8, running=0)  # read before the engine's first step admitted them
     c.on_queue_metrics(1.0, waiting=1, running=8)  # and a refill caught waiting for a step boundary
     assert c.limit == 8 and c.snapshot()["slow_start"]
+
+
+def test_a_queue_seen_before_our_first_answers_does_not_end_slow_start():
+    c = ConcurrencyController(initial=8)
+    fill(c, 0.0)
+    for second in range(1, 4):  # another client keeps the engine at its knee: that is not our knee
+        c.on_queue_metrics(float(second), waiting=9, running=128)
+    assert c.snapshot()["slow_start"]
+    answered(c, 3.5, latency=2.0)
+    c.on_queue_metrics(4.0, waiting=9, running=128)
+    assert not c.snapshot()["slow_start"]
+
+
+def test_a_runner_holding_more_than_the_others_gives_part_of_its_excess_back_on_a_queue():
+    c = ConcurrencyController(initial=100, maximum=256)
+    fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
+    c.on_queue_metrics(1.0, waiting=12, running=128)  # 140 in the engine: our 100 and 40 of others
+    c.on_queue_metrics(2.0, waiting=12, running=128)
+    # Our share of the queue, 100/140 x (12 - 0.5 - 1.28), and half the excess over the others, (100 - 40) / 2.
+    assert c.limit == 62
+
+
+def test_the_engines_finished_count_shows_our_share_when_requests_are_in_transit():
+    c = ConcurrencyController(initial=140, maximum=256)
+    fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
+    c.on_queue_metrics(1.0, waiting=8, running=128, completed=1000)
+    for i in range(90):  # 90 of the engine's last 100 answers were ours
+        answered(c, 1.5, latency=1.0)
+    c.on_queue_metrics(2.0, waiting=8, running=128, completed=1100)
+    # By in-flight counts (140 of ours, 136 in the engine) the engine would hold ours alone. By the answers, ours
+    # are 90 % of its 136, 122.4, the others hold 13.6: cut 0.9 x (8 - 0.5 - 1.28), and give back the others' 13.6.
+    assert c.limit == 120
 
 
 def test_waiting_requests_the_engine_has_room_for_are_not_a_queue():
@@ -184,6 +219,7 @@ def test_a_one_request_queue_that_persists_is_the_knee():
 def test_capacity_freed_by_others_is_refilled_at_once():
     c = ConcurrencyController(initial=64, maximum=256)
     fill(c, 0.0)
+    answered(c, 0.2, latency=0.2)
     c.on_queue_metrics(0.5, waiting=10, running=128)  # shared with interactive users: 74 of theirs
     c.on_queue_metrics(1.0, waiting=10, running=128)
     assert c.limit == 60  # 64 - 64/138 x (10 - 0.5 - 1 % of 128)
@@ -220,10 +256,14 @@ def test_stale_readings_hand_control_back_to_latency():
 
 class SharedSlots:
     """K slots shared by several clients, in virtual time: every request takes half a second, the engine runs
-    min(K, all in flight) and the rest waits, and the clients read the gauges once a second, in turn."""
+    min(K, all in flight) and the rest waits, and the clients read the gauges once a second, in turn. With
+    `transit`, that share of each client's requests is on its way to or from the engine (in flight for the
+    client, not in the engine's gauges); with `completions`, the readings carry the engine's finished count."""
 
-    def __init__(self, slots: int, clients: list[ConcurrencyController]) -> None:
-        self.slots, self.clients = slots, clients
+    def __init__(self, slots: int, clients: list[ConcurrencyController], *, transit: float = 0.0,
+                 completions: bool = False) -> None:
+        self.slots, self.clients, self.transit, self.completions = slots, clients, transit, completions
+        self.completed = 0
         self.flights: list[list[int]] = [[] for _ in clients]
         self.joins = [0.0] * len(clients)  # when each client starts sending
         self.now = 0.0
@@ -238,22 +278,23 @@ class SharedSlots:
                 c = self.clients[k]
                 for epoch in self.flights[k]:
                     c.on_success(self.now, latency=0.5, output_tokens=10, epoch=epoch)
+                self.completed += len(self.flights[k])
                 self.flights[k] = [c.on_send(self.now) for _ in range(c.limit)]
-            total = sum(len(f) for f in self.flights)
+            total = sum(round(len(f) * (1 - self.transit)) for f in self.flights)
             reader = round(self.now * 2) % len(self.clients)
             if reader in active:
                 c = self.clients[reader]
                 c.on_queue_metrics(self.now, waiting=max(0, total - self.slots), running=min(self.slots, total),
-                                   kv_usage=0.4)
+                                   kv_usage=0.4, completed=self.completed if self.completions else None)
                 seen[reader].append(c.inflight)
             self.now += 0.5
         return seen
 
 
-def assert_fair_at_the_knee(seen: list[list[int]], slots: int) -> None:
+def assert_fair_at_the_knee(seen: list[list[int]], slots: int, transit: float = 0.0) -> None:
     for x, y in zip(*seen):
         assert 0.4 <= x / (x + y) <= 0.6, seen  # each within ±20 % of an equal share at every reading
-        assert 0.95 * slots <= x + y <= 1.1 * slots + 2, seen  # and together at the knee
+        assert 0.95 * slots <= (x + y) * (1 - transit) <= 1.1 * slots + 2, seen  # and together at the knee
 
 
 @pytest.mark.parametrize("initial", [(8, 8), (8, 100), (120, 8)])
@@ -263,13 +304,17 @@ def test_two_clients_started_together_converge_to_equal_shares_at_the_knee(initi
     assert_fair_at_the_knee(engine.run(10), 128)
 
 
-def test_a_client_joining_a_full_engine_gets_an_equal_share_within_fifteen_seconds():
-    engine = SharedSlots(128, [ConcurrencyController(), ConcurrencyController()])
+@pytest.mark.parametrize("transit", [0.0, 0.1])
+def test_a_client_joining_a_full_engine_gets_an_equal_share_within_fifteen_seconds(transit):
+    # 10 % in transit: the first client's own backlog outweighs the newcomer's 8 requests, so in-flight counts
+    # alone would show it no one to give room to; the engine's finished count shows its real share.
+    engine = SharedSlots(128, [ConcurrencyController(), ConcurrencyController()], transit=transit,
+                         completions=transit > 0)
     engine.joins[1] = 30.0
     engine.run(30)
-    assert engine.clients[0].limit >= 0.95 * 128  # alone, the first filled the engine
+    assert engine.clients[0].limit * (1 - transit) >= 0.95 * 128  # alone, the first filled the engine
     engine.run(15)
-    assert_fair_at_the_knee(engine.run(10), 128)
+    assert_fair_at_the_knee(engine.run(10), 128, transit)
 
 
 # --- exact reactions: hard backpressure, bounds -----------------------------------------------------

@@ -23,13 +23,14 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      the current `running`. The room matters because arrivals wait for the next step boundary even when slots are
      free, and fixed-length outputs finish in bursts whose refill is briefly "waiting".
    * A queue seen in two consecutive readings cuts the limit to `inflight - queue x share`, at most half off per
-     reading. The share is our part of the engine's load: every batch client that sees the queue cuts its own part
-     of it, so together they cut what the queue is (each cutting the whole queue would cut it once per client), and
-     the larger cuts more. The cut is absolute, not relative, so a reading taken before an earlier cut took effect
-     does not cut twice. Interactive requests in the queue push the batch lower, by its share of them on each
-     reading, until they no longer queue. A whole request queued in both readings, or a queue in three readings
-     running, is the knee: it also ends slow start (once our own requests have been answered; before that, the
-     queue is someone else's) and holds probing beyond it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
+     reading. The share, inflight / (running + waiting), is our part of the engine's load (erring high, as some of
+     ours are still on their way: the queue is then cut a bit more). Every batch client that sees the queue cuts its
+     own part of it, so together they cut what the queue is (each cutting the whole queue would cut it once per
+     client), and the larger cuts more. The cut is absolute, not relative, so a reading taken before an earlier cut
+     took effect does not cut twice. Interactive requests in the queue push the batch lower, by its share of them
+     on each reading, until they no longer queue. A whole request queued in both readings, or a queue in three
+     readings running, is the knee: it also ends slow start (once our own requests have been answered; before that,
+     the queue is someone else's) and holds probing beyond it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
    * No queue, KV usage below `KV_FULL`, not app-limited, and at least `WINDOW_SECONDS` since the last change: grow.
      Slow start doubles once per service time S (the smoothed request latency): x2^(Δt/S) per reading, at least +1,
      and not before the first answers. Overshooting is paid in S, since an overshooting request waits a whole
@@ -43,9 +44,9 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      queue; and it takes at most half of the room it sees, leaving the rest to whoever else reads it. The cap keeps
      a batch alone, or next to a few interactive requests, at the knee: the gauges cannot tell another batch runner
      from interactive load, and slots given back that nobody takes are room the runner refills at its next reading.
-   * Ours and the others' part of the engine's load: our in-flight count also holds requests on their way to or
-     from the engine (the client's own queueing: 13 of 130 in the utilisation benchmark), which would hide a small
-     client beside a large one. Where the engine counts finished requests (`completed`: vLLM's
+   * Ours and the others' part of the engine's load, for the give-back: our in-flight count also holds requests on
+     their way to or from the engine (the client's own queueing: 13 of 130 in the utilisation benchmark), which
+     would hide a small client beside a large one. Where the engine counts finished requests (`completed`: vLLM's
      `request_success_total`), ours is its load x our part of the answers over `SHARE_WINDOW` (under its FIFO,
      answers are in proportion to requests held), and at most our in-flight count, as the answers lag a change.
 
@@ -293,9 +294,11 @@ class ConcurrencyController:
             if knee and self.service_time is not None:  # before our first answers, the queue is others' doing
                 self._slow_start = False
                 self._hold_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
-            # Our part of the queue (the other clients cut theirs), and more if we hold more than all of them.
+            # Our part of the queue (the other clients cut theirs), and more if we hold more than all of them. The
+            # part is by in-flight count, which errs high (requests in transit): the queue is then cut a bit more.
+            load = waiting + running if running is not None else 0.0
+            share = min(1.0, self._inflight / load) if load > 0 else 1.0
             split = self._split(reading)
-            share = split[0] / (split[0] + split[1]) if split and split[0] + split[1] > 0 else 1.0
             # From what is in flight, or the fractional limit it stands for: small repeated cuts would otherwise
             # each cost a whole request, and wear a small share down.
             base = max(self._inflight, min(self._limit, self._inflight + 1))

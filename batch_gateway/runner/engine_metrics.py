@@ -35,7 +35,9 @@ def parse_queue_metrics(text: str) -> QueueMetrics | None:
     waiting = first(_WAITING)
     if waiting is None:
         return None
-    return QueueMetrics(waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE), completed=first(_COMPLETED))
+    return QueueMetrics(
+        waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE), completed=first(_COMPLETED)
+    )
 
 
 async def read_queue_metrics(client: httpx.AsyncClient, endpoint: str) -> QueueMetrics | None:

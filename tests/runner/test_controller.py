@@ -163,8 +163,8 @@ def test_the_engines_finished_count_shows_our_share_when_requests_are_in_transit
     for i in range(90):  # 90 of the engine's last 100 answers were ours
         answered(c, 1.5, latency=1.0)
     c.on_queue_metrics(2.0, waiting=8, running=128, completed=1100)
-    # By in-flight counts (140 of ours, 136 in the engine) the engine would hold ours alone. By the answers, ours
-    # are 90 % of its 136, 122.4, the others hold 13.6: cut 0.9 x (8 - 0.5 - 1.28), and give back the others' 13.6.
+    # By in-flight counts (140 of ours, 136 in the engine) the engine would hold ours alone: cut the whole queue,
+    # 8 - 0.5 - 1.28. By the answers, ours are 90 % of its 136, 122.4, and the others hold 13.6: give those back.
     assert c.limit == 120
 
 

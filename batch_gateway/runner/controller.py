@@ -272,7 +272,7 @@ class ConcurrencyController:
         completed: float | None = None,
     ) -> None:
         """A reading of the engine's gauges (summed over label sets), taken at `now`. `completed` (optional) is the
-        engine's count of finished requests, all clients together (vLLM's e2e latency histogram count)."""
+        engine's count of finished requests, all clients together (vLLM's `request_success_total`)."""
         if waiting < 0 or (running is not None and running < 0):
             raise ValueError("waiting and running must not be negative")
         previous = self._reading
@@ -505,9 +505,10 @@ class ConcurrencyController:
         return waiting - room - (QUEUE_ALLOWANCE + QUEUE_ALLOWANCE_SHARE * running)
 
     def _completion_share(self, now: float, completed: float | None) -> float | None:
-        """Our part of the requests the engine finished over the last SHARE_WINDOW. Under the engine's FIFO that is
-        our part of its load, and unlike our in-flight count it leaves out requests still on the way to or from it
-        (the client's own queueing), which would hide a small client beside a large one."""
+        """Our part of the requests the engine finished over the last SHARE_WINDOW. Under the engine's FIFO, and for
+        requests like the others', that is our part of its load; unlike our in-flight count it leaves out requests
+        still on the way to or from it (the client's own queueing), which would hide a small client beside a large
+        one."""
         window = self._completions
         if completed is None or (window and completed < window[-1][1]):  # no counter, or the engine restarted
             window.clear()

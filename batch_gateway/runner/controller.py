@@ -22,17 +22,33 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      `QUEUE_ALLOWANCE_SHARE` x running. Room is the largest `running` of the last `CAPACITY_MEMORY` seconds minus
      the current `running`. The room matters because arrivals wait for the next step boundary even when slots are
      free, and fixed-length outputs finish in bursts whose refill is briefly "waiting".
-   * A queue seen in two consecutive readings cuts the limit to `inflight - queue`: the number of our requests the
-     engine actually serves, at most half off per reading. The cut is absolute, not relative, so a reading taken
-     before an earlier cut took effect does not cut twice. Interactive requests in the queue push the batch lower:
-     the batch yields to them. A whole request queued in both readings, or a queue in three readings running, is
-     the knee: it also ends slow start and holds probing beyond it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
+   * A queue seen in two consecutive readings cuts the limit to `inflight - queue x share`, at most half off per
+     reading. The share, inflight / (running + waiting), is our part of the engine's load (erring high, as some of
+     ours are still on their way: the queue is then cut a bit more). Every batch client that sees the queue cuts its
+     own part of it, so together they cut what the queue is (each cutting the whole queue would cut it once per
+     client), and the larger cuts more. The cut is absolute, not relative, so a reading taken before an earlier cut
+     took effect does not cut twice. Interactive requests in the queue push the batch lower, by its share of them
+     on each reading, until they no longer queue. A whole request queued in both readings, or a queue in three
+     readings running, is the knee: it also ends slow start (once our own requests have been answered; before that,
+     the queue is someone else's) and holds probing beyond it for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S).
    * No queue, KV usage below `KV_FULL`, not app-limited, and at least `WINDOW_SECONDS` since the last change: grow.
      Slow start doubles once per service time S (the smoothed request latency): x2^(Δt/S) per reading, at least +1,
      and not before the first answers. Overshooting is paid in S, since an overshooting request waits a whole
-     service time in the engine's queue and cannot be called back. After slow start, growth is +`GROWTH_SHARE`.
-     Free room the engine has shown (capacity seen - running - waiting) is filled at once, hold or not, so capacity
-     freed by departing interactive users is refilled quickly.
+     service time in the engine's queue and cannot be called back. After slow start, a probe adds `GROWTH_SHARE` x
+     the capacity seen: the same step for every client, as growth in proportion to the limit would keep an unfair
+     split unfair for ever. Free room the engine has shown (capacity seen - running - waiting) is filled at once,
+     hold or not, so capacity freed by departing interactive users is refilled quickly.
+   * Fairness between batch clients of the engine (separate runners, which only share its gauges): proportional
+     cuts and equal steps converge only by the small amounts the queue and the probes move. So a runner holding more
+     than all the others together also gives back `FAIR_GIVEBACK` x its excess over them, at most their load, on a
+     queue; and it takes at most half of the room it sees, leaving the rest to whoever else reads it. The cap keeps
+     a batch alone, or next to a few interactive requests, at the knee: the gauges cannot tell another batch runner
+     from interactive load, and slots given back that nobody takes are room the runner refills at its next reading.
+   * Ours and the others' part of the engine's load, for the give-back: our in-flight count also holds requests on
+     their way to or from the engine (the client's own queueing: 13 of 130 in the utilisation benchmark), which
+     would hide a small client beside a large one. Where the engine counts finished requests (`completed`: vLLM's
+     `request_success_total`), ours is its load x our part of the answers over `SHARE_WINDOW` (under its FIFO,
+     answers are in proportion to requests held), and at most our in-flight count, as the answers lag a change.
 
 3. **Per-token latency**, when the endpoint has no usable /metrics. The per-token latency of a request is
    `latency / output_tokens` (per uncached prompt token for embeddings), so long and short answers compare. A
@@ -88,7 +104,10 @@ CAPACITY_MEMORY = 10.0  # seconds over which the largest `running` reading stand
 QUEUE_ALLOWANCE = 0.5  # waiting requests tolerated...
 QUEUE_ALLOWANCE_SHARE = 0.01  # ...plus this share of the running batch (arrivals waiting for the next step)
 KV_FULL = 0.95  # KV cache usage at which growth stops (more sequences would be preempted)
-GROWTH_SHARE = 0.05  # queue mode: growth per reading after slow start (at least +1)
+GROWTH_SHARE = 0.05  # queue mode: growth per probe after slow start, as a share of the capacity seen (at least +1)
+FAIR_GIVEBACK = 0.5  # queue mode: share of its excess over the others' load a runner gives back on a queue
+SHARE_WINDOW = 4.0  # queue mode: seconds of completions over which our share of the engine's is measured
+SHARE_MIN_COMPLETIONS = 20  # queue mode: fewest engine completions in that window that make a share
 QUEUE_HOLD = 10.0  # queue mode: at least this long without probing beyond the knee once found...
 HOLD_SERVICE_TIMES = 3.0  # ...and at least this many service times (an overshoot there costs ~S/K of queueing)
 LATENCY_SMOOTHING = 0.2  # weight of a new request latency in the service-time estimate
@@ -118,6 +137,7 @@ class _Reading:
     running: float | None
     kv_usage: float | None
     queued: float = 0.0  # waiting requests beyond the engine's room and the allowance
+    share: float | None = None  # our part of the engine's completions over the last SHARE_WINDOW
 
 
 class ConcurrencyController:
@@ -154,6 +174,8 @@ class ConcurrencyController:
         self._cruise = 0
         # Queue mode.
         self._reading: _Reading | None = None
+        self._completed = 0  # our answered requests, to compare with the engine's count
+        self._completions: deque[tuple[float, float, int]] = deque()  # (time, engine's count, ours) per reading
         self._capacity: deque[tuple[float, float]] = deque()  # (time, running), decreasing: the head is the max
         self._hold_until = -math.inf
         self._queued_streak = 0  # consecutive readings with a queue
@@ -219,6 +241,7 @@ class ConcurrencyController:
             self.service_time = latency
         else:
             self.service_time += LATENCY_SMOOTHING * (latency - self.service_time)
+        self._completed += 1
         work = output_tokens if output_tokens > 0 else prompt_tokens - cached_tokens  # embeddings generate nothing
         self._closed(now, epoch, latency / max(1, work))
 
@@ -240,13 +263,21 @@ class ConcurrencyController:
         self._closed(now, epoch, None)
 
     def on_queue_metrics(
-        self, now: float, *, waiting: float, running: float | None = None, kv_usage: float | None = None
+        self,
+        now: float,
+        *,
+        waiting: float,
+        running: float | None = None,
+        kv_usage: float | None = None,
+        completed: float | None = None,
     ) -> None:
-        """A reading of the engine's gauges (summed over label sets), taken at `now`."""
+        """A reading of the engine's gauges (summed over label sets), taken at `now`. `completed` (optional) is the
+        engine's count of finished requests, all clients together (vLLM's `request_success_total`)."""
         if waiting < 0 or (running is not None and running < 0):
             raise ValueError("waiting and running must not be negative")
         previous = self._reading
         reading = self._reading = _Reading(now, waiting, running, kv_usage)
+        reading.share = self._completion_share(now, completed)
         reading.queued = self._queue_beyond_room(reading)
         if self.fixed:
             return
@@ -259,10 +290,19 @@ class ConcurrencyController:
             if self._queued_streak < 2 or self._inflight == 0:
                 return
             assert previous is not None
-            if self._queued_streak >= 3 or min(previous.queued, reading.queued) >= 1:
+            knee = self._queued_streak >= 3 or min(previous.queued, reading.queued) >= 1
+            if knee and self.service_time is not None:  # before our first answers, the queue is others' doing
                 self._slow_start = False
                 self._hold_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
-            target = self._inflight - reading.queued  # how many of ours the engine serves
+            # Our part of the queue (the other clients cut theirs), and more if we hold more than all of them. The
+            # part is by in-flight count, which errs high (requests in transit): the queue is then cut a bit more.
+            load = waiting + running if running is not None else 0.0
+            share = min(1.0, self._inflight / load) if load > 0 else 1.0
+            split = self._split(reading)
+            # From what is in flight, or the fractional limit it stands for: small repeated cuts would otherwise
+            # each cost a whole request, and wear a small share down.
+            base = max(self._inflight, min(self._limit, self._inflight + 1))
+            target = base - reading.queued * share - self._giveback(split)
             if target < self._limit:
                 self._change(now, max(self._limit * BACKOFF, target))
                 self.decreases["queue"] += 1
@@ -278,7 +318,8 @@ class ConcurrencyController:
         if running is not None and self._capacity:
             room = max(0.0, self._capacity[0][1] - running - waiting)
         if room >= 1:
-            self._grow(now, room)  # fill what is known to be free, hold or not
+            # Fill what is known to be free, hold or not; a runner holding more than the others leaves them half.
+            self._grow(now, room - min(room / 2, self._giveback(self._split(reading))))
         elif now >= self._hold_until:
             self._grow(now, self._probe_step(now - previous.at if previous else None))
 
@@ -287,9 +328,11 @@ class ConcurrencyController:
         whole service time in the engine's queue, where interactive users wait behind it, and cannot be called
         back. So slow start doubles once per service time, as TCP does once per round trip: x 2^(Δt / S) per reading,
         with S the smoothed request latency, and not at all before the first answers tell S. On a fast engine that is
-        still x1.6 a second; on a CPU llama.cpp server (S ≈ 15 s) it is +1. After slow start: +GROWTH_SHARE."""
+        still x1.6 a second; on a CPU llama.cpp server (S ≈ 15 s) it is +1. After slow start: +GROWTH_SHARE x the
+        capacity seen, the same step for every client sharing the engine."""
         if not self._slow_start:
-            return max(1.0, self._limit * GROWTH_SHARE)
+            capacity = self._capacity[0][1] if self._capacity else self._limit
+            return max(1.0, capacity * GROWTH_SHARE)
         if self.service_time is None or interval is None:
             return 0.0
         elapsed = min(interval, 2 * WINDOW_SECONDS, self.service_time)  # time without readings was not watched
@@ -460,6 +503,42 @@ class ConcurrencyController:
             capacity.popleft()
         room = capacity[0][1] - running
         return waiting - room - (QUEUE_ALLOWANCE + QUEUE_ALLOWANCE_SHARE * running)
+
+    def _completion_share(self, now: float, completed: float | None) -> float | None:
+        """Our part of the requests the engine finished over the last SHARE_WINDOW. Under the engine's FIFO, and for
+        requests like the others', that is our part of its load; unlike our in-flight count it leaves out requests
+        still on the way to or from it (the client's own queueing), which would hide a small client beside a large
+        one."""
+        window = self._completions
+        if completed is None or (window and completed < window[-1][1]):  # no counter, or the engine restarted
+            window.clear()
+            return None
+        window.append((now, completed, self._completed))
+        while now - window[0][0] > SHARE_WINDOW:
+            window.popleft()
+        engine = completed - window[0][1]
+        if engine < SHARE_MIN_COMPLETIONS:
+            return None
+        return min(1.0, (self._completed - window[0][2]) / engine)
+
+    def _split(self, reading: _Reading) -> tuple[float, float] | None:
+        """(ours, others'): the engine's load split into our requests and everyone else's (other runners',
+        interactive users'), if the gauges tell."""
+        if reading.running is None:
+            return None
+        load = reading.running + reading.waiting
+        ours = min(float(self._inflight), load)
+        if reading.share is not None:
+            ours = min(ours, reading.share * load)
+        return ours, load - ours
+
+    def _giveback(self, split: tuple[float, float] | None) -> float:
+        """What a runner holding more than all the others together gives back towards them: part of its excess,
+        at most their own load (alone, or beside a few interactive requests, there is no one to give it to)."""
+        if split is None:
+            return 0.0
+        ours, others = split
+        return min(others, FAIR_GIVEBACK * max(0.0, ours - others))
 
     def _grow(self, now: float, step: float) -> None:
         if self._limit >= self.maximum or step <= 0:

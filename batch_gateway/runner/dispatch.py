@@ -287,6 +287,10 @@ class Dispatcher:
                 continue
             failures = 0
             endpoint.controller.on_queue_metrics(
-                time.monotonic(), waiting=queue.waiting, running=queue.running, kv_usage=queue.kv_usage
+                time.monotonic(),
+                waiting=queue.waiting,
+                running=queue.running,
+                kv_usage=queue.kv_usage,
+                completed=queue.completed,
             )
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release

@@ -1,4 +1,5 @@
-"""Read an engine's queue gauges from its Prometheus `/metrics`: vLLM names, with llama.cpp's as a fallback."""
+"""Read an engine's queue gauges from its Prometheus `/metrics`: vLLM names, with llama.cpp's as a fallback; and
+vLLM's count of finished requests, against which a runner measures its share of the engine."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 _WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_COMPLETED = ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count")
 
 
 @dataclass
@@ -20,6 +22,7 @@ class QueueMetrics:
     waiting: float
     running: float | None
     kv_usage: float | None
+    completed: float | None = None  # requests finished so far, all clients together
 
 
 def parse_queue_metrics(text: str) -> QueueMetrics | None:
@@ -35,7 +38,9 @@ def parse_queue_metrics(text: str) -> QueueMetrics | None:
     waiting = first(_WAITING)
     if waiting is None:
         return None
-    return QueueMetrics(waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE))
+    return QueueMetrics(
+        waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE), completed=first(_COMPLETED)
+    )
 
 
 async def read_queue_metrics(client: UpstreamClient, endpoint: str) -> QueueMetrics | None:

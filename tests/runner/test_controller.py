@@ -95,9 +95,10 @@ def test_growth_waits_a_window_after_each_change():
     assert c.limit > grown
 
 
-def test_a_persistent_queue_cuts_to_what_the_engine_serves():
+def test_a_persistent_queue_of_our_own_cuts_to_what_the_engine_serves():
     c = ConcurrencyController(initial=128, maximum=256)
     fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
     c.on_queue_metrics(1.0, waiting=28, running=100)
     assert c.limit == 128  # one reading can be a burst's refill waiting for the next step
     c.on_queue_metrics(2.0, waiting=28, running=100)
@@ -108,11 +109,20 @@ def test_a_persistent_queue_cuts_to_what_the_engine_serves():
     assert c.snapshot()["slow_start"] is False
 
 
-def test_a_queue_of_interactive_requests_pushes_the_batch_down_at_most_by_half_per_reading():
+def test_a_shared_queue_is_cut_in_proportion_to_our_share_of_the_load():
     c = ConcurrencyController(initial=64)
     fill(c, 0.0)
     c.on_queue_metrics(1.0, waiting=64 + 40, running=128)  # our 64 are waiting behind 40 interactive ones, and more
     c.on_queue_metrics(2.0, waiting=64 + 40, running=128)
+    # Ours are 64 of the 232 requests the engine holds: cut that share of the queue, 64/232 x (104 - 1.5 - 1.28).
+    assert c.limit == 35
+
+
+def test_a_queue_pushes_the_batch_down_at_most_by_half_per_reading():
+    c = ConcurrencyController(initial=64)
+    fill(c, 0.0)
+    c.on_queue_metrics(1.0, waiting=64 + 400, running=128)
+    c.on_queue_metrics(2.0, waiting=64 + 400, running=128)
     assert c.limit == 32
 
 
@@ -122,6 +132,40 @@ def test_an_engine_running_nothing_has_no_queue():
     c.on_queue_metrics(0.01, waiting=8, running=0)  # read before the engine's first step admitted them
     c.on_queue_metrics(1.0, waiting=1, running=8)  # and a refill caught waiting for a step boundary
     assert c.limit == 8 and c.snapshot()["slow_start"]
+
+
+def test_a_queue_seen_before_our_first_answers_does_not_end_slow_start():
+    c = ConcurrencyController(initial=8)
+    fill(c, 0.0)
+    for second in range(1, 4):  # another client keeps the engine at its knee: that is not our knee
+        c.on_queue_metrics(float(second), waiting=9, running=128)
+    assert c.snapshot()["slow_start"]
+    answered(c, 3.5, latency=2.0)
+    c.on_queue_metrics(4.0, waiting=9, running=128)
+    assert not c.snapshot()["slow_start"]
+
+
+def test_a_runner_holding_more_than_the_others_gives_part_of_its_excess_back_on_a_queue():
+    c = ConcurrencyController(initial=100, maximum=256)
+    fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
+    c.on_queue_metrics(1.0, waiting=12, running=128)  # 140 in the engine: our 100 and 40 of others
+    c.on_queue_metrics(2.0, waiting=12, running=128)
+    # Our share of the queue, 100/140 x (12 - 0.5 - 1.28), and half the excess over the others, (100 - 40) / 2.
+    assert c.limit == 62
+
+
+def test_the_engines_finished_count_shows_our_share_when_requests_are_in_transit():
+    c = ConcurrencyController(initial=140, maximum=256)
+    fill(c, 0.0)
+    answered(c, 0.5, latency=0.5)
+    c.on_queue_metrics(1.0, waiting=8, running=128, completed=1000)
+    for i in range(90):  # 90 of the engine's last 100 answers were ours
+        answered(c, 1.5, latency=1.0)
+    c.on_queue_metrics(2.0, waiting=8, running=128, completed=1100)
+    # By in-flight counts (140 of ours, 136 in the engine) the engine would hold ours alone: cut the whole queue,
+    # 8 - 0.5 - 1.28. By the answers, ours are 90 % of its 136, 122.4, and the others hold 13.6: give those back.
+    assert c.limit == 120
 
 
 def test_waiting_requests_the_engine_has_room_for_are_not_a_queue():
@@ -135,22 +179,21 @@ def test_waiting_requests_the_engine_has_room_for_are_not_a_queue():
 
 
 def test_after_a_queue_cut_growth_holds_for_a_while():
-    c = ConcurrencyController(initial=8)
+    c = ConcurrencyController(initial=10)
     fill(c, 0.0)
     answered(c, 0.5, latency=0.5)
-    c.on_queue_metrics(1.0, waiting=0, running=8)  # the engine runs 8, the batch has 8 out
+    c.on_queue_metrics(1.0, waiting=2, running=8)  # an 8-slot engine, the batch has 10 out
     c.on_queue_metrics(2.0, waiting=2, running=8)
-    c.on_queue_metrics(3.0, waiting=2, running=8)
-    assert c.limit == 6  # 8 - (2 - 0.5 - 1 % of 8)
+    assert c.limit == 8  # 10 - (2 - 0.5 - 1 % of 8)
     fill(c, 3.0)
-    hold_ends = 3.0 + controller_module.QUEUE_HOLD
-    second = 4.0
+    hold_ends = 2.0 + controller_module.QUEUE_HOLD
+    second = 3.0
     while second < hold_ends:
         c.on_queue_metrics(second, waiting=0, running=8)  # no queue, but no free room either: hold
         second += 1
-    assert c.limit == 6
+    assert c.limit == 8
     c.on_queue_metrics(hold_ends, waiting=0, running=8)
-    assert c.limit == 7  # then probe again, one request
+    assert c.limit == 9  # then probe again, one request
 
 
 def test_slots_left_idle_by_the_runner_itself_are_not_room():
@@ -176,12 +219,13 @@ def test_a_one_request_queue_that_persists_is_the_knee():
 def test_capacity_freed_by_others_is_refilled_at_once():
     c = ConcurrencyController(initial=64, maximum=256)
     fill(c, 0.0)
-    c.on_queue_metrics(0.5, waiting=10, running=128)  # shared with interactive users: 64 of theirs
+    answered(c, 0.2, latency=0.2)
+    c.on_queue_metrics(0.5, waiting=10, running=128)  # shared with interactive users: 74 of theirs
     c.on_queue_metrics(1.0, waiting=10, running=128)
-    assert c.limit == 55  # 64 - (10 - 0.5 - 1 % of 128)
+    assert c.limit == 60  # 64 - 64/138 x (10 - 0.5 - 1 % of 128)
     fill(c, 1.5)
-    c.on_queue_metrics(3.0, waiting=0, running=55)  # they left: 73 slots the engine has shown are free
-    assert c.limit == 55 + 73
+    c.on_queue_metrics(3.0, waiting=0, running=60)  # they left: 68 slots the engine has shown are free
+    assert c.limit == 60 + 68
     assert c.snapshot()["slow_start"] is False
 
 
@@ -210,6 +254,69 @@ def test_stale_readings_hand_control_back_to_latency():
     assert c.queue_mode(5.0) and not c.queue_mode(controller_module.QUEUE_METRICS_TTL + 1)
 
 
+class SharedSlots:
+    """K slots shared by several clients, in virtual time: every request takes half a second, the engine runs
+    min(K, all in flight) and the rest waits, and the clients read the gauges once a second, in turn. With
+    `transit`, that share of each client's requests is on its way to or from the engine (in flight for the
+    client, not in the engine's gauges); with `completions`, the readings carry the engine's finished count."""
+
+    def __init__(self, slots: int, clients: list[ConcurrencyController], *, transit: float = 0.0,
+                 completions: bool = False) -> None:
+        self.slots, self.clients, self.transit, self.completions = slots, clients, transit, completions
+        self.completed = 0
+        self.flights: list[list[int]] = [[] for _ in clients]
+        self.joins = [0.0] * len(clients)  # when each client starts sending
+        self.now = 0.0
+
+    def run(self, seconds: float) -> list[list[int]]:
+        """Each client's in-flight count at each of its readings."""
+        seen: list[list[int]] = [[] for _ in self.clients]
+        end = self.now + seconds
+        while self.now < end:
+            active = [k for k, at in enumerate(self.joins) if self.now >= at]
+            for k in active:  # the last half second's requests answered; the limit is refilled
+                c = self.clients[k]
+                for epoch in self.flights[k]:
+                    c.on_success(self.now, latency=0.5, output_tokens=10, epoch=epoch)
+                self.completed += len(self.flights[k])
+                self.flights[k] = [c.on_send(self.now) for _ in range(c.limit)]
+            total = sum(round(len(f) * (1 - self.transit)) for f in self.flights)
+            reader = round(self.now * 2) % len(self.clients)
+            if reader in active:
+                c = self.clients[reader]
+                c.on_queue_metrics(self.now, waiting=max(0, total - self.slots), running=min(self.slots, total),
+                                   kv_usage=0.4, completed=self.completed if self.completions else None)
+                seen[reader].append(c.inflight)
+            self.now += 0.5
+        return seen
+
+
+def assert_fair_at_the_knee(seen: list[list[int]], slots: int, transit: float = 0.0) -> None:
+    for x, y in zip(*seen):
+        assert 0.4 <= x / (x + y) <= 0.6, seen  # each within ±20 % of an equal share at every reading
+        assert 0.95 * slots <= (x + y) * (1 - transit) <= 1.1 * slots + 2, seen  # and together at the knee
+
+
+@pytest.mark.parametrize("initial", [(8, 8), (8, 100), (120, 8)])
+def test_two_clients_started_together_converge_to_equal_shares_at_the_knee(initial):
+    engine = SharedSlots(128, [ConcurrencyController(initial=n) for n in initial])
+    engine.run(20)
+    assert_fair_at_the_knee(engine.run(10), 128)
+
+
+@pytest.mark.parametrize("transit", [0.0, 0.1])
+def test_a_client_joining_a_full_engine_gets_an_equal_share_within_fifteen_seconds(transit):
+    # 10 % in transit: the first client's own backlog outweighs the newcomer's 8 requests, so in-flight counts
+    # alone would show it no one to give room to; the engine's finished count shows its real share.
+    engine = SharedSlots(128, [ConcurrencyController(), ConcurrencyController()], transit=transit,
+                         completions=transit > 0)
+    engine.joins[1] = 30.0
+    engine.run(30)
+    assert engine.clients[0].limit * (1 - transit) >= 0.95 * 128  # alone, the first filled the engine
+    engine.run(15)
+    assert_fair_at_the_knee(engine.run(10), 128, transit)
+
+
 # --- exact reactions: hard backpressure, bounds -----------------------------------------------------
 
 
@@ -231,11 +338,11 @@ def test_backpressure_halves_once_per_flight():
 def test_backpressure_from_before_a_queue_cut_is_ignored():
     c = ConcurrencyController(initial=64)
     epochs = fill(c, 0.0)
-    c.on_queue_metrics(1.0, waiting=20, running=60)
-    c.on_queue_metrics(2.0, waiting=20, running=60)
-    assert c.limit == 45  # 64 - (20 - 0.5 - 1 % of 60)
+    c.on_queue_metrics(1.0, waiting=20, running=44)
+    c.on_queue_metrics(2.0, waiting=20, running=44)
+    assert c.limit == 44  # 64 - (20 - 0.5 - 1 % of 44)
     c.on_backpressure(2.1, epoch=epochs[-1], kind="503")  # sent before the cut, which already answered that load
-    assert c.limit == 45 and c.decreases["backpressure"] == 0
+    assert c.limit == 44 and c.decreases["backpressure"] == 0
 
 
 def test_other_answers_only_close_the_send():

@@ -115,3 +115,4 @@ def test_the_runners_metrics_reader_sees_the_queue(start_sim):
         for t in threads:
             t.join()
     assert queue is not None and (queue.waiting, queue.running, queue.kv_usage) == (3, 0, 0)
+    assert queue.completed == 0  # the e2e latency histogram's count: nothing has finished yet

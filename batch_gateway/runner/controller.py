@@ -37,7 +37,13 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      service time in the engine's queue and cannot be called back. After slow start, a probe adds `GROWTH_SHARE` x
      the capacity seen: the same step for every client, as growth in proportion to the limit would keep an unfair
      split unfair for ever. Free room the engine has shown (capacity seen - running - waiting) is filled at once,
-     hold or not, so capacity freed by departing interactive users is refilled quickly.
+     hold or not, so capacity freed by departing interactive users is refilled quickly. But a slot or two
+     (`ROOM_TRANSIENT`) only when the reading before showed them too, as one reading can fall between an answer and
+     its replacement; and neither they nor probes for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S) after a cut for a
+     queue: what was given up to a queue is kept for whoever queued (an interactive user between turns).
+   * No growth at all while more than `QUEUE_ALLOWANCE` + `UNSEEN_SHARE` x inflight of our requests are missing
+     from running + waiting: the last increase has not been seen yet (llama.cpp on a CPU counts a new request only
+     when its busy loop comes round, seconds later), and growing blind overshoots.
    * Fairness between batch clients of the engine (separate runners, which only share its gauges): proportional
      cuts and equal steps converge only by the small amounts the queue and the probes move. So a runner holding more
      than all the others together also gives back `FAIR_GIVEBACK` x its excess over them, at most their load, on a
@@ -103,6 +109,8 @@ QUEUE_PERSISTENCE = 5.0  # queued readings at most this far apart count as one p
 CAPACITY_MEMORY = 10.0  # seconds over which the largest `running` reading stands for the engine's capacity
 QUEUE_ALLOWANCE = 0.5  # waiting requests tolerated...
 QUEUE_ALLOWANCE_SHARE = 0.01  # ...plus this share of the running batch (arrivals waiting for the next step)
+UNSEEN_SHARE = 0.1  # share of our in-flight requests that may be missing from the engine's gauges while growing
+ROOM_TRANSIENT = 2.0  # free slots (plus that share) that count as room only if the previous reading saw them too
 KV_FULL = 0.95  # KV cache usage at which growth stops (more sequences would be preempted)
 GROWTH_SHARE = 0.05  # queue mode: growth per probe after slow start, as a share of the capacity seen (at least +1)
 FAIR_GIVEBACK = 0.5  # queue mode: share of its excess over the others' load a runner gives back on a queue
@@ -178,6 +186,7 @@ class ConcurrencyController:
         self._completions: deque[tuple[float, float, int]] = deque()  # (time, engine's count, ours) per reading
         self._capacity: deque[tuple[float, float]] = deque()  # (time, running), decreasing: the head is the max
         self._hold_until = -math.inf
+        self._yielded_until = -math.inf  # until then, a slot or two of room is kept for whoever queued
         self._queued_streak = 0  # consecutive readings with a queue
         self.service_time: float | None = None  # smoothed request latency: the engine's turnaround
         # Reported.
@@ -306,6 +315,7 @@ class ConcurrencyController:
             if target < self._limit:
                 self._change(now, max(self._limit * BACKOFF, target))
                 self.decreases["queue"] += 1
+                self._yielded_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
             return
         self._queued_streak = 0
         if now - self._changed_at < WINDOW_SECONDS or self._peak < self.limit or self._inflight < self.limit:
@@ -314,14 +324,29 @@ class ConcurrencyController:
             return
         if kv_usage is not None and kv_usage >= KV_FULL:
             return
-        room = 0.0  # free slots the engine has shown it has
-        if running is not None and self._capacity:
-            room = max(0.0, self._capacity[0][1] - running - waiting)
+        if running is not None and self._inflight - running - waiting > QUEUE_ALLOWANCE + UNSEEN_SHARE * self._inflight:
+            # The engine's gauges do not show our requests yet (a CPU engine counts a new request only when its busy
+            # loop comes round): whether the last increase queues is not known yet.
+            return
+        # Free slots the engine has shown it has. A reading can fall between an answer and its replacement (ours in
+        # transit, or an interactive user's next turn): a slot or two free in one reading only are not free, and
+        # filling them would push the engine past its knee one request at a time.
+        room = self._room(reading)
+        if room < ROOM_TRANSIENT + QUEUE_ALLOWANCE_SHARE * (running or 0.0):
+            recent = previous is not None and now - previous.at <= QUEUE_PERSISTENCE
+            room = min(room, self._room(previous)) if recent and previous is not None else 0.0
+            if now < self._yielded_until:
+                room = 0.0  # a slot or two we gave up to a queue stay free for a while: whoever queued comes back
         if room >= 1:
             # Fill what is known to be free, hold or not; a runner holding more than the others leaves them half.
             self._grow(now, room - min(room / 2, self._giveback(self._split(reading))))
-        elif now >= self._hold_until:
+        elif now >= max(self._hold_until, self._yielded_until):
             self._grow(now, self._probe_step(now - previous.at if previous else None))
+
+    def _room(self, reading: _Reading) -> float:
+        if reading.running is None or not self._capacity:
+            return 0.0
+        return max(0.0, self._capacity[0][1] - reading.running - reading.waiting)
 
     def _probe_step(self, interval: float | None) -> float:
         """How far to grow beyond what the engine has shown it can take. A request that overshoots the knee waits a

@@ -120,7 +120,7 @@ class Dispatcher:
     async def run(self) -> None:
         """Send every line the scheduler hands out; return when all have a result or `stop()` was called."""
         self._fd = os.open(self.ingested.path, os.O_RDONLY)
-        pollers = [asyncio.create_task(self._poll_metrics(ep)) for ep in self.endpoints]
+        pollers = [asyncio.create_task(self._poll_metrics(i, ep)) for i, ep in enumerate(self.endpoints)]
         try:
             await asyncio.gather(*(self._feed(i, ep) for i, ep in enumerate(self.endpoints)))
             while self._tasks and not self.stopped:
@@ -274,8 +274,9 @@ class Dispatcher:
         runner_metrics.REQUESTS.labels(outcome="ok" if kind == OUTPUT else "error").inc()
         self.sink(line, kind, usage if kind == OUTPUT else None, wire.encode_result_line(result))
 
-    async def _poll_metrics(self, endpoint: Endpoint) -> None:
-        """Feed vLLM's (or llama.cpp's) queue gauges to the controller, where the upstream exposes /metrics."""
+    async def _poll_metrics(self, index: int, endpoint: Endpoint) -> None:
+        """Feed vLLM's (or llama.cpp's) queue gauges to the controller, where the upstream exposes /metrics. An
+        engine with a prefix cache per slot (llama.cpp) gets one request of a prefix group at a time."""
         from batch_gateway.runner.engine_metrics import read_queue_metrics
 
         failures = 0
@@ -286,6 +287,8 @@ class Dispatcher:
                 failures += 1
                 continue
             failures = 0
+            if queue.slot_caches:
+                self.scheduler.limit_pool_inflight(index, 1)
             endpoint.controller.on_queue_metrics(
                 time.monotonic(),
                 waiting=queue.waiting,
@@ -294,3 +297,4 @@ class Dispatcher:
                 completed=queue.completed,
             )
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
+            runner_metrics.LIMIT.labels(endpoint=endpoint.url).set(endpoint.controller.limit)

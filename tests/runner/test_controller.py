@@ -180,11 +180,13 @@ def test_waiting_requests_the_engine_has_room_for_are_not_a_queue():
 
 def test_after_a_queue_cut_growth_holds_for_a_while():
     c = ConcurrencyController(initial=10)
-    fill(c, 0.0)
+    epochs = fill(c, 0.0)
     answered(c, 0.5, latency=0.5)
     c.on_queue_metrics(1.0, waiting=2, running=8)  # an 8-slot engine, the batch has 10 out
     c.on_queue_metrics(2.0, waiting=2, running=8)
     assert c.limit == 8  # 10 - (2 - 0.5 - 1 % of 8)
+    for epoch in epochs[:2]:  # two answers, not replaced: 8 in flight, all of them running
+        c.on_success(2.5, latency=2.5, output_tokens=10, epoch=epoch)
     fill(c, 3.0)
     hold_ends = 2.0 + controller_module.QUEUE_HOLD
     second = 3.0
@@ -576,3 +578,30 @@ def test_latency_mode_does_not_walk_a_compute_bound_engine_down():
     engine.run(c, 60, metrics=False)
     steady = engine.run(c, 120, metrics=False)
     assert steady["utilisation"] >= 0.9 and steady["limit"] >= 6, steady
+
+
+def test_no_growth_while_the_engines_gauges_do_not_show_our_requests():
+    """llama.cpp counts a new request only when its busy loop comes round (seconds on a CPU): until the gauges
+    show what we sent, an increase has not been seen, and growing further would overshoot blind."""
+    c = ConcurrencyController(initial=8, maximum=256)
+    answered(c, 0.0, latency=10.0)
+    for second in range(1, 11):
+        fill(c, second - 0.5)
+        c.on_queue_metrics(float(second), waiting=0, running=8)  # lagging: 8 busy slots, nothing deferred yet
+    assert c.limit <= 10  # a request or two beyond what the gauges show, not one more every reading
+
+
+def test_a_slot_yielded_to_an_interactive_user_stays_free_between_their_turns():
+    c = ConcurrencyController(initial=8, maximum=256)
+    answered(c, 0.0, latency=10.0)
+    epochs = fill(c, 0.5)
+    c.on_queue_metrics(1.0, waiting=1, running=8)  # an interactive request waits for one of our 8 slots
+    c.on_queue_metrics(2.0, waiting=1, running=8)
+    yielded = c.limit
+    assert yielded < 8
+    for epoch in epochs[yielded:]:
+        c.on_success(2.5, latency=10.0, output_tokens=10, epoch=epoch)
+    for second in range(3, 12):  # the user thinks between turns: their slot is free in consecutive readings
+        fill(c, second - 0.5)
+        c.on_queue_metrics(float(second), waiting=0, running=c.inflight)
+        assert c.limit == yielded, second

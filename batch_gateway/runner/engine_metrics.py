@@ -23,6 +23,7 @@ class QueueMetrics:
     running: float | None
     kv_usage: float | None
     completed: float | None = None  # requests finished so far, all clients together
+    slot_caches: bool = False  # llama.cpp: a prefix cache per slot, not one shared cache
 
 
 def parse_queue_metrics(text: str) -> QueueMetrics | None:
@@ -39,7 +40,11 @@ def parse_queue_metrics(text: str) -> QueueMetrics | None:
     if waiting is None:
         return None
     return QueueMetrics(
-        waiting=waiting, running=first(_RUNNING), kv_usage=first(_KV_USAGE), completed=first(_COMPLETED)
+        waiting=waiting,
+        running=first(_RUNNING),
+        kv_usage=first(_KV_USAGE),
+        completed=first(_COMPLETED),
+        slot_caches=any(name.startswith("llamacpp:") for name in values),
     )
 
 

@@ -47,7 +47,7 @@ JOIN_CANDIDATES = 4  # pools examined per other endpoint when joining: the front
 class _Pool:
     """The children of one parent: children[cursor:end] are still to go out."""
 
-    __slots__ = ("parent", "cursor", "end", "warm", "heading")
+    __slots__ = ("parent", "cursor", "end", "warm", "heading", "inflight")
 
     def __init__(self, parent: int, cursor: int, end: int, warm: int = 0) -> None:
         self.parent = parent
@@ -55,6 +55,7 @@ class _Pool:
         self.end = end
         self.warm = warm  # bit e: open on endpoint e
         self.heading = 0  # bit e: a stand-in head is in flight on endpoint e
+        self.inflight = 0  # children handed out from the open pool and not finished
 
     @property
     def left(self) -> int:
@@ -93,7 +94,9 @@ class GroupScheduler:
         self._root = _Pool(ROOT, int(self._offsets[0]), int(self._offsets[1]), warm=(1 << endpoints) - 1)
         self._ready: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools open on the endpoint
         self._retry: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools needing a stand-in here
-        self._inflight: dict[int, tuple[int, int, _Pool | None]] = {}  # line → (position, endpoint, pool it heads)
+        # line → (position, endpoint, pool it heads, open pool it came from)
+        self._inflight: dict[int, tuple[int, int, _Pool | None, _Pool | None]] = {}
+        self._pool_cap: list[int | None] = [None] * endpoints  # most children of one pool in flight, per endpoint
         self.handed_out = 0
         self.joins = 0
 
@@ -115,20 +118,28 @@ class GroupScheduler:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def limit_pool_inflight(self, endpoint: int, cap: int | None) -> None:
+        """At most `cap` children of one pool in flight on `endpoint` (None: no limit). For engines with a prefix
+        cache per slot (llama.cpp): parallel followers land in other slots, which hold other prefixes, and each
+        computes the prefix again; one at a time, each follower finds the slot its predecessor just left."""
+        self._pool_cap[endpoint] = cap
+
     def next_ready(self, endpoint: int = 0) -> int | None:
         """The next request (line index) for `endpoint`, or None if nothing may go there right now. When None and
         not `done`, work is waiting for a cold prefix to finish: ask again after the next `on_finished`."""
         bit = 1 << endpoint
         ready = self._ready[endpoint]
-        while ready:
-            pool = ready[0]
-            if pool.cursor < pool.end:
+        cap = self._pool_cap[endpoint]
+        while ready and not ready[0].left:
+            ready.popleft()
+        for pool in ready if cap is not None else (ready[0],) if ready else ():
+            if pool.left and (cap is None or pool.inflight < cap):
                 position = int(self._children[pool.cursor])
                 pool.cursor += 1
-                if pool.cursor >= pool.end:
-                    ready.popleft()
-                return self._hand_out(position, endpoint, None)
-            ready.popleft()
+                pool.inflight += 1
+                if not pool.left:
+                    ready.remove(pool)
+                return self._hand_out(position, endpoint, None, pool)
         retry = self._retry[endpoint]
         while retry:
             pool = retry.popleft()
@@ -144,9 +155,11 @@ class GroupScheduler:
     def on_finished(self, line: int, success: bool) -> None:
         """A handed-out request has its final result."""
         try:
-            position, endpoint, heads = self._inflight.pop(line)
+            position, endpoint, heads, source = self._inflight.pop(line)
         except KeyError:
             raise ValueError(f"line {line} is not in flight") from None
+        if source is not None:
+            source.inflight -= 1
         if heads is not None:  # a stand-in for its pool's parent
             heads.heading &= ~(1 << endpoint)
             self._settle(heads, endpoint, success)
@@ -192,9 +205,9 @@ class GroupScheduler:
         pool.heading |= 1 << endpoint
         return self._hand_out(position, endpoint, pool)
 
-    def _hand_out(self, position: int, endpoint: int, heads: _Pool | None) -> int:
+    def _hand_out(self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None = None) -> int:
         line = int(self.lines[position])
-        self._inflight[line] = (position, endpoint, heads)
+        self._inflight[line] = (position, endpoint, heads, source)
         self.handed_out += 1
         return line
 

@@ -33,6 +33,23 @@ def test_cold_group_sends_its_head_alone_then_flows():
     assert s.done and s.pending == 0
 
 
+def test_one_follower_at_a_time_per_group_for_engines_with_a_cache_per_slot():
+    # llama.cpp: a follower sent beside another lands in a slot holding some other prefix and computes its own.
+    s = GroupScheduler(np.array([10, 11, 12, 20, 21, 22, 30]), np.array([0, 0, 0, 1, 1, 1, 2]))
+    s.limit_pool_inflight(0, 1)
+    assert drain(s) == [10, 20, 30]  # the heads
+    s.on_finished(10, success=True)
+    s.on_finished(20, success=True)
+    assert drain(s) == [11, 21]  # one follower per warm group, not both of each
+    s.on_finished(11, success=True)
+    assert drain(s) == [12]  # the next of group 0, into the slot 11 just left
+    s.on_finished(21, success=False)  # a failed follower frees its turn too
+    assert drain(s) == [22]
+    for line in (12, 22, 30):
+        s.on_finished(line, success=True)
+    assert s.done and s.inflight == 0
+
+
 def test_failed_head_passes_the_role_on():
     s = GroupScheduler(np.array([1, 2, 3, 4]), np.array([0, 0, 0, 0]))
     assert drain(s) == [1]

@@ -116,3 +116,15 @@ def test_the_runners_metrics_reader_sees_the_queue(start_sim):
             t.join()
     assert queue is not None and (queue.waiting, queue.running, queue.kv_usage) == (3, 0, 0)
     assert queue.completed == 0  # the e2e latency histogram's count: nothing has finished yet
+    assert not queue.slot_caches  # vLLM shares one prefix cache between all sequences
+
+
+def test_llama_cpp_metrics_read_as_an_engine_with_a_cache_per_slot():
+    text = (
+        "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\n"
+        "llamacpp:requests_processing 8\n"
+        "# HELP llamacpp:requests_deferred Number of requests deferred.\n# TYPE llamacpp:requests_deferred gauge\n"
+        "llamacpp:requests_deferred 2\n"
+    )
+    queue = parse_queue_metrics(text)
+    assert queue is not None and (queue.waiting, queue.running, queue.slot_caches) == (2, 8, True)

@@ -32,12 +32,15 @@ def llama():
 
 
 def grouped_lines(groups: int, per_group: int, seed: int, max_tokens: int = 8) -> bytes:
+    """Shuffled prefix groups, named by the seed too: the engine keeps its caches between batches, so a run must not
+    find another run's prefixes already cached."""
     lines = []
     for g in range(groups):
         for i in range(per_group):
             body = {
                 "model": "smollm2",
-                "messages": [{"role": "system", "content": SYSTEM.format(g=g)}, {"role": "user", "content": f"Ticket {i}: hello?"}],
+                "messages": [{"role": "system", "content": SYSTEM.format(g=f"{seed}-{g}")},
+                             {"role": "user", "content": f"Ticket {i}: hello?"}],
                 "max_tokens": max_tokens,
                 "ignore_eos": True,
             }
@@ -71,11 +74,10 @@ def test_batch_completes_with_real_model_output(gateway_factory, llama):
 
 
 def test_prefix_ordering_raises_cached_tokens(gateway_factory, llama):
-    data = grouped_lines(groups=6, per_group=4, seed=3)
     results = {}
-    for name, ordering in (("input_order", "false"), ("prefix_order", "true")):
+    for name, ordering, seed in (("input_order", "false", 3), ("prefix_order", "true", 4)):
         gateway = gateway_factory(f"smollm2={llama}", env={"BATCH_GATEWAY_PREFIX_ORDERING": ordering}, name=name)
-        _, done = run_batch(gateway, data)
+        _, done = run_batch(gateway, grouped_lines(groups=8, per_group=5, seed=seed))
         assert done.status == "completed" and done.request_counts.failed == 0
         results[name] = done.usage.input_tokens_details.cached_tokens / done.usage.input_tokens
         gateway.stop()

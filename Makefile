@@ -33,6 +33,7 @@ test-quick: install
 	$(BIN)/python -m pytest -m "not real_engine" $(PYTEST_ARGS)
 
 bench: install
+	scripts/install-real-engine.sh
 	$(BIN)/python -m benchmarks
 
 clean:

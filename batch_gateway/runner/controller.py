@@ -51,8 +51,8 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      a batch alone, or next to a few interactive requests, at the knee: the gauges cannot tell another batch runner
      from interactive load, and slots given back that nobody takes are room the runner refills at its next reading.
    * Ours and the others' part of the engine's load, for the give-back: our in-flight count also holds requests on
-     their way to or from the engine (the client's own queueing: 13 of 130 in the utilisation benchmark), which
-     would hide a small client beside a large one. Where the engine counts finished requests (`completed`: vLLM's
+     their way to or from the engine (a client's own queueing: 13 of 130 in the utilisation benchmark with httpx,
+     under one with aiohttp), which would hide a small client beside a large one. Where the engine counts finished requests (`completed`: vLLM's
      `request_success_total`), ours is its load x our part of the answers over `SHARE_WINDOW` (under its FIFO,
      answers are in proportion to requests held), and at most our in-flight count, as the answers lag a change.
 

@@ -1,8 +1,12 @@
-"""Upstream routing and reading usage out of response bodies."""
+"""Upstream routing, reading usage out of response bodies, and one exchange over real HTTP."""
+
+import asyncio
+import socket
 
 import pytest
+from aiohttp import web
 
-from batch_gateway.runner.upstream import endpoints_for, normalize_root, parse_upstreams, usage_of
+from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, normalize_root, parse_upstreams, usage_of
 
 
 def test_parse_default_and_per_model_routes():
@@ -32,3 +36,52 @@ def test_usage_from_chat_and_responses_shapes():
     assert (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.total_tokens) == (7, 1, 3, 10)
     assert usage_of(b"not json").total_tokens == 0
     assert usage_of(b'{"usage":null}').total_tokens == 0
+
+
+@pytest.fixture
+async def upstream():
+    """A loopback HTTP server; handlers by path. Yields (url, the headers of the last request)."""
+    seen: dict[str, str] = {}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        seen.update(request.headers)
+        if request.path == "/slow":
+            await asyncio.sleep(1)
+        if request.path == "/busy":
+            return web.Response(status=429, headers={"retry-after-ms": "1500"}, text="busy")
+        body = await request.read()
+        return web.Response(body=body, content_type="application/json", headers={"x-request-id": "req_upstream"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}", seen
+    await runner.cleanup()
+
+
+async def test_an_exchange_forwards_the_body_and_reads_status_id_and_retry_after(upstream):
+    url, seen = upstream
+    async with UpstreamClient(api_key="secret") as client:
+        ok = await client.post(url, "/v1/chat/completions", b'{"n": 12345678901234567890}', timeout=5)
+        busy = await client.post(url, "/busy", b"{}", timeout=5)
+    assert (ok.status, ok.body, ok.request_id, ok.ok) == (200, b'{"n": 12345678901234567890}', "req_upstream", True)
+    assert seen["Content-Type"] == "application/json" and seen["Authorization"] == "Bearer secret"
+    assert (busy.status, busy.retry_after, busy.transient) == (429, 1.5, True)
+
+
+async def test_no_answer_is_an_exchange_with_status_zero_not_an_exception(upstream):
+    url, _ = upstream
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with UpstreamClient() as client:
+        refused = await client.post(closed, "/v1/completions", b"{}", timeout=5)
+        slow = await client.post(url, "/slow", b"{}", timeout=0.2)
+        metrics = await client.get_text(closed + "/metrics", timeout=1)
+    assert refused.status == 0 and refused.failure.startswith("connection") and refused.transient
+    assert slow.status == 0 and slow.failure.startswith("timeout")
+    assert metrics is None

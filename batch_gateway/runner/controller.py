@@ -40,7 +40,8 @@ it, it grows more slowly. So the controller follows, strongest signal first:
      hold or not, so capacity freed by departing interactive users is refilled quickly. But a slot or two
      (`ROOM_TRANSIENT`) only when the reading before showed them too, as one reading can fall between an answer and
      its replacement; and neither they nor probes for max(`QUEUE_HOLD`, `HOLD_SERVICE_TIMES` x S) after a cut for a
-     queue: what was given up to a queue is kept for whoever queued (an interactive user between turns).
+     queue that others' requests were in: what was given up is kept for whoever queued (an interactive user between
+     turns). A queue of our own requests alone holds nothing (slow start's overshoot is cut and growth goes on).
    * No growth at all while more than `QUEUE_ALLOWANCE` + `UNSEEN_SHARE` x inflight of our requests are missing
      from running + waiting: the last increase has not been seen yet (llama.cpp on a CPU counts a new request only
      when its busy loop comes round, seconds later), and growing blind overshoots.
@@ -315,7 +316,8 @@ class ConcurrencyController:
             if target < self._limit:
                 self._change(now, max(self._limit * BACKOFF, target))
                 self.decreases["queue"] += 1
-                self._yielded_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
+                if split is not None and split[1] >= 1:  # others queued too: keep what we gave up for them a while
+                    self._yielded_until = now + max(QUEUE_HOLD, HOLD_SERVICE_TIMES * (self.service_time or 0.0))
             return
         self._queued_streak = 0
         if now - self._changed_at < WINDOW_SECONDS or self._peak < self.limit or self._inflight < self.limit:

@@ -1,11 +1,19 @@
 """The real dispatcher and controller against the simulator over HTTP: converge near the engine's knee, retreat
-when interactive load takes slots, recover when it leaves."""
+when interactive load takes slots, recover when it leaves.
+
+The simulator runs as a process of its own, as an engine would: in this process it would share the GIL with the
+dispatcher, and its steps (and so its queue) would depend on the dispatcher's load."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -16,14 +24,37 @@ from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.ingest import Limits, ingest
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import UpstreamClient
-from batch_gateway.sim import SimConfig, SimServer
-from tests.helpers import chat_lines
+from tests.helpers import chat_lines, free_port
 
 SLOTS = 16
 
 
 async def chunks(data: bytes):
     yield data
+
+
+@contextlib.contextmanager
+def sim_process(*args: str) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "batch_gateway", "sim", "--port", str(port), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "the simulator did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def sample(endpoint: Endpoint, http: httpx.AsyncClient, url: str, seconds: float) -> tuple[float, float]:
@@ -38,10 +69,13 @@ async def sample(endpoint: Endpoint, http: httpx.AsyncClient, url: str, seconds:
 
 
 async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
-    with SimServer(SimConfig(max_num_seqs=SLOTS, time_scale=0.5)) as sim:
-        ingested = await ingest(chunks(chat_lines(6000, systems=6000, max_tokens=32)), tmp_path / "input.jsonl",
+    with sim_process("--max-num-seqs", str(SLOTS), "--time-scale", "0.5") as sim_url:
+        # Output lengths 16..47 tokens: equal lengths would finish in lockstep, and each lockstep refill reads as a
+        # burst of waiting requests that no real mix of requests produces.
+        varied = b"".join(chat_lines(200, systems=200, max_tokens=16 + k, prefix=f"len{k}") for k in range(32))
+        ingested = await ingest(chunks(varied), tmp_path / "input.jsonl",
                                 "/v1/chat/completions", Limits(10_000, 1 << 20), lambda model: True)
-        endpoint = Endpoint(sim.url, ConcurrencyController(initial=4, maximum=256))
+        endpoint = Endpoint(sim_url, ConcurrencyController(initial=4, maximum=256))
         lines = np.arange(ingested.count)
         async with httpx.AsyncClient(timeout=60) as client, UpstreamClient() as upstream:
             dispatcher = Dispatcher(
@@ -52,14 +86,14 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
             )
             task = asyncio.create_task(dispatcher.run())
             try:
-                await asyncio.sleep(10)
-                alone, alone_waiting = await sample(endpoint, client, sim.url, 4)
-                await client.post(sim.url + "/sim/load", json={"sequences": SLOTS // 2})
+                await asyncio.sleep(15)  # slow start, and the hold at the knee it finds (QUEUE_HOLD) if it overshot
+                alone, alone_waiting = await sample(endpoint, client, sim_url, 4)
+                await client.post(sim_url + "/sim/load", json={"sequences": SLOTS // 2})
                 await asyncio.sleep(6)
-                shared, shared_waiting = await sample(endpoint, client, sim.url, 4)
-                await client.post(sim.url + "/sim/load", json={"sequences": 0})
+                shared, shared_waiting = await sample(endpoint, client, sim_url, 4)
+                await client.post(sim_url + "/sim/load", json={"sequences": 0})
                 await asyncio.sleep(10)
-                recovered, _ = await sample(endpoint, client, sim.url, 3)
+                recovered, _ = await sample(endpoint, client, sim_url, 3)
             finally:
                 dispatcher.stop()
                 await dispatcher.abort(0)

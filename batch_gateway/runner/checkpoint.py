@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 
 from batch_gateway import wire
+from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner.upstream import TokenUsage
 from batch_gateway.store.objects import ObjectStore
 
@@ -92,7 +93,10 @@ class Checkpoints:
             self._buffered += data.count(b"\n")
             raise
         self._levels[0].append(key)
-        await self._compact()
+        try:
+            await self._compact()
+        except StorageUnavailable:
+            pass  # the results are durable in the small parts; compaction is retried at the next flush
 
     async def _compact(self) -> None:
         level = 0

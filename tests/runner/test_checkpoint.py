@@ -101,3 +101,28 @@ async def test_a_crash_between_compaction_and_deletes_duplicates_nothing(tmp_pat
     assert done.all() and totals.completed == 2
     await checkpoints.write_file("t/files/out", OUTPUT, 2)
     assert len((await objects.get_bytes("t/files/out")).splitlines()) == 2
+
+
+async def test_a_failed_compaction_loses_nothing_and_is_retried(tmp_path, monkeypatch):
+    from batch_gateway.errors import StorageUnavailable
+    from batch_gateway.runner import checkpoint
+
+    monkeypatch.setattr(checkpoint, "COMPACT_FANIN", 2)
+    objects = ObjectStore((tmp_path / "o").as_uri())
+    checkpoints = Checkpoints(objects, "t/batches/b", "r")
+    put_stream = objects.put_stream
+
+    async def full_disk(*args, **kwargs):
+        raise StorageUnavailable("disk full")
+
+    objects.put_stream = full_disk  # type: ignore[method-assign]
+    for line in range(2):
+        checkpoints.add(line, OUTPUT, None, result(line))
+        await checkpoints.flush()  # the part is durable; its compaction fails quietly
+    assert checkpoints.pending == 0 and len(await checkpoints.part_keys()) == 2
+    objects.put_stream = put_stream  # type: ignore[method-assign]
+    checkpoints.add(2, OUTPUT, None, result(2))
+    await checkpoints.flush()
+    assert len(await checkpoints.part_keys()) == 1  # all three merged at the next flush
+    done, totals = await Checkpoints(objects, "t/batches/b", "next").load(3)
+    assert done.all() and totals.completed == 3

@@ -26,6 +26,7 @@ import httpx
 from batch_gateway.testing.real_engine import LlamaServer
 from benchmarks import report
 from benchmarks.harness import LocalStack
+from benchmarks.loadgen import percentile
 
 NAME = "real_engine"
 TITLE = "A real engine: llama.cpp's llama-server (SmolLM2-135M on the CPU)"
@@ -105,7 +106,7 @@ class Interactive:
 
 
 def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else (values[0] if values else float("nan"))
+    return percentile(values, 99)
 
 
 def run_batch(stack: LocalStack, data: bytes, **settings: object) -> dict:

@@ -190,7 +190,7 @@ def test_requests_marked_as_retries_are_folded(server, client):
 
 
 def test_retry_folding_is_per_tenant(server_factory):
-    server = server_factory()
+    server = server_factory(auth="keys")
     keys = {tenant: server.run(_create_key(server, tenant)) for tenant in ("a", "b")}
     data = chat_lines(1)
     a, b = server.client(keys["a"]), server.client(keys["b"])

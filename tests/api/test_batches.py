@@ -157,6 +157,22 @@ def test_malformed_create_bodies_are_400_never_500(server, body):
     assert_envelope(response, 400)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"input_file_id": "file-x", "metadata": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+    ],
+    ids=["arrays", "objects", "inside-a-field"],
+)
+def test_deeply_nested_json_is_400_like_any_invalid_json(server, body):
+    http = server.http()
+    invalid = assert_envelope(http.post("/v1/batches", content=b"{", headers={"Content-Type": "application/json"}), 400)
+    nested = assert_envelope(http.post("/v1/batches", content=body, headers={"Content-Type": "application/json"}), 400)
+    assert nested == invalid
+
+
 def test_oversized_create_body_is_413(server):
     body = json.dumps({"metadata": {"k": "v" * (2 * 1024 * 1024)}}).encode()
     assert_envelope(server.http().post("/v1/batches", content=body), 413)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from batch_gateway import ids, wire
+from batch_gateway.api import batches as batches_module
+from batch_gateway.api.batch_create import parse_batch_create
 from batch_gateway.store.signals import NullSignals
 from tests.api.forms import BATCH_KEYS, assert_envelope
 from tests.helpers import chat_lines
@@ -203,6 +207,36 @@ def test_requests_marked_as_retries_are_folded(server, client):
     fresh = create(client, file_id, metadata={"run": "1"})
     assert fresh.id != first.id
     assert len(client.batches.list().data) == 3
+
+
+def test_concurrent_retries_make_one_batch_and_first_tries_one_each(server, client):
+    file_id = upload(client)
+
+    def together(retry_count: str, n: int) -> set[str]:
+        barrier = threading.Barrier(n)
+
+        def one(_: int) -> str:
+            barrier.wait()
+            return create(client, file_id, extra_headers={"x-stainless-retry-count": retry_count}).id
+
+        with ThreadPoolExecutor(n) as pool:
+            return set(pool.map(one, range(n)))
+
+    assert len(together("1", 20)) == 1
+    assert len(together("0", 2)) == 2
+    assert len(client.batches.list().data) == 3
+
+
+def test_a_retry_takes_over_a_claim_whose_batch_never_appears(server, client, monkeypatch):
+    monkeypatch.setattr(batches_module, "FOLD_WAIT_SECONDS", 0.3)
+    file_id = upload(client)
+    body = json.dumps({"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h"}).encode()
+    fingerprint = parse_batch_create(body).fingerprint("default")
+    # A request claimed the fold and died before it stored its batch.
+    server.run(server.services.metadata.claim_fold("default", fingerprint, "batch_never_stored", ids.now(), None))
+    batch = create(client, file_id, extra_headers={"x-stainless-retry-count": "1"})
+    assert batch.id != "batch_never_stored" and [b.id for b in client.batches.list()] == [batch.id]
+    assert create(client, file_id, extra_headers={"x-stainless-retry-count": "2"}).id == batch.id
 
 
 def test_retry_folding_is_per_tenant(server_factory):

@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 serve: install
-	$(BIN)/batch-gateway serve --simulate
+	$(BIN)/batch-gateway serve --simulate --auth open
 
 # The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, and the real-engine tests.
 test: install

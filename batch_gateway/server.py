@@ -12,7 +12,7 @@ import uvicorn
 
 from batch_gateway.executor import build_executor
 from batch_gateway.services import Services
-from batch_gateway.settings import Settings
+from batch_gateway.settings import AuthMode, Settings
 
 log = structlog.get_logger("serve")
 
@@ -26,7 +26,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def open_auth_refused(settings: Settings) -> str | None:
+    """Why `serve` must not start with these settings' authentication, or None. `--auth open` makes every request
+    tenant `default`, which is safe only when nobody else can reach the port."""
+    if AuthMode(settings.auth) is AuthMode.OPEN and not is_loopback(settings.host):
+        return (
+            f"--auth open lets anyone who can reach {settings.host} use the gateway, so it is allowed only on a "
+            "loopback --host (127.0.0.1, ::1, localhost). To listen on this address, use --auth keys (the default) "
+            "and create a key with `batch-gateway keys create --tenant NAME`."
+        )
+    return None
+
+
 async def serve(settings: Settings) -> int:
+    refused = open_auth_refused(settings)
+    if refused is not None:
+        log.error("serve.refused", host=settings.host, auth=settings.auth, reason=refused)
+        return 2
     simulator = None
     if settings.simulate:
         from batch_gateway.sim import SimConfig, SimServer
@@ -49,14 +65,14 @@ async def serve(settings: Settings) -> int:
     parse_webhooks(settings.webhook, settings.webhook_secret)  # a bad webhook setting fails now, not at the first event
     services = await Services.open(settings)
     try:
-        if not is_loopback(settings.host) and not settings.insecure_no_auth and await services.metadata.active_key_count() == 0:
-            log.error(
-                "serve.refused",
-                host=settings.host,
-                reason="no API key exists, so anyone could use the gateway. Create one with "
-                "`batch-gateway keys create --tenant NAME`, or pass --insecure-no-auth.",
+        if AuthMode(settings.auth) is AuthMode.OPEN:
+            log.warning("serve.auth_open", note="--auth open: every request is tenant `default`, with or without a key")
+        elif await services.metadata.active_key_count() == 0:
+            log.warning(
+                "serve.no_api_keys",
+                note="every request gets 401 until you create a key with `batch-gateway keys create --tenant NAME` "
+                "(or, for one user on this machine, start with --auth open)",
             )
-            return 2
         executor = build_executor(settings, services.metadata)
         services.executor = executor
         await executor.start()

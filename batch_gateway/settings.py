@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,11 +20,20 @@ from typing import Any
 ENV_PREFIX = "BATCH_GATEWAY_"
 
 
-def setting(default: Any, help: str, *, group: str = "general", multiple: bool = False) -> Any:
-    meta = {"help": help, "group": group, "multiple": multiple}
+def setting(
+    default: Any, help: str, *, group: str = "general", multiple: bool = False, choices: tuple[str, ...] | None = None
+) -> Any:
+    meta = {"help": help, "group": group, "multiple": multiple, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+class AuthMode(enum.StrEnum):
+    """How the API authenticates requests (`--auth`): a fixed choice of configuration, never inferred from state."""
+
+    KEYS = "keys"  # a valid, unrevoked API key; its tenant scopes everything
+    OPEN = "open"  # single user on a loopback address: every request is tenant `default`
 
 
 @dataclass
@@ -31,8 +41,12 @@ class Settings:
     # --- server ---
     host: str = setting("127.0.0.1", "Address the API listens on.", group="server")
     port: int = setting(8000, "Port the API listens on.", group="server")
-    insecure_no_auth: bool = setting(
-        False, "Allow a non-loopback --host while no API key exists (anyone can use the gateway).", group="server"
+    auth: str = setting(
+        AuthMode.KEYS.value,
+        "How requests are authenticated. keys: each request needs a valid, unrevoked API key (`batch-gateway keys "
+        "create --tenant NAME`). open: any bearer token, or none, is tenant `default`; only with a loopback --host.",
+        group="server",
+        choices=tuple(mode.value for mode in AuthMode),
     )
     log_format: str = setting("auto", "Log format: console, json, or auto (console on a terminal).", group="server")
     log_level: str = setting("info", "Log level: debug, info, warning, error.", group="server")
@@ -178,6 +192,9 @@ def _field_type(f: dataclasses.Field) -> type:
 
 def parse_value(f: dataclasses.Field, raw: str) -> Any:
     kind = _field_type(f)
+    choices = f.metadata["choices"]
+    if choices is not None and raw not in choices:
+        raise ValueError(f"{env_name(f.name)}={raw!r}: expected one of {', '.join(choices)}")
     if kind is bool:
         if raw.strip().lower() in ("1", "true", "yes", "on"):
             return True
@@ -208,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str] |
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata["choices"], help=text)
 
 
 def from_args(args: argparse.Namespace) -> Settings:

@@ -11,12 +11,14 @@ from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
 from batch_gateway.services import Services
+from batch_gateway.settings import AuthMode
 
 # JSON bodies are tiny; the upload route lifts this limit and enforces its own while streaming.
 MAX_JSON_BODY_BYTES = 1024 * 1024
 
 
 def create_app(services: Services) -> Litestar:
+    authenticator = Authenticator(services.metadata, AuthMode(services.settings.auth))
     return Litestar(
         route_handlers=[
             files.upload_file,
@@ -38,7 +40,7 @@ def create_app(services: Services) -> Litestar:
         exception_handlers={Exception: handle_exception},
         middleware=[request_context_middleware],
         before_send=[stamp_response],
-        state=State({"services": services, "authenticator": Authenticator(services.metadata)}),
+        state=State({"services": services, "authenticator": authenticator}),
         request_max_body_size=MAX_JSON_BODY_BYTES,
         openapi_config=None,  # the contract is OpenAI's; its spec is the reference, not ours
         logging_config=None,  # structlog is configured by the process (batch_gateway.logs)

@@ -1,9 +1,13 @@
 """Bearer-key authentication and the tenant every object is scoped to.
 
-While no active key exists the gateway is open: any bearer token (or none) is the tenant `default` (`serve` refuses a
-non-loopback address in that mode). Once a key exists, a request needs a valid key, and its tenant scopes everything.
-The key count and key lookups are cached for a couple of seconds so that a busy API does not ask the database on every
-request; a key created or revoked from the CLI takes effect within that time.
+The mode is configuration (`--auth`), never inferred from what the database holds, so revoking every key can only
+lock the gateway, never open it:
+- `keys` (the default): a request needs a valid, unrevoked key, and its tenant scopes everything. While no key exists
+  every request gets 401, with a message that says how to create one.
+- `open`: any bearer token (or none) is the tenant `default`. `serve` allows it only on a loopback address.
+
+Key lookups (and the key count behind the no-key message) are cached for a couple of seconds so that a busy API does
+not ask the database on every request; a key created or revoked from the CLI takes effect within that time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from litestar.params import FromPath
 from batch_gateway.api.context import TENANT_STATE
 from batch_gateway.errors import Unauthorized
 from batch_gateway.keys import DEFAULT_TENANT, hash_key, tenant_for_key
+from batch_gateway.settings import AuthMode
 from batch_gateway.store.metadata import MetadataStore
 
 # Handler parameter types: the authenticated tenant, and an object id from the path.
@@ -32,6 +37,10 @@ _NO_KEY_MESSAGE = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth "
     "(i.e. Authorization: Bearer YOUR_KEY)."
 )
+NO_KEYS_EXIST_MESSAGE = (
+    "This gateway has no API key yet. Create one with `batch-gateway keys create --tenant NAME` and send it in an "
+    "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
 
 
 def mask_key(key: str) -> str:
@@ -42,23 +51,27 @@ def mask_key(key: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, metadata: MetadataStore, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(self, metadata: MetadataStore, mode: AuthMode, cache_seconds: float = CACHE_SECONDS) -> None:
         self._metadata = metadata
+        self.mode = AuthMode(mode)
         self._cache_seconds = cache_seconds
         self._key_count: tuple[float, int] | None = None  # (checked at, count)
         self._tenants: dict[str, tuple[float, str | None]] = {}  # key hash -> (checked at, tenant)
 
     async def tenant_for(self, authorization: str | None) -> str:
         """The tenant of the request, or `Unauthorized`."""
-        if await self._active_key_count() == 0:
+        if self.mode is AuthMode.OPEN:
             return DEFAULT_TENANT
         key = _bearer_token(authorization)
+        tenant = await self._tenant_for_key(key) if key else None
+        if tenant is not None:
+            return tenant
+        # Refused either way; the count only chooses the most helpful message.
+        if await self._active_key_count() == 0:
+            raise Unauthorized(NO_KEYS_EXIST_MESSAGE, code="invalid_api_key")
         if not key:
             raise Unauthorized(_NO_KEY_MESSAGE, code="invalid_api_key")
-        tenant = await self._tenant_for_key(key)
-        if tenant is None:
-            raise Unauthorized(f"Incorrect API key provided: {mask_key(key)}.", code="invalid_api_key")
-        return tenant
+        raise Unauthorized(f"Incorrect API key provided: {mask_key(key)}.", code="invalid_api_key")
 
     async def _active_key_count(self) -> int:
         now = time.monotonic()

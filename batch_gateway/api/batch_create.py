@@ -39,7 +39,7 @@ class BatchSpec(msgspec.Struct, frozen=True):
 def parse_batch_create(body: bytes) -> BatchSpec:
     try:
         raw = msgspec.json.decode(body, type=wire.BatchCreate)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting deeper than the decoder may follow
         raise InvalidRequest(_BAD_JSON) from None
     return BatchSpec(
         input_file_id=_required_string("input_file_id", raw.input_file_id),

@@ -3,13 +3,18 @@
 Creating a batch must never give the SDK a reason to send it again once it is stored: after `insert_batch` nothing
 answers 5xx or 409 (the executor hand-off is best effort; the reconciler resubmits batches left in `validating`).
 Retries that arrive anyway are folded into the first batch: by `Idempotency-Key` when the client sends one, otherwise
-by the request's fingerprint when the SDK marks the request as a retry (`x-stainless-retry-count` > 0).
+by the request's fingerprint when the SDK marks the request as a retry (`x-stainless-retry-count` > 0). Fingerprint
+folding is a claim on a unique row (`claim_fold`), taken before the batch is stored, so of any number of concurrent
+retries exactly one creates the batch and the others answer with it.
 
 Idempotency-Key reused with a different request: 409 `idempotency_key_reused` with `x-should-retry: false` (the same
 choice as Llama Stack; nothing was stored, and retrying could not help).
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import structlog
 from litestar import Request, Response, get, post
@@ -20,7 +25,7 @@ from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.errors import json_response
 from batch_gateway.api.files import services_of
 from batch_gateway.api.validation import query_int, query_str
-from batch_gateway.errors import Conflict, InvalidRequest, NotFound
+from batch_gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord
 
@@ -29,6 +34,9 @@ log = structlog.get_logger("api.batches")
 BATCHES_LIMIT_DEFAULT = 20
 BATCHES_LIMIT_MAX = 100
 RETRY_FOLD_WINDOW_SECONDS = 600
+# How long a retry waits for the batch another request claimed to be stored before it takes the claim over.
+FOLD_WAIT_SECONDS = 5.0
+FOLD_POLL_SECONDS = 0.05
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 CANCELLABLE = ("validating", "in_progress", "finalizing")
 NO_RETRY = {"x-should-retry": "false"}
@@ -46,17 +54,23 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
     spec = parse_batch_create(await request.body())
     fingerprint = spec.fingerprint(tenant)
     idempotency_key = _idempotency_key(request)
+    batch_id = ids.new_batch_id()
 
-    if idempotency_key is None and _retry_count(request) > 0:
-        earlier = await services.metadata.find_recent_batch(tenant, fingerprint, ids.now() - RETRY_FOLD_WINDOW_SECONDS)
+    if idempotency_key is None:
+        earlier = await _claim_or_fold(services, tenant, fingerprint, batch_id, retry=_retry_count(request) > 0)
         if earlier is not None:
             log.info("batch.retry_folded", batch_id=earlier.id)
             return json_response((await with_live_progress(services, [earlier]))[0])
 
-    await _check_input_file(services, tenant, spec.input_file_id)
+    try:
+        await _check_input_file(services, tenant, spec.input_file_id)
+    except ApiError:
+        if idempotency_key is None:  # no batch will be stored under this claim: let a retry create one
+            await services.metadata.release_fold(tenant, fingerprint, batch_id)
+        raise
     created_at = ids.now()
     record = BatchRecord(
-        id=ids.new_batch_id(),
+        id=batch_id,
         tenant=tenant,
         endpoint=spec.endpoint,
         input_file_id=spec.input_file_id,
@@ -133,6 +147,34 @@ async def cancel_batch(request: Request, batch_id: PathId, tenant: Tenant) -> Re
             raise batch_not_found(batch_id)
         record = refreshed
     raise Conflict(f"Batch {batch_id} changed status while being cancelled; try again.")
+
+
+async def _claim_or_fold(
+    services: Services, tenant: str, fingerprint: str, batch_id: str, *, retry: bool
+) -> BatchRecord | None:
+    """Claim the request's fingerprint for `batch_id` (None: the caller creates the batch), or return the batch an SDK
+    retry folds into. A first try always claims; a retry claims only when no batch was created from the same request
+    within the fold window. A claimed batch may not be stored yet: wait for it, and take the claim over if it never
+    appears (its request failed or died)."""
+    metadata = services.metadata
+    deadline = time.monotonic() + FOLD_WAIT_SECONDS
+    while True:
+        now = ids.now()
+        holder = await metadata.claim_fold(
+            tenant, fingerprint, batch_id, now, older_than=now - RETRY_FOLD_WINDOW_SECONDS if retry else None
+        )
+        if holder == batch_id:
+            return None
+        if holder is not None:
+            earlier = await metadata.get_batch(holder, tenant)
+            if earlier is not None:
+                return earlier
+            if time.monotonic() >= deadline:
+                log.warning("batch.retry_fold_taken_over", stale_batch_id=holder)
+                await metadata.release_fold(tenant, fingerprint, holder)
+                deadline = time.monotonic() + FOLD_WAIT_SECONDS
+                continue
+        await asyncio.sleep(FOLD_POLL_SECONDS)
 
 
 async def with_live_progress(services: Services, records: list[BatchRecord]) -> list[wire.Batch]:

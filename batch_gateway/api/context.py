@@ -1,7 +1,9 @@
 """Per-request context: the request id, structlog bindings and the access log.
 
 The request id is stamped on every response from Litestar's `before_send` hook, because it is the only hook that also
-sees responses the router produces itself (unknown route, wrong method) before any middleware runs.
+sees responses the router produces itself (unknown route, wrong method) before any middleware runs. The same hook
+counts every response in the metrics; a router-produced response, answered before any middleware could start the
+clock, starts it when the response starts.
 """
 
 from __future__ import annotations
@@ -62,23 +64,24 @@ async def stamp_response(message: Message, scope: Scope) -> None:
         headers = MutableScopeHeaders.from_message(message)
         headers[REQUEST_ID_HEADER] = request_id_of(scope)
         scope["state"][_STATE_STATUS] = message["status"]
+        scope["state"].setdefault(_STATE_STARTED, time.perf_counter())
     elif message["type"] == "http.response.body" and not message.get("more_body", False):
         _access_log(scope)
 
 
 def _access_log(scope: Scope) -> None:
     state: dict[str, Any] = scope.get("state", {})
-    started = state.get(_STATE_STARTED)
-    if started is not None:
-        # The route template, not the path: ids in paths would make a metric series per object.
-        metrics.observe(scope.get("method", ""), scope.get("path_template") or "unmatched",
-                        state.get(_STATE_STATUS) or 0, time.perf_counter() - started)
+    now = time.perf_counter()
+    duration = now - state.get(_STATE_STARTED, now)
+    # The route template, not the path: ids in paths would make a metric series per object.
+    metrics.observe(scope.get("method", ""), scope.get("path_template") or "unmatched", state.get(_STATE_STATUS) or 0,
+                    duration)
     log.info(
         "http.request",
         method=scope.get("method"),
         path=scope.get("path"),
         status=state.get(_STATE_STATUS),
-        duration_ms=round((time.perf_counter() - started) * 1000, 2) if started is not None else None,
+        duration_ms=round(duration * 1000, 2),
         request_id=request_id_of(scope),
         tenant=state.get(TENANT_STATE),
     )

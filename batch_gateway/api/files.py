@@ -8,12 +8,12 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
-from batch_gateway import wire
+from batch_gateway import ids, wire
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.errors import json_response
 from batch_gateway.api.upload import FileUpload
 from batch_gateway.api.validation import query_choice, query_int, query_str
-from batch_gateway.errors import NotFound
+from batch_gateway.errors import NotFound, StorageUnavailable
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import FileRecord
 from batch_gateway.store.objects import ObjectMissing
@@ -67,12 +67,22 @@ async def retrieve_file(request: Request, file_id: PathId, tenant: Tenant) -> Re
 
 @delete("/v1/files/{file_id:str}", status_code=200)
 async def delete_file(request: Request, file_id: PathId, tenant: Tenant) -> Response:
+    """Deleted for the user at once (hidden from every read). The bytes and row go now, unless an unfinished batch
+    reads the file as its input: then they stay until that batch ends and gc deletes them, so a restarted runner can
+    still read its input."""
     services = services_of(request)
-    record = await _get_file(request, file_id, tenant)
-    # Bytes first, then the row: a failure in between leaves a row whose content is 404, never orphaned bytes.
-    await services.objects.delete(record.object_key)
-    if not await services.metadata.delete_file(file_id, tenant):
-        raise file_not_found(file_id)  # a concurrent delete won
+    record = await services.metadata.hide_file(file_id, tenant, ids.now())
+    if record is None:
+        raise file_not_found(file_id)  # missing, another tenant's, or a concurrent delete won
+    if await services.metadata.file_in_use(file_id):
+        log.info("file.deleted", file_id=file_id, kept_for_unfinished_batch=True)
+        return json_response(wire.FileDeleted(id=file_id))
+    try:
+        # Bytes first, then the row: a failure in between leaves a hidden row, which gc deletes again.
+        await services.objects.delete(record.object_key)
+        await services.metadata.delete_file(file_id, tenant)
+    except StorageUnavailable as exc:
+        log.warning("file.delete_deferred", file_id=file_id, error=str(exc), note="gc deletes the hidden file")
     log.info("file.deleted", file_id=file_id)
     return json_response(wire.FileDeleted(id=file_id))
 

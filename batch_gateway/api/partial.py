@@ -4,6 +4,11 @@ An extension, off OpenAI's paths, so SDK users are unaffected. It streams the ou
 the runner has made durable (a result appears within `--checkpoint-interval` seconds of finishing), each line once.
 Once the batch is terminal, the checkpoints are gone and this streams the output file instead. Lines have exactly the
 output file's format; order is not guaranteed.
+
+It never fails for want of results: a batch with no output file, or whose output file was deleted (by its owner, or
+when it expired), answers 200 with an empty body, as a batch with nothing finished yet does. A batch that ends while
+its parts are being streamed (its runner deletes them once the output file is written) gets the rest of its lines
+from the output file, so a response never misses a line that was durable when it started.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from batch_gateway.api.batches import batch_not_found
 from batch_gateway.api.files import services_of
 from batch_gateway.errors import NotFound
 from batch_gateway.runner.checkpoint import OUTPUT, Checkpoints
-from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
+from batch_gateway.services import Services
+from batch_gateway.store.metadata import BatchRecord
+from batch_gateway.store.objects import ObjectMissing, batch_prefix, run_stats_key
 
 JSONL = "application/jsonl"
 
@@ -30,21 +37,53 @@ async def partial_results(request: Request, tenant: Tenant, batch_id: PathId) ->
     if batch is None:
         raise batch_not_found(batch_id)
     if batch.terminal:
-        if batch.output_file_id is None:
-            return Response(b"", media_type=JSONL)
-        return Stream(await services.objects.stream(file_key(tenant, batch.output_file_id)), media_type=JSONL)
+        chunks = await _output_file(services, batch)
+        return Response(b"", media_type=JSONL) if chunks is None else Stream(chunks, media_type=JSONL)
     checkpoints = Checkpoints(services.objects, batch_prefix(tenant, batch_id), owner="reader")
     keys = await checkpoints.part_keys()
 
     async def lines() -> AsyncIterator[bytes]:
         seen: set[int] = set()
+        sent: set[int] = set()  # hashes of the result lines sent, to skip them in the output file
         async for line, kind, _, result in checkpoints.records(keys):
             if line not in seen:
                 seen.add(line)
                 if kind == OUTPUT:
+                    sent.add(hash(result))
+                    yield result + b"\n"
+        ended = await services.metadata.get_batch(batch_id, tenant)
+        chunks = await _output_file(services, ended) if ended is not None and ended.terminal else None
+        if chunks is not None:  # the batch ended meanwhile, and its parts may have gone before they were read
+            async for result in _lines(chunks):
+                if hash(result) not in sent:
                     yield result + b"\n"
 
     return Stream(lines(), media_type=JSONL)
+
+
+async def _output_file(services: Services, batch: BatchRecord) -> AsyncIterator[bytes] | None:
+    """The chunks of a terminal batch's output file, or None if it has none or it was deleted."""
+    if batch.output_file_id is None:
+        return None
+    record = await services.metadata.get_file(batch.output_file_id, batch.tenant)
+    if record is None:
+        return None
+    try:
+        return await services.objects.stream(record.object_key)
+    except ObjectMissing:
+        return None
+
+
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line:
+                yield line
+    if pending:
+        yield pending
 
 
 @get("/v1/batches/{batch_id:str}/run_stats")

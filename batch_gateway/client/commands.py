@@ -40,7 +40,7 @@ from batch_gateway.client.watch import (
     wait_and_download,
 )
 
-# The SDK refuses to start without a key; a gateway with no API keys created accepts any token.
+# The SDK refuses to start without a key; a gateway started with `--auth open` accepts any token.
 PLACEHOLDER_API_KEY = "no-key"
 
 

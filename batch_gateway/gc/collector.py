@@ -5,9 +5,11 @@ A pass:
 1. hands every unfinished batch that no runner is working on back to the executor. That covers batches whose runner
    vanished (crash, deleted Workflow, failed submission) and overdue batches: a runner started for an overdue batch
    ends it `expired`, keeping partial results and writing `batch_expired` lines for the rest;
-2. deletes expired files, object first and then the row, so a crash in between leaves a row that the next pass
-   deletes again (deleting a missing object is not an error). It always takes the first page of what is left, so
-   deleting never skips rows the way offset pagination would.
+2. hides expired files (gone for their owner from then on), then deletes hidden files (expired, or deleted through
+   the API) that no unfinished batch reads as its input: object first and then the row, so a crash in between leaves
+   a row that the next pass deletes again (deleting a missing object is not an error). An unfinished batch's input
+   keeps its bytes until the batch ends, so its runner can always read it again. Each step always takes the first page
+   of what is left, so it never skips rows the way offset pagination would.
 """
 
 from __future__ import annotations
@@ -55,12 +57,24 @@ async def delete_expired_files(services: Services, report: GcReport) -> None:
     for _ in range(MAX_PAGES):
         expired = await services.metadata.expired_files(ids.now(), PAGE)
         if not expired:
-            return
+            break
         for record in expired:
+            await services.metadata.hide_file(record.id, None, ids.now())
+            log.info("gc.file_expired", file_id=record.id, tenant=record.tenant, expires_at=record.expires_at)
+    await delete_hidden_files(services, report)
+
+
+async def delete_hidden_files(services: Services, report: GcReport) -> None:
+    """Hidden files (deleted or expired) that no unfinished batch reads any more: bytes, then the row."""
+    for _ in range(MAX_PAGES):
+        hidden = await services.metadata.deletable_hidden_files(PAGE)
+        if not hidden:
+            return
+        for record in hidden:
             await services.objects.delete(record.object_key)
             await services.metadata.delete_file(record.id, None)
             report.files_deleted += 1
-            log.info("gc.file_deleted", file_id=record.id, tenant=record.tenant, expires_at=record.expires_at)
+            log.info("gc.file_deleted", file_id=record.id, tenant=record.tenant)
 
 
 async def collect(services: Services, executor: Executor) -> GcReport:

@@ -22,7 +22,7 @@ import numpy as np
 from batch_gateway import wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner.upstream import TokenUsage
-from batch_gateway.store.objects import ObjectStore
+from batch_gateway.store.objects import ObjectMissing, ObjectStore
 
 OUTPUT, ERROR = 0, 1
 COMPACT_FANIN = 32  # parts of one level merged into one part of the next
@@ -124,10 +124,24 @@ class Checkpoints:
         return await self.objects.list(self.parts_prefix)
 
     async def records(self, keys: list[str]) -> AsyncIterator[tuple[int, int, TokenUsage | None, bytes]]:
-        for key in keys:
-            async for raw_line in _lines(await self.objects.stream(key)):
-                line, kind, usage, result = _record_decoder.decode(raw_line)
-                yield line, kind, usage, bytes(result)
+        """Every record of the parts `keys`. A part can vanish before or while it is read: a runner compacted it into
+        a bigger part, which it wrote before deleting the small ones. Then the parts are listed again and those not
+        read yet are read too; the merged part repeats lines already yielded, which every reader skips (the first
+        record of a line wins)."""
+        read: set[str] = set()
+        pending = list(keys)
+        while pending:
+            key = pending.pop(0)
+            read.add(key)
+            try:
+                async for raw_line in _lines(await self.objects.stream(key)):
+                    line, kind, usage, result = _record_decoder.decode(raw_line)
+                    yield line, kind, usage, bytes(result)
+            except (ObjectMissing, StorageUnavailable) as exc:
+                listed = await self.part_keys()
+                if isinstance(exc, StorageUnavailable) and key in listed:
+                    raise  # the part is still there: the store failed, not a compaction
+                pending = [k for k in listed if k not in read]
 
     async def load(self, count: int) -> tuple[np.ndarray, Totals]:
         """Which lines already have a durable result, and their totals. The first record of a line wins."""

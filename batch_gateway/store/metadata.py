@@ -3,6 +3,9 @@
 One interface, one module per backend (`sqlite.py`, `postgres.py`). Every query is scoped by tenant where a tenant is
 given (`tenant=None` is the service's own view, used by runners and gc). Every status change is a compare-and-set in
 one statement, so a cancel racing a completion can never produce an illegal transition.
+
+A file deleted while an unfinished batch reads it as input is *hidden*: no read returns it any more, but its row and
+bytes stay (the runner reads the bytes by key) until gc finds no unfinished batch reading it.
 """
 
 from __future__ import annotations
@@ -137,20 +140,36 @@ class MetadataStore(abc.ABC):
         """Insert a file; inserting the same id again is a no-op (result files are written idempotently)."""
 
     @abc.abstractmethod
-    async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None: ...
+    async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
+        """The file, unless it is missing, another tenant's or hidden."""
 
     @abc.abstractmethod
     async def list_files(
         self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
     ) -> tuple[list[FileRecord], bool]:
-        """A page of files in creation order (`asc` or `desc`) after the file `after`, and whether more follow."""
+        """A page of files (hidden ones left out) in creation order (`asc` or `desc`) after the file `after`, and
+        whether more follow."""
 
     @abc.abstractmethod
-    async def delete_file(self, file_id: str, tenant: str | None) -> bool: ...
+    async def delete_file(self, file_id: str, tenant: str | None) -> bool:
+        """Delete the file's row, hidden or not."""
+
+    @abc.abstractmethod
+    async def hide_file(self, file_id: str, tenant: str | None, now: int) -> FileRecord | None:
+        """Hide the file from every read (the first step of deleting it); returns it, or None if it was missing,
+        another tenant's or hidden already."""
+
+    @abc.abstractmethod
+    async def file_in_use(self, file_id: str) -> bool:
+        """Whether an unfinished batch reads this file as its input."""
+
+    @abc.abstractmethod
+    async def deletable_hidden_files(self, limit: int) -> list[FileRecord]:
+        """Hidden files that no unfinished batch reads any more, hidden longest first."""
 
     @abc.abstractmethod
     async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
-        """Files whose `expires_at` has passed, oldest expiry first."""
+        """Files (hidden ones left out) whose `expires_at` has passed, oldest expiry first."""
 
     # --- batches ---
     @abc.abstractmethod
@@ -159,8 +178,18 @@ class MetadataStore(abc.ABC):
         False instead."""
 
     @abc.abstractmethod
-    async def find_recent_batch(self, tenant: str, fingerprint: str, since: int) -> BatchRecord | None:
-        """The newest batch of this tenant created from the same request since `since` (SDK retry folding)."""
+    async def claim_fold(
+        self, tenant: str, fingerprint: str, batch_id: str, now: int, older_than: int | None
+    ) -> str | None:
+        """SDK retry folding: record that `batch_id` is (about to be) created from the request `fingerprint`, and
+        return the batch that request belongs to. With `older_than=None` (a first try) `batch_id` always takes the
+        fingerprint over; otherwise (a retry) only from a batch recorded before `older_than`, and when a newer one
+        holds it, that one's id is returned. One statement decides between concurrent claims. None: the record
+        vanished meanwhile (released); claim again."""
+
+    @abc.abstractmethod
+    async def release_fold(self, tenant: str, fingerprint: str, batch_id: str) -> None:
+        """Forget the fold if it still names `batch_id` (its creation failed, or never happened)."""
 
     @abc.abstractmethod
     async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None: ...

@@ -168,16 +168,18 @@ class PostgresStore(MetadataStore):
 
     async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
         if tenant is None:
-            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = %s", (file_id,))
+            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = %s AND deleted_at IS NULL", (file_id,))
         else:
-            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = %s AND tenant = %s", (file_id, tenant))
+            row = await self._row(
+                f"SELECT {_FILES} FROM files WHERE id = %s AND tenant = %s AND deleted_at IS NULL", (file_id, tenant)
+            )
         return rows.file_from_row(row) if row else None
 
     async def list_files(
         self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
     ) -> tuple[list[FileRecord], bool]:
         rows.check_page(order, limit)
-        clauses, params = ["tenant = %s"], [tenant]
+        clauses, params = ["tenant = %s", "deleted_at IS NULL"], [tenant]
         if purpose is not None:
             clauses.append("purpose = %s")
             params.append(purpose)
@@ -195,9 +197,35 @@ class PostgresStore(MetadataStore):
             return await self._execute("DELETE FROM files WHERE id = %s", (file_id,)) > 0
         return await self._execute("DELETE FROM files WHERE id = %s AND tenant = %s", (file_id, tenant)) > 0
 
+    async def hide_file(self, file_id: str, tenant: str | None, now: int) -> FileRecord | None:
+        scope, params = ("", ()) if tenant is None else (" AND tenant = %s", (tenant,))
+        row = await self._row(
+            f"UPDATE files SET deleted_at = %s WHERE id = %s{scope} AND deleted_at IS NULL RETURNING {_FILES}",
+            (now, file_id, *params),
+        )
+        return rows.file_from_row(row) if row else None
+
+    async def file_in_use(self, file_id: str) -> bool:
+        row = await self._row(
+            "SELECT 1 AS used FROM batches WHERE input_file_id = %s AND status = ANY(%s) LIMIT 1",
+            (file_id, list(rows.ACTIVE_STATUSES)),
+        )
+        return row is not None
+
+    async def deletable_hidden_files(self, limit: int) -> list[FileRecord]:
+        found = await self._rows(
+            f"SELECT {_FILES} FROM files AS f WHERE deleted_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM batches AS b "
+            "WHERE b.input_file_id = f.id AND b.tenant = f.tenant AND b.status = ANY(%s)) "
+            "ORDER BY deleted_at, seq LIMIT %s",
+            (list(rows.ACTIVE_STATUSES), limit),
+        )
+        return [rows.file_from_row(r) for r in found]
+
     async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
         found = await self._rows(
-            f"SELECT {_FILES} FROM files WHERE expires_at <= %s ORDER BY expires_at, seq LIMIT %s", (now, limit)
+            f"SELECT {_FILES} FROM files WHERE expires_at <= %s AND deleted_at IS NULL "
+            "ORDER BY expires_at, seq LIMIT %s",
+            (now, limit),
         )
         return [rows.file_from_row(r) for r in found]
 
@@ -222,13 +250,30 @@ class PostgresStore(MetadataStore):
             raise StorageUnavailable(f"batch with idempotency key {record.idempotency_key!r} vanished")
         return rows.batch_from_row(row), False
 
-    async def find_recent_batch(self, tenant: str, fingerprint: str, since: int) -> BatchRecord | None:
-        row = await self._row(
-            f"SELECT {_BATCHES} FROM batches WHERE tenant = %s AND fingerprint = %s AND created_at >= %s "
-            "ORDER BY created_at DESC, seq DESC LIMIT 1",
-            (tenant, fingerprint, since),
+    async def claim_fold(
+        self, tenant: str, fingerprint: str, batch_id: str, now: int, older_than: int | None
+    ) -> str | None:
+        # The upsert takes the fingerprint over, or (a retry, the recorded batch being recent) leaves it and returns
+        # nothing, in one statement: a concurrent claim waits on the row and then sees the winner's values.
+        condition = "" if older_than is None else " WHERE batch_folds.created_at < %s"
+        claimed = await self._row(
+            "INSERT INTO batch_folds (tenant, fingerprint, batch_id, created_at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (tenant, fingerprint) DO UPDATE SET batch_id = excluded.batch_id, "
+            f"created_at = excluded.created_at{condition} RETURNING batch_id",
+            (tenant, fingerprint, batch_id, now, *(() if older_than is None else (older_than,))),
         )
-        return rows.batch_from_row(row) if row else None
+        if claimed is not None:
+            return claimed["batch_id"]
+        holder = await self._row(
+            "SELECT batch_id FROM batch_folds WHERE tenant = %s AND fingerprint = %s", (tenant, fingerprint)
+        )
+        return holder["batch_id"] if holder else None
+
+    async def release_fold(self, tenant: str, fingerprint: str, batch_id: str) -> None:
+        await self._execute(
+            "DELETE FROM batch_folds WHERE tenant = %s AND fingerprint = %s AND batch_id = %s",
+            (tenant, fingerprint, batch_id),
+        )
 
     async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None:
         if tenant is None:

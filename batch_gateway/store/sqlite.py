@@ -179,16 +179,18 @@ class SqliteStore(MetadataStore):
 
     async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
         if tenant is None:
-            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = ?", (file_id,))
+            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = ? AND deleted_at IS NULL", (file_id,))
         else:
-            row = await self._row(f"SELECT {_FILES} FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
+            row = await self._row(
+                f"SELECT {_FILES} FROM files WHERE id = ? AND tenant = ? AND deleted_at IS NULL", (file_id, tenant)
+            )
         return rows.file_from_row(row) if row else None
 
     async def list_files(
         self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
     ) -> tuple[list[FileRecord], bool]:
         rows.check_page(order, limit)
-        clauses, params = ["tenant = ?"], [tenant]
+        clauses, params = ["tenant = ?", "deleted_at IS NULL"], [tenant]
         if purpose is not None:
             clauses.append("purpose = ?")
             params.append(purpose)
@@ -206,9 +208,35 @@ class SqliteStore(MetadataStore):
             return await self._execute("DELETE FROM files WHERE id = ?", (file_id,)) > 0
         return await self._execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)) > 0
 
+    async def hide_file(self, file_id: str, tenant: str | None, now: int) -> FileRecord | None:
+        scope, params = ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
+        row = await self._row(
+            f"UPDATE files SET deleted_at = ? WHERE id = ?{scope} AND deleted_at IS NULL RETURNING {_FILES}",
+            (now, file_id, *params),
+        )
+        return rows.file_from_row(row) if row else None
+
+    async def file_in_use(self, file_id: str) -> bool:
+        active = rows.ACTIVE_STATUSES
+        row = await self._row(
+            f"SELECT 1 FROM batches WHERE input_file_id = ? AND status IN ({_marks(active)}) LIMIT 1", (file_id, *active)
+        )
+        return row is not None
+
+    async def deletable_hidden_files(self, limit: int) -> list[FileRecord]:
+        active = rows.ACTIVE_STATUSES
+        found = await self._rows(
+            f"SELECT {_FILES} FROM files AS f WHERE deleted_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM batches AS b "
+            f"WHERE b.input_file_id = f.id AND b.tenant = f.tenant AND b.status IN ({_marks(active)})) "
+            "ORDER BY deleted_at, seq LIMIT ?",
+            (*active, limit),
+        )
+        return [rows.file_from_row(r) for r in found]
+
     async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
         found = await self._rows(
-            f"SELECT {_FILES} FROM files WHERE expires_at <= ? ORDER BY expires_at, seq LIMIT ?", (now, limit)
+            f"SELECT {_FILES} FROM files WHERE expires_at <= ? AND deleted_at IS NULL ORDER BY expires_at, seq LIMIT ?",
+            (now, limit),
         )
         return [rows.file_from_row(r) for r in found]
 
@@ -233,13 +261,29 @@ class SqliteStore(MetadataStore):
             raise StorageUnavailable(f"batch with idempotency key {record.idempotency_key!r} vanished")
         return rows.batch_from_row(row), False
 
-    async def find_recent_batch(self, tenant: str, fingerprint: str, since: int) -> BatchRecord | None:
-        row = await self._row(
-            f"SELECT {_BATCHES} FROM batches WHERE tenant = ? AND fingerprint = ? AND created_at >= ? "
-            "ORDER BY created_at DESC, seq DESC LIMIT 1",
-            (tenant, fingerprint, since),
+    async def claim_fold(
+        self, tenant: str, fingerprint: str, batch_id: str, now: int, older_than: int | None
+    ) -> str | None:
+        # The upsert takes the fingerprint over, or (a retry, the recorded batch being recent) leaves it and returns
+        # nothing, in one statement: the primary key lets exactly one of concurrent claims win.
+        condition = "" if older_than is None else " WHERE batch_folds.created_at < ?"
+        claimed = await self._row(
+            "INSERT INTO batch_folds (tenant, fingerprint, batch_id, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (tenant, fingerprint) DO UPDATE SET batch_id = excluded.batch_id, "
+            f"created_at = excluded.created_at{condition} RETURNING batch_id",
+            (tenant, fingerprint, batch_id, now, *(() if older_than is None else (older_than,))),
         )
-        return rows.batch_from_row(row) if row else None
+        if claimed is not None:
+            return claimed[0]
+        holder = await self._row(
+            "SELECT batch_id FROM batch_folds WHERE tenant = ? AND fingerprint = ?", (tenant, fingerprint)
+        )
+        return holder[0] if holder else None
+
+    async def release_fold(self, tenant: str, fingerprint: str, batch_id: str) -> None:
+        await self._execute(
+            "DELETE FROM batch_folds WHERE tenant = ? AND fingerprint = ? AND batch_id = ?", (tenant, fingerprint, batch_id)
+        )
 
     async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None:
         if tenant is None:

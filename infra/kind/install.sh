@@ -123,9 +123,6 @@ printf '%s\n' "$API_KEY" > "$HERE/.api-key"
 chmod 600 "$HERE/.api-key"
 
 step "API rollout"
-# `serve` refuses to listen on 0.0.0.0 while no key exists; now that one does, restart it instead of waiting out
-# the crash-loop backoff.
-kubectl rollout restart deployment/batch-gateway-api -n "$NAMESPACE" >/dev/null
 kubectl rollout status deployment/batch-gateway-api -n "$NAMESPACE" --timeout=5m
 
 step "done"

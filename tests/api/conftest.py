@@ -190,9 +190,10 @@ def server_factory(tmp_path: Path) -> Iterator:
     started: list[ApiServer] = []
 
     def start(signals: Signals | None = None, object_store_url: str | None = None, **overrides: Any) -> ApiServer:
+        """A server with these settings; `auth` is `open` unless a test asks for keys (`auth="keys"`)."""
         data_dir = tmp_path / f"gw{len(started)}"
         data_dir.mkdir()
-        settings = Settings(data_dir=str(data_dir), **overrides)
+        settings = Settings(data_dir=str(data_dir), **{"auth": "open", **overrides})
         server = ApiServer(data_dir, settings, signals, object_store_url).start()
         started.append(server)
         return server

@@ -1,4 +1,5 @@
-"""API keys and tenants: open while no key exists, 401 for a wrong key once one does, every object scoped by tenant."""
+"""API keys and tenants: `--auth open` makes everyone tenant `default`; `--auth keys` (the default) needs a valid,
+unrevoked key whatever happens to the keys, and scopes every object by the key's tenant."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import openai
 import pytest
 
 from batch_gateway import ids
-from batch_gateway.api.auth import CACHE_SECONDS, mask_key
+from batch_gateway.api.auth import CACHE_SECONDS, NO_KEYS_EXIST_MESSAGE, mask_key
 from batch_gateway.keys import create_key
 from tests.api.forms import assert_envelope
 from tests.helpers import chat_lines
@@ -19,7 +20,9 @@ def new_key(server, tenant: str) -> tuple[str, str]:
     return key, record.id
 
 
-def test_without_keys_any_token_or_none_is_the_default_tenant(server):
+def test_open_mode_makes_any_token_or_none_the_default_tenant(server_factory):
+    server = server_factory(auth="open")
+    new_key(server, "acme")  # keys are ignored in open mode: the mode is configuration, not state
     a = server.client(api_key="whatever")
     b = server.client(api_key="something-else")
     file_id = a.files.create(file=("x.jsonl", chat_lines(1)), purpose="batch").id
@@ -30,8 +33,44 @@ def test_without_keys_any_token_or_none_is_the_default_tenant(server):
     assert record is not None and record.tenant == "default"
 
 
+def test_keys_mode_without_any_key_refuses_everything_and_says_how_to_create_one(server_factory):
+    server = server_factory(auth="keys")
+    client = server.client(api_key="anything", max_retries=0)
+    for call in (
+        lambda: client.files.list(),
+        lambda: client.files.create(file=("x.jsonl", chat_lines(1)), purpose="batch"),
+        lambda: client.batches.create(input_file_id="file-x", endpoint="/v1/chat/completions", completion_window="24h"),
+    ):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            call()
+        assert caught.value.body["message"] == NO_KEYS_EXIST_MESSAGE
+        assert "batch-gateway keys create --tenant NAME" in caught.value.body["message"]
+    assert_envelope(server.http(api_key=None).get("/v1/files"), 401, code="invalid_api_key")
+    assert server.stored_objects() == []  # the refused upload stored nothing
+
+
+def test_revoking_every_key_never_opens_the_gateway(server_factory):
+    server = server_factory(auth="keys")
+    first, first_id = new_key(server, "acme")
+    second, second_id = new_key(server, "acme")
+    assert server.client(api_key=first).files.list().data == []
+    for key_id in (first_id, second_id):  # "revoke, then create" rotation, caught between the two steps
+        assert server.run(server.services.metadata.revoke_key(key_id, ids.now()))
+    time.sleep(CACHE_SECONDS + 0.2)  # key lookups and the key count are cached this long
+    for api_key in (first, None):
+        http = server.http(api_key=api_key)
+        assert_envelope(http.get("/v1/files"), 401, code="invalid_api_key")
+        assert_envelope(http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("x.jsonl", chat_lines(1))}),
+                        401, code="invalid_api_key")
+        assert_envelope(http.post("/v1/batches", json={"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
+                                                       "completion_window": "24h"}), 401, code="invalid_api_key")
+    assert server.stored_objects() == []
+    replacement, _ = new_key(server, "acme")
+    assert server.client(api_key=replacement).files.list().data == []
+
+
 def test_wrong_or_missing_key_is_401_once_a_key_exists(server_factory):
-    server = server_factory()
+    server = server_factory(auth="keys")
     good, _ = new_key(server, "acme")
     wrong = "sk-bg-thisisnotarealkey0123456789"
     with pytest.raises(openai.AuthenticationError) as caught:
@@ -49,7 +88,7 @@ def test_wrong_or_missing_key_is_401_once_a_key_exists(server_factory):
 
 
 def test_every_object_is_scoped_to_the_key_tenant(server_factory):
-    server = server_factory()
+    server = server_factory(auth="keys")
     key_a, _ = new_key(server, "tenant-a")
     key_b, _ = new_key(server, "tenant-b")
     a, b = server.client(api_key=key_a), server.client(api_key=key_b)
@@ -80,7 +119,7 @@ def test_every_object_is_scoped_to_the_key_tenant(server_factory):
 
 
 def test_revoked_key_stops_working(server_factory):
-    server = server_factory()
+    server = server_factory(auth="keys")
     keep, _ = new_key(server, "t")
     revoked, key_id = new_key(server, "t")
     assert server.client(api_key=revoked).batches.list().data == []
@@ -92,7 +131,7 @@ def test_revoked_key_stops_working(server_factory):
 
 
 def test_probes_need_no_key(server_factory):
-    server = server_factory()
+    server = server_factory(auth="keys")
     new_key(server, "t")
     http = server.http(api_key=None)
     assert http.get("/health").status_code == 200

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from batch_gateway import ids, wire
+from batch_gateway.api import batches as batches_module
+from batch_gateway.api.batch_create import parse_batch_create
 from batch_gateway.store.signals import NullSignals
 from tests.api.forms import BATCH_KEYS, assert_envelope
 from tests.helpers import chat_lines
@@ -157,6 +161,22 @@ def test_malformed_create_bodies_are_400_never_500(server, body):
     assert_envelope(response, 400)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"input_file_id": "file-x", "metadata": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+    ],
+    ids=["arrays", "objects", "inside-a-field"],
+)
+def test_deeply_nested_json_is_400_like_any_invalid_json(server, body):
+    http = server.http()
+    invalid = assert_envelope(http.post("/v1/batches", content=b"{", headers={"Content-Type": "application/json"}), 400)
+    nested = assert_envelope(http.post("/v1/batches", content=body, headers={"Content-Type": "application/json"}), 400)
+    assert nested == invalid
+
+
 def test_oversized_create_body_is_413(server):
     body = json.dumps({"metadata": {"k": "v" * (2 * 1024 * 1024)}}).encode()
     assert_envelope(server.http().post("/v1/batches", content=body), 413)
@@ -189,8 +209,38 @@ def test_requests_marked_as_retries_are_folded(server, client):
     assert len(client.batches.list().data) == 3
 
 
+def test_concurrent_retries_make_one_batch_and_first_tries_one_each(server, client):
+    file_id = upload(client)
+
+    def together(retry_count: str, n: int) -> set[str]:
+        barrier = threading.Barrier(n)
+
+        def one(_: int) -> str:
+            barrier.wait()
+            return create(client, file_id, extra_headers={"x-stainless-retry-count": retry_count}).id
+
+        with ThreadPoolExecutor(n) as pool:
+            return set(pool.map(one, range(n)))
+
+    assert len(together("1", 20)) == 1
+    assert len(together("0", 2)) == 2
+    assert len(client.batches.list().data) == 3
+
+
+def test_a_retry_takes_over_a_claim_whose_batch_never_appears(server, client, monkeypatch):
+    monkeypatch.setattr(batches_module, "FOLD_WAIT_SECONDS", 0.3)
+    file_id = upload(client)
+    body = json.dumps({"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h"}).encode()
+    fingerprint = parse_batch_create(body).fingerprint("default")
+    # A request claimed the fold and died before it stored its batch.
+    server.run(server.services.metadata.claim_fold("default", fingerprint, "batch_never_stored", ids.now(), None))
+    batch = create(client, file_id, extra_headers={"x-stainless-retry-count": "1"})
+    assert batch.id != "batch_never_stored" and [b.id for b in client.batches.list()] == [batch.id]
+    assert create(client, file_id, extra_headers={"x-stainless-retry-count": "2"}).id == batch.id
+
+
 def test_retry_folding_is_per_tenant(server_factory):
-    server = server_factory()
+    server = server_factory(auth="keys")
     keys = {tenant: server.run(_create_key(server, tenant)) for tenant in ("a", "b")}
     data = chat_lines(1)
     a, b = server.client(keys["a"]), server.client(keys["b"])

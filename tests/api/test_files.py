@@ -11,6 +11,7 @@ import openai
 import psutil
 import pytest
 
+from batch_gateway.store.objects import file_key
 from tests.api.forms import FILE_KEYS, assert_envelope, multipart_body
 from tests.helpers import chat_lines
 
@@ -359,6 +360,31 @@ def test_delete_removes_bytes_and_row(server, client):
     assert server.stored_objects() == []
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(created.id)
+
+
+def test_deleting_the_input_of_an_unfinished_batch_hides_it_but_keeps_its_bytes(server, client):
+    created = client.files.create(file=("a.jsonl", chat_lines(2)), purpose="batch")
+    batch = client.batches.create(input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h")
+    stored = server.stored_objects()
+    deleted = client.files.delete(created.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (created.id, "file", True)
+    # Gone for the user, as at OpenAI ...
+    for call in (lambda: client.files.retrieve(created.id), lambda: client.files.content(created.id),
+                 lambda: client.files.delete(created.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert created.id not in {f.id for f in client.files.list()}
+    with pytest.raises(openai.BadRequestError) as hidden:  # answered exactly as for a file that never existed
+        client.batches.create(input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError) as missing:
+        client.batches.create(input_file_id="file-never", endpoint="/v1/chat/completions", completion_window="24h")
+    assert hidden.value.body["message"] == missing.value.body["message"].replace("file-never", created.id)
+    assert hidden.value.param == missing.value.param == "input_file_id"
+    # ... but the runner can still read it by its key until the batch ends.
+    assert server.stored_objects() == stored
+    key = file_key("default", created.id)
+    assert server.run(server.services.objects.get_bytes(key)) == chat_lines(2)
+    assert client.batches.retrieve(batch.id).input_file_id == created.id
 
 
 def test_delete_accepts_json_content_type_without_body(server, client):

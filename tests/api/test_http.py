@@ -7,6 +7,7 @@ import random
 import openai
 import pytest
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store.signals import NullSignals
@@ -181,3 +182,29 @@ def test_one_access_log_line_per_request_with_request_id_and_tenant(server, capt
     uploaded = [e for e in logs if e["event"] == "file.uploaded"]
     assert len(uploaded) == 1  # a handler's own line carries the request's id and tenant too
     assert uploaded[0]["request_id"] == upload.headers["x-request-id"] and uploaded[0]["tenant"] == "default"
+
+
+def test_router_404_and_405_are_counted_in_metrics(server):
+    http = server.http()
+
+    def counted() -> dict[tuple[str, str, str], float]:
+        text = http.get("/metrics").text
+        return {
+            (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "batch_gateway_http_requests_total"
+        }
+
+    before = counted()
+    assert_envelope(http.get("/v1/nothing-here"), 404)
+    assert_envelope(http.put("/v1/batches"), 405)
+    assert_envelope(http.get("/v1/files/file-nope"), 404)  # a handler's 404, counted before too
+    after = counted()
+    grew = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert grew.pop(("GET", "/metrics", "200")) == 1
+    assert grew == {
+        ("GET", "unmatched", "404"): 1,
+        ("PUT", "unmatched", "405"): 1,
+        ("GET", "/v1/files/{file_id}", "404"): 1,
+    }

@@ -22,13 +22,14 @@ FAST_SIM = dict(time_scale=0.02)
 
 
 class Gateway:
-    """One `batch-gateway serve` process on a loopback port, with its own data directory."""
+    """One `batch-gateway serve` process on a loopback port, with its own data directory. It runs with `--auth open`
+    (any key is tenant `default`) unless `env` sets BATCH_GATEWAY_AUTH."""
 
     def __init__(self, data_dir: Path, env: dict[str, str], extra_args: list[str]) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.env = {**os.environ, **env, "BATCH_GATEWAY_LOG_FORMAT": "json"}
+        self.env = {**os.environ, "BATCH_GATEWAY_AUTH": "open", **env, "BATCH_GATEWAY_LOG_FORMAT": "json"}
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self.log_path = data_dir / "serve.log"

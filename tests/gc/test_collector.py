@@ -70,3 +70,37 @@ async def test_gc_pass(tmp_path):
         assert (await collect(services, executor)).files_deleted == 0  # idempotent
     finally:
         await services.close()
+
+
+async def test_an_unfinished_batch_keeps_its_deleted_or_expired_input_until_it_ends(tmp_path):
+    services = await Services.open(Settings(data_dir=str(tmp_path)))
+    try:
+        now = ids.now()
+        metadata = services.metadata
+        for file_id, expires_at in (("file-deleted", None), ("file-expired", now - 10)):
+            await services.objects.put_bytes(file_key("t", file_id), b"input")
+            await metadata.insert_file(FileRecord(id=file_id, tenant="t", bytes=5, created_at=1, filename="a",
+                                                  purpose="batch", object_key=file_key("t", file_id), expires_at=expires_at))
+            running = BatchRecord(id=f"batch_{file_id}", tenant="t", endpoint="/v1/chat/completions", input_file_id=file_id,
+                                  completion_window="24h", status="in_progress", created_at=1, expires_at=now + 999)
+            await metadata.insert_batch(running)
+        assert await metadata.hide_file("file-deleted", "t", now)  # what DELETE /v1/files does while the batch runs
+        executor = RecordingExecutor(running={"batch_file-deleted", "batch_file-expired"}, broken=set())
+
+        assert (await collect(services, executor)).files_deleted == 0
+        for file_id in ("file-deleted", "file-expired"):
+            assert await metadata.get_file(file_id, "t") is None  # gone for the user ...
+            assert await services.objects.get_bytes(file_key("t", file_id)) == b"input"  # ... readable for the runner
+
+        for file_id in ("file-deleted", "file-expired"):
+            await metadata.transition(f"batch_{file_id}", ["in_progress"], "completed", now)
+        assert (await collect(services, executor)).files_deleted == 2
+        for file_id in ("file-deleted", "file-expired"):
+            try:
+                await services.objects.get_bytes(file_key("t", file_id))
+                raise AssertionError(f"{file_id}'s object is still there")
+            except ObjectMissing:
+                pass
+        assert await metadata.deletable_hidden_files(10) == []
+    finally:
+        await services.close()

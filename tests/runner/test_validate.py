@@ -35,6 +35,11 @@ def test_not_json():
     assert codes(validate_line(b"[1,2]", 8, CHAT)) == [("invalid_json_line", None, 8)]
 
 
+def test_deeply_nested_json_is_an_invalid_line_not_a_crash():
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        assert codes(validate_line(raw, 9, CHAT)) == [("invalid_json_line", None, 9)]
+
+
 @pytest.mark.parametrize("missing", ["custom_id", "method", "url", "body"])
 def test_missing_required_parameter(missing):
     result = validate_line(line(**{missing: ...}), 3, CHAT)

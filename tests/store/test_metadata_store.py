@@ -121,6 +121,52 @@ async def test_list_files_rejects_a_bad_order_or_limit(store: MetadataStore):
         await store.list_files("acme", purpose=None, order="asc", after=None, limit=0)
 
 
+async def test_a_hidden_file_is_gone_for_every_read_until_deleted(store: MetadataStore):
+    record = file_record(expires_at=100)
+    kept = file_record()
+    for r in (record, kept):
+        await store.insert_file(r)
+    assert await store.hide_file(record.id, "other", 50) is None  # another tenant's: untouched
+    assert await store.hide_file(record.id, "acme", 50) == record
+    assert await store.hide_file(record.id, "acme", 51) is None  # hidden already: a second delete is a 404
+    assert await store.hide_file(record.id, None, 51) is None
+    for tenant in ("acme", None):
+        assert await store.get_file(record.id, tenant) is None
+    assert (await store.list_files("acme", purpose=None, order="asc", after=None, limit=10))[0] == [kept]
+    assert await store.expired_files(1_000, 10) == []  # gc's sweep of hidden files deletes it, not expiry
+    assert await store.deletable_hidden_files(10) == [record]
+    assert await store.delete_file(record.id, None)
+    assert await store.deletable_hidden_files(10) == []
+    assert await store.hide_file(kept.id, None, 60) == kept  # gc hides expired files this way
+
+
+async def test_a_hidden_input_file_stays_until_no_unfinished_batch_reads_it(store: MetadataStore):
+    record = file_record()
+    await store.insert_file(record)
+    unrelated = file_record()
+    await store.insert_file(unrelated)
+    other_tenant = file_record(tenant="other")
+    await store.insert_file(other_tenant)
+    running = batch_record(input_file_id=record.id, status="in_progress")
+    finished = batch_record(input_file_id=record.id, status="completed")
+    foreign = batch_record(tenant="acme", input_file_id=other_tenant.id, status="in_progress")
+    for batch in (running, finished, foreign):
+        await store.insert_batch(batch)
+    assert await store.file_in_use(record.id)
+    assert not await store.file_in_use(unrelated.id)
+    for r in (record, unrelated, other_tenant):
+        assert await store.hide_file(r.id, None, 10) == r
+    # Another tenant's batch naming the file id (the API never allows it) does not keep it.
+    assert await store.deletable_hidden_files(10) == [unrelated, other_tenant]
+    for status in ("finalizing", "cancelling"):
+        await store.transition(running.id, ["in_progress", "finalizing"], status, 20)
+        assert await store.file_in_use(record.id) and record not in await store.deletable_hidden_files(10)
+    await store.transition(running.id, ["cancelling"], "cancelled", 30)
+    assert not await store.file_in_use(record.id)
+    assert await store.deletable_hidden_files(10) == [record, unrelated, other_tenant]
+    assert await store.deletable_hidden_files(1) == [record]
+
+
 async def test_expired_files_oldest_expiry_first_across_tenants(store: MetadataStore):
     late = file_record(expires_at=300)
     early = file_record(tenant="other", expires_at=100)
@@ -189,16 +235,25 @@ async def test_idempotency_key_returns_the_existing_batch_per_tenant(store: Meta
     assert len((await store.list_batches("acme", after=None, limit=10))[0]) == 3
 
 
-async def test_find_recent_batch_by_fingerprint(store: MetadataStore):
-    older = batch_record(fingerprint="fp", created_at=100)
-    newer = batch_record(fingerprint="fp", created_at=200)
-    for record in (older, newer, batch_record(fingerprint="other", created_at=300),
-                   batch_record(tenant="other", fingerprint="fp", created_at=400)):
-        await store.insert_batch(record)
-    assert (await store.find_recent_batch("acme", "fp", 50)).id == newer.id
-    assert (await store.find_recent_batch("acme", "fp", 200)).id == newer.id
-    assert await store.find_recent_batch("acme", "fp", 201) is None
-    assert await store.find_recent_batch("nobody", "fp", 0) is None
+async def test_claim_fold_first_tries_always_claim_retries_only_stale_claims(store: MetadataStore):
+    assert await store.claim_fold("acme", "fp", "batch_a", 100, older_than=None) == "batch_a"
+    # A retry within the window folds into the recorded batch; one after it (older_than past 100) takes over.
+    assert await store.claim_fold("acme", "fp", "batch_b", 150, older_than=100) == "batch_a"
+    assert await store.claim_fold("acme", "fp", "batch_c", 700, older_than=101) == "batch_c"
+    # A first try is the user asking for another batch: it always claims.
+    assert await store.claim_fold("acme", "fp", "batch_d", 710, older_than=None) == "batch_d"
+    assert await store.claim_fold("acme", "fp", "batch_e", 720, older_than=110) == "batch_d"
+    # Scoped by tenant and fingerprint.
+    assert await store.claim_fold("other", "fp", "batch_f", 720, older_than=110) == "batch_f"
+    assert await store.claim_fold("acme", "fp2", "batch_g", 720, older_than=110) == "batch_g"
+
+
+async def test_release_fold_only_forgets_the_named_batch(store: MetadataStore):
+    assert await store.claim_fold("acme", "fp", "batch_a", 100, older_than=None) == "batch_a"
+    await store.release_fold("acme", "fp", "batch_other")
+    assert await store.claim_fold("acme", "fp", "batch_b", 101, older_than=50) == "batch_a"
+    await store.release_fold("acme", "fp", "batch_a")
+    assert await store.claim_fold("acme", "fp", "batch_b", 102, older_than=50) == "batch_b"
 
 
 async def test_transition_is_compare_and_set(store: MetadataStore):

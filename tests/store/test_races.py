@@ -103,3 +103,18 @@ async def test_concurrent_progress_and_terminal_transition_never_regress(open_st
         await asyncio.gather(*progress[:4], done, *progress[4:])
         stored = await contenders[1].get_batch(batch.id, None)
         assert stored.status == "completed" and stored.request_counts == final
+
+
+async def test_concurrent_retries_claim_a_fold_exactly_once(open_store: OpenStore):
+    contenders = await stores(open_store)
+    for round_ in range(ROUNDS):
+        fingerprint = f"fp-{round_}"
+        if round_ % 2:  # a stale claim from an earlier request is there: the retries take it over, once
+            await contenders[0].claim_fold("acme", fingerprint, "batch_stale", 10, older_than=None)
+        mine = [f"batch_{round_}_{i}" for i in range(20)]
+        holders = await asyncio.gather(
+            *(contenders[i % STORES].claim_fold("acme", fingerprint, mine[i], 1000, older_than=400) for i in range(20))
+        )
+        winners = [batch_id for batch_id, holder in zip(mine, holders) if holder == batch_id]
+        assert len(winners) == 1, f"round {round_}: {len(winners)} retries claimed the fold"
+        assert set(holders) == set(winners)  # every other retry folds into the winner

@@ -63,7 +63,7 @@ def store_location(metadata_backend: str, tmp_path: Path, request: pytest.Fixtur
         return str(tmp_path / "metadata.sqlite3")
     url = request.getfixturevalue("shared_postgres_url")
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("TRUNCATE files, batches, api_keys RESTART IDENTITY")
+        connection.execute("TRUNCATE files, batches, api_keys, webhook_events RESTART IDENTITY")
     return url
 
 

@@ -103,3 +103,20 @@ async def test_concurrent_progress_and_terminal_transition_never_regress(open_st
         await asyncio.gather(*progress[:4], done, *progress[4:])
         stored = await contenders[1].get_batch(batch.id, None)
         assert stored.status == "completed" and stored.request_counts == final
+
+
+async def test_concurrent_webhook_claims_never_hand_out_an_event_twice(open_store: OpenStore):
+    contenders = await stores(open_store)
+    batches = [(await contenders[0].insert_batch(batch_record()))[0] for _ in range(40)]
+    for batch in batches:
+        await contenders[0].transition(batch.id, ["validating"], "completed", 10)
+    claimed: list[str] = []
+    for round_ in range(ROUNDS):
+        now = 100 + round_ * 1000  # every round after the previous leases have run out
+        results = await asyncio.gather(
+            *(contenders[i % STORES].claim_webhook_events(now=now, lease_seconds=30, limit=3) for i in range(8))
+        )
+        this_round = [event.id for events in results for event in events]
+        assert len(this_round) == len(set(this_round)) == 24
+        claimed += this_round
+    assert len(set(claimed)) == 40

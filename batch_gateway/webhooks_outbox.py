@@ -59,6 +59,7 @@ class WebhookOutbox:
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds if lease_seconds is not None else 2 * timeout + 5.0
         self._client = client
+        self._unavailable = False  # the database did not answer the last claim
 
     async def run(self) -> None:
         """Deliver events until cancelled."""
@@ -79,6 +80,7 @@ class WebhookOutbox:
             finally:
                 for task in in_flight:
                     task.cancel()  # their events are taken again when the lease runs out
+                await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def deliver_due(self) -> int:
         """One round: claim what is due and wait for each attempt. Returns how many events were attempted."""
@@ -94,12 +96,19 @@ class WebhookOutbox:
 
     async def _claim(self, limit: int) -> list[WebhookEventRecord]:
         try:
-            return await self.metadata.claim_webhook_events(time.time(), self.lease_seconds, limit)
+            claimed = await self.metadata.claim_webhook_events(time.time(), self.lease_seconds, limit)
         except StorageUnavailable as exc:
-            log.warning("webhook.outbox_unavailable", error=str(exc))
+            if not self._unavailable:  # once per outage, not at every poll
+                log.warning("webhook.outbox_unavailable", error=str(exc))
+            self._unavailable = True
+            return []
         except Exception:
             log.exception("webhook.claim_failed")  # a bug must not end delivery for good: try again next round
-        return []
+            return []
+        if self._unavailable:
+            log.info("webhook.outbox_available")
+            self._unavailable = False
+        return claimed
 
     async def _deliver(self, http: httpx.AsyncClient, event: WebhookEventRecord) -> None:
         config = webhook_for(self.configs, event.tenant)

@@ -20,7 +20,7 @@ from batch_gateway.store.postgres import PostgresStore
 from batch_gateway.store.sqlite import SqliteStore
 from batch_gateway.webhooks import WebhookConfig, build_event, parse_webhooks, post_event, sign
 from batch_gateway.webhooks_outbox import WebhookOutbox
-from tests.fixtures.postgres import postgres_available, test_database
+from tests.fixtures.postgres import allow_connections, postgres_available, terminate_connections, test_database
 from tests.fixtures.webhook_receiver import HANG, Receiver, webhook_receiver
 from tests.helpers import free_port
 
@@ -228,6 +228,33 @@ async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_
     assert len(receiver.requests) == 60
     assert sorted(json.loads(r.body)["data"]["id"] for r in receiver.requests) == sorted(b.id for b in ended)
     assert len(set(receiver.event_ids())) == 60
+
+
+@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
+async def test_delivery_resumes_after_a_database_outage(receiver):
+    with test_database() as url:
+        store = PostgresStore(url, timeout=0.5, reconnect_timeout=1)
+        await store.open()
+        try:
+            batch = await end_batch(store)
+            allow_connections(url, False)
+            terminate_connections(url)
+            with structlog.testing.capture_logs() as logs:
+                task = asyncio.create_task(WebhookOutbox(store, to(receiver), **FAST).run())
+                await asyncio.sleep(1.5)
+                assert receiver.requests == [] and not task.done()
+                allow_connections(url, True)
+                deadline = time.monotonic() + 15
+                while not receiver.requests and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            allow_connections(url, True)
+            await store.close()
+    assert [json.loads(r.body)["data"]["id"] for r in receiver.requests] == [batch.id]
+    assert [e["event"] for e in logs if e["event"].startswith("webhook.outbox")] == [
+        "webhook.outbox_unavailable", "webhook.outbox_available"]
 
 
 # --- backoff -------------------------------------------------------------------------------------

@@ -356,13 +356,22 @@ class SqliteStore(MetadataStore):
     # --- webhook outbox --------------------------------------------------------------------
 
     async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:
-        # One statement, and SQLite has one writer at a time: two processes cannot claim the same row.
-        found = await self._rows(
-            "UPDATE webhook_events SET due_at = ?, attempts = attempts + 1 WHERE seq IN (SELECT seq FROM "
-            "webhook_events WHERE state = ? AND due_at <= ? ORDER BY due_at, seq LIMIT ?) "
-            f"RETURNING {_EVENTS}, seq",
-            (now + lease_seconds, WebhookState.PENDING.value, now, limit),
-        )
+        pending = WebhookState.PENDING.value
+
+        def work(c: sqlite3.Connection) -> list[sqlite3.Row]:
+            # Polled every second: look before taking the write lock, which an UPDATE takes even to change nothing.
+            due = c.execute("SELECT 1 FROM webhook_events WHERE state = ? AND due_at <= ? LIMIT 1", (pending, now))
+            if due.fetchone() is None:
+                return []
+            # One statement, and SQLite has one writer at a time: two processes cannot claim the same row.
+            return c.execute(
+                "UPDATE webhook_events SET due_at = ?, attempts = attempts + 1 WHERE seq IN (SELECT seq FROM "
+                "webhook_events WHERE state = ? AND due_at <= ? ORDER BY due_at, seq LIMIT ?) "
+                f"RETURNING {_EVENTS}, seq",
+                (now + lease_seconds, pending, now, limit),
+            ).fetchall()
+
+        found = await self._run(work)
         return [rows.webhook_event_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
 
     async def reschedule_webhook_event(self, event_id: str, due_at: float, error: str) -> None:

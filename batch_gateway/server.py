@@ -1,4 +1,4 @@
-"""`batch-gateway serve`: the API, plus (in local mode) the runner subprocesses and periodic gc."""
+"""`batch-gateway serve`: the API and webhook delivery, plus (in local mode) the runner subprocesses and periodic gc."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ async def serve(settings: Settings) -> int:
 
     from batch_gateway.webhooks import parse_webhooks
 
-    parse_webhooks(settings.webhook, settings.webhook_secret)  # a bad webhook setting fails now, not at the first event
+    webhooks = parse_webhooks(settings.webhook, settings.webhook_secret)  # a bad setting fails now, not at an event
     services = await Services.open(settings)
     try:
         if AuthMode(settings.auth) is AuthMode.OPEN:
@@ -77,6 +77,13 @@ async def serve(settings: Settings) -> int:
         services.executor = executor
         await executor.start()
         background = [asyncio.create_task(_resume_unfinished(services))]
+        # Every mode delivers webhooks here (in a cluster, the API replicas share the work through claim leases).
+        from batch_gateway.webhooks_outbox import WebhookOutbox
+
+        outbox = WebhookOutbox(
+            services.metadata, webhooks, timeout=settings.webhook_timeout, retry_for=settings.webhook_retry_for
+        )
+        background.append(asyncio.create_task(outbox.run()))
         if settings.executor == "local" and settings.gc_interval > 0:
             background.append(asyncio.create_task(_periodic_gc(services)))
 

@@ -139,8 +139,23 @@ class Settings:
         group="webhooks",
         multiple=True,
     )
+    webhook_timeout: float = setting(
+        10.0, "Seconds a webhook receiver has to answer one delivery attempt before it counts as failed.", group="webhooks"
+    )
+    webhook_retry_for: float = setting(
+        72 * 3600.0,
+        "Seconds after a batch ends during which its event is retried (exponential backoff up to 10 min apart, "
+        "honouring Retry-After) until the receiver answers 2xx; then it is given up with an error log.",
+        group="webhooks",
+    )
     # --- gc ---
     gc_interval: float = setting(60.0, "Seconds between garbage-collection passes inside `serve` (local mode); 0 = off.", group="gc")
+    gc_stale_upload_age: float = setting(
+        24 * 3600.0,
+        "Seconds after which gc aborts an unfinished S3 multipart upload (or removes a local partial write) left by a "
+        "killed upload or runner. Keep it above the longest upload.",
+        group="gc",
+    )
 
     # ------------------------------------------------------------------------------------------
 

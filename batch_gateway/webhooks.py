@@ -9,9 +9,10 @@ Configured per tenant (settings `webhook` and `webhook_secret`):
     --webhook acme=https://hooks.acme.example/batch   --webhook-secret acme=whsec_...
     --webhook https://hooks.example/all               --webhook-secret whsec_...    (every other tenant)
 
-Delivery retries connection errors, timeouts, 408, 429 and 5xx with jittered exponential backoff (honouring
-`Retry-After`), keeping the same event id so receivers can drop duplicates. It re-signs each attempt with a fresh
-timestamp, because receivers reject signatures older than five minutes.
+Events are not sent by the runner: the database writes each one into an outbox in the same transaction as the
+batch's terminal status, and `serve` delivers them (`webhooks_outbox.py`), retrying for hours. Every attempt carries
+the same event id, so receivers can drop duplicates, and is signed afresh, because receivers reject signatures older
+than five minutes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ EVENT_TYPES: dict[str, str] = {
 ALL_TENANTS = "*"  # the key of the webhook that serves every tenant without its own
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 16
-RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx
 USER_AGENT = "batch-gateway-webhooks"
 
 
@@ -183,7 +183,15 @@ def signed_headers(secret: str, webhook_id: str, body: bytes, *, timestamp: int 
     }
 
 
-# --- delivery ------------------------------------------------------------------------------------
+# --- one delivery attempt -----------------------------------------------------------------------
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """What one POST of an event came to."""
+
+    delivered: bool  # the receiver answered 2xx
+    outcome: str  # "HTTP 503", "ConnectTimeout: ...", for logs and the outbox's last_error
+    retry_after: float | None = None  # seconds the receiver asked us to wait
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -207,78 +215,22 @@ def backoff_delay(attempt: int, *, base_delay: float, max_delay: float, retry_af
     jitter (50-100 % of base * 2^(attempt-1)) so many gateways do not retry in step; never more than max_delay."""
     if retry_after is not None:
         return min(retry_after, max_delay)
-    return min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+    return min(max_delay, base_delay * 2 ** min(attempt - 1, 60)) * random.uniform(0.5, 1.0)
 
 
-async def deliver(
-    config: WebhookConfig,
-    event_type: str,
-    batch_id: str,
-    *,
-    client: httpx.AsyncClient | None = None,
-    attempts: int = 5,
-    created_at: int | None = None,
-    base_delay: float = 1.0,
-    max_delay: float = 60.0,
-    timeout: float = 10.0,
-) -> bool:
-    """POST one signed event, retrying transient failures; True once the receiver answered 2xx.
-
-    Gives up (logging `webhook.gave_up` or `webhook.rejected`) after `attempts` tries, or at once on a 4xx other
-    than 408/429, which retrying cannot fix (wrong URL, receiver rejects the signature).
-    """
-    event = build_event(event_type, batch_id, created_at=created_at)
+async def post_event(http: httpx.AsyncClient, config: WebhookConfig, event: WebhookEvent, *, timeout: float) -> Attempt:
+    """POST the event once, signed now. `timeout` bounds the whole attempt, however slowly the receiver answers."""
     body = msgspec.json.encode(event)
-    bound = log.bind(event_id=event.id, event_type=event_type, batch_id=batch_id, url=config.url)
-    own_client = client is None
-    http = client if client is not None else httpx.AsyncClient()
-    outcome = "not attempted"
     try:
-        for attempt in range(1, attempts + 1):
-            retry_after = None
-            try:
-                response = await http.post(
-                    config.url, content=body, headers=signed_headers(config.secret, event.id, body), timeout=timeout
-                )
-            except httpx.HTTPError as exc:  # connection refused or reset, timeouts, protocol errors
-                outcome = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.is_success:
-                    bound.info("webhook.delivered", attempt=attempt, status=response.status_code)
-                    return True
-                outcome = f"HTTP {response.status_code}"
-                if response.status_code not in RETRYABLE_STATUSES and response.status_code < 500:
-                    bound.error("webhook.rejected", attempt=attempt, status=response.status_code, body=response.text[:200])
-                    return False
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if attempt == attempts:
-                break
-            delay = backoff_delay(attempt, base_delay=base_delay, max_delay=max_delay, retry_after=retry_after)
-            bound.warning("webhook.retry", attempt=attempt, outcome=outcome, delay=round(delay, 3))
-            await asyncio.sleep(delay)
-        bound.error("webhook.gave_up", attempts=attempts, outcome=outcome)
-        return False
-    finally:
-        if own_client:
-            await http.aclose()
-
-
-async def notify(
-    configs: dict[str, WebhookConfig],
-    tenant: str,
-    batch_id: str,
-    status: str,
-    *,
-    created_at: int | None = None,
-    client: httpx.AsyncClient | None = None,
-) -> bool | None:
-    """Send the event for a batch that reached `status`, if that tenant has a webhook and the status has an event.
-
-    Returns None when there was nothing to send, else whether the receiver took it. Call it after the terminal
-    status is stored (the event says the batch *is* completed), from a task that may take up to a minute or two.
-    """
-    event_type = EVENT_TYPES.get(status)
-    config = webhook_for(configs, tenant)
-    if event_type is None or config is None:
-        return None
-    return await deliver(config, event_type, batch_id, client=client, created_at=created_at)
+        async with asyncio.timeout(timeout):
+            response = await http.post(
+                config.url, content=body, headers=signed_headers(config.secret, event.id, body), timeout=timeout
+            )
+    except TimeoutError:
+        return Attempt(False, f"no answer within {timeout:g} s")
+    except httpx.HTTPError as exc:  # connection refused or reset, protocol errors
+        return Attempt(False, f"{type(exc).__name__}: {exc}")
+    outcome = f"HTTP {response.status_code}"
+    if response.is_success:
+        return Attempt(True, outcome)
+    return Attempt(False, outcome, parse_retry_after(response.headers.get("retry-after")))

@@ -1,97 +1,110 @@
-"""Webhooks: delivered over real HTTP to a recording receiver, verified with the `openai` SDK, retried, given up."""
+"""Webhooks: the outbox loop delivers the events the database writes when batches end, over real HTTP to a
+recording receiver; each verifies with the `openai` SDK; failures are retried with the same event id, then given up.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import openai
 import pytest
 import structlog
 
-from batch_gateway import webhooks
-from batch_gateway.webhooks import WebhookConfig, build_event, deliver, notify, parse_webhooks, sign
+from batch_gateway import ids, webhooks
+from batch_gateway.store.metadata import BatchRecord, MetadataStore
+from batch_gateway.store.postgres import PostgresStore
+from batch_gateway.store.sqlite import SqliteStore
+from batch_gateway.webhooks import WebhookConfig, build_event, parse_webhooks, post_event, sign
+from batch_gateway.webhooks_outbox import WebhookOutbox
+from tests.fixtures.postgres import allow_connections, postgres_available, terminate_connections, test_database
+from tests.fixtures.webhook_receiver import HANG, Receiver, webhook_receiver
 from tests.helpers import free_port
 
 SECRET = webhooks.generate_secret()
-FAST = dict(base_delay=0.01, max_delay=0.05)
-
-
-@dataclass
-class Received:
-    body: bytes
-    headers: dict[str, str]
-    at: float
-
-
-@dataclass
-class Receiver:
-    """An HTTP server on 127.0.0.1 that records each POST and answers from a script of (status, headers)."""
-
-    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    requests: list[Received] = field(default_factory=list)
-    url: str = ""
-
-    def next_answer(self) -> tuple[int, dict[str, str]]:
-        return self.script.pop(0) if self.script else (200, {})
+FAST = dict(base_delay=0.01, max_delay=0.05, poll_interval=0.01)
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    state = Receiver()
+    with webhook_receiver() as state:
+        yield state
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["content-length"]))
-            state.requests.append(Received(body, {k.lower(): v for k, v in self.headers.items()}, time.monotonic()))
-            status, headers = state.next_answer()
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
 
-        def log_message(self, *args) -> None:
-            pass
+@pytest.fixture
+async def store(tmp_path) -> AsyncIterator[MetadataStore]:
+    store = SqliteStore(str(tmp_path / "metadata.sqlite3"))
+    await store.open()
+    yield store
+    await store.close()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/batch"
-    yield state
-    server.shutdown()
-    server.server_close()
+
+async def end_batch(store: MetadataStore, status: str = "completed", tenant: str = "acme") -> BatchRecord:
+    """A batch that reached `status`: the database writes its webhook event into the outbox."""
+    now = ids.now()
+    batch, _ = await store.insert_batch(BatchRecord(
+        id=ids.new_batch_id(), tenant=tenant, endpoint="/v1/chat/completions", input_file_id="file-in",
+        completion_window="24h", status="validating", created_at=now, expires_at=now + 86400,
+    ))
+    source = "cancelling" if status == "cancelled" else "validating"
+    if status == "cancelled":
+        await store.transition(batch.id, ["validating"], "cancelling", now)
+    ended = await store.transition(batch.id, [source], status, now)
+    assert ended is not None
+    return ended
+
+
+def to(receiver: Receiver, tenant: str = "*") -> dict[str, WebhookConfig]:
+    return {tenant: WebhookConfig(url=receiver.url, secret=SECRET)}
+
+
+async def run_until(outbox: WebhookOutbox, done, timeout: float = 10.0) -> None:
+    """Run the delivery loop until `done()` holds."""
+    task = asyncio.create_task(outbox.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "the outbox did not get there in time"
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # room for anything that should not happen
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def sdk() -> openai.OpenAI:
     return openai.OpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
 
 
-async def test_delivered_event_verifies_with_the_openai_sdk(receiver):
-    config = WebhookConfig(url=receiver.url, secret=SECRET)
-    assert await deliver(config, "batch.completed", "batch_abc", created_at=1_700_000_000) is True
+# --- delivery ------------------------------------------------------------------------------------
+
+
+async def test_delivered_event_verifies_with_the_openai_sdk(store, receiver):
+    batch = await end_batch(store, "completed")
+    assert await WebhookOutbox(store, to(receiver)).deliver_due() == 1
 
     [request] = receiver.requests
     event = sdk().webhooks.unwrap(request.body, request.headers, secret=SECRET)
-    assert event.type == "batch.completed"
-    assert event.data.id == "batch_abc"
-    assert event.object == "event"
-    assert event.created_at == 1_700_000_000
+    assert (event.type, event.data.id, event.object, event.created_at) == (
+        "batch.completed", batch.id, "event", batch.completed_at)
     assert event.id.startswith("evt_") and request.headers["webhook-id"] == event.id
     assert json.loads(request.body) == {
-        "id": event.id, "object": "event", "type": "batch.completed", "created_at": 1_700_000_000,
-        "data": {"id": "batch_abc"},
+        "id": event.id, "object": "event", "type": "batch.completed", "created_at": batch.completed_at,
+        "data": {"id": batch.id},
     }
     assert request.headers["content-type"] == "application/json"
+    assert await WebhookOutbox(store, to(receiver)).deliver_due() == 0  # delivered once, never again
 
 
 async def test_tampered_or_wrongly_signed_events_are_rejected(receiver):
-    await deliver(WebhookConfig(url=receiver.url, secret=SECRET), "batch.failed", "batch_abc")
+    async with httpx.AsyncClient() as http:
+        attempt = await post_event(http, WebhookConfig(receiver.url, SECRET), build_event("batch.failed", "batch_abc"),
+                                   timeout=5)
+    assert attempt.delivered
     [request] = receiver.requests
     client = sdk()
     tampered = request.body.replace(b"batch_abc", b"batch_xyz")
@@ -111,65 +124,140 @@ def test_signature_matches_the_standard_webhooks_test_vector():
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "expired", "cancelled"])
-async def test_every_terminal_status_has_its_event_type(receiver, status):
-    configs = parse_webhooks([receiver.url], [SECRET])
-    assert await notify(configs, "any-tenant", "batch_1", status) is True
-    event = sdk().webhooks.unwrap(receiver.requests[-1].body, receiver.requests[-1].headers, secret=SECRET)
-    assert event.type == f"batch.{status}"
+async def test_every_terminal_status_has_its_event_type(store, receiver, status):
+    batch = await end_batch(store, status)
+    await WebhookOutbox(store, parse_webhooks([receiver.url], [SECRET])).deliver_due()
+    [request] = receiver.requests
+    event = sdk().webhooks.unwrap(request.body, request.headers, secret=SECRET)
+    assert (event.type, event.data.id) == (f"batch.{status}", batch.id)
 
 
-async def test_statuses_without_events_and_tenants_without_webhooks_send_nothing(receiver):
-    configs = parse_webhooks([f"acme={receiver.url}"], [f"acme={SECRET}"])
-    assert await notify(configs, "acme", "batch_1", "in_progress") is None
-    assert await notify(configs, "other", "batch_1", "completed") is None
-    assert receiver.requests == []
+async def test_tenants_without_webhooks_are_dropped_quietly(store, receiver):
+    await end_batch(store, tenant="other")
+    acme = await end_batch(store, tenant="acme")
+    outbox = WebhookOutbox(store, parse_webhooks([f"acme={receiver.url}"], [f"acme={SECRET}"]))
+    with structlog.testing.capture_logs() as logs:
+        assert await outbox.deliver_due() == 2
+    assert [json.loads(r.body)["data"]["id"] for r in receiver.requests] == [acme.id]
+    assert [entry["event"] for entry in logs] == ["webhook.delivered"]
+    assert await store.claim_webhook_events(time.time() + 10**6, 30, 10) == []  # done with, not pending
+
+    # With no webhook at all, events are dropped as they come (none is kept for a webhook configured later).
+    await end_batch(store, tenant="acme")
+    assert await WebhookOutbox(store, {}).deliver_due() == 1
+    assert await store.claim_webhook_events(time.time() + 10**6, 30, 10) == []
 
 
-async def test_retries_after_a_500_with_the_same_event_id(receiver):
-    receiver.script = [(500, {}), (503, {})]
-    config = WebhookConfig(url=receiver.url, secret=SECRET)
-    assert await deliver(config, "batch.completed", "batch_1", **FAST) is True
-    assert len(receiver.requests) == 3
-    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
+async def test_a_receiver_down_for_a_while_gets_the_event_once_it_is_back_with_the_same_id(store, receiver):
+    receiver.script = [(503, {}), (502, {}), (500, {}), (404, {})]  # down, then a proxy without its backend
+    await end_batch(store)
+    with structlog.testing.capture_logs() as logs:
+        await run_until(WebhookOutbox(store, to(receiver), **FAST), lambda: len(receiver.requests) == 5)
+    assert len(receiver.requests) == 5  # and no more once it answered 200
+    assert len(set(receiver.event_ids())) == 1
     for request in receiver.requests:  # each attempt is signed on its own and verifies
         sdk().webhooks.unwrap(request.body, request.headers, secret=SECRET)
+    assert len({request.body for request in receiver.requests}) == 1
+    assert [(e["attempt"], e["outcome"]) for e in logs if e["event"] == "webhook.retry"] == [
+        (1, "HTTP 503"), (2, "HTTP 502"), (3, "HTTP 500"), (4, "HTTP 404")]
+    assert [e["attempt"] for e in logs if e["event"] == "webhook.delivered"] == [5]
 
 
-async def test_honours_retry_after_on_429(receiver):
+async def test_honours_retry_after(store, receiver):
     receiver.script = [(429, {"retry-after": "1"})]
-    config = WebhookConfig(url=receiver.url, secret=SECRET)
-    assert await deliver(config, "batch.completed", "batch_1", base_delay=0.01, max_delay=5) is True
+    await end_batch(store)
+    await run_until(WebhookOutbox(store, to(receiver), base_delay=0.01, max_delay=5, poll_interval=0.01),
+                    lambda: len(receiver.requests) == 2)
     first, second = receiver.requests
     assert second.at - first.at >= 0.95
 
 
-async def test_gives_up_after_the_attempts_and_logs_it(receiver):
-    receiver.script = [(502, {})] * 10
-    config = WebhookConfig(url=receiver.url, secret=SECRET)
+async def test_gives_up_after_the_retry_window_and_logs_it(store, receiver):
+    receiver.otherwise = (502, {})
+    batch = await end_batch(store, "expired")
+    outbox = WebhookOutbox(store, to(receiver), retry_for=0, **FAST)
     with structlog.testing.capture_logs() as logs:
-        assert await deliver(config, "batch.expired", "batch_9", attempts=3, **FAST) is False
-    assert len(receiver.requests) == 3
-    gave_up = [entry for entry in logs if entry["event"] == "webhook.gave_up"]
-    assert gave_up and gave_up[0]["log_level"] == "error" and gave_up[0]["batch_id"] == "batch_9"
-    assert gave_up[0]["outcome"] == "HTTP 502"
-    assert [entry["attempt"] for entry in logs if entry["event"] == "webhook.retry"] == [1, 2]
+        assert await outbox.deliver_due() == 1
+    [gave_up] = [entry for entry in logs if entry["event"] == "webhook.gave_up"]
+    assert gave_up["log_level"] == "error" and gave_up["batch_id"] == batch.id and gave_up["outcome"] == "HTTP 502"
+    assert await store.claim_webhook_events(time.time() + 10**6, 30, 10) == []  # never tried again
 
 
-async def test_a_4xx_is_not_retried(receiver):
-    receiver.script = [(401, {})]
-    config = WebhookConfig(url=receiver.url, secret=SECRET)
+async def test_connection_refused_is_retried(store):
+    config = {"*": WebhookConfig(url=f"http://127.0.0.1:{free_port()}/hook", secret=SECRET)}  # nobody listens
+    await end_batch(store)
     with structlog.testing.capture_logs() as logs:
-        assert await deliver(config, "batch.completed", "batch_1", **FAST) is False
-    assert len(receiver.requests) == 1
-    assert [entry["event"] for entry in logs] == ["webhook.rejected"]
+        assert await WebhookOutbox(store, config, **FAST).deliver_due() == 1
+    [retry] = [entry for entry in logs if entry["event"] == "webhook.retry"]
+    assert "ConnectError" in retry["outcome"] and retry["log_level"] == "warning"
 
 
-async def test_connection_refused_is_retried_then_given_up():
-    config = WebhookConfig(url=f"http://127.0.0.1:{free_port()}/hook", secret=SECRET)
+async def test_a_hung_receiver_costs_one_timeout_per_attempt(store, receiver):
+    receiver.otherwise = HANG
+    await end_batch(store)
+    started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
-        assert await deliver(config, "batch.completed", "batch_1", attempts=2, **FAST) is False
-    assert [entry["event"] for entry in logs] == ["webhook.retry", "webhook.gave_up"]
-    assert "ConnectError" in logs[-1]["outcome"]
+        assert await WebhookOutbox(store, to(receiver), timeout=0.3, **FAST).deliver_due() == 1
+    assert time.monotonic() - started < 2
+    [retry] = [entry for entry in logs if entry["event"] == "webhook.retry"]
+    assert retry["outcome"] == "no answer within 0.3 s"
+
+
+@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
+async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_once(receiver):
+    with test_database() as url:
+        stores = [PostgresStore(url), PostgresStore(url)]
+        for each in stores:
+            await each.open()
+        try:
+            ended = [await end_batch(stores[0]) for _ in range(60)]
+            loops = [asyncio.create_task(WebhookOutbox(each, to(receiver), concurrency=4, **FAST).run())
+                     for each in stores]
+            try:
+                deadline = time.monotonic() + 20
+                while len(receiver.requests) < 60 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.5)  # any duplicate would arrive meanwhile
+            finally:
+                for loop in loops:
+                    loop.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+        finally:
+            for each in stores:
+                await each.close()
+    assert len(receiver.requests) == 60
+    assert sorted(json.loads(r.body)["data"]["id"] for r in receiver.requests) == sorted(b.id for b in ended)
+    assert len(set(receiver.event_ids())) == 60
+
+
+@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
+async def test_delivery_resumes_after_a_database_outage(receiver):
+    with test_database() as url:
+        store = PostgresStore(url, timeout=0.5, reconnect_timeout=1)
+        await store.open()
+        try:
+            batch = await end_batch(store)
+            allow_connections(url, False)
+            terminate_connections(url)
+            with structlog.testing.capture_logs() as logs:
+                task = asyncio.create_task(WebhookOutbox(store, to(receiver), **FAST).run())
+                await asyncio.sleep(1.5)
+                assert receiver.requests == [] and not task.done()
+                allow_connections(url, True)
+                deadline = time.monotonic() + 15
+                while not receiver.requests and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            allow_connections(url, True)
+            await store.close()
+    assert [json.loads(r.body)["data"]["id"] for r in receiver.requests] == [batch.id]
+    assert [e["event"] for e in logs if e["event"].startswith("webhook.outbox")] == [
+        "webhook.outbox_unavailable", "webhook.outbox_available"]
+
+
+# --- backoff -------------------------------------------------------------------------------------
 
 
 def test_backoff_grows_with_jitter_and_is_capped():

@@ -9,16 +9,20 @@ A pass:
    the API) that no unfinished batch reads as its input: object first and then the row, so a crash in between leaves
    a row that the next pass deletes again (deleting a missing object is not an error). An unfinished batch's input
    keeps its bytes until the batch ends, so its runner can always read it again. Each step always takes the first page
-   of what is left, so it never skips rows the way offset pagination would.
+   of what is left, so it never skips rows the way offset pagination would;
+3. aborts the S3 multipart uploads (removes the local staging files) that writers killed mid-upload left behind,
+   once they are older than `gc_stale_upload_age`: younger ones may still be in progress.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import structlog
 
 from batch_gateway import ids, wire
+from batch_gateway.errors import StorageUnavailable
 from batch_gateway.executor.base import Executor, RunState
 from batch_gateway.services import Services
 
@@ -26,6 +30,7 @@ PAGE = 100
 MAX_PAGES = 100  # at most 10,000 files a pass; the next pass continues
 
 log = structlog.get_logger("gc")
+_skipped_uploads_said = threading.Event()
 
 
 @dataclass
@@ -33,6 +38,7 @@ class GcReport:
     resubmitted: int = 0
     overdue: int = 0
     files_deleted: int = 0
+    uploads_aborted: int = 0
 
 
 async def reconcile(services: Services, executor: Executor, report: GcReport) -> None:
@@ -77,9 +83,28 @@ async def delete_hidden_files(services: Services, report: GcReport) -> None:
             log.info("gc.file_deleted", file_id=record.id, tenant=record.tenant)
 
 
+async def abort_stale_uploads(services: Services, report: GcReport) -> None:
+    try:
+        aborted = await services.objects.abort_stale_uploads(services.settings.gc_stale_upload_age)
+    except StorageUnavailable as exc:  # the next pass tries again
+        log.warning("gc.stale_uploads_failed", error=str(exc))
+        return
+    if aborted is None:
+        if not _skipped_uploads_said.is_set():  # once per process, not every pass
+            _skipped_uploads_said.set()
+            log.warning(
+                "gc.stale_uploads_skipped",
+                reason="no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to list multipart uploads with; "
+                "add an AbortIncompleteMultipartUpload lifecycle rule to the bucket instead",
+            )
+        return
+    report.uploads_aborted += aborted
+
+
 async def collect(services: Services, executor: Executor) -> GcReport:
     report = GcReport()
     await reconcile(services, executor, report)
     await delete_expired_files(services, report)
+    await abort_stale_uploads(services, report)
     log.info("gc.pass_done", **report.__dict__)
     return report

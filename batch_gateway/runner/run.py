@@ -21,7 +21,7 @@ import msgspec
 import numpy as np
 import structlog
 
-from batch_gateway import ids, webhooks, wire
+from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
@@ -376,8 +376,6 @@ class BatchRunner:
         if moved is None and status == "expired":
             moved = await self.metadata.transition(self.batch_id, ["cancelling"], "cancelled", ids.now(), **changes)
         final = moved or await self._reload()
-        if moved is not None:
-            await self._notify(final)
         counts = final.request_counts
         self.log.info(
             "runner.finished",
@@ -398,7 +396,6 @@ class BatchRunner:
                 return await self._end(current, "cancelled", ["cancelling"], {})
             return current.status
         self.log.info("runner.validation_failed", errors=len(errors), first=errors[0].message if errors else None)
-        await self._notify(moved)
         shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
         return "failed"
 
@@ -415,12 +412,6 @@ class BatchRunner:
             await self.services.objects.put_bytes(run_stats_key(batch.tenant, self.batch_id), msgspec.json.encode(summary))
         except StorageUnavailable as exc:
             self.log.warning("runner.run_stats_not_saved", error=str(exc))
-
-    async def _notify(self, batch: BatchRecord) -> None:
-        """The batch's webhook event, if its tenant has one. Delivery problems are logged, never raised."""
-        configs = webhooks.parse_webhooks(self.settings.webhook, self.settings.webhook_secret)
-        if configs:
-            await webhooks.notify(configs, batch.tenant, batch.id, batch.status)
 
     async def _record_file(self, batch: BatchRecord, file_id: str, kind: str, size: int, now: int, ttl: int) -> None:
         await self.metadata.insert_file(

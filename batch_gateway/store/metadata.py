@@ -11,6 +11,7 @@ bytes stay (the runner reads the bytes by key) until gc finds no unfinished batc
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Collection
 from typing import Any
 
@@ -106,6 +107,25 @@ class ApiKeyRecord(msgspec.Struct):
     prefix: str  # the first characters, so an operator can tell keys apart in `keys list`
     created_at: int
     revoked_at: int | None = None
+
+
+class WebhookState(enum.Enum):
+    PENDING = "pending"  # waiting for (another) delivery attempt
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    DROPPED = "dropped"  # the tenant has no webhook: nothing to send
+    FAILED = "failed"  # retried for the whole retry window without success
+
+
+class WebhookEventRecord(msgspec.Struct):
+    """A webhook event in the outbox, as a claim hands it out. The id is the event's `evt_...` id: it stays the same
+    on every attempt, so receivers can drop duplicates."""
+
+    id: str
+    batch_id: str
+    tenant: str
+    type: str  # batch.completed | batch.failed | batch.expired | batch.cancelled
+    created_at: int  # when the batch reached its terminal status
+    attempts: int  # delivery attempts started, the one this claim is for included
 
 
 class StorageStats(msgspec.Struct):
@@ -231,6 +251,21 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def release_batch(self, batch_id: str, owner: str) -> None: ...
+
+    # --- webhook outbox: a trigger on `batches` writes one event per terminal status change ---
+    @abc.abstractmethod
+    async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:
+        """Take up to `limit` pending events that are due, oldest first, counting an attempt for each. A claim is a
+        lease: the events are not due again for `lease_seconds`, so concurrent deliverers (several API replicas)
+        never take the same event, and one whose deliverer died is taken again once the lease has run out."""
+
+    @abc.abstractmethod
+    async def reschedule_webhook_event(self, event_id: str, due_at: float, error: str) -> None:
+        """A failed attempt: try again at `due_at`, keeping `error` for the operator (only while still pending)."""
+
+    @abc.abstractmethod
+    async def finish_webhook_event(self, event_id: str, state: WebhookState, now: int, error: str | None = None) -> None:
+        """The event will not be sent again: delivered, dropped or failed."""
 
     # --- API keys ---
     @abc.abstractmethod

@@ -10,19 +10,29 @@ Key layout: one bucket, everything under `<tenant>/`: `<tenant>/files/<file_id>`
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+import httpx
 import obstore
+import structlog
 from obstore.exceptions import NotFoundError
 from obstore.store import from_url
 
 from batch_gateway.errors import GatewayError, StorageUnavailable
+from batch_gateway.store import s3_uploads
 
 CHUNK = 8 * 1024 * 1024
+# obstore's local store writes "<key>#<n>" and renames it when the write completes; a killed writer leaves it behind.
+LOCAL_STAGING_FILE = re.compile(r"#\d+$")
+
+log = structlog.get_logger(__name__)
 
 
 class ObjectMissing(GatewayError):
@@ -114,6 +124,30 @@ class ObjectStore:
         for key in await self.list(prefix):
             await self.delete(key)
 
+    async def abort_stale_uploads(self, older_than: float) -> int | None:
+        """Clean up after writers killed mid-upload: abort the multipart uploads under this store's prefix (S3), or
+        delete obstore's staging files (local disk), started more than `older_than` seconds ago. Returns how many,
+        or None when this store cannot tell (S3 without static credentials)."""
+        parsed = urlparse(self.url)
+        cutoff = time.time() - older_than
+        if parsed.scheme == "file":
+            return await asyncio.to_thread(_remove_staging_files, Path(unquote(parsed.path)), cutoff)
+        if parsed.scheme not in ("s3", "s3a"):
+            return 0
+        credentials = s3_uploads.credentials_from_env()
+        if credentials is None:
+            return None
+        bucket = s3_uploads.bucket_from_env(parsed.netloc)
+        prefix = parsed.path.strip("/")
+        aborted = 0
+        async with httpx.AsyncClient() as http:
+            for upload in await s3_uploads.list_uploads(http, bucket, credentials, f"{prefix}/" if prefix else ""):
+                if upload.initiated <= cutoff:
+                    await s3_uploads.abort_upload(http, bucket, credentials, upload)
+                    log.info("objects.upload_aborted", key=upload.key, initiated=int(upload.initiated))
+                    aborted += 1
+        return aborted
+
     async def ping(self) -> None:
         """Raise StorageUnavailable if the store cannot be listed."""
         try:
@@ -136,6 +170,19 @@ def _open_store(url: str, *, fast_fail: bool = False) -> obstore.store.ObjectSto
             return from_url(url, client_options=options, retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=2)})
         return from_url(url, client_options=options or None)
     return from_url(url)
+
+
+def _remove_staging_files(root: Path, cutoff: float) -> int:
+    removed = 0
+    for path in root.rglob("*#*"):
+        try:
+            if LOCAL_STAGING_FILE.search(path.name) and path.is_file() and path.stat().st_mtime <= cutoff:
+                path.unlink()
+                log.info("objects.staging_file_removed", path=str(path.relative_to(root)))
+                removed += 1
+        except FileNotFoundError:  # finished (renamed) or removed meanwhile
+            continue
+    return removed
 
 
 async def _chunks(stream: AsyncIterator) -> AsyncIterator[bytes]:

@@ -25,7 +25,15 @@ from psycopg_pool import AsyncConnectionPool
 from batch_gateway import wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store import rows
-from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, StorageStats
+from batch_gateway.store.metadata import (
+    ApiKeyRecord,
+    BatchRecord,
+    FileRecord,
+    MetadataStore,
+    StorageStats,
+    WebhookEventRecord,
+    WebhookState,
+)
 from batch_gateway.store.migrations import latest_version, pending
 
 log = structlog.get_logger(__name__)
@@ -33,6 +41,7 @@ log = structlog.get_logger(__name__)
 _FILES = ", ".join(rows.FILE_COLUMNS)
 _BATCHES = ", ".join(rows.BATCH_COLUMNS)
 _KEYS = ", ".join(rows.KEY_COLUMNS)
+_EVENTS = ", ".join(f"e.{name}" for name in rows.WEBHOOK_EVENT_COLUMNS)
 
 # pg_advisory_xact_lock key serialising migrations across processes ("bgmigr").
 MIGRATION_LOCK = 0x62676D696772
@@ -373,6 +382,32 @@ class PostgresStore(MetadataStore):
         await self._execute(
             "UPDATE batches SET runner_owner = NULL, lease_until = NULL WHERE id = %s AND runner_owner = %s",
             (batch_id, owner),
+        )
+
+    # --- webhook outbox --------------------------------------------------------------------
+
+    async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:
+        # SKIP LOCKED: a deliverer claiming at the same moment takes other rows instead of waiting for these.
+        found = await self._rows(
+            "WITH due AS (SELECT seq FROM webhook_events WHERE state = %s AND due_at <= %s "
+            "ORDER BY due_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "UPDATE webhook_events e SET due_at = %s, attempts = e.attempts + 1 FROM due WHERE e.seq = due.seq "
+            f"RETURNING {_EVENTS}, e.seq",
+            (WebhookState.PENDING.value, now, limit, now + lease_seconds),
+        )
+        return [rows.webhook_event_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
+
+    async def reschedule_webhook_event(self, event_id: str, due_at: float, error: str) -> None:
+        await self._execute(
+            "UPDATE webhook_events SET due_at = %s, last_error = %s WHERE id = %s AND state = %s",
+            (due_at, error, event_id, WebhookState.PENDING.value),
+        )
+
+    async def finish_webhook_event(self, event_id: str, state: WebhookState, now: int, error: str | None = None) -> None:
+        await self._execute(
+            "UPDATE webhook_events SET state = %s, finished_at = %s, last_error = COALESCE(%s, last_error) "
+            "WHERE id = %s AND state = %s",
+            (state.value, now, error, event_id, WebhookState.PENDING.value),
         )
 
     # --- keys --------------------------------------------------------------------------------

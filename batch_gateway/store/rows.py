@@ -12,11 +12,12 @@ from typing import Any
 import msgspec
 
 from batch_gateway import wire
-from batch_gateway.store.metadata import TRANSITION_FIELDS, ApiKeyRecord, BatchRecord, FileRecord
+from batch_gateway.store.metadata import TRANSITION_FIELDS, ApiKeyRecord, BatchRecord, FileRecord, WebhookEventRecord
 
 FILE_COLUMNS: tuple[str, ...] = tuple(FileRecord.__struct_fields__)
 BATCH_COLUMNS: tuple[str, ...] = tuple(BatchRecord.__struct_fields__)
 KEY_COLUMNS: tuple[str, ...] = tuple(ApiKeyRecord.__struct_fields__)
+WEBHOOK_EVENT_COLUMNS: tuple[str, ...] = tuple(WebhookEventRecord.__struct_fields__)
 
 # Columns holding JSON, with the type each decodes to.
 BATCH_JSON_TYPES: dict[str, Any] = {
@@ -44,6 +45,10 @@ def file_from_row(row: Mapping[str, Any]) -> FileRecord:
 
 def key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:
     return ApiKeyRecord(**{name: row[name] for name in KEY_COLUMNS})
+
+
+def webhook_event_from_row(row: Mapping[str, Any]) -> WebhookEventRecord:
+    return WebhookEventRecord(**{name: row[name] for name in WEBHOOK_EVENT_COLUMNS})
 
 
 def batch_from_row(row: Mapping[str, Any]) -> BatchRecord:

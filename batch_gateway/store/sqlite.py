@@ -22,7 +22,15 @@ import structlog
 from batch_gateway import wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store import rows
-from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, StorageStats
+from batch_gateway.store.metadata import (
+    ApiKeyRecord,
+    BatchRecord,
+    FileRecord,
+    MetadataStore,
+    StorageStats,
+    WebhookEventRecord,
+    WebhookState,
+)
 from batch_gateway.store.migrations import latest_version, pending
 
 T = TypeVar("T")
@@ -31,6 +39,7 @@ log = structlog.get_logger(__name__)
 _FILES = ", ".join(rows.FILE_COLUMNS)
 _BATCHES = ", ".join(rows.BATCH_COLUMNS)
 _KEYS = ", ".join(rows.KEY_COLUMNS)
+_EVENTS = ", ".join(rows.WEBHOOK_EVENT_COLUMNS)
 
 # Primary result codes that mean "the database cannot serve right now", as opposed to a bug in a query.
 _UNAVAILABLE_CODES = {
@@ -386,6 +395,40 @@ class SqliteStore(MetadataStore):
         await self._execute(
             "UPDATE batches SET runner_owner = NULL, lease_until = NULL WHERE id = ? AND runner_owner = ?",
             (batch_id, owner),
+        )
+
+    # --- webhook outbox --------------------------------------------------------------------
+
+    async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:
+        pending = WebhookState.PENDING.value
+
+        def work(c: sqlite3.Connection) -> list[sqlite3.Row]:
+            # Polled every second: look before taking the write lock, which an UPDATE takes even to change nothing.
+            due = c.execute("SELECT 1 FROM webhook_events WHERE state = ? AND due_at <= ? LIMIT 1", (pending, now))
+            if due.fetchone() is None:
+                return []
+            # One statement, and SQLite has one writer at a time: two processes cannot claim the same row.
+            return c.execute(
+                "UPDATE webhook_events SET due_at = ?, attempts = attempts + 1 WHERE seq IN (SELECT seq FROM "
+                "webhook_events WHERE state = ? AND due_at <= ? ORDER BY due_at, seq LIMIT ?) "
+                f"RETURNING {_EVENTS}, seq",
+                (now + lease_seconds, pending, now, limit),
+            ).fetchall()
+
+        found = await self._run(work)
+        return [rows.webhook_event_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
+
+    async def reschedule_webhook_event(self, event_id: str, due_at: float, error: str) -> None:
+        await self._execute(
+            "UPDATE webhook_events SET due_at = ?, last_error = ? WHERE id = ? AND state = ?",
+            (due_at, error, event_id, WebhookState.PENDING.value),
+        )
+
+    async def finish_webhook_event(self, event_id: str, state: WebhookState, now: int, error: str | None = None) -> None:
+        await self._execute(
+            "UPDATE webhook_events SET state = ?, finished_at = ?, last_error = COALESCE(?, last_error) "
+            "WHERE id = ? AND state = ?",
+            (state.value, now, error, event_id, WebhookState.PENDING.value),
         )
 
     # --- keys --------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""The gc pass: orphaned and overdue batches go back to the executor, expired files are deleted (object, then row)."""
+"""The gc pass: orphaned and overdue batches go back to the executor, expired files are deleted (object, then row),
+stale multipart uploads are aborted."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from batch_gateway import ids
 from batch_gateway.executor.base import Executor, RunState
@@ -9,6 +12,7 @@ from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, file_key
+from tests.fixtures.s3 import S3Server, s3  # noqa: F401  (s3 is a session fixture)
 
 
 class RecordingExecutor(Executor):
@@ -104,3 +108,23 @@ async def test_an_unfinished_batch_keeps_its_deleted_or_expired_input_until_it_e
         assert await metadata.deletable_hidden_files(10) == []
     finally:
         await services.close()
+
+
+async def test_gc_pass_aborts_stale_multipart_uploads_on_s3(tmp_path, s3: S3Server, monkeypatch):  # noqa: F811
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = s3.create_bucket()
+    client = s3.client()
+    # What a runner SIGKILLed while writing its output file leaves behind: an upload with a part, never completed.
+    upload = client.create_multipart_upload(Bucket=bucket, Key="objects/t/files/file-batch_x_output")
+    client.upload_part(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    settings = Settings(data_dir=str(tmp_path), object_store=s3.url(bucket, prefix="objects"))
+    executor = RecordingExecutor(running=set(), broken=set())
+
+    for stale_after, aborted, left in ((settings.gc_stale_upload_age, 0, [upload["Key"]]), (0, 1, [])):
+        services = await Services.open(dataclasses.replace(settings, gc_stale_upload_age=stale_after))
+        try:
+            assert (await collect(services, executor)).uploads_aborted == aborted
+        finally:
+            await services.close()
+        assert s3.pending_uploads(bucket) == left

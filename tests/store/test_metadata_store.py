@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from batch_gateway import ids, wire
-from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore
+from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, WebhookState
 
 _clock = itertools.count(1_000)
 
@@ -382,6 +382,62 @@ async def test_lease_claim_renew_release(store: MetadataStore):
     assert not await store.claim_batch("batch_missing", "runner-c", now=153, lease_seconds=30)
     # The lease is bookkeeping, not part of the record.
     assert await store.get_batch(batch.id, None) == batch
+
+
+# --- webhook outbox ------------------------------------------------------------------------------
+
+
+async def test_a_terminal_status_change_writes_one_webhook_event(store: MetadataStore):
+    ran, failed, cancelled, expired = await insert_batches(store, 4)
+    await store.transition(ran.id, ["validating"], "in_progress", 10)
+    await store.transition(ran.id, ["in_progress"], "finalizing", 11)
+    assert await store.claim_webhook_events(now=100, lease_seconds=30, limit=10) == []  # not terminal yet
+    await store.transition(ran.id, ["finalizing"], "completed", 12)
+    await store.transition(failed.id, ["validating"], "failed", 13)
+    await store.transition(cancelled.id, ["validating"], "cancelling", 14)
+    await store.transition(cancelled.id, ["cancelling"], "cancelled", 15)
+    await store.transition(expired.id, ["validating"], "expired", 16)
+    # A compare-and-set that does not match, or a status set again, writes nothing more.
+    assert await store.transition(ran.id, ["finalizing"], "completed", 17) is None
+    await store.transition(failed.id, ["failed"], "failed", 18)
+
+    events = await store.claim_webhook_events(now=100, lease_seconds=30, limit=10)
+    assert [(e.batch_id, e.tenant, e.type, e.created_at, e.attempts) for e in events] == [
+        (ran.id, "acme", "batch.completed", 12, 1),
+        (failed.id, "acme", "batch.failed", 13, 1),
+        (cancelled.id, "acme", "batch.cancelled", 15, 1),
+        (expired.id, "acme", "batch.expired", 16, 1),
+    ]
+    ids_ = [e.id for e in events]
+    assert all(i.startswith("evt_") and len(i) == 36 for i in ids_) and len(set(ids_)) == 4
+
+
+async def test_claimed_webhook_events_are_leased_until_rescheduled_or_finished(store: MetadataStore):
+    batches = await insert_batches(store, 3)
+    for n, batch in enumerate(batches):
+        await store.transition(batch.id, ["validating"], "failed", 20 + n)
+
+    first, second = await store.claim_webhook_events(now=100, lease_seconds=30, limit=2)
+    assert [first.batch_id, second.batch_id] == [batches[0].id, batches[1].id]
+    (third,) = await store.claim_webhook_events(now=101, lease_seconds=30, limit=10)  # the others are leased
+    assert third.batch_id == batches[2].id
+    assert await store.claim_webhook_events(now=129, lease_seconds=30, limit=10) == []
+
+    await store.finish_webhook_event(first.id, WebhookState.DELIVERED, now=102)
+    await store.reschedule_webhook_event(second.id, due_at=110.5, error="HTTP 503")
+    await store.finish_webhook_event(third.id, WebhookState.DROPPED, now=103)
+    assert await store.claim_webhook_events(now=110.4, lease_seconds=30, limit=10) == []
+    (again,) = await store.claim_webhook_events(now=110.5, lease_seconds=30, limit=10)
+    assert (again.id, again.attempts) == (second.id, 2)  # the same event id on every attempt
+
+    # A deliverer that died mid-attempt: the event is due again when its lease runs out.
+    (taken_over,) = await store.claim_webhook_events(now=140.5, lease_seconds=30, limit=10)
+    assert (taken_over.id, taken_over.attempts) == (second.id, 3)
+    await store.finish_webhook_event(second.id, WebhookState.FAILED, now=141, error="gave up")
+    # A finished event stays finished: a late reschedule (a slow deliverer whose lease ran out) does not revive it.
+    await store.reschedule_webhook_event(second.id, due_at=0, error="late")
+    await store.finish_webhook_event(first.id, WebhookState.FAILED, now=142)
+    assert await store.claim_webhook_events(now=10_000, lease_seconds=30, limit=10) == []
 
 
 # --- API keys ------------------------------------------------------------------------------------

@@ -96,6 +96,10 @@ async def test_upgrade_from_the_previous_version_keeps_rows_and_they_work(metada
         page, has_more = await store.list_batches("acme", after=None, limit=1)
         assert [b.id for b in page] == [newer.id] and has_more
         assert [b.id for b in (await store.list_batches("acme", after=newer.id, limit=5))[0]] == ["batch_v1"]
+        # ... and an old batch reaching a terminal status gets its webhook event.
+        await store.transition("batch_v1", ["in_progress"], "expired", 300)
+        [event] = await store.claim_webhook_events(now=400, lease_seconds=30, limit=5)
+        assert (event.batch_id, event.type, event.created_at) == ("batch_v1", "batch.expired", 300)
     finally:
         await store.close()
 

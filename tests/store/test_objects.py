@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -142,3 +145,63 @@ async def test_ping_missing_bucket_fails(s3: S3Server, monkeypatch):  # noqa: F8
         monkeypatch.setenv(name, value)
     with pytest.raises(StorageUnavailable):
         await ObjectStore("s3://bucket-that-does-not-exist/prefix").ping()
+
+
+# A writer SIGKILLed in the middle of a streamed upload (the API storing a large file, a runner writing its output).
+_KILLED_WRITER = """
+import asyncio, sys
+from batch_gateway.store.objects import ObjectStore
+
+async def upload():
+    for _ in range(20):
+        yield bytes(1024 * 1024)
+    await asyncio.sleep(3600)  # killed here, with parts sent and the upload unfinished
+
+asyncio.run(ObjectStore(sys.argv[1]).put_stream(sys.argv[2], upload()))
+"""
+
+
+async def kill_a_writer_mid_upload(backend: Backend, key: str) -> None:
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, backend.store.url, key], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 20
+        while not backend.pending_uploads():
+            assert writer.poll() is None, "the writer died by itself"
+            assert time.monotonic() < deadline, "the writer started no upload"
+            await asyncio.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+async def test_uploads_left_by_a_killed_writer_are_aborted_once_stale(backend: Backend):
+    await backend.store.put_bytes("t1/files/done", b"finished before")
+    await kill_a_writer_mid_upload(backend, "t1/files/big")
+    left = backend.pending_uploads()
+    assert len(left) == 1 and "t1/files/big" in left[0]
+
+    assert await backend.store.abort_stale_uploads(older_than=24 * 3600) == 0  # may still be in progress: kept
+    assert backend.pending_uploads() == left
+    assert await backend.store.abort_stale_uploads(older_than=0) == 1
+    assert backend.pending_uploads() == []
+    assert await backend.store.get_bytes("t1/files/done") == b"finished before"
+    assert await backend.store.list("t1") == ["t1/files/done"]
+
+
+async def test_stale_upload_cleanup_stays_under_the_store_prefix(s3: S3Server, monkeypatch):  # noqa: F811
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = s3.create_bucket()
+    client = s3.client()
+    for key in ("gw/t1/files/mine", "gw2/t1/files/a-neighbours", "other/x"):
+        client.create_multipart_upload(Bucket=bucket, Key=key)
+    assert await ObjectStore(s3.url(bucket, prefix="gw")).abort_stale_uploads(older_than=0) == 1
+    assert s3.pending_uploads(bucket) == ["gw2/t1/files/a-neighbours", "other/x"]
+
+
+async def test_stale_upload_cleanup_needs_static_s3_credentials(s3: S3Server, monkeypatch):  # noqa: F811
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    store = ObjectStore(s3.url())
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")  # as with an IAM role: no keys in the environment
+    assert await store.abort_stale_uploads(older_than=0) is None

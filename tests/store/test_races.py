@@ -118,3 +118,20 @@ async def test_concurrent_retries_claim_a_fold_exactly_once(open_store: OpenStor
         winners = [batch_id for batch_id, holder in zip(mine, holders) if holder == batch_id]
         assert len(winners) == 1, f"round {round_}: {len(winners)} retries claimed the fold"
         assert set(holders) == set(winners)  # every other retry folds into the winner
+
+
+async def test_concurrent_webhook_claims_never_hand_out_an_event_twice(open_store: OpenStore):
+    contenders = await stores(open_store)
+    batches = [(await contenders[0].insert_batch(batch_record()))[0] for _ in range(40)]
+    for batch in batches:
+        await contenders[0].transition(batch.id, ["validating"], "completed", 10)
+    claimed: list[str] = []
+    for round_ in range(ROUNDS):
+        now = 100 + round_ * 1000  # every round after the previous leases have run out
+        results = await asyncio.gather(
+            *(contenders[i % STORES].claim_webhook_events(now=now, lease_seconds=30, limit=3) for i in range(8))
+        )
+        this_round = [event.id for events in results for event in events]
+        assert len(this_round) == len(set(this_round)) == 24
+        claimed += this_round
+    assert len(set(claimed)) == 40

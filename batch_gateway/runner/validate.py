@@ -31,7 +31,7 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
     """Check one JSONL line against the batch's endpoint; return the parsed request or its errors."""
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested deeper than any real request
         return [_err("invalid_json_line", "This line is not parseable as valid JSON.", None, line_no)]
     if not isinstance(obj, dict):
         return [_err("invalid_json_line", "This line is not a JSON object.", None, line_no)]

@@ -203,6 +203,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def release_batch(self, batch_id: str, owner: str) -> None: ...
 
+    @abc.abstractmethod
+    async def leased_batches(self, now: int) -> set[str]:
+        """Ids of unfinished batches a runner holds an unexpired lease on: a live runner owns them."""
+
     # --- API keys ---
     @abc.abstractmethod
     async def insert_key(self, record: ApiKeyRecord) -> None: ...

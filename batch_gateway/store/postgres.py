@@ -330,6 +330,14 @@ class PostgresStore(MetadataStore):
             (batch_id, owner),
         )
 
+    async def leased_batches(self, now: int) -> set[str]:
+        active = rows.ACTIVE_STATUSES
+        found = await self._rows(
+            "SELECT id FROM batches WHERE status = ANY(%s) AND runner_owner IS NOT NULL AND lease_until >= %s",
+            (list(active), now),
+        )
+        return {row["id"] for row in found}
+
     # --- keys --------------------------------------------------------------------------------
 
     async def insert_key(self, record: ApiKeyRecord) -> None:

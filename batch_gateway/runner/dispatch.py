@@ -42,6 +42,7 @@ BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 METRICS_INTERVAL = 1.0
 METRICS_RETRY_INTERVAL = 10.0
+BACKLOG_POLL_SECONDS = 0.2
 
 
 class _Envelope(msgspec.Struct):
@@ -110,6 +111,7 @@ class Dispatcher:
         max_attempts: int,
         request_timeout: float,
         log: structlog.typing.FilteringBoundLogger,
+        backlogged: Callable[[], bool] = lambda: False,
     ) -> None:
         self.batch_id = batch_id
         self.path = path
@@ -122,6 +124,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.request_timeout = request_timeout
         self.log = log
+        self.backlogged = backlogged  # True while too many results are not durable yet: send nothing new
         self.stopped = False
         self._wake = asyncio.Event()
         self._circuits_changed = asyncio.Event()  # replaced on every change: waiters hold the one they checked
@@ -165,6 +168,9 @@ class Dispatcher:
 
     async def _feed(self, index: int, endpoint: Endpoint) -> None:
         while not self.stopped:
+            if self.backlogged():  # the object store is down: results pile up in memory, so wait for it
+                await asyncio.sleep(BACKLOG_POLL_SECONDS)
+                continue
             probe = await self._until_admitted(endpoint)
             if probe is None:
                 return

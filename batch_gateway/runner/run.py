@@ -43,8 +43,10 @@ from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, r
 
 T = TypeVar("T")
 
-WATCH_INTERVAL = 0.2  # how often the cancel signal is checked; the database is checked every second
+WATCH_INTERVAL = 0.2  # how often the cancel signal and expiry are checked (the database: see _watch)
 OUTPUT_TTL_DEFAULT = 30 * 86400
+# Results not yet checkpointed (the object store is down) stay in memory; past this, dispatch waits for the store.
+MAX_UNSAVED_BYTES = 64 * 1024 * 1024
 
 _STOP_REASON_CODES = {
     "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
@@ -312,6 +314,7 @@ class BatchRunner:
                 max_attempts=settings.max_attempts,
                 request_timeout=settings.request_timeout,
                 log=self.log,
+                backlogged=lambda: checkpoints.pending_bytes > MAX_UNSAVED_BYTES,
             )
             self._dispatcher = dispatcher
             dispatch_started = time.monotonic()

@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     runner = sub.add_parser("runner", help="Run (or resume) one batch to a terminal status, then exit.")
     runner.add_argument("--batch-id", required=True)
+    runner.add_argument(
+        "--give-up",
+        metavar="REASON",
+        help="Do not run the batch: end it failed with REASON, publishing the results its runners left in checkpoints "
+        "(what an executor does after repeated crashes).",
+    )
     settings_mod.add_arguments(runner)
 
     reconcile = sub.add_parser(
@@ -109,7 +115,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
 async def _runner(settings: Settings, args: argparse.Namespace) -> int:
     from batch_gateway.runner.process import run_batch
 
-    return await run_batch(settings, args.batch_id)
+    return await run_batch(settings, args.batch_id, give_up=args.give_up)
 
 
 async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:

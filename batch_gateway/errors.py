@@ -60,5 +60,9 @@ class StorageUnavailable(GatewayError):
     """The metadata store or object store cannot be reached right now; retrying later may work."""
 
 
+class DiskFull(StorageUnavailable):
+    """A local disk (a runner's work directory) is full; freeing space there lets the work go on."""
+
+
 class IllegalTransition(GatewayError):
     """A compare-and-set status change found the batch in another status."""

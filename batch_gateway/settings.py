@@ -90,6 +90,12 @@ class Settings:
     # --- runner ---
     executor: str = setting("local", "How batches run: local (a subprocess per batch) or argo (a Workflow per batch).", group="runner")
     max_concurrent_runners: int = setting(4, "Most batches running at once with the local executor; the rest wait.", group="runner")
+    runner_max_crashes: int = setting(
+        5,
+        "Local executor: crashes in a row, without progress in between, after which a batch is given up (it ends "
+        "failed, with every finished result published).",
+        group="runner",
+    )
     initial_concurrency: int = setting(8, "In-flight requests per upstream endpoint when a runner starts.", group="runner")
     max_concurrency: int = setting(256, "Upper bound of in-flight requests per upstream endpoint.", group="runner")
     fixed_concurrency: int = setting(0, "Pin in-flight requests per endpoint (turns the adaptive controller off); 0 = adaptive.", group="runner")
@@ -111,6 +117,12 @@ class Settings:
     )
     runner_lease_seconds: int = setting(
         30, "Seconds a runner's claim on a batch lasts without renewal; a crashed runner's batch is taken over after it.",
+        group="runner",
+    )
+    storage_retry_seconds: float = setting(
+        1800.0,
+        "Seconds a runner keeps retrying an unavailable database, object store or full work disk before it exits to "
+        "be restarted later; its results stay in checkpoints either way.",
         group="runner",
     )
     cancel_grace: float = setting(

@@ -1,8 +1,13 @@
 """The embedded executor: one runner subprocess per batch on this machine, at most N at a time.
 
-A runner that crashes is started again (it resumes from its checkpoints) a few times with backoff; after that the
-batch is failed with a clear error rather than left stuck. On start-up `serve` resubmits every batch a crash left
-unfinished.
+Each runner is tied to this process (it gets SIGTERM when `serve` dies, checkpoints and exits; see
+`runner/process.py`), so a `serve` killed with SIGKILL leaves no orphan holding a batch, and on start-up `serve`
+resubmits every unfinished batch. What a runner's exit code means (`runner/exits.py`):
+- a crash is restarted with backoff; after `--runner-max-crashes` crashes in a row without progress in between, the
+  batch is given up: a last runner ends it `failed` with every finished result published (never while a live runner
+  holds its lease);
+- "another runner holds the lease" and "retry later" (storage down, a signal) are not crashes: the periodic
+  reconcile pass starts a runner again when the batch needs one.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from collections import deque
 import structlog
 
 from batch_gateway import ids, wire
+from batch_gateway.errors import StorageUnavailable
 from batch_gateway.executor.base import Executor, RunState
+from batch_gateway.runner.exits import EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, PARENT_ENV
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import MetadataStore
 
-MAX_RESTARTS = 5
 STOP_GRACE = 10.0
 
 log = structlog.get_logger("executor.local")
@@ -33,7 +39,8 @@ class LocalExecutor(Executor):
         self._queue: deque[str] = deque()
         self._urgent: set[str] = set()  # cancelled while queued: run now so it finalises promptly
         self._running: dict[str, asyncio.subprocess.Process] = {}
-        self._attempts: dict[str, int] = {}
+        self._crashes: dict[str, tuple[int, int]] = {}  # batch id -> (crashes in a row, lines done at the last)
+        self._giving_up: dict[str, str] = {}  # batch id -> reason, for the runner that ends it failed
         self._finished: set[str] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -96,13 +103,22 @@ class LocalExecutor(Executor):
             await self._wake.wait()
 
     async def _spawn(self, batch_id: str) -> None:
-        self._attempts[batch_id] = self._attempts.get(batch_id, 0) + 1
-        env = {**os.environ, **self.settings.to_env()}
+        env = {**os.environ, **self.settings.to_env(), PARENT_ENV: str(os.getpid())}
+        command = [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id]
+        reason = self._giving_up.get(batch_id)
+        if reason is not None:
+            command += ["--give-up", reason]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id, env=env, stdin=asyncio.subprocess.DEVNULL
+            *command,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for `serve` reaches the runners through `serve` alone
         )
         self._running[batch_id] = process
-        log.info("executor.runner_started", batch_id=batch_id, pid=process.pid, attempt=self._attempts[batch_id])
+        log.info(
+            "executor.runner_started", batch_id=batch_id, pid=process.pid, crashes=self._crashes.get(batch_id, (0, 0))[0],
+            giving_up=reason is not None,
+        )
         watcher = asyncio.create_task(self._watch(batch_id, process))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
@@ -111,36 +127,56 @@ class LocalExecutor(Executor):
         code = await process.wait()
         self._running.pop(batch_id, None)
         self._wake.set()
-        if code == 0:
-            self._finished.add(batch_id)
-            self._attempts.pop(batch_id, None)
-            log.info("executor.runner_exited", batch_id=batch_id)
-            return
-        if code < 0 and self._loop_task is not None and self._loop_task.done():
+        if self._loop_task is not None and self._loop_task.done():
             return  # we are shutting down and stopped it ourselves
-        attempts = self._attempts.get(batch_id, 0)
-        batch = await self.metadata.get_batch(batch_id, None)
+        giving_up = self._giving_up.pop(batch_id, None)
+        crashed = code not in (EXIT_OK, EXIT_LEASE_HELD, EXIT_RETRY_LATER)  # an error, or killed by a signal
+        if not crashed or giving_up is not None:
+            self._finished.add(batch_id)
+            if code == EXIT_OK:
+                self._crashes.pop(batch_id, None)
+            log.info("executor.runner_exited", batch_id=batch_id, exit_code=code)
+            if crashed:  # even the runner giving up crashed: fail the batch without its files
+                await self._fail_without_files(batch_id)
+            return
+        try:
+            batch = await self.metadata.get_batch(batch_id, None)
+        except StorageUnavailable as exc:
+            self._finished.add(batch_id)  # the next reconcile pass starts it again once the database is back
+            log.warning("executor.runner_crashed", batch_id=batch_id, error=str(exc))
+            return
         if batch is None or batch.terminal:
             self._finished.add(batch_id)
             return
-        if attempts >= MAX_RESTARTS:
-            log.error("executor.runner_gave_up", batch_id=batch_id, exit_code=code, attempts=attempts)
-            await self.metadata.transition(
-                batch_id,
-                list(wire.ACTIVE_STATUSES),
-                "failed",
-                ids.now(),
-                errors=[
-                    wire.BatchError(
-                        code="runner_failed",
-                        message=f"The batch runner crashed {attempts} times (last exit code {code}); see the server "
-                        "logs for this batch id. Completed results were kept in checkpoints.",
-                    )
-                ],
+        # A runner that made progress since its last crash starts counting again: only crashing in place gives up.
+        progress = batch.request_counts.completed + batch.request_counts.failed
+        crashes, progress_then = self._crashes.get(batch_id, (0, -1))
+        crashes = crashes + 1 if progress <= progress_then else 1
+        self._crashes[batch_id] = (crashes, progress)
+        give_up = crashes >= self.settings.runner_max_crashes
+        if give_up:
+            log.error("executor.runner_gave_up", batch_id=batch_id, crashes=crashes)
+            self._giving_up[batch_id] = (
+                f"The batch runner crashed {crashes} times in a row; see the server logs for this batch id. Every "
+                "result it finished is in the output and error files."
             )
-            self._finished.add(batch_id)
-            return
-        delay = min(30.0, 2.0**attempts)
-        log.warning("executor.runner_crashed", batch_id=batch_id, exit_code=code, retry_in=delay)
+        delay = 0.0 if give_up else min(30.0, 2.0**crashes)
+        log.warning("executor.runner_crashed", batch_id=batch_id, crashes=crashes, retry_in=delay)
         await asyncio.sleep(delay)
         await self.submit(batch_id, tenant=batch.tenant)
+
+    async def _fail_without_files(self, batch_id: str) -> None:
+        log.error("executor.give_up_crashed", batch_id=batch_id)
+        await self.metadata.transition(
+            batch_id,
+            list(wire.ACTIVE_STATUSES),
+            "failed",
+            ids.now(),
+            errors=[
+                wire.BatchError(
+                    code="runner_failed",
+                    message="The batch runner crashed repeatedly and its results could not be published; see the "
+                    "server logs for this batch id.",
+                )
+            ],
+        )

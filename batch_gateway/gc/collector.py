@@ -2,8 +2,9 @@
 
 `batch-gateway gc` runs one pass and exits (the CronWorkflow); `serve` runs the same pass periodically in local mode.
 A pass:
-1. hands every unfinished batch that no runner is working on back to the executor. That covers batches whose runner
-   vanished (crash, deleted Workflow, failed submission) and overdue batches: a runner started for an overdue batch
+1. hands every unfinished batch that no runner is working on (none the executor knows of, and no live lease) back to
+   the executor. That covers batches whose runner vanished (crash, deleted Workflow, failed submission), runners that
+   exited to retry later (storage down), and overdue batches: a runner started for an overdue batch
    ends it `expired`, keeping partial results and writing `batch_expired` lines for the rest;
 2. hides expired files (gone for their owner from then on), then deletes hidden files (expired, or deleted through
    the API) that no unfinished batch reads as its input: object first and then the row, so a crash in between leaves
@@ -43,13 +44,14 @@ class GcReport:
 
 async def reconcile(services: Services, executor: Executor, report: GcReport) -> None:
     now = ids.now()
+    leased = await services.metadata.leased_batches(now)
     for batch in await services.metadata.batches_with_status(wire.ACTIVE_STATUSES):
         overdue = batch.expires_at <= now
         report.overdue += overdue
         try:
             state = await executor.state(batch.id)
-            if state == RunState.RUNNING:
-                continue  # its runner handles cancel and expiry itself
+            if state == RunState.RUNNING or batch.id in leased:
+                continue  # its runner (perhaps one a previous `serve` started) handles cancel and expiry itself
             log.info("gc.resubmit", batch_id=batch.id, status=batch.status, run_state=state.value, overdue=overdue)
             await executor.submit(batch.id, tenant=batch.tenant, model=batch.model)
         except Exception:

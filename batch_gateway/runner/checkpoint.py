@@ -79,6 +79,10 @@ class Checkpoints:
         """Results not yet durable."""
         return self._buffered
 
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buffer)
+
     async def flush(self) -> None:
         if not self._buffered:
             return

@@ -1,9 +1,15 @@
 """Dispatch: send planned requests to the upstream endpoints, each behind its own adaptive concurrency limit.
 
 Per endpoint, a loop takes a slot from the endpoint's limiter, asks the scheduler for the next line (prefix groups
-stick to one endpoint), and sends that line's original bytes. Transient failures (429, 5xx, timeouts, resets) are
-retried with jittered backoff that honours Retry-After, within a per-batch retry budget; the slot is released before
-backing off, never held while sleeping.
+stick to one endpoint), and sends that line's original bytes. What happens next depends on the answer
+(`upstream.Outcome`):
+- a 2xx, or a 4xx that says the request itself is bad: the line's result;
+- "not now" (no connection, a reset, 429, 502-504): the endpoint's circuit opens (`circuit.py`) and the line waits,
+  without using up its attempts, until that endpoint or another one answers again. Such a line fails only if the
+  batch ends first (cancel, expiry);
+- a 500, 408, 409 or a timeout: retried with jittered backoff, at most `max_attempts` times and within a per-batch
+  retry budget, then reported with the upstream's answer.
+A slot is never held while backing off or waiting for a circuit.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import structlog
 from batch_gateway import ids, wire
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT
+from batch_gateway.runner.circuit import Circuit
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.ingest import Ingested, read_request
-from batch_gateway.runner.limiter import AdaptiveLimiter
+from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
-from batch_gateway.runner.upstream import Exchange, TokenUsage, UpstreamClient, usage_of
+from batch_gateway.runner.upstream import Exchange, Outcome, TokenUsage, UpstreamClient, usage_of
 
 # Called with (line, kind, usage, encoded result line) once a line has its final result.
 ResultSink = Callable[[int, int, TokenUsage | None, bytes], None]
@@ -34,6 +41,8 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 METRICS_INTERVAL = 1.0
+METRICS_RETRY_INTERVAL = 10.0
+BACKLOG_POLL_SECONDS = 0.2
 
 
 class _Envelope(msgspec.Struct):
@@ -61,10 +70,13 @@ class RetryBudget:
 class Endpoint:
     url: str
     controller: ConcurrencyController
+    name: str = ""  # what tenants may see (run stats, error lines): never the address
     limiter: AdaptiveLimiter = field(init=False)
+    circuit: Circuit = field(default_factory=Circuit)
 
     def __post_init__(self) -> None:
         self.limiter = AdaptiveLimiter(self.controller)
+        self.name = self.name or self.url
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
@@ -99,6 +111,7 @@ class Dispatcher:
         max_attempts: int,
         request_timeout: float,
         log: structlog.typing.FilteringBoundLogger,
+        backlogged: Callable[[], bool] = lambda: False,
     ) -> None:
         self.batch_id = batch_id
         self.path = path
@@ -111,10 +124,13 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.request_timeout = request_timeout
         self.log = log
+        self.backlogged = backlogged  # True while too many results are not durable yet: send nothing new
         self.stopped = False
         self._wake = asyncio.Event()
+        self._circuits_changed = asyncio.Event()  # replaced on every change: waiters hold the one they checked
         self._tasks: set[asyncio.Task] = set()
         self._fd = -1
+        self._sends = 0
         self.retries = 0
 
     async def run(self) -> None:
@@ -133,6 +149,7 @@ class Dispatcher:
         """Send nothing more. In-flight requests finish or are cut by `abort`."""
         self.stopped = True
         self._wake.set()
+        self._circuit_changed()
 
     async def abort(self, grace: float) -> None:
         """After `stop()`: give in-flight requests `grace` seconds to finish, then cancel them (those lines get no
@@ -151,47 +168,110 @@ class Dispatcher:
 
     async def _feed(self, index: int, endpoint: Endpoint) -> None:
         while not self.stopped:
+            if self.backlogged():  # the object store is down: results pile up in memory, so wait for it
+                await asyncio.sleep(BACKLOG_POLL_SECONDS)
+                continue
+            probe = await self._until_admitted(endpoint)
+            if probe is None:
+                return
             permit = await endpoint.limiter.acquire()
             line = self.scheduler.next_ready(index)
-            if line is None:
+            if line is None or self.stopped:
                 permit.release()
-                if self.scheduler.done:
+                if probe:
+                    endpoint.circuit.abandon_probe(time.monotonic())
+                if line is not None or self.scheduler.done:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.stopped:
-                permit.release()
-                return
-            task = asyncio.create_task(self._request(endpoint, permit, line))
+            task = asyncio.create_task(self._request(endpoint, permit, line, probe))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _request(self, endpoint: Endpoint, permit, line: int) -> None:
+    async def _until_admitted(self, endpoint: Endpoint) -> bool | None:
+        """Wait until `endpoint` may be sent to: False when its circuit is closed, True when this send is the probe
+        of an open circuit, None if dispatch stopped meanwhile."""
+        while not self.stopped:
+            changed = self._circuits_changed
+            now = time.monotonic()
+            if endpoint.circuit.closed:
+                return False
+            if endpoint.circuit.try_probe(now):
+                return True
+            await self._wait_for_circuits(changed, endpoint.circuit.seconds_to_probe(now))
+        return None
+
+    async def _admission(self, preferred: Endpoint) -> tuple[Endpoint, bool] | None:
+        """Where a line that met "not now" goes next: its endpoint once closed, any other closed one meanwhile, or
+        its endpoint's probe. None if dispatch stopped meanwhile."""
+        while not self.stopped:
+            changed = self._circuits_changed
+            now = time.monotonic()
+            for endpoint in (preferred, *self.endpoints):
+                if endpoint.circuit.closed:
+                    return endpoint, False
+            if preferred.circuit.try_probe(now):
+                return preferred, True
+            await self._wait_for_circuits(changed, preferred.circuit.seconds_to_probe(now))
+        return None
+
+    async def _wait_for_circuits(self, changed: asyncio.Event, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _circuit_changed(self) -> None:
+        self._circuits_changed.set()
+        self._circuits_changed = asyncio.Event()
+
+    async def _request(self, endpoint: Endpoint, permit: Permit | None, line: int, probe: bool) -> None:
         raw = read_request(self.ingested, self._fd, line)
         envelope = _envelope_decoder.decode(raw)
         body = bytes(envelope.body)
         attempt = 1
         try:
             while True:
+                if permit is None:
+                    admitted = await self._admission(endpoint)
+                    if admitted is None:
+                        return  # stopped: the line gets no result here (cancelled, expired or resumed later)
+                    endpoint, probe = admitted
+                    permit = await endpoint.limiter.acquire()
+                    if self.stopped:
+                        if probe:
+                            endpoint.circuit.abandon_probe(time.monotonic())
+                        return
+                self._sends += 1
+                send = self._sends
                 epoch = endpoint.controller.on_send(time.monotonic())
                 runner_metrics.INFLIGHT.inc()
                 try:
                     exchange = await self.client.post(endpoint.url, self.path, body, self.request_timeout)
+                except BaseException:
+                    if probe:
+                        endpoint.circuit.abandon_probe(time.monotonic())
+                    raise
                 finally:
                     runner_metrics.INFLIGHT.dec()
                 permit.release()
                 permit = None
-                usage = usage_of(exchange.body) if exchange.ok else None
-                self._feedback(endpoint, exchange, usage, epoch)
-                if exchange.transient and attempt < self.max_attempts and not self.stopped and self.budget.take():
+                outcome = exchange.outcome
+                usage = usage_of(exchange.body) if outcome is Outcome.OK else None
+                self._feedback(endpoint, exchange, outcome, usage, epoch, send, probe)
+                probe = False
+                if outcome is Outcome.UNAVAILABLE:
+                    if self.stopped:
+                        return
+                    continue  # wait for an endpoint; "not now" uses up no attempts
+                if outcome is Outcome.FAILED and attempt < self.max_attempts and not self.stopped and self.budget.take():
                     self.retries += 1
                     runner_metrics.RETRIES.inc()
                     await asyncio.sleep(backoff_delay(attempt, exchange.retry_after))
                     attempt += 1
                     if self.stopped:
                         return
-                    permit = await endpoint.limiter.acquire()
                     continue
                 self._finish(line, envelope.custom_id, exchange, usage)
                 return
@@ -200,11 +280,30 @@ class Dispatcher:
                 permit.release()
             self._wake.set()
 
-    def _feedback(self, endpoint: Endpoint, exchange: Exchange, usage: TokenUsage | None, epoch: int) -> None:
-        """Close the send with exactly one controller event."""
+    def _feedback(
+        self, endpoint: Endpoint, exchange: Exchange, outcome: Outcome, usage: TokenUsage | None, epoch: int,
+        send: int, probe: bool,
+    ) -> None:
+        """Close the send with exactly one controller event, and tell the endpoint's circuit."""
         now = time.monotonic()
         controller = endpoint.controller
-        if exchange.ok and usage is not None:
+        circuit = endpoint.circuit
+        was_closed = circuit.closed
+        if outcome is Outcome.UNAVAILABLE:
+            circuit.on_unavailable(now, send=send, probe=probe, retry_after=exchange.retry_after)
+        else:
+            circuit.on_answer(now, send=send)
+        if circuit.closed != was_closed:
+            self._circuit_changed()
+            runner_metrics.CIRCUIT_OPEN.labels(endpoint=endpoint.name).set(0 if circuit.closed else 1)
+            if circuit.closed:
+                self.log.info("runner.upstream_back", endpoint=endpoint.name, **circuit.snapshot(now))
+            else:
+                self.log.warning(
+                    "runner.upstream_unavailable", endpoint=endpoint.name, status=exchange.status,
+                    failure=exchange.failure, note="lines wait for the endpoint; they fail only if the batch ends first",
+                )
+        if outcome is Outcome.OK and usage is not None:
             controller.on_success(
                 now,
                 latency=exchange.latency,
@@ -213,21 +312,22 @@ class Dispatcher:
                 cached_tokens=usage.cached_tokens,
                 epoch=epoch,
             )
-        elif exchange.status == 0:
-            kind = "timeout" if (exchange.failure or "").startswith("timeout") else "reset"
-            controller.on_backpressure(now, epoch=epoch, kind=kind)
         elif exchange.status in (429, 503):
             controller.on_backpressure(now, epoch=epoch, kind=str(exchange.status))
+        elif exchange.timed_out:
+            controller.on_backpressure(now, epoch=epoch, kind="timeout")
         else:
-            controller.on_other(now, epoch=epoch)  # a 4xx or a plain 500 says nothing about load
+            # A 4xx, a 500 for a broken request, or no connection at all (the circuit's business): says nothing
+            # about how loaded the engine is.
+            controller.on_other(now, epoch=epoch)
         endpoint.limiter.poke()
         snapshot = controller.snapshot()
-        runner_metrics.LIMIT.labels(endpoint=endpoint.url).set(snapshot["limit"])
+        runner_metrics.LIMIT.labels(endpoint=endpoint.name).set(snapshot["limit"])
         if snapshot["last_per_token_s"] is not None:
-            runner_metrics.LATENCY.labels(endpoint=endpoint.url).set(snapshot["last_per_token_s"])
-            runner_metrics.BASELINE.labels(endpoint=endpoint.url).set(snapshot["baseline_per_token_s"])
+            runner_metrics.LATENCY.labels(endpoint=endpoint.name).set(snapshot["last_per_token_s"])
+            runner_metrics.BASELINE.labels(endpoint=endpoint.name).set(snapshot["baseline_per_token_s"])
         if snapshot["waiting"] is not None:
-            runner_metrics.WAITING.labels(endpoint=endpoint.url).set(snapshot["waiting"])
+            runner_metrics.WAITING.labels(endpoint=endpoint.name).set(snapshot["waiting"])
         if usage is not None:
             runner_metrics.TOKENS.labels("prompt").inc(usage.prompt_tokens)
             runner_metrics.TOKENS.labels("cached").inc(usage.cached_tokens)
@@ -260,14 +360,14 @@ class Dispatcher:
             )
         else:
             kind = ERROR
-            timeout = (exchange.failure or "").startswith("timeout")
             result = wire.ResultLine(
                 id=line_id,
                 custom_id=custom_id,
                 response=None,
                 error=wire.LineError(
-                    code="request_timeout" if timeout else "upstream_unreachable",
-                    message=f"The request got no response from the model server after retries ({exchange.failure}).",
+                    code="request_timeout" if exchange.timed_out else "upstream_unreachable",
+                    message=f"The request got no response from the model server after {self.max_attempts} attempts "
+                    f"({exchange.failure}).",
                 ),
             )
         self.scheduler.on_finished(line, kind == OUTPUT)
@@ -280,8 +380,10 @@ class Dispatcher:
         from batch_gateway.runner.engine_metrics import read_queue_metrics
 
         failures = 0
-        while failures < 3:
-            await asyncio.sleep(METRICS_INTERVAL)
+        while True:
+            # An endpoint without /metrics (or one that is down) is asked less often, but asked again: it may be
+            # an engine restarting, whose gauges the controller wants back.
+            await asyncio.sleep(METRICS_INTERVAL if failures < 3 else METRICS_RETRY_INTERVAL)
             queue = await read_queue_metrics(self.client, endpoint.url)
             if queue is None:
                 failures += 1
@@ -297,4 +399,4 @@ class Dispatcher:
                 completed=queue.completed,
             )
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
-            runner_metrics.LIMIT.labels(endpoint=endpoint.url).set(endpoint.controller.limit)
+            runner_metrics.LIMIT.labels(endpoint=endpoint.name).set(endpoint.controller.limit)

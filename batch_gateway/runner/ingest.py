@@ -8,16 +8,20 @@ about to be sent.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 import numpy as np
 
+from batch_gateway.errors import DiskFull
 from batch_gateway.runner.prefix import MAX_BLOCKS, PrefixKeys, prefix_key
 from batch_gateway.runner.validate import validate_line
 from batch_gateway.wire import BatchError
@@ -114,7 +118,7 @@ async def ingest(
     model_line = 0
     too_many = False
     position = 0
-    with open(work_file, "wb", buffering=1024 * 1024) as out:
+    with _work_file(work_file) as out:
         async for line_no, raw in split_lines(chunks, limits.max_line_bytes):
             if raw is None:
                 errors.add([BatchError("line_too_long", f"The line is longer than {limits.max_line_bytes} bytes.", None, line_no)])
@@ -185,6 +189,23 @@ async def ingest(
         errors.add(_duplicate_ids(ingested, np.frombuffer(id_hashes, dtype=np.uint64) if id_hashes else None))
     ingested.errors = errors.result()
     return ingested
+
+
+@contextlib.contextmanager
+def _work_file(path: Path) -> Iterator[BinaryIO]:
+    """The work file, open for writing. If anything fails it is removed, since a partial file would keep a full disk
+    full; a full disk becomes DiskFull, which the runner waits out like any storage outage."""
+    try:
+        with open(path, "wb", buffering=1024 * 1024) as out:
+            yield out
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(
+                f"the runner's work disk is full at {path.parent}: free space there (or point --work-dir elsewhere) "
+                "and the runner carries on by itself"
+            ) from exc
+        raise
 
 
 def _packed(values: array, dtype: type[np.generic]) -> np.ndarray:

@@ -10,6 +10,9 @@ LIMIT = Gauge("batch_runner_concurrency_limit", "In-flight limit chosen by the a
 LATENCY = Gauge("batch_runner_per_token_latency_seconds", "Latest window median of latency per output token.", ["endpoint"])
 BASELINE = Gauge("batch_runner_per_token_baseline_seconds", "The controller's no-load per-token latency baseline.", ["endpoint"])
 WAITING = Gauge("batch_runner_upstream_waiting", "Requests waiting in the engine's queue (vLLM /metrics), smoothed.", ["endpoint"])
+CIRCUIT_OPEN = Gauge(
+    "batch_runner_upstream_unavailable", "1 while the endpoint's circuit is open (it said \"not now\"), else 0.", ["endpoint"]
+)
 RETRIES = Counter("batch_runner_retries_total", "Upstream requests retried after a transient failure.")
 REQUESTS = Counter("batch_runner_requests_total", "Requests with a final result.", ["outcome"])
 TOKENS = Counter("batch_runner_tokens_total", "Tokens of successful requests.", ["kind"])  # prompt, cached, completion

@@ -4,6 +4,10 @@ The pipeline: claim the batch (a lease, so two runners never run it together) �
 work file → plan the order (prefix groups) → dispatch to the upstream under adaptive concurrency, checkpointing
 results → finalise the output and error files → a terminal status. Cancel and expiry stop dispatch within a second;
 results that finished are kept, and every line that did not run gets a `batch_cancelled` / `batch_expired` error line.
+
+Storage that is down (the database, the object store, a full work disk) is waited for, phase by phase, with backoff:
+every phase outside dispatch is idempotent, so a phase cut short by an outage simply runs again. A runner gives up
+only after `--storage-retry-seconds`, and then exits as "retry later", its results kept in checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import msgspec
 import numpy as np
@@ -23,6 +28,7 @@ import structlog
 
 from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
+from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
 from batch_gateway.runner.controller import ConcurrencyController
@@ -35,12 +41,24 @@ from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
 
-WATCH_INTERVAL = 0.2  # how often the cancel signal is checked; the database is checked every second
+T = TypeVar("T")
+
+WATCH_INTERVAL = 0.2  # how often the cancel signal and expiry are checked (the database: see _watch)
 OUTPUT_TTL_DEFAULT = 30 * 86400
+# Results not yet checkpointed (the object store is down) stay in memory; past this, dispatch waits for the store.
+MAX_UNSAVED_BYTES = 64 * 1024 * 1024
 
 _STOP_REASON_CODES = {
     "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
     "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+    "failed": ("batch_failed", "This request was not executed because the batch failed; see the batch's errors."),
+}
+# The terminal status each way of ending gives, and the statuses it may be reached from.
+_ENDINGS: dict[str, tuple[str, list[str]]] = {
+    "completed": ("completed", ["finalizing"]),
+    "cancelled": ("cancelled", ["cancelling"]),
+    "expired": ("expired", ["in_progress", "finalizing"]),
+    "failed": ("failed", sorted(wire.ACTIVE_STATUSES)),
 }
 
 
@@ -50,6 +68,9 @@ class LeaseLost(Exception):
 
 class Interrupted(Exception):
     """The process was asked to stop (SIGTERM); results so far are checkpointed for the next runner."""
+
+
+__all__ = ["BatchRunner", "Interrupted", "LeaseLost", "StorageGaveUp", "plan"]
 
 
 class _CustomId(msgspec.Struct):
@@ -84,12 +105,22 @@ class BatchRunner:
         self.totals = Totals()
         self.total = 0
         self._stop_reason: str | None = None
+        self._dispatcher: Dispatcher | None = None
+        self.run_summary: dict = {}
 
     # --- entry point ---------------------------------------------------------------------------
 
     async def run(self) -> str:
         """Run the batch to a terminal status and return it. Raises LeaseLost if another runner owns it."""
-        batch = await self.metadata.get_batch(self.batch_id, None)
+        return await self._claimed(self._run_claimed)
+
+    async def give_up(self, reason: str) -> str:
+        """End the batch `failed` after its runners crashed for good, publishing every result they left in
+        checkpoints and every other line as `batch_failed`. Raises LeaseLost if a live runner owns the batch."""
+        return await self._claimed(lambda batch: self._give_up_claimed(batch, reason))
+
+    async def _claimed(self, work: Callable[[BatchRecord], Awaitable[str]]) -> str:
+        batch = await self._patiently("read the batch", lambda: self.metadata.get_batch(self.batch_id, None))
         if batch is None:
             self.log.error("runner.batch_missing")
             return "missing"
@@ -106,7 +137,7 @@ class BatchRunner:
                 await self._cleanup(batch)
                 self.log.info("runner.already_terminal", status=batch.status)
                 return batch.status
-            return await self._run_claimed(batch)
+            return await work(batch)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -118,12 +149,28 @@ class BatchRunner:
         """Take the lease, waiting out a crashed runner's lease (bounded by the lease length)."""
         lease = self.settings.runner_lease_seconds
         deadline = time.monotonic() + lease + 5
-        while not await self.metadata.claim_batch(self.batch_id, self.owner, ids.now(), lease):
+        while not await self._patiently(
+            "claim the batch", lambda: self.metadata.claim_batch(self.batch_id, self.owner, ids.now(), lease)
+        ):
             if time.monotonic() > deadline:
                 raise LeaseLost(f"batch {self.batch_id} is held by another runner")
             self.log.info("runner.waiting_for_lease")
             await asyncio.sleep(1.0)
         self.log.info("runner.claimed", owner=self.owner)
+
+    async def _patiently(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """`operation`, retried while storage is unavailable (up to --storage-retry-seconds). A shutdown signal
+        stops the waiting."""
+
+        def interrupted() -> bool:
+            return self._stop_reason == "shutdown"
+
+        try:
+            return await with_patience(
+                what, operation, log=self.log, patience=self.settings.storage_retry_seconds, interrupted=interrupted
+            )
+        except WaitInterrupted as exc:
+            raise Interrupted(f"batch {self.batch_id}: {exc}") from None
 
     async def _heartbeat(self) -> None:
         lease = self.settings.runner_lease_seconds
@@ -140,46 +187,42 @@ class BatchRunner:
     # --- the pipeline --------------------------------------------------------------------------
 
     async def _run_claimed(self, batch: BatchRecord) -> str:
-        work_dir = self.settings.work_path / self.batch_id
         routes = parse_upstreams(self.settings.upstream)
         try:
-            chunks = await self.services.objects.stream(file_key(batch.tenant, batch.input_file_id))
+            ingested = await self._patiently("read the input file", lambda: self._ingest(batch, routes))
         except ObjectMissing:
-            return await self._fail(
-                batch,
-                [wire.BatchError("invalid_request", f"Cannot find file {batch.input_file_id}.", "input_file_id", None)],
+            return await self._patiently(
+                "fail the batch",
+                lambda: self._fail(
+                    batch,
+                    [wire.BatchError("invalid_request", f"Cannot find file {batch.input_file_id}.", "input_file_id", None)],
+                ),
             )
-        started = time.monotonic()
-        ingested = await ingest(
-            chunks,
-            work_dir / "input.jsonl",
-            batch.endpoint,
-            Limits(self.settings.max_requests_per_batch, self.settings.max_line_bytes),
-            known_model=lambda model: bool(endpoints_for(routes, model)),
-        )
         self.total = ingested.count
-        self.log.info(
-            "runner.ingested", requests=ingested.count, errors=len(ingested.errors), seconds=round(time.monotonic() - started, 3)
-        )
 
         if batch.status == "validating":
             if ingested.errors:
-                return await self._fail(batch, ingested.errors)
-            moved = await self.metadata.transition(
-                self.batch_id,
-                ["validating"],
-                "in_progress",
-                ids.now(),
-                model=ingested.model,
-                request_counts=wire.RequestCounts(total=ingested.count),
+                return await self._patiently("fail the batch", lambda: self._fail(batch, ingested.errors))
+            moved = await self._patiently(
+                "start the batch",
+                lambda: self.metadata.transition(
+                    self.batch_id,
+                    ["validating"],
+                    "in_progress",
+                    ids.now(),
+                    model=ingested.model,
+                    request_counts=wire.RequestCounts(total=ingested.count),
+                ),
             )
             batch = moved or await self._reload()
-        if batch.status == "cancelling" and batch.in_progress_at is None:
-            # Cancelled before it ever ran: nothing to report.
-            return await self._end(batch, "cancelled", ["cancelling"], {})
+        if batch.status == "cancelling" and ingested.errors:
+            # Cancelled while a bad file was being validated: no line can run, and the errors say why.
+            return await self._patiently(
+                "end the batch", lambda: self._end(batch, "cancelled", ["cancelling"], {"errors": ingested.errors})
+            )
 
         checkpoints = Checkpoints(self.services.objects, batch_prefix(batch.tenant, self.batch_id), self.owner)
-        done, self.totals = await checkpoints.load(ingested.count)
+        done, self.totals = await self._patiently("read the checkpoints", lambda: checkpoints.load(ingested.count))
         self.log.info("runner.resumed" if done.any() else "runner.starting", already_done=int(done.sum()))
 
         if batch.status == "in_progress" and ids.now() >= batch.expires_at:
@@ -187,12 +230,47 @@ class BatchRunner:
         elif batch.status == "in_progress" and not done.all():
             reason = await self._dispatch(batch, ingested, done, checkpoints, routes)
         else:
+            # Cancelled before it ran (every line ends as `batch_cancelled`), or every line already has a result.
             reason = {"cancelling": "cancelled"}.get(batch.status, "completed")
         if reason == "lease_lost":
             raise LeaseLost(f"batch {self.batch_id} was taken over by another runner")
         if reason == "shutdown":
             raise Interrupted(f"batch {self.batch_id}: stopped by a signal; results so far are checkpointed")
-        return await self._finalize(batch, ingested, checkpoints, reason)
+        return await self._patiently("finalise the batch", lambda: self._finalize(batch, ingested, checkpoints, reason))
+
+    async def _ingest(self, batch: BatchRecord, routes: dict[str, list[str]]) -> Ingested:
+        """Stream the input into the work file and validate it; run again from the start after an outage."""
+        chunks = await self.services.objects.stream(file_key(batch.tenant, batch.input_file_id))
+        started = time.monotonic()
+        ingested = await ingest(
+            chunks,
+            self.settings.work_path / self.batch_id / "input.jsonl",
+            batch.endpoint,
+            Limits(self.settings.max_requests_per_batch, self.settings.max_line_bytes),
+            known_model=lambda model: bool(endpoints_for(routes, model)),
+        )
+        self.log.info(
+            "runner.ingested", requests=ingested.count, errors=len(ingested.errors), seconds=round(time.monotonic() - started, 3)
+        )
+        return ingested
+
+    async def _give_up_claimed(self, batch: BatchRecord, reason: str) -> str:
+        error = wire.BatchError("runner_failed", reason)
+        routes = parse_upstreams(self.settings.upstream)
+        try:
+            ingested = await self._patiently("read the input file", lambda: self._ingest(batch, routes))
+        except ObjectMissing:
+            ingested = None
+        if ingested is None or ingested.errors or batch.status == "validating":
+            # Nothing ran: the batch fails with the reason (and the input's own errors, if any).
+            errors = [*(ingested.errors if ingested else []), error]
+            return await self._patiently("end the batch", lambda: self._end(batch, "failed", _ENDINGS["failed"][1], {"errors": errors}))
+        self.total = ingested.count
+        checkpoints = Checkpoints(self.services.objects, batch_prefix(batch.tenant, self.batch_id), self.owner)
+        self.log.warning("runner.giving_up", reason=reason)
+        return await self._patiently(
+            "finalise the batch", lambda: self._finalize(batch, ingested, checkpoints, "failed", errors=[error])
+        )
 
     async def _dispatch(
         self,
@@ -214,8 +292,9 @@ class BatchRunner:
                     maximum=settings.max_concurrency,
                     fixed=settings.fixed_concurrency or None,
                 ),
+                name=f"endpoint-{index}",
             )
-            for url in urls
+            for index, url in enumerate(urls)
         ]
         async with UpstreamClient(api_key=settings.upstream_api_key) as client:
 
@@ -235,6 +314,7 @@ class BatchRunner:
                 max_attempts=settings.max_attempts,
                 request_timeout=settings.request_timeout,
                 log=self.log,
+                backlogged=lambda: checkpoints.pending_bytes > MAX_UNSAVED_BYTES,
             )
             self._dispatcher = dispatcher
             dispatch_started = time.monotonic()
@@ -251,22 +331,25 @@ class BatchRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
         await self._flush(checkpoints)
+        now = time.monotonic()
+        # Shown to the tenant (run_stats): endpoint names, never addresses, and nothing about this host.
         self.run_summary = {
-            "runner": self.owner,
-            "dispatch_seconds": round(time.monotonic() - dispatch_started, 3),
+            "dispatch_seconds": round(now - dispatch_started, 3),
             "requests_sent_this_run": scheduler.total,
             "resumed_with_done": int(done.sum()),
             "retries": dispatcher.retries,
             "ended": self._stop_reason or "completed",
-            "endpoints": {ep.url: ep.controller.snapshot() for ep in endpoints},
+            "endpoints": {
+                ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)} for ep in endpoints
+            },
         }
         self.log.info("runner.dispatch_ended", **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
-                      limits=[ep.controller.limit for ep in endpoints])
+                      endpoints=dict(zip([ep.name for ep in endpoints], urls)), limits=[ep.controller.limit for ep in endpoints])
         return self._stop_reason or "completed"
 
     def shutdown(self) -> bool:
         """Stop dispatching for a process shutdown; False if dispatch has not started (nothing to save)."""
-        if getattr(self, "_dispatcher", None) is None:
+        if self._dispatcher is None:
             return False
         self._stop("shutdown")
         return True
@@ -275,9 +358,8 @@ class BatchRunner:
         if self._stop_reason is None:
             self._stop_reason = reason
             self.log.info("runner.stopping", reason=reason)
-        dispatcher = getattr(self, "_dispatcher", None)
-        if dispatcher is not None:
-            dispatcher.stop()
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
 
     async def _watch(self, batch: BatchRecord, checkpoints: Checkpoints) -> None:
         """Checkpoints, live progress, cancel and expiry, while dispatch runs."""
@@ -320,7 +402,12 @@ class BatchRunner:
 
     # --- finishing -----------------------------------------------------------------------------
 
-    async def _finalize(self, batch: BatchRecord, ingested: Ingested, checkpoints: Checkpoints, reason: str) -> str:
+    async def _finalize(
+        self, batch: BatchRecord, ingested: Ingested, checkpoints: Checkpoints, reason: str,
+        errors: list[wire.BatchError] | None = None,
+    ) -> str:
+        """Write the output and error files and end the batch. Idempotent (file ids derive from the batch id, every
+        status change is a compare-and-set), so it is simply run again after a storage outage."""
         await checkpoints.flush()
         if reason == "completed":
             moved = await self.metadata.transition(self.batch_id, ["in_progress"], "finalizing", ids.now())
@@ -350,18 +437,15 @@ class BatchRunner:
             size = await checkpoints.write_file(file_key(batch.tenant, error_id), ERROR, ingested.count, extra)
             await self._record_file(batch, error_id, "error", size, now, ttl)
 
-        changes = {
+        changes: dict = {
             "output_file_id": output_id,
             "error_file_id": error_id,
             "request_counts": wire.RequestCounts(total=ingested.count, completed=totals.completed, failed=failed),
             "usage": totals.usage,
         }
-        terminal = {"completed": "completed", "cancelled": "cancelled", "expired": "expired"}[reason]
-        sources = {
-            "completed": ["finalizing"],
-            "cancelled": ["cancelling"],
-            "expired": ["in_progress", "finalizing"],
-        }[reason]
+        if errors:
+            changes["errors"] = errors
+        terminal, sources = _ENDINGS[reason]
         status = await self._end(batch, terminal, sources, changes)
         await self._save_run_summary(batch, totals)
         await checkpoints.delete()
@@ -393,7 +477,7 @@ class BatchRunner:
         if moved is None:
             current = await self._reload()
             if current.status == "cancelling":
-                return await self._end(current, "cancelled", ["cancelling"], {})
+                return await self._end(current, "cancelled", ["cancelling"], {"errors": errors})
             return current.status
         self.log.info("runner.validation_failed", errors=len(errors), first=errors[0].message if errors else None)
         shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
@@ -403,7 +487,7 @@ class BatchRunner:
         """The run's final figures, kept beside the batch (GET /v1/batches/{id}/run_stats)."""
         usage = totals.usage
         summary = {
-            **getattr(self, "run_summary", {}),
+            **self.run_summary,
             "completed": totals.completed,
             "failed": totals.failed,
             "prefix_cache_hit_rate": usage.input_tokens_details.cached_tokens / usage.input_tokens if usage.input_tokens else None,
@@ -447,8 +531,9 @@ class BatchRunner:
         shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
 
     async def _reload(self) -> BatchRecord:
-        batch = await self.metadata.get_batch(self.batch_id, None)
-        assert batch is not None
+        batch = await self._patiently("read the batch", lambda: self.metadata.get_batch(self.batch_id, None))
+        if batch is None:
+            raise RuntimeError(f"batch {self.batch_id} vanished from the database")
         return batch
 
     def _counts(self) -> wire.RequestCounts:

@@ -8,6 +8,7 @@ URL is accepted: the batch line's `url` (`/v1/chat/completions`) is appended to 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,6 +110,21 @@ def usage_of(body: bytes) -> TokenUsage:
     )
 
 
+class Outcome(enum.Enum):
+    """What an attempt means for its line."""
+
+    OK = "ok"  # 2xx: the result
+    REJECTED = "rejected"  # a 4xx saying the request itself is bad: the final result, not retried
+    UNAVAILABLE = "unavailable"  # "not now" (no connection, reset, 429, 502-504): wait for the endpoint, then resend
+    FAILED = "failed"  # 500 and other 5xx, 408, 409, a timeout: retry this line a few times, then report it
+
+
+# "Not now" answers: the endpoint (or a proxy or rate limiter before it) cannot take work at the moment.
+UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
+# 4xx that say nothing about the request itself.
+RETRYABLE_CLIENT_STATUSES = frozenset({408, 409})
+
+
 @dataclass
 class Exchange:
     """The outcome of one attempt: an HTTP response, or a transport failure (`status == 0`)."""
@@ -118,16 +134,28 @@ class Exchange:
     request_id: str
     latency: float
     retry_after: float | None = None
-    failure: str | None = None  # "timeout" or "connection" when there was no response
+    failure: str | None = None  # when there was no response: "timeout" or "connection", then the error's type
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
     @property
-    def transient(self) -> bool:
-        """Worth retrying: overload, server errors, and no answer at all."""
-        return self.status == 0 or self.status in (408, 429) or self.status >= 500
+    def timed_out(self) -> bool:
+        return self.status == 0 and (self.failure or "").startswith("timeout")
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.ok:
+            return Outcome.OK
+        if self.status == 0:
+            # A timeout may be this request's own doing (a very long generation); no connection at all is not.
+            return Outcome.FAILED if self.timed_out else Outcome.UNAVAILABLE
+        if self.status in UNAVAILABLE_STATUSES:
+            return Outcome.UNAVAILABLE
+        if self.status >= 500 or self.status in RETRYABLE_CLIENT_STATUSES:
+            return Outcome.FAILED
+        return Outcome.REJECTED
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -181,10 +209,12 @@ class UpstreamClient:
                 endpoint + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 content = await response.read()
-        except asyncio.TimeoutError as exc:
-            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"timeout: {exc!r}")
+        except asyncio.TimeoutError:
+            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"timeout after {timeout:g} s")
         except aiohttp.ClientError as exc:
-            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"connection: {exc!r}")
+            # The type only: the exception's text names the upstream's address, which tenants must never see.
+            failure = f"connection: {type(exc).__name__}"
+            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=failure)
         return Exchange(
             response.status,
             content,

@@ -252,6 +252,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def release_batch(self, batch_id: str, owner: str) -> None: ...
 
+    @abc.abstractmethod
+    async def leased_batches(self, now: int) -> set[str]:
+        """Ids of unfinished batches a runner holds an unexpired lease on: a live runner owns them."""
+
     # --- webhook outbox: a trigger on `batches` writes one event per terminal status change ---
     @abc.abstractmethod
     async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:

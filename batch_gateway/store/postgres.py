@@ -384,6 +384,14 @@ class PostgresStore(MetadataStore):
             (batch_id, owner),
         )
 
+    async def leased_batches(self, now: int) -> set[str]:
+        active = rows.ACTIVE_STATUSES
+        found = await self._rows(
+            "SELECT id FROM batches WHERE status = ANY(%s) AND runner_owner IS NOT NULL AND lease_until >= %s",
+            (list(active), now),
+        )
+        return {row["id"] for row in found}
+
     # --- webhook outbox --------------------------------------------------------------------
 
     async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:

@@ -397,6 +397,14 @@ class SqliteStore(MetadataStore):
             (batch_id, owner),
         )
 
+    async def leased_batches(self, now: int) -> set[str]:
+        active = rows.ACTIVE_STATUSES
+        found = await self._rows(
+            f"SELECT id FROM batches WHERE status IN ({_marks(active)}) AND runner_owner IS NOT NULL AND lease_until >= ?",
+            (*active, now),
+        )
+        return {row["id"] for row in found}
+
     # --- webhook outbox --------------------------------------------------------------------
 
     async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:

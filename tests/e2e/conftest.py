@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from batch_gateway.sim import SimConfig, SimServer
@@ -70,9 +72,29 @@ class Gateway:
 
     def kill(self) -> None:
         """SIGKILL the server and every runner it started: a machine crash."""
+        runners = self.runners()
         self._kill_group()
+        for runner in runners:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                runner.kill()
         if self.process:
             self.process.wait()
+
+    def kill_server(self) -> None:
+        """SIGKILL the server alone (the OOM killer's choice); its runners are left to notice."""
+        if self.process:
+            self.process.kill()
+            self.process.wait()
+
+    def runners(self) -> list[psutil.Process]:
+        """The runner processes this server started and that are still alive."""
+        if not self.process:
+            return []
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [p for p in children if "batch_gateway.runner" in " ".join(_cmdline(p))]
 
     def _kill_group(self) -> None:
         if self.process:
@@ -92,6 +114,13 @@ class Gateway:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
 
 
 @pytest.fixture

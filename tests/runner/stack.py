@@ -14,7 +14,7 @@ from batch_gateway.store.objects import file_key
 from tests.helpers import jsonl
 
 
-async def create_batch(settings: Settings, data: bytes) -> str:
+async def create_batch(settings: Settings, data: bytes, *, expires_in: int = 86400) -> str:
     services = await Services.open(settings)
     try:
         file_id, batch_id, now = ids.new_file_id(), ids.new_batch_id(), ids.now()
@@ -25,7 +25,7 @@ async def create_batch(settings: Settings, data: bytes) -> str:
         )
         await services.metadata.insert_batch(
             BatchRecord(id=batch_id, tenant="t", endpoint="/v1/chat/completions", input_file_id=file_id,
-                        completion_window="24h", status="validating", created_at=now, expires_at=now + 86400)
+                        completion_window="24h", status="validating", created_at=now, expires_at=now + expires_in)
         )
         return batch_id
     finally:

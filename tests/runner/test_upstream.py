@@ -6,7 +6,15 @@ import socket
 import pytest
 from aiohttp import web
 
-from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, normalize_root, parse_upstreams, usage_of
+from batch_gateway.runner.upstream import (
+    Exchange,
+    Outcome,
+    UpstreamClient,
+    endpoints_for,
+    normalize_root,
+    parse_upstreams,
+    usage_of,
+)
 
 
 def test_parse_default_and_per_model_routes():
@@ -70,7 +78,7 @@ async def test_an_exchange_forwards_the_body_and_reads_status_id_and_retry_after
         busy = await client.post(url, "/busy", b"{}", timeout=5)
     assert (ok.status, ok.body, ok.request_id, ok.ok) == (200, b'{"n": 12345678901234567890}', "req_upstream", True)
     assert seen["Content-Type"] == "application/json" and seen["Authorization"] == "Bearer secret"
-    assert (busy.status, busy.retry_after, busy.transient) == (429, 1.5, True)
+    assert (busy.status, busy.retry_after, busy.outcome) == (429, 1.5, Outcome.UNAVAILABLE)
 
 
 async def test_no_answer_is_an_exchange_with_status_zero_not_an_exception(upstream):
@@ -82,6 +90,19 @@ async def test_no_answer_is_an_exchange_with_status_zero_not_an_exception(upstre
         refused = await client.post(closed, "/v1/completions", b"{}", timeout=5)
         slow = await client.post(url, "/slow", b"{}", timeout=0.2)
         metrics = await client.get_text(closed + "/metrics", timeout=1)
-    assert refused.status == 0 and refused.failure.startswith("connection") and refused.transient
-    assert slow.status == 0 and slow.failure.startswith("timeout")
+    assert refused.status == 0 and refused.failure.startswith("connection") and refused.outcome is Outcome.UNAVAILABLE
+    assert "127.0.0.1" not in refused.failure  # error lines reach tenants: never an internal address
+    assert slow.status == 0 and slow.failure.startswith("timeout") and slow.outcome is Outcome.FAILED
     assert metrics is None
+
+
+def test_what_each_answer_means_for_its_line():
+    def outcome(status: int, failure: str | None = None) -> Outcome:
+        return Exchange(status, b"", "req", 0.1, failure=failure).outcome
+
+    assert outcome(200) is Outcome.OK
+    assert [outcome(s) for s in (400, 401, 404, 413, 422)] == [Outcome.REJECTED] * 5
+    assert [outcome(s) for s in (429, 502, 503, 504)] == [Outcome.UNAVAILABLE] * 4
+    assert outcome(0, "connection: ClientConnectorError") is Outcome.UNAVAILABLE
+    assert [outcome(s) for s in (500, 501, 408, 409)] == [Outcome.FAILED] * 4
+    assert outcome(0, "timeout after 600 s") is Outcome.FAILED

@@ -91,7 +91,7 @@ def json_object_or_none(body: bytes) -> bytes | None:
         try:
             msgspec.json.decode(stripped)
             return stripped
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return None
     return None
 

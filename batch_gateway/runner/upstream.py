@@ -93,7 +93,7 @@ _response_decoder = msgspec.json.Decoder(_ResponseBody)
 def usage_of(body: bytes) -> TokenUsage:
     try:
         usage = _response_decoder.decode(body).usage
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # an upstream's answer is input too
         return TokenUsage()
     if usage is None:
         return TokenUsage()

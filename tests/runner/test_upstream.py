@@ -106,3 +106,15 @@ def test_what_each_answer_means_for_its_line():
     assert outcome(0, "connection: ClientConnectorError") is Outcome.UNAVAILABLE
     assert [outcome(s) for s in (500, 501, 408, 409)] == [Outcome.FAILED] * 4
     assert outcome(0, "timeout after 600 s") is Outcome.FAILED
+
+
+def test_an_answer_nested_too_deep_is_not_a_crash():
+    deep = b'{"usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert usage_of(deep) == usage_of(b"{}")
+
+
+def test_a_result_body_nested_too_deep_is_wrapped_not_a_crash():
+    from batch_gateway.runner.dispatch import json_object_or_none
+
+    assert json_object_or_none(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None
+    assert json_object_or_none(b' {"a": 1} ') == b'{"a": 1}'

@@ -201,12 +201,14 @@ class UpstreamClient:
             raise RuntimeError("use UpstreamClient as `async with UpstreamClient() as client:`")
         return self._session
 
-    async def post(self, endpoint: str, path: str, body: bytes, timeout: float) -> Exchange:
+    async def post(
+        self, endpoint: str, path: str, body: bytes, timeout: float, *, headers: Mapping[str, str] | None = None
+    ) -> Exchange:
         """One attempt. Never raises for HTTP or transport trouble: that is an Exchange with `status == 0`."""
         started = time.monotonic()
         try:
             async with self.session.post(
-                endpoint + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout)
+                endpoint + path, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 content = await response.read()
         except asyncio.TimeoutError:

@@ -12,7 +12,14 @@ from typing import Any
 import msgspec
 
 from batch_gateway import wire
-from batch_gateway.store.metadata import TRANSITION_FIELDS, ApiKeyRecord, BatchRecord, FileRecord, WebhookEventRecord
+from batch_gateway.store.metadata import (
+    TRANSITION_FIELDS,
+    ApiKeyRecord,
+    BatchRecord,
+    FileRecord,
+    RunnerLoad,
+    WebhookEventRecord,
+)
 
 FILE_COLUMNS: tuple[str, ...] = tuple(FileRecord.__struct_fields__)
 BATCH_COLUMNS: tuple[str, ...] = tuple(BatchRecord.__struct_fields__)
@@ -41,6 +48,10 @@ def encode_json(value: Any) -> str | None:
 
 def file_from_row(row: Mapping[str, Any]) -> FileRecord:
     return FileRecord(**{name: row[name] for name in FILE_COLUMNS})
+
+
+def runner_load_from_row(row: Mapping[str, Any]) -> RunnerLoad:
+    return RunnerLoad(**{name: row[name] for name in RunnerLoad.__struct_fields__})
 
 
 def key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:

@@ -69,7 +69,8 @@ HELP: dict[str, str] = {
     "max_num_batched_tokens": "Token budget of one step: decode tokens plus prefill chunks (vLLM's chunked prefill).",
     "block_size": "Tokens per KV-cache block; the prefix cache works in whole blocks.",
     "kv_blocks": "KV-cache size in blocks; new sequences wait and running ones are preempted when it is full.",
-    "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM).",
+    "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). When set, "
+                    "/metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
     "max_model_len": "Longest prompt + output in tokens; longer requests get a 400.",
     "step_base_ms": "Fixed cost of one engine step (reading the weights once).",
     "per_seq_ms": "Extra step cost per sequence in the step.",

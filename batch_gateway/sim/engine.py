@@ -21,6 +21,11 @@ One engine serves one model, as one vLLM process does. It runs **steps** back to
   (which returns to the head of the queue and later recomputes its prompt and output so far).
 - Embedding requests are prefill-only ("pooling") sequences and skip the prefix cache.
 
+Latency metrics are kept as vLLM's output processor keeps them, in scaled (wall-clock) seconds: time to first token
+when the prefill completes; an inter-token latency for every later token, the time since the sequence's previous
+token (one step for a sequence decoding without a break; counted per step in aggregate, so it stays cheap at full
+batch); queue time, end-to-end latency and mean time per output token when a request finishes.
+
 Zero-latency mode (`SimConfig.instant`): steps cost nothing, and a sequence produces all its output in the step that
 completes its prefill, so a request is answered after one pass of the loop.
 """
@@ -35,7 +40,7 @@ from enum import Enum
 
 from batch_gateway.sim.config import SimConfig
 from batch_gateway.sim.kv import BlockPool
-from batch_gateway.sim.metrics import Histogram
+from batch_gateway.sim.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS, Histogram
 from batch_gateway.sim.tokens import Prompt
 
 MAX_LAG_SECONDS = 0.05  # behind schedule by more than this (a starved CPU): drop the debt instead of bursting
@@ -66,6 +71,8 @@ class Sequence:
     registered: int = 0  # prompt blocks [0, registered) are cached (or were computed as duplicates)
     private: int = 0  # blocks held without reusable content
     first_token_at: float | None = None
+    last_token_at: float = 0.0
+    queued: float = 0.0  # seconds from arrival to the first admission
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prompt.tokens
@@ -85,9 +92,11 @@ class Stats:
     steps: int = 0
     busy_seconds: float = 0.0  # engine time spent in steps (unscaled model time)
     finished: dict[str, int] = field(default_factory=dict)  # by finish_reason
-    e2e: Histogram = field(default_factory=Histogram)
-    ttft: Histogram = field(default_factory=Histogram)
-    queue: Histogram = field(default_factory=Histogram)
+    e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    queue: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    itl: Histogram = field(default_factory=lambda: Histogram(TOKEN_LATENCY_BUCKETS))  # per token after the first
+    tpot: Histogram = field(default_factory=lambda: Histogram(TOKEN_LATENCY_BUCKETS))  # per finished request
 
 
 @dataclass
@@ -106,6 +115,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.stats = Stats()
         self.paused = False
+        self._step_end = 0.0  # when the last step ended: every sequence it gave a token to has last_token_at equal to it
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the engine runs on, once started
@@ -271,13 +281,12 @@ class Engine:
         sequence.computed = cached
         sequence.state = State.RUNNING
         self.running.append(sequence)
-        if cacheable:
-            self.stats.prefix_queries += sequence.prefill_target
-            self.stats.prefix_hits += cached
-        if sequence.cached_tokens is None:
+        if sequence.cached_tokens is None:  # the first admission: vLLM counts re-admissions apart
             sequence.cached_tokens = cached
-            if not sequence.synthetic:
-                self.stats.queue.observe(self._now() - sequence.arrived)
+            sequence.queued = self._now() - sequence.arrived
+            if cacheable:
+                self.stats.prefix_queries += sequence.prefill_target
+                self.stats.prefix_hits += cached
         return _Work(sequence, tokens, True)
 
     def _cost_seconds(self, work: list[_Work]) -> float:
@@ -296,6 +305,8 @@ class Engine:
     def _complete(self, work: list[_Work], now: float) -> None:
         instant = self.config.instant
         finished = False
+        previous, self._step_end = self._step_end, now
+        followed = 0  # sequences that also got a token in the previous step: all see the same inter-token latency
         for item in work:
             sequence = item.sequence
             if sequence.state is not State.RUNNING:
@@ -303,12 +314,14 @@ class Engine:
             if sequence.synthetic and not item.prefill:
                 continue  # interactive load holds a fixed context
             sequence.computed += item.tokens
+            first = False
             if item.prefill:
                 self._register(sequence)
                 if sequence.computed < sequence.prefill_target:
                     continue  # more chunks to go
                 if sequence.first_token_at is None:
                     sequence.first_token_at = now
+                    first = True
                     if not sequence.synthetic:
                         self.stats.prompt_tokens += sequence.prompt.tokens
                         self.stats.ttft.observe(now - sequence.arrived)
@@ -318,12 +331,20 @@ class Engine:
                     continue
             if sequence.synthetic:
                 continue
+            if not first:
+                if sequence.last_token_at == previous:
+                    followed += 1
+                else:  # it sat out steps (no budget, or preempted and recomputed): its own gap
+                    self.stats.itl.observe(now - sequence.last_token_at)
+            sequence.last_token_at = now
             new = sequence.output_tokens - sequence.generated if instant else 1
             sequence.generated += new
             self.stats.generation_tokens += new
             if sequence.generated >= sequence.output_tokens:
                 self._finish(sequence, sequence.finish_reason, now)
                 finished = True
+        if followed:
+            self.stats.itl.observe(now - previous, followed)
         if finished:
             self.running = [s for s in self.running if s.state is State.RUNNING]
 
@@ -370,6 +391,9 @@ class Engine:
         self.stats.completed += 1
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self.stats.e2e.observe(now - sequence.arrived)
+        self.stats.queue.observe(sequence.queued)
+        decoded = sequence.generated - 1  # tokens after the first
+        self.stats.tpot.observe((sequence.last_token_at - sequence.first_token_at) / decoded if decoded > 0 else 0.0)
         if sequence.done is not None and not sequence.done.done():
             sequence.done.set_result(None)
 

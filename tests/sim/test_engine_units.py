@@ -11,6 +11,7 @@ import pytest
 from batch_gateway.sim.config import SimConfig
 from batch_gateway.sim.engine import Engine
 from batch_gateway.sim.kv import BlockPool
+from batch_gateway.sim.metrics import Histogram
 from batch_gateway.sim.tokens import prompt_from_text
 
 
@@ -79,3 +80,12 @@ async def test_random_load_under_kv_pressure_keeps_every_invariant(seed):
     assert stats.completed + stats.aborted == stats.requests == 80
     assert stats.preemptions > 0 and stats.prefix_hits > 0
     await engine.stop()
+
+
+def test_histogram_counts_each_value_in_its_bucket_at_once():
+    histogram = Histogram((0.01, 0.025, 0.05))
+    histogram.observe(0.01)  # on a bound: that bucket (Prometheus buckets are "less than or equal")
+    histogram.observe(0.02, 128)  # a step's latency, seen by every sequence of the step
+    histogram.observe(1.0)  # past the last bound: only +Inf
+    assert histogram.counts == [1, 128, 0] and histogram.count == 130
+    assert histogram.sum == pytest.approx(0.01 + 0.02 * 128 + 1.0)

@@ -80,7 +80,7 @@ HELP: dict[str, str] = {
     "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). When set, "
                     "/metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
     "max_model_len": "Longest prompt + output in tokens; longer requests get a 400.",
-    "scheduling_policy": "fcfs: arrival order, and a request's `priority` other than 0 gets a 400. priority: lower "
+    "scheduling_policy": "fcfs: arrival order; a request's `priority` is ignored (as vLLM's V1). priority: lower "
                          "`priority` first (ties by arrival), and a waiting request that does not fit preempts the running "
                          "one of lowest priority if that is strictly lower (vLLM --scheduling-policy).",
     "step_base_ms": "Fixed cost of one engine step (reading the weights once).",

@@ -108,9 +108,8 @@ def _priority(body: dict[str, Any], config: SimConfig) -> int:
     priority = body.get("priority", 0)
     if not _is_int(priority):
         raise RequestError(400, "priority must be an integer.", param="priority")
-    if priority != 0 and config.scheduling_policy != "priority":
-        # vLLM's own words (V0 engines; V1 engines to date ignore the field instead).
-        raise RequestError(400, f"Got priority {priority} but Priority scheduling is not enabled.", param="priority")
+    if config.scheduling_policy != "priority":
+        return 0  # as vLLM's V1 engines: ignored without the priority policy (V0 engines answered a 400)
     return priority
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+
+import msgspec
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ from batch_gateway import ids
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import BatchRecord, FileRecord
-from batch_gateway.store.objects import file_key
+from batch_gateway.store.objects import file_key, run_stats_key
 from tests.helpers import jsonl
 
 
@@ -39,6 +41,14 @@ async def results(settings: Settings, batch_id: str) -> tuple[BatchRecord, list[
         out = jsonl(await services.objects.get_bytes(file_key("t", batch.output_file_id))) if batch.output_file_id else []
         err = jsonl(await services.objects.get_bytes(file_key("t", batch.error_file_id))) if batch.error_file_id else []
         return batch, out, err
+    finally:
+        await services.close()
+
+
+async def run_stats(settings: Settings, batch_id: str) -> dict:
+    services = await Services.open(settings)
+    try:
+        return msgspec.json.decode(await services.objects.get_bytes(run_stats_key("t", batch_id)))
     finally:
         await services.close()
 

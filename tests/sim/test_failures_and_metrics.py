@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from batch_gateway.runner.engine_metrics import parse_queue_metrics
+from batch_gateway.runner.engine_metrics import EngineMeter
 from tests.sim.conftest import chat, send_while_paused, stats, wait_until
 
 
@@ -110,13 +110,15 @@ def test_the_runners_metrics_reader_sees_the_queue(start_sim):
         deadline = time.monotonic() + 5
         while stats(server)["waiting"] < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        queue = parse_queue_metrics(http.get("/metrics").text)
+        snapshot = EngineMeter().read(http.get("/metrics").text, at=0.0)
         http.post("/sim/resume")
         for t in threads:
             t.join()
-    assert queue is not None and (queue.waiting, queue.running, queue.kv_usage) == (3, 0, 0)
-    assert queue.completed == 0  # the e2e latency histogram's count: nothing has finished yet
-    assert not queue.slot_caches  # vLLM shares one prefix cache between all sequences
+    assert snapshot is not None
+    queue = snapshot.reading
+    assert (queue.waiting, queue.running, queue.kv_usage) == (3, 0, 0)
+    assert queue.completed == 0  # nothing has finished yet
+    assert not snapshot.slot_caches  # vLLM shares one prefix cache between all sequences
 
 
 def test_llama_cpp_metrics_read_as_an_engine_with_a_cache_per_slot():
@@ -126,8 +128,8 @@ def test_llama_cpp_metrics_read_as_an_engine_with_a_cache_per_slot():
         "# HELP llamacpp:requests_deferred Number of requests deferred.\n# TYPE llamacpp:requests_deferred gauge\n"
         "llamacpp:requests_deferred 2\n"
     )
-    queue = parse_queue_metrics(text)
-    assert queue is not None and (queue.waiting, queue.running, queue.slot_caches) == (2, 8, True)
+    snapshot = EngineMeter().read(text, at=0.0)
+    assert snapshot is not None and (snapshot.reading.waiting, snapshot.reading.running, snapshot.slot_caches) == (2, 8, True)
 
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), written out here rather than imported, so the test checks the code.

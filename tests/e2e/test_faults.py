@@ -162,7 +162,9 @@ def test_an_outage_at_finalise_loses_nothing(gateway_factory, sim_factory, proxi
     done = wait_for(client, batch.id, timeout=180)
     assert_every_line_once(client, done, lines)
     log = gateway.logs()
-    assert "runner.storage_unavailable" in log and "runner.crashed" not in log
+    assert "runner.crashed" not in log
+    if dependency == "postgres":  # (obstore retries S3 itself for a while first, so a short S3 outage may not show)
+        assert "runner.storage_unavailable" in log
 
 
 @pytest.mark.production

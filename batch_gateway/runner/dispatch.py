@@ -395,10 +395,18 @@ class Dispatcher:
         elif exchange.status:
             kind = ERROR
             if body is None or exchange.ok:
-                # Not a JSON object (a proxy's HTML error page, say): wrap it so the line stays valid JSON.
-                text = exchange.body[:2000].decode("utf-8", "replace")
+                # Not a JSON object (a proxy's HTML error page, say): the line stays valid JSON, and the page, which
+                # may name internal hosts, goes to the operator's log rather than to the tenant.
+                self.log.warning(
+                    "runner.upstream_non_json", status=exchange.status, request_id=exchange.request_id,
+                    body=exchange.body[:2000].decode("utf-8", "replace"),
+                )
+                message = (
+                    f"The model server answered {exchange.status} with a body that is not a JSON object "
+                    f"({len(exchange.body)} bytes); the gateway's logs have it under request id {exchange.request_id}."
+                )
                 body = msgspec.json.encode(
-                    {"error": {"message": f"Upstream returned a non-JSON body: {text}", "type": "upstream_error", "param": None, "code": None}}
+                    {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
                 )
             result = wire.ResultLine(
                 id=line_id,

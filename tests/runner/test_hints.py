@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from aiohttp import web
 
 from batch_gateway.runner.hints import Hints, hints_for, parse_hints, with_priority
+from batch_gateway.settings import Settings
+from tests.helpers import chat_lines
+from tests.runner.stack import create_batch, results, start_runner, upstream_server
 
 
 def test_parse_hints_per_model():
@@ -42,41 +47,20 @@ def test_llm_d_headers_name_the_objective_the_tenant_and_the_time_left():
 
 def test_the_runner_sends_the_hints_it_was_asked_for_and_nothing_else(tmp_path):
     """Through the real runner process, against a server that records what it receives."""
-    import asyncio
-    import threading
-
-    from aiohttp import web
-
-    from batch_gateway.settings import Settings
-    from tests.helpers import chat_lines, free_port
-    from tests.runner.stack import create_batch, results, start_runner
-
     seen: list[tuple[dict[str, str], bytes]] = []
-    port = free_port()
 
     async def complete(request: web.Request) -> web.Response:
         seen.append((dict(request.headers), await request.read()))
         return web.json_response({"id": "c", "object": "chat.completion", "choices": [],
                                   "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
 
-    loop = asyncio.new_event_loop()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", complete)
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        settings = Settings(data_dir=str(tmp_path), upstream=[f"http://127.0.0.1:{port}"], log_format="json",
+    with upstream_server(complete) as url:
+        settings = Settings(data_dir=str(tmp_path), upstream=[url], log_format="json",
                             priority_hints=["llm-d:bulk,vllm-priority:7"])
         batch_id = asyncio.run(create_batch(settings, chat_lines(5)))
         with open(tmp_path / "runner.log", "ab") as log:
             assert start_runner(settings, batch_id, log).wait(60) == 0
         batch, out, _ = asyncio.run(results(settings, batch_id))
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
     assert batch.status == "completed" and len(out) == 5
     for headers, body in seen:
         assert headers["x-gateway-inference-objective"] == "bulk"

@@ -28,6 +28,7 @@ import structlog
 
 from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
+from batch_gateway.runner.exits import OWNER_ENV
 from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
@@ -100,7 +101,7 @@ class BatchRunner:
         self.settings = services.settings
         self.metadata = services.metadata
         self.batch_id = batch_id
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = os.environ.get(OWNER_ENV) or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.log = structlog.get_logger("runner").bind(batch_id=batch_id)
         self.totals = Totals()
         self.total = 0

@@ -105,6 +105,42 @@ class FileDeleted(msgspec.Struct):
     deleted: bool = True
 
 
+class Upload(msgspec.Struct):
+    id: str
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: str  # pending | completed | cancelled | expired
+    object: str = "upload"
+    file: FileObject | None = None
+
+
+class UploadPart(msgspec.Struct):
+    id: str
+    created_at: int
+    upload_id: str
+    object: str = "upload.part"
+
+
+class UploadCreate(msgspec.Struct):
+    """Body of POST /v1/uploads, loosely typed like BatchCreate."""
+
+    bytes: object = None
+    filename: object = None
+    mime_type: object = None
+    purpose: object = None
+    expires_after: object = None
+
+
+class UploadComplete(msgspec.Struct):
+    """Body of POST /v1/uploads/{id}/complete."""
+
+    part_ids: object = None
+    md5: object = None
+
+
 class ListPage(msgspec.Struct):
     data: list
     has_more: bool

@@ -1,4 +1,4 @@
-"""The HTTP API: OpenAI's /v1/files and /v1/batches, plus /health and /ready."""
+"""The HTTP API: OpenAI's /v1/files, /v1/uploads and /v1/batches, plus /health and /ready."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from batch_gateway.api import batches, files, health, metrics, partial
+from batch_gateway.api import batches, files, health, metrics, partial, uploads
 from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
@@ -26,6 +26,10 @@ def create_app(services: Services) -> Litestar:
             files.retrieve_file,
             files.delete_file,
             files.file_content,
+            uploads.create_upload,
+            uploads.add_upload_part,
+            uploads.complete_upload,
+            uploads.cancel_upload,
             batches.create_batch,
             batches.list_batches,
             batches.retrieve_batch,

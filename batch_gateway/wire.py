@@ -16,8 +16,18 @@ BatchStatus = Literal[
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired", "cancelled"})
 ACTIVE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 
-# Endpoints the gateway forwards to an OpenAI-compatible engine such as vLLM.
-SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+# The batch endpoints of OpenAI's spec (the SDK's `batch_create_params`). A batch is accepted for one when an upstream
+# serves it (runner/catalog.py asks them); vLLM serves the first four.
+SUPPORTED_ENDPOINTS: tuple[str, ...] = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+)
 FILE_PURPOSES: tuple[str, ...] = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 

@@ -17,7 +17,7 @@ from batch_gateway.api.validation import (
     required_string,
 )
 
-COMPLETION_WINDOWS = ("24h",)
+COMPLETION_WINDOWS = ("24h",)  # what clients may ask for, as at OpenAI; the window itself is the operator's
 METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY_CHARS = 64
 METADATA_MAX_VALUE_CHARS = 512
@@ -47,6 +47,17 @@ def parse_batch_create(body: bytes) -> BatchSpec:
         metadata=_metadata(raw.metadata),
         output_expires_after=_output_expires_after(raw.output_expires_after),
     )
+
+
+def window_label(seconds: int) -> str:
+    """A batch's real completion window in OpenAI's notation: "24h", or "90m" or "45s" when not whole hours. A
+    client asks for "24h" (the only value OpenAI accepts); the batch shows the window the operator configured
+    (`--completion-window-seconds`), which its `expires_at` follows."""
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
 
 
 def _choice(param: str, value: object, supported: tuple[str, ...]) -> str:

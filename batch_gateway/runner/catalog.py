@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp
 import msgspec
 import structlog
 
-from batch_gateway.runner.upstream import endpoints_for, resolve_endpoints
+from batch_gateway.runner.upstream import DEFAULT_MODEL, endpoints_for, resolve_endpoints
 
 TTL_SECONDS = 30.0
 UNKNOWN_TTL_SECONDS = 5.0
@@ -48,6 +48,15 @@ class _ModelList(msgspec.Struct):
 _models_decoder = msgspec.json.Decoder(_ModelList)
 
 Resolver = Callable[[list[str]], Awaitable[list[str]]]
+
+
+def _not_served(models: Iterable[str]) -> str:
+    names = sorted(models)
+    if not names:
+        return "no upstream serves it."
+    shown = ", ".join(f"'{name}'" for name in names[:MAX_NAMED_MODELS])
+    more = f" and {len(names) - MAX_NAMED_MODELS} more" if len(names) > MAX_NAMED_MODELS else ""
+    return f"no upstream serves it (the models served are {shown}{more})."
 
 
 class UpstreamCatalog:
@@ -77,15 +86,12 @@ class UpstreamCatalog:
         they cannot tell now)."""
         roots = endpoints_for(self.routes, model)
         if not roots:
-            return "no upstream serves it."
+            return _not_served([name for name in self.routes if name != DEFAULT_MODEL])
         targets, complete = await self._targets(roots)
         listed = await asyncio.gather(*(self.models(url) for url in targets))
         answered = [models for models in listed if models is not None]
         if complete and answered and len(answered) == len(targets) and not any(model in models for models in answered):
-            names = sorted(set().union(*answered))
-            shown = ", ".join(f"'{name}'" for name in names[:MAX_NAMED_MODELS])
-            more = f" and {len(names) - MAX_NAMED_MODELS} more" if len(names) > MAX_NAMED_MODELS else ""
-            return f"no upstream serves it (the models served are {shown or 'none'}{more})."
+            return _not_served(set().union(*answered))
         candidates = [url for url, models in zip(targets, listed) if models is None or model in models]
         served = await asyncio.gather(*(self.serves(url, path) for url in candidates))
         if complete and served and all(answer is False for answer in served):

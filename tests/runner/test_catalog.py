@@ -59,7 +59,8 @@ async def test_models_are_asked_in_every_upstream_mode(sim):
     # A route naming a model its upstream does not serve is caught too (vLLM would answer every line 404).
     assert (await catalog(f"gpt-4o={sim.url}").model_problem("gpt-4o", "/v1/chat/completions")).startswith(
         "no upstream serves it")
-    assert await catalog(f"llama={sim.url}").model_problem("qwen", "/v1/chat/completions") == "no upstream serves it."
+    assert await catalog(f"llama={sim.url}").model_problem("qwen", "/v1/chat/completions") == (
+        "no upstream serves it (the models served are 'llama').")
     assert await catalog().model_problem("llama", "/v1/chat/completions") == "no upstream serves it."
 
 

@@ -51,6 +51,7 @@ PART_MAX_BYTES = 64 * 1024 * 1024
 MAX_MIME_TYPE_CHARS = 255
 # Parts are small enough to write with little buffering: at most this many 8 MB chunks in flight to S3.
 PART_WRITE_CONCURRENCY = 2
+ASSEMBLY_WRITE_CONCURRENCY = 4  # the same for the completed file: at most 32 MB held while S3 catches up
 NO_RETRY = {"x-should-retry": "false"}
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -347,7 +348,7 @@ class Assembly:
         self.size = 0
 
     async def write(self) -> None:
-        await self.services.objects.put_stream(self.key, self._chunks())
+        await self.services.objects.put_stream(self.key, self._chunks(), max_concurrency=ASSEMBLY_WRITE_CONCURRENCY)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         upload = self.upload

@@ -31,6 +31,21 @@ def result_file_id(batch_id: str, kind: str) -> str:
     return "file-" + _base62(int.from_bytes(digest, "big"), 22)
 
 
+def new_upload_id() -> str:
+    return "upload_" + secrets.token_hex(16)
+
+
+def new_upload_part_id() -> str:
+    return "part_" + secrets.token_hex(16)
+
+
+def upload_file_id(upload_id: str) -> str:
+    """The File an upload completes into, derived from the upload id: a crashed completion's leftover bytes sit at a
+    key gc can name, and a repeated completion writes the same file."""
+    digest = hashlib.blake2b(f"{upload_id}/file".encode(), digest_size=17).digest()
+    return "file-" + _base62(int.from_bytes(digest, "big"), 22)
+
+
 def request_line_id(batch_id: str, line: int) -> str:
     """The `id` of one result line: stable across runner restarts, so a resumed batch writes the same line."""
     digest = hashlib.blake2b(f"{batch_id}/{line}".encode(), digest_size=12).hexdigest()

@@ -65,7 +65,18 @@ class Settings:
         "bg:", "Prefix of every Valkey key and channel, so several deployments can share one Valkey.", group="storage"
     )
     # --- limits ---
-    max_upload_bytes: int = setting(200 * 1024 * 1024, "Largest file upload, in bytes.", group="limits")
+    max_upload_bytes: int = setting(
+        512 * 1024 * 1024,
+        "Largest file of any purpose, in bytes: one POST /v1/files, or every part of an Upload together (OpenAI: 512 MB "
+        "per file).",
+        group="limits",
+    )
+    max_batch_file_bytes: int = setting(
+        200 * 1024 * 1024,
+        "Largest batch input file (purpose=batch), in bytes (OpenAI: 200 MB). Bigger files get 400 \"File is too "
+        "large.\"",
+        group="limits",
+    )
     max_requests_per_batch: int = setting(50_000, "Most request lines in one batch input file.", group="limits")
     completion_window_seconds: int = setting(
         86400,

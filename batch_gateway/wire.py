@@ -16,8 +16,18 @@ BatchStatus = Literal[
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired", "cancelled"})
 ACTIVE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 
-# Endpoints the gateway forwards to an OpenAI-compatible engine such as vLLM.
-SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+# The batch endpoints of OpenAI's spec (the SDK's `batch_create_params`). A batch is accepted for one when an upstream
+# serves it (runner/catalog.py asks them); vLLM serves the first four.
+SUPPORTED_ENDPOINTS: tuple[str, ...] = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+)
 FILE_PURPOSES: tuple[str, ...] = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
@@ -103,6 +113,42 @@ class FileDeleted(msgspec.Struct):
     id: str
     object: str = "file"
     deleted: bool = True
+
+
+class Upload(msgspec.Struct):
+    id: str
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: str  # pending | completed | cancelled | expired
+    object: str = "upload"
+    file: FileObject | None = None
+
+
+class UploadPart(msgspec.Struct):
+    id: str
+    created_at: int
+    upload_id: str
+    object: str = "upload.part"
+
+
+class UploadCreate(msgspec.Struct):
+    """Body of POST /v1/uploads, loosely typed like BatchCreate."""
+
+    bytes: object = None
+    filename: object = None
+    mime_type: object = None
+    purpose: object = None
+    expires_after: object = None
+
+
+class UploadComplete(msgspec.Struct):
+    """Body of POST /v1/uploads/{id}/complete."""
+
+    part_ids: object = None
+    md5: object = None
 
 
 class ListPage(msgspec.Struct):

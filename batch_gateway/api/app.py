@@ -1,4 +1,4 @@
-"""The HTTP API: OpenAI's /v1/files and /v1/batches, plus /health and /ready."""
+"""The HTTP API: OpenAI's /v1/files, /v1/uploads and /v1/batches, plus /health and /ready."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from batch_gateway.api import batches, files, health, metrics, partial
+from batch_gateway.api import batches, files, health, metrics, partial, uploads
 from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
+from batch_gateway.runner.catalog import UpstreamCatalog
+from batch_gateway.runner.upstream import parse_upstreams
 from batch_gateway.services import Services
 from batch_gateway.settings import AuthMode
 
@@ -18,7 +20,10 @@ MAX_JSON_BODY_BYTES = 1024 * 1024
 
 
 def create_app(services: Services) -> Litestar:
-    authenticator = Authenticator(services.metadata, AuthMode(services.settings.auth))
+    settings = services.settings
+    authenticator = Authenticator(services.metadata, AuthMode(settings.auth))
+    # What the model servers serve, so that POST /v1/batches refuses an endpoint none of them answers.
+    upstreams = UpstreamCatalog(parse_upstreams(settings.upstream), api_key=settings.upstream_api_key or None)
     return Litestar(
         route_handlers=[
             files.upload_file,
@@ -26,6 +31,10 @@ def create_app(services: Services) -> Litestar:
             files.retrieve_file,
             files.delete_file,
             files.file_content,
+            uploads.create_upload,
+            uploads.add_upload_part,
+            uploads.complete_upload,
+            uploads.cancel_upload,
             batches.create_batch,
             batches.list_batches,
             batches.retrieve_batch,
@@ -40,7 +49,7 @@ def create_app(services: Services) -> Litestar:
         exception_handlers={Exception: handle_exception},
         middleware=[request_context_middleware],
         before_send=[stamp_response],
-        state=State({"services": services, "authenticator": authenticator}),
+        state=State({"services": services, "authenticator": authenticator, "upstreams": upstreams}),
         request_max_body_size=MAX_JSON_BODY_BYTES,
         openapi_config=None,  # the contract is OpenAI's; its spec is the reference, not ours
         logging_config=None,  # structlog is configured by the process (batch_gateway.logs)

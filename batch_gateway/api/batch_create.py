@@ -7,18 +7,20 @@ import hashlib
 import msgspec
 
 from batch_gateway import wire
-from batch_gateway.api.validation import expires_after_seconds, invalid_choice, invalid_type, invalid_value, missing
-from batch_gateway.errors import InvalidRequest
+from batch_gateway.api.validation import (
+    expires_after_seconds,
+    invalid_choice,
+    invalid_type,
+    invalid_value,
+    missing,
+    parse_json,
+    required_string,
+)
 
-COMPLETION_WINDOWS = ("24h",)
+COMPLETION_WINDOWS = ("24h",)  # what clients may ask for, as at OpenAI; the window itself is the operator's
 METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY_CHARS = 64
 METADATA_MAX_VALUE_CHARS = 512
-
-_BAD_JSON = (
-    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
-    "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
-)
 
 
 class BatchSpec(msgspec.Struct, frozen=True):
@@ -37,12 +39,9 @@ class BatchSpec(msgspec.Struct, frozen=True):
 
 
 def parse_batch_create(body: bytes) -> BatchSpec:
-    try:
-        raw = msgspec.json.decode(body, type=wire.BatchCreate)
-    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting deeper than the decoder may follow
-        raise InvalidRequest(_BAD_JSON) from None
+    raw = parse_json(body, wire.BatchCreate)
     return BatchSpec(
-        input_file_id=_required_string("input_file_id", raw.input_file_id),
+        input_file_id=required_string("input_file_id", raw.input_file_id),
         endpoint=_choice("endpoint", raw.endpoint, wire.SUPPORTED_ENDPOINTS),
         completion_window=_choice("completion_window", raw.completion_window, COMPLETION_WINDOWS),
         metadata=_metadata(raw.metadata),
@@ -50,16 +49,15 @@ def parse_batch_create(body: bytes) -> BatchSpec:
     )
 
 
-def _required_string(param: str, value: object) -> str:
-    if value is None:
-        raise missing(param)
-    if not isinstance(value, str):
-        raise invalid_type(param, "a string", value)
-    if value == "":
-        raise invalid_value(
-            param, f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string instead."
-        )
-    return value
+def window_label(seconds: int) -> str:
+    """A batch's real completion window in OpenAI's notation: "24h", or "90m" or "45s" when not whole hours. A
+    client asks for "24h" (the only value OpenAI accepts); the batch shows the window the operator configured
+    (`--completion-window-seconds`), which its `expires_at` follows."""
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
 
 
 def _choice(param: str, value: object, supported: tuple[str, ...]) -> str:

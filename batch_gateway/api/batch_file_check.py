@@ -39,6 +39,7 @@ class BatchFileChecker:
         self._line_has_content = False
         self._seen_content = False
         self._at_start = True
+        self._head = b""
 
     def feed(self, chunk: bytes) -> None:
         if self.problem is not None or not chunk:
@@ -49,9 +50,14 @@ class BatchFileChecker:
             self.problem = InvalidRequest(f"{FORMAT_MESSAGE} (the file is not valid UTF-8).")
             return
         if self._at_start:
-            self._at_start = False
-            if chunk.startswith(_BOM):
-                chunk = chunk[len(_BOM):]
+            # A UTF-8 byte-order mark at the start is no content (the runner skips it too); it may span chunks.
+            self._head += chunk
+            if len(self._head) < len(_BOM) and _BOM.startswith(self._head):
+                return
+            chunk, self._head, self._at_start = self._head.removeprefix(_BOM), b"", False
+        self._scan(chunk)
+
+    def _scan(self, chunk: bytes) -> None:
         start = 0
         while self.problem is None:
             newline = chunk.find(b"\n", start)
@@ -71,7 +77,11 @@ class BatchFileChecker:
         except UnicodeDecodeError:
             self.problem = InvalidRequest(f"{FORMAT_MESSAGE} (the file is not valid UTF-8).")
             return
-        self._end_line()
+        if self._at_start:
+            self._at_start = False
+            self._scan(self._head.removeprefix(_BOM))
+        if self.problem is None:
+            self._end_line()
 
     def _line_part(self, chunk: bytes, start: int, end: int) -> None:
         self._line_bytes += end - start

@@ -20,7 +20,7 @@ import structlog
 from litestar import Request, Response, get, post
 
 from batch_gateway import ids, wire
-from batch_gateway.api.batch_create import parse_batch_create
+from batch_gateway.api.batch_create import parse_batch_create, window_label
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.errors import json_response
 from batch_gateway.api.files import services_of
@@ -64,6 +64,7 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
 
     try:
         await _check_input_file(services, tenant, spec.input_file_id)
+        await _check_endpoint_served(request, spec.endpoint)
     except ApiError:
         if idempotency_key is None:  # no batch will be stored under this claim: let a retry create one
             await services.metadata.release_fold(tenant, fingerprint, batch_id)
@@ -74,7 +75,7 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
         tenant=tenant,
         endpoint=spec.endpoint,
         input_file_id=spec.input_file_id,
-        completion_window=spec.completion_window,
+        completion_window=window_label(services.settings.completion_window_seconds),
         status="validating",
         created_at=created_at,
         expires_at=created_at + services.settings.completion_window_seconds,
@@ -213,6 +214,16 @@ async def _check_input_file(services: Services, tenant: str, file_id: str) -> No
             f"Invalid 'input_file_id': file '{file_id}' has purpose '{record.purpose}', but a batch input file "
             "must be uploaded with purpose 'batch'.",
             param="input_file_id",
+            code="invalid_value",
+        )
+
+
+async def _check_endpoint_served(request: Request, endpoint: str) -> None:
+    """Refuse a batch no upstream can run: the endpoint is in OpenAI's list, but no model server here answers it."""
+    problem = await request.app.state.upstreams.endpoint_problem(endpoint)
+    if problem is not None:
+        raise InvalidRequest(
+            f"The endpoint '{endpoint}' cannot be used with this gateway: {problem}", param="endpoint",
             code="invalid_value",
         )
 

@@ -26,6 +26,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 _STATE_REQUEST_ID = "request_id"
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY"}
 _STATE_STARTED = "started_at"
 _STATE_STATUS = "status_code"
 TENANT_STATE = "tenant"
@@ -63,6 +64,8 @@ async def stamp_response(message: Message, scope: Scope) -> None:
     if message["type"] == "http.response.start":
         headers = MutableScopeHeaders.from_message(message)
         headers[REQUEST_ID_HEADER] = request_id_of(scope)
+        for name, value in SECURITY_HEADERS.items():  # the API serves JSON and files, never pages to frame or sniff
+            headers.setdefault(name, value)
         scope["state"][_STATE_STATUS] = message["status"]
         scope["state"].setdefault(_STATE_STARTED, time.perf_counter())
     elif message["type"] == "http.response.body" and not message.get("more_body", False):

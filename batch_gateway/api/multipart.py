@@ -15,7 +15,8 @@ from litestar import Request
 from litestar.exceptions import HTTPException
 from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser, parse_options_header
 
-from batch_gateway.errors import InvalidRequest, PayloadTooLarge
+from batch_gateway.api.file_policy import file_too_large
+from batch_gateway.errors import ApiError, InvalidRequest
 
 # Room for the multipart framing and the small text fields on top of the file itself.
 FORM_OVERHEAD_BYTES = 1024 * 1024
@@ -32,29 +33,30 @@ class FilePart:
 
 
 FileConsumer = Callable[[FilePart, AsyncIterator[bytes]], Awaitable[None]]
-
-
-def file_too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"File is too large: the most one upload may hold is {limit} bytes.", param="file", code="file_too_large"
-    )
+TooLarge = Callable[[int], ApiError]
 
 
 async def read_form(
-    request: Request, *, max_file_bytes: int, on_file: FileConsumer, file_field: str = "file"
+    request: Request,
+    *,
+    max_file_bytes: int,
+    on_file: FileConsumer,
+    file_field: str = "file",
+    too_large: TooLarge = file_too_large,
 ) -> tuple[dict[str, str], bool]:
     """Parse the form, calling `on_file` for the file part. Returns the text fields (first value wins) and whether a
-    file part was seen. `on_file` must consume its stream to the end unless it raises."""
+    file part was seen. `on_file` must consume its stream to the end unless it raises. A file part over
+    `max_file_bytes` gets the error `too_large(max_file_bytes)`."""
     boundary = _boundary(request.headers.get("content-type"))
     max_body = max_file_bytes + FORM_OVERHEAD_BYTES
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise file_too_large(max_file_bytes)
+        raise too_large(max_file_bytes)
 
     parser = PushMultipartParser(
         boundary, max_header_count=16, max_segment_count=MAX_PARTS, max_segment_size=max_file_bytes + 1
     )
-    events = _events(request, parser, max_body=max_body, max_file_bytes=max_file_bytes)
+    events = _events(request, parser, max_body=max_body, too_large=lambda: too_large(max_file_bytes))
     fields: dict[str, str] = {}
     file_seen = False
     async for event in events:
@@ -65,7 +67,7 @@ async def read_form(
                 raise InvalidRequest("Only one file may be uploaded per request.", param=file_field)
             file_seen = True
             part = FilePart(event.name, event.filename, event.content_type, dict(fields))
-            await on_file(part, _part_chunks(events, max_file_bytes))
+            await on_file(part, _part_chunks(events, max_file_bytes, too_large))
         else:
             value = await _read_field(events, event.name)
             fields.setdefault(event.name, value)
@@ -81,7 +83,7 @@ def _boundary(content_type: str | None) -> str:
 
 
 async def _events(
-    request: Request, parser: PushMultipartParser, *, max_body: int, max_file_bytes: int
+    request: Request, parser: PushMultipartParser, *, max_body: int, too_large: Callable[[], ApiError]
 ) -> AsyncIterator[MultipartSegment | bytes | None]:
     """Parser events from the request body, with every failure turned into a 4xx the client can act on."""
     received = 0
@@ -91,14 +93,14 @@ async def _events(
                 continue
             received += len(chunk)
             if received > max_body:
-                raise file_too_large(max_file_bytes)
+                raise too_large()
             for event in parser.parse(chunk):
                 yield event
         for event in parser.parse(b""):  # end of input: raises if the form was cut short
             yield event
     except ParserLimitReached as exc:
         if "segment size" in str(exc).lower():
-            raise file_too_large(max_file_bytes) from exc
+            raise too_large() from exc
         raise InvalidRequest(f"Could not parse the multipart/form-data body: {exc}.") from exc
     except MultipartError as exc:
         raise InvalidRequest(f"Could not parse the multipart/form-data body: {exc}.") from exc
@@ -107,7 +109,9 @@ async def _events(
         raise InvalidRequest(f"The upload did not complete: {exc.detail}.") from exc
 
 
-async def _part_chunks(events: AsyncIterator[MultipartSegment | bytes | None], limit: int) -> AsyncIterator[bytes]:
+async def _part_chunks(
+    events: AsyncIterator[MultipartSegment | bytes | None], limit: int, too_large: TooLarge
+) -> AsyncIterator[bytes]:
     """The body of the current part, ending at its end, with the per-file size limit applied."""
     size = 0
     async for event in events:
@@ -116,7 +120,7 @@ async def _part_chunks(events: AsyncIterator[MultipartSegment | bytes | None], l
         if isinstance(event, bytes | bytearray):
             size += len(event)
             if size > limit:
-                raise file_too_large(limit)
+                raise too_large(limit)
             yield bytes(event)
     raise InvalidRequest("Could not parse the multipart/form-data body: the file part is incomplete.")
 

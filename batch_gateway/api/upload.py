@@ -1,8 +1,9 @@
 """POST /v1/files: validate the form and stream the file part into object storage.
 
 The SDK sends `purpose` before `file`, so the usual bad upload is refused before a byte is stored. Fields may come in
-any order though: when the file arrives first, its batch checks run anyway and the verdict waits for `purpose`; a
-rejected file is deleted again. A metadata row is written only once the bytes are safely stored and accepted.
+any order though: when the file arrives first, its batch checks (and the general size limit) run anyway and the
+verdict waits for `purpose`; a rejected file is deleted again. A metadata row is written only once the bytes are
+safely stored and accepted. The rules a File must meet are in `file_policy.py`, shared with the Uploads API.
 """
 
 from __future__ import annotations
@@ -13,20 +14,16 @@ from collections.abc import AsyncIterator
 import structlog
 from litestar import Request
 
-from batch_gateway import ids, wire
-from batch_gateway.api.batch_file_check import BatchFileChecker, check_batch_filename
+from batch_gateway import ids
+from batch_gateway.api import file_policy
+from batch_gateway.api.batch_file_check import BatchFileChecker
 from batch_gateway.api.multipart import FilePart, read_form
-from batch_gateway.api.validation import expires_after_seconds, form_int, invalid_choice, missing
-from batch_gateway.errors import InvalidRequest
+from batch_gateway.api.validation import expires_after_seconds, form_int, missing
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import FileRecord
 from batch_gateway.store.objects import file_key
 
 log = structlog.get_logger("api.files")
-
-BATCH_FILE_TTL_SECONDS = 30 * 24 * 3600
-DEFAULT_FILENAME = "upload"
-MAX_FILENAME_CHARS = 255
 
 
 class FileUpload:
@@ -39,8 +36,9 @@ class FileUpload:
         self.key = file_key(tenant, self.file_id)
         self.stored = False
         self.size = 0
-        self.filename = DEFAULT_FILENAME
+        self.filename = file_policy.DEFAULT_FILENAME
         self.checker: BatchFileChecker | None = None
+        self.limit = services.settings.max_upload_bytes  # until the purpose is known
 
     async def run(self, request: Request) -> FileRecord:
         try:
@@ -49,19 +47,16 @@ class FileUpload:
             )
             if not file_seen:
                 raise missing("file")
-            purpose = _purpose(fields)
+            purpose = file_policy.purpose_of(fields.get("purpose"))
             expires_after = _expires_after(fields)
+            limit = file_policy.size_limit(self.services.settings, purpose)
+            if self.size > limit:
+                raise file_policy.file_too_large(limit, purpose)
             if purpose == "batch":
-                check_batch_filename(self.filename)
+                file_policy.check_batch_filename(self.filename)
                 if self.checker is not None and self.checker.problem is not None:
                     raise self.checker.problem
             created_at = ids.now()
-            if expires_after is not None:
-                expires_at: int | None = created_at + expires_after
-            elif purpose == "batch":
-                expires_at = created_at + BATCH_FILE_TTL_SECONDS
-            else:
-                expires_at = None
             record = FileRecord(
                 id=self.file_id,
                 tenant=self.tenant,
@@ -70,7 +65,7 @@ class FileUpload:
                 filename=self.filename,
                 purpose=purpose,
                 object_key=self.key,
-                expires_at=expires_at,
+                expires_at=file_policy.expires_at(purpose, created_at, expires_after),
             )
             await self.services.metadata.insert_file(record)
         except BaseException:
@@ -81,24 +76,29 @@ class FileUpload:
 
     async def _receive_file(self, part: FilePart, chunks: AsyncIterator[bytes]) -> None:
         # Refuse what the fields seen so far already rule out, before storing anything.
-        known_purpose = _purpose(part.fields_before) if "purpose" in part.fields_before else None
-        _expires_after(part.fields_before)
-        self.filename = _clean_filename(part.filename)
+        fields = part.fields_before
+        known_purpose = file_policy.purpose_of(fields.get("purpose")) if "purpose" in fields else None
+        _expires_after(fields)
+        self.filename = file_policy.clean_filename(part.filename)
         if known_purpose == "batch":
-            check_batch_filename(self.filename)
+            file_policy.check_batch_filename(self.filename)
         if known_purpose in (None, "batch"):
-            settings = self.services.settings
-            self.checker = BatchFileChecker(
-                max_line_bytes=settings.max_line_bytes, max_requests=settings.max_requests_per_batch
-            )
-        await self.services.objects.put_stream(self.key, self._checked(chunks, enforce=known_purpose == "batch"))
+            self.checker = file_policy.batch_checker(self.services.settings)
+        self.limit = file_policy.size_limit(self.services.settings, known_purpose)
+        await self.services.objects.put_stream(
+            self.key, self._checked(chunks, enforce=known_purpose == "batch", purpose=known_purpose)
+        )
         self.stored = True
 
-    async def _checked(self, chunks: AsyncIterator[bytes], *, enforce: bool) -> AsyncIterator[bytes]:
+    async def _checked(
+        self, chunks: AsyncIterator[bytes], *, enforce: bool, purpose: str | None
+    ) -> AsyncIterator[bytes]:
         """Count and check the bytes on their way to storage; raising here makes the store discard the upload."""
         checker = self.checker
         async for chunk in chunks:
             self.size += len(chunk)
+            if self.size > self.limit:
+                raise file_policy.file_too_large(self.limit, purpose)
             if checker is not None:
                 checker.feed(chunk)
                 if enforce and checker.problem is not None:
@@ -116,30 +116,9 @@ class FileUpload:
             await self.services.objects.delete(self.key)
 
 
-def _purpose(fields: dict[str, str]) -> str:
-    purpose = fields.get("purpose")
-    if purpose is None or purpose == "":
-        raise missing("purpose")
-    if purpose not in wire.FILE_PURPOSES:
-        raise invalid_choice("purpose", purpose, wire.FILE_PURPOSES)
-    return purpose
-
-
 def _expires_after(fields: dict[str, str]) -> int | None:
     anchor = fields.get("expires_after[anchor]")
     seconds = form_int(fields, "expires_after[seconds]")
     if anchor is None and seconds is None:
         return None
     return expires_after_seconds("expires_after", anchor, seconds)
-
-
-def _clean_filename(filename: str | None) -> str:
-    """The base name only (some clients send a path), never empty."""
-    if not filename:
-        return DEFAULT_FILENAME
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if not name:
-        return DEFAULT_FILENAME
-    if len(name) > MAX_FILENAME_CHARS:
-        raise InvalidRequest(f"The filename is too long (at most {MAX_FILENAME_CHARS} characters).", param="file")
-    return name

@@ -8,7 +8,9 @@ OpenAI that matches on `code` or `param` keeps working.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
+import msgspec
 from litestar import Request
 
 from batch_gateway.errors import InvalidRequest
@@ -16,6 +18,21 @@ from batch_gateway.errors import InvalidRequest
 EXPIRES_AFTER_MIN_SECONDS = 3600
 EXPIRES_AFTER_MAX_SECONDS = 2_592_000
 EXPIRES_AFTER_ANCHOR = "created_at"
+
+BAD_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
+    "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+
+T = TypeVar("T")
+
+
+def parse_json(body: bytes, kind: type[T]) -> T:
+    """A request body as `kind` (a loosely typed Struct), or OpenAI's answer to a body that is not JSON."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting deeper than the decoder may follow
+        raise InvalidRequest(BAD_JSON) from None
 
 
 def json_type_name(value: object) -> str:
@@ -67,6 +84,19 @@ def supported_list(values: Sequence[str]) -> str:
     if len(quoted) == 2:
         return f"{quoted[0]} and {quoted[1]}"
     return ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
+
+
+def required_string(param: str, value: object) -> str:
+    if value is None:
+        raise missing(param)
+    if not isinstance(value, str):
+        raise invalid_type(param, "a string", value)
+    if value == "":
+        raise invalid_value(
+            param,
+            f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+        )
+    return value
 
 
 def check_int_range(param: str, value: int, minimum: int, maximum: int) -> int:

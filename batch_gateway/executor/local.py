@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
+import uuid
 from collections import deque
 
 import structlog
@@ -23,7 +25,7 @@ import structlog
 from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.executor.base import Executor, RunState
-from batch_gateway.runner.exits import EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, PARENT_ENV
+from batch_gateway.runner.exits import EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, OWNER_ENV, PARENT_ENV
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import MetadataStore
 
@@ -103,7 +105,8 @@ class LocalExecutor(Executor):
             await self._wake.wait()
 
     async def _spawn(self, batch_id: str) -> None:
-        env = {**os.environ, **self.settings.to_env(), PARENT_ENV: str(os.getpid())}
+        owner = f"{socket.gethostname()}-runner-{uuid.uuid4().hex[:12]}"
+        env = {**os.environ, **self.settings.to_env(), PARENT_ENV: str(os.getpid()), OWNER_ENV: owner}
         command = [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id]
         reason = self._giving_up.get(batch_id)
         if reason is not None:
@@ -119,14 +122,19 @@ class LocalExecutor(Executor):
             "executor.runner_started", batch_id=batch_id, pid=process.pid, crashes=self._crashes.get(batch_id, (0, 0))[0],
             giving_up=reason is not None,
         )
-        watcher = asyncio.create_task(self._watch(batch_id, process))
+        watcher = asyncio.create_task(self._watch(batch_id, process, owner))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
 
-    async def _watch(self, batch_id: str, process: asyncio.subprocess.Process) -> None:
+    async def _watch(self, batch_id: str, process: asyncio.subprocess.Process, owner: str) -> None:
         code = await process.wait()
         self._running.pop(batch_id, None)
         self._wake.set()
+        if code not in (EXIT_OK, EXIT_LEASE_HELD):
+            # It may have died holding the lease (SIGKILL, OOM): it is gone for sure, so the next runner need not
+            # wait the lease out.
+            with contextlib.suppress(StorageUnavailable):
+                await self.metadata.release_batch(batch_id, owner)
         if self._loop_task is not None and self._loop_task.done():
             return  # we are shutting down and stopped it ourselves
         giving_up = self._giving_up.pop(batch_id, None)

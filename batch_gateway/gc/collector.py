@@ -11,7 +11,9 @@ A pass:
    a row that the next pass deletes again (deleting a missing object is not an error). An unfinished batch's input
    keeps its bytes until the batch ends, so its runner can always read it again. Each step always takes the first page
    of what is left, so it never skips rows the way offset pagination would;
-3. aborts the S3 multipart uploads (removes the local staging files) that writers killed mid-upload left behind,
+3. expires the Uploads (the Uploads API) not completed within their hour, deleting the bytes a completion cut short
+   may have written, and deletes the parts of every upload that is no longer open (completed, cancelled, expired);
+4. aborts the S3 multipart uploads (removes the local staging files) that writers killed mid-upload left behind,
    once they are older than `gc_stale_upload_age`: younger ones may still be in progress.
 """
 
@@ -26,6 +28,7 @@ from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.executor.base import Executor, RunState
 from batch_gateway.services import Services
+from batch_gateway.store.objects import file_key
 
 PAGE = 100
 MAX_PAGES = 100  # at most 10,000 files a pass; the next pass continues
@@ -39,6 +42,8 @@ class GcReport:
     resubmitted: int = 0
     overdue: int = 0
     files_deleted: int = 0
+    uploads_expired: int = 0
+    upload_parts_deleted: int = 0
     uploads_aborted: int = 0
 
 
@@ -85,6 +90,29 @@ async def delete_hidden_files(services: Services, report: GcReport) -> None:
             log.info("gc.file_deleted", file_id=record.id, tenant=record.tenant)
 
 
+async def expire_uploads(services: Services, report: GcReport) -> None:
+    """Uploads left uncompleted past their hour expire; then the parts of every finished upload are deleted, bytes
+    first and then the row, so a crash in between leaves a row the next pass deletes again."""
+    for _ in range(MAX_PAGES):
+        expired = await services.metadata.expire_uploads(ids.now(), PAGE)
+        if not expired:
+            break
+        for upload in expired:
+            # A completion cut short (a crash) may have written the file's bytes without its record.
+            await services.objects.delete(file_key(upload.tenant, ids.upload_file_id(upload.id)))
+            report.uploads_expired += 1
+            log.info("gc.upload_expired", upload_id=upload.id, tenant=upload.tenant, expires_at=upload.expires_at)
+    for _ in range(MAX_PAGES):
+        parts = await services.metadata.stale_upload_parts(PAGE)
+        if not parts:
+            return
+        for part in parts:
+            await services.objects.delete(part.object_key)
+            await services.metadata.delete_upload_part(part.id)
+            report.upload_parts_deleted += 1
+        log.info("gc.upload_parts_deleted", parts=len(parts))
+
+
 async def abort_stale_uploads(services: Services, report: GcReport) -> None:
     try:
         aborted = await services.objects.abort_stale_uploads(services.settings.gc_stale_upload_age)
@@ -107,6 +135,7 @@ async def collect(services: Services, executor: Executor) -> GcReport:
     report = GcReport()
     await reconcile(services, executor, report)
     await delete_expired_files(services, report)
+    await expire_uploads(services, report)
     await abort_stale_uploads(services, report)
     log.info("gc.pass_done", **report.__dict__)
     return report

@@ -12,5 +12,7 @@ EXIT_CRASHED = 1
 EXIT_LEASE_HELD = 3
 EXIT_RETRY_LATER = 75  # EX_TEMPFAIL
 
-# Set by the local executor: the pid of the `serve` process the runner must not outlive.
+# Set by the local executor: the pid of the `serve` process the runner must not outlive...
 PARENT_ENV = "BATCH_GATEWAY_RUNNER_PARENT"
+# ...and the name the runner holds its lease under, so that the executor can release it the moment the runner dies.
+OWNER_ENV = "BATCH_GATEWAY_RUNNER_OWNER"

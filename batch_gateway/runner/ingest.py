@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import heapq
 import os
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,7 @@ from batch_gateway.runner.validate import validate_line
 from batch_gateway.wire import BatchError
 
 MAX_REPORTED_ERRORS = 500
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark at the start of the file is no content (as at upload)
 
 
 @dataclass
@@ -51,24 +53,39 @@ class Ingested:
 
 
 class _Errors:
-    """Collects validation errors, keeping the first MAX_REPORTED_ERRORS and counting the rest."""
+    """Reports errors in line order, whatever order they are found in (duplicate custom_ids are found after every
+    line was read): the first MAX_REPORTED_ERRORS line errors, kept in a bounded heap, then the errors about the
+    whole file (no line), and a count of the rest."""
 
     def __init__(self) -> None:
-        self.kept: list[BatchError] = []
+        self._lines: list[tuple[int, int, BatchError]] = []  # (-line, -arrival, error): the last line on top
+        self._file: list[BatchError] = []
+        self._arrivals = 0
         self.dropped = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self._lines and not self._file
 
     def add(self, errors: list[BatchError]) -> None:
         for error in errors:
-            if len(self.kept) < MAX_REPORTED_ERRORS:
-                self.kept.append(error)
-            else:
-                self.dropped += 1
+            if error.line is None:
+                self._file.append(error)
+                continue
+            self._arrivals += 1
+            item = (-error.line, -self._arrivals, error)
+            if len(self._lines) < MAX_REPORTED_ERRORS:
+                heapq.heappush(self._lines, item)
+                continue
+            self.dropped += 1
+            if item[:2] > self._lines[0][:2]:  # an earlier line than the last one kept: it takes that one's place
+                heapq.heapreplace(self._lines, item)
 
     def result(self) -> list[BatchError]:
-        if not self.dropped:
-            return self.kept
-        summary = BatchError(code="too_many_errors", message=f"{self.dropped} more errors were not listed.")
-        return [*self.kept, summary]
+        ordered = [error for *_, error in sorted(self._lines, key=lambda item: item[:2], reverse=True)]
+        if self.dropped:
+            self._file.append(BatchError(code="too_many_errors", message=f"{self.dropped} more errors were not listed."))
+        return [*ordered, *self._file]
 
 
 def _custom_id_hash(custom_id: str) -> int:
@@ -108,8 +125,10 @@ async def ingest(
     work_file: Path,
     endpoint: str,
     limits: Limits,
-    known_model: Callable[[str], bool],
+    check_model: Callable[[str], Awaitable[str | None]],
 ) -> Ingested:
+    """`check_model(model)` says why the batch's model cannot run (None: it can); asked once, for the first line's
+    model (every other line must name the same one)."""
     work_file.parent.mkdir(parents=True, exist_ok=True)
     offsets, lengths, id_hashes, line_numbers = array("Q"), array("I"), array("Q"), array("I")
     key_counts, key_levels = array("B"), [array("Q") for _ in range(MAX_BLOCKS)]
@@ -124,6 +143,8 @@ async def ingest(
                 errors.add([BatchError("line_too_long", f"The line is longer than {limits.max_line_bytes} bytes.", None, line_no)])
                 continue
             raw = raw.rstrip(b"\r")
+            if line_no == 1:
+                raw = raw.removeprefix(BOM)
             if not raw.strip():
                 continue  # blank lines are not requests
             if len(offsets) >= limits.max_requests:
@@ -137,8 +158,9 @@ async def ingest(
             else:
                 if model is None:
                     model, model_line = parsed.model, line_no
-                    if not known_model(model):
-                        errors.add([_model_not_found(model, line_no)])
+                    problem = await check_model(model)
+                    if problem is not None:
+                        errors.add([_model_not_found(model, line_no, problem)])
                 elif parsed.model != model:
                     errors.add(
                         [
@@ -174,7 +196,7 @@ async def ingest(
                 )
             ]
         )
-    elif not offsets and not errors.kept:
+    elif not offsets and errors.empty:
         errors.add([BatchError("empty_file", "The input file has no requests.", None, None)])
 
     ingested = Ingested(
@@ -213,12 +235,9 @@ def _packed(values: array, dtype: type[np.generic]) -> np.ndarray:
     return np.frombuffer(values, dtype=dtype) if values else np.zeros(0, dtype)
 
 
-def _model_not_found(model: str, line_no: int) -> BatchError:
+def _model_not_found(model: str, line_no: int, problem: str) -> BatchError:
     return BatchError(
-        "model_not_found",
-        f"The provided model '{model}' is not supported by the Batch API: no upstream serves it.",
-        "body.model",
-        line_no,
+        "model_not_found", f"The provided model '{model}' is not supported by the Batch API: {problem}", "body.model", line_no
     )
 
 

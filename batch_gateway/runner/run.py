@@ -28,8 +28,10 @@ import structlog
 
 from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
+from batch_gateway.runner.exits import OWNER_ENV
 from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner import metrics as runner_metrics
+from batch_gateway.runner.catalog import UpstreamCatalog
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
 from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.controller import ConcurrencyController
@@ -46,7 +48,6 @@ from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, r
 T = TypeVar("T")
 
 WATCH_INTERVAL = 0.2  # how often the cancel signal and expiry are checked (the database: see _watch)
-OUTPUT_TTL_DEFAULT = 30 * 86400
 # Results not yet checkpointed (the object store is down) stay in memory; past this, dispatch waits for the store.
 MAX_UNSAVED_BYTES = 64 * 1024 * 1024
 
@@ -79,6 +80,10 @@ class _CustomId(msgspec.Struct):
     custom_id: str
 
 
+async def _no_model_problem(model: str) -> None:
+    return None
+
+
 def plan(ingested: Ingested, done: np.ndarray, prefix_ordering: bool, endpoints: int) -> GroupScheduler:
     """The scheduler for the lines without a result yet, in planned order. The prefix keys are needed for nothing
     else, so they are released here (ingested.keys becomes None): dispatch holds only the order and the index."""
@@ -102,12 +107,13 @@ class BatchRunner:
         self.settings = services.settings
         self.metadata = services.metadata
         self.batch_id = batch_id
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = os.environ.get(OWNER_ENV) or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.log = structlog.get_logger("runner").bind(batch_id=batch_id)
         self.totals = Totals()
         self.total = 0
         self._stop_reason: str | None = None
         self._dispatcher: Dispatcher | None = None
+        self._catalog: UpstreamCatalog | None = None
         self.run_summary: dict = {}
 
     # --- entry point ---------------------------------------------------------------------------
@@ -249,12 +255,23 @@ class BatchRunner:
             self.settings.work_path / self.batch_id / "input.jsonl",
             batch.endpoint,
             Limits(self.settings.max_requests_per_batch, self.settings.max_line_bytes),
-            known_model=lambda model: bool(endpoints_for(routes, model)),
+            # Asked while validating only: what the upstreams say later must not undo a validated batch.
+            check_model=(
+                (lambda model: self._upstreams(routes).model_problem(model, batch.endpoint))
+                if batch.status == "validating"
+                else _no_model_problem
+            ),
         )
         self.log.info(
             "runner.ingested", requests=ingested.count, errors=len(ingested.errors), seconds=round(time.monotonic() - started, 3)
         )
         return ingested
+
+    def _upstreams(self, routes: dict[str, list[str]]) -> UpstreamCatalog:
+        """What the upstreams serve, asked once per run (validation and dispatch share the answers)."""
+        if self._catalog is None:
+            self._catalog = UpstreamCatalog(routes, api_key=self.settings.upstream_api_key or None)
+        return self._catalog
 
     async def _give_up_claimed(self, batch: BatchRecord, reason: str) -> str:
         error = wire.BatchError("runner_failed", reason)
@@ -283,7 +300,10 @@ class BatchRunner:
         routes: dict[str, list[str]],
     ) -> str:
         """Send every line without a durable result. Returns why dispatch ended: completed, cancelled, expired."""
-        urls = await resolve_endpoints(endpoints_for(routes, ingested.model or ""))
+        model = ingested.model or ""
+        urls = await self._upstreams(routes).usable(
+            model, batch.endpoint, await resolve_endpoints(endpoints_for(routes, model))
+        )
         scheduler = plan(ingested, done, self.settings.prefix_ordering, endpoints=len(urls))
         settings = self.settings
         endpoints = [
@@ -443,7 +463,7 @@ class BatchRunner:
 
         output_id = error_id = None
         now = ids.now()
-        ttl = batch.output_expires_after or OUTPUT_TTL_DEFAULT
+        ttl = batch.output_expires_after  # as at OpenAI, results are kept until deleted unless the batch said otherwise
         if totals.completed:
             output_id = ids.result_file_id(self.batch_id, "output")
             size = await checkpoints.write_file(file_key(batch.tenant, output_id), OUTPUT, ingested.count)
@@ -514,7 +534,9 @@ class BatchRunner:
         except StorageUnavailable as exc:
             self.log.warning("runner.run_stats_not_saved", error=str(exc))
 
-    async def _record_file(self, batch: BatchRecord, file_id: str, kind: str, size: int, now: int, ttl: int) -> None:
+    async def _record_file(
+        self, batch: BatchRecord, file_id: str, kind: str, size: int, now: int, ttl: int | None
+    ) -> None:
         await self.metadata.insert_file(
             FileRecord(
                 id=file_id,
@@ -524,7 +546,7 @@ class BatchRunner:
                 filename=f"{self.batch_id}_{kind}.jsonl",
                 purpose="batch_output",
                 object_key=file_key(batch.tenant, file_id),
-                expires_at=now + ttl,
+                expires_at=now + ttl if ttl is not None else None,
             )
         )
 

@@ -18,6 +18,22 @@ _ENDPOINT_LABEL = {
     "/v1/completions": "Completions",
     "/v1/embeddings": "Embeddings",
     "/v1/responses": "Responses",
+    "/v1/moderations": "Moderations",
+    "/v1/images/generations": "Images",
+    "/v1/images/edits": "Images",
+    "/v1/videos": "Videos",
+}
+# What each endpoint's body must carry, as (any of these fields, the name in the error): a Responses request takes
+# its input from `input`, a stored prompt template (`prompt`) or a conversation; an image edit needs its image(s).
+_REQUIRED: dict[str, list[tuple[tuple[str, ...], str]]] = {
+    "/v1/chat/completions": [(("messages",), "Messages")],
+    "/v1/completions": [(("prompt",), "Prompt")],
+    "/v1/embeddings": [(("input",), "Input")],
+    "/v1/responses": [(("input", "prompt", "conversation"), "Input")],
+    "/v1/moderations": [(("input",), "Input")],
+    "/v1/images/generations": [(("prompt",), "Prompt")],
+    "/v1/images/edits": [(("prompt",), "Prompt"), (("image", "images"), "Image")],
+    "/v1/videos": [(("prompt",), "Prompt")],
 }
 
 
@@ -46,7 +62,7 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
     custom_id, method, url, body = obj["custom_id"], obj["method"], obj["url"], obj["body"]
     if not isinstance(custom_id, str) or not custom_id:
         errors.append(_err("invalid_type", "'custom_id' must be a non-empty string.", "custom_id", line_no))
-    if not isinstance(method, str) or method.upper() != "POST":
+    if method != "POST":  # as at OpenAI, exactly "POST": "post" is refused too
         errors.append(
             _err("invalid_value", f"Invalid value for 'method': {method!r}. Only 'POST' is supported.", "method", line_no)
         )
@@ -70,17 +86,19 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
         errors.append(_err("invalid_request", "Model parameter is required.", "body.model", line_no))
     elif not isinstance(model, str):
         errors.append(_err("invalid_type", "'body.model' must be a string.", "body.model", line_no))
-    if endpoint == "/v1/chat/completions" and not body.get("messages"):
-        errors.append(_err("invalid_request", "Messages parameter is required.", "body.messages", line_no))
-    elif endpoint == "/v1/completions" and body.get("prompt") is None:
-        errors.append(_err("invalid_request", "Prompt parameter is required.", "body.prompt", line_no))
-    elif endpoint == "/v1/embeddings" and body.get("input") is None:
-        errors.append(_err("invalid_request", "Input parameter is required.", "body.input", line_no))
-    elif endpoint == "/v1/responses" and body.get("input") is None:
-        errors.append(_err("invalid_request", "Input parameter is required.", "body.input", line_no))
+    for fields, label in _REQUIRED.get(endpoint, ()):
+        if not any(_present(body.get(name)) for name in fields):
+            alternatives = " or ".join(f"'{name}'" for name in fields[1:])
+            message = f"{label} parameter is required." + (f" (It may also come from {alternatives}.)" if alternatives else "")
+            errors.append(_err("invalid_request", message, f"body.{fields[0]}", line_no))
     if errors:
         return errors
     return ValidLine(custom_id=custom_id, model=model, body=body)
+
+
+def _present(value: object) -> bool:
+    """Given and not empty: `null`, "" and [] carry nothing to send."""
+    return value is not None and value != "" and value != [] and value != {}
 
 
 def _err(code: str, message: str, param: str | None, line: int | None) -> BatchError:

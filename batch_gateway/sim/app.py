@@ -24,7 +24,7 @@ import msgspec
 from batch_gateway.sim import bodies, metrics
 from batch_gateway.sim.config import SimConfig
 from batch_gateway.sim.engine import Engine
-from batch_gateway.sim.requests import EMBEDDINGS, ENDPOINTS, Job, RequestError, decode_body, parse_job
+from batch_gateway.sim.requests import EMBEDDINGS, ENDPOINTS, MODERATIONS, Job, RequestError, decode_body, parse_job
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -121,7 +121,7 @@ class SimApp:
     async def _run(self, job: Job) -> dict[str, Any]:
         engine = self.engines[job.model]
         finish = "length" if job.length_limited else "stop"
-        pooling = job.endpoint == EMBEDDINGS
+        pooling = job.endpoint in (EMBEDDINGS, MODERATIONS)
         for prompt, tokens in zip(job.prompts, job.output_tokens):
             if not engine.fits(prompt.tokens + tokens):
                 raise RequestError(400, f"The request needs {prompt.tokens + tokens} tokens of KV cache; the engine "

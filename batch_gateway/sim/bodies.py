@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from batch_gateway.sim.engine import Sequence
-from batch_gateway.sim.requests import CHAT, COMPLETIONS, EMBEDDINGS, Job
+from batch_gateway.sim.requests import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, Job
 from batch_gateway.sim.tokens import output_text
 
 
@@ -19,6 +19,8 @@ def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
     """`sequences` are in the job's order: for each prompt, its `n` sequences."""
     if job.endpoint == EMBEDDINGS:
         return _embeddings(job, sequences)
+    if job.endpoint == MODERATIONS:
+        return _moderations(job)
     finish = "length" if job.length_limited else "stop"
     prompt_tokens = sum(p.tokens for p in job.prompts)
     cached = sum(sequences[i * job.n].cached_tokens or 0 for i in range(len(job.prompts)))
@@ -96,6 +98,27 @@ def _embeddings(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
         "data": data,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+
+
+MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence", "violence/graphic",
+)
+
+
+def _moderations(job: Job) -> dict[str, Any]:
+    """OpenAI's moderation object, with scores fixed by the input (mostly harmless, now and then flagged)."""
+    results = []
+    for prompt in job.prompts:
+        rng = random.Random(prompt.key)
+        scores = {category: round(rng.random() ** 12, 6) for category in MODERATION_CATEGORIES}
+        results.append({
+            "flagged": any(score > 0.5 for score in scores.values()),
+            "categories": {category: score > 0.5 for category, score in scores.items()},
+            "category_scores": scores,
+            "category_applied_input_types": {category: ["text"] for category in MODERATION_CATEGORIES},
+        })
+    return {"id": "modr-" + secrets.token_hex(16), "model": job.model, "results": results}
 
 
 def embedding_vector(key: int, dimensions: int) -> list[float]:

@@ -14,7 +14,8 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 RESPONSES = "/v1/responses"
-ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+MODERATIONS = "/v1/moderations"  # not vLLM's: served so that batches of it can be tested end to end
+ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MODERATIONS)
 MAX_N = 128
 MAX_EMBEDDING_DIM = 8192
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for the legacy completions endpoint
@@ -58,6 +59,8 @@ def decode_body(raw: bytes) -> dict[str, Any]:
 
 
 def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
+    if endpoint == MODERATIONS:
+        return _moderation_job(body, config)
     model = body.get("model", config.models[0])  # vLLM serves its one model when none is named
     if model not in config.models:
         raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
@@ -68,7 +71,7 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
     if endpoint == CHAT:
         prompts = [prompt_from_text(_chat_text(body.get("messages")), block)]
     elif endpoint == RESPONSES:
-        prompts = [prompt_from_text(_responses_text(body.get("input"), body.get("instructions")), block)]
+        prompts = [prompt_from_text(_responses_text(body.get("input"), body.get("instructions"), body), block)]
     else:
         field = "prompt" if endpoint == COMPLETIONS else "input"
         prompts = _prompts(body.get(field), field, block)
@@ -187,8 +190,12 @@ def _chat_text(messages: object) -> str:
     return "".join(parts)
 
 
-def _responses_text(items: object, instructions: object) -> str:
+def _responses_text(items: object, instructions: object, body: dict[str, Any]) -> str:
     parts = [f"<|system|>{instructions}"] if isinstance(instructions, str) and instructions else []
+    # A stored prompt template or a conversation stands in for (or adds to) the input; the simulator stores
+    # neither, so their references count by their JSON.
+    references = [name for name in ("prompt", "conversation") if body.get(name)]
+    parts += [f"<|{name}|>" + msgspec.json.encode(body[name]).decode() for name in references]
     if isinstance(items, str) and items:
         parts.append(f"<|user|>{items}")
     elif isinstance(items, list) and items:
@@ -199,7 +206,7 @@ def _responses_text(items: object, instructions: object) -> str:
                 parts.append(f"<|{item['role']}|>{_content_text(item.get('content'), 'input')}")
             else:  # tool calls, their outputs, reasoning items: their JSON counts
                 parts.append(msgspec.json.encode(item).decode())
-    else:
+    elif items is not None or not references:
         raise RequestError(400, "input must be a non-empty string or list of input items.", param="input")
     parts.append("<|assistant|>")
     return "".join(parts)
@@ -220,3 +227,17 @@ def _prompts(value: object, field: str, block: int) -> list[Prompt]:
         400, f"{field} must be a non-empty string, list of strings, list of token ids or list of token-id lists.",
         param=field,
     )
+
+
+def _moderation_job(body: dict[str, Any], config: SimConfig) -> Job:
+    """OpenAI's moderations request: `input` is a string, a list of strings, or a list of text and image parts
+    (classified as one input); it runs as a pooling request, like an embedding."""
+    model = body.get("model", config.models[0])
+    if model not in config.models:
+        raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    value = body.get("input")
+    if isinstance(value, list) and value and all(isinstance(part, dict) for part in value):
+        prompts = [prompt_from_text(_content_text(value, "input"), config.block_size)]
+    else:
+        prompts = _prompts(value, "input", config.block_size)
+    return Job(MODERATIONS, model, prompts, [1] * len(prompts))

@@ -1,4 +1,4 @@
-"""The metadata store: files, batches, runner leases and API keys.
+"""The metadata store: files, uploads, batches, runner leases and API keys.
 
 One interface, one module per backend (`sqlite.py`, `postgres.py`). Every query is scoped by tenant where a tenant is
 given (`tenant=None` is the service's own view, used by runners and gc). Every status change is a compare-and-set in
@@ -98,6 +98,51 @@ class BatchRecord(msgspec.Struct):
             usage=self.usage,
             metadata=self.metadata,
         )
+
+
+class UploadStatus(enum.StrEnum):
+    """An upload's stored status. `completing` is shown to clients as `pending`; a pending upload past its
+    `expires_at` is shown as `expired` before gc gets to it."""
+
+    PENDING = "pending"  # parts may be added
+    COMPLETING = "completing"  # one complete request is assembling the file
+    COMPLETED = "completed"  # the File exists (file_id)
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+# Uploads whose parts are still needed.
+OPEN_UPLOAD_STATUSES: tuple[str, ...] = (UploadStatus.PENDING.value, UploadStatus.COMPLETING.value)
+
+
+class UploadRecord(msgspec.Struct):
+    """An upload (POST /v1/uploads): a file of `bytes` bytes that arrives in parts."""
+
+    id: str
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int  # as declared at creation; the parts must add up to it
+    mime_type: str
+    status: str
+    created_at: int
+    expires_at: int  # the upload's own expiry (an hour), not the File's
+    file_expires_after: int | None = None  # the File's expiry policy, in seconds after its creation
+    file_id: str | None = None
+
+    def shown_status(self, now: int) -> str:
+        if self.status in OPEN_UPLOAD_STATUSES:
+            return UploadStatus.EXPIRED.value if now >= self.expires_at else UploadStatus.PENDING.value
+        return self.status
+
+
+class UploadPartRecord(msgspec.Struct):
+    id: str
+    upload_id: str
+    tenant: str
+    bytes: int
+    created_at: int
+    object_key: str
 
 
 class ApiKeyRecord(msgspec.Struct):
@@ -202,6 +247,47 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def expired_files(self, now: int, limit: int) -> list[FileRecord]:
         """Files (hidden ones left out) whose `expires_at` has passed, oldest expiry first."""
+
+    # --- uploads: a file sent in parts ---
+    @abc.abstractmethod
+    async def insert_upload(self, record: UploadRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get_upload(self, upload_id: str, tenant: str | None) -> UploadRecord | None: ...
+
+    @abc.abstractmethod
+    async def add_upload_part(self, part: UploadPartRecord, now: int) -> bool:
+        """Record a part whose bytes are stored, only while its upload (of the part's tenant) is pending and has not
+        expired by `now`. False: it is not (the caller deletes the bytes again)."""
+
+    @abc.abstractmethod
+    async def upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        """The upload's parts, in the order they were recorded."""
+
+    @abc.abstractmethod
+    async def transition_upload(
+        self, upload_id: str, tenant: str | None, from_statuses: Collection[str], to_status: str,
+        *, unexpired_at: int | None = None,
+    ) -> UploadRecord | None:
+        """Compare-and-set the upload's status; with `unexpired_at`, only an upload that has not expired by then
+        moves. Returns the updated upload, or None if it did not match."""
+
+    @abc.abstractmethod
+    async def complete_upload(self, upload_id: str, file: FileRecord) -> UploadRecord | None:
+        """In one transaction: move the upload from `completing` to `completed`, naming `file`, and insert `file`.
+        None (and no file) when the upload was not `completing` any more (gc expired it)."""
+
+    @abc.abstractmethod
+    async def expire_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        """Move up to `limit` open uploads (pending, completing) whose `expires_at` has passed to `expired`, and
+        return them."""
+
+    @abc.abstractmethod
+    async def stale_upload_parts(self, limit: int) -> list[UploadPartRecord]:
+        """Parts of uploads that are no longer open (completed, cancelled, expired), oldest first."""
+
+    @abc.abstractmethod
+    async def delete_upload_part(self, part_id: str) -> None: ...
 
     # --- batches ---
     @abc.abstractmethod

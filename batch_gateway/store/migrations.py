@@ -3,6 +3,8 @@
 `sql/<dialect>/NNNN_name.sql` holds one migration. The files are append-only: a migration that has shipped is never
 edited, a change is a new file. Each backend applies the pending ones in one transaction under a lock, so several
 processes opening the same database at once apply each migration exactly once.
+
+Numbers run 0001, 0002, ... without gaps: a gap is a migration file missing from the package.
 """
 
 from __future__ import annotations
@@ -48,5 +50,9 @@ def pending(dialect: str, applied: Collection[int], target: int | None = None) -
     return [m for m in known if m.version not in applied and (target is None or m.version <= target)]
 
 
+def versions(dialect: str) -> list[int]:
+    return [m.version for m in migrations(dialect)]
+
+
 def latest_version(dialect: str) -> int:
-    return len(migrations(dialect))
+    return max(versions(dialect), default=0)

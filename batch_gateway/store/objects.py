@@ -4,8 +4,9 @@ obstore already speaks to S3, GCS, Azure and local disks behind one API, so one 
 the URL picks it (`s3://bucket/prefix`, `file:///path`, `memory:///`). S3 endpoint, region and credentials come from
 the usual `AWS_*` environment variables (for MinIO or moto: `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true`).
 
-Key layout: one bucket, everything under `<tenant>/`: `<tenant>/files/<file_id>` for files and
-`<tenant>/batches/<batch_id>/...` for a runner's checkpoints.
+Key layout: one bucket, everything under `<tenant>/`: `<tenant>/files/<file_id>` for files,
+`<tenant>/uploads/<upload_id>/<part_id>` for the parts of an Upload, and `<tenant>/batches/<batch_id>/...` for a
+runner's checkpoints.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class ObjectMissing(GatewayError):
 
 def file_key(tenant: str, file_id: str) -> str:
     return f"{tenant}/files/{file_id}"
+
+
+def upload_part_key(tenant: str, upload_id: str, part_id: str) -> str:
+    return f"{tenant}/uploads/{upload_id}/{part_id}"
 
 
 def batch_prefix(tenant: str, batch_id: str) -> str:

@@ -30,8 +30,12 @@ from batch_gateway.store.metadata import (
     BatchRecord,
     FileRecord,
     MetadataStore,
+    OPEN_UPLOAD_STATUSES,
     RunnerLoad,
     StorageStats,
+    UploadPartRecord,
+    UploadRecord,
+    UploadStatus,
     WebhookEventRecord,
     WebhookState,
 )
@@ -43,6 +47,8 @@ _FILES = ", ".join(rows.FILE_COLUMNS)
 _BATCHES = ", ".join(rows.BATCH_COLUMNS)
 _KEYS = ", ".join(rows.KEY_COLUMNS)
 _EVENTS = ", ".join(f"e.{name}" for name in rows.WEBHOOK_EVENT_COLUMNS)
+_UPLOADS = ", ".join(rows.UPLOAD_COLUMNS)
+_PARTS = ", ".join(rows.UPLOAD_PART_COLUMNS)
 
 # pg_advisory_xact_lock key serialising migrations across processes ("bgmigr").
 MIGRATION_LOCK = 0x62676D696772
@@ -238,6 +244,87 @@ class PostgresStore(MetadataStore):
             (now, limit),
         )
         return [rows.file_from_row(r) for r in found]
+
+    # --- uploads -----------------------------------------------------------------------------
+
+    async def insert_upload(self, record: UploadRecord) -> None:
+        values = rows.upload_values(record)
+        await self._execute(f"INSERT INTO uploads ({_UPLOADS}) VALUES ({_marks(values)})", values)
+
+    async def get_upload(self, upload_id: str, tenant: str | None) -> UploadRecord | None:
+        scope, params = ("", ()) if tenant is None else (" AND tenant = %s", (tenant,))
+        row = await self._row(f"SELECT {_UPLOADS} FROM uploads WHERE id = %s{scope}", (upload_id, *params))
+        return rows.upload_from_row(row) if row else None
+
+    async def add_upload_part(self, part: UploadPartRecord, now: int) -> bool:
+        # One statement: the part goes in only if, at that moment, its upload is pending and unexpired. A complete or
+        # cancel committing meanwhile may still miss the part; such a part is never listed in a complete (its id was
+        # not answered yet) and gc deletes it with the upload's other leftovers.
+        values = rows.upload_part_values(part)
+        inserted = await self._execute(
+            f"INSERT INTO upload_parts ({_PARTS}) SELECT {_marks(values)} WHERE EXISTS (SELECT 1 FROM uploads "
+            "WHERE id = %s AND tenant = %s AND status = %s AND expires_at > %s)",
+            (*values, part.upload_id, part.tenant, UploadStatus.PENDING.value, now),
+        )
+        return inserted > 0
+
+    async def upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        found = await self._rows(f"SELECT {_PARTS} FROM upload_parts WHERE upload_id = %s ORDER BY seq", (upload_id,))
+        return [rows.upload_part_from_row(r) for r in found]
+
+    async def transition_upload(
+        self, upload_id: str, tenant: str | None, from_statuses: Collection[str], to_status: str,
+        *, unexpired_at: int | None = None,
+    ) -> UploadRecord | None:
+        sources = rows.checked_upload_statuses(from_statuses)
+        rows.checked_upload_statuses([to_status])
+        clauses, params = ["id = %s", "status = ANY(%s)"], [upload_id, sources]
+        if tenant is not None:
+            clauses.append("tenant = %s")
+            params.append(tenant)
+        if unexpired_at is not None:
+            clauses.append("expires_at > %s")
+            params.append(unexpired_at)
+        row = await self._row(
+            f"UPDATE uploads SET status = %s WHERE {' AND '.join(clauses)} RETURNING {_UPLOADS}", (to_status, *params)
+        )
+        return rows.upload_from_row(row) if row else None
+
+    async def complete_upload(self, upload_id: str, file: FileRecord) -> UploadRecord | None:
+        async with self._connection() as connection, connection.transaction():
+            cursor = await connection.execute(
+                f"UPDATE uploads SET status = %s, file_id = %s WHERE id = %s AND status = %s RETURNING {_UPLOADS}",
+                (UploadStatus.COMPLETED.value, file.id, upload_id, UploadStatus.COMPLETING.value),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            values = rows.file_values(file)
+            await connection.execute(
+                f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values
+            )
+        return rows.upload_from_row(row)
+
+    async def expire_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        found = await self._rows(
+            "WITH due AS (SELECT seq FROM uploads WHERE status = ANY(%s) AND expires_at <= %s "
+            "ORDER BY expires_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE uploads u SET status = %s FROM due WHERE u.seq = due.seq "
+            f"RETURNING {', '.join('u.' + name for name in rows.UPLOAD_COLUMNS)}",
+            (list(OPEN_UPLOAD_STATUSES), now, limit, UploadStatus.EXPIRED.value),
+        )
+        return [rows.upload_from_row(r) for r in found]
+
+    async def stale_upload_parts(self, limit: int) -> list[UploadPartRecord]:
+        found = await self._rows(
+            f"SELECT {_PARTS} FROM upload_parts AS p WHERE NOT EXISTS (SELECT 1 FROM uploads AS u WHERE "
+            "u.id = p.upload_id AND u.status = ANY(%s)) ORDER BY seq LIMIT %s",
+            (list(OPEN_UPLOAD_STATUSES), limit),
+        )
+        return [rows.upload_part_from_row(r) for r in found]
+
+    async def delete_upload_part(self, part_id: str) -> None:
+        await self._execute("DELETE FROM upload_parts WHERE id = %s", (part_id,))
 
     # --- batches -----------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ from batch_gateway.store.metadata import (
     BatchRecord,
     FileRecord,
     RunnerLoad,
+    UploadPartRecord,
+    UploadRecord,
+    UploadStatus,
     WebhookEventRecord,
 )
 
@@ -25,6 +28,9 @@ FILE_COLUMNS: tuple[str, ...] = tuple(FileRecord.__struct_fields__)
 BATCH_COLUMNS: tuple[str, ...] = tuple(BatchRecord.__struct_fields__)
 KEY_COLUMNS: tuple[str, ...] = tuple(ApiKeyRecord.__struct_fields__)
 WEBHOOK_EVENT_COLUMNS: tuple[str, ...] = tuple(WebhookEventRecord.__struct_fields__)
+UPLOAD_COLUMNS: tuple[str, ...] = tuple(UploadRecord.__struct_fields__)
+UPLOAD_PART_COLUMNS: tuple[str, ...] = tuple(UploadPartRecord.__struct_fields__)
+UPLOAD_STATUSES: frozenset[str] = frozenset(status.value for status in UploadStatus)
 
 # Columns holding JSON, with the type each decodes to.
 BATCH_JSON_TYPES: dict[str, Any] = {
@@ -60,6 +66,29 @@ def key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:
 
 def webhook_event_from_row(row: Mapping[str, Any]) -> WebhookEventRecord:
     return WebhookEventRecord(**{name: row[name] for name in WEBHOOK_EVENT_COLUMNS})
+
+
+def upload_from_row(row: Mapping[str, Any]) -> UploadRecord:
+    return UploadRecord(**{name: row[name] for name in UPLOAD_COLUMNS})
+
+
+def upload_part_from_row(row: Mapping[str, Any]) -> UploadPartRecord:
+    return UploadPartRecord(**{name: row[name] for name in UPLOAD_PART_COLUMNS})
+
+
+def upload_values(record: UploadRecord) -> list[Any]:
+    return [getattr(record, name) for name in UPLOAD_COLUMNS]
+
+
+def upload_part_values(record: UploadPartRecord) -> list[Any]:
+    return [getattr(record, name) for name in UPLOAD_PART_COLUMNS]
+
+
+def checked_upload_statuses(statuses: Collection[str]) -> list[str]:
+    unknown = set(statuses) - UPLOAD_STATUSES
+    if unknown:
+        raise ValueError(f"unknown upload statuses {sorted(unknown)}")
+    return sorted(statuses)
 
 
 def batch_from_row(row: Mapping[str, Any]) -> BatchRecord:

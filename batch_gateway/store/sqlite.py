@@ -27,8 +27,12 @@ from batch_gateway.store.metadata import (
     BatchRecord,
     FileRecord,
     MetadataStore,
+    OPEN_UPLOAD_STATUSES,
     RunnerLoad,
     StorageStats,
+    UploadPartRecord,
+    UploadRecord,
+    UploadStatus,
     WebhookEventRecord,
     WebhookState,
 )
@@ -41,6 +45,8 @@ _FILES = ", ".join(rows.FILE_COLUMNS)
 _BATCHES = ", ".join(rows.BATCH_COLUMNS)
 _KEYS = ", ".join(rows.KEY_COLUMNS)
 _EVENTS = ", ".join(rows.WEBHOOK_EVENT_COLUMNS)
+_UPLOADS = ", ".join(rows.UPLOAD_COLUMNS)
+_PARTS = ", ".join(rows.UPLOAD_PART_COLUMNS)
 
 # Primary result codes that mean "the database cannot serve right now", as opposed to a bug in a query.
 _UNAVAILABLE_CODES = {
@@ -249,6 +255,88 @@ class SqliteStore(MetadataStore):
             (now, limit),
         )
         return [rows.file_from_row(r) for r in found]
+
+    # --- uploads -----------------------------------------------------------------------------
+
+    async def insert_upload(self, record: UploadRecord) -> None:
+        values = rows.upload_values(record)
+        await self._execute(f"INSERT INTO uploads ({_UPLOADS}) VALUES ({_marks(values)})", values)
+
+    async def get_upload(self, upload_id: str, tenant: str | None) -> UploadRecord | None:
+        scope, params = ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
+        row = await self._row(f"SELECT {_UPLOADS} FROM uploads WHERE id = ?{scope}", (upload_id, *params))
+        return rows.upload_from_row(row) if row else None
+
+    async def add_upload_part(self, part: UploadPartRecord, now: int) -> bool:
+        values = rows.upload_part_values(part)
+        inserted = await self._execute(
+            f"INSERT INTO upload_parts ({_PARTS}) SELECT {_marks(values)} WHERE EXISTS (SELECT 1 FROM uploads "
+            "WHERE id = ? AND tenant = ? AND status = ? AND expires_at > ?)",
+            (*values, part.upload_id, part.tenant, UploadStatus.PENDING.value, now),
+        )
+        return inserted > 0
+
+    async def upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        found = await self._rows(f"SELECT {_PARTS} FROM upload_parts WHERE upload_id = ? ORDER BY seq", (upload_id,))
+        return [rows.upload_part_from_row(r) for r in found]
+
+    async def transition_upload(
+        self, upload_id: str, tenant: str | None, from_statuses: Collection[str], to_status: str,
+        *, unexpired_at: int | None = None,
+    ) -> UploadRecord | None:
+        sources = rows.checked_upload_statuses(from_statuses)
+        rows.checked_upload_statuses([to_status])
+        clauses, params = ["id = ?", f"status IN ({_marks(sources)})"], [upload_id, *sources]
+        if tenant is not None:
+            clauses.append("tenant = ?")
+            params.append(tenant)
+        if unexpired_at is not None:
+            clauses.append("expires_at > ?")
+            params.append(unexpired_at)
+        row = await self._row(
+            f"UPDATE uploads SET status = ? WHERE {' AND '.join(clauses)} RETURNING {_UPLOADS}", (to_status, *params)
+        )
+        return rows.upload_from_row(row) if row else None
+
+    async def complete_upload(self, upload_id: str, file: FileRecord) -> UploadRecord | None:
+        def work(c: sqlite3.Connection) -> sqlite3.Row | None:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                row = c.execute(
+                    f"UPDATE uploads SET status = ?, file_id = ? WHERE id = ? AND status = ? RETURNING {_UPLOADS}",
+                    (UploadStatus.COMPLETED.value, file.id, upload_id, UploadStatus.COMPLETING.value),
+                ).fetchone()
+                if row is not None:
+                    values = rows.file_values(file)
+                    c.execute(f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values)
+                c.execute("COMMIT" if row is not None else "ROLLBACK")
+                return row
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+        row = await self._run(work)
+        return rows.upload_from_row(row) if row else None
+
+    async def expire_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        found = await self._rows(
+            f"UPDATE uploads SET status = ? WHERE seq IN (SELECT seq FROM uploads WHERE status IN "
+            f"({_marks(OPEN_UPLOAD_STATUSES)}) AND expires_at <= ? ORDER BY expires_at, seq LIMIT ?) RETURNING {_UPLOADS}",
+            (UploadStatus.EXPIRED.value, *OPEN_UPLOAD_STATUSES, now, limit),
+        )
+        return [rows.upload_from_row(r) for r in found]
+
+    async def stale_upload_parts(self, limit: int) -> list[UploadPartRecord]:
+        found = await self._rows(
+            f"SELECT {_PARTS} FROM upload_parts AS p WHERE NOT EXISTS (SELECT 1 FROM uploads AS u WHERE "
+            f"u.id = p.upload_id AND u.status IN ({_marks(OPEN_UPLOAD_STATUSES)})) ORDER BY seq LIMIT ?",
+            (*OPEN_UPLOAD_STATUSES, limit),
+        )
+        return [rows.upload_part_from_row(r) for r in found]
+
+    async def delete_upload_part(self, part_id: str) -> None:
+        await self._execute("DELETE FROM upload_parts WHERE id = ?", (part_id,))
 
     # --- batches -----------------------------------------------------------------------------
 

@@ -90,7 +90,8 @@ def test_batch_is_kept_and_answered_200_when_the_executor_fails(server, client):
         ({"input_file_id": "$FILE", "endpoint": "/v1/invalid/endpoint", "completion_window": "24h"}, "endpoint",
          "invalid_value",
          "Invalid value: '/v1/invalid/endpoint'. Supported values are: '/v1/chat/completions', '/v1/completions', "
-         "'/v1/embeddings', and '/v1/responses'."),
+         "'/v1/embeddings', '/v1/responses', '/v1/moderations', '/v1/images/generations', '/v1/images/edits', and "
+         "'/v1/videos'."),
         ({"input_file_id": "$FILE", "endpoint": ["x"], "completion_window": "24h"}, "endpoint", "invalid_type", None),
         *[({"input_file_id": "$FILE", "endpoint": ENDPOINT, "completion_window": window}, "completion_window",
            "invalid_value", f"Invalid value: '{window}'. Supported values are: '24h'.")
@@ -407,3 +408,44 @@ def test_cancel_of_a_finished_batch_is_409_and_not_retried(server, client, statu
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert server.count("POST", f"/v1/batches/{batch.id}/cancel") == 1
     assert client.batches.retrieve(batch.id).status == status
+
+
+# --- parity: the operator's window, the spec's endpoints ----------------------------------------------------------
+
+
+def test_completion_window_shows_the_window_the_batch_really_has(server_factory):
+    from batch_gateway.api.batch_create import window_label
+
+    assert [window_label(s) for s in (86400, 3600, 172800, 5400, 45)] == ["24h", "1h", "48h", "90m", "45s"]
+    server = server_factory(completion_window_seconds=3600)
+    client = server.client()
+    batch = create(client, upload(client))  # clients still ask for "24h", the only value OpenAI accepts
+    assert (batch.completion_window, batch.expires_at - batch.created_at) == ("1h", 3600)
+    assert client.batches.retrieve(batch.id).completion_window == "1h"
+
+
+def test_every_endpoint_of_the_spec_is_accepted_when_an_upstream_serves_it(server_factory):
+    from batch_gateway.sim import SimConfig, SimServer
+
+    with SimServer(SimConfig(time_scale=0)) as sim:
+        server = server_factory(upstream=[sim.url])
+        client = server.client(max_retries=0)
+        file_id = upload(client)
+        for endpoint in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                         "/v1/moderations"):
+            batch = client.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
+            assert batch.endpoint == endpoint
+        for endpoint in ("/v1/images/generations", "/v1/images/edits", "/v1/videos"):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
+            assert caught.value.param == "endpoint" and caught.value.code == "invalid_value"
+            assert f"The endpoint '{endpoint}' cannot be used with this gateway" in caught.value.message
+            assert sim.url not in caught.value.message and "127.0.0.1" not in caught.value.message
+        assert len(client.batches.list().data) == 5
+
+
+def test_an_upstream_that_does_not_answer_does_not_block_batches(server_factory):
+    server = server_factory(upstream=["http://127.0.0.1:9"])  # down: its lines will wait for it, as always
+    client = server.client(max_retries=0)
+    batch = client.batches.create(input_file_id=upload(client), endpoint="/v1/images/edits", completion_window="24h")
+    assert batch.status == "validating"

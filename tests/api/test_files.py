@@ -189,18 +189,40 @@ def test_batch_file_line_and_request_limits(server_factory):
     assert len(server.stored_objects()) == 2
 
 
-def test_upload_over_the_size_limit_is_413_and_nothing_is_stored(server_factory):
+def test_upload_over_the_size_limit_is_openais_400_and_nothing_is_stored(server_factory):
     limit = 64 * 1024
-    server = server_factory(max_upload_bytes=limit)
+    server = server_factory(max_batch_file_bytes=limit)
     client = server.client(max_retries=0)
     exact = b'{"a": "' + b"x" * (limit - 10) + b'"}\n'
     assert len(exact) == limit
     assert client.files.create(file=("exact.jsonl", exact), purpose="batch").bytes == limit
 
-    with pytest.raises(openai.APIStatusError) as caught:
+    with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=("big.jsonl", exact + b"{}\n"), purpose="batch")
-    assert caught.value.status_code == 413 and caught.value.code == "file_too_large"
+    error = caught.value.body
+    assert error["message"].startswith("File is too large.") and error["type"] == "invalid_request_error"
+    assert error["code"] is None and error["param"] is None
     assert len(client.files.list().data) == 1 and len(server.stored_objects()) == 1
+
+
+def test_size_limits_are_per_purpose_512_mb_a_file_200_mb_a_batch_input(server_factory):
+    from batch_gateway.settings import Settings
+
+    assert (Settings().max_upload_bytes, Settings().max_batch_file_bytes) == (512 * 1024 * 1024, 200 * 1024 * 1024)
+    server = server_factory(max_upload_bytes=4096, max_batch_file_bytes=1024)
+    client = server.client(max_retries=0)
+    two_kb = b'{"a": "' + b"x" * 2038 + b'"}\n'
+    assert client.files.create(file=("notes.jsonl", two_kb), purpose="user_data").bytes == 2048
+    with pytest.raises(openai.BadRequestError, match="File is too large. The most a file with purpose 'batch'"):
+        client.files.create(file=("in.jsonl", two_kb), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="File is too large"):
+        client.files.create(file=("notes.jsonl", two_kb * 3), purpose="user_data")
+    # The file before the purpose: the general limit while streaming, the batch limit once the purpose is known.
+    body, content_type = multipart_body([("file", two_kb, "in.jsonl"), ("purpose", b"batch", None)])
+    response = server.http().post("/v1/files", content=body, headers={"Content-Type": content_type})
+    assert_envelope(response, 400)
+    assert response.json()["error"]["message"].startswith("File is too large.")
+    assert [f.purpose for f in client.files.list().data] == ["user_data"] and len(server.stored_objects()) == 1
 
 
 def test_oversized_upload_without_content_length_is_cut_off_while_streaming(server_factory):
@@ -224,7 +246,7 @@ def test_oversized_upload_without_content_length_is_cut_off_while_streaming(serv
     except httpx.TransportError:
         response = None  # the server may hang up on the rest of the body before the client reads the answer
     if response is not None:
-        assert_envelope(response, 413, code="file_too_large")
+        assert_envelope(response, 400)
     assert server.stored_objects() == []
     assert server.client().files.list().data == []
 
@@ -233,7 +255,8 @@ def test_declared_content_length_over_the_limit_is_refused_before_reading(server
     server = server_factory(max_upload_bytes=1024)
     body, content_type = multipart_body([("purpose", b"batch", None), ("file", b"{}\n" * 2_000_000, "a.jsonl")])
     response = server.http().post("/v1/files", content=body, headers={"Content-Type": content_type})
-    assert_envelope(response, 413, code="file_too_large")
+    assert_envelope(response, 400)
+    assert response.json()["error"]["message"].startswith("File is too large.")
     assert server.stored_objects() == []
 
 

@@ -208,3 +208,10 @@ def test_router_404_and_405_are_counted_in_metrics(server):
         ("PUT", "unmatched", "405"): 1,
         ("GET", "/v1/files/{file_id}", "404"): 1,
     }
+
+
+def test_every_response_says_not_to_sniff_or_frame_it(server):
+    http = server.http()
+    for response in (http.get("/v1/files"), http.get("/v1/nothing-here"), http.put("/v1/batches"), http.get("/health")):
+        assert response.headers["x-content-type-options"] == "nosniff", response.url
+        assert response.headers["x-frame-options"] == "DENY", response.url

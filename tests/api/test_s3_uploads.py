@@ -41,9 +41,8 @@ def test_rejected_uploads_leave_nothing_in_s3(s3_api, s3):  # noqa: F811
     server, bucket = s3_api
     client = server.client(max_retries=0)
     too_big = b'{"a": 1}\n' * (25 * 1024 * 1024 // 9 + 1)
-    with pytest.raises(openai.APIStatusError) as caught:
+    with pytest.raises(openai.BadRequestError, match="File is too large"):
         client.files.create(file=("big.jsonl", too_big), purpose="batch")
-    assert caught.value.status_code == 413
     late_problem = chat_lines(3) * 8_000 + b"\xff\n"  # ~11 MB, then a byte that is not UTF-8
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("late.jsonl", late_problem), purpose="batch")

@@ -257,3 +257,20 @@ def test_a_batch_cancelled_before_it_ran_lists_every_line(gateway_factory, sim_f
     assert sorted(e["custom_id"] for e in errors) == sorted(f"req-{i}" for i in range(30))
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     client.batches.cancel(first.id)
+
+
+def test_a_killed_runner_is_replaced_without_waiting_out_its_lease(gateway_factory, sim_factory):
+    sim = sim_factory(time_scale=0.5, max_num_seqs=8)
+    gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_RUNNER_LEASE_SECONDS": "60"})
+    client = gateway.client()
+    batch = start_batch(client, batch_input(150))
+    wait_until(lambda: served(sim) >= 10, what="progress")
+    for runner in gateway.runners():
+        runner.kill()  # SIGKILL: its lease (60 s) is left behind
+    killed_at = time.monotonic()
+    done = wait_for(client, batch.id, timeout=120)
+    assert_every_line_once(client, done, 150)
+    # The executor saw its runner die and released the lease: the next one (after the 2 s crash backoff) did not
+    # wait the minute out.
+    assert time.monotonic() - killed_at < 45
+    assert "runner.waiting_for_lease" not in gateway.logs()

@@ -56,7 +56,7 @@ def test_batch_completes_with_every_line_once(client):
 
     out_file = client.files.retrieve(done.output_file_id)
     assert out_file.purpose == "batch_output" and out_file.bytes == len(output)
-    assert out_file.expires_at == out_file.created_at + 30 * 86400
+    assert out_file.expires_at is None  # results are kept until deleted (unless output_expires_after says otherwise)
     assert done.output_file_id in {f.id for f in client.files.list(purpose="batch_output")}
 
 

@@ -128,3 +128,52 @@ async def test_gc_pass_aborts_stale_multipart_uploads_on_s3(tmp_path, s3: S3Serv
         finally:
             await services.close()
         assert s3.pending_uploads(bucket) == left
+
+
+async def test_gc_expires_uploads_and_deletes_the_parts_of_finished_ones(tmp_path):
+    from batch_gateway.store.metadata import UploadPartRecord, UploadRecord
+    from batch_gateway.store.objects import upload_part_key
+
+    services = await Services.open(Settings(data_dir=str(tmp_path)))
+    try:
+        now, metadata, objects = ids.now(), services.metadata, services.objects
+
+        async def upload_with_part(upload_id: str, created_at: int, status: str = "pending") -> str:
+            await metadata.insert_upload(UploadRecord(
+                id=upload_id, tenant="t", filename="a.jsonl", purpose="batch", bytes=4, mime_type="text/jsonl",
+                status="pending", created_at=created_at, expires_at=created_at + 3600))
+            key = upload_part_key("t", upload_id, f"part_{upload_id}")
+            await objects.put_bytes(key, b"{}\n\n")
+            assert await metadata.add_upload_part(UploadPartRecord(
+                id=f"part_{upload_id}", upload_id=upload_id, tenant="t", bytes=4, created_at=created_at, object_key=key),
+                now=created_at)
+            if status != "pending":
+                await metadata.transition_upload(upload_id, "t", ["pending"], status)
+            return key
+
+        stale = await upload_with_part("upload_stale", now - 3601)
+        crashed = await upload_with_part("upload_crashed", now - 3601, status="completing")
+        # The bytes a completion wrote before its process died, without a File record.
+        leftover = file_key("t", ids.upload_file_id("upload_crashed"))
+        await objects.put_bytes(leftover, b"{}\n\n")
+        cancelled = await upload_with_part("upload_cancelled", now, status="cancelled")
+        live = await upload_with_part("upload_live", now)
+
+        report = await collect(services, RecordingExecutor(running=set(), broken=set()))
+
+        assert (report.uploads_expired, report.upload_parts_deleted) == (2, 3)
+        for upload_id in ("upload_stale", "upload_crashed"):
+            assert (await metadata.get_upload(upload_id, None)).status == "expired"
+        for key in (stale, crashed, cancelled, leftover):
+            try:
+                await objects.get_bytes(key)
+                raise AssertionError(f"{key} is still there")
+            except ObjectMissing:
+                pass
+        assert await objects.get_bytes(live) == b"{}\n\n"
+        assert [p.id for p in await metadata.upload_parts("upload_live")] == ["part_upload_live"]
+        assert await metadata.stale_upload_parts(10) == []
+        again = await collect(services, RecordingExecutor(running=set(), broken=set()))
+        assert (again.uploads_expired, again.upload_parts_deleted) == (0, 0)
+    finally:
+        await services.close()

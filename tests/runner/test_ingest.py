@@ -24,7 +24,10 @@ async def chunks_of(data: bytes, size: int):
 
 
 async def run(data: bytes, tmp_path, *, chunk: int = 7, max_requests: int = 100, max_line: int = 10_000, known=True):
-    return await ingest(chunks_of(data, chunk), tmp_path / "w" / "input.jsonl", CHAT, Limits(max_requests, max_line), lambda m: known)
+    async def check_model(model: str) -> str | None:
+        return None if known else "no upstream serves it."
+
+    return await ingest(chunks_of(data, chunk), tmp_path / "w" / "input.jsonl", CHAT, Limits(max_requests, max_line), check_model)
 
 
 async def test_split_lines_across_chunks_and_oversized(tmp_path):
@@ -73,6 +76,34 @@ async def test_error_list_is_capped(tmp_path):
     ingested = await run(b"\n".join(b"{bad" for _ in range(600)), tmp_path, max_requests=1000)
     assert len(ingested.errors) == 501
     assert ingested.errors[-1].code == "too_many_errors"
+
+
+async def test_errors_are_reported_in_line_order_even_when_found_later(tmp_path):
+    """Duplicate custom_ids are found after the last line: they still take their place by line, and within the cap
+    the earliest lines win."""
+    lines = [req("dup"), req("dup"), b"{bad", req("x", model="other"), req("y")]
+    got = [(e.code, e.line) for e in (await run(b"\n".join(lines), tmp_path)).errors]
+    assert got == [("duplicate_custom_id", 2), ("invalid_json_line", 3), ("model_mismatch", 4)]
+
+    many = [req("same"), req("same"), *(b"{bad" for _ in range(600))]
+    errors = (await run(b"\n".join(many), tmp_path, max_requests=1000)).errors
+    assert [(e.code, e.line) for e in errors[:3]] == [("duplicate_custom_id", 2), ("invalid_json_line", 3),
+                                                       ("invalid_json_line", 4)]
+    assert [e.line for e in errors[:-1]] == sorted(e.line for e in errors[:-1])
+    assert errors[-1].code == "too_many_errors" and errors[-1].message.startswith("101 more errors")
+    too_many = (await run(b"\n".join([b"{bad", req("a"), req("b"), req("c")]), tmp_path, max_requests=2)).errors
+    assert [(e.code, e.line) for e in too_many] == [("invalid_json_line", 1), ("too_many_tasks", None)]
+
+
+async def test_a_byte_order_mark_at_the_start_is_skipped(tmp_path):
+    data = b"\xef\xbb\xbf" + req("a") + b"\n" + req("b")
+    for chunk in (1, 2, 7):
+        ingested = await run(data, tmp_path, chunk=chunk)
+        assert ingested.errors == [] and ingested.count == 2
+        with open(ingested.path, "rb") as f:
+            assert read_request(ingested, f.fileno(), 0) == req("a")
+    inside = req("a") + b"\n\xef\xbb\xbf" + req("b")  # only at the start of the file
+    assert [(e.code, e.line) for e in (await run(inside, tmp_path)).errors] == [("invalid_json_line", 2)]
 
 
 def tiny(i: int, system: str | None = None) -> bytes:

@@ -139,3 +139,25 @@ def test_not_json_unknown_path_and_wrong_method(sim):
     assert _error(httpx.get(sim.url + "/v1/nothing"), 404)
     assert _error(httpx.get(sim.url + "/v1/chat/completions"), 405)
     assert _error(httpx.post(sim.url + "/v1/models"), 405)
+
+
+def test_moderations_answer_openais_shape_deterministically(client, sim):
+    first = client.moderations.create(model="sim-model", input=["a calm sentence", "another one"])
+    assert first.id.startswith("modr-") and first.model == "sim-model" and len(first.results) == 2
+    result = first.results[0]
+    assert set(result.categories.model_dump(by_alias=True)) >= {"hate", "violence", "self-harm/intent"}
+    assert all(0 <= score <= 1 for score in result.category_scores.model_dump().values())
+    assert result.flagged == any(result.categories.model_dump().values())
+    again = client.moderations.create(model="sim-model", input="a calm sentence")
+    assert again.results[0].category_scores == result.category_scores  # the same text, the same scores
+    parts = client.moderations.create(model="sim-model", input=[{"type": "text", "text": "hello"}])
+    assert len(parts.results) == 1
+    assert _error(httpx.post(sim.url + "/v1/moderations", json={"model": "sim-model"}), 400)["param"] == "input"
+    assert _error(httpx.post(sim.url + "/v1/moderations", json={"model": "nope", "input": "x"}), 404)
+
+
+def test_responses_take_a_prompt_template_or_a_conversation_instead_of_input(client, sim):
+    for extra in ({"prompt": {"id": "pmpt_1", "variables": {"city": "Oslo"}}}, {"conversation": "conv_1"}):
+        response = client.responses.create(model="sim-model", max_output_tokens=4, **extra)
+        assert response.object == "response" and response.usage.input_tokens > 0
+    assert _error(httpx.post(sim.url + "/v1/responses", json={"model": "sim-model"}), 400)["param"] == "input"

@@ -13,12 +13,14 @@ from batch_gateway.store import migrations as migrations_module
 from batch_gateway.store import postgres as postgres_module
 from batch_gateway.store import sqlite as sqlite_module
 from batch_gateway.store.metadata import MetadataStore
-from batch_gateway.store.migrations import Migration, latest_version, migrations, pending
+from batch_gateway.store.migrations import Migration, latest_version, migrations, pending, versions
 from tests.fixtures.postgres import postgres_available, test_database
 from tests.store.conftest import new_store
 from tests.store.test_metadata_store import batch_record
 
 LATEST = latest_version("sqlite")
+VERSIONS = versions("sqlite")  # unique and increasing; a number another branch reserved may be missing
+PREVIOUS = VERSIONS[-2]
 
 # Rows as a release at schema version 1 wrote them (no lease columns, no indexes yet).
 V1_FILE = ("file-v1", "acme", 10, 100, "in.jsonl", "batch", "acme/files/file-v1", 2_000, "processed")
@@ -66,8 +68,8 @@ async def connected(backend: str, location: str) -> MetadataStore:
 async def test_upgrade_from_the_previous_version_keeps_rows_and_they_work(metadata_backend: str, empty_database: str):
     old = await connected(metadata_backend, empty_database)
     try:
-        assert await old.migrate(target=LATEST - 1) == list(range(1, LATEST))
-        assert await old.schema_version() == LATEST - 1
+        assert await old.migrate(target=PREVIOUS) == VERSIONS[:-1]
+        assert await old.schema_version() == PREVIOUS
     finally:
         await old.close()
     raw_execute(metadata_backend, empty_database, "INSERT INTO files (id, tenant, bytes, created_at, filename, "
@@ -108,7 +110,7 @@ async def test_migrations_apply_once_and_are_recorded(metadata_backend: str, emp
     first = await connected(metadata_backend, empty_database)
     second = await connected(metadata_backend, empty_database)
     try:
-        assert await first.migrate() == list(range(1, LATEST + 1))
+        assert await first.migrate() == VERSIONS
         assert await first.migrate() == []
         assert await second.migrate() == []
         await second.open()  # open() migrates too: nothing left to do
@@ -123,7 +125,7 @@ async def test_concurrent_start_up_applies_each_migration_once(metadata_backend:
     stores = [await connected(metadata_backend, empty_database) for _ in range(4)]
     try:
         applied = await asyncio.gather(*(store.migrate() for store in stores))
-        assert sorted(applied) == [[]] * 3 + [list(range(1, LATEST + 1))]
+        assert sorted(applied) == [[]] * 3 + [VERSIONS]
         assert {await store.schema_version() for store in stores} == {LATEST}
     finally:
         for store in stores:
@@ -150,7 +152,7 @@ async def test_a_failing_migration_changes_nothing(metadata_backend: str, empty_
 async def test_step_by_step_upgrade_equals_migrating_in_one_go(metadata_backend: str, empty_database: str, tmp_path):
     stepwise = await connected(metadata_backend, empty_database)
     try:
-        for version in range(1, LATEST + 1):
+        for version in VERSIONS:
             assert await stepwise.migrate(target=version) == [version]
     finally:
         await stepwise.close()
@@ -174,10 +176,11 @@ async def test_step_by_step_upgrade_equals_migrating_in_one_go(metadata_backend:
 def test_migration_files_are_numbered_and_targets_checked():
     for dialect in migrations_module.DIALECTS:
         found = migrations(dialect)
-        assert [m.version for m in found] == list(range(1, len(found) + 1))
+        numbers = [m.version for m in found]
+        assert numbers == sorted(set(numbers)) and numbers[0] == 1
         assert pending(dialect, {1}, target=1) == []
         with pytest.raises(ValueError, match="schema version"):
-            pending(dialect, set(), target=len(found) + 1)
+            pending(dialect, set(), target=numbers[-1] + 1)
     assert [m.name for m in migrations("sqlite")] == [m.name for m in migrations("postgres")]
     with pytest.raises(ValueError, match="dialect"):
         migrations("mysql")

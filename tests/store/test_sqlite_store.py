@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from batch_gateway.errors import StorageUnavailable
-from batch_gateway.store.migrations import latest_version
+from batch_gateway.store.migrations import latest_version, versions
 from batch_gateway.store.sqlite import SqliteStore
 from tests.store.test_metadata_store import batch_record
 
@@ -151,6 +151,6 @@ async def test_processes_sharing_the_file_migrate_once_and_claim_each_batch_once
         assert proc.returncode == 0, err.decode()
     results = [line.split()[1:] for out, _ in outputs for line in out.decode().splitlines() if line.startswith("RESULT")]
     # one process applied every migration
-    assert sorted(int(result[0]) for result in results) == [0, 0, latest_version("sqlite")]
+    assert sorted(int(result[0]) for result in results) == [0, 0, len(versions("sqlite"))]
     won = [batch_id for result in results for batch_id in result[1:]]
     assert sorted(won) == sorted(batch_ids)  # every batch claimed, and by one process only

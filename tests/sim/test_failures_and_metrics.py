@@ -196,12 +196,13 @@ def test_inter_token_latency_is_the_step_time_of_the_cost_model(start_sim):
     samples = _samples(httpx.get(server.url + "/metrics").text)
     buckets, count, total = _histogram(samples, "vllm:inter_token_latency_seconds")
     assert count == 4 * 10  # one latency per token after each sequence's first
-    assert step * 0.95 < total / count < step * 1.2
-    assert buckets[-1][1] == count and dict(buckets)[0.01] == 0  # nothing below 10 ms...
-    assert dict(buckets)[0.025] >= 0.9 * count  # ...and (CPU hiccups aside) all of it in the 10-25 ms bucket
+    # At least the step the cost model gives; a busy machine only makes steps longer (the bound is loose on purpose:
+    # timing belongs to benchmarks).
+    assert step * 0.95 < total / count < step * 3
+    assert buckets[-1][1] == count and dict(buckets)[0.01] == 0  # nothing below 10 ms
     assert _histogram(samples, "vllm:time_per_output_token_seconds") == (buckets, count, total)  # the old name
     _, requests, per_request = _histogram(samples, "vllm:request_time_per_output_token_seconds")
-    assert requests == 4 and step * 0.95 < per_request / requests < step * 1.2
+    assert requests == 4 and step * 0.95 < per_request / requests < step * 3
     ttft_buckets, ttft_count, ttft_total = _histogram(samples, "vllm:time_to_first_token_seconds")
     assert ttft_count == 4 and ttft_total / 4 >= step * 0.95  # the prefill step, plus the time to get going
 

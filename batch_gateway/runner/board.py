@@ -4,7 +4,8 @@ latest loads the other batch runners published there.
 An engine's gauges cannot tell one batch runner from another, or from interactive users. Runners sharing an engine
 therefore tell each other what they hold, so each can count the rest of the engine's load as interactive, and all
 of them split the batch's share the same way. The exchange runs beside the controller, never in its way: a slow or
-unavailable database leaves the runner with the loads it last saw.
+unavailable database leaves the runner with the loads it last saw. Each exchange runs beside the scrape of the
+engine's gauges, so what the runner reads of the others is at most a reading old.
 """
 
 from __future__ import annotations
@@ -36,16 +37,20 @@ class LoadBoard:
         fresh_after = time.time() - FRESH_SECONDS
         return [load for load in self._peers.get(endpoint, []) if load.at > fresh_after]
 
-    def publish(
-        self, endpoint: str, *, inflight: int, limit: int, demand: int, completed: int, weight: float = 1.0
-    ) -> None:
-        """Publish this runner's load and read the others', in the background (one exchange per endpoint at a time)."""
-        if endpoint in self._exchanges:
-            return
-        load = RunnerLoad(self.owner, inflight, limit, demand, completed, weight, at=time.time())
-        task = asyncio.create_task(self._exchange(endpoint, load))
-        self._exchanges[endpoint] = task
-        task.add_done_callback(lambda _: self._exchanges.pop(endpoint, None))
+    async def exchange(
+        self, endpoint: str, *, inflight: int, limit: int, demand: int, completed: int, weight: float = 1.0,
+        wait: float = 0.25,
+    ) -> list[RunnerLoad]:
+        """Publish this runner's load and read the others'; if the database does not answer within `wait` seconds,
+        the exchange goes on in the background and the others' loads as last read are returned."""
+        task = self._exchanges.get(endpoint)
+        if task is None:  # one exchange per endpoint at a time
+            load = RunnerLoad(self.owner, inflight, limit, demand, completed, weight, at=time.time())
+            task = self._exchanges[endpoint] = asyncio.create_task(self._exchange(endpoint, load))
+            task.add_done_callback(lambda _: self._exchanges.pop(endpoint, None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), wait)
+        return self.peers(endpoint)
 
     async def _exchange(self, endpoint: str, load: RunnerLoad) -> None:
         try:

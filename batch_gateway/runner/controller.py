@@ -55,6 +55,7 @@ UNSEEN_SHARE = 0.1  # our requests the gauges may not show yet (in transit) befo
 PRESENCE_MIN = 1.5  # others' requests in the engine that mean someone is there...
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
 PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
+PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published
 COMPLETION_WINDOW = 3.0  # long enough to hold a few of their requests, short enough to notice they left
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
@@ -105,6 +106,8 @@ class ConcurrencyController:
         self._limit = float(max(minimum, min(maximum, initial)))
         self._sends = 0  # the n-th send gets epoch n
         self._inflight = 0
+        self._inflight_area = 0.0  # ∫ in-flight dt since the last reading
+        self._accounted_at = 0.0
         self._cut_epoch = 0  # sends up to this epoch were out at the last backpressure cut
         self._backoff = 1.0
         self._answered = 0  # our successes on this endpoint, all time
@@ -167,6 +170,7 @@ class ConcurrencyController:
     def on_send(self, now: float) -> int:
         """A request goes out; returns its epoch. Close every send with exactly one of on_success, on_backpressure
         or on_other."""
+        self._account(now)
         self._sends += 1
         self._inflight += 1
         return self._sends
@@ -177,7 +181,7 @@ class ConcurrencyController:
     ) -> None:
         if latency < 0 or output_tokens < 0 or prompt_tokens < 0 or cached_tokens < 0:
             raise ValueError("latency and token counts must not be negative")
-        self._close()
+        self._close(now)
         self._answered += 1
         self.service_time = latency if self.service_time is None else (
             self.service_time + LATENCY_SMOOTHING * (latency - self.service_time))
@@ -196,7 +200,7 @@ class ConcurrencyController:
         was answered by that cut)."""
         if kind not in BACKPRESSURE_KINDS:
             raise ValueError(f"unknown backpressure kind {kind!r}; expected one of {sorted(BACKPRESSURE_KINDS)}")
-        self._close()
+        self._close(now)
         self.backpressure[kind] += 1
         if self.fixed or epoch <= self._cut_epoch:
             return
@@ -211,10 +215,24 @@ class ConcurrencyController:
 
     def on_other(self, now: float, *, epoch: int) -> None:
         """An answer that says nothing about load (a 4xx, a 500 for a broken request, no connection at all)."""
-        self._close()
+        self._close(now)
 
-    def _close(self) -> None:
+    def _close(self, now: float) -> None:
+        self._account(now)
         self._inflight = max(0, self._inflight - 1)
+
+    def _account(self, now: float) -> None:
+        """Integrate our in-flight count over time: its mean between readings is our load on the engine."""
+        if now > self._accounted_at:
+            self._inflight_area += self._inflight * (now - self._accounted_at)
+            self._accounted_at = now
+
+    def _mean_inflight(self, now: float, since: float | None) -> float:
+        self._account(now)
+        span = now - since if since is not None else 0.0
+        mean = self._inflight_area / span if span > 0 else float(self._inflight)
+        self._inflight_area = 0.0
+        return mean
 
     # --- the engine -------------------------------------------------------------------------------
 
@@ -228,7 +246,7 @@ class ConcurrencyController:
             raise ValueError("waiting and running must not be negative")
         previous, self._previous = self._previous, (now, reading)
         interval = now - previous[0] if previous else None
-        self._learn_step(now, reading, previous)
+        self._learn_step(now, reading, previous, peers)
         # The other runners as they published themselves, up to a reading ago: each fills up to its limit within
         # moments, or drains down to it over a service time, so the larger of the two is what it holds now, or more.
         batch_inflight = self._inflight + sum(max(p.inflight, p.limit) for p in peers)
@@ -247,22 +265,26 @@ class ConcurrencyController:
         shares = allocate(total, [mine, *(p.demand for p in peers)], [weight, *(p.weight for p in peers)])
         self._set(shares[0] * self._backoff)
 
-    def _learn_step(self, now: float, reading: EngineReading, previous: tuple[float, EngineReading] | None) -> None:
+    def _learn_step(
+        self, now: float, reading: EngineReading, previous: tuple[float, EngineReading] | None,
+        peers: Sequence[RunnerLoad],
+    ) -> None:
         """Feed the step model: the engine's mean inter-token latency since the last reading (or, without it, our own
-        answers' latency per output token) against the running count over that time."""
+        answers' latency per output token) against the batch's and everyone else's sequences over that time."""
         own, self._own_per_token = self._own_per_token, []
+        batch = self._mean_inflight(now, previous[0] if previous else None) + sum(p.inflight for p in peers)
         step = reading.step_seconds
         if step is None and own:
             step = sorted(own)[len(own) // 2]
         if step is None or step <= 0:
             return
         # Over the interval, not at its two ends: two snapshots of a count that moved in between would bias the
-        # slope toward zero (errors in the regressor).
+        # slopes toward zero (errors in the regressors).
         if reading.running_mean is not None:
             running = reading.running_mean
         else:
             running = (reading.running + previous[1].running) / 2 if previous else reading.running
-        self.model.observe(running, step)
+        self.model.observe(step, batch=min(batch, running), others=max(0.0, running - batch))
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         self._lowest_step = min(self._lowest_step, self._step)
 
@@ -281,10 +303,12 @@ class ConcurrencyController:
             others_finished = engine_finished - (runners - window[0][2])
             span = now - window[0][0]
             self._completion_rate = (reading.completed - window[0][1]) / span if span > 0 else None
-        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight
-        # Twice the threshold is someone there beyond doubt: the batch yields at this reading. A weaker sign must
-        # show twice.
-        certain = excess >= 2 * threshold
+        # Other runners publish a reading or two late, and one that ramps up meanwhile holds more than it said: a
+        # share of what they hold is not taken for someone else's.
+        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + PEER_SLACK * sum(p.limit for p in peers)
+        # Twice the threshold is someone there beyond doubt: the batch yields at this reading. A weaker sign (or any
+        # sign while other runners share the engine) must show twice.
+        certain = excess >= 2 * threshold and not peers
         # Others' finished requests show users whose requests are too short to be caught running. Only without other
         # runners: their published counts lag the engine's by up to a reading, which reads as others' requests.
         finished = not peers and others_finished >= PRESENCE_COMPLETIONS + PRESENCE_SHARE * engine_finished
@@ -369,8 +393,8 @@ class ConcurrencyController:
             # run (slowdown - 1)·a/m sequences. A slow correction takes up what the linear fit misses (others'
             # requests costing more or less per sequence than ours), learnt only while this budget is what holds the
             # batch and the batch is at it (no wind-up while something else holds it back).
-            a, m = fit.fixed, fit.per_sequence
-            share = min(0.95, m * interactive / self._step)
+            a, m = fit.fixed, fit.per_batch
+            share = min(0.95, fit.per_other * interactive / self._step)
             alone = a / (1.0 - share)
             measured = self._step / alone
             aim = 1.0 + (self.slowdown - 1.0) * (1.0 - BUDGET_MARGIN)
@@ -381,7 +405,8 @@ class ConcurrencyController:
             budget *= self._correction
             self.last_budget = {
                 "step_alone_s": alone, "step_now_s": self._step, "slowdown_now": measured,
-                "per_sequence_s": m, "fixed_s": a, "correction": self._correction,
+                "per_batch_sequence_s": m, "per_other_sequence_s": fit.per_other, "fixed_s": a,
+                "correction": self._correction,
             }
         elif self._step is not None:
             # No fit yet (the load has not varied enough): grow while the step stays within the budget of the lowest
@@ -436,7 +461,8 @@ class ConcurrencyController:
             "slow_start": self._slow_start,
             "interactive_load": round(self.interactive_load, 2),
             "step_s": self._step,
-            "step_fit": {"fixed_s": fit.fixed, "per_sequence_s": fit.per_sequence} if fit else None,
+            "step_fit": {"fixed_s": fit.fixed, "per_batch_sequence_s": fit.per_batch, "per_other_sequence_s": fit.per_other}
+            if fit else None,
             "budget": self.last_budget,
             "waiting": previous.waiting if previous else None,
             "running": previous.running if previous else None,

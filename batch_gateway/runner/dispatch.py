@@ -438,27 +438,29 @@ class Dispatcher:
         controller = endpoint.controller
         failures = 0
         if self.board is not None:  # known to the others before our first request reaches the engine
-            self.board.publish(endpoint.url, inflight=0, limit=controller.limit, demand=self.scheduler.pending, completed=0)
+            await self.board.exchange(endpoint.url, inflight=0, limit=controller.limit, demand=self.scheduler.pending,
+                                      completed=0)
         while True:
             # An endpoint without /metrics (or one that is down) is asked less often, but asked again: it may be
             # an engine restarting, whose gauges the controller wants back.
             await asyncio.sleep(METRICS_INTERVAL if failures < 3 else METRICS_RETRY_INTERVAL)
-            now = time.monotonic()
-            snapshot = await meter.scrape(self.client, endpoint.url, now)
+            demand = controller.inflight + self.scheduler.pending
+            scrape = meter.scrape(self.client, endpoint.url, time.monotonic())
+            if self.board is None:
+                snapshot, peers = await scrape, []
+            else:  # side by side: what we read of the other runners is as fresh as the engine's gauges
+                exchange = self.board.exchange(
+                    endpoint.url, inflight=controller.inflight, limit=controller.limit, demand=demand,
+                    completed=controller.answered,
+                )
+                snapshot, peers = await asyncio.gather(scrape, exchange)
             if snapshot is None:
                 failures += 1
                 continue
             failures = 0
             if snapshot.slot_caches:
                 self.scheduler.limit_pool_inflight(index, 1)
-            demand = controller.inflight + self.scheduler.pending
-            peers = self.board.peers(endpoint.url) if self.board is not None else []
-            controller.on_engine(now, snapshot.reading, peers=peers, demand=demand)
-            if self.board is not None:
-                self.board.publish(
-                    endpoint.url, inflight=controller.inflight, limit=controller.limit, demand=demand,
-                    completed=controller.answered,
-                )
+            controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:
                 self._preempt(endpoint, controller.excess)

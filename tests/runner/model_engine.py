@@ -2,7 +2,8 @@
 
 A fake, on purpose: the real simulator (batch_gateway/sim) runs in real time over HTTP and is what the end-to-end and
 benchmark runs use; this one exists so controller tests can run minutes of engine time in milliseconds. It keeps only
-what the controller's policy depends on: a step costs `fixed + per_sequence × running`; each running sequence gets
+what the controller's policy depends on: a step costs `fixed + per_sequence × running` (plus `batch_extra` per batch
+sequence: long prompts and contexts cost more per step than short chat turns); each running sequence gets
 one token per step; at most `capacity` run and the rest wait in FIFO order; interactive users arrive as a Poisson
 stream. Every `reading_interval` each batch runner's controller gets the engine's gauges (with vLLM's histograms as
 rates since its last reading) and the other runners' loads as they published them at their previous reading.
@@ -41,9 +42,12 @@ class Run:
 class ModelEngine:
     def __init__(
         self, *, fixed: float = 0.010, per_sequence: float = 0.0001, capacity: int = 128, batch_tokens: int = 64,
-        interactive_tokens: int = 64, reading_interval: float = 0.5, seed: int = 1,
+        interactive_tokens: int = 64, reading_interval: float = 0.5, seed: int = 1, batch_extra: float = 0.0,
+        board_lag: int = 1,
     ) -> None:
         self.fixed, self.per_sequence, self.capacity = fixed, per_sequence, capacity
+        self.batch_extra = batch_extra
+        self.board_lag = board_lag  # readings by which what the runners read on the board is late
         self.batch_tokens, self.interactive_tokens = batch_tokens, interactive_tokens
         self.reading_interval = reading_interval
         self.rng = random.Random(seed)
@@ -52,8 +56,9 @@ class ModelEngine:
         self.completed = 0
         self.now = 0.0
 
-    def step_time(self, running: int) -> float:
-        return self.fixed + self.per_sequence * running
+    def step_time(self, running: int, batch: int | None = None) -> float:
+        batch = running if batch is None else batch
+        return self.fixed + self.per_sequence * running + self.batch_extra * batch
 
     @property
     def capacity_tokens_per_second(self) -> float:
@@ -75,7 +80,7 @@ class ModelEngine:
         token_time = 0.0  # Σ running × step: the inter-token-latency histogram's sum
         tokens = 0  # its count
         queue_sum, queue_count = 0.0, 0
-        published = self._loads(controllers)  # each runner tells the board before it sends anything
+        board = deque([self._loads(controllers)] * self.board_lag)  # each runner tells the board before it sends
         while self.now < end:
             for owner, controller in enumerate(controllers):
                 while controller.inflight < controller.limit:
@@ -85,7 +90,7 @@ class ModelEngine:
                 queue_sum += self.now - admitted.sent_at
                 queue_count += 1
                 self.running.append(admitted)
-            step = self.step_time(len(self.running))
+            step = self.step_time(len(self.running), sum(1 for seq in self.running if seq.owner >= 0))
             for _ in range(self._poisson(interactive_rate(self.now) * step)):
                 self.waiting.append(Sequence(self.interactive_tokens, -1, self.now))
             self.now += step
@@ -113,10 +118,12 @@ class ModelEngine:
                     completed=self.completed,
                     queue_seconds=queue_sum / queue_count if queue_count else None,
                 )
+                published = board[0]
                 for owner, controller in enumerate(controllers):
                     peers = [load for load in published if load.owner != str(owner)]
                     controller.on_engine(self.now, reading, peers=peers)
-                published = self._loads(controllers)
+                board.append(self._loads(controllers))
+                board.popleft()
                 run.samples.append({"t": self.now, "limits": [c.limit for c in controllers], "running": len(self.running),
                                     "waiting": len(self.waiting)})
                 last_reading, token_time, tokens, queue_sum, queue_count = self.now, 0.0, 0, 0.0, 0

@@ -113,7 +113,8 @@ def test_shared_budget_is_the_slowdown_times_fixed_over_per_sequence_cost():
             c.on_engine(t, reading(running, step_seconds=0.010 + 0.0001 * running, running_mean=running))
         assert c.regime is Regime.SHARED
         budget = c.snapshot()["budget"]
-        assert budget["fixed_s"] == pytest.approx(0.010, rel=0.05) and budget["per_sequence_s"] == pytest.approx(0.0001, rel=0.05)
+        assert budget["fixed_s"] == pytest.approx(0.010, rel=0.05)
+        assert budget["per_batch_sequence_s"] == pytest.approx(0.0001, rel=0.05)
         assert c.limit == pytest.approx(0.3 * 0.010 / 0.0001 * (1 - 0.03), abs=3), interactive
 
 
@@ -167,17 +168,24 @@ def test_fixed_never_moves():
 # --- the pieces -------------------------------------------------------------------------------------
 
 
-def test_the_step_model_learns_a_linear_engine_and_forgets_an_old_one():
+def test_the_step_model_learns_what_each_kind_of_sequence_costs_and_forgets_an_old_mix():
     model = StepModel()
     assert model.fit is None
-    for i in range(60):
-        running = 10 + (i * 17) % 100
-        model.observe(running, 0.010 + 0.0001 * running)
-    assert model.fit.fixed == pytest.approx(0.010, rel=0.01) and model.fit.per_sequence == pytest.approx(0.0001, rel=0.01)
-    for i in range(300):  # the mix changed: longer contexts, every sequence costs twice as much
-        running = 10 + (i * 17) % 100
-        model.observe(running, 0.010 + 0.0002 * running)
-    assert model.fit.per_sequence == pytest.approx(0.0002, rel=0.05)
+    for i in range(60):  # the batch alone, ramping: its own slope
+        batch = 10 + (i * 17) % 100
+        model.observe(0.010 + 0.00015 * batch, batch=batch)
+    fit = model.fit
+    assert fit.fixed == pytest.approx(0.010, rel=0.01) and fit.per_batch == pytest.approx(0.00015, rel=0.01)
+    assert fit.per_other == fit.per_batch  # nobody else has been seen: one slope for all
+    for i in range(200):  # others arrive: short chat turns, cheaper per sequence than the batch's long prompts
+        batch, others = 20 + (i * 7) % 30, 5 + (i * 13) % 40
+        model.observe(0.010 + 0.00015 * batch + 0.0001 * others, batch=batch, others=others)
+    fit = model.fit
+    assert fit.per_batch == pytest.approx(0.00015, rel=0.05) and fit.per_other == pytest.approx(0.0001, rel=0.05)
+    for i in range(400):  # the mix changed: longer contexts, every batch sequence costs twice as much
+        batch, others = 20 + (i * 7) % 30, 5 + (i * 13) % 40
+        model.observe(0.010 + 0.0003 * batch + 0.0001 * others, batch=batch, others=others)
+    assert model.fit.per_batch == pytest.approx(0.0003, rel=0.05)
 
 
 def test_allocation_is_weighted_max_min_fair():
@@ -228,6 +236,23 @@ def test_beside_interactive_users_their_latency_stays_within_budget_at_the_best_
     assert throughput >= 0.9 * oracle, f"{throughput / oracle:.0%} of the best fixed setting's throughput"
 
 
+def test_the_budget_holds_when_batch_sequences_cost_more_than_theirs():
+    seconds, warm = 200, 40
+
+    def measure(controller: ConcurrencyController | None) -> tuple[float, float]:
+        engine = ModelEngine(seed=11, batch_extra=0.00005)  # a batch sequence costs 1.5× one of theirs
+        rate = engine.interactive_rate(0.3)
+        run = engine.run([controller] if controller else [], seconds, interactive_rate=lambda t: rate)
+        return percentile(run.latencies(warm), 0.5), percentile(run.latencies(warm), 0.99)
+
+    p50_alone, p99_alone = measure(None)
+    controller = ConcurrencyController(slowdown=1.3)
+    p50, p99 = measure(controller)
+    assert p50 <= 1.3 * p50_alone and p99 <= 1.3 * p99_alone, f"{p50 / p50_alone:.2f}× and {p99 / p99_alone:.2f}× alone"
+    fit = controller.model.fit
+    assert fit.per_batch == pytest.approx(0.00015, rel=0.15) and fit.per_other == pytest.approx(0.0001, rel=0.25)
+
+
 def test_the_batch_yields_when_users_arrive_and_takes_the_engine_back_when_they_leave():
     engine = ModelEngine(seed=5)
     phases = [0.0, 0.5, 0.1, 0.0]
@@ -245,14 +270,17 @@ def test_the_batch_yields_when_users_arrive_and_takes_the_engine_back_when_they_
     assert back - 180 <= 10
 
 
-def test_two_runners_split_the_engine_fairly_alone_and_beside_users():
+@pytest.mark.parametrize("board_lag", [1, 2])
+def test_two_runners_split_the_engine_fairly_alone_and_beside_users(board_lag):
     for share in (0.0, 0.3):
-        engine = ModelEngine(seed=9)
+        engine = ModelEngine(seed=9, board_lag=board_lag)  # what each reads of the other is a reading or two late
         runners = [ConcurrencyController(), ConcurrencyController()]
         rate = engine.interactive_rate(share)
         engine.run(runners, 40, interactive_rate=lambda t: rate)
         run = engine.run(runners, 120, interactive_rate=lambda t: rate)
         first, second = run.batch_tokens
         assert abs(first - second) / statistics.mean([first, second]) <= 0.2, (share, first, second)
+        if share > 0:
+            assert all(r.regime is Regime.SHARED for r in runners)
         if share == 0.0:
             assert utilisation(engine, first + second, 120) >= 0.95

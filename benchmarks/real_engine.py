@@ -44,9 +44,9 @@ PREFIX_GROUPS, PREFIX_PER_GROUP = 8, 6
 BATCH_GROUPS, BATCH_PER_GROUP, BATCH_TOKENS = 4, 16, 32
 # Interactive protection.
 SHARES = (0.2, 0.4, 0.6)  # of capacity, in output tokens/s
-INTERACTIVE_TOKENS = 16
+INTERACTIVE_TOKENS = 8
 MIX_TOKENS = 32  # the batch's output tokens per request (prompts ~60 tokens, no shared prefix)
-WINDOW = 40.0
+WINDOW = 60.0
 WARMUP = {"alone": 3.0, "defaults": 15.0, "fixed": 5.0, "peer": 5.0}
 COARSE = (1, 2, 4, 8)
 FINE_PROBES = 1

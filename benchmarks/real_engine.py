@@ -31,7 +31,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, StatsSampler
 from benchmarks.interactive import SLOWDOWN, best, sweep
 from benchmarks.loadgen import closed_loop
-from benchmarks.mixed import Batch, run_mixed
+from benchmarks.mixed import SERIES_DIR, Batch, run_mixed
 from benchmarks.workloads import batch_line, words
 
 NAME = "real_engine"
@@ -44,7 +44,7 @@ PREFIX_GROUPS, PREFIX_PER_GROUP = 8, 6
 BATCH_GROUPS, BATCH_PER_GROUP, BATCH_TOKENS = 4, 16, 32
 # Interactive protection.
 SHARES = (0.2, 0.4, 0.6)  # of capacity, in output tokens/s
-INTERACTIVE_TOKENS = 8
+INTERACTIVE_TOKENS = 16
 MIX_TOKENS = 32  # the batch's output tokens per request (prompts ~60 tokens, no shared prefix)
 WINDOW = 60.0
 WARMUP = {"alone": 3.0, "defaults": 15.0, "fixed": 5.0, "peer": 5.0}
@@ -93,12 +93,12 @@ def interactive_body(i: int) -> bytes:
                                 "messages": [{"role": "user", "content": f"user {i}: {words(12, 77_777 + i)}"}]})
 
 
-def capacity(engine: LlamaEngine, warmup: float = 5.0, seconds: float = 25.0) -> dict:
-    """Output tokens/s and requests/s of a closed loop of the batch mix at the slot count (the engine's most)."""
+def capacity(engine: LlamaEngine, body, warmup: float = 5.0, seconds: float = 25.0) -> dict:
+    """Output tokens/s and requests/s of a closed loop of `body(i)` at the slot count (the engine's most)."""
     sampler = StatsSampler(engine, interval=0.5).start()
     started = time.monotonic()
     try:
-        load = asyncio.run(closed_loop(engine.url, lambda i: msgspec.json.encode(mix_body(i, 99)), SLOTS, warmup + seconds))
+        load = asyncio.run(closed_loop(engine.url, body, SLOTS, warmup + seconds))
     finally:
         sampler.stop()
     window = (started + warmup, started + warmup + seconds)
@@ -145,11 +145,11 @@ def run_batch(stack: LocalStack, data: bytes, **settings: object) -> dict:
 
 def interactive(stack: LocalStack, engine: LlamaEngine, cap: dict) -> dict:
     """The `interactive` benchmark's runs on this engine, per share: alone, defaults, the fixed sweep, the peer."""
-    requests = int(cap["requests_per_s"] * (WARMUP["defaults"] + WINDOW + 30))
+    requests = int(cap["batch"]["requests_per_s"] * (WARMUP["defaults"] + WINDOW + 30))
     per_share = {}
     seed = 100
     for share in SHARES:
-        rate = share * cap["tokens_per_s"] / INTERACTIVE_TOKENS
+        rate = share * cap["interactive"]["requests_per_s"]
         alone: dict | None = None
 
         def measure(label: str, batch: Batch | None, warmup: float) -> dict:
@@ -188,11 +188,16 @@ def run() -> None:
         by_prefix = run_batch(stack, grouped(PREFIX_GROUPS, PREFIX_PER_GROUP, 8, seed=4))
         engine = LlamaEngine(server, url)
         try:
-            cap = capacity(engine)
-            print(f"  capacity: {cap['tokens_per_s']:.1f} output tokens/s at {SLOTS} in flight", flush=True)
+            cap = {"batch": capacity(engine, lambda i: msgspec.json.encode(mix_body(i, 99))),
+                   "interactive": capacity(engine, interactive_body)}
+            print(f"  capacity: {cap['batch']['tokens_per_s']:.1f} output tokens/s at {SLOTS} in flight (batch mix), "
+                  f"{cap['interactive']['tokens_per_s']:.1f} (interactive mix)", flush=True)
             per_share = interactive(stack, engine, cap)
         finally:
             engine.close()
+    SERIES_DIR.mkdir(exist_ok=True)
+    (SERIES_DIR / "real-engine-figures.json").write_text(json.dumps(
+        {"adaptive": adaptive, "fixed": fixed, "in_order": in_order, "by_prefix": by_prefix, "cap": cap, "per_share": per_share}))
     write(adaptive, fixed, in_order, by_prefix, cap, per_share)
 
 
@@ -269,15 +274,19 @@ cached.)
 prefix cache per slot and sends a request to the slot whose cache matches best):
 
 {report.table(prefix_rows)}
-**Interactive protection**, measured as the `interactive` benchmark does on the simulator. Capacity: a closed loop of
-{SLOTS} requests (the slot count) of the batch mix here (distinct ~60-token prompts, {MIX_TOKENS} output tokens):
-{cap['tokens_per_s']:.1f} output tokens/s, {1000 * cap['token_latency']:.0f} ms per token per sequence. Interactive
-users: open-loop Poisson chat turns ({INTERACTIVE_TOKENS} output tokens) at 20%, 40% and 60% of it, straight to the
-engine, the same arrivals in every run of a share. Each run measures {WINDOW:.0f} s after a warm-up (alone
-{WARMUP['alone']:.0f} s, defaults {WARMUP['defaults']:.0f} s, fixed {WARMUP['fixed']:.0f} s, peer
-{WARMUP['peer']:.0f} s); the oracle sweeps fixed {', '.join(map(str, COARSE))} (stopping at the first over budget) and
-bisects once; the peer's baseline is benchmarks/peer.py (AIMD between 5 and 10 in flight). Per-token × is llama.cpp's
-own per-token generation time (`tokens_predicted_seconds_total / tokens_predicted_total`) against alone.
+**Interactive protection**, measured as the `interactive` benchmark does on the simulator. Capacity, a closed loop of
+{SLOTS} requests (the slot count): {cap['batch']['tokens_per_s']:.1f} output tokens/s with the batch mix here (distinct
+~60-token prompts, {MIX_TOKENS} output tokens; {1000 * cap['batch']['token_latency']:.0f} ms per token per sequence),
+{cap['interactive']['tokens_per_s']:.1f} output tokens/s with the interactive mix (~50-token prompts with the chat
+template, {INTERACTIVE_TOKENS} output tokens). llama.cpp computes prompts in the same loop as everyone's tokens, so its
+capacity in output tokens depends on the mix: the interactive shares (20%, 40%, 60%) are of the interactive mix's
+capacity. Interactive users: open-loop Poisson arrivals straight to the engine, the same arrivals in every run of a
+share. Each run measures {WINDOW:.0f} s after a warm-up (alone {WARMUP['alone']:.0f} s, defaults
+{WARMUP['defaults']:.0f} s, fixed {WARMUP['fixed']:.0f} s, peer {WARMUP['peer']:.0f} s); with about one request a
+second at 20%, p99 is close to the slowest request of the window. The oracle sweeps fixed {', '.join(map(str, COARSE))}
+(stopping at the first over budget) and bisects once; the peer's baseline is benchmarks/peer.py (AIMD between 5 and 10
+in flight). Per-token × is llama.cpp's own per-token generation time (`tokens_predicted_seconds_total /
+tokens_predicted_total`, counted when a request ends) against alone.
 {''.join(sections)}
 **Why a CPU engine cannot give a batch much within the budget.** The runner learns the engine's step time as
 `a + m·R` for R running sequences (run_stats `endpoints.*.step_fit`, last snapshot of each run):

@@ -8,8 +8,8 @@ variable "image" {
   type        = string
 }
 
-variable "templates_dir" {
-  description = "Directory of the Kubernetes manifests to install (the repository's templates/)."
+variable "chart_dir" {
+  description = "The batch-gateway Helm chart to install (default: the repository's charts/batch-gateway)."
   type        = string
   default     = null
 }

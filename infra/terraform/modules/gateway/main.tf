@@ -32,6 +32,9 @@ locals {
       region   = var.aws_region
       endpoint = var.s3_endpoint
     }
+    limits = {
+      completionWindowSeconds = var.completion_window_seconds
+    }
     config = var.extra_config
     api = {
       replicas = var.api_replicas

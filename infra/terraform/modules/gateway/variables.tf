@@ -88,6 +88,12 @@ variable "upstream_api_key" {
   sensitive   = true
 }
 
+variable "completion_window_seconds" {
+  description = "Seconds a batch may run before it expires; the runner Workflow's deadline follows (plus two hours)."
+  type        = number
+  default     = 86400
+}
+
 variable "extra_config" {
   description = "More BATCH_GATEWAY_* settings for the ConfigMap (see `batch-gateway config-reference`), e.g. { BATCH_GATEWAY_COMPLETION_WINDOW_SECONDS = \"172800\" }."
   type        = map(string)

@@ -6,7 +6,9 @@
 #     the chart's alerts;
 #   - kubectl, from Debian's kubernetes-client, when there is none on the PATH (`kubectl kustomize templates/`).
 # Binaries go to a cache folder outside the repository (BATCH_GATEWAY_TOOLS_CACHE, default
-# ~/.cache/batch-gateway/tools/), one sub-folder per tool and version: a second run takes well under a second.
+# ~/.cache/batch-gateway/tools/), one sub-folder per tool and version: a second run takes well under a second. The
+# first build, modules downloaded included, took 108 s for helm and 284 s for promtool at `nice -n 19` on the 2-core
+# test machine (82 MB and 85 MB).
 # Needs Go (go1.26 or newer) and the Go module proxy; nothing else is downloaded. Builds run at the caller's
 # niceness (`nice -n 19 scripts/install-tools.sh` on a shared machine); BUILD_JOBS sets go's -p (default: the cores).
 #   scripts/install-tools.sh              all of them

@@ -333,10 +333,10 @@ class BatchRunner:
             )
             for index, url in enumerate(urls)
         ]
-        upstream_tracing = tracing.upstream_tracing(
-            self._span, settings.trace_upstream_sample_ratio, {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant}
-        )
-        async with UpstreamClient(api_key=settings.upstream_api_key, tracing=upstream_tracing) as client:
+        async with UpstreamClient(api_key=settings.upstream_api_key) as client:
+            client.tracing = tracing.upstream_tracing(
+                self._span, settings.trace_upstream_sample_ratio, {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant}
+            )
 
             def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
                 checkpoints.add(line, kind, usage, result_line)

@@ -190,7 +190,7 @@ class UpstreamClient:
     make the runner, not the engine, the bottleneck. No connection limit here: the per-endpoint limiters decide."""
 
     def __init__(self, *, api_key: str | None = None, tracing: UpstreamTracing | None = None) -> None:
-        self._tracing = tracing  # None while tracing is off: then it costs one test per request
+        self.tracing = tracing  # None while tracing is off: then it costs one test per request
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -212,24 +212,28 @@ class UpstreamClient:
             raise RuntimeError("use UpstreamClient as `async with UpstreamClient() as client:`")
         return self._session
 
-    async def post(self, endpoint: str, path: str, body: bytes, timeout: float) -> Exchange:
+    async def post(
+        self, endpoint: str, path: str, body: bytes, timeout: float, *, headers: Mapping[str, str] | None = None
+    ) -> Exchange:
         """One attempt. Never raises for HTTP or transport trouble: that is an Exchange with `status == 0`."""
         span = None
-        headers = None
-        if self._tracing is not None:
-            headers, span = self._tracing.start(endpoint, path)
-        exchange = await self._post(endpoint + path, body, timeout, headers)
+        if self.tracing is not None:  # off: this test is all tracing costs
+            trace_headers, span = self.tracing.start(endpoint, path)
+            headers = {**headers, **trace_headers} if headers else trace_headers
+        exchange = await self._post(endpoint, path, body, timeout, headers)
         if not exchange.ok:
             runner_metrics.UPSTREAM_ERRORS.labels(exchange.code).inc()
         if span is not None:
-            self._tracing.end(span, exchange)  # type: ignore[union-attr]
+            self.tracing.end(span, exchange)  # type: ignore[union-attr]
         return exchange
 
-    async def _post(self, url: str, body: bytes, timeout: float, headers: Mapping[str, str] | None) -> Exchange:
+    async def _post(
+        self, endpoint: str, path: str, body: bytes, timeout: float, headers: Mapping[str, str] | None
+    ) -> Exchange:
         started = time.monotonic()
         try:
             async with self.session.post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+                endpoint + path, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 content = await response.read()
         except asyncio.TimeoutError:

@@ -3,6 +3,8 @@ batch id. The SDK's in-memory exporter stands in for a collector (the runner's t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -33,6 +35,10 @@ def test_each_request_is_a_span_with_tenant_and_batch(server_factory, spans):
     client.batches.retrieve(batch.id)
     with server.http() as http:
         assert http.get("/v1/batches/batch_missing").status_code == 404
+    # A span ends just after its response is sent: wait for the last one (the 404) to end.
+    deadline = time.monotonic() + 5
+    while len(spans.get_finished_spans()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
     finished = {s.name: s for s in spans.get_finished_spans()}
     create = finished["POST /v1/batches"]
     assert create.context.trace_id == int(CALLER_TRACE, 16) and create.parent.span_id == int(CALLER_SPAN, 16)

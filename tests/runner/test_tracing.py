@@ -61,3 +61,34 @@ def test_without_an_endpoint_nothing_is_traced_or_propagated(tmp_path, monkeypat
         monkeypatch.delenv(name, raising=False)
     _, sent = run_traced(tmp_path, None, ratio=1.0)
     assert not any("traceparent" in {k.lower() for k in headers} for headers in sent)
+
+
+def test_trace_headers_join_the_headers_a_request_already_has():
+    """`post(headers=...)` (priority hints, for instance) keeps its headers and adds the traceparent."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from batch_gateway import tracing
+    from batch_gateway.runner.upstream import UpstreamClient
+
+    exporter = InMemorySpanExporter()
+    tracing.configure(Settings(), "batch-gateway-runner", exporter=exporter)
+    try:
+        with SimServer(SimConfig(time_scale=0.01)) as sim, RecordingProxy(sim.url) as proxy:
+
+            async def send() -> None:
+                run = tracing.tracer().start_span("batch.run")
+                async with UpstreamClient() as client:
+                    client.tracing = tracing.upstream_tracing(run, 1.0, {tracing.BATCH_ID: "batch_x"})
+                    body = chat_lines(1).split(b'"body": ')[1].rsplit(b"}", 1)[0]
+                    exchange = await client.post(proxy.url, "/v1/chat/completions", body, 30, headers={"x-hint": "1"})
+                    assert exchange.ok, exchange.body
+                run.end()
+
+            asyncio.run(send())
+            (headers,) = [h for method, _, _, h in proxy.requests if method == "POST"]
+    finally:
+        tracing.shutdown()
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert lowered["x-hint"] == "1" and TRACEPARENT.match(lowered["traceparent"])
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/chat/completions"]
+    assert lowered["traceparent"].split("-")[2] == f"{span.context.span_id:016x}"

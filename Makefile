@@ -26,12 +26,14 @@ test: install
 	scripts/ensure-services.sh
 	scripts/install-control-plane.sh
 	scripts/install-real-engine.sh
+	scripts/install-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything except the tests that need the real llama.cpp engine.
 test-quick: install
 	scripts/ensure-services.sh
 	scripts/install-control-plane.sh
+	scripts/install-tools.sh
 	$(BIN)/python -m pytest -m "not real_engine" $(PYTEST_ARGS)
 
 bench: install

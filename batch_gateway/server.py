@@ -64,6 +64,9 @@ async def serve(settings: Settings) -> int:
 
     webhooks = parse_webhooks(settings.webhook, settings.webhook_secret)  # a bad setting fails now, not at an event
     services = await Services.open(settings)
+    from batch_gateway import tracing
+
+    tracing.configure(settings, "batch-gateway-api")
     try:
         if AuthMode(settings.auth) is AuthMode.OPEN:
             log.warning("serve.auth_open", note="--auth open: every request is tenant `default`, with or without a key")
@@ -108,6 +111,7 @@ async def serve(settings: Settings) -> int:
                 await task
     finally:
         await services.close()
+        tracing.shutdown()
         if simulator is not None:
             simulator.stop()
     return 0

@@ -19,6 +19,7 @@ import sys
 
 import structlog
 
+from batch_gateway import tracing
 from batch_gateway.runner.exits import EXIT_CRASHED, EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, PARENT_ENV
 from batch_gateway.runner.patience import StorageGaveUp, with_patience
 from batch_gateway.runner.run import BatchRunner, Interrupted, LeaseLost
@@ -34,6 +35,7 @@ async def run_batch(settings: Settings, batch_id: str, *, give_up: str | None = 
     # Every line this process logs, whichever module writes it, carries the batch id.
     structlog.contextvars.bind_contextvars(batch_id=batch_id)
     log = structlog.get_logger("runner")
+    tracing.configure(settings, "batch-gateway-runner")
     if settings.runner_metrics_port:
         from prometheus_client import start_http_server
 
@@ -76,6 +78,7 @@ async def run_batch(settings: Settings, batch_id: str, *, give_up: str | None = 
             watchdog.cancel()
         if services is not None:
             await services.close()
+        tracing.shutdown()  # sends the spans still buffered
 
 
 def _tie_to_parent(on_parent_gone) -> asyncio.Task | None:

@@ -24,12 +24,14 @@ serve: install
 # The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, and the real-engine tests.
 test: install
 	scripts/ensure-services.sh
+	scripts/install-control-plane.sh
 	scripts/install-real-engine.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything except the tests that need the real llama.cpp engine.
 test-quick: install
 	scripts/ensure-services.sh
+	scripts/install-control-plane.sh
 	$(BIN)/python -m pytest -m "not real_engine" $(PYTEST_ARGS)
 
 bench: install

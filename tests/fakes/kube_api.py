@@ -83,6 +83,8 @@ class FakeKubeAPI:
     """The ASGI app and its store. `namespaces=None` accepts any namespace."""
 
     def __init__(self, namespaces: set[str] | None = None) -> None:
+        for kind in argo_schemas.ARGO_KINDS:
+            argo_schemas.validator(kind)  # load now: missing CRDs fail the test's setup, not a request (as a 500)
         self.namespaces = namespaces
         self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}  # (group, plural, namespace, name)
         self.requests: list[tuple[str, str]] = []

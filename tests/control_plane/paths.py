@@ -1,0 +1,46 @@
+"""Where scripts/install-control-plane.sh puts the test control plane: pinned versions, a cache folder outside the
+repository, and the files in it. The script and these tests read the same versions file."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VERSIONS_FILE = REPO / "scripts" / "control-plane-versions.env"
+INSTALL_SCRIPT = "scripts/install-control-plane.sh"
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    found = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            found[key.strip()] = value.strip()
+    return found
+
+
+def cache_dir() -> Path:
+    """BATCH_GATEWAY_CONTROL_PLANE_CACHE, else ~/.cache/batch-gateway/control-plane (XDG_CACHE_HOME respected)."""
+    if os.environ.get("BATCH_GATEWAY_CONTROL_PLANE_CACHE"):
+        return Path(os.environ["BATCH_GATEWAY_CONTROL_PLANE_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "batch-gateway" / "control-plane"
+
+
+def argo_dir() -> Path:
+    return cache_dir() / f"argo-{versions()['ARGO_VERSION']}"
+
+
+def argo_crds_dir() -> Path:
+    """Argo's full CRDs (manifests/base/crds/full/*.yaml of the Argo module), as the install script extracted them."""
+    path = argo_dir() / "crds"
+    if not (path / "argoproj.io_workflows.yaml").is_file():
+        raise FileNotFoundError(
+            f"Argo's CRDs are not in {path}. Run `{INSTALL_SCRIPT}` (make test does) to extract them from the Argo "
+            f"Workflows {versions()['ARGO_VERSION']} Go module."
+        )
+    return path

@@ -168,7 +168,12 @@ class ControlPlane:
     def start_argo(self, database_url: str | None = None) -> None:
         """Argo's controller (configured as the kind recipe configures it) and its server."""
         binaries = paths.binaries()
-        self.apply_objects([self.controller_configmap(database_url)])
+        objects = [self.controller_configmap(database_url)]
+        if database_url is not None:  # the archive's credentials, in the Secret the kind recipe names
+            from urllib.parse import urlsplit
+
+            objects.append(self.secret("argo-postgres-config", {"username": urlsplit(database_url).username or "postgres", "password": "trust"}))
+        self.apply_objects(objects)
         env = {**self.base_env, "LEADER_ELECTION_DISABLE": "true", "DEFAULT_REQUEUE_TIME": "1s", "ARGO_NAMESPACE": NAMESPACE}
         common = ["--kubeconfig", str(self.admin_kubeconfig), "--namespace", NAMESPACE, "--namespaced", "--managed-namespace", NAMESPACE,
                   "--configmap", CONTROLLER_CONFIGMAP, "--loglevel", "info"]

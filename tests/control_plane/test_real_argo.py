@@ -68,7 +68,8 @@ def test_a_batch_completes_and_the_argo_server_lists_it(gateway):
     ).json()
     (item,) = listed["items"]
     assert item["metadata"]["annotations"]["workflows.argoproj.io/title"] == batch_id
-    assert item["metadata"]["annotations"]["workflows.argoproj.io/description"] == "tenant **acme** · model `sim-model`"
+    # The API submits before the runner has read the model from the input file: no empty "model ``" then.
+    assert item["metadata"]["annotations"]["workflows.argoproj.io/description"] == "tenant **acme**"
 
 
 # --- helpers for the scenarios below ------------------------------------------------------------------------------
@@ -165,11 +166,13 @@ def test_a_runner_that_finds_the_batch_leased_is_retried_until_the_lease_ends(ga
     held = sql(gateway, "UPDATE batches SET runner_owner = 'another-runner', lease_until = %s WHERE id = %s AND runner_owner IS NULL",
                int(time.time()) + 3600, batch_id)
     assert held == 1, "the runner claimed the batch before the test could"
+    def seven_attempts_exited_3() -> bool:
+        phase = (plane.workflow(workflow_name(batch_id)).get("status") or {}).get("phase")
+        assert phase in (None, "Pending", "Running"), f"the Workflow gave up: {plane.workflow(workflow_name(batch_id))['status']}"
+        return sum(r.returncode == 3 for r in runner_pods(plane, batch_id)) >= 7
+
     try:
-        wait_until(lambda: sum(r.returncode == 3 for r in runner_pods(plane, batch_id)) >= 7, "seven attempts that exit 3",
-                   timeout=180, plane=plane)
-        workflow = plane.workflow(workflow_name(batch_id))
-        assert workflow["status"]["phase"] == "Running", workflow["status"]
+        wait_until(seven_attempts_exited_3, "seven attempts that exit 3", timeout=180, plane=plane)
     finally:
         sql(gateway, "UPDATE batches SET runner_owner = NULL, lease_until = NULL WHERE id = %s", batch_id)
 

@@ -32,9 +32,10 @@ from tests.helpers import free_port
 EXECUTABLES = Path(sys.executable).parent  # where `batch-gateway` is installed: the "image" of the pods
 
 # What the tests change so that they run in seconds, not minutes: retry backoffs of one second (which exits are
-# retried, and how often, stays as templates/ says), and a 10 s runner lease instead of 30 s (a killed runner's batch
-# is taken over sooner). Nothing else is changed.
+# retried, and how often, stays as templates/ says; a backoff.maxDuration would become 15 s), and a 10 s runner lease
+# instead of 30 s (a killed runner's batch is taken over sooner). Nothing else is changed.
 RETRY_BACKOFF = {"duration": "1s", "factor": 1}
+RETRY_MAX_DURATION = "15s"
 RUNNER_LEASE_SECONDS = "10"
 
 
@@ -48,6 +49,10 @@ def rendered_templates() -> list[dict[str, Any]]:
                 backoff = (template.get("retryStrategy") or {}).get("backoff")
                 if backoff:
                     backoff.update(RETRY_BACKOFF)
+                    if "maxDuration" in backoff:
+                        backoff["maxDuration"] = RETRY_MAX_DURATION
+                    if "cap" in backoff:
+                        backoff["cap"] = RETRY_BACKOFF["duration"]
     return objects
 
 
@@ -156,7 +161,8 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimServer]:
-    server = SimServer(SimConfig(time_scale=0.05)).start()
+    # Eight sequences at a time, 2 ms a step: a batch of 200 requests of 200 tokens takes about 10 s.
+    server = SimServer(SimConfig(time_scale=0.2, max_num_seqs=8, max_num_batched_tokens=8192)).start()
     yield server
     server.stop()
 

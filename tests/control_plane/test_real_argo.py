@@ -81,7 +81,7 @@ def runner_pods(plane, batch_id: str, template: str = "run") -> list:
     return [r for r in runs if f"-{template}-" in r.name]  # Argo names pods <workflow>-<template>-<hash>
 
 
-def wait_until(condition, what: str, timeout: float = 60, plane=None):
+def wait_until(condition, what: str, timeout: float = 60, plane=None, batch_id: str | None = None):
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -90,7 +90,11 @@ def wait_until(condition, what: str, timeout: float = 60, plane=None):
         if plane is not None:
             plane.check()
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{plane.diagnostics()}" if plane else ""))
+            nodes = ""
+            if plane is not None and batch_id is not None:
+                workflow = plane.workflow(workflow_name(batch_id)) or {}
+                nodes = "\n".join(f"{n['displayName']}: {n['phase']} {n.get('message', '')}" for n in pod_nodes(workflow))
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{nodes}" + (f"\n{plane.diagnostics()}" if plane else ""))
         time.sleep(0.2)
 
 
@@ -130,14 +134,18 @@ def test_cancel_stops_the_workflow_and_the_exit_handler_ends_the_batch_cancelled
 
 def test_a_killed_runner_is_retried_and_resumes_every_line_exactly_once(gateway):
     """SIGKILL (a crash, OOM) and then SIGTERM (a node shutting down: the runner checkpoints and exits 75) mid-batch:
-    retryStrategy starts a new pod each time, and the last one finishes from the checkpoints."""
+    retryStrategy starts a new pod each time, and the last one finishes from the checkpoints. The first kill comes
+    after the batch has run longer than the test's scaled backoff.maxDuration would allow: a long batch is retried too."""
     client, plane = gateway.client, gateway.plane
-    n = 120
-    batch_id = create_batch(client, n, max_tokens=120)
+    n = 300
+    batch_id = create_batch(client, n, max_tokens=300)
+    started = time.monotonic()
     for sig, expected_exit in ((9, 137), (15, 75)):
         done_before = completed_lines(client, batch_id)
-        wait_until(lambda: completed_lines(client, batch_id) > done_before + 5, "progress", plane=plane)
-        (pod,) = [r for r in runner_pods(plane, batch_id) if not r.done.is_set()]
+        wait_until(lambda: completed_lines(client, batch_id) > done_before + 5 and time.monotonic() - started > 17, "progress",
+                   plane=plane)
+        (pod,) = wait_until(lambda: [r for r in runner_pods(plane, batch_id) if not r.done.is_set()], "a running runner pod",
+                            timeout=30, plane=plane, batch_id=batch_id)
         os.killpg(pod.process.pid, sig)
         wait_until(pod.done.is_set, f"the runner pod to end after signal {sig}", plane=plane)
         assert pod.returncode is not None and (128 - pod.returncode if pod.returncode < 0 else pod.returncode) == expected_exit, plane.kubelet.log_of(pod.name)[-3000:]
@@ -256,7 +264,7 @@ def run_gc(plane) -> dict:
 def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expired_files(gateway, s3_session):
     client, plane = gateway.client, gateway.plane
     # Two batches whose Workflows are deleted mid-run (the runner pods go with them); one is also overdue.
-    kept, overdue = create_batch(client, 100, max_tokens=100), create_batch(client, 100, max_tokens=100)
+    kept, overdue = create_batch(client, 200, max_tokens=200), create_batch(client, 200, max_tokens=200)
     for batch_id in (kept, overdue):
         wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
     for batch_id in (kept, overdue):
@@ -280,6 +288,6 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
         assert workflow["metadata"]["annotations"]["batch-gateway/run"] == "1"  # a new Workflow, not a replaced one
         batch = wait_for(client, batch_id, timeout=60)
         assert batch.status == status, batch
-        exactly_once(client, batch, 100)
+        exactly_once(client, batch, 200)
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(expiring.id)

@@ -247,7 +247,8 @@ def run_gc(plane) -> dict:
     """One gc pass now, as the CronWorkflow's next tick would start it: `argo submit --from cronwf/...` through the
     Argo server."""
     env = {**plane.base_env, "ARGO_SERVER": plane.argo_server_url.removeprefix("http://"), "ARGO_HTTP1": "true",
-           "ARGO_SECURE": "false", "ARGO_NAMESPACE": NAMESPACE}
+           "ARGO_SECURE": "false", "ARGO_NAMESPACE": NAMESPACE,
+           "ARGO_TOKEN": "Bearer unused"}  # the CLI wants one; a server in `--auth-mode server` ignores it
     result = subprocess.run([str(plane.binaries["argo"]), "submit", "--from", "cronwf/batch-gateway-gc", "-o", "name"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -285,9 +286,68 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
 
     for batch_id, status in ((kept, "completed"), (overdue, "expired")):
         workflow = wait_for_workflow(plane, batch_id, timeout=180)
-        assert workflow["metadata"]["annotations"]["batch-gateway/run"] == "1"  # a new Workflow, not a replaced one
+        annotations = workflow["metadata"]["annotations"]
+        assert annotations["batch-gateway/run"] == "1"  # a new Workflow, not a replaced one
+        assert annotations["workflows.argoproj.io/description"] == "tenant **acme** · model `sim-model`"  # now known
         batch = wait_for(client, batch_id, timeout=60)
         assert batch.status == status, batch
         exactly_once(client, batch, 200)
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(expiring.id)
+
+
+# --- RBAC and discovery with the gateway's own ServiceAccounts ------------------------------------------------------------
+
+
+def can_i(plane, account: str, verb: str, resource: str) -> bool:
+    result = plane.kubectl("auth", "can-i", verb, resource, "--namespace", NAMESPACE,
+                           "--as", f"system:serviceaccount:{NAMESPACE}:{account}", check=False)
+    return result.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize(
+    "account, allowed, denied",
+    [
+        ("batch-gateway-api", ["create workflows.argoproj.io", "patch workflows.argoproj.io", "delete workflows.argoproj.io"],
+         ["get secrets", "create pods", "create workflowtaskresults.argoproj.io", "list endpointslices.discovery.k8s.io",
+          "create workflows.argoproj.io --all-namespaces"]),
+        ("batch-gateway-runner", ["create workflowtaskresults.argoproj.io", "patch workflowtaskresults.argoproj.io",
+                                  "list endpointslices.discovery.k8s.io"],
+         ["create workflows.argoproj.io", "get secrets", "get configmaps", "delete pods"]),
+        ("batch-gateway-gc", ["create workflows.argoproj.io", "delete workflows.argoproj.io", "create workflowtaskresults.argoproj.io"],
+         ["get secrets", "create pods", "list endpointslices.discovery.k8s.io"]),
+    ],
+)
+def test_each_service_account_may_do_what_its_code_needs_and_no_more(gateway, account, allowed, denied):
+    for what in allowed:
+        assert can_i(gateway.plane, account, *what.split(" ", 1)), f"{account} may not {what}"
+    for what in denied:
+        verb, rest = what.split(" ", 1)
+        resource, *flags = rest.split()
+        result = gateway.plane.kubectl("auth", "can-i", verb, resource, "--namespace", NAMESPACE, *flags,
+                                       "--as", f"system:serviceaccount:{NAMESPACE}:{account}", check=False)
+        assert result.stdout.strip() == "no", f"{account} may {what}"
+
+
+async def test_discovery_with_the_runners_token(gateway):
+    """k8s:// upstreams against the real API server, as the runner's ServiceAccount: the ready pods of a Service.
+    (The addresses are never contacted; the API server refuses loopback ones, so TEST-NET addresses stand in.)"""
+    from batch_gateway.runner.discovery import discover_endpoints
+
+    plane = gateway.plane
+    plane.apply_objects(
+        [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "models", "namespace": NAMESPACE},
+             "spec": {"ports": [{"name": "http", "port": 8000, "protocol": "TCP"}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "models-a", "namespace": NAMESPACE, "labels": {"kubernetes.io/service-name": "models"}},
+             "addressType": "IPv4", "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+             "endpoints": [{"addresses": ["192.0.2.2"], "conditions": {"ready": True}},
+                           {"addresses": ["192.0.2.3"], "conditions": {"ready": False}}]},
+        ]
+    )
+    api_client = plane.api_client_for("batch-gateway-runner")
+    try:
+        assert await discover_endpoints(NAMESPACE, "models", "http", api_client=api_client) == ["http://192.0.2.2:8000"]
+    finally:
+        api_client.close()

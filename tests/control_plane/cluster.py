@@ -53,6 +53,10 @@ class Process:
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
@@ -186,8 +190,10 @@ class ControlPlane:
     def stop(self) -> None:
         if self.kubelet is not None:
             self.kubelet.stop()
+        for process in reversed(self.processes):  # all at once: each may take seconds to shut down
+            process.terminate()
         for process in reversed(self.processes):
-            process.stop()
+            process.stop(timeout=5)
 
     # --- configuration -----------------------------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ import yaml
 
 from batch_gateway.sim import SimConfig, SimServer
 from tests.control_plane.cluster import NAMESPACE, ControlPlane
+from tests.control_plane.kubelet import host_environment
 from tests.control_plane.paths import REPO
-from tests.fakes.argo_controller import pod_environment
 from tests.fixtures.postgres import create_test_database, drop_test_database
 from tests.fixtures.redis import SHARED_URL, unique_prefix
 from tests.fixtures.s3 import S3Server, s3_server
@@ -64,7 +64,7 @@ def s3_session() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory) -> Iterator[ControlPlane]:
-    base_env = pod_environment() | {"PATH": f"{EXECUTABLES}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    base_env = host_environment() | {"PATH": f"{EXECUTABLES}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), base_env=base_env)
     archive = create_test_database()
     try:

@@ -58,6 +58,16 @@ _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD_KEY = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
 
 
+def host_environment() -> dict[str, str]:
+    """This process's environment without what a pod would not inherit (gateway settings, AWS, Kubernetes): the base
+    of every process's environment, under what its container spec gives it."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BATCH_GATEWAY_", "AWS_", "KUBERNETES_", "KUBECONFIG", "POD_"))
+    }
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -132,6 +132,32 @@ def test_cancel_stops_the_workflow_and_the_exit_handler_ends_the_batch_cancelled
     assert len(results) == len({r["custom_id"] for r in results}) == batch.request_counts.completed
 
 
+async def test_a_stopped_workflow_signals_the_runner_and_the_exit_handler_finishes_the_batch(gateway):
+    """`spec.shutdown: Stop` without a cancel (as `argo stop` does): the controller signals the runner pod through the
+    API server's exec (`argoexec kill 15 1`, to the kubelet), starts no retry, and the exit handler resumes the
+    batch from the checkpoints and completes it."""
+    from batch_gateway.executor.argo import ArgoExecutor
+    from batch_gateway.settings import Settings
+
+    client, plane = gateway.client, gateway.plane
+    batch_id = create_batch(client, 200, max_tokens=200)
+    wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
+    (pod,) = runner_pods(plane, batch_id)
+    api_client = plane.api_client_for("batch-gateway-api")
+    try:
+        await ArgoExecutor(Settings(argo_namespace=NAMESPACE), api_client=api_client).cancel(batch_id)  # Stop only
+    finally:
+        api_client.close()
+
+    workflow = wait_for_workflow(plane, batch_id, timeout=180)
+
+    assert pod.signals[:1] == [signal.SIGTERM] and pod.returncode == 75, (pod.signals, pod.returncode)
+    assert [n["templateName"] for n in pod_nodes(workflow)].count("run") == 1  # a stopped Workflow is not retried
+    batch = wait_for(client, batch_id, timeout=60)
+    assert batch.status == "completed", batch
+    exactly_once(client, batch, 200)
+
+
 def test_a_killed_runner_is_retried_and_resumes_every_line_exactly_once(gateway):
     """SIGKILL (a crash, OOM) and then SIGTERM (a node shutting down: the runner checkpoints and exits 75) mid-batch:
     retryStrategy starts a new pod each time, and the last one finishes from the checkpoints. The first kill comes

@@ -237,7 +237,7 @@ class ProcessKubelet:
             with self._lock:
                 run = self.pods.get(uid)
             if pod.metadata.deletion_timestamp is not None:
-                if run is None:
+                if run is None or run.done.is_set():  # nothing (left) running: gone at once
                     self._delete_for_good(pod.metadata.name, uid)
                 elif not run.deleting:
                     run.deleting = True

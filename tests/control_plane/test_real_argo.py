@@ -70,6 +70,9 @@ def test_a_batch_completes_and_the_argo_server_lists_it(gateway):
     assert item["metadata"]["annotations"]["workflows.argoproj.io/title"] == batch_id
     # The API submits before the runner has read the model from the input file: no empty "model ``" then.
     assert item["metadata"]["annotations"]["workflows.argoproj.io/description"] == "tenant **acme**"
+    # podGC: OnPodSuccess deletes the succeeded pods (and the kubelet lets them go).
+    selector = f"workflows.argoproj.io/workflow={workflow_name(batch_id)}"
+    wait_until(lambda: not plane.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items, "podGC", timeout=60, plane=plane)
 
 
 # --- helpers for the scenarios below ------------------------------------------------------------------------------

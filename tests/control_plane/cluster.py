@@ -19,10 +19,12 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from tests.control_plane import paths
 from tests.control_plane.kubelet import ProcessKubelet
@@ -174,8 +176,6 @@ class ControlPlane:
         binaries = paths.binaries()
         objects = [self.controller_configmap(database_url)]
         if database_url is not None:  # the archive's credentials, in the Secret the kind recipe names
-            from urllib.parse import urlsplit
-
             objects.append(self.secret("argo-postgres-config", {"username": urlsplit(database_url).username or "postgres", "password": "trust"}))
         self.apply_objects(objects)
         env = {**self.base_env, "LEADER_ELECTION_DISABLE": "true", "DEFAULT_REQUEUE_TIME": "1s", "ARGO_NAMESPACE": NAMESPACE}
@@ -203,8 +203,6 @@ class ControlPlane:
         values = yaml.safe_load(KIND_ARGO_VALUES.read_text())["controller"]
         config: dict[str, Any] = {"workflowRestrictions": values["workflowRestrictions"]}
         if database_url is not None:
-            from urllib.parse import urlsplit
-
             url = urlsplit(database_url)
             persistence = json.loads(json.dumps(values["persistence"]))
             persistence["postgresql"].update(host=url.hostname, port=url.port or 5432, database=url.path.lstrip("/"), ssl=False)
@@ -328,8 +326,6 @@ class ControlPlane:
 
     @staticmethod
     def _exists(read):
-        from kubernetes.client.exceptions import ApiException
-
         try:
             return read()
         except ApiException as exc:

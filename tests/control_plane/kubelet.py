@@ -29,6 +29,7 @@ the logs API, and node heartbeats (no node lifecycle controller runs).
 
 from __future__ import annotations
 
+import base64
 import datetime
 import http.server
 import json
@@ -355,7 +356,7 @@ class ProcessKubelet:
             self._task_result(pod, token, completed=True)
         if run.deadline_exceeded:
             self._write_status(run, pod, "Failed", main={"terminated": terminated}, reason="DeadlineExceeded",
-                               message=f"Pod was active on the node longer than the specified deadline")
+                               message="Pod was active on the node longer than the specified deadline")
         else:
             self._write_status(run, pod, "Succeeded" if code == 0 else "Failed", main={"terminated": terminated})
 
@@ -508,8 +509,6 @@ class ProcessKubelet:
             raise
 
     def _secret(self, name: str, *, optional: bool = False) -> dict[str, str]:
-        import base64
-
         try:
             data = self.core.read_namespaced_secret(name, self.namespace).data or {}
         except ApiException as exc:

@@ -44,3 +44,19 @@ def argo_crds_dir() -> Path:
             f"Workflows {versions()['ARGO_VERSION']} Go module."
         )
     return path
+
+
+def binaries() -> dict[str, Path]:
+    """The control plane's programs, as the install script built them; a clear error when any is missing."""
+    v = versions()
+    found = {
+        "etcd": cache_dir() / f"etcd-{v['ETCD_VERSION']}" / "bin" / "etcd",
+        "kube-apiserver": cache_dir() / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin" / "kube-apiserver",
+        "kube-controller-manager": cache_dir() / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin" / "kube-controller-manager",
+        "workflow-controller": argo_dir() / "bin" / "workflow-controller",
+        "argo": argo_dir() / "bin" / "argo",
+    }
+    missing = [str(p) for p in found.values() if not os.access(p, os.X_OK)]
+    if missing:
+        raise FileNotFoundError(f"the test control plane is not built: missing {', '.join(missing)}. Run `{INSTALL_SCRIPT}` (make test does).")
+    return found

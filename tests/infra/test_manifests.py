@@ -245,6 +245,7 @@ def test_kind_cluster_ports_settings_and_names_agree():
     assert mapped[argo["server"]["serviceNodePort"]] == 2746
     assert argo["controller"]["workflowNamespaces"] == ["batch-gateway"]
     assert argo["controller"]["workflowRestrictions"]["templateReferencing"] == "Strict"
+    assert argo["crds"] == {"install": True, "full": True}  # the minimal CRDs validate nothing
     postgres = yaml.safe_load((REPO / "infra" / "kind" / "values" / "postgres.yaml").read_text())
     database = argo["controller"]["persistence"]["postgresql"]
     assert database["host"].startswith(f"{postgres['fullnameOverride']}-rw.batch-gateway.")

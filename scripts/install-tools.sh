@@ -4,7 +4,7 @@
 #   - helm (helm.sh/helm/v4/cmd/helm): `helm lint` and `helm template` of charts/batch-gateway;
 #   - promtool (github.com/prometheus/prometheus/cmd/promtool): `promtool check rules` and `promtool test rules` of
 #     the chart's alerts;
-#   - kubectl, from Debian's kubernetes-client, when there is none on the PATH (`kubectl kustomize templates/`).
+#   - kubectl (`kubectl kustomize templates/`), by scripts/install-control-plane.sh kubectl.
 # Binaries go to a cache folder outside the repository (BATCH_GATEWAY_TOOLS_CACHE, default
 # ~/.cache/batch-gateway/tools/), one sub-folder per tool and version: a second run takes well under a second. The
 # first build, modules downloaded included, took 108 s for helm and 284 s for promtool at `nice -n 19` on the 2-core
@@ -21,8 +21,6 @@ source scripts/tools-versions.env
 CACHE="${BATCH_GATEWAY_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batch-gateway/tools}"
 say() { echo "==> tools: $*"; }
 fail() { echo -e "ERROR: install-tools: $*" >&2; exit 1; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-  fail "'$*' needs root; run this script as root or install sudo."; fi; }
 
 # build NAME VERSION PACKAGE@VERSION [LDFLAGS]: `go install` into CACHE/NAME-VERSION/, unless it is there already.
 build() {
@@ -55,18 +53,8 @@ install_promtool() {
     "-X github.com/prometheus/common/version.Version=$PROMTOOL_VERSION"
 }
 
-install_kubectl() {
-  if command -v kubectl >/dev/null; then
-    say "kubectl: $(command -v kubectl)"
-    return
-  fi
-  local t0
-  t0=$(date +%s)
-  say "kubectl: installing Debian's kubernetes-client..."
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
-  command -v kubectl >/dev/null || fail "kubernetes-client installed no kubectl"
-  say "kubectl: installed in $(( $(date +%s) - t0 )) s"
+install_kubectl() {  # built with the test control plane's Kubernetes module, at the same pinned version
+  scripts/install-control-plane.sh kubectl
 }
 
 case "${1:-all}" in

@@ -242,7 +242,7 @@ class ControlPlane:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.admin_kubeconfig), *args], input=input, capture_output=True, text=True, timeout=120
+            [paths.kubectl(), "--kubeconfig", str(self.admin_kubeconfig), *args], input=input, capture_output=True, text=True, timeout=120
         )
         if check and result.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

@@ -23,6 +23,7 @@ import yaml
 from batch_gateway.sim import SimConfig, SimServer
 from tests.control_plane.cluster import NAMESPACE, ControlPlane
 from tests.control_plane.kubelet import host_environment
+from tests.control_plane import paths
 from tests.control_plane.paths import REPO
 from tests.fixtures.postgres import create_test_database, drop_test_database
 from tests.fixtures.redis import SHARED_URL, unique_prefix
@@ -41,7 +42,7 @@ RUNNER_LEASE_SECONDS = "10"
 
 def rendered_templates() -> list[dict[str, Any]]:
     """templates/ as `kubectl kustomize` renders it, with the test's shorter retry backoffs."""
-    result = subprocess.run(["kubectl", "kustomize", str(REPO / "templates")], capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run([paths.kubectl(), "kustomize", str(REPO / "templates")], capture_output=True, text=True, timeout=60, check=True)
     objects = [o for o in yaml.safe_load_all(result.stdout) if o]
     for obj in objects:
         if obj["kind"] == "WorkflowTemplate":

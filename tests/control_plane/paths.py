@@ -60,3 +60,11 @@ def binaries() -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"the test control plane is not built: missing {', '.join(missing)}. Run `{INSTALL_SCRIPT}` (make test does).")
     return found
+
+
+def kubectl() -> str:
+    """The pinned kubectl the install script built (tests never use another one from the PATH)."""
+    path = cache_dir() / f"kubernetes-{versions()['KUBERNETES_VERSION']}" / "bin" / "kubectl"
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"kubectl is not built: missing {path}. Run `{INSTALL_SCRIPT} kubectl` (make test does).")
+    return str(path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ TERRAFORM_OPAQUE = {("secret", "checksum"): "checksum-of-the-secrets"}
 # prometheus-operator's kinds: no schema here (its CRDs are not on the Go module proxy); their wiring is checked below.
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for `kubectl kustomize`) is not on the PATH")
 
 
 def helm(*args: str) -> str:
@@ -172,12 +170,10 @@ def test_helm_lint(tmp_path):
     helm("lint", "--strict", str(CHART), "-f", str(values))
 
 
-@needs_kubectl
 def test_chart_renders_the_kustomize_base(tmp_path):
     assert_same_objects(rendered(TEMPLATES), render_chart({"image": base_image()}, tmp_path=tmp_path), "the chart")
 
 
-@needs_kubectl
 def test_terraform_module_installs_the_kustomize_base(tmp_path):
     values = terraform_values(base_terraform_variables())
     objects = render_chart(values, tmp_path=tmp_path)

@@ -21,16 +21,21 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/batch-gateway serve --simulate --auth open
 
-# The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, and the real-engine tests.
+# The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, the real-engine tests and the
+# control-plane tests (real Kubernetes and Argo, built once by scripts/install-control-plane.sh).
 test: install
 	scripts/ensure-services.sh
+	scripts/install-control-plane.sh
 	scripts/install-real-engine.sh
+	scripts/install-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Everything except the tests that need the real llama.cpp engine.
+# Everything except the tests that need the real llama.cpp engine or the control plane (only Argo's CRDs are fetched).
 test-quick: install
 	scripts/ensure-services.sh
-	$(BIN)/python -m pytest -m "not real_engine" $(PYTEST_ARGS)
+	scripts/install-control-plane.sh crds
+	scripts/install-tools.sh
+	$(BIN)/python -m pytest -m "not real_engine and not control_plane" $(PYTEST_ARGS)
 
 bench: install
 	scripts/install-real-engine.sh

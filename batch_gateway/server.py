@@ -69,6 +69,9 @@ async def serve(settings: Settings) -> int:
         log.error("serve.bad_setting", error=str(exc))
         return 2
     services = await Services.open(settings)
+    from batch_gateway import tracing
+
+    tracing.configure(settings, "batch-gateway-api")
     try:
         if AuthMode(settings.auth) is AuthMode.OPEN:
             log.warning("serve.auth_open", note="--auth open: every request is tenant `default`, with or without a key")
@@ -113,6 +116,7 @@ async def serve(settings: Settings) -> int:
                 await task
     finally:
         await services.close()
+        tracing.shutdown()
         if simulator is not None:
             simulator.stop()
     return 0

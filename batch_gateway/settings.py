@@ -199,6 +199,19 @@ class Settings:
         "killed upload or runner. Keep it above the longest upload.",
         group="gc",
     )
+    # --- tracing ---
+    otlp_endpoint: str = setting(
+        "",
+        "OTLP/HTTP endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4318; /v1/traces is "
+        "appended). Empty: the standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else tracing is off.",
+        group="tracing",
+    )
+    trace_upstream_sample_ratio: float = setting(
+        0.01,
+        "Share of upstream requests traced with a span of their own and a sampled traceparent (so the engine traces "
+        "them too); the others carry the batch run's traceparent marked not sampled.",
+        group="tracing",
+    )
 
     # ------------------------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ class UploadPart(msgspec.Struct):
     object: str = "upload.part"
 
 
-class UploadCreate(msgspec.Struct):
+class UploadCreate(msgspec.Struct, forbid_unknown_fields=True):
     """Body of POST /v1/uploads, loosely typed like BatchCreate."""
 
     bytes: object = None
@@ -144,7 +144,7 @@ class UploadCreate(msgspec.Struct):
     expires_after: object = None
 
 
-class UploadComplete(msgspec.Struct):
+class UploadComplete(msgspec.Struct, forbid_unknown_fields=True):
     """Body of POST /v1/uploads/{id}/complete."""
 
     part_ids: object = None
@@ -164,8 +164,9 @@ class ExpiresAfter(msgspec.Struct, forbid_unknown_fields=True):
     seconds: int
 
 
-class BatchCreate(msgspec.Struct):
-    """Body of POST /v1/batches. Fields are loosely typed so that each error gets its own OpenAI message."""
+class BatchCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /v1/batches. Fields are loosely typed so that each error gets its own OpenAI message; a field
+    not listed is refused as OpenAI does (400 `unknown_parameter`)."""
 
     input_file_id: object = None
     endpoint: object = None

@@ -10,6 +10,7 @@ from batch_gateway.api import batches, files, health, metrics, partial, uploads
 from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
+from batch_gateway.api.tracing import tracing_middleware
 from batch_gateway.runner.catalog import UpstreamCatalog
 from batch_gateway.runner.upstream import parse_upstreams
 from batch_gateway.services import Services
@@ -47,7 +48,7 @@ def create_app(services: Services) -> Litestar:
         ],
         dependencies={"tenant": Provide(provide_tenant)},
         exception_handlers={Exception: handle_exception},
-        middleware=[request_context_middleware],
+        middleware=[tracing_middleware, request_context_middleware],
         before_send=[stamp_response],
         state=State({"services": services, "authenticator": authenticator, "upstreams": upstreams}),
         request_max_body_size=MAX_JSON_BODY_BYTES,

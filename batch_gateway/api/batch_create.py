@@ -8,7 +8,7 @@ import msgspec
 
 from batch_gateway import wire
 from batch_gateway.api.validation import (
-    expires_after_seconds,
+    expires_after_object,
     invalid_choice,
     invalid_type,
     invalid_value,
@@ -105,4 +105,4 @@ def _output_expires_after(value: object) -> int | None:
         return None
     if not isinstance(value, dict):
         raise invalid_type("output_expires_after", "an object", value)
-    return expires_after_seconds("output_expires_after", value.get("anchor"), value.get("seconds"))
+    return expires_after_object("output_expires_after", value)

@@ -22,6 +22,7 @@ from litestar import Request, Response, get, post
 from batch_gateway import ids, wire
 from batch_gateway.api.batch_create import parse_batch_create, window_label
 from batch_gateway.api.auth import PathId, Tenant
+from batch_gateway.api.context import BATCH_STATE
 from batch_gateway.api.errors import json_response
 from batch_gateway.api.files import services_of
 from batch_gateway.api.validation import query_int, query_str
@@ -85,6 +86,7 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
         idempotency_key=idempotency_key,
     )
     stored, created = await services.metadata.insert_batch(record)
+    request.scope["state"][BATCH_STATE] = stored.id
     if not created:
         if stored.fingerprint != fingerprint:
             raise Conflict(

@@ -30,6 +30,7 @@ SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DEN
 _STATE_STARTED = "started_at"
 _STATE_STATUS = "status_code"
 TENANT_STATE = "tenant"
+BATCH_STATE = "batch_id"  # the batch a request created, for its trace span
 
 
 def request_id_of(scope: Scope) -> str:

@@ -1,15 +1,20 @@
-"""Prometheus metrics of the API: requests by route and status, latency, batches by status, files and bytes stored.
+"""Prometheus metrics of the API: requests by route and status, latency, batches by status and by deadline, files and
+bytes stored, and whether storage answers.
 
 `/metrics` (no authentication, like the probes; keep it off the public ingress) refreshes the storage gauges from the
-metadata store at scrape time, so every API replica reports the same figures.
+metadata store at scrape time, so every API replica reports the same figures. The alerts (charts/batch-gateway,
+docs/operations.md) are written against these names.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from batch_gateway import wire
+from batch_gateway.store.metadata import StorageStats
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
@@ -25,7 +30,17 @@ LATENCY = Histogram(
 BATCHES = Gauge("batch_gateway_batches", "Batches by status.", ["status"], registry=REGISTRY)
 FILES = Gauge("batch_gateway_files", "Files stored, by purpose.", ["purpose"], registry=REGISTRY)
 BYTES = Gauge("batch_gateway_file_bytes", "Bytes stored in files, by purpose.", ["purpose"], registry=REGISTRY)
+OVERDUE = Gauge(
+    "batch_gateway_batches_overdue", "Batches not yet ended whose completion window has passed.", registry=REGISTRY
+)
+NEAR_DEADLINE = Gauge(
+    "batch_gateway_batches_near_deadline",
+    "Batches not yet ended in the last fifth of their completion window (at risk of expiring).",
+    registry=REGISTRY,
+)
 STORAGE_UP = Gauge("batch_gateway_metadata_up", "1 when the metadata store answered the last scrape.", registry=REGISTRY)
+OBJECTS_UP = Gauge("batch_gateway_object_store_up", "1 when the object store answered the last scrape.", registry=REGISTRY)
+OBJECT_STORE_TIMEOUT_SECONDS = 3.0
 
 
 def observe(method: str, route: str, status: int, seconds: float) -> None:
@@ -36,9 +51,9 @@ def observe(method: str, route: str, status: int, seconds: float) -> None:
 @get("/metrics")
 async def metrics(request: Request) -> Response:
     services = request.app.state.services
-    try:
-        stats = await services.metadata.storage_stats()
-    except Exception:
+    stats, objects_up = await asyncio.gather(_storage_stats(services), _object_store_up(services))
+    OBJECTS_UP.set(1 if objects_up else 0)
+    if stats is None:
         STORAGE_UP.set(0)
     else:
         STORAGE_UP.set(1)
@@ -47,4 +62,21 @@ async def metrics(request: Request) -> Response:
         for purpose, (count, size) in stats.files_by_purpose.items():
             FILES.labels(purpose).set(count)
             BYTES.labels(purpose).set(size)
+        OVERDUE.set(stats.overdue_batches)
+        NEAR_DEADLINE.set(stats.near_deadline_batches)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _storage_stats(services) -> StorageStats | None:
+    try:
+        return await services.metadata.storage_stats()
+    except Exception:
+        return None
+
+
+async def _object_store_up(services) -> bool:
+    try:
+        await asyncio.wait_for(services.objects.ping(), OBJECT_STORE_TIMEOUT_SECONDS)
+    except Exception:  # any failure, timeouts included, means "down"
+        return False
+    return True

@@ -32,7 +32,7 @@ from batch_gateway.api.errors import json_response
 from batch_gateway.api.files import services_of
 from batch_gateway.api.multipart import FilePart, read_form
 from batch_gateway.api.validation import (
-    expires_after_seconds,
+    expires_after_object,
     invalid_type,
     invalid_value,
     missing,
@@ -161,7 +161,7 @@ def _expires_after(value: object) -> int | None:
         return None
     if not isinstance(value, dict):
         raise invalid_type("expires_after", "an object", value)
-    return expires_after_seconds("expires_after", value.get("anchor"), value.get("seconds"))
+    return expires_after_object("expires_after", value)
 
 
 # --- parts -------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ OpenAI that matches on `code` or `param` keeps working.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
@@ -27,12 +28,44 @@ BAD_JSON = (
 T = TypeVar("T")
 
 
+# msgspec's words for a field a Struct with forbid_unknown_fields does not have, and where it was.
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`(?: - at `\$\.(?P<path>[^`]*)`)?")
+
+
 def parse_json(body: bytes, kind: type[T]) -> T:
-    """A request body as `kind` (a loosely typed Struct), or OpenAI's answer to a body that is not JSON."""
+    """A request body as `kind` (a loosely typed Struct that forbids unknown fields), or OpenAI's answer to a body
+    that is not JSON, is not an object, or has a parameter OpenAI does not know (400 `unknown_parameter`)."""
     try:
         return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:  # not the object `kind` is (a DecodeError too: caught first)
+        unknown = _UNKNOWN_FIELD.search(str(exc))
+        if unknown is not None and _is_json(body):  # msgspec stops at the field: the rest may not even be JSON
+            path = unknown.group("path")
+            raise unknown_parameter(f"{path}.{unknown.group('name')}" if path else unknown.group("name")) from None
+        raise InvalidRequest(BAD_JSON) from None
     except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting deeper than the decoder may follow
         raise InvalidRequest(BAD_JSON) from None
+
+
+def expires_after_object(param: str, value: dict) -> int:
+    """An `{anchor, seconds}` object (a file's `expires_after`, a batch's `output_expires_after`) in seconds."""
+    for key in value:
+        if key not in ("anchor", "seconds"):
+            raise unknown_parameter(f"{param}.{key}")
+    return expires_after_seconds(param, value.get("anchor"), value.get("seconds"))
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
+
+
+def unknown_parameter(param: str) -> InvalidRequest:
+    """OpenAI's answer to a body parameter it does not know (it rejects them; it never ignores one)."""
+    return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
 
 
 def json_type_name(value: object) -> str:

@@ -22,6 +22,9 @@ PREEMPTED = Counter("batch_runner_preempted_total", "Batch requests aborted to m
 CIRCUIT_OPEN = Gauge(
     "batch_runner_upstream_unavailable", "1 while the endpoint's circuit is open (it said \"not now\"), else 0.", ["endpoint"]
 )
+# Every attempt that got no 2xx, by HTTP status or "timeout" / "connection" (no answer). With the `ok` results of
+# REQUESTS it gives the share of attempts that failed: each attempt is either one or the other.
+UPSTREAM_ERRORS = Counter("batch_runner_upstream_errors_total", "Upstream attempts without a 2xx, by status.", ["code"])
 RETRIES = Counter("batch_runner_retries_total", "Upstream requests retried after a transient failure.")
 REQUESTS = Counter("batch_runner_requests_total", "Requests with a final result.", ["outcome"])
 TOKENS = Counter("batch_runner_tokens_total", "Tokens of successful requests.", ["kind"])  # prompt, cached, completion

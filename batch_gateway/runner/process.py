@@ -19,6 +19,7 @@ import sys
 
 import structlog
 
+from batch_gateway import tracing
 from batch_gateway.runner.exits import EXIT_CRASHED, EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, PARENT_ENV
 from batch_gateway.runner.patience import StorageGaveUp, with_patience
 from batch_gateway.runner.run import BatchRunner, Interrupted, LeaseLost
@@ -34,10 +35,14 @@ async def run_batch(settings: Settings, batch_id: str, *, give_up: str | None = 
     # Every line this process logs, whichever module writes it, carries the batch id.
     structlog.contextvars.bind_contextvars(batch_id=batch_id)
     log = structlog.get_logger("runner")
+    tracing.configure(settings, "batch-gateway-runner")
     if settings.runner_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.runner_metrics_port, addr="0.0.0.0" if settings.executor == "argo" else "127.0.0.1")
+        try:
+            start_http_server(settings.runner_metrics_port, addr="0.0.0.0" if settings.executor == "argo" else "127.0.0.1")
+        except OSError as exc:  # metrics are worth a warning, never the batch (another runner on this host has it)
+            log.warning("runner.metrics_port_unavailable", port=settings.runner_metrics_port, error=str(exc))
     main_task = asyncio.current_task()
     runner: BatchRunner | None = None
 
@@ -76,6 +81,7 @@ async def run_batch(settings: Settings, batch_id: str, *, give_up: str | None = 
             watchdog.cancel()
         if services is not None:
             await services.close()
+        tracing.shutdown()  # sends the spans still buffered
 
 
 def _tie_to_parent(on_parent_gone) -> asyncio.Task | None:

@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 import structlog
 
-from batch_gateway import ids, wire
+from batch_gateway import ids, tracing, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner.exits import OWNER_ENV
 from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
@@ -114,18 +114,35 @@ class BatchRunner:
         self._stop_reason: str | None = None
         self._dispatcher: Dispatcher | None = None
         self._catalog: UpstreamCatalog | None = None
+        self._span = None  # this run's span while tracing is on (batch_gateway/tracing.py)
         self.run_summary: dict = {}
 
     # --- entry point ---------------------------------------------------------------------------
 
     async def run(self) -> str:
         """Run the batch to a terminal status and return it. Raises LeaseLost if another runner owns it."""
-        return await self._claimed(self._run_claimed)
+        return await self._claimed(self._traced(self._run_claimed))
 
     async def give_up(self, reason: str) -> str:
         """End the batch `failed` after its runners crashed for good, publishing every result they left in
         checkpoints and every other line as `batch_failed`. Raises LeaseLost if a live runner owns the batch."""
-        return await self._claimed(lambda batch: self._give_up_claimed(batch, reason))
+        return await self._claimed(self._traced(lambda batch: self._give_up_claimed(batch, reason)))
+
+    def _traced(self, work: Callable[[BatchRecord], Awaitable[str]]) -> Callable[[BatchRecord], Awaitable[str]]:
+        """`work` inside this run's span, when tracing is on."""
+
+        async def traced(batch: BatchRecord) -> str:
+            tracer = tracing.tracer()
+            if tracer is None:
+                return await work(batch)
+            attributes = {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant, "batch_gateway.endpoint": batch.endpoint}
+            with tracer.start_as_current_span("batch.run", attributes=attributes) as span:
+                self._span = span
+                status = await work(batch)
+                span.set_attribute("batch_gateway.status", status)
+                return status
+
+        return traced
 
     async def _claimed(self, work: Callable[[BatchRecord], Awaitable[str]]) -> str:
         batch = await self._patiently("read the batch", lambda: self.metadata.get_batch(self.batch_id, None))
@@ -321,6 +338,9 @@ class BatchRunner:
         ]
         board = LoadBoard(self.metadata, self.owner, self.log)
         async with UpstreamClient(api_key=settings.upstream_api_key) as client:
+            client.tracing = tracing.upstream_tracing(
+                self._span, settings.trace_upstream_sample_ratio, {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant}
+            )
 
             def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
                 checkpoints.add(line, kind, usage, result_line)

@@ -12,11 +12,16 @@ import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
 
 from batch_gateway import ids
+from batch_gateway.runner import metrics as runner_metrics
+
+if TYPE_CHECKING:
+    from batch_gateway.tracing import UpstreamTracing
 
 DEFAULT_MODEL = "*"
 
@@ -141,6 +146,11 @@ class Exchange:
         return 200 <= self.status < 300
 
     @property
+    def code(self) -> str:
+        """The status as a metric label: "429", "503", ..., or "timeout" / "connection" without an answer."""
+        return str(self.status) if self.status else (self.failure or "connection").split(" ", 1)[0].rstrip(":")
+
+    @property
     def timed_out(self) -> bool:
         return self.status == 0 and (self.failure or "").startswith("timeout")
 
@@ -179,7 +189,8 @@ class UpstreamClient:
     in flight httpx's pool costs milliseconds of CPU per request (benchmarks/overhead.py measures both), enough to
     make the runner, not the engine, the bottleneck. No connection limit here: the per-endpoint limiters decide."""
 
-    def __init__(self, *, api_key: str | None = None) -> None:
+    def __init__(self, *, api_key: str | None = None, tracing: UpstreamTracing | None = None) -> None:
+        self.tracing = tracing  # None while tracing is off: then it costs one test per request
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -205,6 +216,20 @@ class UpstreamClient:
         self, endpoint: str, path: str, body: bytes, timeout: float, *, headers: Mapping[str, str] | None = None
     ) -> Exchange:
         """One attempt. Never raises for HTTP or transport trouble: that is an Exchange with `status == 0`."""
+        span = None
+        if self.tracing is not None:  # off: this test is all tracing costs
+            trace_headers, span = self.tracing.start(endpoint, path)
+            headers = {**headers, **trace_headers} if headers else trace_headers
+        exchange = await self._post(endpoint, path, body, timeout, headers)
+        if not exchange.ok:
+            runner_metrics.UPSTREAM_ERRORS.labels(exchange.code).inc()
+        if span is not None:
+            self.tracing.end(span, exchange)  # type: ignore[union-attr]
+        return exchange
+
+    async def _post(
+        self, endpoint: str, path: str, body: bytes, timeout: float, headers: Mapping[str, str] | None
+    ) -> Exchange:
         started = time.monotonic()
         try:
             async with self.session.post(

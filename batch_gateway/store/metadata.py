@@ -188,6 +188,11 @@ class RunnerLoad(msgspec.Struct, frozen=True):
 class StorageStats(msgspec.Struct):
     batches_by_status: dict[str, int]
     files_by_purpose: dict[str, tuple[int, int]]  # purpose → (count, bytes)
+    overdue_batches: int = 0  # not terminal, past expires_at: no runner or gc is ending them
+    near_deadline_batches: int = 0  # not terminal, in the last fifth of their completion window
+
+# A batch is "near its deadline" in the last 1/NEAR_DEADLINE_FRACTION of its window (created_at to expires_at).
+NEAR_DEADLINE_FRACTION = 5
 
 
 # Columns a transition may change besides the status and its timestamp.
@@ -334,8 +339,9 @@ class MetadataStore(abc.ABC):
     async def overdue_batches(self, now: int, limit: int = 1000) -> list[BatchRecord]:
         """Batches not yet terminal whose `expires_at` has passed."""
 
-    async def storage_stats(self) -> StorageStats:
-        """Counts for metrics: batches by status, files and bytes by purpose (all tenants)."""
+    async def storage_stats(self, now: int | None = None) -> StorageStats:
+        """Counts for metrics (all tenants): batches by status, files and bytes by purpose, and active batches
+        that are overdue or near their deadline at `now` (default: the current time)."""
         raise NotImplementedError(f"{type(self).__name__} does not report storage stats")
 
     # --- runner leases: only one runner may work on a batch at a time ---

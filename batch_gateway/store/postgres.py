@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from batch_gateway import wire
+from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store import rows
 from batch_gateway.store.metadata import (
@@ -31,6 +31,7 @@ from batch_gateway.store.metadata import (
     FileRecord,
     MetadataStore,
     OPEN_UPLOAD_STATUSES,
+    NEAR_DEADLINE_FRACTION,
     RunnerLoad,
     StorageStats,
     UploadPartRecord,
@@ -65,6 +66,15 @@ def _jsonb(value: Any) -> Jsonb | None:
 async def _configure(connection: psycopg.AsyncConnection) -> None:
     # Hand json/jsonb over undecoded: msgspec decodes it straight into the record types.
     set_json_loads(lambda data: data, connection)
+
+
+# Active batches past their deadline, and in the last fifth of their window (metrics, alerts).
+DEADLINES_SQL = (
+    "SELECT COALESCE(SUM(CASE WHEN expires_at <= %s THEN 1 ELSE 0 END), 0) AS overdue, "
+    "COALESCE(SUM(CASE WHEN expires_at > %s AND (expires_at - %s) * " f"{NEAR_DEADLINE_FRACTION}" " < expires_at - created_at "
+    "THEN 1 ELSE 0 END), 0) AS near FROM batches "
+    "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
+)
 
 
 class PostgresStore(MetadataStore):
@@ -438,15 +448,19 @@ class PostgresStore(MetadataStore):
         )
         return [rows.batch_from_row(r) for r in found]
 
-    async def storage_stats(self) -> StorageStats:
+    async def storage_stats(self, now: int | None = None) -> StorageStats:
         """Whole-table counts (all tenants) for a metrics scrape."""
         batches = await self._rows("SELECT status, COUNT(*) AS n FROM batches GROUP BY status")
         files = await self._rows(
             "SELECT purpose, COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS bytes FROM files GROUP BY purpose"
         )
+        now = ids.now() if now is None else now
+        deadlines = await self._row(DEADLINES_SQL, (now, now, now))
         return StorageStats(
             batches_by_status={row["status"]: row["n"] for row in batches},
             files_by_purpose={row["purpose"]: (row["n"], int(row["bytes"])) for row in files},
+            overdue_batches=int(deadlines["overdue"]) if deadlines else 0,
+            near_deadline_batches=int(deadlines["near"]) if deadlines else 0,
         )
 
     # --- leases ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from batch_gateway import wire
+from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store import rows
 from batch_gateway.store.metadata import (
@@ -28,6 +28,7 @@ from batch_gateway.store.metadata import (
     FileRecord,
     MetadataStore,
     OPEN_UPLOAD_STATUSES,
+    NEAR_DEADLINE_FRACTION,
     RunnerLoad,
     StorageStats,
     UploadPartRecord,
@@ -77,6 +78,15 @@ def split_statements(script: str) -> list[str]:
     if stripped:
         raise ValueError(f"migration ends with an unterminated statement: {stripped[:80]!r}")
     return statements
+
+
+# Active batches past their deadline, and in the last fifth of their window (metrics, alerts).
+DEADLINES_SQL = (
+    "SELECT COALESCE(SUM(CASE WHEN expires_at <= ? THEN 1 ELSE 0 END), 0) AS overdue, "
+    "COALESCE(SUM(CASE WHEN expires_at > ? AND (expires_at - ?) * " f"{NEAR_DEADLINE_FRACTION}" " < expires_at - created_at "
+    "THEN 1 ELSE 0 END), 0) AS near FROM batches "
+    "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
+)
 
 
 class SqliteStore(MetadataStore):
@@ -454,14 +464,18 @@ class SqliteStore(MetadataStore):
         )
         return [rows.batch_from_row(r) for r in found]
 
-    async def storage_stats(self) -> StorageStats:
+    async def storage_stats(self, now: int | None = None) -> StorageStats:
         """Whole-table counts (all tenants); GROUP BY over the status index and the files table, cheap enough for a
         metrics scrape at the sizes SQLite serves."""
         batches = await self._rows("SELECT status, COUNT(*) FROM batches GROUP BY status")
         files = await self._rows("SELECT purpose, COUNT(*), COALESCE(SUM(bytes), 0) FROM files GROUP BY purpose")
+        now = ids.now() if now is None else now
+        deadlines = await self._row(DEADLINES_SQL, (now, now, now))
         return StorageStats(
             batches_by_status={row[0]: row[1] for row in batches},
             files_by_purpose={row[0]: (row[1], row[2]) for row in files},
+            overdue_batches=deadlines[0] if deadlines else 0,
+            near_deadline_batches=deadlines[1] if deadlines else 0,
         )
 
     # --- leases ------------------------------------------------------------------------------

@@ -449,3 +449,31 @@ def test_an_upstream_that_does_not_answer_does_not_block_batches(server_factory)
     client = server.client(max_retries=0)
     batch = client.batches.create(input_file_id=upload(client), endpoint="/v1/images/edits", completion_window="24h")
     assert batch.status == "validating"
+
+
+def test_an_unknown_parameter_is_refused_as_openai_does(server, client):
+    """OpenAI answers a body parameter it does not know with 400 `unknown_parameter` naming it (its JSON endpoints
+    never ignore one); so do POST /v1/batches and the Uploads bodies, nested objects included."""
+    upload = client.files.create(file=("in.jsonl", chat_lines(1)), purpose="batch")
+    base = {"input_file_id": upload.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    with server.http() as http:
+        for body, param in [
+            ({**base, "priority": "high"}, "priority"),
+            ({**base, "output_expires_after": {"anchor": "created_at", "seconds": 3600, "unit": "s"}},
+             "output_expires_after.unit"),
+        ]:
+            response = http.post("/v1/batches", json=body)
+            assert_envelope(response, 400)
+            assert response.json()["error"] == {
+                "message": f"Unknown parameter: '{param}'.", "type": "invalid_request_error", "param": param,
+                "code": "unknown_parameter",
+            }
+        response = http.post("/v1/uploads", json={"bytes": 1, "filename": "a.jsonl", "purpose": "batch",
+                                                  "mime_type": "text/jsonl", "colour": "red"})
+        assert_envelope(response, 400, code="unknown_parameter", param="colour")
+        error = assert_envelope(http.post("/v1/batches", json=[base]), 400)  # JSON, but no object: never a 500
+        assert "could not parse the JSON body" in error["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(**base, extra_body={"priority": "high"})
+    assert refused.value.code == "unknown_parameter"
+    assert client.batches.list().data == [], "nothing was created"

@@ -215,3 +215,35 @@ def test_every_response_says_not_to_sniff_or_frame_it(server):
     for response in (http.get("/v1/files"), http.get("/v1/nothing-here"), http.put("/v1/batches"), http.get("/health")):
         assert response.headers["x-content-type-options"] == "nosniff", response.url
         assert response.headers["x-frame-options"] == "DENY", response.url
+
+
+def test_metrics_report_deadlines_and_both_stores(server, client):
+    """What the alerts read: batches overdue and near their deadline, and whether each store answers."""
+    from batch_gateway import ids
+    from batch_gateway.store.metadata import BatchRecord
+
+    def gauges() -> dict[str, float]:
+        text = server.http().get("/metrics").text
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
+
+    now = ids.now()
+    for created, expires in ((now - 7200, now - 60), (now - 3500, now + 100), (now - 100, now + 3500)):
+        server.run(server.services.metadata.insert_batch(BatchRecord(
+            id=ids.new_batch_id(), tenant="default", endpoint="/v1/chat/completions", input_file_id="file-x",
+            completion_window="1h", status="in_progress", created_at=created, expires_at=expires)))
+    seen = gauges()
+    assert seen["batch_gateway_batches_overdue"] == 1 and seen["batch_gateway_batches_near_deadline"] == 1
+    assert seen["batch_gateway_metadata_up"] == 1 and seen["batch_gateway_object_store_up"] == 1
+
+
+def test_metrics_say_when_the_object_store_is_down(server_factory, monkeypatch):
+    # A real S3 client pointed at a loopback port nobody listens on (as the /ready test above).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    server = server_factory(object_store_url="s3://nowhere/prefix")
+    text = server.http().get("/metrics").text
+    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
+    assert values["batch_gateway_object_store_up"] == 0 and values["batch_gateway_metadata_up"] == 1

@@ -1,7 +1,9 @@
-"""The Argo executor against a loopback fake of the Kubernetes API (tests/fakes/kube_api.py).
+"""The Argo executor's own logic against a loopback fake of the Kubernetes API (tests/fakes/kube_api.py): fast unit
+tests of names, idempotent submits, retries of transient failures, clear errors, replaced Workflows.
 
 The fake validates every Workflow the executor creates or patches against Argo's CRD schema made strict, so a
-misspelled field fails these tests the way it would fail against a real API server with the full CRDs.
+misspelled field fails these tests the way it would fail against a real API server with the full CRDs. The executor
+against a real API server and real Argo: tests/control_plane/test_real_argo.py.
 """
 
 from __future__ import annotations

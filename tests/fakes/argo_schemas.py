@@ -1,38 +1,30 @@
-"""Argo's full-CRD schemas (from ../shared/reference/argo/), made strict so that a misspelled field is an error.
+"""Argo's full-CRD schemas, made strict so that a misspelled field is an error.
 
-The upstream schemas carry no `additionalProperties: false`; `strict()` adds it to every object schema that lists
-`properties` and does not say `x-kubernetes-preserve-unknown-fields`. CRD schemas leave `metadata` as a bare object
-(the API server checks ObjectMeta itself), so `metadata_errors()` does the checks that matter here: names and labels.
+The schemas are the `openAPIV3Schema` of the full CRDs (`manifests/base/crds/full/` of the Argo Workflows Go module),
+which scripts/install-control-plane.sh extracts into its cache (tests/control_plane/paths.py). They carry no
+`additionalProperties: false`; `strict()` adds it to every object schema that lists `properties` and does not say
+`x-kubernetes-preserve-unknown-fields`. CRD schemas leave `metadata` as a bare object (the API server checks ObjectMeta
+itself), so `metadata_errors()` does the checks that matter here: names and labels. CEL rules
+(`x-kubernetes-validations`) are not checked here; the real API server of the control-plane tests checks them.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.control_plane.paths import argo_crds_dir
+
 ARGO_KINDS = ("Workflow", "WorkflowTemplate", "CronWorkflow")
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-def shared_dir() -> Path:
-    """The shared reference folder, beside the repository (`<repo>/../shared`), as in CI."""
-    candidate = REPO_ROOT.parent / "shared"
-    if not (candidate / "reference" / "argo" / "Workflow.schema.json").is_file():
-        raise FileNotFoundError(
-            f"Argo CRD schemas not found: expected {candidate}/reference/argo/Workflow.schema.json. These tests need "
-            "the shared/ folder checked out beside the repository (<repo>/../shared)."
-        )
-    return candidate
 
 
 def strict(schema: Any) -> Any:
@@ -57,8 +49,21 @@ def strict(schema: Any) -> Any:
 def validator(kind: str) -> jsonschema.Draft7Validator:
     if kind not in ARGO_KINDS:
         raise ValueError(f"no Argo schema for kind {kind!r}")
-    path = shared_dir() / "reference" / "argo" / f"{kind}.schema.json"
-    return jsonschema.Draft7Validator(strict(json.loads(path.read_text())))
+    return jsonschema.Draft7Validator(strict(crd_schema(kind)))
+
+
+@functools.cache
+def crd(kind: str) -> dict[str, Any]:
+    """The full CustomResourceDefinition of an Argo kind (Workflow, WorkflowTemplate, ...)."""
+    path = argo_crds_dir() / f"argoproj.io_{kind.lower()}s.yaml"
+    with path.open() as f:
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # a few MB: libyaml when present
+
+
+def crd_schema(kind: str) -> dict[str, Any]:
+    """The `openAPIV3Schema` of an Argo kind's served version (v1alpha1)."""
+    (version,) = [v for v in crd(kind)["spec"]["versions"] if v["served"]]
+    return version["schema"]["openAPIV3Schema"]
 
 
 def metadata_errors(obj: dict[str, Any]) -> list[str]:

@@ -7,6 +7,9 @@ list with label selectors, JSON merge patch (RFC 7386; other patch types get 415
 precondition). Clients are real `kubernetes.client.ApiClient`s pointed at it; nothing of the client is mocked.
 
 Tests can inject failures (`fail_next`), look at the requests made (`requests`) and play the controller (`set_status`).
+
+For fast unit tests only: of the Argo executor's error handling (transient failures, 404s, replaced Workflows) and of
+`k8s://` discovery. Everything end to end runs against a real API server and real Argo (tests/control_plane/).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class FakeKubeAPI:
     """The ASGI app and its store. `namespaces=None` accepts any namespace."""
 
     def __init__(self, namespaces: set[str] | None = None) -> None:
+        for kind in argo_schemas.ARGO_KINDS:
+            argo_schemas.validator(kind)  # load now: missing CRDs fail the test's setup, not a request (as a 500)
         self.namespaces = namespaces
         self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}  # (group, plural, namespace, name)
         self.requests: list[tuple[str, str]] = []

@@ -2,7 +2,7 @@
 
 - Argo kinds against Argo's full-CRD schemas made strict (tests/fakes/argo_schemas.py): a misspelled field fails.
 - Core kinds with kubernetes-validate in strict mode, for Kubernetes 1.37.
-- Each kustomization is rendered with `kubectl kustomize` (when kubectl is on the PATH) and validated again, then
+- Each kustomization is rendered with `kubectl kustomize` (the pinned build) and validated again, then
   checked for consistency: references to ServiceAccounts, ConfigMaps, Roles and templates resolve, RBAC grants what
   the code needs, containers are hardened, the kind cluster's port mappings match the NodePorts.
 """
@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.control_plane import paths
 from tests.fakes import argo_schemas
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,12 +81,11 @@ def objects_in(path: Path) -> list[dict[str, Any]]:
 
 @cache
 def rendered(directory: Path) -> list[dict[str, Any]]:
-    result = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([paths.kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for `kubectl kustomize`) is not on the PATH")
 
 
 # --- every file, as written ----------------------------------------------------------------------
@@ -117,7 +117,6 @@ def test_manifest_validates(path):
 # --- every kustomization, rendered ---------------------------------------------------------------
 
 
-@needs_kubectl
 @pytest.mark.parametrize("directory", kustomization_dirs(), ids=lambda p: str(p.relative_to(REPO)))
 def test_kustomization_renders_valid_objects(directory):
     objects = rendered(directory)
@@ -146,7 +145,6 @@ def pod_specs(objects: list[dict]) -> list[tuple[str, dict, list[dict]]]:
     return found
 
 
-@needs_kubectl
 @pytest.mark.parametrize("directory", [REPO / "templates", REPO / "infra" / "kind" / "gateway"], ids=["templates", "kind"])
 def test_references_resolve_and_containers_are_hardened(directory):
     objects = rendered(directory)
@@ -201,7 +199,6 @@ def permissions(objects: list[dict], account: str) -> set[tuple[str, str, str]]:
     return granted
 
 
-@needs_kubectl
 def test_rbac_grants_what_the_code_needs_and_no_more():
     objects = rendered(REPO / "templates")
     manage_workflows = {("argoproj.io", "workflows", v) for v in ("create", "get", "list", "patch", "delete")}
@@ -234,7 +231,6 @@ def test_containerfile_matches_the_manifests():
     assert ignored[0] == "*" and "!batch_gateway/" in ignored and "!pyproject.toml" in ignored
 
 
-@needs_kubectl
 def test_kind_cluster_ports_settings_and_names_agree():
     cluster = yaml.safe_load((REPO / "infra" / "kind" / "cluster.yaml").read_text())
     mapped = {m["containerPort"]: m["hostPort"] for m in cluster["nodes"][0]["extraPortMappings"]}
@@ -245,6 +241,7 @@ def test_kind_cluster_ports_settings_and_names_agree():
     assert mapped[argo["server"]["serviceNodePort"]] == 2746
     assert argo["controller"]["workflowNamespaces"] == ["batch-gateway"]
     assert argo["controller"]["workflowRestrictions"]["templateReferencing"] == "Strict"
+    assert argo["crds"] == {"install": True, "full": True}  # the minimal CRDs validate nothing
     postgres = yaml.safe_load((REPO / "infra" / "kind" / "values" / "postgres.yaml").read_text())
     database = argo["controller"]["persistence"]["postgresql"]
     assert database["host"].startswith(f"{postgres['fullnameOverride']}-rw.batch-gateway.")

@@ -360,6 +360,22 @@ async def test_storage_stats_count_all_tenants(store: MetadataStore):
     assert stats.files_by_purpose == {"batch": (2, 15), "batch_output": (1, 7)}
 
 
+async def test_storage_stats_count_active_batches_overdue_and_near_their_deadline(store: MetadataStore):
+    """The alerts' view of deadlines: windows of 1000 s, `now` 10_000. Terminal batches never count."""
+    window = dict(created_at=9_000, expires_at=10_000)
+    await store.insert_batch(batch_record(status="in_progress", created_at=8_000, expires_at=9_000))  # overdue
+    await store.insert_batch(batch_record(status="cancelling", created_at=9_000, expires_at=10_000))  # overdue: at it
+    await store.insert_batch(batch_record(status="in_progress", created_at=9_150, expires_at=10_150))  # 150 s left
+    await store.insert_batch(batch_record(tenant="other", status="validating", created_at=9_190, expires_at=10_190))
+    await store.insert_batch(batch_record(status="in_progress", created_at=9_300, expires_at=10_300))  # 300 s: fine
+    await store.insert_batch(batch_record(status="expired", **window))
+    await store.insert_batch(batch_record(status="completed", created_at=9_100, expires_at=10_100))
+    stats = await store.storage_stats(now=10_000)
+    assert (stats.overdue_batches, stats.near_deadline_batches) == (2, 2)
+    stats = await store.storage_stats(now=8_000)
+    assert (stats.overdue_batches, stats.near_deadline_batches) == (0, 0)
+
+
 # --- leases --------------------------------------------------------------------------------------
 
 

@@ -1,27 +1,15 @@
-# batch-gateway itself: its Secret, then every manifest of templates/ (API Deployment and Service, runner and gc
-# WorkflowTemplates, gc CronWorkflow, ServiceAccounts, Roles, ConfigMaps) through the small local chart in ./chart.
+# batch-gateway itself: its Secret, then the repository's Helm chart (charts/batch-gateway: API Deployment and Service,
+# runner and gc WorkflowTemplates, gc CronWorkflow, ServiceAccounts, Roles, ConfigMaps, and the Job that creates the
+# first API key).
 #
-# Why a chart and not kubernetes_manifest: kubernetes_manifest needs the WorkflowTemplate and CronWorkflow CRDs at plan
-# time, before the platform module has installed Argo. helm_release resolves kinds only when it applies.
-# The chart renders the files of templates/ as they are, setting only the namespace, image, replicas, Service type,
-# semaphore size and ConfigMap values, so there is one source of truth for the manifests (kustomize reads the same).
+# Why helm_release and not kubernetes_manifest: kubernetes_manifest needs the WorkflowTemplate and CronWorkflow CRDs
+# at plan time, before the platform module has installed Argo. helm_release resolves kinds only when it applies.
+# One source of truth: the chart renders what templates/ (the kustomize base) holds, and tests/infra/test_chart.py
+# renders the kustomize base, the chart, and the chart with this module's values, and compares the objects.
 
 locals {
-  templates_dir = coalesce(var.templates_dir, "${path.module}/../../../../templates")
-  # every object file that templates/kustomization.yaml lists, in its order
-  manifest_files = yamldecode(file("${local.templates_dir}/kustomization.yaml")).resources
-  config = merge(
-    {
-      BATCH_GATEWAY_UPSTREAM     = var.upstream
-      BATCH_GATEWAY_OBJECT_STORE = var.object_store_url
-      AWS_REGION                 = var.aws_region
-    },
-    var.s3_endpoint == null ? {} : {
-      AWS_ENDPOINT_URL = var.s3_endpoint
-      AWS_ALLOW_HTTP   = startswith(var.s3_endpoint, "http://") ? "true" : "false"
-    },
-    var.extra_config,
-  )
+  chart_dir   = coalesce(var.chart_dir, "${path.module}/../../../../charts/batch-gateway")
+  secret_name = "batch-gateway-secrets"
   secrets = merge(
     {
       BATCH_GATEWAY_DATABASE_URL     = var.database_url
@@ -33,11 +21,44 @@ locals {
       AWS_SECRET_ACCESS_KEY = var.s3_secret_access_key
     },
   )
+  # The chart's values (charts/batch-gateway/values.yaml): variables only, so that the test can render them.
+  values = {
+    image = {
+      repository = var.image
+    }
+    upstream = var.upstream
+    objectStore = {
+      url      = var.object_store_url
+      region   = var.aws_region
+      endpoint = var.s3_endpoint
+    }
+    limits = {
+      completionWindowSeconds = var.completion_window_seconds
+    }
+    config = var.extra_config
+    api = {
+      replicas = var.api_replicas
+      service = {
+        type = var.service_type
+      }
+    }
+    runner = {
+      maxConcurrent = var.max_concurrent_runners
+    }
+    secret = {
+      name = local.secret_name
+      # Restart the pods when a secret changes (envFrom is read at start).
+      checksum = sha256(jsonencode(local.secrets))
+    }
+    bootstrapKey = {
+      tenant = var.bootstrap_tenant
+    }
+  }
 }
 
 resource "kubernetes_secret_v1" "gateway" {
   metadata {
-    name      = "batch-gateway-secrets"
+    name      = local.secret_name
     namespace = var.namespace
     labels = {
       "app.kubernetes.io/name"    = "batch-gateway"
@@ -48,24 +69,11 @@ resource "kubernetes_secret_v1" "gateway" {
 }
 
 resource "helm_release" "gateway" {
-  name      = "batch-gateway"
-  chart     = "${path.module}/chart"
-  namespace = var.namespace
-  wait      = true
-  timeout   = 600
-  values = [yamlencode({
-    manifests       = [for f in local.manifest_files : file("${local.templates_dir}/${f}")]
-    image           = var.image
-    apiReplicas     = var.api_replicas
-    runners         = var.max_concurrent_runners
-    serviceType     = var.service_type
-    config          = local.config
-    bootstrapTenant = var.bootstrap_tenant
-  })]
-  # Restart the pods when a secret changes (envFrom is read at start).
-  set = [{
-    name  = "secretChecksum"
-    value = sha256(jsonencode(local.secrets))
-  }]
+  name       = "batch-gateway"
+  chart      = local.chart_dir
+  namespace  = var.namespace
+  wait       = true
+  timeout    = 600
+  values     = [yamlencode(local.values)]
   depends_on = [kubernetes_secret_v1.gateway]
 }

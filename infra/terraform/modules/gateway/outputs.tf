@@ -14,6 +14,6 @@ output "bootstrap_key_command" {
 }
 
 output "release" {
-  description = "The Helm release holding the gateway's manifests."
+  description = "The Helm release of the batch-gateway chart."
   value       = helm_release.gateway.name
 }

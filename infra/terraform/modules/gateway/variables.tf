@@ -8,8 +8,8 @@ variable "image" {
   type        = string
 }
 
-variable "templates_dir" {
-  description = "Directory of the Kubernetes manifests to install (the repository's templates/)."
+variable "chart_dir" {
+  description = "The batch-gateway Helm chart to install (default: the repository's charts/batch-gateway)."
   type        = string
   default     = null
 }
@@ -86,6 +86,12 @@ variable "upstream_api_key" {
   type        = string
   default     = ""
   sensitive   = true
+}
+
+variable "completion_window_seconds" {
+  description = "Seconds a batch may run before it expires; the runner Workflow's deadline follows (plus two hours)."
+  type        = number
+  default     = 86400
 }
 
 variable "extra_config" {

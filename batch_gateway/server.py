@@ -62,7 +62,12 @@ async def serve(settings: Settings) -> int:
 
     from batch_gateway.webhooks import parse_webhooks
 
-    webhooks = parse_webhooks(settings.webhook, settings.webhook_secret)  # a bad setting fails now, not at an event
+    try:  # a bad setting fails now, not at the first event or in every runner
+        webhooks = parse_webhooks(settings.webhook, settings.webhook_secret)
+        check_runner_settings(settings)
+    except ValueError as exc:
+        log.error("serve.bad_setting", error=str(exc))
+        return 2
     services = await Services.open(settings)
     from batch_gateway import tracing
 
@@ -115,6 +120,15 @@ async def serve(settings: Settings) -> int:
         if simulator is not None:
             simulator.stop()
     return 0
+
+
+def check_runner_settings(settings: Settings) -> None:
+    """Raise ValueError for runner settings that every runner would refuse."""
+    from batch_gateway.runner.hints import parse_hints
+
+    if settings.interactive_slowdown <= 1.0:
+        raise ValueError(f"--interactive-slowdown must be above 1 (1.3: 30% slower at most), got {settings.interactive_slowdown}")
+    parse_hints(settings.priority_hints)
 
 
 async def _resume_unfinished(services: Services) -> None:

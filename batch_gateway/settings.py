@@ -110,6 +110,26 @@ class Settings:
     initial_concurrency: int = setting(8, "In-flight requests per upstream endpoint when a runner starts.", group="runner")
     max_concurrency: int = setting(256, "Upper bound of in-flight requests per upstream endpoint.", group="runner")
     fixed_concurrency: int = setting(0, "Pin in-flight requests per endpoint (turns the adaptive controller off); 0 = adaptive.", group="runner")
+    interactive_slowdown: float = setting(
+        1.3,
+        "While others (interactive users) use an engine, the most the batch may slow their tokens down: their "
+        "inter-token latency with the batch, over what it would be without it. Alone on an engine, the batch fills it.",
+        group="runner",
+    )
+    preempt: bool = setting(
+        False,
+        "When others arrive on an engine, abort in-flight batch requests beyond what the interactive budget allows "
+        "(they are sent again later); off: they finish first, within about one of their service times.",
+        group="runner",
+    )
+    priority_hints: list[str] = setting(
+        [],
+        "Priority hints for serving stacks that can put batch work behind interactive work: [MODEL=]HINT[,HINT] with "
+        "HINT llm-d[:OBJECTIVE] (llm-d's inference gateway headers) or vllm-priority[:N] (vLLM's request priority, for "
+        "--scheduling-policy priority). Repeatable.",
+        group="upstream",
+        multiple=True,
+    )
     prefix_ordering: bool = setting(
         True,
         "Order requests by prompt-prefix group (and warm each group's cache before its followers go out) so the "

@@ -1,23 +1,23 @@
-"""`fairness`: two batches of two tenants running at once against one engine — how evenly do they share it?
+"""`fairness`: two batches of two tenants running at once against one engine — how evenly do they share it, alone and
+beside interactive users?
 
-Each batch has its own runner process, as in production, and nothing coordinates them but the engine's feedback. Each
-runner's output tokens are read from its own Prometheus counter; its share is its tokens over both, in a window after
-both have settled. Two cases: both start together, and the second starts once the first has the engine to itself.
+Each batch has its own runner process, as in production; they see each other through the load board (the metadata
+store) and the engine's gauges. Each runner's output tokens are read from its own Prometheus counter; its share is its
+tokens over both, in a window after both have settled. Three cases: both start together, the second starts once the
+first has the engine to itself, and both start together beside an interactive stream at 30% of capacity (whose
+latency is compared with the same stream alone).
 """
 
 from __future__ import annotations
-
-import asyncio
-import time
 
 import msgspec
 
 from batch_gateway.sim import SimConfig
 from benchmarks import report
-from benchmarks.harness import (CpuWatch, LocalStack, RunnerMetrics, SimProcess, StatsSampler, free_port, mean,
-                                stop_process)
+from benchmarks.harness import LocalStack, SimProcess
 from benchmarks.loadgen import measure_capacity
-from benchmarks.workloads import batch_body, batch_lines, chunked
+from benchmarks.mixed import Batch, Mixed, run_mixed
+from benchmarks.workloads import batch_body
 
 NAME = "fairness"
 TITLE = "Fairness: two tenants' batches at once"
@@ -27,45 +27,25 @@ SETTLE = 15.0  # real seconds after the later batch starts before the window ope
 WINDOW = 30.0
 HEAD_START = 20.0  # the staggered case: the first batch runs alone this long
 TARGET = 0.2  # each share within ±20% of an equal share
+UTILISATION = 0.95  # alone, the two batches together fill the engine
+INTERACTIVE_SHARE = 0.3  # of capacity, in output tokens/s
+INTERACTIVE_TOKENS = 64
+INTERACTIVE_SETTLE = 20.0  # real seconds after both runners start before the window opens
+SLOWDOWN = 1.3
 COMPLETION = 'batch_runner_tokens_total{kind="completion"}'
 
 
-def run_case(sim: SimProcess, stack: LocalStack, head_start: float, requests: int, seed: int) -> dict:
-    runners = []
-    cpus: list[CpuWatch] = []
-    sampler = StatsSampler(sim).start()
-    try:
-        for n, tenant in enumerate(("tenant-a", "tenant-b")):
-            batch_id = asyncio.run(stack.create_batch(chunked(batch_lines(requests, seed=seed * 10 + n)), tenant=tenant))
-            port = free_port()
-            metrics = RunnerMetrics(port).start()
-            runners.append((tenant, stack.start_runner(batch_id, stack.with_settings(runner_metrics_port=port)), metrics))
-            cpus.append(CpuWatch({tenant: runners[-1][1].pid}).start())
-            if n == 0 and head_start:
-                time.sleep(head_start)
-        later = time.monotonic()
-        window = (later + SETTLE, later + SETTLE + WINDOW)
-        while time.monotonic() < window[1] + 1.0:
-            for tenant, process, _ in runners:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{tenant}'s batch ended before the window closed; raise its size")
-            time.sleep(0.2)
-    finally:
-        for _, process, metrics in runners:
-            stop_process(process)
-            metrics.stop()
-        for watch in cpus:
-            watch.stop()
-        sampler.stop()
-    tokens = {tenant: metrics.increase(COMPLETION, *window) for tenant, _, metrics in runners}
-    total = sum(tokens.values())
-    return {
-        "shares": {tenant: t / total for tenant, t in tokens.items()},
-        "rates": {tenant: t / WINDOW for tenant, t in tokens.items()},
-        "limits": {tenant: mean(m.series("batch_runner_concurrency_limit", *window)) for tenant, _, m in runners},
-        "engine_rate": sampler.rate("generation_tokens", *window),
-        "cpu": {tenant: watch.share(tenant, *window) for watch, (tenant, _, _) in zip(cpus, runners)},
-    }
+def run_case(sim: SimProcess, stack: LocalStack, head_start: float, rate: float, settle: float, requests: int,
+             seed: int) -> tuple[Mixed, dict]:
+    """Two tenants' batches, the second `head_start` s after the first, beside interactive users at `rate`
+    requests/s (0: none); figures over the WINDOW that opens `settle` s after the later batch started."""
+    batches = [Batch("tenant-a", tenant="tenant-a"), Batch("tenant-b", tenant="tenant-b", start_after=head_start)]
+    mixed = run_mixed(sim, stack, [(head_start + settle + WINDOW, rate)], batches, requests, seed)
+    start = mixed.started + head_start + settle
+    figures = mixed.figures(start, start + WINDOW)
+    figures["limits"] = [b.limit(start, start + WINDOW) for b in mixed.batches]
+    figures["cpu"] = [mixed.cpu.share(f"batch{i}", start, start + WINDOW) for i in range(2)]
+    return mixed, figures
 
 
 def run() -> None:
@@ -75,31 +55,72 @@ def run() -> None:
         cases = {}
         for seed, (label, head_start) in enumerate((("started together", 0.0),
                                                     (f"second starts {HEAD_START:.0f} s after the first", HEAD_START)), 1):
-            cases[label] = run_case(sim, stack, head_start, requests, seed)
-            print(f"  {label}: shares {', '.join(f'{t} {s:.1%}' for t, s in cases[label]['shares'].items())}", flush=True)
+            mixed, cases[label] = run_case(sim, stack, head_start, 0.0, SETTLE, requests, seed)
+            mixed.save(f"fairness-{'together' if not head_start else 'staggered'}")
+            print(f"  {label}: {', '.join(f'{r * TIME_SCALE:,.0f}' for r in cases[label]['batch_rates'])} tokens/s, "
+                  f"limits {cases[label]['limits']}", flush=True)
+        rate = INTERACTIVE_SHARE * capacity["tokens_per_s"] / INTERACTIVE_TOKENS
+        alone = run_mixed(sim, None, [(INTERACTIVE_SETTLE + WINDOW, rate)], [])
+        alone_figures = alone.figures(alone.started + INTERACTIVE_SETTLE, alone.started + INTERACTIVE_SETTLE + WINDOW)
+        both, beside = run_case(sim, stack, 0.0, rate, INTERACTIVE_SETTLE, requests, 3)
+        both.save("fairness-beside-interactive")
+        print(f"  beside interactive: p99 x{beside['p99'] / alone_figures['p99']:.2f}, batches "
+              f"{', '.join(f'{r * TIME_SCALE:,.0f}' for r in beside['batch_rates'])} tokens/s", flush=True)
     cap = capacity["tokens_per_s"]
     rows = []
     worst = 0.0
-    for label, c in cases.items():
-        for tenant, share in c["shares"].items():
-            deviation = share / 0.5 - 1
-            worst = max(worst, abs(deviation))
-            rows.append({"case": label, "tenant": tenant, "output tokens/s": c["rates"][tenant] * TIME_SCALE,
-                         "share": f"{share:.1%}", "vs equal share": f"{deviation:+.0%}",
-                         "runner limit (mean)": c["limits"][tenant], "runner CPU": f"{c['cpu'][tenant]:.0%}",
-                         "engine utilisation (both)": f"{c['engine_rate'] / cap:.1%}"})
+    tenants = ("tenant-a", "tenant-b")
+    for label, c in [*cases.items(), (f"together, beside interactive users at {INTERACTIVE_SHARE:.0%}", beside)]:
+        total = sum(c["batch_rates"])
+        for tenant, rate, limit, cpu in zip(tenants, c["batch_rates"], c["limits"], c["cpu"]):
+            deviation = rate / (total / 2) - 1
+            if c is not beside:
+                worst = max(worst, abs(deviation))
+            rows.append({"case": label, "tenant": tenant, "output tokens/s": rate * TIME_SCALE,
+                         "share": f"{rate / total:.1%}", "vs equal share": f"{deviation:+.0%}",
+                         "runner limit (mean)": limit, "runner CPU": f"{cpu:.0%}",
+                         "engine utilisation (both)": f"{c['engine_rate'] / cap:.1%}"
+                         + (" (interactive included)" if c is beside else "")})
+    filled = min(c["engine_rate"] / cap for c in cases.values())
+    a_rate, b_rate = beside["batch_rates"]
+    apart = abs(a_rate - b_rate) / ((a_rate + b_rate) / 2)
+    p99_ratio = beside["p99"] / alone_figures["p99"]
+    interactive_rows = [
+        {"interactive at 30%": "alone", "p50 s": alone_figures["p50"], "p99 s": alone_figures["p99"], "p50 ×": "1",
+         "p99 ×": "1", "per-token ×": "1", "requests": alone_figures["requests"], "longest stall s": alone_figures["stall"]},
+        {"interactive at 30%": "beside both batches", "p50 s": beside["p50"], "p99 s": beside["p99"],
+         "p50 ×": f"{beside['p50'] / alone_figures['p50']:.2f}", "p99 ×": f"{p99_ratio:.2f}",
+         "per-token ×": f"{beside['itl'] / alone_figures['itl']:.2f}", "requests": beside["requests"],
+         "engine running": beside["running"], "engine waiting": beside["waiting"], "longest stall s": beside["stall"]},
+    ]
+    verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
     body = f"""
-`python -m benchmarks fairness`. Two tenants each submit a {requests:,}-request batch of the utilisation mix; each runs in
+`python -m benchmarks fairness` (about 5 minutes). Two tenants each submit a {requests:,}-request batch of the utilisation mix; each runs in
 its own runner process with default settings against one simulator (default cost model, `time_scale` {TIME_SCALE};
 rates in model time). Shares are of the output tokens both runners received over a {WINDOW:.0f}-s window that opens
 {SETTLE:.0f} s after the later batch started. Engine utilisation is against the capacity measured directly
 ({cap * TIME_SCALE:,.0f} tokens/s).
 
+The third case adds an open-loop Poisson stream of interactive chat turns ({INTERACTIVE_TOKENS} output tokens) at
+{INTERACTIVE_SHARE:.0%} of capacity straight to the simulator; both batches start with it, and the window opens
+{INTERACTIVE_SETTLE:.0f} s later. The same stream (same arrivals) ran alone first, over the same window. The longest
+stall is the longest gap between two samples of the engine (4 a second): above ~0.5 s the shared machine stalled
+every process, and the latencies of that run carry it.
+
 {report.table(rows)}
-**Target: each batch within ±{TARGET:.0%} of an equal share — worst deviation {worst:.0%}:
-{'met' if worst <= TARGET else '**missed**'}.**
+{report.table(interactive_rows)}
+**Targets. Alone: each batch within ±{TARGET:.0%} of an equal share — worst deviation {worst:.0%}
+({verdict(worst <= TARGET)}), and together they fill the engine (≥ {UTILISATION:.0%}) — {filled:.1%}
+({verdict(filled >= UTILISATION)}). Beside interactive users at {INTERACTIVE_SHARE:.0%}: their p99 ≤ {SLOWDOWN}× alone
+— {p99_ratio:.2f}× ({verdict(p99_ratio <= SLOWDOWN)}); the two batches within ±{TARGET:.0%} of each other —
+{apart:.0%} apart ({verdict(apart <= TARGET)}).**
 """
     report.write_section(NAME, TITLE, body, [
         ("two tenants' batches at once", f"each within ±{TARGET:.0%} of an equal share",
-         f"worst {worst:.0%} off: {'met' if worst <= TARGET else '**missed**'}"),
+         f"worst {worst:.0%} off: {verdict(worst <= TARGET)}"),
+        ("two tenants' batches at once: engine utilisation", f"≥ {UTILISATION:.0%}", f"{filled:.1%}: {verdict(filled >= UTILISATION)}"),
+        (f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: interactive p99", f"≤ {SLOWDOWN}× alone",
+         f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}"),
+        (f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: their throughputs", f"within ±{TARGET:.0%} of each other",
+         f"{apart:.0%} apart: {verdict(apart <= TARGET)}"),
     ])

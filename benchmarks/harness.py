@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import socket
@@ -115,6 +116,15 @@ class LocalStack:
         finally:
             await services.close()
 
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel a running batch as the API would (its runner notices within a fraction of a second, finalises the
+        batch as cancelled and saves its run_stats)."""
+        services = await Services.open(self.settings)
+        try:
+            await services.metadata.transition(batch_id, ("validating", "in_progress"), "cancelling", ids.now())
+        finally:
+            await services.close()
+
     async def run_stats(self, batch_id: str, tenant: str = "bench") -> dict:
         """The runner's own summary of its last run (dispatch seconds, controller limits, retries)."""
         services = await Services.open(self.settings)
@@ -189,6 +199,13 @@ class SimProcess:
     def stats(self) -> dict:
         return self._client.get(self.url + "/sim/stats").json()
 
+    def read_stats(self, client: httpx.Client, itl: bool = False) -> dict:
+        """/sim/stats, with the inter-token-latency histogram's totals of /metrics (`itl_sum`, `itl_count`) if asked."""
+        stats = client.get(self.url + "/sim/stats").json()
+        if itl:
+            stats["itl_sum"], stats["itl_count"] = token_latency_totals(client.get(self.url + "/metrics").content)
+        return stats
+
     def set_synthetic_load(self, sequences: int) -> None:
         self._client.post(self.url + "/sim/load", json={"sequences": sequences})
 
@@ -211,12 +228,29 @@ class SimProcess:
         self.stop()
 
 
-class StatsSampler:
-    """Samples the simulator's /sim/stats in a thread (independent of any event loop): (monotonic time, stats)."""
+_ITL = re.compile(rb"^vllm:inter_token_latency_seconds_(sum|count)\{[^}]*\} (\S+)$", re.M)
 
-    def __init__(self, sim: SimProcess, interval: float = 0.25) -> None:
+
+def token_latency_totals(text: bytes) -> tuple[float, float]:
+    """(sum, count) of the engine's inter-token-latency histogram in a /metrics page, over every label set."""
+    totals = {b"sum": 0.0, b"count": 0.0}
+    for kind, value in _ITL.findall(text):
+        totals[kind] += float(value)
+    return totals[b"sum"], totals[b"count"]
+
+
+class StatsSampler:
+    """Samples the simulator's /sim/stats in a thread (independent of any event loop): (monotonic time, stats).
+    (Any engine with the simulator's `read_stats` and its keys will do: benchmarks/real_engine.py's llama-server.)
+
+    With `itl`, each sample also holds the engine's inter-token-latency histogram totals from its /metrics
+    (`itl_sum`, `itl_count`, as vLLM publishes them), so that `mean_token_latency` can tell the mean time between two
+    tokens of a sequence over any window."""
+
+    def __init__(self, sim, interval: float = 0.25, itl: bool = False) -> None:
         self.sim = sim
         self.interval = interval
+        self.itl = itl
         self.samples: list[tuple[float, dict]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -225,7 +259,7 @@ class StatsSampler:
         with httpx.Client(timeout=10.0) as client:
             while not self._stop.is_set():
                 with contextlib.suppress(httpx.HTTPError):
-                    self.samples.append((time.monotonic(), client.get(self.sim.url + "/sim/stats").json()))
+                    self.samples.append((time.monotonic(), self.sim.read_stats(client, itl=self.itl)))
                 self._stop.wait(self.interval)
 
     def start(self) -> StatsSampler:
@@ -252,6 +286,29 @@ class StatsSampler:
             raise ValueError(f"too few samples between {start:.1f} and {end:.1f}")
         (t0, s0), (t1, s1) = inside[0], inside[-1]
         return (s1[field] - s0[field]) / (t1 - t0)
+
+    def mean_token_latency(self, start: float, end: float) -> float:
+        """The engine's mean inter-token latency (seconds) over the samples inside [start, end]: every sequence's
+        time between two of its tokens, averaged over the tokens (vLLM's histogram sum over its count)."""
+        inside = [s for t, s in self.samples if start <= t <= end]
+        if len(inside) < 2 or "itl_sum" not in inside[0]:
+            return float("nan")
+        tokens = inside[-1]["itl_count"] - inside[0]["itl_count"]
+        return (inside[-1]["itl_sum"] - inside[0]["itl_sum"]) / tokens if tokens else float("nan")
+
+    def series(self, field: str, start: float, end: float) -> list[float]:
+        return [s[field] for t, s in self.samples if start <= t <= end]
+
+
+def wait_idle(sim, timeout: float = 60.0) -> None:
+    """Wait until the simulator runs and queues nothing (the previous run's requests are gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = sim.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the simulator did not drain")
 
 
 def watch(process: subprocess.Popen, timeout: float) -> tuple[int, float]:
@@ -312,6 +369,15 @@ class RunnerMetrics:
         self._stop.set()
         self._thread.join(5)
 
+    def at(self, when: float) -> dict[str, float]:
+        """The last sample taken at or before `when` (empty before the first)."""
+        best: dict[str, float] = {}
+        for t, values in self.samples:
+            if t > when:
+                break
+            best = values
+        return best
+
     def series(self, prefix: str, start: float, end: float) -> list[float]:
         """Values of every series starting with `prefix`, summed per sample, for samples inside [start, end]."""
         return [sum(v for k, v in values.items() if k.startswith(prefix)) for t, values in self.samples if start <= t <= end]
@@ -337,10 +403,14 @@ class CpuWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def add(self, name: str, pid: int) -> None:
+        """Watch one more process from now on."""
+        self.processes = {**self.processes, name: psutil.Process(pid)}
+
     def _run(self) -> None:
         while not self._stop.is_set():
             values = {}
-            for name, process in self.processes.items():
+            for name, process in list(self.processes.items()):
                 with contextlib.suppress(psutil.Error):
                     times = process.cpu_times()
                     values[name] = times.user + times.system

@@ -82,25 +82,38 @@ async def closed_loop(url: str, body: Callable[[int], bytes], concurrency: int, 
 async def poisson(url: str, body: Callable[[int], bytes], rate: float, duration: float, seed: int = 7,
                   path: str = "/v1/chat/completions") -> LoadResult:
     """Open loop: requests arrive at exponential intervals (mean 1/rate) for `duration` s, whatever the latency."""
+    return await poisson_phases(url, body, [(duration, rate)], seed, path)
+
+
+async def poisson_phases(url: str, body: Callable[[int], bytes], phases: list[tuple[float, float]], seed: int = 7,
+                         path: str = "/v1/chat/completions", started: float | None = None) -> LoadResult:
+    """Open loop with a rate that changes: `phases` is [(seconds, requests per second)], one after the other, each a
+    Poisson stream of its own (a rate of 0 sends nothing for that long). Every request is awaited, so the call
+    returns when the last answer is in. `started`: the monotonic time the first phase begins (default now)."""
     pool = RawPool(url)
     result = LoadResult()
     rng = random.Random(seed)
     tasks: set[asyncio.Task] = set()
-    start = time.monotonic()
-    next_at = start
+    phase_start = time.monotonic() if started is None else started
     i = 0
     try:
-        while True:
-            next_at += rng.expovariate(rate)
-            if next_at - start >= duration:
-                break
-            delay = next_at - time.monotonic()
+        for seconds, rate in phases:
+            next_at = phase_start
+            while rate > 0:
+                next_at += rng.expovariate(rate)
+                if next_at - phase_start >= seconds:
+                    break
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(_send(pool, path, body(i), result))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            phase_start += seconds
+            delay = phase_start - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(_send(pool, path, body(i), result))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            i += 1
         if tasks:
             await asyncio.gather(*tasks)
     finally:

@@ -28,7 +28,9 @@ from batch_gateway import ids, wire
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT
 from batch_gateway.runner.circuit import Circuit
+from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.engine_metrics import EngineMeter
 from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
@@ -40,7 +42,7 @@ ResultSink = Callable[[int, int, TokenUsage | None, bytes], None]
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
-METRICS_INTERVAL = 1.0
+METRICS_INTERVAL = 0.5  # a batch yields to arriving users within about this plus one of its service times
 METRICS_RETRY_INTERVAL = 10.0
 BACKLOG_POLL_SECONDS = 0.2
 
@@ -66,7 +68,7 @@ class RetryBudget:
         return True
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: in-flight requests are kept per endpoint
 class Endpoint:
     url: str
     controller: ConcurrencyController
@@ -112,6 +114,9 @@ class Dispatcher:
         request_timeout: float,
         log: structlog.typing.FilteringBoundLogger,
         backlogged: Callable[[], bool] = lambda: False,
+        board: LoadBoard | None = None,
+        hints: Callable[[bytes], tuple[bytes, dict[str, str]]] | None = None,
+        preempt: bool = False,
     ) -> None:
         self.batch_id = batch_id
         self.path = path
@@ -125,13 +130,19 @@ class Dispatcher:
         self.request_timeout = request_timeout
         self.log = log
         self.backlogged = backlogged  # True while too many results are not durable yet: send nothing new
+        self.board = board  # where runners sharing an endpoint see each other (None: this runner alone)
+        self.hints = hints  # priority hints for the serving stack: (body) -> (body, extra headers)
+        self.preempt = preempt  # abort in-flight requests beyond the limit while others use the engine
         self.stopped = False
         self._wake = asyncio.Event()
         self._circuits_changed = asyncio.Event()  # replaced on every change: waiters hold the one they checked
         self._tasks: set[asyncio.Task] = set()
         self._fd = -1
         self._sends = 0
+        self._flights: dict[Endpoint, dict[asyncio.Event, float]] = {}  # preemptable sends: signal -> started
         self.retries = 0
+        self.preempted = 0
+        self.preempted_tokens = 0.0  # estimated decode tokens the preempted requests had generated (wasted)
 
     async def run(self) -> None:
         """Send every line the scheduler hands out; return when all have a result or `stop()` was called."""
@@ -248,7 +259,7 @@ class Dispatcher:
                 epoch = endpoint.controller.on_send(time.monotonic())
                 runner_metrics.INFLIGHT.inc()
                 try:
-                    exchange = await self.client.post(endpoint.url, self.path, body, self.request_timeout)
+                    exchange = await self._send(endpoint, body)
                 except BaseException:
                     if probe:
                         endpoint.circuit.abandon_probe(time.monotonic())
@@ -257,6 +268,12 @@ class Dispatcher:
                     runner_metrics.INFLIGHT.dec()
                 permit.release()
                 permit = None
+                if exchange is None:  # preempted: others need the engine now; the line goes again later
+                    endpoint.controller.on_other(time.monotonic(), epoch=epoch)
+                    if probe:
+                        endpoint.circuit.abandon_probe(time.monotonic())
+                    probe = False
+                    continue
                 outcome = exchange.outcome
                 usage = usage_of(exchange.body) if outcome is Outcome.OK else None
                 self._feedback(endpoint, exchange, outcome, usage, epoch, send, probe)
@@ -279,6 +296,43 @@ class Dispatcher:
             if permit is not None:
                 permit.release()
             self._wake.set()
+
+    async def _send(self, endpoint: Endpoint, body: bytes) -> Exchange | None:
+        """One attempt; None if it was preempted (only with `preempt`)."""
+        headers = None
+        if self.hints is not None:
+            body, headers = self.hints(body)
+        post = self.client.post(endpoint.url, self.path, body, self.request_timeout, headers=headers)
+        if not self.preempt:
+            return await post
+        signal = asyncio.Event()
+        flights = self._flights.setdefault(endpoint, {})
+        flights[signal] = time.monotonic()
+        sending = asyncio.ensure_future(post)
+        waiting = asyncio.ensure_future(signal.wait())
+        try:
+            await asyncio.wait((sending, waiting), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            flights.pop(signal, None)
+            waiting.cancel()
+            if not sending.done():
+                sending.cancel()  # closes the connection: the engine aborts the request and frees its slot
+        if sending.cancelled() or not sending.done():
+            return None
+        return sending.result()
+
+    def _preempt(self, endpoint: Endpoint, count: int) -> None:
+        """Abort the `count` youngest requests in flight on `endpoint`: they have the least work to lose."""
+        flights = self._flights.get(endpoint, {})
+        now = time.monotonic()
+        step = endpoint.controller.step_seconds
+        for signal, started in sorted(flights.items(), key=lambda item: item[1], reverse=True)[:count]:
+            signal.set()
+            self.preempted += 1
+            if step:
+                self.preempted_tokens += (now - started) / step
+        if count:
+            runner_metrics.PREEMPTED.inc(min(count, len(flights)))
 
     def _feedback(
         self, endpoint: Endpoint, exchange: Exchange, outcome: Outcome, usage: TokenUsage | None, epoch: int,
@@ -321,13 +375,7 @@ class Dispatcher:
             # about how loaded the engine is.
             controller.on_other(now, epoch=epoch)
         endpoint.limiter.poke()
-        snapshot = controller.snapshot()
-        runner_metrics.LIMIT.labels(endpoint=endpoint.name).set(snapshot["limit"])
-        if snapshot["last_per_token_s"] is not None:
-            runner_metrics.LATENCY.labels(endpoint=endpoint.name).set(snapshot["last_per_token_s"])
-            runner_metrics.BASELINE.labels(endpoint=endpoint.name).set(snapshot["baseline_per_token_s"])
-        if snapshot["waiting"] is not None:
-            runner_metrics.WAITING.labels(endpoint=endpoint.name).set(snapshot["waiting"])
+        runner_metrics.LIMIT.labels(endpoint=endpoint.name).set(controller.limit)
         if usage is not None:
             runner_metrics.TOKENS.labels("prompt").inc(usage.prompt_tokens)
             runner_metrics.TOKENS.labels("cached").inc(usage.cached_tokens)
@@ -347,10 +395,18 @@ class Dispatcher:
         elif exchange.status:
             kind = ERROR
             if body is None or exchange.ok:
-                # Not a JSON object (a proxy's HTML error page, say): wrap it so the line stays valid JSON.
-                text = exchange.body[:2000].decode("utf-8", "replace")
+                # Not a JSON object (a proxy's HTML error page, say): the line stays valid JSON, and the page, which
+                # may name internal hosts, goes to the operator's log rather than to the tenant.
+                self.log.warning(
+                    "runner.upstream_non_json", status=exchange.status, request_id=exchange.request_id,
+                    body=exchange.body[:2000].decode("utf-8", "replace"),
+                )
+                message = (
+                    f"The model server answered {exchange.status} with a body that is not a JSON object "
+                    f"({len(exchange.body)} bytes); the gateway's logs have it under request id {exchange.request_id}."
+                )
                 body = msgspec.json.encode(
-                    {"error": {"message": f"Upstream returned a non-JSON body: {text}", "type": "upstream_error", "param": None, "code": None}}
+                    {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
                 )
             result = wire.ResultLine(
                 id=line_id,
@@ -375,28 +431,37 @@ class Dispatcher:
         self.sink(line, kind, usage if kind == OUTPUT else None, wire.encode_result_line(result))
 
     async def _poll_metrics(self, index: int, endpoint: Endpoint) -> None:
-        """Feed vLLM's (or llama.cpp's) queue gauges to the controller, where the upstream exposes /metrics. An
-        engine with a prefix cache per slot (llama.cpp) gets one request of a prefix group at a time."""
-        from batch_gateway.runner.engine_metrics import read_queue_metrics
-
+        """Feed the engine's gauges (vLLM's, or llama.cpp's) and the other batch runners' loads to the endpoint's
+        controller, where the upstream exposes /metrics. An engine with a prefix cache per slot (llama.cpp) gets one
+        request of a prefix group at a time."""
+        meter = EngineMeter()
+        controller = endpoint.controller
         failures = 0
+        if self.board is not None:  # known to the others before our first request reaches the engine
+            await self.board.exchange(endpoint.url, inflight=0, limit=controller.limit, demand=self.scheduler.pending,
+                                      completed=0)
         while True:
             # An endpoint without /metrics (or one that is down) is asked less often, but asked again: it may be
             # an engine restarting, whose gauges the controller wants back.
             await asyncio.sleep(METRICS_INTERVAL if failures < 3 else METRICS_RETRY_INTERVAL)
-            queue = await read_queue_metrics(self.client, endpoint.url)
-            if queue is None:
+            demand = controller.inflight + self.scheduler.pending
+            scrape = meter.scrape(self.client, endpoint.url, time.monotonic())
+            if self.board is None:
+                snapshot, peers = await scrape, []
+            else:  # side by side: what we read of the other runners is as fresh as the engine's gauges
+                exchange = self.board.exchange(
+                    endpoint.url, inflight=controller.inflight, limit=controller.limit, demand=demand,
+                    completed=controller.answered,
+                )
+                snapshot, peers = await asyncio.gather(scrape, exchange)
+            if snapshot is None:
                 failures += 1
                 continue
             failures = 0
-            if queue.slot_caches:
+            if snapshot.slot_caches:
                 self.scheduler.limit_pool_inflight(index, 1)
-            endpoint.controller.on_queue_metrics(
-                time.monotonic(),
-                waiting=queue.waiting,
-                running=queue.running,
-                kv_usage=queue.kv_usage,
-                completed=queue.completed,
-            )
+            controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
-            runner_metrics.LIMIT.labels(endpoint=endpoint.name).set(endpoint.controller.limit)
+            if self.preempt and controller.excess:
+                self._preempt(endpoint, controller.excess)
+            runner_metrics.record_controller(endpoint.name, controller.snapshot())

@@ -1,5 +1,20 @@
-"""Read an engine's queue gauges from its Prometheus `/metrics`: vLLM names, with llama.cpp's as a fallback; and
-vLLM's count of finished requests, against which a runner measures its share of the engine."""
+"""What an engine's Prometheus `/metrics` says, turned into `EngineReading`s for the controller.
+
+Gauges are read as they are (running, waiting, KV-cache use). Counters and histograms are read as changes since the
+previous scrape of the same endpoint, which is what the controller needs over an interval:
+
+* the mean inter-token latency (vLLM's `inter_token_latency_seconds`, or `time_per_output_token_seconds` before it
+  was renamed: its sum over its count);
+* the sequences decoding on average over the interval: every decoded token observes its step in that histogram, so
+  its sum grows by (sequences decoding × step time) each step, and the change of the sum over the elapsed time is
+  the time-averaged number of decoding sequences;
+* the mean time the requests admitted meanwhile had waited (`request_queue_time_seconds`);
+* the engine's count of finished requests (`request_success_total`).
+
+llama.cpp's server (`--metrics`) has no histograms, but `tokens_predicted_seconds_total` adds up each slot's
+generation time, so the same two quotients give its per-token latency and its busy slots. An engine with a prefix
+cache per slot is recognised by llama.cpp's names.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +23,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from batch_gateway.runner.controller import EngineReading
+
 if TYPE_CHECKING:
     from batch_gateway.runner.upstream import UpstreamClient
 
@@ -15,45 +32,87 @@ _WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _COMPLETED = ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count")
+# (sum of per-token times, tokens) pairs, newest names first.
+_TOKEN_TIMES = (
+    ("vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count"),
+    ("vllm:time_per_output_token_seconds_sum", "vllm:time_per_output_token_seconds_count"),
+    ("llamacpp:tokens_predicted_seconds_total", "llamacpp:tokens_predicted_total"),
+)
+_QUEUE_TIMES = ("vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
 
 
-@dataclass
-class QueueMetrics:
-    waiting: float
-    running: float | None
-    kv_usage: float | None
-    completed: float | None = None  # requests finished so far, all clients together
-    slot_caches: bool = False  # llama.cpp: a prefix cache per slot, not one shared cache
+@dataclass(frozen=True)
+class _Scrape:
+    at: float
+    values: dict[str, float]
 
 
-def parse_queue_metrics(text: str) -> QueueMetrics | None:
-    """Sum each gauge over its label sets (several models or engines behind one endpoint)."""
+@dataclass(frozen=True)
+class EngineSnapshot:
+    reading: EngineReading
+    slot_caches: bool  # llama.cpp: a prefix cache per slot, not one shared cache
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample's value, summed over its label sets (several models or engines behind one endpoint)."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
 
-    def first(names: tuple[str, ...]) -> float | None:
-        return next((values[n] for n in names if n in values), None)
 
-    waiting = first(_WAITING)
-    if waiting is None:
+class EngineMeter:
+    """Turns successive scrapes of one endpoint's `/metrics` into readings: gauges now, rates since the last."""
+
+    def __init__(self) -> None:
+        self._last: _Scrape | None = None
+
+    def read(self, text: str, at: float) -> EngineSnapshot | None:
+        """The reading of a scrape taken at `at`, or None when it has no queue gauges (not an engine we know)."""
+        try:
+            values = parse_metrics(text)
+        except ValueError:
+            return None
+        waiting = _first(values, _WAITING)
+        if waiting is None:
+            return None
+        last, self._last = self._last, _Scrape(at, values)
+        step = running_mean = queue = None
+        if last is not None and at > last.at:
+            for total_name, count_name in _TOKEN_TIMES:
+                seconds, tokens = _change(values, last.values, total_name), _change(values, last.values, count_name)
+                if seconds is not None and tokens is not None:
+                    if tokens > 0:
+                        step = seconds / tokens
+                        running_mean = seconds / (at - last.at)
+                    break
+            seconds, admitted = (_change(values, last.values, name) for name in _QUEUE_TIMES)
+            if seconds is not None and admitted:
+                queue = seconds / admitted
+        reading = EngineReading(
+            running=_first(values, _RUNNING) or 0.0,
+            waiting=waiting,
+            kv_usage=_first(values, _KV_USAGE),
+            step_seconds=step,
+            running_mean=running_mean,
+            completed=_first(values, _COMPLETED),
+            queue_seconds=queue,
+        )
+        return EngineSnapshot(reading, slot_caches=any(name.startswith("llamacpp:") for name in values))
+
+    async def scrape(self, client: UpstreamClient, endpoint: str, at: float) -> EngineSnapshot | None:
+        """Read the endpoint's /metrics; None when it has none usable (or did not answer in time)."""
+        text = await client.get_text(endpoint + "/metrics", timeout=5.0)
+        return None if text is None else self.read(text, at)
+
+
+def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
+    return next((values[n] for n in names if n in values), None)
+
+
+def _change(values: dict[str, float], before: dict[str, float], name: str) -> float | None:
+    """A counter's increase since the previous scrape; None if absent or reset (the engine restarted)."""
+    if name not in values or name not in before or values[name] < before[name]:
         return None
-    return QueueMetrics(
-        waiting=waiting,
-        running=first(_RUNNING),
-        kv_usage=first(_KV_USAGE),
-        completed=first(_COMPLETED),
-        slot_caches=any(name.startswith("llamacpp:") for name in values),
-    )
-
-
-async def read_queue_metrics(client: UpstreamClient, endpoint: str) -> QueueMetrics | None:
-    """None when the endpoint has no usable /metrics (or did not answer in time)."""
-    text = await client.get_text(endpoint + "/metrics", timeout=5.0)
-    if text is None:
-        return None
-    try:
-        return parse_queue_metrics(text)
-    except ValueError:
-        return None
+    return values[name] - before[name]

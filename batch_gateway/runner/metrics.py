@@ -7,9 +7,18 @@ from prometheus_client import Counter, Gauge
 
 INFLIGHT = Gauge("batch_runner_requests_in_flight", "Requests sent to the upstream and not yet answered.")
 LIMIT = Gauge("batch_runner_concurrency_limit", "In-flight limit chosen by the adaptive controller.", ["endpoint"])
-LATENCY = Gauge("batch_runner_per_token_latency_seconds", "Latest window median of latency per output token.", ["endpoint"])
-BASELINE = Gauge("batch_runner_per_token_baseline_seconds", "The controller's no-load per-token latency baseline.", ["endpoint"])
-WAITING = Gauge("batch_runner_upstream_waiting", "Requests waiting in the engine's queue (vLLM /metrics), smoothed.", ["endpoint"])
+STEP = Gauge("batch_runner_engine_step_seconds", "The engine's mean inter-token latency (its step time).", ["endpoint"])
+SLOWDOWN = Gauge(
+    "batch_runner_interactive_slowdown",
+    "Estimated slowdown of others' (interactive users') tokens caused by the batch: step now / step without it.",
+    ["endpoint"],
+)
+INTERACTIVE = Gauge(
+    "batch_runner_interactive_load", "Requests on the engine that are not batch runners' (smoothed).", ["endpoint"]
+)
+SHARED = Gauge("batch_runner_engine_shared", "1 while others use the engine (the interactive budget rules).", ["endpoint"])
+WAITING = Gauge("batch_runner_upstream_waiting", "Requests waiting in the engine's queue (vLLM /metrics).", ["endpoint"])
+PREEMPTED = Counter("batch_runner_preempted_total", "Batch requests aborted to make room for others (--preempt).")
 CIRCUIT_OPEN = Gauge(
     "batch_runner_upstream_unavailable", "1 while the endpoint's circuit is open (it said \"not now\"), else 0.", ["endpoint"]
 )
@@ -20,3 +29,17 @@ RETRIES = Counter("batch_runner_retries_total", "Upstream requests retried after
 REQUESTS = Counter("batch_runner_requests_total", "Requests with a final result.", ["outcome"])
 TOKENS = Counter("batch_runner_tokens_total", "Tokens of successful requests.", ["kind"])  # prompt, cached, completion
 PREFIX_HIT_RATE = Gauge("batch_runner_prefix_cache_hit_rate", "Share of prompt tokens served from the engine's prefix cache.")
+
+
+def record_controller(endpoint: str, snapshot: dict) -> None:
+    """The controller's view of one endpoint, after a reading."""
+    LIMIT.labels(endpoint=endpoint).set(snapshot["limit"])
+    SHARED.labels(endpoint=endpoint).set(1 if snapshot["regime"] == "shared" else 0)
+    INTERACTIVE.labels(endpoint=endpoint).set(snapshot["interactive_load"])
+    if snapshot["waiting"] is not None:
+        WAITING.labels(endpoint=endpoint).set(snapshot["waiting"])
+    if snapshot["step_s"] is not None:
+        STEP.labels(endpoint=endpoint).set(snapshot["step_s"])
+    budget = snapshot["budget"]
+    if budget is not None:
+        SLOWDOWN.labels(endpoint=endpoint).set(budget["slowdown_now"])

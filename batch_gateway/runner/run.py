@@ -33,8 +33,10 @@ from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_p
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.catalog import UpstreamCatalog
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
+from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
+from batch_gateway.runner.hints import Hints, hints_for, parse_hints
 from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
 from batch_gateway.runner.prefix import plan_order, shared_depths
 from batch_gateway.runner.schedule import GroupScheduler
@@ -328,11 +330,13 @@ class BatchRunner:
                     initial=settings.initial_concurrency,
                     maximum=settings.max_concurrency,
                     fixed=settings.fixed_concurrency or None,
+                    slowdown=settings.interactive_slowdown,
                 ),
                 name=f"endpoint-{index}",
             )
             for index, url in enumerate(urls)
         ]
+        board = LoadBoard(self.metadata, self.owner, self.log)
         async with UpstreamClient(api_key=settings.upstream_api_key) as client:
             client.tracing = tracing.upstream_tracing(
                 self._span, settings.trace_upstream_sample_ratio, {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant}
@@ -355,6 +359,9 @@ class BatchRunner:
                 request_timeout=settings.request_timeout,
                 log=self.log,
                 backlogged=lambda: checkpoints.pending_bytes > MAX_UNSAVED_BYTES,
+                board=board,
+                hints=self._hints(batch, ingested.model or ""),
+                preempt=settings.preempt,
             )
             self._dispatcher = dispatcher
             dispatch_started = time.monotonic()
@@ -370,6 +377,7 @@ class BatchRunner:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                await board.withdraw()
         await self._flush(checkpoints)
         now = time.monotonic()
         # Shown to the tenant (run_stats): endpoint names, never addresses, and nothing about this host.
@@ -378,6 +386,8 @@ class BatchRunner:
             "requests_sent_this_run": scheduler.total,
             "resumed_with_done": int(done.sum()),
             "retries": dispatcher.retries,
+            "preempted": dispatcher.preempted,
+            "preempted_tokens_estimate": round(dispatcher.preempted_tokens),
             "ended": self._stop_reason or "completed",
             "endpoints": {
                 ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)} for ep in endpoints
@@ -386,6 +396,13 @@ class BatchRunner:
         self.log.info("runner.dispatch_ended", **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
                       endpoints=dict(zip([ep.name for ep in endpoints], urls)), limits=[ep.controller.limit for ep in endpoints])
         return self._stop_reason or "completed"
+
+    def _hints(self, batch: BatchRecord, model: str) -> Callable[[bytes], tuple[bytes, dict[str, str]]] | None:
+        """Priority hints for the batch's requests, where the operator asked for them (`--priority-hints`)."""
+        hints = hints_for(parse_hints(self.settings.priority_hints), model)
+        if hints == Hints():
+            return None
+        return lambda body: hints.apply(body, tenant=batch.tenant, expires_at=batch.expires_at)
 
     def shutdown(self) -> bool:
         """Stop dispatching for a process shutdown; False if dispatch has not started (nothing to save)."""

@@ -3,10 +3,11 @@
 Raw ASGI (no framework) and msgspec keep the per-request overhead tiny, so the gateway's own overhead can be measured
 against the simulator in zero-latency mode.
 
-Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses; GET /v1/models, /health, /version,
-/metrics; POST /reset_prefix_cache (as vLLM's). Test hooks: GET /sim/stats (JSON counters), POST /sim/load
-(`{"sequences": N, "context_tokens": 512, "model": ...}`: N interactive sequences that take slots until set back to 0),
-POST /sim/pause and /sim/resume (hold the scheduler, so arrivals pile up and are admitted in one step).
+Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (each with vLLM's optional integer
+`priority`); GET /v1/models, /health, /version, /metrics; POST /reset_prefix_cache (as vLLM's). Test hooks: GET
+/sim/stats (JSON counters), POST /sim/load (`{"sequences": N, "context_tokens": 512, "model": ...}`: N interactive
+sequences that take slots until set back to 0), POST /sim/pause and /sim/resume (hold the scheduler, so arrivals pile
+up and are admitted in one step).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class SimApp:
                 raise RequestError(400, f"The request needs {prompt.tokens + tokens} tokens of KV cache; the engine "
                                    f"holds {self.config.kv_blocks * self.config.block_size}.", param="max_tokens")
         runs = [
-            engine.generate(prompt, tokens, pooling=pooling, finish_reason=finish)
+            engine.generate(prompt, tokens, pooling=pooling, finish_reason=finish, priority=job.priority)
             for prompt, tokens in zip(job.prompts, job.output_tokens)
             for _ in range(job.n)
         ]

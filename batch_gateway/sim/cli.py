@@ -7,7 +7,9 @@ import sys
 
 import msgspec
 
-from batch_gateway.sim.config import HELP, SimConfig
+from batch_gateway.sim.config import HELP, SCHEDULING_POLICIES, SimConfig
+
+CHOICES = {"scheduling_policy": SCHEDULING_POLICIES}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         value = getattr(defaults, name)
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=type(value), default=value, metavar=type(value).__name__.upper(),
+            "--" + name.replace("_", "-"), dest=name, type=type(value), default=value, choices=CHOICES.get(name),
+            metavar=None if name in CHOICES else type(value).__name__.upper(),
             help=f"{HELP[name]} (default {value})",
         )
 

@@ -5,7 +5,11 @@ Each field is a `batch-gateway sim` flag (`max_num_seqs` → `--max-num-seqs`); 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 class SimConfig(msgspec.Struct, kw_only=True):
@@ -17,6 +21,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
     kv_blocks: int = 25_000
     cache_blocks: int = 0
     max_model_len: int = 32_768
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # --- cost model, in milliseconds of engine time ---
     step_base_ms: float = 10.0
     per_seq_ms: float = 0.1
@@ -51,6 +56,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
         rates = (self.error_rate_429, self.error_rate_500, self.error_rate_503, self.timeout_rate)
         if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
             problems.append("error and timeout rates must each be in 0..1 and add up to at most 1")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            problems.append(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             problems.append("max_num_batched_tokens must be at least max_num_seqs (every running sequence decodes a token per step)")
         if problems:
@@ -65,12 +72,17 @@ class SimConfig(msgspec.Struct, kw_only=True):
 
 
 HELP: dict[str, str] = {
-    "max_num_seqs": "Most sequences running at once; the rest wait in FIFO order (vLLM --max-num-seqs).",
+    "max_num_seqs": "Most sequences running at once; the rest wait in arrival order, or by priority with "
+                    "--scheduling-policy priority (vLLM --max-num-seqs).",
     "max_num_batched_tokens": "Token budget of one step: decode tokens plus prefill chunks (vLLM's chunked prefill).",
     "block_size": "Tokens per KV-cache block; the prefix cache works in whole blocks.",
     "kv_blocks": "KV-cache size in blocks; new sequences wait and running ones are preempted when it is full.",
-    "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM).",
+    "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). When set, "
+                    "/metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
     "max_model_len": "Longest prompt + output in tokens; longer requests get a 400.",
+    "scheduling_policy": "fcfs: arrival order; a request's `priority` is ignored (as vLLM's V1). priority: lower "
+                         "`priority` first (ties by arrival), and a waiting request that does not fit preempts the running "
+                         "one of lowest priority if that is strictly lower (vLLM --scheduling-policy).",
     "step_base_ms": "Fixed cost of one engine step (reading the weights once).",
     "per_seq_ms": "Extra step cost per sequence in the step.",
     "context_ms_per_token": "Extra step cost per context token of the decoding sequences (attention reads the KV cache).",

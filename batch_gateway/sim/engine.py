@@ -4,9 +4,9 @@ One engine serves one model, as one vLLM process does. It runs **steps** back to
 
 - Each step first schedules the running sequences (in admission order): a decoding sequence takes one token of the
   step's budget (`max_num_batched_tokens`), a sequence still in prefill takes the next chunk of its prompt. Then it
-  admits waiting sequences in FIFO order while fewer than `max_num_seqs` run, budget is left and the KV cache has room
-  for the chunk. This is vLLM's V1 scheduler with chunked prefill: a long prompt is spread over several steps, and
-  prefill is charged in the steps that compute it.
+  admits waiting sequences, in the scheduling policy's order (waiting.py), while fewer than `max_num_seqs` run, budget
+  is left and the KV cache has room for the chunk. This is vLLM's V1 scheduler with chunked prefill: a long prompt is
+  spread over several steps, and prefill is charged in the steps that compute it.
 - A step costs `step_base_ms + per_seq_ms * sequences_in_step + prefill_ms_per_token * prompt_tokens_computed
   + context_ms_per_token * context_tokens_of_decoding_sequences`, times `time_scale`, in wall-clock time. The loop
   keeps a schedule, so small sleep overshoots do not add up; when it falls far behind (a busy CPU) it starts afresh.
@@ -18,8 +18,20 @@ One engine serves one model, as one vLLM process does. It runs **steps** back to
   of the step that computed them: two requests with the same prefix admitted in the same step both compute it.
 - **KV cache**: a sequence holds blocks for the tokens computed so far and grows as it decodes. A new sequence waits
   while its first chunk does not fit; a running sequence that cannot grow preempts the most recently admitted one
-  (which returns to the head of the queue and later recomputes its prompt and output so far).
+  (under the priority policy: the lowest priority, the latest arrival among equals), which returns to the queue and
+  later recomputes its prompt and output so far. A step in which a running sequence had to preempt admits nobody.
+- **Priority policy** (`scheduling_policy="priority"`, vLLM's `--scheduling-policy priority`): the queue is ordered by
+  the request's `priority` (lower first), then arrival. A waiting sequence that finds no free slot or no KV room
+  preempts the running sequence of lowest priority if that priority is strictly lower than its own, as often as it
+  needs, and is admitted in the same step (alone: nobody else is admitted in that step). This is what vLLM's V0
+  scheduler did (to 0.10) and what vLLM issue #40004 asks of V1; V1 as released to date orders the queue and picks
+  KV-pressure victims by priority, but does not preempt for a waiting request.
 - Embedding requests are prefill-only ("pooling") sequences and skip the prefix cache.
+
+Latency metrics are kept as vLLM's output processor keeps them, in scaled (wall-clock) seconds: time to first token
+when the prefill completes; an inter-token latency for every later token, the time since the sequence's previous
+token (one step for a sequence decoding without a break; counted per step in aggregate, so it stays cheap at full
+batch); queue time, end-to-end latency and mean time per output token when a request finishes.
 
 Zero-latency mode (`SimConfig.instant`): steps cost nothing, and a sequence produces all its output in the step that
 completes its prefill, so a request is answered after one pass of the loop.
@@ -29,14 +41,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
 from batch_gateway.sim.config import SimConfig
 from batch_gateway.sim.kv import BlockPool
-from batch_gateway.sim.metrics import Histogram
+from batch_gateway.sim.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS, Histogram
 from batch_gateway.sim.tokens import Prompt
+from batch_gateway.sim.waiting import waiting_queue
 
 MAX_LAG_SECONDS = 0.05  # behind schedule by more than this (a starved CPU): drop the debt instead of bursting
 
@@ -56,6 +68,7 @@ class Sequence:
     done: asyncio.Future | None = None
     pooling: bool = False  # an embedding: prefill only
     synthetic: bool = False  # interactive load from /sim/load: decodes until removed, holds a fixed KV
+    priority: int = 0  # with the priority policy: lower is scheduled first
     state: State = State.WAITING
     prefill_target: int = 0  # tokens to compute before decoding: the prompt, plus the output so far after a preemption
     computed: int = 0
@@ -66,6 +79,8 @@ class Sequence:
     registered: int = 0  # prompt blocks [0, registered) are cached (or were computed as duplicates)
     private: int = 0  # blocks held without reusable content
     first_token_at: float | None = None
+    last_token_at: float = 0.0
+    queued: float = 0.0  # seconds from arrival to the first admission
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prompt.tokens
@@ -85,9 +100,11 @@ class Stats:
     steps: int = 0
     busy_seconds: float = 0.0  # engine time spent in steps (unscaled model time)
     finished: dict[str, int] = field(default_factory=dict)  # by finish_reason
-    e2e: Histogram = field(default_factory=Histogram)
-    ttft: Histogram = field(default_factory=Histogram)
-    queue: Histogram = field(default_factory=Histogram)
+    e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    queue: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    itl: Histogram = field(default_factory=lambda: Histogram(TOKEN_LATENCY_BUCKETS))  # per token after the first
+    tpot: Histogram = field(default_factory=lambda: Histogram(TOKEN_LATENCY_BUCKETS))  # per finished request
 
 
 @dataclass
@@ -97,15 +114,22 @@ class _Work:
     prefill: bool
 
 
+def _rank(sequence: Sequence) -> tuple[int, float]:
+    """Under the priority policy the running sequence with the greatest rank is the first to be preempted."""
+    return sequence.priority, sequence.arrived
+
+
 class Engine:
     def __init__(self, config: SimConfig, model: str) -> None:
         self.config = config
         self.model = model
         self.pool = BlockPool(config.kv_blocks, config.cache_blocks)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = waiting_queue(config.scheduling_policy)
         self.running: list[Sequence] = []
         self.stats = Stats()
         self.paused = False
+        self._by_priority = config.scheduling_policy == "priority"
+        self._step_end = 0.0  # when the last step ended: every sequence it gave a token to has last_token_at equal to it
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the engine runs on, once started
@@ -138,17 +162,17 @@ class Engine:
         return math.ceil(tokens / self.config.block_size) <= self.config.kv_blocks
 
     async def generate(self, prompt: Prompt, output_tokens: int, *, pooling: bool = False,
-                       finish_reason: str = "length") -> Sequence:
+                       finish_reason: str = "length", priority: int = 0) -> Sequence:
         """Run one sequence to completion. Cancelling the caller aborts it and frees its slot, as vLLM does.
 
         `finish_reason` is what its end will be reported as: "length" when it ends at max_tokens, "stop" when the
-        simulated model ends by itself.
+        simulated model ends by itself. `priority` orders it under the priority policy (lower first).
         """
         self.start()
         loop = asyncio.get_running_loop()
         sequence = Sequence(prompt, max(1, output_tokens), loop.time(), loop.create_future(), pooling=pooling,
-                            finish_reason=finish_reason)
-        self.waiting.append(sequence)
+                            finish_reason=finish_reason, priority=priority)
+        self.waiting.add(sequence)
         self.stats.requests += 1
         self._wake.set()
         try:
@@ -179,7 +203,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         for _ in range(count - len(current)):
             prompt = Prompt(max(1, context_tokens), [], 0)
-            self.waiting.appendleft(Sequence(prompt, 1 << 62, loop.time(), synthetic=True))  # interactive goes first
+            # Interactive goes first (under the priority policy: in its place as a priority-0 arrival).
+            self.waiting.add_front(Sequence(prompt, 1 << 62, loop.time(), synthetic=True))
         self._wake.set()
 
     def pause(self, paused: bool) -> None:
@@ -217,6 +242,14 @@ class Engine:
             self._complete(work, loop.time())
 
     def _schedule(self) -> list[_Work]:
+        while True:
+            work, preempted = self._plan()
+            if work or not preempted:
+                return work
+            # Every sequence that could run was preempted (under the priority policy the first one can be the victim):
+            # vLLM runs an empty step and plans again; plan again at once, with the room they freed.
+
+    def _plan(self) -> tuple[list[_Work], bool]:
         config = self.config
         budget = config.max_num_batched_tokens
         work: list[_Work] = []
@@ -227,29 +260,63 @@ class Engine:
             prefill = sequence.computed < sequence.prefill_target
             tokens = min(sequence.prefill_target - sequence.computed, budget) if prefill else 1
             grow = 0 if sequence.synthetic and not prefill else self._blocks_short(sequence, sequence.computed + tokens)
-            while grow > self.pool.available:  # KV full: preempt from the back until this sequence fits
-                victim = self.running[-1]
+            while grow > self.pool.available:  # KV full: preempt the last admitted (or lowest priority) until it fits
+                victim = max(self.running, key=_rank) if self._by_priority else self.running[-1]
+                freed = self._unschedule(victim, work)
+                if freed is not None:  # it was ahead of this sequence in `running` and already scheduled
+                    budget += freed
+                    index -= 1
                 self._preempt(victim)
                 preempted = True
                 if victim is sequence:
                     break
             if sequence.state is not State.RUNNING:
-                break  # it preempted itself: it was the last one
+                break  # it preempted itself: it was the one to go
             self.pool.take(grow)
             sequence.private += grow
             work.append(_Work(sequence, tokens, prefill))
             budget -= tokens
             index += 1
         if preempted:
-            return work  # like vLLM: no admissions in a step that had to preempt
-        while self.waiting and len(self.running) < config.max_num_seqs and budget > 0:
-            sequence = self.waiting[0]
-            admitted = self._admit(sequence, budget)
+            return work, True  # like vLLM: no admissions in a step that had to preempt
+        while self.waiting and budget > 0:
+            sequence = self.waiting.peek()
+            admitted = None
+            while True:
+                if len(self.running) < config.max_num_seqs:
+                    admitted = self._admit(sequence, budget)
+                if admitted is not None:
+                    break
+                victim = self._victim_for(sequence)  # no slot or no KV room: a lower priority may have to yield
+                if victim is None:
+                    break
+                budget += self._unschedule(victim, work) or 0
+                self._preempt(victim)
+                preempted = True
             if admitted is None:
-                break  # the head does not fit in the KV cache: everyone waits (FIFO)
+                break  # the head does not fit: everyone behind it waits too
             work.append(admitted)
             budget -= admitted.tokens
-        return work
+            if preempted:
+                break  # a step that preempts admits only the sequence it preempted for, as in the running phase
+        return work, preempted
+
+    def _victim_for(self, sequence: Sequence) -> Sequence | None:
+        """Priority policy: the running sequence a waiting one may preempt (the lowest priority, the latest arrival
+        among equals), if its priority is strictly lower, so that equals never preempt each other back and forth."""
+        if not self._by_priority or not self.running:
+            return None
+        victim = max(self.running, key=_rank)
+        return victim if victim.priority > sequence.priority else None
+
+    @staticmethod
+    def _unschedule(sequence: Sequence, work: list[_Work]) -> int | None:
+        """Take `sequence` out of this step's work: the token budget it held, or None when it was not scheduled."""
+        for i, item in enumerate(work):
+            if item.sequence is sequence:
+                del work[i]
+                return item.tokens
+        return None
 
     def _admit(self, sequence: Sequence, budget: int) -> _Work | None:
         block = self.config.block_size
@@ -261,7 +328,7 @@ class Engine:
         need = math.ceil((cached + tokens) / block) - len(hits)
         if need + self.pool.idle_count(hits) > self.pool.available:
             return None
-        self.waiting.popleft()
+        self.waiting.take()
         for h in hits:
             self.pool.acquire(h)
         self.pool.take(need)
@@ -271,13 +338,12 @@ class Engine:
         sequence.computed = cached
         sequence.state = State.RUNNING
         self.running.append(sequence)
-        if cacheable:
-            self.stats.prefix_queries += sequence.prefill_target
-            self.stats.prefix_hits += cached
-        if sequence.cached_tokens is None:
+        if sequence.cached_tokens is None:  # the first admission: vLLM counts re-admissions apart
             sequence.cached_tokens = cached
-            if not sequence.synthetic:
-                self.stats.queue.observe(self._now() - sequence.arrived)
+            sequence.queued = self._now() - sequence.arrived
+            if cacheable:
+                self.stats.prefix_queries += sequence.prefill_target
+                self.stats.prefix_hits += cached
         return _Work(sequence, tokens, True)
 
     def _cost_seconds(self, work: list[_Work]) -> float:
@@ -296,6 +362,8 @@ class Engine:
     def _complete(self, work: list[_Work], now: float) -> None:
         instant = self.config.instant
         finished = False
+        previous, self._step_end = self._step_end, now
+        followed = 0  # sequences that also got a token in the previous step: all see the same inter-token latency
         for item in work:
             sequence = item.sequence
             if sequence.state is not State.RUNNING:
@@ -303,12 +371,14 @@ class Engine:
             if sequence.synthetic and not item.prefill:
                 continue  # interactive load holds a fixed context
             sequence.computed += item.tokens
+            first = False
             if item.prefill:
                 self._register(sequence)
                 if sequence.computed < sequence.prefill_target:
                     continue  # more chunks to go
                 if sequence.first_token_at is None:
                     sequence.first_token_at = now
+                    first = True
                     if not sequence.synthetic:
                         self.stats.prompt_tokens += sequence.prompt.tokens
                         self.stats.ttft.observe(now - sequence.arrived)
@@ -318,12 +388,20 @@ class Engine:
                     continue
             if sequence.synthetic:
                 continue
+            if not first:
+                if sequence.last_token_at == previous:
+                    followed += 1
+                else:  # it sat out steps (no budget, or preempted and recomputed): its own gap
+                    self.stats.itl.observe(now - sequence.last_token_at)
+            sequence.last_token_at = now
             new = sequence.output_tokens - sequence.generated if instant else 1
             sequence.generated += new
             self.stats.generation_tokens += new
             if sequence.generated >= sequence.output_tokens:
                 self._finish(sequence, sequence.finish_reason, now)
                 finished = True
+        if followed:
+            self.stats.itl.observe(now - previous, followed)
         if finished:
             self.running = [s for s in self.running if s.state is State.RUNNING]
 
@@ -360,7 +438,7 @@ class Engine:
         sequence.computed = 0
         sequence.prefill_target = sequence.prompt.tokens + (0 if sequence.synthetic else sequence.generated)
         sequence.state = State.WAITING
-        self.waiting.appendleft(sequence)
+        self.waiting.add_front(sequence)
         self.stats.preemptions += 1
 
     def _finish(self, sequence: Sequence, reason: str, now: float) -> None:
@@ -370,6 +448,9 @@ class Engine:
         self.stats.completed += 1
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self.stats.e2e.observe(now - sequence.arrived)
+        self.stats.queue.observe(sequence.queued)
+        decoded = sequence.generated - 1  # tokens after the first
+        self.stats.tpot.observe((sequence.last_token_at - sequence.first_token_at) / decoded if decoded > 0 else 0.0)
         if sequence.done is not None and not sequence.done.done():
             sequence.done.set_result(None)
 

@@ -45,6 +45,7 @@ class Job:
     length_limited: bool = True  # the output ends at max_tokens (finish_reason "length"), else it "stops" by itself
     dimensions: int = 0
     base64: bool = False
+    priority: int = 0  # vLLM's extension: lower is scheduled first under --scheduling-policy priority
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -65,6 +66,7 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
         raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
     if body.get("stream"):
         raise RequestError(400, "Streaming is not supported by the simulator; send stream: false.", param="stream")
+    priority = _priority(body, config)
     block = config.block_size
     if endpoint == CHAT:
         prompts = [prompt_from_text(_chat_text(body.get("messages")), block)]
@@ -74,7 +76,7 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
         field = "prompt" if endpoint == COMPLETIONS else "input"
         prompts = _prompts(body.get(field), field, block)
     if endpoint == EMBEDDINGS:
-        return _embedding_job(model, prompts, body, config)
+        return _embedding_job(model, prompts, body, config, priority)
     n = body.get("n", 1) if endpoint != RESPONSES else 1
     if n is None:
         n = 1
@@ -102,10 +104,19 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
                 code="context_length_exceeded",
             )
         outputs.append(wanted)
-    return Job(endpoint, model, prompts, outputs, n=n, length_limited=asked is not None)
+    return Job(endpoint, model, prompts, outputs, n=n, length_limited=asked is not None, priority=priority)
 
 
-def _embedding_job(model: str, prompts: list[Prompt], body: dict[str, Any], config: SimConfig) -> Job:
+def _priority(body: dict[str, Any], config: SimConfig) -> int:
+    priority = body.get("priority", 0)
+    if not _is_int(priority):
+        raise RequestError(400, "priority must be an integer.", param="priority")
+    if config.scheduling_policy != "priority":
+        return 0  # as vLLM's V1 engines: ignored without the priority policy (V0 engines answered a 400)
+    return priority
+
+
+def _embedding_job(model: str, prompts: list[Prompt], body: dict[str, Any], config: SimConfig, priority: int) -> Job:
     for prompt in prompts:
         if prompt.tokens > config.max_model_len:
             raise RequestError(
@@ -121,7 +132,8 @@ def _embedding_job(model: str, prompts: list[Prompt], body: dict[str, Any], conf
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise RequestError(400, "encoding_format must be 'float' or 'base64'.", param="encoding_format")
-    return Job(EMBEDDINGS, model, prompts, [1] * len(prompts), dimensions=dimensions, base64=encoding == "base64")
+    return Job(EMBEDDINGS, model, prompts, [1] * len(prompts), dimensions=dimensions, base64=encoding == "base64",
+               priority=priority)
 
 
 def _max_tokens(endpoint: str, body: dict[str, Any]) -> int | None:

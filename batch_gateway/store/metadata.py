@@ -173,6 +173,18 @@ class WebhookEventRecord(msgspec.Struct):
     attempts: int  # delivery attempts started, the one this claim is for included
 
 
+class RunnerLoad(msgspec.Struct, frozen=True):
+    """One batch runner's use of one upstream endpoint, as published on the load board."""
+
+    owner: str
+    inflight: int  # requests sent and not yet answered
+    limit: int  # what it may have in flight: it fills up to this within moments, or drains down to it
+    demand: int  # requests it could have in flight now (its limit if it has the work, else its remaining work)
+    completed: int  # its requests answered on the endpoint, all time
+    weight: float = 1.0
+    at: float = 0.0  # when it was published (Unix seconds)
+
+
 class StorageStats(msgspec.Struct):
     batches_by_status: dict[str, int]
     files_by_purpose: dict[str, tuple[int, int]]  # purpose → (count, bytes)
@@ -347,6 +359,16 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def leased_batches(self, now: int) -> set[str]:
         """Ids of unfinished batches a runner holds an unexpired lease on: a live runner owns them."""
+
+    # --- the load board: batch runners sharing an endpoint see each other ---
+    @abc.abstractmethod
+    async def share_load(self, endpoint: str, load: RunnerLoad, fresh_after: float) -> list[RunnerLoad]:
+        """Publish this runner's load on `endpoint` and return the other runners' loads published since
+        `fresh_after` (older ones are of runners gone or stuck)."""
+
+    @abc.abstractmethod
+    async def withdraw_load(self, owner: str, older_than: float) -> None:
+        """Remove this runner's loads (its dispatch ended), and anyone's not refreshed since `older_than`."""
 
     # --- webhook outbox: a trigger on `batches` writes one event per terminal status change ---
     @abc.abstractmethod

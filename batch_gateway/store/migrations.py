@@ -4,10 +4,7 @@
 edited, a change is a new file. Each backend applies the pending ones in one transaction under a lock, so several
 processes opening the same database at once apply each migration exactly once.
 
-Numbers are unique and increasing but may skip one: branches developed side by side reserve their numbers, so a
-branch may land before the one holding the number below it. Each migration is applied when it is missing, whatever
-is applied already, so the one that lands later is applied then; migrations must therefore not depend on a
-migration with a higher number.
+Numbers run 0001, 0002, ... without gaps: a gap is a migration file missing from the package.
 """
 
 from __future__ import annotations
@@ -40,16 +37,16 @@ def migrations(dialect: str) -> list[Migration]:
             found.append(Migration(int(match[1]), match[2], entry.read_text()))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise RuntimeError(f"{dialect} migrations must have unique numbers from 0001: {versions}")
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"{dialect} migrations must be numbered 0001, 0002, ... without gaps: {versions}")
     return found
 
 
 def pending(dialect: str, applied: Collection[int], target: int | None = None) -> list[Migration]:
     """The migrations still to apply to reach `target` (default: the newest), in order."""
     known = migrations(dialect)
-    if target is not None and target != 0 and target not in {m.version for m in known}:
-        raise ValueError(f"no {dialect} schema version {target}; versions are {[m.version for m in known]}")
+    if target is not None and not 0 <= target <= len(known):
+        raise ValueError(f"no {dialect} schema version {target}; versions run from 1 to {len(known)}")
     return [m for m in known if m.version not in applied and (target is None or m.version <= target)]
 
 

@@ -32,6 +32,7 @@ from batch_gateway.store.metadata import (
     MetadataStore,
     OPEN_UPLOAD_STATUSES,
     NEAR_DEADLINE_FRACTION,
+    RunnerLoad,
     StorageStats,
     UploadPartRecord,
     UploadRecord,
@@ -492,6 +493,27 @@ class PostgresStore(MetadataStore):
             (list(active), now),
         )
         return {row["id"] for row in found}
+
+    # --- the load board ----------------------------------------------------------------------
+
+    async def share_load(self, endpoint: str, load: RunnerLoad, fresh_after: float) -> list[RunnerLoad]:
+        # "limit" is quoted: a reserved word in PostgreSQL.
+        await self._execute(
+            'INSERT INTO runner_loads (endpoint, owner, inflight, "limit", demand, completed, weight, at) '
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (endpoint, owner) DO UPDATE SET "
+            'inflight = EXCLUDED.inflight, "limit" = EXCLUDED."limit", demand = EXCLUDED.demand, '
+            "completed = EXCLUDED.completed, weight = EXCLUDED.weight, at = EXCLUDED.at",
+            (endpoint, load.owner, load.inflight, load.limit, load.demand, load.completed, load.weight, load.at),
+        )
+        found = await self._rows(
+            'SELECT owner, inflight, "limit", demand, completed, weight, at FROM runner_loads '
+            "WHERE endpoint = %s AND owner <> %s AND at > %s",
+            (endpoint, load.owner, fresh_after),
+        )
+        return [rows.runner_load_from_row(row) for row in found]
+
+    async def withdraw_load(self, owner: str, older_than: float) -> None:
+        await self._execute("DELETE FROM runner_loads WHERE owner = %s OR at < %s", (owner, older_than))
 
     # --- webhook outbox --------------------------------------------------------------------
 

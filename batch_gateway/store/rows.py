@@ -17,6 +17,7 @@ from batch_gateway.store.metadata import (
     ApiKeyRecord,
     BatchRecord,
     FileRecord,
+    RunnerLoad,
     UploadPartRecord,
     UploadRecord,
     UploadStatus,
@@ -53,6 +54,10 @@ def encode_json(value: Any) -> str | None:
 
 def file_from_row(row: Mapping[str, Any]) -> FileRecord:
     return FileRecord(**{name: row[name] for name in FILE_COLUMNS})
+
+
+def runner_load_from_row(row: Mapping[str, Any]) -> RunnerLoad:
+    return RunnerLoad(**{name: row[name] for name in RunnerLoad.__struct_fields__})
 
 
 def key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:

@@ -29,6 +29,7 @@ from batch_gateway.store.metadata import (
     MetadataStore,
     OPEN_UPLOAD_STATUSES,
     NEAR_DEADLINE_FRACTION,
+    RunnerLoad,
     StorageStats,
     UploadPartRecord,
     UploadRecord,
@@ -506,6 +507,27 @@ class SqliteStore(MetadataStore):
             (*active, now),
         )
         return {row["id"] for row in found}
+
+    # --- the load board ----------------------------------------------------------------------
+
+    async def share_load(self, endpoint: str, load: RunnerLoad, fresh_after: float) -> list[RunnerLoad]:
+        # "limit" is quoted: a reserved word in PostgreSQL.
+        await self._execute(
+            'INSERT INTO runner_loads (endpoint, owner, inflight, "limit", demand, completed, weight, at) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (endpoint, owner) DO UPDATE SET "
+            'inflight = excluded.inflight, "limit" = excluded."limit", demand = excluded.demand, '
+            "completed = excluded.completed, weight = excluded.weight, at = excluded.at",
+            (endpoint, load.owner, load.inflight, load.limit, load.demand, load.completed, load.weight, load.at),
+        )
+        found = await self._rows(
+            'SELECT owner, inflight, "limit", demand, completed, weight, at FROM runner_loads '
+            "WHERE endpoint = ? AND owner <> ? AND at > ?",
+            (endpoint, load.owner, fresh_after),
+        )
+        return [rows.runner_load_from_row(row) for row in found]
+
+    async def withdraw_load(self, owner: str, older_than: float) -> None:
+        await self._execute("DELETE FROM runner_loads WHERE owner = ? OR at < ?", (owner, older_than))
 
     # --- webhook outbox --------------------------------------------------------------------
 

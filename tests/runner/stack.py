@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
+
+import msgspec
 import subprocess
 import sys
 
@@ -10,8 +16,8 @@ from batch_gateway import ids
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import BatchRecord, FileRecord
-from batch_gateway.store.objects import file_key
-from tests.helpers import jsonl
+from batch_gateway.store.objects import file_key, run_stats_key
+from tests.helpers import free_port, jsonl
 
 
 async def create_batch(settings: Settings, data: bytes, *, expires_in: int = 86400) -> str:
@@ -43,8 +49,39 @@ async def results(settings: Settings, batch_id: str) -> tuple[BatchRecord, list[
         await services.close()
 
 
+async def run_stats(settings: Settings, batch_id: str) -> dict:
+    services = await Services.open(settings)
+    try:
+        return msgspec.json.decode(await services.objects.get_bytes(run_stats_key("t", batch_id)))
+    finally:
+        await services.close()
+
+
 def start_runner(settings: Settings, batch_id: str, log) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env()}
     return subprocess.Popen([sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env, stdout=log, stderr=log)
 
 
+
+
+@contextlib.contextmanager
+def upstream_server(handler) -> Iterator[str]:
+    """An HTTP server on a loopback port whose `POST /v1/chat/completions` is `handler(request)` (an aiohttp
+    coroutine), in a thread of its own: a stand-in for an upstream that answers in ways the simulator does not (a
+    proxy's HTML error page, a recorder of headers). Yields its base URL."""
+    from aiohttp import web
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

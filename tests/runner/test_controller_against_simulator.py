@@ -1,5 +1,5 @@
-"""The real dispatcher and controller against the simulator over HTTP: converge near the engine's knee, retreat
-when interactive load takes slots, recover when it leaves.
+"""The real dispatcher and controller against the simulator over HTTP: fill the engine to its knee, give way to
+others' sequences (kept in the engine by /sim/load) without letting them queue, take the engine back when they leave.
 
 The simulator runs as a process of its own, as an engine would: in this process it would share the GIL with the
 dispatcher, and its steps (and so its queue) would depend on the dispatcher's load."""
@@ -90,7 +90,7 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
             )
             task = asyncio.create_task(dispatcher.run())
             try:
-                await asyncio.sleep(15)  # slow start, and the hold at the knee it finds (QUEUE_HOLD) if it overshot
+                await asyncio.sleep(12)  # slow start, and the knee it finds
                 alone, alone_waiting = await sample(endpoint, client, sim_url, 4)
                 await client.post(sim_url + "/sim/load", json={"sequences": SLOTS // 2})
                 await asyncio.sleep(6)
@@ -103,7 +103,8 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
                 await dispatcher.abort(0)
                 task.cancel()
     print(f"limit alone {alone} (queue {alone_waiting:.1f}), shared {shared} (queue {shared_waiting:.1f}), recovered {recovered}")
-    assert 0.8 * SLOTS <= alone <= 1.6 * SLOTS
-    assert alone_waiting <= SLOTS * 0.5
-    assert shared <= SLOTS // 2 * 1.5 + 2, "the batch did not make room for the interactive load"
-    assert recovered >= 0.8 * SLOTS
+    assert 0.9 * SLOTS <= alone <= 1.3 * SLOTS
+    assert alone_waiting <= SLOTS * 0.25
+    assert shared <= SLOTS // 2 - 1, "the batch did not leave the others room for their bursts"
+    assert shared_waiting <= 0.5, "the others' requests queued"
+    assert recovered >= 0.9 * SLOTS

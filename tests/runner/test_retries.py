@@ -88,3 +88,22 @@ def test_a_dead_upstream_holds_its_lines_until_the_batch_expires(tmp_path):
     for line in err:
         assert line["response"] is None and line["error"]["code"] == "batch_expired"
     assert 3 <= seconds < 30
+
+
+def test_a_proxy_error_page_reaches_the_operator_not_the_tenant(tmp_path):
+    from aiohttp import web
+
+    from tests.runner.stack import upstream_server
+
+    async def refuse(request: web.Request) -> web.Response:
+        page = "<html><body>400 Bad Request from backend vllm-7.internal:8000 (10.4.2.19)</body></html>"
+        return web.Response(status=400, text=page, content_type="text/html")
+
+    with upstream_server(refuse) as url:
+        batch, out, err, _ = run(tmp_path, url, 3)
+    assert batch.status == "completed" and not out and len(err) == 3
+    for line in err:
+        assert line["response"]["status_code"] == 400
+        message = line["response"]["body"]["error"]["message"]
+        assert "not a JSON object" in message and "10.4.2.19" not in message and "internal" not in message
+    assert "10.4.2.19" in (tmp_path / "runner.log").read_text()  # for the operator

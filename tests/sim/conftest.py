@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +35,28 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.005)
+
+
+async def post_all(url: str, bodies: list[dict], path: str = "/v1/chat/completions") -> list[dict]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        responses = await asyncio.gather(*(http.post(path, json=body) for body in bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def send_while_paused(server: SimServer, bodies: list[dict], path: str = "/v1/chat/completions") -> list[dict]:
+    """Hold the scheduler, let every request arrive, then release: they are all admitted in the same step."""
+    httpx.post(server.url + "/sim/pause")
+
+    async def run() -> list[dict]:
+        sending = asyncio.ensure_future(post_all(server.url, bodies, path))
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            while (await http.get("/sim/stats")).json()["waiting"] < len(bodies):
+                await asyncio.sleep(0.005)
+            await http.post("/sim/resume")
+        return await sending
+
+    return asyncio.run(run())
 
 
 @pytest.fixture

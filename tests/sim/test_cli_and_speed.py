@@ -25,10 +25,11 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_every_config_knob_is_a_flag():
-    args = _parse("--model", "a", "--model", "b", "--max-num-seqs", "7", "--time-scale", "0.5", "--error-rate-429", "0.1")
+    args = _parse("--model", "a", "--model", "b", "--max-num-seqs", "7", "--time-scale", "0.5", "--error-rate-429", "0.1",
+                  "--scheduling-policy", "priority")
     config = config_from_args(args)
     assert config.models == ["a", "b"] and config.max_num_seqs == 7 and config.time_scale == 0.5
-    assert config.error_rate_429 == 0.1
+    assert config.error_rate_429 == 0.1 and config.scheduling_policy == "priority"
     assert config_from_args(_parse()) == SimConfig()
     assert (args.host, args.port) == ("127.0.0.1", 8100)
 
@@ -39,6 +40,15 @@ def test_every_config_knob_is_a_flag():
 def test_bad_values_are_refused_with_the_reason(argv):
     with pytest.raises(ValueError, match="invalid simulator config"):
         config_from_args(_parse(*argv))
+
+
+def test_scheduling_policy_is_fcfs_or_priority(capsys):
+    assert SimConfig().scheduling_policy == "fcfs"  # vLLM's default
+    with pytest.raises(SystemExit) as exited:
+        _parse("--scheduling-policy", "lifo")
+    assert exited.value.code == 2 and "invalid choice: 'lifo'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority"):
+        SimConfig(scheduling_policy="lifo")
 
 
 def test_sim_command_serves_until_ctrl_c():

@@ -9,34 +9,12 @@ import httpx
 import pytest
 
 from batch_gateway.sim.tokens import BYTES_PER_TOKEN
-from tests.sim.conftest import SYSTEM, chat, stats, wait_until
-
-
-async def _post_all(url: str, bodies: list[dict], path: str = "/v1/chat/completions") -> list[dict]:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        responses = await asyncio.gather(*(http.post(path, json=body) for body in bodies))
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    return [r.json() for r in responses]
-
-
-def _send_while_paused(server, bodies: list[dict]) -> list[dict]:
-    """Hold the scheduler, let every request arrive, then release: they are all admitted in the same step."""
-    httpx.post(server.url + "/sim/pause")
-
-    async def run() -> list[dict]:
-        sending = asyncio.ensure_future(_post_all(server.url, bodies))
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            while (await http.get("/sim/stats")).json()["waiting"] < len(bodies):
-                await asyncio.sleep(0.005)
-            await http.post("/sim/resume")
-        return await sending
-
-    return asyncio.run(run())
+from tests.sim.conftest import SYSTEM, chat, post_all, send_while_paused, stats, wait_until
 
 
 def test_same_step_both_miss_a_later_request_hits(start_sim):
     server = start_sim(time_scale=0.05)
-    together = _send_while_paused(server, [chat("first"), chat("second")])
+    together = send_while_paused(server, [chat("first"), chat("second")])
     assert [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in together] == [0, 0]
     later = httpx.post(server.url + "/v1/chat/completions", json=chat("third")).json()["usage"]
     cached = later["prompt_tokens_details"]["cached_tokens"]
@@ -125,7 +103,7 @@ def test_kv_cache_full_makes_requests_wait_and_preempts(start_sim):
     seen: list[dict] = []
 
     async def run() -> list[dict]:
-        sending = asyncio.ensure_future(_post_all(server.url, bodies, "/v1/completions"))
+        sending = asyncio.ensure_future(post_all(server.url, bodies, "/v1/completions"))
         async with httpx.AsyncClient(base_url=server.url) as http:
             while not sending.done():
                 seen.append((await http.get("/sim/stats")).json())
@@ -138,6 +116,8 @@ def test_kv_cache_full_makes_requests_wait_and_preempts(start_sim):
     assert max(s["kv_cache_usage"] for s in seen) > 0.8
     final = stats(server)
     assert final["preemptions"] > 0 and final["completed"] == 6 and final["kv_cache_usage"] == 0.0
+    # As vLLM's prefix_cache_queries: each request's prompt once, not again when it is re-admitted after a preemption.
+    assert final["prefix_cache_queries"] == sum(r["usage"]["prompt_tokens"] for r in results)
 
 
 def test_long_prompt_is_prefilled_in_chunks(start_sim):
@@ -175,7 +155,7 @@ def test_interactive_load_takes_slots(start_sim):
     httpx.post(server.url + "/sim/load", json={"sequences": 3, "context_tokens": 256})
     wait_until(lambda: stats(server)["running"] == 3)
     assert stats(server)["kv_cache_usage"] > 0
-    _send_while_paused(server, [chat(str(i), max_tokens=3) for i in range(2)])
+    send_while_paused(server, [chat(str(i), max_tokens=3) for i in range(2)])
     assert stats(server)["completed"] == 2  # one slot left: they ran one after the other, and both finished
     httpx.post(server.url + "/sim/load", json={"sequences": 0})
     wait_until(lambda: stats(server)["running"] == 0)
@@ -185,6 +165,6 @@ def test_interactive_load_takes_slots(start_sim):
 
 def test_each_model_has_its_own_engine(start_sim):
     server = start_sim(models=["small", "large"], max_num_seqs=2, time_scale=0.02)
-    asyncio.run(_post_all(server.url, [chat(str(i), model="small") for i in range(3)] + [chat("x", model="large")]))
+    asyncio.run(post_all(server.url, [chat(str(i), model="small") for i in range(3)] + [chat("x", model="large")]))
     per_model = stats(server)["models"]
     assert per_model["small"]["completed"] == 3 and per_model["large"]["completed"] == 1

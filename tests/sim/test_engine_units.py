@@ -9,9 +9,11 @@ import random
 import pytest
 
 from batch_gateway.sim.config import SimConfig
-from batch_gateway.sim.engine import Engine
+from batch_gateway.sim.engine import Engine, Sequence
 from batch_gateway.sim.kv import BlockPool
+from batch_gateway.sim.metrics import Histogram
 from batch_gateway.sim.tokens import prompt_from_text
+from batch_gateway.sim.waiting import ArrivalQueue, PriorityQueue
 
 
 def test_chained_hashes_see_the_whole_prefix():
@@ -46,9 +48,11 @@ def test_pool_cap_keeps_the_cache_small():
     assert pool.register(b"c") and b"a" not in pool.refs
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_random_load_under_kv_pressure_keeps_every_invariant(seed):
-    config = SimConfig(kv_blocks=40, max_num_seqs=6, max_num_batched_tokens=64, time_scale=0.001, seed=seed)
+async def test_random_load_under_kv_pressure_keeps_every_invariant(seed, policy):
+    config = SimConfig(kv_blocks=40, max_num_seqs=6, max_num_batched_tokens=64, time_scale=0.001, seed=seed,
+                       scheduling_policy=policy)
     engine = Engine(config, "m")
     rng = random.Random(seed)
     prefixes = ["shared system prompt " * 8, "another shared prompt " * 12, ""]
@@ -59,7 +63,8 @@ async def test_random_load_under_kv_pressure_keeps_every_invariant(seed):
         prompt = prompt_from_text(text, config.block_size)
         want = rng.randint(1, 120)
         pooling = rng.random() < 0.1
-        task = asyncio.ensure_future(engine.generate(prompt, want, pooling=pooling))
+        priority = rng.randint(-2, 2) if policy == "priority" else 0
+        task = asyncio.ensure_future(engine.generate(prompt, want, pooling=pooling, priority=priority))
         if rng.random() < 0.1:  # some clients give up
             await asyncio.sleep(rng.random() * 0.02)
             task.cancel()  # if it already finished, the cancel is a no-op and it counts as completed
@@ -78,4 +83,94 @@ async def test_random_load_under_kv_pressure_keeps_every_invariant(seed):
     assert all(count == 0 for count in engine.pool.refs.values())
     assert stats.completed + stats.aborted == stats.requests == 80
     assert stats.preemptions > 0 and stats.prefix_hits > 0
+    await engine.stop()
+
+
+def test_histogram_counts_each_value_in_its_bucket_at_once():
+    histogram = Histogram((0.01, 0.025, 0.05))
+    histogram.observe(0.01)  # on a bound: that bucket (Prometheus buckets are "less than or equal")
+    histogram.observe(0.02, 128)  # a step's latency, seen by every sequence of the step
+    histogram.observe(1.0)  # past the last bound: only +Inf
+    assert histogram.counts == [1, 128, 0] and histogram.count == 130
+    assert histogram.sum == pytest.approx(0.01 + 0.02 * 128 + 1.0)
+
+
+def _sequence(priority: int, arrived: float) -> Sequence:
+    return Sequence(prompt_from_text("x", 16), 1, arrived, priority=priority)
+
+
+def test_priority_queue_orders_by_priority_then_arrival():
+    queue = PriorityQueue()
+    late_urgent, early_low = _sequence(0, arrived=3.0), _sequence(5, arrived=1.0)
+    early_urgent, mid = _sequence(0, arrived=2.0), _sequence(2, arrived=2.5)
+    for sequence in (late_urgent, early_low, early_urgent, mid):
+        queue.add(sequence)
+    queue.remove(mid)
+    assert len(queue) == 3 and set(queue) == {late_urgent, early_low, early_urgent}
+    assert [queue.take() for _ in range(3)] == [early_urgent, late_urgent, early_low]
+    fifo = ArrivalQueue()
+    fifo.add(early_low)
+    fifo.add_front(late_urgent)  # a preempted sequence goes back to the head
+    assert fifo.peek() is late_urgent and fifo.take() is late_urgent and list(fifo) == [early_low]
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+async def _stop(engine: Engine, tasks: list[asyncio.Future]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await engine.stop()
+
+
+async def test_a_waiting_request_of_higher_priority_starts_in_the_next_step():
+    # 10 ms steps (real time), so the step count read when the answer comes back is exact.
+    engine = Engine(SimConfig(scheduling_policy="priority", max_num_seqs=2), "m")
+    low = [asyncio.ensure_future(engine.generate(prompt_from_text(f"low {i}", 16), 10_000, priority=10))
+           for i in range(3)]
+    await _until(lambda: engine.num_running == 2)
+    engine.pause(True)
+    older, newer = engine.running  # both priority 10; `newer` arrived later
+    urgent = asyncio.ensure_future(engine.generate(prompt_from_text("urgent", 16), 2, priority=0))
+    await _until(lambda: engine.num_waiting == 2)
+    before = engine.stats.steps
+    engine.pause(False)
+    sequence = await urgent
+    # Step 1 preempts `newer` and prefills the urgent one (its first token), step 2 its second token; the engine has
+    # started step 3 when the answer is delivered.
+    assert engine.stats.steps - before == 3 and sequence.generated == 2
+    assert engine.stats.preemptions == 1
+    assert newer.prefill_target > newer.prompt.tokens and older.prefill_target == older.prompt.tokens  # who recomputes
+    # Step 3 gave the freed slot back to `newer`, ahead of the later arrival of its priority.
+    assert engine.running == [older, newer] and engine.num_waiting == 1
+    await _stop(engine, low)
+
+
+@pytest.mark.parametrize(("policy", "victim"), [("priority", "low"), ("fcfs", "last admitted")])
+async def test_a_full_kv_cache_preempts_the_lowest_priority(policy, victim):
+    # Two sequences that end with 14 blocks each in a KV cache of 20: one must give way while both decode.
+    engine = Engine(SimConfig(scheduling_policy=policy, kv_blocks=20, time_scale=0.01), "m")
+    low = asyncio.ensure_future(engine.generate(prompt_from_text("l" * 256, 16), 150, priority=10))
+    await _until(lambda: engine.num_running == 1)
+    high = asyncio.ensure_future(engine.generate(prompt_from_text("h" * 256, 16), 150, priority=0))
+    low_sequence, high_sequence = await asyncio.gather(low, high)
+    preempted = {s for s in (low_sequence, high_sequence) if s.prefill_target > s.prompt.tokens}  # it recomputed
+    assert preempted == ({low_sequence} if victim == "low" else {high_sequence})  # fcfs: the last admitted goes
+    assert engine.stats.preemptions >= 1
+    await engine.stop()
+
+
+async def test_a_waiting_request_of_higher_priority_preempts_for_kv_room():
+    # A 250-token prompt holds 16 of 20 blocks; a 100-token one needs 7: it cannot start unless the first yields.
+    engine = Engine(SimConfig(scheduling_policy="priority", kv_blocks=20, time_scale=0.01), "m")
+    low = asyncio.ensure_future(engine.generate(prompt_from_text("l" * 1000, 16), 60, priority=1))
+    await _until(lambda: engine.num_running == 1)
+    high = await engine.generate(prompt_from_text("h" * 400, 16), 3, priority=0)
+    assert high.generated == 3 and not low.done() and engine.stats.preemptions == 1
+    assert (await low).generated == 60
     await engine.stop()

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from batch_gateway import ids, wire
-from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, WebhookState
+from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, RunnerLoad, WebhookState
 
 _clock = itertools.count(1_000)
 
@@ -401,6 +401,31 @@ async def test_lease_claim_renew_release(store: MetadataStore):
 
 
 # --- webhook outbox ------------------------------------------------------------------------------
+
+
+async def test_leased_batches_are_those_a_live_runner_holds(store: MetadataStore):
+    held, expired, finished = await insert_batches(store, 3)
+    assert await store.claim_batch(held.id, "runner-a", now=100, lease_seconds=30)
+    assert await store.claim_batch(expired.id, "runner-b", now=50, lease_seconds=30)
+    assert await store.claim_batch(finished.id, "runner-c", now=100, lease_seconds=30)
+    await store.transition(finished.id, ["validating"], "failed", 101)
+    assert await store.leased_batches(now=110) == {held.id}
+
+
+async def test_the_load_board_shows_each_runner_the_others_fresh_loads(store: MetadataStore):
+    def load(owner: str, inflight: int, at: float) -> RunnerLoad:
+        return RunnerLoad(owner, inflight=inflight, limit=inflight + 1, demand=100, completed=7, weight=1.0, at=at)
+
+    assert await store.share_load("http://e1", load("a", 10, 100.0), fresh_after=95.0) == []
+    assert await store.share_load("http://e1", load("b", 20, 101.0), fresh_after=96.0) == [load("a", 10, 100.0)]
+    assert await store.share_load("http://e2", load("c", 5, 101.0), fresh_after=96.0) == []  # another endpoint
+    # a refreshes (its row is replaced, not added); b's load is stale by the time c reads at 107.
+    assert await store.share_load("http://e1", load("a", 12, 102.0), fresh_after=97.0) == [load("b", 20, 101.0)]
+    assert await store.share_load("http://e1", load("c", 1, 107.5), fresh_after=101.5) == [load("a", 12, 102.0)]
+    await store.withdraw_load("a", older_than=0.0)
+    assert await store.share_load("http://e1", load("c", 1, 108.0), fresh_after=0.0) == [load("b", 20, 101.0)]
+    await store.withdraw_load("c", older_than=105.0)  # c's own rows, and anyone's older than 105 (b's)
+    assert await store.share_load("http://e1", load("d", 1, 109.0), fresh_after=0.0) == []
 
 
 async def test_a_terminal_status_change_writes_one_webhook_event(store: MetadataStore):

@@ -1,0 +1,68 @@
+"""Scrapes of an engine's /metrics turned into readings: gauges as they are, histograms as rates since the last."""
+
+from __future__ import annotations
+
+import pytest
+
+from batch_gateway.runner.engine_metrics import EngineMeter
+
+
+def vllm(running: float, waiting: float, itl_sum: float, itl_count: float, queue_sum: float = 0.0,
+         queue_count: float = 0.0, success: float = 0.0) -> str:
+    labels = 'engine="0",model_name="m"'
+    return "\n".join([
+        "# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{labels}}} {running}",
+        "# TYPE vllm:num_requests_waiting gauge", f"vllm:num_requests_waiting{{{labels}}} {waiting}",
+        "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{{{labels}}} 0.25",
+        "# TYPE vllm:request_success counter",
+        f'vllm:request_success_total{{finished_reason="stop",{labels}}} {success}',
+        "# TYPE vllm:inter_token_latency_seconds histogram",
+        f'vllm:inter_token_latency_seconds_bucket{{le="+Inf",{labels}}} {itl_count}',
+        f"vllm:inter_token_latency_seconds_sum{{{labels}}} {itl_sum}",
+        f"vllm:inter_token_latency_seconds_count{{{labels}}} {itl_count}",
+        "# TYPE vllm:request_queue_time_seconds histogram",
+        f'vllm:request_queue_time_seconds_bucket{{le="+Inf",{labels}}} {queue_count}',
+        f"vllm:request_queue_time_seconds_sum{{{labels}}} {queue_sum}",
+        f"vllm:request_queue_time_seconds_count{{{labels}}} {queue_count}",
+    ]) + "\n"
+
+
+def test_vllm_histograms_give_the_step_time_and_the_sequences_decoding_over_the_interval():
+    meter = EngineMeter()
+    first = meter.read(vllm(40, 2, itl_sum=100.0, itl_count=5000, success=10), at=10.0)
+    assert first.reading.step_seconds is None  # one scrape has no interval yet
+    # Over 2 s: 40 sequences decoding 20-ms steps = 4,000 tokens whose latencies add up to 80 s.
+    second = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000, queue_sum=0.5, queue_count=10, success=30), at=12.0)
+    reading = second.reading
+    assert reading.step_seconds == pytest.approx(0.020)
+    assert reading.running_mean == pytest.approx(40.0)
+    assert reading.queue_seconds == pytest.approx(0.05)
+    assert (reading.running, reading.waiting, reading.kv_usage, reading.completed) == (40, 0, 0.25, 30)
+
+
+def test_a_restarted_engine_resets_its_counters_without_a_bogus_rate():
+    meter = EngineMeter()
+    meter.read(vllm(40, 0, itl_sum=500.0, itl_count=20000), at=10.0)
+    after = meter.read(vllm(3, 0, itl_sum=0.1, itl_count=5), at=11.0).reading
+    assert after.step_seconds is None and after.running_mean is None
+
+
+def test_llama_cpp_generation_time_gives_its_per_token_latency_and_busy_slots():
+    def scrape(seconds: float, tokens: float) -> str:
+        return (
+            "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 4\n"
+            "# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 1\n"
+            f"# TYPE llamacpp:tokens_predicted_seconds_total counter\nllamacpp:tokens_predicted_seconds_total {seconds}\n"
+            f"# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {tokens}\n"
+        )
+
+    meter = EngineMeter()
+    meter.read(scrape(10.0, 100), at=0.0)
+    snapshot = meter.read(scrape(14.0, 140), at=1.0)  # 4 slots busy for 1 s: 40 tokens at 100 ms each
+    assert snapshot.slot_caches
+    assert snapshot.reading.step_seconds == pytest.approx(0.1) and snapshot.reading.running_mean == pytest.approx(4.0)
+
+
+def test_an_endpoint_without_queue_gauges_gives_no_reading():
+    assert EngineMeter().read("# TYPE foo counter\nfoo_total 1\n", at=0.0) is None
+    assert EngineMeter().read("not prometheus {{{", at=0.0) is None

@@ -11,7 +11,8 @@ import sys
 
 import structlog
 
-from batch_gateway import logs, settings as settings_mod
+from batch_gateway import logs
+from batch_gateway import settings as settings_mod
 from batch_gateway.settings import Settings
 
 STORAGE_FLAGS = ("data_dir", "database_url", "object_store", "valkey_url", "log_format", "log_level")
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--batch-id", required=True)
     settings_mod.add_arguments(reconcile)
 
-    gc = sub.add_parser("gc", help="One garbage-collection pass: expire overdue batches, delete expired files, then exit.")
+    gc = sub.add_parser(
+        "gc", help="One garbage-collection pass: expire overdue batches, delete expired files, then exit."
+    )
     settings_mod.add_arguments(gc)
 
     migrate = sub.add_parser("migrate", help="Apply pending database migrations and exit.")
@@ -172,4 +175,3 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return 0
-

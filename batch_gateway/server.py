@@ -50,7 +50,9 @@ async def serve(settings: Settings) -> int:
         simulator = SimServer(SimConfig())
         simulator.start()
         settings = dataclasses.replace(settings, upstream=[*settings.upstream, simulator.url])
-        log.warning("serve.simulator", url=simulator.url, note="batches run on the built-in vLLM simulator, not a real model")
+        log.warning(
+            "serve.simulator", url=simulator.url, note="batches run on the built-in vLLM simulator, not a real model"
+        )
     if settings.upstream:
         log.info("serve.upstreams", upstream=settings.upstream)
     else:
@@ -127,7 +129,9 @@ def check_runner_settings(settings: Settings) -> None:
     from batch_gateway.runner.hints import parse_hints
 
     if settings.interactive_slowdown <= 1.0:
-        raise ValueError(f"--interactive-slowdown must be above 1 (1.3: 30% slower at most), got {settings.interactive_slowdown}")
+        raise ValueError(
+            f"--interactive-slowdown must be above 1 (1.3: 30% slower at most), got {settings.interactive_slowdown}"
+        )
     parse_hints(settings.priority_hints)
 
 

@@ -23,7 +23,11 @@ def open_metadata_store(settings: Settings) -> MetadataStore:
     from batch_gateway.store.sqlite import SqliteStore
 
     settings.data_path.mkdir(parents=True, exist_ok=True)
-    path = settings.database_url.removeprefix("sqlite:///") if settings.database_url else str(settings.data_path / "metadata.sqlite3")
+    path = (
+        settings.database_url.removeprefix("sqlite:///")
+        if settings.database_url
+        else str(settings.data_path / "metadata.sqlite3")
+    )
     return SqliteStore(path)
 
 
@@ -49,7 +53,9 @@ class Services:
         await metadata.open()
         signals = open_signals(settings)
         await signals.open()
-        return cls(settings=settings, metadata=metadata, objects=ObjectStore(settings.object_store_url), signals=signals)
+        return cls(
+            settings=settings, metadata=metadata, objects=ObjectStore(settings.object_store_url), signals=signals
+        )
 
     async def close(self) -> None:
         if self.executor is not None:

@@ -51,7 +51,9 @@ class Settings:
     log_format: str = setting("auto", "Log format: console, json, or auto (console on a terminal).", group="server")
     log_level: str = setting("info", "Log level: debug, info, warning, error.", group="server")
     # --- storage ---
-    data_dir: str = setting(".batch-gateway", "Directory for the embedded database, files and work files.", group="storage")
+    data_dir: str = setting(
+        ".batch-gateway", "Directory for the embedded database, files and work files.", group="storage"
+    )
     database_url: str = setting(
         "", "PostgreSQL URL (postgresql://...). Empty: SQLite in the data directory.", group="storage"
     )
@@ -73,8 +75,8 @@ class Settings:
     )
     max_batch_file_bytes: int = setting(
         200 * 1024 * 1024,
-        "Largest batch input file (purpose=batch), in bytes (OpenAI: 200 MB). Bigger files get 400 \"File is too "
-        "large.\"",
+        'Largest batch input file (purpose=batch), in bytes (OpenAI: 200 MB). Bigger files get 400 "File is too '
+        'large."',
         group="limits",
     )
     max_requests_per_batch: int = setting(50_000, "Most request lines in one batch input file.", group="limits")
@@ -95,21 +97,35 @@ class Settings:
         group="upstream",
         multiple=True,
     )
-    simulate: bool = setting(False, "Start the built-in vLLM simulator in-process and use it as the upstream.", group="upstream")
-    upstream_api_key: str = setting("", "Bearer token the runner sends to the upstream (the gateway's own, never a user's).", group="upstream")
-    request_timeout: float = setting(600.0, "Seconds one upstream request may take before it counts as a timeout.", group="upstream")
+    simulate: bool = setting(
+        False, "Start the built-in vLLM simulator in-process and use it as the upstream.", group="upstream"
+    )
+    upstream_api_key: str = setting(
+        "", "Bearer token the runner sends to the upstream (the gateway's own, never a user's).", group="upstream"
+    )
+    request_timeout: float = setting(
+        600.0, "Seconds one upstream request may take before it counts as a timeout.", group="upstream"
+    )
     # --- runner ---
-    executor: str = setting("local", "How batches run: local (a subprocess per batch) or argo (a Workflow per batch).", group="runner")
-    max_concurrent_runners: int = setting(4, "Most batches running at once with the local executor; the rest wait.", group="runner")
+    executor: str = setting(
+        "local", "How batches run: local (a subprocess per batch) or argo (a Workflow per batch).", group="runner"
+    )
+    max_concurrent_runners: int = setting(
+        4, "Most batches running at once with the local executor; the rest wait.", group="runner"
+    )
     runner_max_crashes: int = setting(
         5,
         "Local executor: crashes in a row, without progress in between, after which a batch is given up (it ends "
         "failed, with every finished result published).",
         group="runner",
     )
-    initial_concurrency: int = setting(8, "In-flight requests per upstream endpoint when a runner starts.", group="runner")
+    initial_concurrency: int = setting(
+        8, "In-flight requests per upstream endpoint when a runner starts.", group="runner"
+    )
     max_concurrency: int = setting(256, "Upper bound of in-flight requests per upstream endpoint.", group="runner")
-    fixed_concurrency: int = setting(0, "Pin in-flight requests per endpoint (turns the adaptive controller off); 0 = adaptive.", group="runner")
+    fixed_concurrency: int = setting(
+        0, "Pin in-flight requests per endpoint (turns the adaptive controller off); 0 = adaptive.", group="runner"
+    )
     interactive_slowdown: float = setting(
         1.3,
         "While others (interactive users) use an engine, the most the batch may slow their tokens down: their "
@@ -137,9 +153,13 @@ class Settings:
         group="runner",
     )
     retry_budget: float = setting(
-        0.2, "Retries allowed per batch, as a share of its requests (at least 100), before requests give up.", group="runner"
+        0.2,
+        "Retries allowed per batch, as a share of its requests (at least 100), before requests give up.",
+        group="runner",
     )
-    max_attempts: int = setting(5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner")
+    max_attempts: int = setting(
+        5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner"
+    )
     checkpoint_interval: float = setting(
         0.5,
         "Seconds between durable result checkpoints. A crash re-sends what was in flight plus what was answered "
@@ -147,7 +167,8 @@ class Settings:
         group="runner",
     )
     runner_lease_seconds: int = setting(
-        30, "Seconds a runner's claim on a batch lasts without renewal; a crashed runner's batch is taken over after it.",
+        30,
+        "Seconds a runner's claim on a batch lasts without renewal; a crashed runner's batch is taken over after it.",
         group="runner",
     )
     storage_retry_seconds: float = setting(
@@ -160,7 +181,8 @@ class Settings:
         5.0, "Seconds in-flight requests may finish after a cancel or expiry before they are cut off.", group="runner"
     )
     runner_metrics_port: int = setting(
-        0, "Port where a runner serves Prometheus /metrics while it runs (in-flight, limit, latency, tokens); 0 = off.",
+        0,
+        "Port where a runner serves Prometheus /metrics while it runs (in-flight, limit, latency, tokens); 0 = off.",
         group="runner",
     )
     work_dir: str = setting("", "Scratch directory for runner work files. Empty: <data-dir>/work.", group="runner")
@@ -183,7 +205,9 @@ class Settings:
         multiple=True,
     )
     webhook_timeout: float = setting(
-        10.0, "Seconds a webhook receiver has to answer one delivery attempt before it counts as failed.", group="webhooks"
+        10.0,
+        "Seconds a webhook receiver has to answer one delivery attempt before it counts as failed.",
+        group="webhooks",
     )
     webhook_retry_for: float = setting(
         72 * 3600.0,
@@ -192,7 +216,9 @@ class Settings:
         group="webhooks",
     )
     # --- gc ---
-    gc_interval: float = setting(60.0, "Seconds between garbage-collection passes inside `serve` (local mode); 0 = off.", group="gc")
+    gc_interval: float = setting(
+        60.0, "Seconds between garbage-collection passes inside `serve` (local mode); 0 = off.", group="gc"
+    )
     gc_stale_upload_age: float = setting(
         24 * 3600.0,
         "Seconds after which gc aborts an unfinished S3 multipart upload (or removes a local partial write) left by a "
@@ -306,7 +332,12 @@ def from_args(args: argparse.Namespace) -> Settings:
 
 def reference_markdown() -> str:
     """The configuration reference, generated from the definitions above."""
-    lines = ["# Configuration reference", "", "Generated by `batch-gateway config-reference` from `batch_gateway/settings.py`.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `batch-gateway config-reference` from `batch_gateway/settings.py`.",
+        "",
+    ]
     group = None
     for f in dataclasses.fields(Settings):
         if f.metadata["group"] != group:

@@ -96,8 +96,10 @@ def parse_webhooks(urls: Iterable[str], secret_values: Iterable[str]) -> dict[st
         secret = secret_by_tenant.get(tenant) or secret_by_tenant.get(ALL_TENANTS)
         if secret is None:
             who = f"{tenant}=" if tenant != ALL_TENANTS else ""
-            raise ValueError(f"webhook {_label(tenant)} has no secret: add --webhook-secret {who}whsec_... "
-                             "(make one with `python -c 'from batch_gateway import webhooks; print(webhooks.generate_secret())'`)")
+            raise ValueError(
+                f"webhook {_label(tenant)} has no secret: add --webhook-secret {who}whsec_... "
+                "(make one with `python -c 'from batch_gateway import webhooks; print(webhooks.generate_secret())'`)"
+            )
         configs[tenant] = WebhookConfig(url=url, secret=secret)
     for tenant in secret_by_tenant.keys() - url_by_tenant.keys():
         if tenant != ALL_TENANTS:
@@ -138,11 +140,13 @@ def _check_secret(secret: str, tenant: str) -> str:
     if not secret.startswith(SECRET_PREFIX):
         raise ValueError(f"webhook secret {_label(tenant)}: must look like whsec_<base64>")
     try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
     except binascii.Error as exc:
         raise ValueError(f"webhook secret {_label(tenant)}: the part after whsec_ is not valid base64") from exc
     if len(key) < MIN_SECRET_BYTES:
-        raise ValueError(f"webhook secret {_label(tenant)}: too short ({len(key)} bytes; use at least {MIN_SECRET_BYTES})")
+        raise ValueError(
+            f"webhook secret {_label(tenant)}: too short ({len(key)} bytes; use at least {MIN_SECRET_BYTES})"
+        )
     return secret
 
 
@@ -153,7 +157,9 @@ def _label(tenant: str) -> str:
 # --- events and signatures -----------------------------------------------------------------------
 
 
-def build_event(event_type: str, batch_id: str, *, created_at: int | None = None, event_id: str | None = None) -> WebhookEvent:
+def build_event(
+    event_type: str, batch_id: str, *, created_at: int | None = None, event_id: str | None = None
+) -> WebhookEvent:
     """The event for a batch that reached a terminal status; `created_at` is when it did (default: now)."""
     if event_type not in EVENT_TYPES.values():
         raise ValueError(f"unknown batch event type {event_type!r}; expected one of {sorted(EVENT_TYPES.values())}")
@@ -167,7 +173,7 @@ def build_event(event_type: str, batch_id: str, *, created_at: int | None = None
 
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header value: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`."""
-    key = base64.b64decode(secret[len(SECRET_PREFIX):]) if secret.startswith(SECRET_PREFIX) else secret.encode()
+    key = base64.b64decode(secret[len(SECRET_PREFIX) :]) if secret.startswith(SECRET_PREFIX) else secret.encode()
     signed = f"{webhook_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 

@@ -138,4 +138,3 @@ class WebhookOutbox:
             bound.warning("webhook.outbox_unavailable", error=str(exc))
         except Exception:
             bound.exception("webhook.delivery_failed")
-

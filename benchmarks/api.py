@@ -96,15 +96,21 @@ def clear_valkey_prefix(prefix: str) -> None:
 def create_keys(env: dict[str, str]) -> list[str]:
     keys = []
     for i in range(TENANTS):
-        out = subprocess.run([sys.executable, "-m", "batch_gateway", "keys", "create", "--tenant", f"tenant-{i}"],
-                             env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "batch_gateway", "keys", "create", "--tenant", f"tenant-{i}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         keys.append(out.stdout.strip().splitlines()[-1])
     return keys
 
 
 def start_server(env: dict[str, str], port: int, log) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "batch_gateway", "serve", "--port", str(port)], env=env,
-                               stdout=log, stderr=log)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batch_gateway", "serve", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:
@@ -121,24 +127,35 @@ def start_server(env: dict[str, str], port: int, log) -> subprocess.Popen:
 INPUT = b"".join(batch_lines(3))
 
 
-async def drive(base: str, keys: list[str], clients: int, warmup: float, duration: float) -> tuple[dict[str, OpStats], float]:
+async def drive(
+    base: str, keys: list[str], clients: int, warmup: float, duration: float
+) -> tuple[dict[str, OpStats], float]:
     """Run `clients` closed-loop clients; return per-operation stats for requests that started in the window."""
     stats = {op: OpStats() for op in MIX}
     # One httpx client (one connection) per simulated client: httpx's shared pool costs CPU in proportion to its
     # size on every request, which would make the load generator, not the server, the bottleneck.
-    https = [httpx.AsyncClient(base_url=base, timeout=30.0, limits=httpx.Limits(max_connections=1)) for _ in range(clients)]
+    https = [
+        httpx.AsyncClient(base_url=base, timeout=30.0, limits=httpx.Limits(max_connections=1)) for _ in range(clients)
+    ]
     try:
         http = https[0]
         # Each tenant gets an input file and a first batch, so retrieve and list have something to read.
         state: dict[int, dict] = {}
         for t, key in enumerate(keys):
             headers = {"authorization": f"Bearer {key}"}
-            upload = await http.post("/v1/files", headers=headers, data={"purpose": "batch"},
-                                     files={"file": ("input.jsonl", INPUT, "application/jsonl")})
+            upload = await http.post(
+                "/v1/files",
+                headers=headers,
+                data={"purpose": "batch"},
+                files={"file": ("input.jsonl", INPUT, "application/jsonl")},
+            )
             upload.raise_for_status()
             file_id = upload.json()["id"]
-            created = await http.post("/v1/batches", headers=headers, json={
-                "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+            created = await http.post(
+                "/v1/batches",
+                headers=headers,
+                json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+            )
             created.raise_for_status()
             state[t] = {"headers": headers, "file_id": file_id, "batches": [created.json()["id"]]}
 
@@ -155,18 +172,31 @@ async def drive(base: str, keys: list[str], clients: int, warmup: float, duratio
                 began = time.monotonic()
                 try:
                     if op == "batches.retrieve":
-                        response = await http.get(f"/v1/batches/{rng.choice(tenant['batches'])}", headers=tenant["headers"])
+                        response = await http.get(
+                            f"/v1/batches/{rng.choice(tenant['batches'])}", headers=tenant["headers"]
+                        )
                     elif op == "batches.list":
                         response = await http.get("/v1/batches", params={"limit": 20}, headers=tenant["headers"])
                     elif op == "batches.create":
-                        response = await http.post("/v1/batches", headers=tenant["headers"], json={
-                            "input_file_id": tenant["file_id"], "endpoint": "/v1/chat/completions",
-                            "completion_window": "24h", "metadata": {"client": str(n)}})
+                        response = await http.post(
+                            "/v1/batches",
+                            headers=tenant["headers"],
+                            json={
+                                "input_file_id": tenant["file_id"],
+                                "endpoint": "/v1/chat/completions",
+                                "completion_window": "24h",
+                                "metadata": {"client": str(n)},
+                            },
+                        )
                         if response.status_code == 200:
                             tenant["batches"].append(response.json()["id"])
                     else:
-                        response = await http.post("/v1/files", headers=tenant["headers"], data={"purpose": "batch"},
-                                                   files={"file": ("input.jsonl", INPUT, "application/jsonl")})
+                        response = await http.post(
+                            "/v1/files",
+                            headers=tenant["headers"],
+                            data={"purpose": "batch"},
+                            files={"file": ("input.jsonl", INPUT, "application/jsonl")},
+                        )
                 except httpx.HTTPError:
                     if measure_from <= began < measure_to:
                         stats[op].transport_errors += 1
@@ -190,6 +220,7 @@ async def drive(base: str, keys: list[str], clients: int, warmup: float, duratio
 
 def cpu_by_role(server_pid: int) -> dict[str, float]:
     """CPU seconds so far of the API server, PostgreSQL's processes, Valkey/Redis, and this (client) process."""
+
     def seconds(process: psutil.Process) -> float:
         try:
             times = process.cpu_times()
@@ -197,8 +228,12 @@ def cpu_by_role(server_pid: int) -> dict[str, float]:
         except psutil.Error:
             return 0.0
 
-    roles = {"server": seconds(psutil.Process(server_pid)), "PostgreSQL": 0.0, "Valkey": 0.0,
-             "clients": seconds(psutil.Process())}
+    roles = {
+        "server": seconds(psutil.Process(server_pid)),
+        "PostgreSQL": 0.0,
+        "Valkey": 0.0,
+        "clients": seconds(psutil.Process()),
+    }
     for process in psutil.process_iter(["name"]):
         name = process.info["name"] or ""
         if name.startswith("postgres"):
@@ -212,22 +247,30 @@ def rows_for(clients: int, stats: dict[str, OpStats], seconds: float) -> list[di
     rows = []
     total_ok = sum(len(s.latencies) for s in stats.values())
     for op, s in stats.items():
-        rows.append({
+        rows.append(
+            {
+                "clients": clients,
+                "operation": op,
+                "requests/s": len(s.latencies) / seconds,
+                "p50 ms": percentile(s.latencies, 50) * 1000,
+                "p99 ms": percentile(s.latencies, 99) * 1000,
+                "5xx": s.errors_5xx,
+                "other non-200": s.errors_other,
+                "transport errors": s.transport_errors,
+            }
+        )
+    rows.append(
+        {
             "clients": clients,
-            "operation": op,
-            "requests/s": len(s.latencies) / seconds,
-            "p50 ms": percentile(s.latencies, 50) * 1000,
-            "p99 ms": percentile(s.latencies, 99) * 1000,
-            "5xx": s.errors_5xx,
-            "other non-200": s.errors_other,
-            "transport errors": s.transport_errors,
-        })
-    rows.append({"clients": clients, "operation": "**all**", "requests/s": total_ok / seconds,
-                 "p50 ms": percentile([x for s in stats.values() for x in s.latencies], 50) * 1000,
-                 "p99 ms": percentile([x for s in stats.values() for x in s.latencies], 99) * 1000,
-                 "5xx": sum(s.errors_5xx for s in stats.values()),
-                 "other non-200": sum(s.errors_other for s in stats.values()),
-                 "transport errors": sum(s.transport_errors for s in stats.values())})
+            "operation": "**all**",
+            "requests/s": total_ok / seconds,
+            "p50 ms": percentile([x for s in stats.values() for x in s.latencies], 50) * 1000,
+            "p99 ms": percentile([x for s in stats.values() for x in s.latencies], 99) * 1000,
+            "5xx": sum(s.errors_5xx for s in stats.values()),
+            "other non-200": sum(s.errors_other for s in stats.values()),
+            "transport errors": sum(s.transport_errors for s in stats.values()),
+        }
+    )
     return rows
 
 
@@ -239,18 +282,27 @@ def run() -> None:
     database = fresh_database() if use_postgres else contextlib.nullcontext("")
     rows: list[dict] = []
     with database as database_url, open(os.path.join(data_dir, "serve.log"), "ab") as log:
-        env = {**os.environ, "BATCH_GATEWAY_DATA_DIR": data_dir, "BATCH_GATEWAY_DATABASE_URL": database_url,
-               "BATCH_GATEWAY_VALKEY_URL": VALKEY if use_valkey else "", "BATCH_GATEWAY_VALKEY_PREFIX": prefix,
-               "BATCH_GATEWAY_MAX_CONCURRENT_RUNNERS": "0", "BATCH_GATEWAY_GC_INTERVAL": "0",
-               "BATCH_GATEWAY_UPSTREAM": "http://127.0.0.1:9", "BATCH_GATEWAY_LOG_FORMAT": "json",
-               "BATCH_GATEWAY_LOG_LEVEL": "warning"}
+        env = {
+            **os.environ,
+            "BATCH_GATEWAY_DATA_DIR": data_dir,
+            "BATCH_GATEWAY_DATABASE_URL": database_url,
+            "BATCH_GATEWAY_VALKEY_URL": VALKEY if use_valkey else "",
+            "BATCH_GATEWAY_VALKEY_PREFIX": prefix,
+            "BATCH_GATEWAY_MAX_CONCURRENT_RUNNERS": "0",
+            "BATCH_GATEWAY_GC_INTERVAL": "0",
+            "BATCH_GATEWAY_UPSTREAM": "http://127.0.0.1:9",
+            "BATCH_GATEWAY_LOG_FORMAT": "json",
+            "BATCH_GATEWAY_LOG_LEVEL": "warning",
+        }
         keys = create_keys(env)
         port = free_port()
         server = start_server(env, port, log)
         try:
             for clients in CLIENT_COUNTS:
                 before, started = cpu_by_role(server.pid), time.monotonic()
-                stats, seconds = asyncio.run(drive(f"http://127.0.0.1:{port}", keys, clients, WARMUP_SECONDS, MEASURE_SECONDS))
+                stats, seconds = asyncio.run(
+                    drive(f"http://127.0.0.1:{port}", keys, clients, WARMUP_SECONDS, MEASURE_SECONDS)
+                )
                 elapsed = time.monotonic() - started
                 used = {role: (cpu - before[role]) / elapsed for role, cpu in cpu_by_role(server.pid).items()}
                 rows += rows_for(clients, stats, seconds)
@@ -260,24 +312,36 @@ def run() -> None:
             if use_valkey:
                 clear_valkey_prefix(prefix)
     five_xx = sum(r["5xx"] for r in rows if r["operation"] == "**all**")
-    backend = ("PostgreSQL (a fresh database, dropped afterwards)" + (" and Valkey" if use_valkey else ", no Valkey")
-               if use_postgres else "**SQLite** (PostgreSQL was not reachable on 127.0.0.1:5432)")
+    backend = (
+        "PostgreSQL (a fresh database, dropped afterwards)" + (" and Valkey" if use_valkey else ", no Valkey")
+        if use_postgres
+        else "**SQLite** (PostgreSQL was not reachable on 127.0.0.1:5432)"
+    )
     body = f"""
 `python -m benchmarks api`. `batch-gateway serve` (one process) on {backend}, local-file object storage, four tenants
 with real API keys; runners are not started, so the API alone is measured. Closed-loop httpx clients, each sending
-its next request as soon as the last answered, with the mix {', '.join(f'{op} {w}%' for op, w in MIX.items())}
+its next request as soon as the last answered, with the mix {", ".join(f"{op} {w}%" for op, w in MIX.items())}
 (uploads are 3-line JSONL files; list pages hold 20 batches). {WARMUP_SECONDS:.0f} s warm-up, then
 {MEASURE_SECONDS:.0f} s measured per client count. The clients, the server and PostgreSQL share the machine's cores.
 
 {report.table(rows)}
-**Target: no 5xx under load — measured: {five_xx} 5xx** ({'met' if five_xx == 0 else 'MISSED'}).
+**Target: no 5xx under load — measured: {five_xx} 5xx** ({"met" if five_xx == 0 else "MISSED"}).
 """
     busiest = max((r for r in rows if r["operation"] == "**all**"), key=lambda r: r["requests/s"])
-    report.write_section(NAME, TITLE, body, [
-        ("API under load: 5xx", "0", f"{five_xx}: {'met' if five_xx == 0 else '**missed**'}"),
-        ("API throughput (no target)", "", f"{busiest['requests/s']:,.0f} requests/s at {busiest['clients']} clients, "
-         f"p99 {busiest['p99 ms']:,.0f} ms"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            ("API under load: 5xx", "0", f"{five_xx}: {'met' if five_xx == 0 else '**missed**'}"),
+            (
+                "API throughput (no target)",
+                "",
+                f"{busiest['requests/s']:,.0f} requests/s at {busiest['clients']} clients, "
+                f"p99 {busiest['p99 ms']:,.0f} ms",
+            ),
+        ],
+    )
     import shutil
 
     shutil.rmtree(data_dir, ignore_errors=True)

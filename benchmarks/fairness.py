@@ -35,8 +35,9 @@ SLOWDOWN = 1.3
 COMPLETION = 'batch_runner_tokens_total{kind="completion"}'
 
 
-def run_case(sim: SimProcess, stack: LocalStack, head_start: float, rate: float, settle: float, requests: int,
-             seed: int) -> tuple[Mixed, dict]:
+def run_case(
+    sim: SimProcess, stack: LocalStack, head_start: float, rate: float, settle: float, requests: int, seed: int
+) -> tuple[Mixed, dict]:
     """Two tenants' batches, the second `head_start` s after the first, beside interactive users at `rate`
     requests/s (0: none); figures over the WINDOW that opens `settle` s after the later batch started."""
     batches = [Batch("tenant-a", tenant="tenant-a"), Batch("tenant-b", tenant="tenant-b", start_after=head_start)]
@@ -53,19 +54,26 @@ def run() -> None:
         capacity = measure_capacity(sim, lambda i: msgspec.json.encode(batch_body(i, seed=99)), 256, 8.0, 20.0)
         requests = int(capacity["requests_per_s"] * (HEAD_START + SETTLE + WINDOW + 20))
         cases = {}
-        for seed, (label, head_start) in enumerate((("started together", 0.0),
-                                                    (f"second starts {HEAD_START:.0f} s after the first", HEAD_START)), 1):
+        for seed, (label, head_start) in enumerate(
+            (("started together", 0.0), (f"second starts {HEAD_START:.0f} s after the first", HEAD_START)), 1
+        ):
             mixed, cases[label] = run_case(sim, stack, head_start, 0.0, SETTLE, requests, seed)
             mixed.save(f"fairness-{'together' if not head_start else 'staggered'}")
-            print(f"  {label}: {', '.join(f'{r * TIME_SCALE:,.0f}' for r in cases[label]['batch_rates'])} tokens/s, "
-                  f"limits {cases[label]['limits']}", flush=True)
+            print(
+                f"  {label}: {', '.join(f'{r * TIME_SCALE:,.0f}' for r in cases[label]['batch_rates'])} tokens/s, "
+                f"limits {cases[label]['limits']}",
+                flush=True,
+            )
         rate = INTERACTIVE_SHARE * capacity["tokens_per_s"] / INTERACTIVE_TOKENS
         alone = run_mixed(sim, None, [(INTERACTIVE_SETTLE + WINDOW, rate)], [])
         alone_figures = alone.figures(alone.started + INTERACTIVE_SETTLE, alone.started + INTERACTIVE_SETTLE + WINDOW)
         both, beside = run_case(sim, stack, 0.0, rate, INTERACTIVE_SETTLE, requests, 3)
         both.save("fairness-beside-interactive")
-        print(f"  beside interactive: p99 x{beside['p99'] / alone_figures['p99']:.2f}, batches "
-              f"{', '.join(f'{r * TIME_SCALE:,.0f}' for r in beside['batch_rates'])} tokens/s", flush=True)
+        print(
+            f"  beside interactive: p99 x{beside['p99'] / alone_figures['p99']:.2f}, batches "
+            f"{', '.join(f'{r * TIME_SCALE:,.0f}' for r in beside['batch_rates'])} tokens/s",
+            flush=True,
+        )
     cap = capacity["tokens_per_s"]
     rows = []
     worst = 0.0
@@ -76,22 +84,46 @@ def run() -> None:
             deviation = rate / (total / 2) - 1
             if c is not beside:
                 worst = max(worst, abs(deviation))
-            rows.append({"case": label, "tenant": tenant, "output tokens/s": rate * TIME_SCALE,
-                         "share": f"{rate / total:.1%}", "vs equal share": f"{deviation:+.0%}",
-                         "runner limit (mean)": limit, "runner CPU": f"{cpu:.0%}",
-                         "engine utilisation (both)": f"{c['engine_rate'] / cap:.1%}"
-                         + (" (interactive included)" if c is beside else "")})
+            rows.append(
+                {
+                    "case": label,
+                    "tenant": tenant,
+                    "output tokens/s": rate * TIME_SCALE,
+                    "share": f"{rate / total:.1%}",
+                    "vs equal share": f"{deviation:+.0%}",
+                    "runner limit (mean)": limit,
+                    "runner CPU": f"{cpu:.0%}",
+                    "engine utilisation (both)": f"{c['engine_rate'] / cap:.1%}"
+                    + (" (interactive included)" if c is beside else ""),
+                }
+            )
     filled = min(c["engine_rate"] / cap for c in cases.values())
     a_rate, b_rate = beside["batch_rates"]
     apart = abs(a_rate - b_rate) / ((a_rate + b_rate) / 2)
     p99_ratio = beside["p99"] / alone_figures["p99"]
     interactive_rows = [
-        {"interactive at 30%": "alone", "p50 s": alone_figures["p50"], "p99 s": alone_figures["p99"], "p50 ×": "1",
-         "p99 ×": "1", "per-token ×": "1", "requests": alone_figures["requests"], "longest stall s": alone_figures["stall"]},
-        {"interactive at 30%": "beside both batches", "p50 s": beside["p50"], "p99 s": beside["p99"],
-         "p50 ×": f"{beside['p50'] / alone_figures['p50']:.2f}", "p99 ×": f"{p99_ratio:.2f}",
-         "per-token ×": f"{beside['itl'] / alone_figures['itl']:.2f}", "requests": beside["requests"],
-         "engine running": beside["running"], "engine waiting": beside["waiting"], "longest stall s": beside["stall"]},
+        {
+            "interactive at 30%": "alone",
+            "p50 s": alone_figures["p50"],
+            "p99 s": alone_figures["p99"],
+            "p50 ×": "1",
+            "p99 ×": "1",
+            "per-token ×": "1",
+            "requests": alone_figures["requests"],
+            "longest stall s": alone_figures["stall"],
+        },
+        {
+            "interactive at 30%": "beside both batches",
+            "p50 s": beside["p50"],
+            "p99 s": beside["p99"],
+            "p50 ×": f"{beside['p50'] / alone_figures['p50']:.2f}",
+            "p99 ×": f"{p99_ratio:.2f}",
+            "per-token ×": f"{beside['itl'] / alone_figures['itl']:.2f}",
+            "requests": beside["requests"],
+            "engine running": beside["running"],
+            "engine waiting": beside["waiting"],
+            "longest stall s": beside["stall"],
+        },
     ]
     verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
     body = f"""
@@ -115,12 +147,30 @@ every process, and the latencies of that run carry it.
 — {p99_ratio:.2f}× ({verdict(p99_ratio <= SLOWDOWN)}); the two batches within ±{TARGET:.0%} of each other —
 {apart:.0%} apart ({verdict(apart <= TARGET)}).**
 """
-    report.write_section(NAME, TITLE, body, [
-        ("two tenants' batches at once", f"each within ±{TARGET:.0%} of an equal share",
-         f"worst {worst:.0%} off: {verdict(worst <= TARGET)}"),
-        ("two tenants' batches at once: engine utilisation", f"≥ {UTILISATION:.0%}", f"{filled:.1%}: {verdict(filled >= UTILISATION)}"),
-        (f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: interactive p99", f"≤ {SLOWDOWN}× alone",
-         f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}"),
-        (f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: their throughputs", f"within ±{TARGET:.0%} of each other",
-         f"{apart:.0%} apart: {verdict(apart <= TARGET)}"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "two tenants' batches at once",
+                f"each within ±{TARGET:.0%} of an equal share",
+                f"worst {worst:.0%} off: {verdict(worst <= TARGET)}",
+            ),
+            (
+                "two tenants' batches at once: engine utilisation",
+                f"≥ {UTILISATION:.0%}",
+                f"{filled:.1%}: {verdict(filled >= UTILISATION)}",
+            ),
+            (
+                f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: interactive p99",
+                f"≤ {SLOWDOWN}× alone",
+                f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}",
+            ),
+            (
+                f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: their throughputs",
+                f"within ±{TARGET:.0%} of each other",
+                f"{apart:.0%} apart: {verdict(apart <= TARGET)}",
+            ),
+        ],
+    )

@@ -44,10 +44,14 @@ def batch_input(slow_last: bool) -> bytes:
         body = {
             "model": "sim-model",
             "max_tokens": SLOW_TOKENS if slow_last and i == LINES - 1 else FAST_TOKENS,
-            "messages": [{"role": "system", "content": f"You are helper {i % 20}. " + "Be brief. " * 40},
-                         {"role": "user", "content": f"Question {i}?"}],
+            "messages": [
+                {"role": "system", "content": f"You are helper {i % 20}. " + "Be brief. " * 40},
+                {"role": "user", "content": f"Question {i}?"},
+            ],
         }
-        rows.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+        rows.append(
+            json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
     return ("\n".join(rows) + "\n").encode()
 
 
@@ -99,8 +103,16 @@ def rig(s3, extra_env: dict[str, str] | None = None, work: Path | None = None) -
         }
         gateway = Gateway(data_dir, env, []).start()
         try:
-            yield Rig(sim, upstream, postgres, valkey, s3_proxy, gateway, gateway.client(max_retries=10, timeout=30),
-                      work or data_dir / "work")
+            yield Rig(
+                sim,
+                upstream,
+                postgres,
+                valkey,
+                s3_proxy,
+                gateway,
+                gateway.client(max_retries=10, timeout=30),
+                work or data_dir / "work",
+            )
         finally:
             gateway.stop()
             postgres.up()
@@ -118,9 +130,16 @@ class Outcome:
     status: str
 
 
-def run_scenario(s3, scenario: str, fault: Callable[[Rig, str], None], *, slow_last: bool = False,
-                 extra_env: dict[str, str] | None = None, work: Path | None = None,
-                 prepare: Callable[[Rig], None] | None = None) -> Outcome:
+def run_scenario(
+    s3,
+    scenario: str,
+    fault: Callable[[Rig, str], None],
+    *,
+    slow_last: bool = False,
+    extra_env: dict[str, str] | None = None,
+    work: Path | None = None,
+    prepare: Callable[[Rig], None] | None = None,
+) -> Outcome:
     print(f"  -- {scenario}", flush=True)
     with rig(s3, extra_env, work) as r:
         if prepare is not None:
@@ -130,7 +149,12 @@ def run_scenario(s3, scenario: str, fault: Callable[[Rig, str], None], *, slow_l
         batch = r.client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
         fault(r, batch.id)
         fault_ended = time.monotonic()
-        while (batch := r.client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        while (batch := r.client.batches.retrieve(batch.id)).status not in (
+            "completed",
+            "failed",
+            "expired",
+            "cancelled",
+        ):
             if time.monotonic() - fault_ended > 1800:
                 raise TimeoutError(f"{scenario}: still {batch.status} 30 minutes after the fault")
             time.sleep(0.5)
@@ -225,16 +249,37 @@ def run() -> None:
                 for at in ("dispatch", "finalise"):
                     if name == "valkey" and at == "finalise":
                         continue  # finalising does not use Valkey
-                    outcomes.append(run_scenario(s3, f"{label} down {seconds:g} s at {at}", outage(name, seconds, at),
-                                                 slow_last=at == "finalise"))
+                    outcomes.append(
+                        run_scenario(
+                            s3,
+                            f"{label} down {seconds:g} s at {at}",
+                            outage(name, seconds, at),
+                            slow_last=at == "finalise",
+                        )
+                    )
         with small_disk() as disk:
             if disk is not None:
-                outcomes.append(run_scenario(s3, "work disk full for 30 s, then freed", free_disk_after(SHORT),
-                                             work=disk / "work", prepare=fill_disk))
-    rows = [{
-        "scenario": o.scenario, "status": o.status, "lost": o.lost, "duplicated": o.duplicated, "failed": o.failed,
-        "re-sent": f"{o.resent} ({o.resent / LINES:.2%})", "fault end → terminal": f"{o.recovery_seconds:.1f} s",
-    } for o in outcomes]
+                outcomes.append(
+                    run_scenario(
+                        s3,
+                        "work disk full for 30 s, then freed",
+                        free_disk_after(SHORT),
+                        work=disk / "work",
+                        prepare=fill_disk,
+                    )
+                )
+    rows = [
+        {
+            "scenario": o.scenario,
+            "status": o.status,
+            "lost": o.lost,
+            "duplicated": o.duplicated,
+            "failed": o.failed,
+            "re-sent": f"{o.resent} ({o.resent / LINES:.2%})",
+            "fault end → terminal": f"{o.recovery_seconds:.1f} s",
+        }
+        for o in outcomes
+    ]
     clean = [o for o in outcomes if o.lost == o.duplicated == o.failed == 0 and o.status == "completed"]
     worst_resent = max(o.resent for o in outcomes) / LINES
     body = f"""
@@ -254,9 +299,20 @@ share it is over 1% for this {LINES:,}-line batch and under it from about 15,000
 50,000). Storage outages re-send nothing: dispatch goes on, and results wait in memory or checkpoints. "Fault end →
 terminal" includes the rest of the batch's work after the fault.
 """
-    report.write_section(NAME, TITLE, body, [
-        ("fault scenarios with 0 lost / duplicated / failed lines", f"all {len(outcomes)}",
-         f"{len(clean)} of {len(outcomes)}: {'met' if len(clean) == len(outcomes) else '**missed**'}"),
-        ("requests re-sent after a fault", "≤ 1%", f"worst {worst_resent:.2%}: {'met' if worst_resent <= 0.01 else '**missed**'}"),
-    ])
-
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "fault scenarios with 0 lost / duplicated / failed lines",
+                f"all {len(outcomes)}",
+                f"{len(clean)} of {len(outcomes)}: {'met' if len(clean) == len(outcomes) else '**missed**'}",
+            ),
+            (
+                "requests re-sent after a fault",
+                "≤ 1%",
+                f"worst {worst_resent:.2%}: {'met' if worst_resent <= 0.01 else '**missed**'}",
+            ),
+        ],
+    )

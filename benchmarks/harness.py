@@ -32,8 +32,8 @@ import psutil
 from batch_gateway import ids
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
-from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.sim.engine import SimConfig
+from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import file_key, run_stats_key
 
 
@@ -57,7 +57,9 @@ class LocalStack:
     def with_settings(self, **changes: object) -> Settings:
         return dataclasses.replace(self.settings, **changes)
 
-    async def create_batch(self, data: bytes | Iterator[bytes], endpoint: str = "/v1/chat/completions", tenant: str = "bench") -> str:
+    async def create_batch(
+        self, data: bytes | Iterator[bytes], endpoint: str = "/v1/chat/completions", tenant: str = "bench"
+    ) -> str:
         services = await Services.open(self.settings)
         try:
             file_id = ids.new_file_id()
@@ -73,14 +75,30 @@ class LocalStack:
             await services.objects.put_stream(file_key(tenant, file_id), stream())
             now = ids.now()
             await services.metadata.insert_file(
-                FileRecord(id=file_id, tenant=tenant, bytes=size, created_at=now, filename="bench.jsonl", purpose="batch",
-                           object_key=file_key(tenant, file_id), expires_at=now + 86400)
+                FileRecord(
+                    id=file_id,
+                    tenant=tenant,
+                    bytes=size,
+                    created_at=now,
+                    filename="bench.jsonl",
+                    purpose="batch",
+                    object_key=file_key(tenant, file_id),
+                    expires_at=now + 86400,
+                )
             )
             batch_id = ids.new_batch_id()
             self.input_bytes[batch_id] = size
             await services.metadata.insert_batch(
-                BatchRecord(id=batch_id, tenant=tenant, endpoint=endpoint, input_file_id=file_id, completion_window="24h",
-                            status="validating", created_at=now, expires_at=now + self.settings.completion_window_seconds)
+                BatchRecord(
+                    id=batch_id,
+                    tenant=tenant,
+                    endpoint=endpoint,
+                    input_file_id=file_id,
+                    completion_window="24h",
+                    status="validating",
+                    created_at=now,
+                    expires_at=now + self.settings.completion_window_seconds,
+                )
             )
             return batch_id
         finally:
@@ -88,8 +106,12 @@ class LocalStack:
 
     def start_runner(self, batch_id: str, settings: Settings | None = None) -> subprocess.Popen:
         env = {**os.environ, **(settings or self.settings).to_env()}
-        return subprocess.Popen([sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env,
-                                stdout=subprocess.DEVNULL, stderr=self.log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
 
     def run_runner(self, batch_id: str, settings: Settings | None = None, timeout: float = 3600) -> RunResult:
         started = time.monotonic()
@@ -181,8 +203,9 @@ class SimProcess:
             else:
                 flags += ["--" + name.replace("_", "-"), str(value)]
         self._log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen([sys.executable, "-m", "batch_gateway", "sim", *flags],
-                                        stdout=subprocess.DEVNULL, stderr=self._log)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "batch_gateway", "sim", *flags], stdout=subprocess.DEVNULL, stderr=self._log
+        )
         deadline = time.monotonic() + 20
         while True:
             if self.process.poll() is not None:
@@ -380,7 +403,9 @@ class RunnerMetrics:
 
     def series(self, prefix: str, start: float, end: float) -> list[float]:
         """Values of every series starting with `prefix`, summed per sample, for samples inside [start, end]."""
-        return [sum(v for k, v in values.items() if k.startswith(prefix)) for t, values in self.samples if start <= t <= end]
+        return [
+            sum(v for k, v in values.items() if k.startswith(prefix)) for t, values in self.samples if start <= t <= end
+        ]
 
     def increase(self, prefix: str, start: float, end: float) -> float:
         """How much a counter grew between the samples nearest `start` and `end` (0 if never sampled)."""

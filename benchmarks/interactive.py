@@ -91,20 +91,29 @@ def run() -> None:
                     figures["run_stats"] = mixed.batches[0].run_stats
                     figures["series"] = str(mixed.save(f"interactive-{share:.0%}-{label}"))
                 ratio = lambda key: figures[key] / alone[key] if alone else 1.0  # noqa: E731
-                print(f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
-                      f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch "
-                      f"{figures['batch_rate'] * TIME_SCALE:,.0f} tokens/s, limit {figures['limit']}", flush=True)
+                print(
+                    f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
+                    f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch "
+                    f"{figures['batch_rate'] * TIME_SCALE:,.0f} tokens/s, limit {figures['limit']}",
+                    flush=True,
+                )
                 return figures
 
             alone = None
             alone = measure("alone", None, WARMUP["alone"])
             defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"], keep=True)
-            fixed = sweep(lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}),
-                                            WARMUP["fixed"]), alone)
+            fixed = sweep(
+                lambda f: measure(
+                    f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]
+                ),
+                alone,
+            )
             peer = measure("peer AIMD 5-10", Batch("peer", peer=True), WARMUP["peer"], keep=True)
             per_share[share] = {"rate": rate, "alone": alone, "defaults": defaults, "fixed": fixed, "peer": peer}
     SERIES_DIR.mkdir(exist_ok=True)
-    (SERIES_DIR / "interactive-figures.json").write_text(json.dumps({"cap": cap, "requests": requests, "per_share": per_share}))
+    (SERIES_DIR / "interactive-figures.json").write_text(
+        json.dumps({"cap": cap, "requests": requests, "per_share": per_share})
+    )
     write(config, cap, requests, per_share)
 
 
@@ -119,14 +128,25 @@ def write(config: SimConfig, cap: float, requests: int, per_share: dict) -> None
 
         def row(label: str, f: dict, baseline: bool = False) -> dict:
             ratio = lambda key: "1" if baseline else f"{f[key] / alone[key]:.2f}"  # noqa: E731
-            return {"run": label, "p50 s": f["p50"], "p99 s": f["p99"], "p50 ×": ratio("p50"), "p99 ×": ratio("p99"),
-                    "per-token ×": ratio("itl"), "within 1.3× (p99; p99+p50)": "" if baseline else
-                    f"{'yes' if within(f, alone) else 'no'}; {'yes' if within(f, alone, median=True) else 'no'}",
-                    "batch tokens/s": "" if baseline else f["batch_rate"] * TIME_SCALE,
-                    "of oracle": "" if baseline else f"{f['batch_rate'] / oracle_rate:.0%}",
-                    "batch limit": f["limit"], "engine running": f["running"], "engine waiting": f["waiting"],
-                    "interactive requests": f["requests"], "failed": f["failures"] + f["batch_failures"],
-                    "longest stall s": f["stall"]}
+            return {
+                "run": label,
+                "p50 s": f["p50"],
+                "p99 s": f["p99"],
+                "p50 ×": ratio("p50"),
+                "p99 ×": ratio("p99"),
+                "per-token ×": ratio("itl"),
+                "within 1.3× (p99; p99+p50)": ""
+                if baseline
+                else f"{'yes' if within(f, alone) else 'no'}; {'yes' if within(f, alone, median=True) else 'no'}",
+                "batch tokens/s": "" if baseline else f["batch_rate"] * TIME_SCALE,
+                "of oracle": "" if baseline else f"{f['batch_rate'] / oracle_rate:.0%}",
+                "batch limit": f["limit"],
+                "engine running": f["running"],
+                "engine waiting": f["waiting"],
+                "interactive requests": f["requests"],
+                "failed": f["failures"] + f["batch_failures"],
+                "longest stall s": f["stall"],
+            }
 
         rows = [row("interactive alone", alone, baseline=True), row("**defaults**", r["defaults"])]
         if oracle:
@@ -145,32 +165,46 @@ def write(config: SimConfig, cap: float, requests: int, per_share: dict) -> None
         allowed = ((SLOWDOWN - 1) * step_fit["fixed_s"] / step_fit["per_sequence_s"]) if step_fit else float("nan")
         p = r["peer"]
         sections.append(f"""
-### {share:.0%} of capacity: {r['rate']:.1f} interactive requests/s
+### {share:.0%} of capacity: {r["rate"]:.1f} interactive requests/s
 
 {report.table(rows)}
 Defaults: p99 **{p99_ratio:.2f}×** alone (target ≤ {SLOWDOWN}×: {verdict(p99_ratio <= SLOWDOWN)}), p50 {p50_ratio:.2f}×,
 batch **{of_oracle:.0%}** of the oracle's throughput (target ≥ {TARGET_THROUGHPUT:.0%}: {verdict(of_oracle >= TARGET_THROUGHPUT)};
-{of_both:.0%} of the p99-and-p50 oracle's). The peer's baseline: p99 {p['p99'] / alone['p99']:.2f}×,
-{p['batch_rate'] / oracle_rate:.0%} of the oracle's throughput. The runner's last snapshot: regime
-`{snapshot.get('regime')}`, step fit a = {1000 * step_fit.get('fixed_s', float('nan')):.2f} ms, m =
-{1000 * step_fit.get('per_sequence_s', float('nan')):.4f} ms per sequence (so `(1.3-1)·a/m` = {allowed:.0f} batch
-sequences), interactive load {snapshot.get('interactive_load')}, limit {snapshot.get('limit')}, capacity
-{snapshot.get('capacity')}.
+{of_both:.0%} of the p99-and-p50 oracle's). The peer's baseline: p99 {p["p99"] / alone["p99"]:.2f}×,
+{p["batch_rate"] / oracle_rate:.0%} of the oracle's throughput. The runner's last snapshot: regime
+`{snapshot.get("regime")}`, step fit a = {1000 * step_fit.get("fixed_s", float("nan")):.2f} ms, m =
+{1000 * step_fit.get("per_sequence_s", float("nan")):.4f} ms per sequence (so `(1.3-1)·a/m` = {allowed:.0f} batch
+sequences), interactive load {snapshot.get("interactive_load")}, limit {snapshot.get("limit")}, capacity
+{snapshot.get("capacity")}.
 """)
         label = f"interactive {share:.0%} of capacity"
         summary += [
-            (f"{label}: p99 beside a batch (defaults)", f"≤ {SLOWDOWN}× alone", f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}"),
-            (f"{label}: batch throughput (defaults) vs the oracle", f"≥ {TARGET_THROUGHPUT:.0%}",
-             f"{of_oracle:.0%}: {verdict(of_oracle >= TARGET_THROUGHPUT)}"),
-            (f"{label}: peer baseline (AIMD 5-10)", "(no target)",
-             f"p99 {p['p99'] / alone['p99']:.2f}×, {p['batch_rate'] / oracle_rate:.0%} of the oracle"),
+            (
+                f"{label}: p99 beside a batch (defaults)",
+                f"≤ {SLOWDOWN}× alone",
+                f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}",
+            ),
+            (
+                f"{label}: batch throughput (defaults) vs the oracle",
+                f"≥ {TARGET_THROUGHPUT:.0%}",
+                f"{of_oracle:.0%}: {verdict(of_oracle >= TARGET_THROUGHPUT)}",
+            ),
+            (
+                f"{label}: peer baseline (AIMD 5-10)",
+                "(no target)",
+                f"p99 {p['p99'] / alone['p99']:.2f}×, {p['batch_rate'] / oracle_rate:.0%} of the oracle",
+            ),
         ]
     # What one batch sequence adds to a step: its own cost, its context (~110 prompt + half its ~128 output tokens),
     # and its prompt's prefill spread over its ~128 decode steps.
     b = config.per_seq_ms + config.context_ms_per_token * 175 + config.prefill_ms_per_token * 110 / 128
-    oracles = {share: ", ".join(str(o[0]) if o else "none" for o in (best(r["fixed"], r["alone"]),
-                                                                       best(r["fixed"], r["alone"], median=True)))
-               for share, r in per_share.items()}
+    oracles = {
+        share: ", ".join(
+            str(o[0]) if o else "none"
+            for o in (best(r["fixed"], r["alone"]), best(r["fixed"], r["alone"], median=True))
+        )
+        for share, r in per_share.items()
+    }
     body = f"""
 `python -m benchmarks interactive` (about 25 minutes). Simulator at its default cost model with `time_scale`
 {TIME_SCALE}: every engine duration is halved, so the engine does in one real second what the modelled GPU does in two.
@@ -184,13 +218,13 @@ tokens) straight to the simulator, at 20%, 40% and 60% of capacity; the same arr
 share. The batch: {requests:,} requests of the utilisation mix (~110-token prompts, 64-192 output tokens), through the
 real runner process, cancelled after the window (its run_stats, the controller's last snapshot, are read then). Each
 run measures a {WINDOW:.0f}-s window of requests sent after a warm-up that starts with the batch client: alone
-{WARMUP['alone']:.0f} s, defaults {WARMUP['defaults']:.0f} s (process start, slow start, learning the step curve), fixed
-{WARMUP['fixed']:.0f} s, peer {WARMUP['peer']:.0f} s. Batch tokens/s are the batch's answers received in the window.
+{WARMUP["alone"]:.0f} s, defaults {WARMUP["defaults"]:.0f} s (process start, slow start, learning the step curve), fixed
+{WARMUP["fixed"]:.0f} s, peer {WARMUP["peer"]:.0f} s. Batch tokens/s are the batch's answers received in the window.
 
 - **alone**: the interactive stream with nothing beside it; p50/p99 are end-to-end latencies as the client sees them,
   per-token × the engine's mean inter-token latency (`vllm:inter_token_latency_seconds` sum over count) against alone.
 - **defaults**: the runner with default settings (slowdown budget 1.3, no preemption, no priority hints).
-- **oracle**: fixed concurrencies {', '.join(map(str, COARSE))} (stopping at the first over budget), then {FINE_PROBES}
+- **oracle**: fixed concurrencies {", ".join(map(str, COARSE))} (stopping at the first over budget), then {FINE_PROBES}
   bisection steps for "p99 within 1.3×" and {FINE_PROBES} for "p99 and p50 within 1.3×" (the issue's budget covers
   per-token latency too); the oracle is the setting within budget with the most batch throughput. Every point of the
   sweep is listed.
@@ -206,6 +240,6 @@ context + the prompts it prefills, so a batch sequence adds m ≈ {b:.3f} ms to 
 of context, and its ~110-token prompt spread over its ~128 steps) to a = {config.step_base_ms:g} ms. Interactive
 per-token latency within 1.3× leaves the batch about `0.3·a/m` ≈ {0.3 * config.step_base_ms / b:.0f} sequences,
 whatever the interactive load. The sweeps' best fixed settings within budget (p99; p99 and p50):
-{'; '.join(f"{share:.0%}: {oracles[share]}" for share in per_share)}.
-{''.join(sections)}"""
+{"; ".join(f"{share:.0%}: {oracles[share]}" for share in per_share)}.
+{"".join(sections)}"""
     report.write_section(NAME, TITLE, body, summary)

@@ -60,8 +60,9 @@ async def _send(pool: RawPool, path: str, body: bytes, result: LoadResult) -> No
     result.samples.append(Sample(started, time.monotonic() - started, status, tokens))
 
 
-async def closed_loop(url: str, body: Callable[[int], bytes], concurrency: int, duration: float,
-                      path: str = "/v1/chat/completions") -> LoadResult:
+async def closed_loop(
+    url: str, body: Callable[[int], bytes], concurrency: int, duration: float, path: str = "/v1/chat/completions"
+) -> LoadResult:
     """`concurrency` workers, each sending its next request as soon as the last one answered, for `duration` s."""
     pool = RawPool(url)
     result = LoadResult()
@@ -79,14 +80,26 @@ async def closed_loop(url: str, body: Callable[[int], bytes], concurrency: int, 
     return result
 
 
-async def poisson(url: str, body: Callable[[int], bytes], rate: float, duration: float, seed: int = 7,
-                  path: str = "/v1/chat/completions") -> LoadResult:
+async def poisson(
+    url: str,
+    body: Callable[[int], bytes],
+    rate: float,
+    duration: float,
+    seed: int = 7,
+    path: str = "/v1/chat/completions",
+) -> LoadResult:
     """Open loop: requests arrive at exponential intervals (mean 1/rate) for `duration` s, whatever the latency."""
     return await poisson_phases(url, body, [(duration, rate)], seed, path)
 
 
-async def poisson_phases(url: str, body: Callable[[int], bytes], phases: list[tuple[float, float]], seed: int = 7,
-                         path: str = "/v1/chat/completions", started: float | None = None) -> LoadResult:
+async def poisson_phases(
+    url: str,
+    body: Callable[[int], bytes],
+    phases: list[tuple[float, float]],
+    seed: int = 7,
+    path: str = "/v1/chat/completions",
+    started: float | None = None,
+) -> LoadResult:
     """Open loop with a rate that changes: `phases` is [(seconds, requests per second)], one after the other, each a
     Poisson stream of its own (a rate of 0 sends nothing for that long). Every request is awaited, so the call
     returns when the last answer is in. `started`: the monotonic time the first phase begins (default now)."""

@@ -82,33 +82,52 @@ def run() -> None:
         for lines, budget in SIZES:
             r = measure(sim, stack, lines, budget)
             results.append(r)
-            print(f"  {lines:,} lines: peak {max(r['peak_ingest_mb'], r['peak_dispatch_mb']):.0f} MB, "
-                  f"{'finished' if r['finished'] else 'stopped'} after {r['seconds']:.0f} s", flush=True)
-    rows = [{
-        "lines": f"{r['lines']:,}",
-        "input MB": r["input_mb"],
-        "peak RSS MB (start, ingest, plan)": r["peak_ingest_mb"],
-        "peak RSS MB (dispatch, finalise)": r["peak_dispatch_mb"],
-        "ingest+plan s": r["ingest_seconds"],
-        "answered": f"{r['answered']:,}",
-        "requests/s": r["rate"],
-        "run s": r["seconds"],
-        "outcome": "completed" if r["finished"] else f"stopped at the {r['seconds']:.0f}-s budget ({r['status']})",
-    } for r in results]
+            print(
+                f"  {lines:,} lines: peak {max(r['peak_ingest_mb'], r['peak_dispatch_mb']):.0f} MB, "
+                f"{'finished' if r['finished'] else 'stopped'} after {r['seconds']:.0f} s",
+                flush=True,
+            )
+    rows = [
+        {
+            "lines": f"{r['lines']:,}",
+            "input MB": r["input_mb"],
+            "peak RSS MB (start, ingest, plan)": r["peak_ingest_mb"],
+            "peak RSS MB (dispatch, finalise)": r["peak_dispatch_mb"],
+            "ingest+plan s": r["ingest_seconds"],
+            "answered": f"{r['answered']:,}",
+            "requests/s": r["rate"],
+            "run s": r["seconds"],
+            "outcome": "completed" if r["finished"] else f"stopped at the {r['seconds']:.0f}-s budget ({r['status']})",
+        }
+        for r in results
+    ]
     largest = results[-1]
     peak = max(largest["peak_ingest_mb"], largest["peak_dispatch_mb"])
-    partial = "" if largest["finished"] else (
-        f" (partial: the run was stopped after {largest['answered']:,} of {largest['lines']:,} lines; ingest and "
-        "planning, which hold the whole per-line index, were complete, so the figure covers the index at full size)")
+    partial = (
+        ""
+        if largest["finished"]
+        else (
+            f" (partial: the run was stopped after {largest['answered']:,} of {largest['lines']:,} lines; ingest and "
+            "planning, which hold the whole per-line index, were complete, so the figure covers the index at full size)"
+        )
+    )
     body = f"""
 `python -m benchmarks memory`. Tiny chat requests (~130 bytes a line) streamed into storage in 1 MiB chunks, run by the
 real runner with default settings (and `max_requests_per_batch` raised to 2,000,000) against the zero-latency
 simulator. RSS is the runner process's resident set, sampled every 50 ms.
 
 {report.table(rows)}
-**Target: < {TARGET_MB} MB at 1M lines — measured {peak:.0f} MB{partial}: {'met' if peak < TARGET_MB else '**missed**'}.**
+**Target: < {TARGET_MB} MB at 1M lines — measured {peak:.0f} MB{partial}: {"met" if peak < TARGET_MB else "**missed**"}.**
 """
-    report.write_section(NAME, TITLE, body, [
-        ("runner peak RSS at 1M lines", f"< {TARGET_MB} MB",
-         f"{peak:.0f} MB{'' if largest['finished'] else ' (partial run)'}: {'met' if peak < TARGET_MB else '**missed**'}"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "runner peak RSS at 1M lines",
+                f"< {TARGET_MB} MB",
+                f"{peak:.0f} MB{'' if largest['finished'] else ' (partial run)'}: {'met' if peak < TARGET_MB else '**missed**'}",
+            ),
+        ],
+    )

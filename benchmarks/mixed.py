@@ -24,8 +24,17 @@ from pathlib import Path
 
 import msgspec
 
-from benchmarks.harness import (CpuWatch, LocalStack, RunnerMetrics, SimProcess, StatsSampler, free_port, mean,
-                                stop_process, wait_idle)
+from benchmarks.harness import (
+    CpuWatch,
+    LocalStack,
+    RunnerMetrics,
+    SimProcess,
+    StatsSampler,
+    free_port,
+    mean,
+    stop_process,
+    wait_idle,
+)
 from benchmarks.loadgen import LoadResult, percentile, poisson_phases
 from benchmarks.peer import PeerReport
 from benchmarks.workloads import batch_lines, chunked, interactive_body
@@ -60,8 +69,11 @@ class BatchRun:
     def tokens(self, start: float, end: float) -> float:
         """Output tokens of the batch's requests answered in [start, end)."""
         if self.peer is not None:
-            return sum(tokens for sent, latency, status, tokens in self.peer.samples
-                       if status == 200 and start <= sent + latency < end)
+            return sum(
+                tokens
+                for sent, latency, status, tokens in self.peer.samples
+                if status == 200 and start <= sent + latency < end
+            )
         assert self.metrics is not None
         return self.metrics.increase(COMPLETION, start, end)
 
@@ -123,7 +135,8 @@ class Mixed:
             "stall": max((b - a for a, b in zip(times, times[1:])), default=float("nan")),
             "sim_cpu": self.cpu.share("simulator", start, end),
             "runner_cpu": sum(self.cpu.share(f"batch{i}", start, end) for i in range(len(self.batches)))
-            if self.batches else None,
+            if self.batches
+            else None,
         }
 
     def timeline(self, step: float = 1.0) -> list[dict]:
@@ -134,8 +147,12 @@ class Mixed:
         t = self.started
         while t < end:
             stats = self.engine.at(t)
-            row: dict = {"t": round(t - self.started, 1), "running": stats["running"], "waiting": stats["waiting"],
-                         "interactive_sent": len(self.interactive.between(t - step, t))}
+            row: dict = {
+                "t": round(t - self.started, 1),
+                "running": stats["running"],
+                "waiting": stats["waiting"],
+                "interactive_sent": len(self.interactive.between(t - step, t)),
+            }
             sent = self.latencies(t - step, t)
             row["interactive_mean_latency"] = round(mean(sent), 3) if sent else None
             for i, b in enumerate(self.batches):
@@ -144,10 +161,14 @@ class Mixed:
                     continue
                 assert b.metrics is not None
                 values = b.metrics.at(t)
-                for key, name in (("limit", "batch_runner_concurrency_limit"), ("inflight", "batch_runner_requests_in_flight"),
-                                  ("shared", "batch_runner_engine_shared"), ("interactive", "batch_runner_interactive_load"),
-                                  ("slowdown", "batch_runner_interactive_slowdown"),
-                                  ("step_ms", "batch_runner_engine_step_seconds")):
+                for key, name in (
+                    ("limit", "batch_runner_concurrency_limit"),
+                    ("inflight", "batch_runner_requests_in_flight"),
+                    ("shared", "batch_runner_engine_shared"),
+                    ("interactive", "batch_runner_interactive_load"),
+                    ("slowdown", "batch_runner_interactive_slowdown"),
+                    ("step_ms", "batch_runner_engine_step_seconds"),
+                ):
                     value = sum(v for k, v in values.items() if k.startswith(name))
                     row[f"b{i}_{key}"] = round(value * 1000, 2) if key == "step_ms" else round(value, 3)
             rows.append(row)
@@ -158,8 +179,9 @@ class Mixed:
         """The timeline and each runner's run_stats as JSON under SERIES_DIR (not part of the report)."""
         SERIES_DIR.mkdir(exist_ok=True)
         path = SERIES_DIR / f"{name}.json"
-        path.write_text(json.dumps({"timeline": self.timeline(),
-                                    "run_stats": [b.run_stats for b in self.batches]}, indent=1))
+        path.write_text(
+            json.dumps({"timeline": self.timeline(), "run_stats": [b.run_stats for b in self.batches]}, indent=1)
+        )
         return path
 
 
@@ -167,9 +189,17 @@ def _interactive(i: int) -> bytes:
     return msgspec.json.encode(interactive_body(i))
 
 
-def run_mixed(sim: SimProcess, stack: LocalStack | None, phases: list[tuple[float, float]], batches: list[Batch],
-              requests: int = 0, seed: int = 1, interactive: Callable[[int], bytes] = _interactive,
-              lines: Callable[[int, int], Iterator[bytes]] = batch_lines, interactive_seed: int = 11) -> Mixed:
+def run_mixed(
+    sim: SimProcess,
+    stack: LocalStack | None,
+    phases: list[tuple[float, float]],
+    batches: list[Batch],
+    requests: int = 0,
+    seed: int = 1,
+    interactive: Callable[[int], bytes] = _interactive,
+    lines: Callable[[int, int], Iterator[bytes]] = batch_lines,
+    interactive_seed: int = 11,
+) -> Mixed:
     """Run the interactive `phases` ([(seconds, requests/s)]) with `batches` beside them, each of `requests` lines
     (`lines(requests, seed)`; every batch its own seed), each started `start_after` seconds after the first phase
     began. The same `interactive_seed` gives the same arrivals."""
@@ -196,11 +226,27 @@ def run_mixed(sim: SimProcess, stack: LocalStack | None, phases: list[tuple[floa
         def launch(n: int, run: BatchRun) -> None:
             if run.batch.peer:
                 run.process = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.peer", "--url", sim.url, "--input", str(run.input),
-                     "--duration", str(duration + 60), "--out", str(run.out)],
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))},
-                    stdout=subprocess.DEVNULL)
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.peer",
+                        "--url",
+                        sim.url,
+                        "--input",
+                        str(run.input),
+                        "--duration",
+                        str(duration + 60),
+                        "--out",
+                        str(run.out),
+                    ],
+                    env={
+                        **os.environ,
+                        "PYTHONPATH": os.pathsep.join(
+                            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+                        ),
+                    },
+                    stdout=subprocess.DEVNULL,
+                )
             else:
                 assert stack is not None and run.batch_id is not None
                 port = free_port()
@@ -227,8 +273,10 @@ def run_mixed(sim: SimProcess, stack: LocalStack | None, phases: list[tuple[floa
             load = asyncio.run(drive(started))
             for run in runs:
                 if run.process is None or run.process.poll() is not None:
-                    raise RuntimeError(f"{run.batch.label}: the batch client ended before the interactive stream did; "
-                                       "give it more requests")
+                    raise RuntimeError(
+                        f"{run.batch.label}: the batch client ended before the interactive stream did; "
+                        "give it more requests"
+                    )
         finally:
             _finish(stack, runs)
         return Mixed(started, load, engine, runs, cpu)
@@ -272,5 +320,5 @@ def _finish(stack: LocalStack | None, runs: list[BatchRun]) -> None:
             run.status = asyncio.run(stack.batch(run.batch_id)).status
             try:
                 run.run_stats = asyncio.run(stack.run_stats(run.batch_id, run.batch.tenant))
-            except Exception:  # noqa: BLE001 - a missing summary must not lose the run's figures
+            except Exception:
                 run.run_stats = None

@@ -25,7 +25,9 @@ TITLE = "Overhead: requests/s against a zero-latency upstream, CPU per request"
 
 REQUESTS = 30_000
 SETTINGS = (("adaptive (defaults)", 0), ("fixed 32", 32))
-ZERO_LATENCY = SimConfig(step_base_ms=0, per_seq_ms=0, prefill_ms_per_token=0, context_ms_per_token=0, max_num_seqs=1024)
+ZERO_LATENCY = SimConfig(
+    step_base_ms=0, per_seq_ms=0, prefill_ms_per_token=0, context_ms_per_token=0, max_num_seqs=1024
+)
 TARGET = 3000
 
 
@@ -86,8 +88,12 @@ def simulator_alone(sim: SimProcess, concurrency: int = 256, seconds: float = 10
     result = asyncio.run(closed_loop(sim.url, lambda i: body, concurrency, seconds))
     c1, m1, t1 = cpu(sim_ps), cpu(me), time.monotonic()
     served = sum(1 for s in result.samples if s.status == 200)
-    return {"rate": served / (t1 - t0), "sim_cpu_per_request": (c1 - c0) / served, "sim_cpu_share": (c1 - c0) / (t1 - t0),
-            "client_cpu_share": (m1 - m0) / (t1 - t0)}
+    return {
+        "rate": served / (t1 - t0),
+        "sim_cpu_per_request": (c1 - c0) / served,
+        "sim_cpu_share": (c1 - c0) / (t1 - t0),
+        "client_cpu_share": (m1 - m0) / (t1 - t0),
+    }
 
 
 async def _client_cost(kind: str, url: str, concurrency: int, requests: int) -> tuple[float, float]:
@@ -101,8 +107,11 @@ async def _client_cost(kind: str, url: str, concurrency: int, requests: int) -> 
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=60)
 
         async def post() -> None:
-            (await client.post(url + "/v1/chat/completions", content=body,
-                               headers={"content-type": "application/json"})).raise_for_status()
+            (
+                await client.post(
+                    url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+                )
+            ).raise_for_status()
 
         close = client.aclose
     else:
@@ -111,8 +120,9 @@ async def _client_cost(kind: str, url: str, concurrency: int, requests: int) -> 
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
         async def post() -> None:
-            async with session.post(url + "/v1/chat/completions", data=body,
-                                    headers={"content-type": "application/json"}) as response:
+            async with session.post(
+                url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+            ) as response:
                 response.raise_for_status()
                 await response.read()
 
@@ -142,8 +152,14 @@ def client_costs(sim: SimProcess, requests: int = 5000) -> list[dict]:
             continue
         for concurrency in (32, 256):
             rate, per_request = asyncio.run(_client_cost(kind, sim.url, concurrency, requests))
-            rows.append({"client": kind, "in flight": concurrency, "requests/s": rate,
-                         "client CPU µs/request": per_request * 1e6})
+            rows.append(
+                {
+                    "client": kind,
+                    "in flight": concurrency,
+                    "requests/s": rate,
+                    "client CPU µs/request": per_request * 1e6,
+                }
+            )
     return rows
 
 
@@ -156,15 +172,26 @@ def run() -> None:
         for label, fixed in SETTINGS:
             results[label] = run_runner(sim, stack, fixed)
             r = results[label]
-            print(f"  {label}: {r['dispatch_rate']:,.0f} requests/s dispatching, "
-                  f"{r['runner_cpu_per_request'] * 1e6:,.0f} µs runner CPU per request", flush=True)
+            print(
+                f"  {label}: {r['dispatch_rate']:,.0f} requests/s dispatching, "
+                f"{r['runner_cpu_per_request'] * 1e6:,.0f} µs runner CPU per request",
+                flush=True,
+            )
     rows = []
     for label, r in results.items():
-        rows.append({"runner setting": label, "requests/s (dispatch)": r["dispatch_rate"],
-                     "requests/s (whole run)": r["e2e_rate"], "runner CPU µs/request": r["runner_cpu_per_request"] * 1e6,
-                     "runner capacity on one core (req/s)": 1 / r["runner_cpu_per_request"],
-                     "runner CPU use": f"{r['runner_cpu_share']:.0%}", "simulator CPU use": f"{r['sim_cpu_share']:.0%}",
-                     "runner CPU s (whole run)": r["runner_cpu_total"], "runner peak RSS MB": r["peak_mb"]})
+        rows.append(
+            {
+                "runner setting": label,
+                "requests/s (dispatch)": r["dispatch_rate"],
+                "requests/s (whole run)": r["e2e_rate"],
+                "runner CPU µs/request": r["runner_cpu_per_request"] * 1e6,
+                "runner capacity on one core (req/s)": 1 / r["runner_cpu_per_request"],
+                "runner CPU use": f"{r['runner_cpu_share']:.0%}",
+                "simulator CPU use": f"{r['sim_cpu_share']:.0%}",
+                "runner CPU s (whole run)": r["runner_cpu_total"],
+                "runner peak RSS MB": r["peak_mb"],
+            }
+        )
     runner_client = " (the runner's client is aiohttp: batch_gateway/runner/upstream.py's UpstreamClient)"
     default = results[SETTINGS[0][0]]
     one_core = 1 / default["runner_cpu_per_request"]
@@ -174,8 +201,10 @@ def run() -> None:
     elif default["sim_cpu_share"] > 0.9:
         bottleneck = "the simulator, which used a full core"
     elif default["runner_cpu_share"] + default["sim_cpu_share"] + others > 1.7:
-        bottleneck = (f"the machine's two cores, shared with other processes ({others:.1f} cores); the runner got "
-                      f"{default['runner_cpu_share']:.0%} of a core")
+        bottleneck = (
+            f"the machine's two cores, shared with other processes ({others:.1f} cores); the runner got "
+            f"{default['runner_cpu_share']:.0%} of a core"
+        )
     else:
         bottleneck = "neither process's CPU: latency between them"
     body = f"""
@@ -186,9 +215,9 @@ the simulator's first to its last answer; "whole run" adds process start, ingest
 file and the status change. CPU per request is the runner process's CPU time over the dispatch phase divided by the
 requests answered in it; its inverse is what one core could sustain if the runner were alone on it.
 
-The simulator alone (a raw keep-alive client at 256 in flight, {alone['client_cpu_share']:.0%} of a core for the
-client): **{alone['rate']:,.0f} requests/s** at {alone['sim_cpu_per_request'] * 1e6:,.0f} µs of simulator CPU per
-request ({alone['sim_cpu_share']:.0%} of a core).
+The simulator alone (a raw keep-alive client at 256 in flight, {alone["client_cpu_share"]:.0%} of a core for the
+client): **{alone["rate"]:,.0f} requests/s** at {alone["sim_cpu_per_request"] * 1e6:,.0f} µs of simulator CPU per
+request ({alone["sim_cpu_share"]:.0%} of a core).
 
 {report.table(rows)}
 HTTP client libraries alone, for comparison with the runner's CPU per request above: one shared client in the
@@ -196,11 +225,19 @@ benchmark process posting the same request to the same simulator{runner_client}:
 
 {report.table(clients)}
 **Target: ≥ {TARGET:,} requests/s on one core — runner CPU per request with defaults implies {one_core:,.0f}/s;
-measured end to end {default['dispatch_rate']:,.0f}/s while dispatching, limited by {bottleneck}:
-{'met' if one_core >= TARGET else '**missed**'}.**
+measured end to end {default["dispatch_rate"]:,.0f}/s while dispatching, limited by {bottleneck}:
+{"met" if one_core >= TARGET else "**missed**"}.**
 """
-    report.write_section(NAME, TITLE, body, [
-        ("runner overhead (zero-latency upstream)", f"≥ {TARGET:,} requests/s on one core",
-         f"{one_core:,.0f}/s from CPU per request ({default['dispatch_rate']:,.0f}/s end to end): "
-         f"{'met' if one_core >= TARGET else '**missed**'}"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "runner overhead (zero-latency upstream)",
+                f"≥ {TARGET:,} requests/s on one core",
+                f"{one_core:,.0f}/s from CPU per request ({default['dispatch_rate']:,.0f}/s end to end): "
+                f"{'met' if one_core >= TARGET else '**missed**'}",
+            ),
+        ],
+    )

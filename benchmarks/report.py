@@ -13,7 +13,19 @@ from pathlib import Path
 import psutil
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-ORDER = ("utilisation", "interactive", "phases", "prefix", "overhead", "memory", "resume", "faults", "fairness", "real_engine", "api")
+ORDER = (
+    "utilisation",
+    "interactive",
+    "phases",
+    "prefix",
+    "overhead",
+    "memory",
+    "resume",
+    "faults",
+    "fairness",
+    "real_engine",
+    "api",
+)
 
 INTRO = """# Benchmarks
 
@@ -37,9 +49,20 @@ def cost_model() -> str:
     from batch_gateway.sim.config import HELP, SimConfig
 
     defaults = SimConfig()
-    rows = [{"knob": f"`--{name.replace('_', '-')}`", "default": f"{getattr(defaults, name):g}", "meaning": HELP[name]}
-            for name in ("max_num_seqs", "max_num_batched_tokens", "step_base_ms", "per_seq_ms", "context_ms_per_token",
-                         "prefill_ms_per_token", "block_size", "kv_blocks", "cache_blocks")]
+    rows = [
+        {"knob": f"`--{name.replace('_', '-')}`", "default": f"{getattr(defaults, name):g}", "meaning": HELP[name]}
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "step_base_ms",
+            "per_seq_ms",
+            "context_ms_per_token",
+            "prefill_ms_per_token",
+            "block_size",
+            "kv_blocks",
+            "cache_blocks",
+        )
+    ]
     d = defaults
     step1 = d.step_base_ms + d.per_seq_ms
     step_full = d.step_base_ms + d.per_seq_ms * d.max_num_seqs + d.context_ms_per_token * d.max_num_seqs * 200
@@ -125,12 +148,14 @@ def write_section(name: str, title: str, body: str, summary: list[tuple[str, str
 
     `summary`: (what, target, measured) rows for the table at the top of the document.
     """
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = background_load()
     other = f"; other processes on the machine used {load:.2f} cores on average meanwhile" if load is not None else ""
     hidden = f"<!-- summary: {json.dumps(summary or [])} -->\n"
-    section = (f"<!-- bench:{name} -->\n## {title}\n{hidden}\n_Measured {stamp} on {machine()}{other}._\n\n"
-               f"{body.strip()}\n<!-- /bench:{name} -->\n")
+    section = (
+        f"<!-- bench:{name} -->\n## {title}\n{hidden}\n_Measured {stamp} on {machine()}{other}._\n\n"
+        f"{body.strip()}\n<!-- /bench:{name} -->\n"
+    )
     print(section)
     existing = DOC.read_text() if DOC.exists() else ""
     sections = {m.group("name"): m.group(0) for m in _SECTION.finditer(existing)}

@@ -33,11 +33,19 @@ TARGET = 0.01
 
 
 def lines() -> bytes:
-    return b"".join(chunked(
-        batch_line(f"req-{i}", {"model": MODEL, "messages": [{"role": "user", "content": f"{i}: {words(16, i)}"}],
-                                "max_tokens": MAX_TOKENS})
-        for i in range(REQUESTS)
-    ))
+    return b"".join(
+        chunked(
+            batch_line(
+                f"req-{i}",
+                {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"{i}: {words(16, i)}"}],
+                    "max_tokens": MAX_TOKENS,
+                },
+            )
+            for i in range(REQUESTS)
+        )
+    )
 
 
 async def durable_lines(stack: LocalStack, batch_id: str) -> int:
@@ -100,14 +108,29 @@ def run() -> None:
         {"figure": "answers the first runner had received when killed", "value": f"{answered:,}"},
         {"figure": "… of which durable (in checkpoint parts)", "value": f"{durable:,}"},
         {"figure": "requests in flight at the kill (sent, not answered)", "value": f"{sent - answered:,}"},
-        {"figure": "expected re-sends (in flight + answered but not durable)", "value": f"{sent - answered + answered - durable:,}"},
+        {
+            "figure": "expected re-sends (in flight + answered but not durable)",
+            "value": f"{sent - answered + answered - durable:,}",
+        },
         {"figure": "requests the simulator received in all", "value": f"{received:,}"},
         {"figure": "**re-sent** (received − lines)", "value": f"**{resent:,}**"},
         {"figure": "re-sent as a share of completed", "value": f"**{share:.2%}**"},
-        {"figure": f"the same re-sends as a share of a {SMALL_BATCH:,}-line batch", "value": f"{resent / SMALL_BATCH:.2%}"},
-        {"figure": "kill → batch completed by the second runner", "value": f"{resumed_seconds:.1f} s (lease {LEASE_SECONDS} s)"},
-        {"figure": "final status, completed / failed", "value": f"{batch.status}, {batch.request_counts.completed:,} / {batch.request_counts.failed:,}"},
-        {"figure": "every custom_id exactly once in output + error files", "value": "yes" if exactly_once else "**NO**"},
+        {
+            "figure": f"the same re-sends as a share of a {SMALL_BATCH:,}-line batch",
+            "value": f"{resent / SMALL_BATCH:.2%}",
+        },
+        {
+            "figure": "kill → batch completed by the second runner",
+            "value": f"{resumed_seconds:.1f} s (lease {LEASE_SECONDS} s)",
+        },
+        {
+            "figure": "final status, completed / failed",
+            "value": f"{batch.status}, {batch.request_counts.completed:,} / {batch.request_counts.failed:,}",
+        },
+        {
+            "figure": "every custom_id exactly once in output + error files",
+            "value": "yes" if exactly_once else "**NO**",
+        },
     ]
     body = f"""
 `python -m benchmarks resume`. {REQUESTS:,} short chat requests ({MAX_TOKENS} output tokens) through the real runner with
@@ -116,15 +139,23 @@ time. When the simulator has answered half the lines, the runner gets SIGKILL; a
 out the {LEASE_SECONDS}-s lease and resumes from the checkpoint parts.
 
 {report.table(rows)}
-**Target: < {TARGET:.0%} of completed requests re-sent — measured {share:.2%}: {'met' if share < TARGET else '**missed**'};
-every line exactly once: {'yes' if exactly_once else '**no**'}.** What is re-sent is what was in flight plus what was
+**Target: < {TARGET:.0%} of completed requests re-sent — measured {share:.2%}: {"met" if share < TARGET else "**missed**"};
+every line exactly once: {"yes" if exactly_once else "**no**"}.** What is re-sent is what was in flight plus what was
 answered since the last checkpoint, so it does not grow with the batch: about (in flight + rate × checkpoint
 interval / 2) requests per crash, here ≈ {sent - answered + answered - durable:,}; as a share it shrinks as batches grow.
 The requests in flight are bounded by the engine's capacity (the runner settles at its knee), and cannot be saved:
 the engine drops their work when the connection closes.
 """
-    report.write_section(NAME, TITLE, body, [
-        ("requests re-sent after a SIGKILL half way", f"< {TARGET:.0%} of completed",
-         f"{share:.2%}: {'met' if share < TARGET else '**missed**'}"),
-        ("every line exactly once after the crash", "yes", "yes" if exactly_once else "**no**"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "requests re-sent after a SIGKILL half way",
+                f"< {TARGET:.0%} of completed",
+                f"{share:.2%}: {'met' if share < TARGET else '**missed**'}",
+            ),
+            ("every line exactly once after the crash", "yes", "yes" if exactly_once else "**no**"),
+        ],
+    )

@@ -15,8 +15,16 @@ import msgspec
 
 from batch_gateway.sim import SimConfig
 from benchmarks import report
-from benchmarks.harness import (CpuWatch, LocalStack, RunnerMetrics, SimProcess, StatsSampler, free_port, mean,
-                                stop_process)
+from benchmarks.harness import (
+    CpuWatch,
+    LocalStack,
+    RunnerMetrics,
+    SimProcess,
+    StatsSampler,
+    free_port,
+    mean,
+    stop_process,
+)
 from benchmarks.loadgen import measure_capacity
 from benchmarks.workloads import batch_body, batch_lines, chunked
 
@@ -90,24 +98,49 @@ def run() -> None:
     config = SimConfig(time_scale=TIME_SCALE)
     rows = []
     with SimProcess(config) as sim, LocalStack([sim.url]) as stack:
-        capacity = measure_capacity(sim, lambda i: msgspec.json.encode(batch_body(i, seed=99)), CAPACITY_CONCURRENCY,
-                                    CAPACITY_WARMUP, CAPACITY_WINDOW)
+        capacity = measure_capacity(
+            sim,
+            lambda i: msgspec.json.encode(batch_body(i, seed=99)),
+            CAPACITY_CONCURRENCY,
+            CAPACITY_WARMUP,
+            CAPACITY_WINDOW,
+        )
         cap = capacity["tokens_per_s"]
         # Enough requests for the default setting to run well past the window at full speed.
         requests = int(capacity["requests_per_s"] * (WARMUP + WINDOW + 25))
         results = {}
         for seed, (label, fixed) in enumerate(SETTINGS, start=1):
             results[label] = run_setting(sim, stack, fixed, requests, seed, to_the_end=fixed == 0)
-            print(f"  {label}: {results[label]['tokens_per_s'] * TIME_SCALE:,.0f} tokens/s (model time), "
-                  f"{results[label]['tokens_per_s'] / cap:.1%} of capacity", flush=True)
-    rows.append({"setting": "capacity (direct closed loop, 256 in flight)", "output tokens/s": cap * TIME_SCALE,
-                 "utilisation": "100%", "runner in flight": "", "runner limit": "",
-                 "engine running": capacity["running"], "engine waiting": capacity["waiting"]})
+            print(
+                f"  {label}: {results[label]['tokens_per_s'] * TIME_SCALE:,.0f} tokens/s (model time), "
+                f"{results[label]['tokens_per_s'] / cap:.1%} of capacity",
+                flush=True,
+            )
+    rows.append(
+        {
+            "setting": "capacity (direct closed loop, 256 in flight)",
+            "output tokens/s": cap * TIME_SCALE,
+            "utilisation": "100%",
+            "runner in flight": "",
+            "runner limit": "",
+            "engine running": capacity["running"],
+            "engine waiting": capacity["waiting"],
+        }
+    )
     for label, r in results.items():
-        rows.append({"setting": label, "output tokens/s": r["tokens_per_s"] * TIME_SCALE,
-                     "utilisation": f"{r['tokens_per_s'] / cap:.1%}", "runner in flight": r["inflight"],
-                     "runner limit": r["limit"], "engine running": r["running"], "engine waiting": r["waiting"],
-                     "runner CPU": f"{r['runner_cpu']:.0%}", "simulator CPU": f"{r['sim_cpu']:.0%}"})
+        rows.append(
+            {
+                "setting": label,
+                "output tokens/s": r["tokens_per_s"] * TIME_SCALE,
+                "utilisation": f"{r['tokens_per_s'] / cap:.1%}",
+                "runner in flight": r["inflight"],
+                "runner limit": r["limit"],
+                "engine running": r["running"],
+                "engine waiting": r["waiting"],
+                "runner CPU": f"{r['runner_cpu']:.0%}",
+                "simulator CPU": f"{r['sim_cpu']:.0%}",
+            }
+        )
     default = results[SETTINGS[0][0]]
     steady = default["tokens_per_s"] / cap
     whole = default["whole_tokens"] / default["whole_seconds"] / cap
@@ -118,19 +151,28 @@ def run() -> None:
 duration halved; figures below are converted back to model time). Batch requests: distinct ~110-token prompts (no
 shared prefix) and 64-192 output tokens (mean 128). Capacity: a direct closed-loop load of {CAPACITY_CONCURRENCY}
 concurrent requests of the same mix, measured over {CAPACITY_WINDOW:.0f} s after {CAPACITY_WARMUP:.0f} s warm-up
-(mean step {capacity['step_ms']:.1f} ms). Each setting then runs a {requests:,}-request batch through the real runner
+(mean step {capacity["step_ms"]:.1f} ms). Each setting then runs a {requests:,}-request batch through the real runner
 process; its steady rate is the output-token rate over {WINDOW:.0f} s starting {WARMUP:.0f} s after its first token.
 In-flight and limit are the runner's own gauges, running and waiting the engine's, averaged over the window.
 
 {report.table(rows)}
 Whole run with defaults (runner start to exit: process start, ingest, slow start, the tail, finalising):
-{default['whole_tokens']:,} output tokens in {default['whole_seconds']:.1f} s = **{whole:.1%}** of capacity
-(batch status `{default['status']}`).
+{default["whole_tokens"]:,} output tokens in {default["whole_seconds"]:.1f} s = **{whole:.1%}** of capacity
+(batch status `{default["status"]}`).
 
 **Target: ≥ {TARGET:.0%} of capacity with defaults (steady state) — measured {steady:.1%}: {verdict}.** Best fixed
 setting: {best_fixed[1]} at {best_fixed[0]:.1%}.
 """
-    report.write_section(NAME, TITLE, body, [
-        ("utilisation, batch alone, defaults (steady state)", f"≥ {TARGET:.0%} of capacity", f"{steady:.1%}: {verdict}"),
-        ("utilisation, whole run with defaults", "(no target)", f"{whole:.1%}"),
-    ])
+    report.write_section(
+        NAME,
+        TITLE,
+        body,
+        [
+            (
+                "utilisation, batch alone, defaults (steady state)",
+                f"≥ {TARGET:.0%} of capacity",
+                f"{steady:.1%}: {verdict}",
+            ),
+            ("utilisation, whole run with defaults", "(no target)", f"{whole:.1%}"),
+        ],
+    )

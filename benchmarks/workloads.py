@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import msgspec
 
 MODEL = "sim-model"
-_WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
-          "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+_WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"]
 _encode = msgspec.json.Encoder().encode
 
 
@@ -42,15 +41,23 @@ def chunked(lines: Iterator[bytes], chunk_bytes: int = 1 << 20) -> Iterator[byte
 def small_chat_lines(count: int) -> Iterator[bytes]:
     """Tiny requests (about 130 bytes a line) for the overhead and memory benchmarks."""
     for i in range(count):
-        yield batch_line(f"r{i}", {"model": MODEL, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 1})
+        yield batch_line(
+            f"r{i}", {"model": MODEL, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 1}
+        )
 
 
-def shared_prefix_bodies(prompts: int, per_prompt: int, system_words: int, user_words: int, max_tokens: int,
-                         seed: int = 3) -> list[dict]:
+def shared_prefix_bodies(
+    prompts: int, per_prompt: int, system_words: int, user_words: int, max_tokens: int, seed: int = 3
+) -> list[dict]:
     """`prompts` long system prompts, each shared by `per_prompt` requests with their own user turn; shuffled."""
     systems = [f"You are assistant number {p}. " + words(system_words, seed * 7919 + p) for p in range(prompts)]
-    bodies = [chat_body(f"question {p}-{j}: " + words(user_words, seed * 104729 + p * per_prompt + j), max_tokens,
-                        system=systems[p]) for p in range(prompts) for j in range(per_prompt)]
+    bodies = [
+        chat_body(
+            f"question {p}-{j}: " + words(user_words, seed * 104729 + p * per_prompt + j), max_tokens, system=systems[p]
+        )
+        for p in range(prompts)
+        for j in range(per_prompt)
+    ]
     random.Random(seed).shuffle(bodies)
     return bodies
 

@@ -15,7 +15,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chat_lines(n: int, *, model: str = "sim-model", systems: int = 4, max_tokens: int = 8, prefix: str = "req") -> bytes:
+def chat_lines(
+    n: int, *, model: str = "sim-model", systems: int = 4, max_tokens: int = 8, prefix: str = "req"
+) -> bytes:
     """A JSONL batch input of n chat requests sharing `systems` different system prompts."""
     out = []
     for i in range(n):
@@ -27,7 +29,9 @@ def chat_lines(n: int, *, model: str = "sim-model", systems: int = 4, max_tokens
             ],
             "max_tokens": max_tokens,
         }
-        out.append(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+        out.append(
+            json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
     return ("\n".join(out) + "\n").encode()
 
 

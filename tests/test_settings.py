@@ -48,7 +48,9 @@ def test_every_flag_names_its_env_var_in_help():
 
 def test_configuration_reference_is_up_to_date():
     doc = Path(__file__).parent.parent / "docs" / "configuration.md"
-    assert doc.read_text() == settings_mod.reference_markdown(), "run: batch-gateway config-reference > docs/configuration.md"
+    assert doc.read_text() == settings_mod.reference_markdown(), (
+        "run: batch-gateway config-reference > docs/configuration.md"
+    )
 
 
 def test_serve_refuses_runner_settings_every_runner_would_refuse(tmp_path):

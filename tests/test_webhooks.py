@@ -45,10 +45,18 @@ async def store(tmp_path) -> AsyncIterator[MetadataStore]:
 async def end_batch(store: MetadataStore, status: str = "completed", tenant: str = "acme") -> BatchRecord:
     """A batch that reached `status`: the database writes its webhook event into the outbox."""
     now = ids.now()
-    batch, _ = await store.insert_batch(BatchRecord(
-        id=ids.new_batch_id(), tenant=tenant, endpoint="/v1/chat/completions", input_file_id="file-in",
-        completion_window="24h", status="validating", created_at=now, expires_at=now + 86400,
-    ))
+    batch, _ = await store.insert_batch(
+        BatchRecord(
+            id=ids.new_batch_id(),
+            tenant=tenant,
+            endpoint="/v1/chat/completions",
+            input_file_id="file-in",
+            completion_window="24h",
+            status="validating",
+            created_at=now,
+            expires_at=now + 86400,
+        )
+    )
     source = "cancelling" if status == "cancelled" else "validating"
     if status == "cancelled":
         await store.transition(batch.id, ["validating"], "cancelling", now)
@@ -90,10 +98,17 @@ async def test_delivered_event_verifies_with_the_openai_sdk(store, receiver):
     [request] = receiver.requests
     event = sdk().webhooks.unwrap(request.body, request.headers, secret=SECRET)
     assert (event.type, event.data.id, event.object, event.created_at) == (
-        "batch.completed", batch.id, "event", batch.completed_at)
+        "batch.completed",
+        batch.id,
+        "event",
+        batch.completed_at,
+    )
     assert event.id.startswith("evt_") and request.headers["webhook-id"] == event.id
     assert json.loads(request.body) == {
-        "id": event.id, "object": "event", "type": "batch.completed", "created_at": batch.completed_at,
+        "id": event.id,
+        "object": "event",
+        "type": "batch.completed",
+        "created_at": batch.completed_at,
         "data": {"id": batch.id},
     }
     assert request.headers["content-type"] == "application/json"
@@ -102,8 +117,9 @@ async def test_delivered_event_verifies_with_the_openai_sdk(store, receiver):
 
 async def test_tampered_or_wrongly_signed_events_are_rejected(receiver):
     async with httpx.AsyncClient() as http:
-        attempt = await post_event(http, WebhookConfig(receiver.url, SECRET), build_event("batch.failed", "batch_abc"),
-                                   timeout=5)
+        attempt = await post_event(
+            http, WebhookConfig(receiver.url, SECRET), build_event("batch.failed", "batch_abc"), timeout=5
+        )
     assert attempt.delivered
     [request] = receiver.requests
     client = sdk()
@@ -119,7 +135,9 @@ async def test_tampered_or_wrongly_signed_events_are_rejected(receiver):
 
 def test_signature_matches_the_standard_webhooks_test_vector():
     # The published example of the Standard Webhooks specification (which OpenAI's scheme follows).
-    signature = sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
+    signature = sign(
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
+    )
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
@@ -159,15 +177,21 @@ async def test_a_receiver_down_for_a_while_gets_the_event_once_it_is_back_with_t
         sdk().webhooks.unwrap(request.body, request.headers, secret=SECRET)
     assert len({request.body for request in receiver.requests}) == 1
     assert [(e["attempt"], e["outcome"]) for e in logs if e["event"] == "webhook.retry"] == [
-        (1, "HTTP 503"), (2, "HTTP 502"), (3, "HTTP 500"), (4, "HTTP 404")]
+        (1, "HTTP 503"),
+        (2, "HTTP 502"),
+        (3, "HTTP 500"),
+        (4, "HTTP 404"),
+    ]
     assert [e["attempt"] for e in logs if e["event"] == "webhook.delivered"] == [5]
 
 
 async def test_honours_retry_after(store, receiver):
     receiver.script = [(429, {"retry-after": "1"})]
     await end_batch(store)
-    await run_until(WebhookOutbox(store, to(receiver), base_delay=0.01, max_delay=5, poll_interval=0.01),
-                    lambda: len(receiver.requests) == 2)
+    await run_until(
+        WebhookOutbox(store, to(receiver), base_delay=0.01, max_delay=5, poll_interval=0.01),
+        lambda: len(receiver.requests) == 2,
+    )
     first, second = receiver.requests
     assert second.at - first.at >= 0.95
 
@@ -211,8 +235,9 @@ async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_
             await each.open()
         try:
             ended = [await end_batch(stores[0]) for _ in range(60)]
-            loops = [asyncio.create_task(WebhookOutbox(each, to(receiver), concurrency=4, **FAST).run())
-                     for each in stores]
+            loops = [
+                asyncio.create_task(WebhookOutbox(each, to(receiver), concurrency=4, **FAST).run()) for each in stores
+            ]
             try:
                 deadline = time.monotonic() + 20
                 while len(receiver.requests) < 60 and time.monotonic() < deadline:
@@ -254,7 +279,9 @@ async def test_delivery_resumes_after_a_database_outage(receiver):
             await store.close()
     assert [json.loads(r.body)["data"]["id"] for r in receiver.requests] == [batch.id]
     assert [e["event"] for e in logs if e["event"].startswith("webhook.outbox")] == [
-        "webhook.outbox_unavailable", "webhook.outbox_available"]
+        "webhook.outbox_unavailable",
+        "webhook.outbox_available",
+    ]
 
 
 # --- backoff -------------------------------------------------------------------------------------

@@ -32,9 +32,7 @@ class BatchSpec(msgspec.Struct, frozen=True):
 
     def fingerprint(self, tenant: str) -> str:
         """Same tenant and same request (after normalisation) give the same fingerprint."""
-        canonical = msgspec.json.encode(
-            {"tenant": tenant, "request": self}, order="sorted"
-        )
+        canonical = msgspec.json.encode({"tenant": tenant, "request": self}, order="sorted")
         return hashlib.sha256(canonical).hexdigest()
 
 

@@ -20,8 +20,8 @@ import structlog
 from litestar import Request, Response, get, post
 
 from batch_gateway import ids, wire
-from batch_gateway.api.batch_create import parse_batch_create, window_label
 from batch_gateway.api.auth import PathId, Tenant
+from batch_gateway.api.batch_create import parse_batch_create, window_label
 from batch_gateway.api.context import BATCH_STATE
 from batch_gateway.api.errors import json_response
 from batch_gateway.api.files import services_of
@@ -225,7 +225,8 @@ async def _check_endpoint_served(request: Request, endpoint: str) -> None:
     problem = await request.app.state.upstreams.endpoint_problem(endpoint)
     if problem is not None:
         raise InvalidRequest(
-            f"The endpoint '{endpoint}' cannot be used with this gateway: {problem}", param="endpoint",
+            f"The endpoint '{endpoint}' cannot be used with this gateway: {problem}",
+            param="endpoint",
             code="invalid_value",
         )
 
@@ -270,4 +271,3 @@ def _retry_count(request: Request) -> int:
         return int(request.headers.get("x-stainless-retry-count", "0"))
     except ValueError:
         return 0
-

@@ -78,8 +78,9 @@ def _access_log(scope: Scope) -> None:
     now = time.perf_counter()
     duration = now - state.get(_STATE_STARTED, now)
     # The route template, not the path: ids in paths would make a metric series per object.
-    metrics.observe(scope.get("method", ""), scope.get("path_template") or "unmatched", state.get(_STATE_STATUS) or 0,
-                    duration)
+    metrics.observe(
+        scope.get("method", ""), scope.get("path_template") or "unmatched", state.get(_STATE_STATUS) or 0, duration
+    )
     log.info(
         "http.request",
         method=scope.get("method"),

@@ -21,8 +21,8 @@ MAX_FILENAME_CHARS = 255
 
 __all__ = [
     "BATCH_FILE_TTL_SECONDS",
-    "check_batch_filename",
     "batch_checker",
+    "check_batch_filename",
     "clean_filename",
     "expires_at",
     "file_too_large",

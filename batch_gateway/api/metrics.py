@@ -18,7 +18,10 @@ from batch_gateway.store.metadata import StorageStats
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
-    "batch_gateway_http_requests_total", "HTTP requests by route and status.", ["method", "route", "status"], registry=REGISTRY
+    "batch_gateway_http_requests_total",
+    "HTTP requests by route and status.",
+    ["method", "route", "status"],
+    registry=REGISTRY,
 )
 LATENCY = Histogram(
     "batch_gateway_http_request_duration_seconds",
@@ -38,8 +41,12 @@ NEAR_DEADLINE = Gauge(
     "Batches not yet ended in the last fifth of their completion window (at risk of expiring).",
     registry=REGISTRY,
 )
-STORAGE_UP = Gauge("batch_gateway_metadata_up", "1 when the metadata store answered the last scrape.", registry=REGISTRY)
-OBJECTS_UP = Gauge("batch_gateway_object_store_up", "1 when the object store answered the last scrape.", registry=REGISTRY)
+STORAGE_UP = Gauge(
+    "batch_gateway_metadata_up", "1 when the metadata store answered the last scrape.", registry=REGISTRY
+)
+OBJECTS_UP = Gauge(
+    "batch_gateway_object_store_up", "1 when the object store answered the last scrape.", registry=REGISTRY
+)
 OBJECT_STORE_TIMEOUT_SECONDS = 3.0
 
 

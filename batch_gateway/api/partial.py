@@ -95,5 +95,7 @@ async def run_stats(request: Request, tenant: Tenant, batch_id: PathId) -> Respo
     try:
         body = await services.objects.get_bytes(run_stats_key(tenant, batch_id))
     except ObjectMissing:
-        raise NotFound(f"Batch {batch_id} has no run statistics yet; they are written when it ends.", param="id") from None
+        raise NotFound(
+            f"Batch {batch_id} has no run statistics yet; they are written when it ends.", param="id"
+        ) from None
     return Response(body, media_type="application/json")

@@ -27,7 +27,9 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() in TRACE_HEADERS}
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() in TRACE_HEADERS
+        }
         method = scope.get("method", "")
         status: dict[str, int] = {}
 

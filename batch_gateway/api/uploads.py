@@ -197,14 +197,21 @@ class PartUpload:
         self.room = self.upload.bytes - sum(p.bytes for p in await metadata.upload_parts(self.upload.id))
         try:
             _, seen = await read_form(
-                request, max_file_bytes=PART_MAX_BYTES, on_file=self._receive, file_field="data",
+                request,
+                max_file_bytes=PART_MAX_BYTES,
+                on_file=self._receive,
+                file_field="data",
                 too_large=_part_too_large,
             )
             if not seen:
                 raise missing("data")
             part = UploadPartRecord(
-                id=self.id, upload_id=self.upload.id, tenant=self.upload.tenant, bytes=self.size,
-                created_at=ids.now(), object_key=self.key,
+                id=self.id,
+                upload_id=self.upload.id,
+                tenant=self.upload.tenant,
+                bytes=self.size,
+                created_at=ids.now(),
+                object_key=self.key,
             )
             if not await metadata.add_upload_part(part, ids.now()):
                 current = await metadata.get_upload(self.upload.id, self.upload.tenant)
@@ -252,7 +259,9 @@ async def complete_upload(request: Request, upload_id: PathId, tenant: Tenant) -
         raise _completing_conflict(upload)
     parts = _ordered_parts(upload, await services.metadata.upload_parts(upload_id), part_ids)
 
-    started = await services.metadata.transition_upload(upload_id, tenant, [PENDING], COMPLETING, unexpired_at=ids.now())
+    started = await services.metadata.transition_upload(
+        upload_id, tenant, [PENDING], COMPLETING, unexpired_at=ids.now()
+    )
     if started is None:
         raise _completing_conflict(await _get_upload(services, upload_id, tenant))
     file_id = ids.upload_file_id(upload_id)
@@ -377,7 +386,8 @@ class Assembly:
             raise InvalidRequest(f"The parts hold {self.size} bytes, not the {upload.bytes} bytes declared.")
         if self.md5 is not None and hasher.hexdigest() != self.md5:
             raise invalid_value(
-                "md5", f"The md5 checksum {self.md5} does not match the uploaded bytes (their md5 is {hasher.hexdigest()})."
+                "md5",
+                f"The md5 checksum {self.md5} does not match the uploaded bytes (their md5 is {hasher.hexdigest()}).",
             )
 
 
@@ -393,7 +403,9 @@ async def cancel_upload(request: Request, upload_id: PathId, tenant: Tenant) -> 
         return json_response(await _to_wire(services, upload))
     if status == COMPLETED or upload.status == COMPLETING:
         raise _not_pending(upload, "cancel the upload")
-    cancelled = await services.metadata.transition_upload(upload_id, tenant, [PENDING], CANCELLED, unexpired_at=ids.now())
+    cancelled = await services.metadata.transition_upload(
+        upload_id, tenant, [PENDING], CANCELLED, unexpired_at=ids.now()
+    )
     if cancelled is None:  # completed, cancelled or expired meanwhile: answer with what won
         current = await _get_upload(services, upload_id, tenant)
         if current.shown_status(ids.now()) in (CANCELLED, EXPIRED):
@@ -412,4 +424,3 @@ async def _delete_parts(services: Services, parts: list[UploadPartRecord]) -> No
             await services.metadata.delete_upload_part(part.id)
     except Exception as exc:
         log.warning("upload.parts_left_for_gc", error=str(exc))
-

@@ -53,7 +53,9 @@ def _wait_options() -> argparse.ArgumentParser:
         help="While waiting, append results to PATH as they finish (batch-gateway's partial results extension; "
         "ignored with a notice when the server does not offer it).",
     )
-    wait.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="Seconds between polls (default 2).")
+    wait.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="Seconds between polls (default 2)."
+    )
     return wait
 
 

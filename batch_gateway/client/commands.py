@@ -66,12 +66,18 @@ def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         except CommandError as exc:
             err(f"error: {exc}")
         except openai.AuthenticationError as exc:
-            err(f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set OPENAI_API_KEY.")
+            err(
+                f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set OPENAI_API_KEY."
+            )
         except openai.APIStatusError as exc:
             err(f"error: {exc.status_code} {api_message(exc)}")
         except openai.APIConnectionError as exc:
             base_url = resolve_base_url(args)
-            hint = " Is the gateway running (`batch-gateway serve`)? Or pass --base-url." if base_url == DEFAULT_BASE_URL else ""
+            hint = (
+                " Is the gateway running (`batch-gateway serve`)? Or pass --base-url."
+                if base_url == DEFAULT_BASE_URL
+                else ""
+            )
             err(f"error: cannot reach {base_url}: {exc.message}{hint}")
         except OSError as exc:
             err(f"error: {exc}")
@@ -221,14 +227,25 @@ def describe_batch(batch: Any) -> str:
         ("output_file_id", file_id_or_none(batch.output_file_id)),
         ("error_file_id", file_id_or_none(batch.error_file_id)),
     ]
-    for stamp in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-                  "cancelling_at", "cancelled_at", "expires_at"):
+    for stamp in (
+        "created_at",
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+        "expires_at",
+    ):
         value = getattr(batch, stamp, None)
         if value is not None:
             rows.append((stamp, format_time(value)))
     usage = getattr(batch, "usage", None)
     if usage is not None:
-        rows.append(("usage", f"{usage.input_tokens} input, {usage.output_tokens} output, {usage.total_tokens} total tokens"))
+        rows.append(
+            ("usage", f"{usage.input_tokens} input, {usage.output_tokens} output, {usage.total_tokens} total tokens")
+        )
     rows.append(("metadata", _metadata_text(batch.metadata)))
     width = max(len(name) for name, _ in rows)
     text = "\n".join(f"{name:<{width}}  {'-' if value is None else value}" for name, value in rows)
@@ -273,7 +290,14 @@ def files_list(args: argparse.Namespace) -> int:
         print_json(as_json(page))
         return EXIT_OK
     rows = [
-        (f.id, f.purpose, format_bytes(f.bytes), format_time(f.created_at), format_time(getattr(f, "expires_at", None)), f.filename)
+        (
+            f.id,
+            f.purpose,
+            format_bytes(f.bytes),
+            format_time(f.created_at),
+            format_time(getattr(f, "expires_at", None)),
+            f.filename,
+        )
         for f in page.data
     ]
     print(render_table(("ID", "PURPOSE", "SIZE", "CREATED", "EXPIRES", "FILENAME"), rows))

@@ -21,6 +21,7 @@ exit codes:
   130  interrupted while waiting: the batch keeps running; `batch-gateway batches watch ID` resumes
 """
 
+
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-aligned columns separated by two spaces; numbers aligned right. `None` shows as `-`."""
     cells = [[_cell(value) for value in row] for row in rows]

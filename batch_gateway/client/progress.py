@@ -10,8 +10,9 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import TextIO
 
 from batch_gateway.wire import TERMINAL_STATUSES
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 
-from batch_gateway.client.output import EXIT_CODES_HELP, CommandError, as_json, err, file_id_or_none, print_json
+from batch_gateway.client.output import CommandError, as_json, err, file_id_or_none, print_json
 from batch_gateway.client.partial import PartialResults
 from batch_gateway.client.progress import ProgressDisplay, Snapshot, format_duration
 from batch_gateway.wire import TERMINAL_STATUSES
@@ -52,7 +52,16 @@ class WaitOptions:
 
 def resume_command(batch_id: str, options: WaitOptions, base_url_flag: str | None) -> str:
     """The `batches watch` command line that carries on where this wait stopped (never with the API key)."""
-    argv = ["batch-gateway", "batches", "watch", batch_id, "--output", str(options.output), "--errors", str(options.errors)]
+    argv = [
+        "batch-gateway",
+        "batches",
+        "watch",
+        batch_id,
+        "--output",
+        str(options.output),
+        "--errors",
+        str(options.errors),
+    ]
     if options.partial:
         argv += ["--partial", str(options.partial)]
     if base_url_flag:
@@ -144,8 +153,9 @@ def download(client: openai.OpenAI, file_id: str | None, path: Path) -> int | No
     return lines + (last != b"\n")  # a last line without its newline still counts
 
 
-def summary(batch: Any, options: WaitOptions, output_lines: int | None, error_lines: int | None,
-            partial: PartialResults | None) -> str:
+def summary(
+    batch: Any, options: WaitOptions, output_lines: int | None, error_lines: int | None, partial: PartialResults | None
+) -> str:
     snap = snapshot(batch)
     ended_at = batch.completed_at or batch.failed_at or batch.expired_at or batch.cancelled_at
     took = f" in {format_duration(ended_at - batch.created_at)}" if ended_at else ""
@@ -160,7 +170,9 @@ def summary(batch: Any, options: WaitOptions, output_lines: int | None, error_li
     usage = getattr(batch, "usage", None)
     if usage is not None and usage.total_tokens:
         cached = usage.input_tokens_details.cached_tokens if usage.input_tokens_details else 0
-        lines.append(f"  usage:  {usage.input_tokens} input tokens ({cached} cached), {usage.output_tokens} output tokens")
+        lines.append(
+            f"  usage:  {usage.input_tokens} input tokens ({cached} cached), {usage.output_tokens} output tokens"
+        )
     if output_lines is not None:
         lines.append(f"  output: {options.output} ({output_lines} lines)")
     elif batch.status != "failed":

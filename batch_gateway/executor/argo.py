@@ -249,7 +249,9 @@ class ArgoExecutor(Executor):
         if uid:
             options["preconditions"] = {"uid": uid}
         try:
-            await self._call("delete", self._objects().delete_namespaced_custom_object, *self._collection, name, body=options)
+            await self._call(
+                "delete", self._objects().delete_namespaced_custom_object, *self._collection, name, body=options
+            )
         except ApiException as exc:
             if exc.status in (404, 409):
                 return  # already gone, or already replaced by someone else

@@ -63,7 +63,7 @@ class LocalExecutor(Executor):
         for batch_id, process in list(self._running.items()):
             try:
                 await asyncio.wait_for(process.wait(), STOP_GRACE)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("executor.runner_killed", batch_id=batch_id)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
@@ -119,7 +119,10 @@ class LocalExecutor(Executor):
         )
         self._running[batch_id] = process
         log.info(
-            "executor.runner_started", batch_id=batch_id, pid=process.pid, crashes=self._crashes.get(batch_id, (0, 0))[0],
+            "executor.runner_started",
+            batch_id=batch_id,
+            pid=process.pid,
+            crashes=self._crashes.get(batch_id, (0, 0))[0],
             giving_up=reason is not None,
         )
         watcher = asyncio.create_task(self._watch(batch_id, process, owner))

@@ -38,7 +38,14 @@ class LoadBoard:
         return [load for load in self._peers.get(endpoint, []) if load.at > fresh_after]
 
     async def exchange(
-        self, endpoint: str, *, inflight: int, limit: int, demand: int, completed: int, weight: float = 1.0,
+        self,
+        endpoint: str,
+        *,
+        inflight: int,
+        limit: int,
+        demand: int,
+        completed: int,
+        weight: float = 1.0,
         wait: float = 0.25,
     ) -> list[RunnerLoad]:
         """Publish this runner's load and read the others'; if the database does not answer within `wait` seconds,

@@ -133,7 +133,7 @@ class UpstreamCatalog:
             async with self._session() as session, session.get(url + "/v1/models") as response:
                 if response.status == 200:
                     found = frozenset(model.id for model in _models_decoder.decode(await response.read()).data)
-        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.info("catalog.models_unknown", error=type(exc).__name__)
         self._models[url] = (time.monotonic() + (self.ttl if found is not None else UNKNOWN_TTL_SECONDS), found)
         return found
@@ -150,9 +150,12 @@ class UpstreamCatalog:
                 answer = response.status not in NOT_SERVED_STATUSES or (
                     response.status == 404 and b"model" in body.lower()
                 )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.info("catalog.endpoint_unknown", path=path, error=type(exc).__name__)
-        self._served[(url, path)] = (time.monotonic() + (self.ttl if answer is not None else UNKNOWN_TTL_SECONDS), answer)
+        self._served[(url, path)] = (
+            time.monotonic() + (self.ttl if answer is not None else UNKNOWN_TTL_SECONDS),
+            answer,
+        )
         return answer
 
     def _session(self) -> aiohttp.ClientSession:

@@ -97,4 +97,8 @@ class Circuit:
 
     def snapshot(self, now: float) -> dict:
         ongoing = now - self._opened_at if self._opened_at is not None else 0.0
-        return {"state": self.state.value, "openings": self.openings, "open_seconds": round(self.open_seconds + ongoing, 3)}
+        return {
+            "state": self.state.value,
+            "openings": self.openings,
+            "open_seconds": round(self.open_seconds + ongoing, 3),
+        }

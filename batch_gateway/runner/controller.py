@@ -90,7 +90,12 @@ class EngineReading:
 
 class ConcurrencyController:
     def __init__(
-        self, *, initial: int = 8, minimum: int = 1, maximum: int = 256, fixed: int | None = None,
+        self,
+        *,
+        initial: int = 8,
+        minimum: int = 1,
+        maximum: int = 256,
+        fixed: int | None = None,
         slowdown: float = 1.3,
     ) -> None:
         if fixed is not None:
@@ -176,15 +181,24 @@ class ConcurrencyController:
         return self._sends
 
     def on_success(
-        self, now: float, *, latency: float, output_tokens: int, prompt_tokens: int = 0, cached_tokens: int = 0,
+        self,
+        now: float,
+        *,
+        latency: float,
+        output_tokens: int,
+        prompt_tokens: int = 0,
+        cached_tokens: int = 0,
         epoch: int,
     ) -> None:
         if latency < 0 or output_tokens < 0 or prompt_tokens < 0 or cached_tokens < 0:
             raise ValueError("latency and token counts must not be negative")
         self._close(now)
         self._answered += 1
-        self.service_time = latency if self.service_time is None else (
-            self.service_time + LATENCY_SMOOTHING * (latency - self.service_time))
+        self.service_time = (
+            latency
+            if self.service_time is None
+            else (self.service_time + LATENCY_SMOOTHING * (latency - self.service_time))
+        )
         if output_tokens > 1:
             self._own_per_token.append(latency / output_tokens)
         if self._previous is None or now - self._previous[0] > READINGS_TTL:
@@ -237,7 +251,12 @@ class ConcurrencyController:
     # --- the engine -------------------------------------------------------------------------------
 
     def on_engine(
-        self, now: float, reading: EngineReading, *, peers: Sequence[RunnerLoad] = (), demand: float | None = None,
+        self,
+        now: float,
+        reading: EngineReading,
+        *,
+        peers: Sequence[RunnerLoad] = (),
+        demand: float | None = None,
         weight: float = 1.0,
     ) -> None:
         """A reading of the engine's gauges taken at `now`, with the other batch runners' published loads and what
@@ -266,7 +285,10 @@ class ConcurrencyController:
         self._set(shares[0] * self._backoff)
 
     def _learn_step(
-        self, now: float, reading: EngineReading, previous: tuple[float, EngineReading] | None,
+        self,
+        now: float,
+        reading: EngineReading,
+        previous: tuple[float, EngineReading] | None,
         peers: Sequence[RunnerLoad],
     ) -> None:
         """Feed the step model: the engine's mean inter-token latency since the last reading (or, without it, our own
@@ -288,7 +310,9 @@ class ConcurrencyController:
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         self._lowest_step = min(self._lowest_step, self._step)
 
-    def _watch_others(self, now: float, reading: EngineReading, peers: Sequence[RunnerLoad], batch_inflight: float) -> None:
+    def _watch_others(
+        self, now: float, reading: EngineReading, peers: Sequence[RunnerLoad], batch_inflight: float
+    ) -> None:
         excess = reading.running + reading.waiting - batch_inflight
         others_finished = engine_finished = 0.0
         if reading.completed is not None:
@@ -404,8 +428,12 @@ class ConcurrencyController:
                 self._correction = min(CORRECTION_RANGE[1], max(CORRECTION_RANGE[0], self._correction * step))
             budget *= self._correction
             self.last_budget = {
-                "step_alone_s": alone, "step_now_s": self._step, "slowdown_now": measured,
-                "per_batch_sequence_s": m, "per_other_sequence_s": fit.per_other, "fixed_s": a,
+                "step_alone_s": alone,
+                "step_now_s": self._step,
+                "slowdown_now": measured,
+                "per_batch_sequence_s": m,
+                "per_other_sequence_s": fit.per_other,
+                "fixed_s": a,
                 "correction": self._correction,
             }
         elif self._step is not None:
@@ -461,8 +489,13 @@ class ConcurrencyController:
             "slow_start": self._slow_start,
             "interactive_load": round(self.interactive_load, 2),
             "step_s": self._step,
-            "step_fit": {"fixed_s": fit.fixed, "per_batch_sequence_s": fit.per_batch, "per_other_sequence_s": fit.per_other}
-            if fit else None,
+            "step_fit": {
+                "fixed_s": fit.fixed,
+                "per_batch_sequence_s": fit.per_batch,
+                "per_other_sequence_s": fit.per_other,
+            }
+            if fit
+            else None,
             "budget": self.last_budget,
             "waiting": previous.waiting if previous else None,
             "running": previous.running if previous else None,
@@ -471,4 +504,3 @@ class ConcurrencyController:
             "decreases": dict(self.decreases),
             "backpressure": dict(self.backpressure),
         }
-

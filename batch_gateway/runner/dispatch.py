@@ -26,9 +26,9 @@ import structlog
 
 from batch_gateway import ids, wire
 from batch_gateway.runner import metrics as runner_metrics
+from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT
 from batch_gateway.runner.circuit import Circuit
-from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.engine_metrics import EngineMeter
 from batch_gateway.runner.ingest import Ingested, read_request
@@ -230,7 +230,7 @@ class Dispatcher:
     async def _wait_for_circuits(self, changed: asyncio.Event, timeout: float | None) -> None:
         try:
             await asyncio.wait_for(changed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _circuit_changed(self) -> None:
@@ -282,7 +282,12 @@ class Dispatcher:
                     if self.stopped:
                         return
                     continue  # wait for an endpoint; "not now" uses up no attempts
-                if outcome is Outcome.FAILED and attempt < self.max_attempts and not self.stopped and self.budget.take():
+                if (
+                    outcome is Outcome.FAILED
+                    and attempt < self.max_attempts
+                    and not self.stopped
+                    and self.budget.take()
+                ):
                     self.retries += 1
                     runner_metrics.RETRIES.inc()
                     await asyncio.sleep(backoff_delay(attempt, exchange.retry_after))
@@ -335,8 +340,14 @@ class Dispatcher:
             runner_metrics.PREEMPTED.inc(min(count, len(flights)))
 
     def _feedback(
-        self, endpoint: Endpoint, exchange: Exchange, outcome: Outcome, usage: TokenUsage | None, epoch: int,
-        send: int, probe: bool,
+        self,
+        endpoint: Endpoint,
+        exchange: Exchange,
+        outcome: Outcome,
+        usage: TokenUsage | None,
+        epoch: int,
+        send: int,
+        probe: bool,
     ) -> None:
         """Close the send with exactly one controller event, and tell the endpoint's circuit."""
         now = time.monotonic()
@@ -354,8 +365,11 @@ class Dispatcher:
                 self.log.info("runner.upstream_back", endpoint=endpoint.name, **circuit.snapshot(now))
             else:
                 self.log.warning(
-                    "runner.upstream_unavailable", endpoint=endpoint.name, status=exchange.status,
-                    failure=exchange.failure, note="lines wait for the endpoint; they fail only if the batch ends first",
+                    "runner.upstream_unavailable",
+                    endpoint=endpoint.name,
+                    status=exchange.status,
+                    failure=exchange.failure,
+                    note="lines wait for the endpoint; they fail only if the batch ends first",
                 )
         if outcome is Outcome.OK and usage is not None:
             controller.on_success(
@@ -398,7 +412,9 @@ class Dispatcher:
                 # Not a JSON object (a proxy's HTML error page, say): the line stays valid JSON, and the page, which
                 # may name internal hosts, goes to the operator's log rather than to the tenant.
                 self.log.warning(
-                    "runner.upstream_non_json", status=exchange.status, request_id=exchange.request_id,
+                    "runner.upstream_non_json",
+                    status=exchange.status,
+                    request_id=exchange.request_id,
                     body=exchange.body[:2000].decode("utf-8", "replace"),
                 )
                 message = (
@@ -438,8 +454,9 @@ class Dispatcher:
         controller = endpoint.controller
         failures = 0
         if self.board is not None:  # known to the others before our first request reaches the engine
-            await self.board.exchange(endpoint.url, inflight=0, limit=controller.limit, demand=self.scheduler.pending,
-                                      completed=0)
+            await self.board.exchange(
+                endpoint.url, inflight=0, limit=controller.limit, demand=self.scheduler.pending, completed=0
+            )
         while True:
             # An endpoint without /metrics (or one that is down) is asked less often, but asked again: it may be
             # an engine restarting, whose gauges the controller wants back.
@@ -450,7 +467,10 @@ class Dispatcher:
                 snapshot, peers = await scrape, []
             else:  # side by side: what we read of the other runners is as fresh as the engine's gauges
                 exchange = self.board.exchange(
-                    endpoint.url, inflight=controller.inflight, limit=controller.limit, demand=demand,
+                    endpoint.url,
+                    inflight=controller.inflight,
+                    limit=controller.limit,
+                    demand=demand,
                     completed=controller.answered,
                 )
                 snapshot, peers = await asyncio.gather(scrape, exchange)

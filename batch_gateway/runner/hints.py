@@ -39,7 +39,9 @@ class Hints:
     llm_d_objective: str | None = None
     vllm_priority: int | None = None
 
-    def apply(self, body: bytes, *, tenant: str, expires_at: float, now: float | None = None) -> tuple[bytes, dict[str, str]]:
+    def apply(
+        self, body: bytes, *, tenant: str, expires_at: float, now: float | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         """The body and extra headers to send for one request of the batch."""
         headers: dict[str, str] = {}
         if self.llm_d_objective is not None:
@@ -84,9 +86,13 @@ def parse_hints(items: list[str]) -> dict[str, Hints]:
                 try:
                     priority = int(value) if value else VLLM_PRIORITY
                 except ValueError:
-                    raise ValueError(f"--priority-hints {item!r}: vllm-priority takes an integer, got {value!r}") from None
+                    raise ValueError(
+                        f"--priority-hints {item!r}: vllm-priority takes an integer, got {value!r}"
+                    ) from None
             else:
-                raise ValueError(f"--priority-hints {item!r}: unknown hint {name!r}; use llm-d[:OBJECTIVE] or vllm-priority[:N]")
+                raise ValueError(
+                    f"--priority-hints {item!r}: unknown hint {name!r}; use llm-d[:OBJECTIVE] or vllm-priority[:N]"
+                )
         by_model[model.strip()] = Hints(objective, priority)
     return by_model
 

@@ -84,7 +84,9 @@ class _Errors:
     def result(self) -> list[BatchError]:
         ordered = [error for *_, error in sorted(self._lines, key=lambda item: item[:2], reverse=True)]
         if self.dropped:
-            self._file.append(BatchError(code="too_many_errors", message=f"{self.dropped} more errors were not listed."))
+            self._file.append(
+                BatchError(code="too_many_errors", message=f"{self.dropped} more errors were not listed.")
+            )
         return [*ordered, *self._file]
 
 
@@ -140,7 +142,13 @@ async def ingest(
     with _work_file(work_file) as out:
         async for line_no, raw in split_lines(chunks, limits.max_line_bytes):
             if raw is None:
-                errors.add([BatchError("line_too_long", f"The line is longer than {limits.max_line_bytes} bytes.", None, line_no)])
+                errors.add(
+                    [
+                        BatchError(
+                            "line_too_long", f"The line is longer than {limits.max_line_bytes} bytes.", None, line_no
+                        )
+                    ]
+                )
                 continue
             raw = raw.rstrip(b"\r")
             if line_no == 1:
@@ -237,7 +245,10 @@ def _packed(values: array, dtype: type[np.generic]) -> np.ndarray:
 
 def _model_not_found(model: str, line_no: int, problem: str) -> BatchError:
     return BatchError(
-        "model_not_found", f"The provided model '{model}' is not supported by the Batch API: {problem}", "body.model", line_no
+        "model_not_found",
+        f"The provided model '{model}' is not supported by the Batch API: {problem}",
+        "body.model",
+        line_no,
     )
 
 

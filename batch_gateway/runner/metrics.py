@@ -16,11 +16,17 @@ SLOWDOWN = Gauge(
 INTERACTIVE = Gauge(
     "batch_runner_interactive_load", "Requests on the engine that are not batch runners' (smoothed).", ["endpoint"]
 )
-SHARED = Gauge("batch_runner_engine_shared", "1 while others use the engine (the interactive budget rules).", ["endpoint"])
-WAITING = Gauge("batch_runner_upstream_waiting", "Requests waiting in the engine's queue (vLLM /metrics).", ["endpoint"])
+SHARED = Gauge(
+    "batch_runner_engine_shared", "1 while others use the engine (the interactive budget rules).", ["endpoint"]
+)
+WAITING = Gauge(
+    "batch_runner_upstream_waiting", "Requests waiting in the engine's queue (vLLM /metrics).", ["endpoint"]
+)
 PREEMPTED = Counter("batch_runner_preempted_total", "Batch requests aborted to make room for others (--preempt).")
 CIRCUIT_OPEN = Gauge(
-    "batch_runner_upstream_unavailable", "1 while the endpoint's circuit is open (it said \"not now\"), else 0.", ["endpoint"]
+    "batch_runner_upstream_unavailable",
+    '1 while the endpoint\'s circuit is open (it said "not now"), else 0.',
+    ["endpoint"],
 )
 # Every attempt that got no 2xx, by HTTP status or "timeout" / "connection" (no answer). With the `ok` results of
 # REQUESTS it gives the share of attempts that failed: each attempt is either one or the other.
@@ -28,7 +34,9 @@ UPSTREAM_ERRORS = Counter("batch_runner_upstream_errors_total", "Upstream attemp
 RETRIES = Counter("batch_runner_retries_total", "Upstream requests retried after a transient failure.")
 REQUESTS = Counter("batch_runner_requests_total", "Requests with a final result.", ["outcome"])
 TOKENS = Counter("batch_runner_tokens_total", "Tokens of successful requests.", ["kind"])  # prompt, cached, completion
-PREFIX_HIT_RATE = Gauge("batch_runner_prefix_cache_hit_rate", "Share of prompt tokens served from the engine's prefix cache.")
+PREFIX_HIT_RATE = Gauge(
+    "batch_runner_prefix_cache_hit_rate", "Share of prompt tokens served from the engine's prefix cache."
+)
 
 
 def record_controller(endpoint: str, snapshot: dict) -> None:

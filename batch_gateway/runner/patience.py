@@ -60,7 +60,9 @@ async def with_patience(
             if interrupted():
                 raise WaitInterrupted(f"stopped while waiting to {what}") from exc
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            log.warning("runner.storage_unavailable", during=what, attempt=attempt, retry_in=round(delay, 2), error=str(exc))
+            log.warning(
+                "runner.storage_unavailable", during=what, attempt=attempt, retry_in=round(delay, 2), error=str(exc)
+            )
             await asyncio.sleep(min(delay, max(0.0, patience - waited)))
             continue
         if attempt:

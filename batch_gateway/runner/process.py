@@ -40,7 +40,9 @@ async def run_batch(settings: Settings, batch_id: str, *, give_up: str | None = 
         from prometheus_client import start_http_server
 
         try:
-            start_http_server(settings.runner_metrics_port, addr="0.0.0.0" if settings.executor == "argo" else "127.0.0.1")
+            start_http_server(
+                settings.runner_metrics_port, addr="0.0.0.0" if settings.executor == "argo" else "127.0.0.1"
+            )
         except OSError as exc:  # metrics are worth a warning, never the batch (another runner on this host has it)
             log.warning("runner.metrics_port_unavailable", port=settings.runner_metrics_port, error=str(exc))
     main_task = asyncio.current_task()

@@ -28,16 +28,16 @@ import structlog
 
 from batch_gateway import ids, tracing, wire
 from batch_gateway.errors import StorageUnavailable
-from batch_gateway.runner.exits import OWNER_ENV
-from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner import metrics as runner_metrics
+from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.catalog import UpstreamCatalog
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
-from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
+from batch_gateway.runner.exits import OWNER_ENV
 from batch_gateway.runner.hints import Hints, hints_for, parse_hints
 from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
+from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner.prefix import plan_order, shared_depths
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, parse_upstreams, resolve_endpoints
@@ -135,7 +135,11 @@ class BatchRunner:
             tracer = tracing.tracer()
             if tracer is None:
                 return await work(batch)
-            attributes = {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant, "batch_gateway.endpoint": batch.endpoint}
+            attributes = {
+                tracing.BATCH_ID: self.batch_id,
+                tracing.TENANT: batch.tenant,
+                "batch_gateway.endpoint": batch.endpoint,
+            }
             with tracer.start_as_current_span("batch.run", attributes=attributes) as span:
                 self._span = span
                 status = await work(batch)
@@ -220,7 +224,11 @@ class BatchRunner:
                 "fail the batch",
                 lambda: self._fail(
                     batch,
-                    [wire.BatchError("invalid_request", f"Cannot find file {batch.input_file_id}.", "input_file_id", None)],
+                    [
+                        wire.BatchError(
+                            "invalid_request", f"Cannot find file {batch.input_file_id}.", "input_file_id", None
+                        )
+                    ],
                 ),
             )
         self.total = ingested.count
@@ -280,7 +288,10 @@ class BatchRunner:
             ),
         )
         self.log.info(
-            "runner.ingested", requests=ingested.count, errors=len(ingested.errors), seconds=round(time.monotonic() - started, 3)
+            "runner.ingested",
+            requests=ingested.count,
+            errors=len(ingested.errors),
+            seconds=round(time.monotonic() - started, 3),
         )
         return ingested
 
@@ -300,7 +311,9 @@ class BatchRunner:
         if ingested is None or ingested.errors or batch.status == "validating":
             # Nothing ran: the batch fails with the reason (and the input's own errors, if any).
             errors = [*(ingested.errors if ingested else []), error]
-            return await self._patiently("end the batch", lambda: self._end(batch, "failed", _ENDINGS["failed"][1], {"errors": errors}))
+            return await self._patiently(
+                "end the batch", lambda: self._end(batch, "failed", _ENDINGS["failed"][1], {"errors": errors})
+            )
         self.total = ingested.count
         checkpoints = Checkpoints(self.services.objects, batch_prefix(batch.tenant, self.batch_id), self.owner)
         self.log.warning("runner.giving_up", reason=reason)
@@ -339,7 +352,9 @@ class BatchRunner:
         board = LoadBoard(self.metadata, self.owner, self.log)
         async with UpstreamClient(api_key=settings.upstream_api_key) as client:
             client.tracing = tracing.upstream_tracing(
-                self._span, settings.trace_upstream_sample_ratio, {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant}
+                self._span,
+                settings.trace_upstream_sample_ratio,
+                {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant},
             )
 
             def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
@@ -390,11 +405,16 @@ class BatchRunner:
             "preempted_tokens_estimate": round(dispatcher.preempted_tokens),
             "ended": self._stop_reason or "completed",
             "endpoints": {
-                ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)} for ep in endpoints
+                ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)}
+                for ep in endpoints
             },
         }
-        self.log.info("runner.dispatch_ended", **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
-                      endpoints=dict(zip([ep.name for ep in endpoints], urls)), limits=[ep.controller.limit for ep in endpoints])
+        self.log.info(
+            "runner.dispatch_ended",
+            **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
+            endpoints=dict(zip([ep.name for ep in endpoints], urls)),
+            limits=[ep.controller.limit for ep in endpoints],
+        )
         return self._stop_reason or "completed"
 
     def _hints(self, batch: BatchRecord, model: str) -> Callable[[bytes], tuple[bytes, dict[str, str]]] | None:
@@ -460,7 +480,11 @@ class BatchRunner:
     # --- finishing -----------------------------------------------------------------------------
 
     async def _finalize(
-        self, batch: BatchRecord, ingested: Ingested, checkpoints: Checkpoints, reason: str,
+        self,
+        batch: BatchRecord,
+        ingested: Ingested,
+        checkpoints: Checkpoints,
+        reason: str,
         errors: list[wire.BatchError] | None = None,
     ) -> str:
         """Write the output and error files and end the batch. Idempotent (file ids derive from the batch id, every
@@ -547,10 +571,14 @@ class BatchRunner:
             **self.run_summary,
             "completed": totals.completed,
             "failed": totals.failed,
-            "prefix_cache_hit_rate": usage.input_tokens_details.cached_tokens / usage.input_tokens if usage.input_tokens else None,
+            "prefix_cache_hit_rate": usage.input_tokens_details.cached_tokens / usage.input_tokens
+            if usage.input_tokens
+            else None,
         }
         try:
-            await self.services.objects.put_bytes(run_stats_key(batch.tenant, self.batch_id), msgspec.json.encode(summary))
+            await self.services.objects.put_bytes(
+                run_stats_key(batch.tenant, self.batch_id), msgspec.json.encode(summary)
+            )
         except StorageUnavailable as exc:
             self.log.warning("runner.run_stats_not_saved", error=str(exc))
 

@@ -47,7 +47,7 @@ JOIN_CANDIDATES = 4  # pools examined per other endpoint when joining: the front
 class _Pool:
     """The children of one parent: children[cursor:end] are still to go out."""
 
-    __slots__ = ("parent", "cursor", "end", "warm", "heading", "inflight")
+    __slots__ = ("cursor", "end", "heading", "inflight", "parent", "warm")
 
     def __init__(self, parent: int, cursor: int, end: int, warm: int = 0) -> None:
         self.parent = parent
@@ -63,8 +63,14 @@ class _Pool:
 
 
 class GroupScheduler:
-    def __init__(self, lines: np.ndarray, groups: np.ndarray | None = None, endpoints: int = 1, *,
-                 depths: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        lines: np.ndarray,
+        groups: np.ndarray | None = None,
+        endpoints: int = 1,
+        *,
+        depths: np.ndarray | None = None,
+    ) -> None:
         """`lines`: request indices in planned order. Then either `depths` (shared leading key blocks with the
         previous planned request, see `prefix.shared_depths`: gating at every level of the prefix tree), or
         `groups` (a top-level group number per position, equal numbers contiguous: one level, each group's first

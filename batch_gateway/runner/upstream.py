@@ -7,7 +7,6 @@ URL is accepted: the batch line's `url` (`/v1/chat/completions`) is appended to 
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 from collections.abc import Mapping
@@ -236,8 +235,10 @@ class UpstreamClient:
                 endpoint + path, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 content = await response.read()
-        except asyncio.TimeoutError:
-            return Exchange(0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"timeout after {timeout:g} s")
+        except TimeoutError:
+            return Exchange(
+                0, b"", ids.new_request_id(), time.monotonic() - started, failure=f"timeout after {timeout:g} s"
+            )
         except aiohttp.ClientError as exc:
             # The type only: the exception's text names the upstream's address, which tenants must never see.
             failure = f"connection: {type(exc).__name__}"
@@ -255,5 +256,5 @@ class UpstreamClient:
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 return await response.text() if response.status == 200 else None
-        except (asyncio.TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
             return None

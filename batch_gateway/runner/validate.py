@@ -64,7 +64,9 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
         errors.append(_err("invalid_type", "'custom_id' must be a non-empty string.", "custom_id", line_no))
     if method != "POST":  # as at OpenAI, exactly "POST": "post" is refused too
         errors.append(
-            _err("invalid_value", f"Invalid value for 'method': {method!r}. Only 'POST' is supported.", "method", line_no)
+            _err(
+                "invalid_value", f"Invalid value for 'method': {method!r}. Only 'POST' is supported.", "method", line_no
+            )
         )
     if not isinstance(url, str) or url != endpoint:
         # A relative path equal to the batch endpoint is the only accepted URL: an absolute URL would let a line
@@ -79,7 +81,12 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
     if body.get("stream") is True:
         label = _ENDPOINT_LABEL.get(endpoint, "This endpoint")
         errors.append(
-            _err("streaming_unsupported", f"{label}: Streaming is not supported in the Batch API.", "body.stream", line_no)
+            _err(
+                "streaming_unsupported",
+                f"{label}: Streaming is not supported in the Batch API.",
+                "body.stream",
+                line_no,
+            )
         )
     model = body.get("model")
     if model is None or model == "":
@@ -89,7 +96,9 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
     for fields, label in _REQUIRED.get(endpoint, ()):
         if not any(_present(body.get(name)) for name in fields):
             alternatives = " or ".join(f"'{name}'" for name in fields[1:])
-            message = f"{label} parameter is required." + (f" (It may also come from {alternatives}.)" if alternatives else "")
+            message = f"{label} parameter is required." + (
+                f" (It may also come from {alternatives}.)" if alternatives else ""
+            )
             errors.append(_err("invalid_request", message, f"body.{fields[0]}", line_no))
     if errors:
         return errors

@@ -85,7 +85,9 @@ class SimApp:
             body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
             answer = (exc.status, _json.encode(body), exc.headers)
         status, payload, headers = answer
-        request_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), None) or secrets.token_hex(16).encode()
+        request_id = (
+            next((v for k, v in scope["headers"] if k == b"x-request-id"), None) or secrets.token_hex(16).encode()
+        )
         await send(
             {
                 "type": "http.response.start",
@@ -124,8 +126,12 @@ class SimApp:
         pooling = job.endpoint in (EMBEDDINGS, MODERATIONS)
         for prompt, tokens in zip(job.prompts, job.output_tokens):
             if not engine.fits(prompt.tokens + tokens):
-                raise RequestError(400, f"The request needs {prompt.tokens + tokens} tokens of KV cache; the engine "
-                                   f"holds {self.config.kv_blocks * self.config.block_size}.", param="max_tokens")
+                raise RequestError(
+                    400,
+                    f"The request needs {prompt.tokens + tokens} tokens of KV cache; the engine "
+                    f"holds {self.config.kv_blocks * self.config.block_size}.",
+                    param="max_tokens",
+                )
         runs = [
             engine.generate(prompt, tokens, pooling=pooling, finish_reason=finish, priority=job.priority)
             for prompt, tokens in zip(job.prompts, job.output_tokens)
@@ -137,19 +143,33 @@ class SimApp:
     def _inject_failure(self) -> str | None:
         config = self.config
         roll = self.rng.random()
-        for kind, rate in (("429", config.error_rate_429), ("500", config.error_rate_500),
-                           ("503", config.error_rate_503), ("timeout", config.timeout_rate)):
+        for kind, rate in (
+            ("429", config.error_rate_429),
+            ("500", config.error_rate_500),
+            ("503", config.error_rate_503),
+            ("timeout", config.timeout_rate),
+        ):
             if roll < rate:
                 self.injected[kind] += 1
                 if kind == "timeout":
                     return kind
                 retry = [(b"retry-after", str(config.retry_after_seconds).encode())] if kind != "500" else []
                 if kind == "429":
-                    raise RequestError(429, "Injected rate limit: too many requests.", type="rate_limit_error",
-                                       code="rate_limit_exceeded", headers=retry)
+                    raise RequestError(
+                        429,
+                        "Injected rate limit: too many requests.",
+                        type="rate_limit_error",
+                        code="rate_limit_exceeded",
+                        headers=retry,
+                    )
                 if kind == "503":
-                    raise RequestError(503, "Injected overload: the engine is unavailable.", type="server_error",
-                                       code="service_unavailable", headers=retry)
+                    raise RequestError(
+                        503,
+                        "Injected overload: the engine is unavailable.",
+                        type="server_error",
+                        code="service_unavailable",
+                        headers=retry,
+                    )
                 raise RequestError(500, "Injected internal server error.", type="server_error")
             roll -= rate
         return None
@@ -180,8 +200,15 @@ class SimApp:
 
     def _models(self) -> dict[str, Any]:
         data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m, "parent": None,
-             "max_model_len": self.config.max_model_len}
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "vllm",
+                "root": m,
+                "parent": None,
+                "max_model_len": self.config.max_model_len,
+            }
             for m in self.config.models
         ]
         return {"object": "list", "data": data}

@@ -34,8 +34,13 @@ def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
             "created": created,
             "model": job.model,
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": text, "tool_calls": []}, "logprobs": None,
-                 "finish_reason": finish, "stop_reason": None}
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "tool_calls": []},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
                 for i, text in enumerate(texts)
             ],
             "usage": _usage(prompt_tokens, completion_tokens, cached),
@@ -61,8 +66,13 @@ def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
         "incomplete_details": {"reason": "max_output_tokens"} if job.length_limited else None,
         "error": None,
         "output": [
-            {"type": "message", "id": "msg_" + secrets.token_hex(16), "status": "completed", "role": "assistant",
-             "content": [{"type": "output_text", "text": texts[0], "annotations": []}]}
+            {
+                "type": "message",
+                "id": "msg_" + secrets.token_hex(16),
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": texts[0], "annotations": []}],
+            }
         ],
         "usage": {
             "input_tokens": prompt_tokens,
@@ -101,8 +111,19 @@ def _embeddings(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
 
 
 MODERATION_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
-    "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence", "violence/graphic",
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
 )
 
 
@@ -112,12 +133,14 @@ def _moderations(job: Job) -> dict[str, Any]:
     for prompt in job.prompts:
         rng = random.Random(prompt.key)
         scores = {category: round(rng.random() ** 12, 6) for category in MODERATION_CATEGORIES}
-        results.append({
-            "flagged": any(score > 0.5 for score in scores.values()),
-            "categories": {category: score > 0.5 for category, score in scores.items()},
-            "category_scores": scores,
-            "category_applied_input_types": {category: ["text"] for category in MODERATION_CATEGORIES},
-        })
+        results.append(
+            {
+                "flagged": any(score > 0.5 for score in scores.values()),
+                "categories": {category: score > 0.5 for category, score in scores.items()},
+                "category_scores": scores,
+                "category_applied_input_types": {category: ["text"] for category in MODERATION_CATEGORIES},
+            }
+        )
     return {"id": "modr-" + secrets.token_hex(16), "model": job.model, "results": results}
 
 

@@ -16,7 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8100, help="Port to listen on (default 8100).")
     parser.add_argument(
-        "--model", dest="models", action="append", metavar="NAME",
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
         help="Model name to serve, each with its own engine (repeatable; default sim-model).",
     )
     defaults = SimConfig()
@@ -25,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         value = getattr(defaults, name)
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=type(value), default=value, choices=CHOICES.get(name),
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=type(value),
+            default=value,
+            choices=CHOICES.get(name),
             metavar=None if name in CHOICES else type(value).__name__.upper(),
             help=f"{HELP[name]} (default {value})",
         )
@@ -56,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"vLLM simulator on http://{args.host}:{args.port} serving {', '.join(config.models)} "
         f"(max-num-seqs {config.max_num_seqs}, time-scale {config.time_scale}); Ctrl-C to stop",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
     server = uvicorn.Server(uvicorn_config(create_sim_app(config), host=args.host, port=args.port, log_level="warning"))
     try:

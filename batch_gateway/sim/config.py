@@ -45,12 +45,28 @@ class SimConfig(msgspec.Struct, kw_only=True):
         problems = []
         if not self.models or any(not isinstance(m, str) or not m for m in self.models):
             problems.append("models must be a non-empty list of names")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_blocks", "max_model_len",
-                     "default_output_tokens", "max_output_tokens", "embedding_dim"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "kv_blocks",
+            "max_model_len",
+            "default_output_tokens",
+            "max_output_tokens",
+            "embedding_dim",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("cache_blocks", "step_base_ms", "per_seq_ms", "context_ms_per_token", "prefill_ms_per_token",
-                     "time_scale", "timeout_seconds", "retry_after_seconds"):
+        for name in (
+            "cache_blocks",
+            "step_base_ms",
+            "per_seq_ms",
+            "context_ms_per_token",
+            "prefill_ms_per_token",
+            "time_scale",
+            "timeout_seconds",
+            "retry_after_seconds",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         rates = (self.error_rate_429, self.error_rate_500, self.error_rate_503, self.timeout_rate)
@@ -59,7 +75,9 @@ class SimConfig(msgspec.Struct, kw_only=True):
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             problems.append(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            problems.append("max_num_batched_tokens must be at least max_num_seqs (every running sequence decodes a token per step)")
+            problems.append(
+                "max_num_batched_tokens must be at least max_num_seqs (every running sequence decodes a token per step)"
+            )
         if problems:
             raise ValueError("invalid simulator config: " + "; ".join(problems))
 
@@ -67,22 +85,25 @@ class SimConfig(msgspec.Struct, kw_only=True):
     def instant(self) -> bool:
         """Zero-latency mode: no step costs time, so a sequence runs to completion in the step that admits it."""
         return self.time_scale == 0 or (
-            self.step_base_ms == 0 and self.per_seq_ms == 0 and self.prefill_ms_per_token == 0 and self.context_ms_per_token == 0
+            self.step_base_ms == 0
+            and self.per_seq_ms == 0
+            and self.prefill_ms_per_token == 0
+            and self.context_ms_per_token == 0
         )
 
 
 HELP: dict[str, str] = {
     "max_num_seqs": "Most sequences running at once; the rest wait in arrival order, or by priority with "
-                    "--scheduling-policy priority (vLLM --max-num-seqs).",
+    "--scheduling-policy priority (vLLM --max-num-seqs).",
     "max_num_batched_tokens": "Token budget of one step: decode tokens plus prefill chunks (vLLM's chunked prefill).",
     "block_size": "Tokens per KV-cache block; the prefix cache works in whole blocks.",
     "kv_blocks": "KV-cache size in blocks; new sequences wait and running ones are preempted when it is full.",
     "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). When set, "
-                    "/metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
+    "/metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
     "max_model_len": "Longest prompt + output in tokens; longer requests get a 400.",
     "scheduling_policy": "fcfs: arrival order; a request's `priority` is ignored (as vLLM's V1). priority: lower "
-                         "`priority` first (ties by arrival), and a waiting request that does not fit preempts the running "
-                         "one of lowest priority if that is strictly lower (vLLM --scheduling-policy).",
+    "`priority` first (ties by arrival), and a waiting request that does not fit preempts the running "
+    "one of lowest priority if that is strictly lower (vLLM --scheduling-policy).",
     "step_base_ms": "Fixed cost of one engine step (reading the weights once).",
     "per_seq_ms": "Extra step cost per sequence in the step.",
     "context_ms_per_token": "Extra step cost per context token of the decoding sequences (attention reads the KV cache).",

@@ -93,7 +93,9 @@ class Stats:
     aborted: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    prefill_tokens: int = 0  # prompt tokens actually computed: cache hits excluded, recomputation after preemption included
+    prefill_tokens: int = (
+        0  # prompt tokens actually computed: cache hits excluded, recomputation after preemption included
+    )
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which found
     preemptions: int = 0
@@ -129,7 +131,9 @@ class Engine:
         self.stats = Stats()
         self.paused = False
         self._by_priority = config.scheduling_policy == "priority"
-        self._step_end = 0.0  # when the last step ended: every sequence it gave a token to has last_token_at equal to it
+        self._step_end = (
+            0.0  # when the last step ended: every sequence it gave a token to has last_token_at equal to it
+        )
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the engine runs on, once started
@@ -161,8 +165,15 @@ class Engine:
         """Whether a sequence of `tokens` (prompt + output) could ever be held by the KV cache."""
         return math.ceil(tokens / self.config.block_size) <= self.config.kv_blocks
 
-    async def generate(self, prompt: Prompt, output_tokens: int, *, pooling: bool = False,
-                       finish_reason: str = "length", priority: int = 0) -> Sequence:
+    async def generate(
+        self,
+        prompt: Prompt,
+        output_tokens: int,
+        *,
+        pooling: bool = False,
+        finish_reason: str = "length",
+        priority: int = 0,
+    ) -> Sequence:
         """Run one sequence to completion. Cancelling the caller aborts it and frees its slot, as vLLM does.
 
         `finish_reason` is what its end will be reported as: "length" when it ends at max_tokens, "stop" when the
@@ -170,8 +181,15 @@ class Engine:
         """
         self.start()
         loop = asyncio.get_running_loop()
-        sequence = Sequence(prompt, max(1, output_tokens), loop.time(), loop.create_future(), pooling=pooling,
-                            finish_reason=finish_reason, priority=priority)
+        sequence = Sequence(
+            prompt,
+            max(1, output_tokens),
+            loop.time(),
+            loop.create_future(),
+            pooling=pooling,
+            finish_reason=finish_reason,
+            priority=priority,
+        )
         self.waiting.add(sequence)
         self.stats.requests += 1
         self._wake.set()
@@ -322,7 +340,11 @@ class Engine:
         block = self.config.block_size
         cacheable = not sequence.pooling and not sequence.synthetic
         # At least one token must be computed (it yields the first output token), so a full hit drops its last block.
-        hits = self.pool.longest_hit(sequence.prompt.block_hashes, (sequence.prefill_target - 1) // block) if cacheable else []
+        hits = (
+            self.pool.longest_hit(sequence.prompt.block_hashes, (sequence.prefill_target - 1) // block)
+            if cacheable
+            else []
+        )
         cached = len(hits) * block
         tokens = min(sequence.prefill_target - cached, budget)
         need = math.ceil((cached + tokens) / block) - len(hits)

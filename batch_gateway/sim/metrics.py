@@ -30,20 +30,77 @@ ENGINE_INDEX = "0"
 
 # vLLM's bucket boundaries, in seconds; each histogram has its own.
 TTFT_BUCKETS: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
-    640.0, 2560.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
 )
 TOKEN_LATENCY_BUCKETS: tuple[float, ...] = (  # inter-token latency and time per output token
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
 REQUEST_LATENCY_BUCKETS: tuple[float, ...] = (  # e2e and queue time
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
     7680.0,
 )
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "count", "sum")
+    __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -90,8 +147,16 @@ def _gauges() -> list[tuple[str, str, Callable[[Engine], float]]]:
 
 def _counters() -> list[tuple[str, str, Callable[[Engine], float]]]:
     return [
-        ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", lambda e: e.stats.prefix_queries),
-        ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", lambda e: e.stats.prefix_hits),
+        (
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            lambda e: e.stats.prefix_queries,
+        ),
+        (
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            lambda e: e.stats.prefix_hits,
+        ),
         ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", lambda e: e.stats.preemptions),
         ("vllm:prompt_tokens", "Number of prefill tokens processed.", lambda e: e.stats.prompt_tokens),
         ("vllm:generation_tokens", "Number of generation tokens processed.", lambda e: e.stats.generation_tokens),
@@ -102,9 +167,16 @@ def _histograms() -> list[tuple[str, str, str]]:
     return [
         ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", "ttft"),
         ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", "itl"),
-        ("vllm:time_per_output_token_seconds",
-         "Histogram of time per output token in seconds.DEPRECATED: Use vllm:inter_token_latency_seconds instead.", "itl"),
-        ("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.", "tpot"),
+        (
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
+            "itl",
+        ),
+        (
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            "tpot",
+        ),
         ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", "e2e"),
         ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", "queue"),
     ]
@@ -125,8 +197,10 @@ def render(engines: Iterable[Engine]) -> str:
     name = "vllm:cache_config_info"
     out += [f"# HELP {name} Information of the LLMEngine CacheConfig", f"# TYPE {name} gauge"]
     # vLLM's gauge has no model_name (one process, one model); here it tells the engines of several models apart.
-    out += [f"{name}{{{_labels({**cache_info(e.config), 'engine': ENGINE_INDEX, 'model_name': e.model})}}} 1.0"
-            for e in engines]
+    out += [
+        f"{name}{{{_labels({**cache_info(e.config), 'engine': ENGINE_INDEX, 'model_name': e.model})}}} 1.0"
+        for e in engines
+    ]
     for name, help_text, read in _gauges():
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         out += [f"{name}{{{labels[e.model]}}} {float(read(e))}" for e in engines]
@@ -137,7 +211,9 @@ def render(engines: Iterable[Engine]) -> str:
     out += [f"# HELP {name} Count of successfully processed requests.", f"# TYPE {name} counter"]
     for e in engines:
         for reason in ("stop", "length"):
-            out.append(f'{name}_total{{{labels[e.model]},finished_reason="{reason}"}} {float(e.stats.finished.get(reason, 0))}')
+            out.append(
+                f'{name}_total{{{labels[e.model]},finished_reason="{reason}"}} {float(e.stats.finished.get(reason, 0))}'
+            )
     for name, help_text, attribute in _histograms():
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
         for e in engines:

@@ -24,8 +24,16 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for the leg
 class RequestError(Exception):
     """An error answered in OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -94,8 +102,10 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
             if asked is None:
                 detail = f"your messages resulted in {prompt.tokens} tokens"
             else:
-                detail = (f"you requested {prompt.tokens + asked} tokens ({prompt.tokens} in the messages, {asked} in "
-                          "the completion)")
+                detail = (
+                    f"you requested {prompt.tokens + asked} tokens ({prompt.tokens} in the messages, {asked} in "
+                    "the completion)"
+                )
             raise RequestError(
                 400,
                 f"This model's maximum context length is {config.max_model_len} tokens. However, {detail}. Please "
@@ -120,9 +130,11 @@ def _embedding_job(model: str, prompts: list[Prompt], body: dict[str, Any], conf
     for prompt in prompts:
         if prompt.tokens > config.max_model_len:
             raise RequestError(
-                400, f"This model's maximum context length is {config.max_model_len} tokens. However, you requested "
+                400,
+                f"This model's maximum context length is {config.max_model_len} tokens. However, you requested "
                 f"{prompt.tokens} tokens in the input for embedding generation. Please reduce the length of the input.",
-                param="input", code="context_length_exceeded",
+                param="input",
+                code="context_length_exceeded",
             )
     dimensions = body.get("dimensions")
     if dimensions is None:
@@ -132,8 +144,15 @@ def _embedding_job(model: str, prompts: list[Prompt], body: dict[str, Any], conf
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise RequestError(400, "encoding_format must be 'float' or 'base64'.", param="encoding_format")
-    return Job(EMBEDDINGS, model, prompts, [1] * len(prompts), dimensions=dimensions, base64=encoding == "base64",
-               priority=priority)
+    return Job(
+        EMBEDDINGS,
+        model,
+        prompts,
+        [1] * len(prompts),
+        dimensions=dimensions,
+        base64=encoding == "base64",
+        priority=priority,
+    )
 
 
 def _max_tokens(endpoint: str, body: dict[str, Any]) -> int | None:
@@ -224,7 +243,8 @@ def _prompts(value: object, field: str, block: int) -> list[Prompt]:
         if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
             return [prompt_from_token_ids(v, block) for v in value]
     raise RequestError(
-        400, f"{field} must be a non-empty string, list of strings, list of token ids or list of token-id lists.",
+        400,
+        f"{field} must be a non-empty string, list of strings, list of token ids or list of token-id lists.",
         param=field,
     )
 

@@ -22,7 +22,12 @@ def create_sim_app(config: SimConfig | None = None) -> SimApp:
 def uvicorn_config(app: SimApp, **options: Any) -> uvicorn.Config:
     # Hung requests (injected timeouts) must not hold a shutdown for long.
     return uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30, timeout_graceful_shutdown=1,
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=1,
         **options,
     )
 

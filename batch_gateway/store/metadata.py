@@ -191,14 +191,13 @@ class StorageStats(msgspec.Struct):
     overdue_batches: int = 0  # not terminal, past expires_at: no runner or gc is ending them
     near_deadline_batches: int = 0  # not terminal, in the last fifth of their completion window
 
+
 # A batch is "near its deadline" in the last 1/NEAR_DEADLINE_FRACTION of its window (created_at to expires_at).
 NEAR_DEADLINE_FRACTION = 5
 
 
 # Columns a transition may change besides the status and its timestamp.
-TRANSITION_FIELDS = frozenset(
-    {"model", "errors", "output_file_id", "error_file_id", "request_counts", "usage"}
-)
+TRANSITION_FIELDS = frozenset({"model", "errors", "output_file_id", "error_file_id", "request_counts", "usage"})
 
 
 class MetadataStore(abc.ABC):
@@ -271,8 +270,13 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def transition_upload(
-        self, upload_id: str, tenant: str | None, from_statuses: Collection[str], to_status: str,
-        *, unexpired_at: int | None = None,
+        self,
+        upload_id: str,
+        tenant: str | None,
+        from_statuses: Collection[str],
+        to_status: str,
+        *,
+        unexpired_at: int | None = None,
     ) -> UploadRecord | None:
         """Compare-and-set the upload's status; with `unexpired_at`, only an upload that has not expired by then
         moves. Returns the updated upload, or None if it did not match."""
@@ -382,7 +386,9 @@ class MetadataStore(abc.ABC):
         """A failed attempt: try again at `due_at`, keeping `error` for the operator (only while still pending)."""
 
     @abc.abstractmethod
-    async def finish_webhook_event(self, event_id: str, state: WebhookState, now: int, error: str | None = None) -> None:
+    async def finish_webhook_event(
+        self, event_id: str, state: WebhookState, now: int, error: str | None = None
+    ) -> None:
         """The event will not be sent again: delivered, dropped or failed."""
 
     # --- API keys ---

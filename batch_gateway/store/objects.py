@@ -172,7 +172,9 @@ def _open_store(url: str, *, fast_fail: bool = False) -> obstore.store.ObjectSto
             options["allow_http"] = True
         if fast_fail:
             options.update(connect_timeout="1s", timeout="2s")
-            return from_url(url, client_options=options, retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=2)})
+            return from_url(
+                url, client_options=options, retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=2)}
+            )
         return from_url(url, client_options=options or None)
     return from_url(url)
 

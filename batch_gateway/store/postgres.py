@@ -26,12 +26,12 @@ from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store import rows
 from batch_gateway.store.metadata import (
+    NEAR_DEADLINE_FRACTION,
+    OPEN_UPLOAD_STATUSES,
     ApiKeyRecord,
     BatchRecord,
     FileRecord,
     MetadataStore,
-    OPEN_UPLOAD_STATUSES,
-    NEAR_DEADLINE_FRACTION,
     RunnerLoad,
     StorageStats,
     UploadPartRecord,
@@ -71,7 +71,9 @@ async def _configure(connection: psycopg.AsyncConnection) -> None:
 # Active batches past their deadline, and in the last fifth of their window (metrics, alerts).
 DEADLINES_SQL = (
     "SELECT COALESCE(SUM(CASE WHEN expires_at <= %s THEN 1 ELSE 0 END), 0) AS overdue, "
-    "COALESCE(SUM(CASE WHEN expires_at > %s AND (expires_at - %s) * " f"{NEAR_DEADLINE_FRACTION}" " < expires_at - created_at "
+    "COALESCE(SUM(CASE WHEN expires_at > %s AND (expires_at - %s) * "
+    f"{NEAR_DEADLINE_FRACTION}"
+    " < expires_at - created_at "
     "THEN 1 ELSE 0 END), 0) AS near FROM batches "
     "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 )
@@ -190,7 +192,9 @@ class PostgresStore(MetadataStore):
 
     async def insert_file(self, record: FileRecord) -> None:
         values = rows.file_values(record)
-        await self._execute(f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values)
+        await self._execute(
+            f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values
+        )
 
     async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
         if tenant is None:
@@ -210,7 +214,9 @@ class PostgresStore(MetadataStore):
             clauses.append("purpose = %s")
             params.append(purpose)
         if after is not None:
-            clauses.append(f"seq {'>' if order == 'asc' else '<'} (SELECT seq FROM files WHERE id = %s AND tenant = %s)")
+            clauses.append(
+                f"seq {'>' if order == 'asc' else '<'} (SELECT seq FROM files WHERE id = %s AND tenant = %s)"
+            )
             params += [after, tenant]
         found = await self._rows(
             f"SELECT {_FILES} FROM files WHERE {' AND '.join(clauses)} ORDER BY seq {order.upper()} LIMIT %s",
@@ -283,8 +289,13 @@ class PostgresStore(MetadataStore):
         return [rows.upload_part_from_row(r) for r in found]
 
     async def transition_upload(
-        self, upload_id: str, tenant: str | None, from_statuses: Collection[str], to_status: str,
-        *, unexpired_at: int | None = None,
+        self,
+        upload_id: str,
+        tenant: str | None,
+        from_statuses: Collection[str],
+        to_status: str,
+        *,
+        unexpired_at: int | None = None,
     ) -> UploadRecord | None:
         sources = rows.checked_upload_statuses(from_statuses)
         rows.checked_upload_statuses([to_status])
@@ -534,7 +545,9 @@ class PostgresStore(MetadataStore):
             (due_at, error, event_id, WebhookState.PENDING.value),
         )
 
-    async def finish_webhook_event(self, event_id: str, state: WebhookState, now: int, error: str | None = None) -> None:
+    async def finish_webhook_event(
+        self, event_id: str, state: WebhookState, now: int, error: str | None = None
+    ) -> None:
         await self._execute(
             "UPDATE webhook_events SET state = %s, finished_at = %s, last_error = COALESCE(%s, last_error) "
             "WHERE id = %s AND state = %s",

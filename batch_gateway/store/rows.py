@@ -110,7 +110,9 @@ def key_values(record: ApiKeyRecord) -> list[Any]:
 
 def batch_values(record: BatchRecord, json: Any = encode_json) -> list[Any]:
     """Column values in `BATCH_COLUMNS` order; `json` wraps the JSON columns for the driver."""
-    return [json(getattr(record, name)) if name in BATCH_JSON_TYPES else getattr(record, name) for name in BATCH_COLUMNS]
+    return [
+        json(getattr(record, name)) if name in BATCH_JSON_TYPES else getattr(record, name) for name in BATCH_COLUMNS
+    ]
 
 
 def timestamp_column(status: str) -> str | None:

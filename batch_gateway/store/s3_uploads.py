@@ -67,7 +67,9 @@ def bucket_from_env(name: str) -> Bucket:
     return Bucket(f"{endpoint or f'https://s3.{region}.amazonaws.com'}/{name}", region)
 
 
-async def list_uploads(http: httpx.AsyncClient, bucket: Bucket, credentials: Credentials, prefix: str) -> list[PendingUpload]:
+async def list_uploads(
+    http: httpx.AsyncClient, bucket: Bucket, credentials: Credentials, prefix: str
+) -> list[PendingUpload]:
     """Every multipart upload started under `prefix` and neither completed nor aborted (ListMultipartUploads)."""
     found: list[PendingUpload] = []
     markers: dict[str, str] = {}
@@ -76,7 +78,9 @@ async def list_uploads(http: httpx.AsyncClient, bucket: Bucket, credentials: Cre
         root = ElementTree.fromstring(answer.content)
         for upload in root.iterfind("{*}Upload"):
             initiated = datetime.datetime.fromisoformat(upload.findtext("{*}Initiated", "").replace("Z", "+00:00"))
-            found.append(PendingUpload(upload.findtext("{*}Key", ""), upload.findtext("{*}UploadId", ""), initiated.timestamp()))
+            found.append(
+                PendingUpload(upload.findtext("{*}Key", ""), upload.findtext("{*}UploadId", ""), initiated.timestamp())
+            )
         if root.findtext("{*}IsTruncated", "false").lower() != "true":
             return found
         markers = {
@@ -85,7 +89,9 @@ async def list_uploads(http: httpx.AsyncClient, bucket: Bucket, credentials: Cre
         }
 
 
-async def abort_upload(http: httpx.AsyncClient, bucket: Bucket, credentials: Credentials, upload: PendingUpload) -> None:
+async def abort_upload(
+    http: httpx.AsyncClient, bucket: Bucket, credentials: Credentials, upload: PendingUpload
+) -> None:
     """AbortMultipartUpload; an upload that is already gone is not an error."""
     await _send(http, "DELETE", bucket, upload.key, {"uploadId": upload.upload_id}, credentials, missing_ok=True)
 
@@ -127,14 +133,16 @@ def sign_v4(
     if credentials.session_token:
         headers["x-amz-security-token"] = credentials.session_token
     names = sorted(headers)
-    canonical_request = "\n".join([
-        method,
-        url.raw_path.decode() or "/",
-        canonical_query,
-        "".join(f"{name}:{headers[name]}\n" for name in names),
-        ";".join(names),
-        EMPTY_SHA256,
-    ])
+    canonical_request = "\n".join(
+        [
+            method,
+            url.raw_path.decode() or "/",
+            canonical_query,
+            "".join(f"{name}:{headers[name]}\n" for name in names),
+            ";".join(names),
+            EMPTY_SHA256,
+        ]
+    )
     scope = f"{stamp[:8]}/{region}/s3/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical_request.encode()).hexdigest()])
     key = ("AWS4" + credentials.secret_access_key).encode()

@@ -56,7 +56,9 @@ class NullSignals(Signals):
     async def publish_progress(self, batch_id: str, counts: wire.RequestCounts, usage: wire.Usage | None) -> None:
         return None
 
-    async def read_progress(self, batch_ids: Collection[str]) -> dict[str, tuple[wire.RequestCounts, wire.Usage | None]]:
+    async def read_progress(
+        self, batch_ids: Collection[str]
+    ) -> dict[str, tuple[wire.RequestCounts, wire.Usage | None]]:
         return {}
 
     async def request_cancel(self, batch_id: str) -> None:

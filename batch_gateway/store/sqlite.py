@@ -23,12 +23,12 @@ from batch_gateway import ids, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store import rows
 from batch_gateway.store.metadata import (
+    NEAR_DEADLINE_FRACTION,
+    OPEN_UPLOAD_STATUSES,
     ApiKeyRecord,
     BatchRecord,
     FileRecord,
     MetadataStore,
-    OPEN_UPLOAD_STATUSES,
-    NEAR_DEADLINE_FRACTION,
     RunnerLoad,
     StorageStats,
     UploadPartRecord,
@@ -83,7 +83,9 @@ def split_statements(script: str) -> list[str]:
 # Active batches past their deadline, and in the last fifth of their window (metrics, alerts).
 DEADLINES_SQL = (
     "SELECT COALESCE(SUM(CASE WHEN expires_at <= ? THEN 1 ELSE 0 END), 0) AS overdue, "
-    "COALESCE(SUM(CASE WHEN expires_at > ? AND (expires_at - ?) * " f"{NEAR_DEADLINE_FRACTION}" " < expires_at - created_at "
+    "COALESCE(SUM(CASE WHEN expires_at > ? AND (expires_at - ?) * "
+    f"{NEAR_DEADLINE_FRACTION}"
+    " < expires_at - created_at "
     "THEN 1 ELSE 0 END), 0) AS near FROM batches "
     "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 )
@@ -160,7 +162,8 @@ class SqliteStore(MetadataStore):
                     for statement in split_statements(migration.sql):
                         c.execute(statement)
                     c.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (migration.version, migration.name)
+                        "INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                        (migration.version, migration.name),
                     )
                     done.append(migration.version)
                 c.execute("COMMIT")
@@ -201,7 +204,9 @@ class SqliteStore(MetadataStore):
 
     async def insert_file(self, record: FileRecord) -> None:
         values = rows.file_values(record)
-        await self._execute(f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values)
+        await self._execute(
+            f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values
+        )
 
     async def get_file(self, file_id: str, tenant: str | None) -> FileRecord | None:
         if tenant is None:
@@ -245,7 +250,8 @@ class SqliteStore(MetadataStore):
     async def file_in_use(self, file_id: str) -> bool:
         active = rows.ACTIVE_STATUSES
         row = await self._row(
-            f"SELECT 1 FROM batches WHERE input_file_id = ? AND status IN ({_marks(active)}) LIMIT 1", (file_id, *active)
+            f"SELECT 1 FROM batches WHERE input_file_id = ? AND status IN ({_marks(active)}) LIMIT 1",
+            (file_id, *active),
         )
         return row is not None
 
@@ -291,8 +297,13 @@ class SqliteStore(MetadataStore):
         return [rows.upload_part_from_row(r) for r in found]
 
     async def transition_upload(
-        self, upload_id: str, tenant: str | None, from_statuses: Collection[str], to_status: str,
-        *, unexpired_at: int | None = None,
+        self,
+        upload_id: str,
+        tenant: str | None,
+        from_statuses: Collection[str],
+        to_status: str,
+        *,
+        unexpired_at: int | None = None,
     ) -> UploadRecord | None:
         sources = rows.checked_upload_statuses(from_statuses)
         rows.checked_upload_statuses([to_status])
@@ -318,7 +329,9 @@ class SqliteStore(MetadataStore):
                 ).fetchone()
                 if row is not None:
                     values = rows.file_values(file)
-                    c.execute(f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values)
+                    c.execute(
+                        f"INSERT INTO files ({_FILES}) VALUES ({_marks(values)}) ON CONFLICT (id) DO NOTHING", values
+                    )
                 c.execute("COMMIT" if row is not None else "ROLLBACK")
                 return row
             except BaseException:
@@ -390,7 +403,8 @@ class SqliteStore(MetadataStore):
 
     async def release_fold(self, tenant: str, fingerprint: str, batch_id: str) -> None:
         await self._execute(
-            "DELETE FROM batch_folds WHERE tenant = ? AND fingerprint = ? AND batch_id = ?", (tenant, fingerprint, batch_id)
+            "DELETE FROM batch_folds WHERE tenant = ? AND fingerprint = ? AND batch_id = ?",
+            (tenant, fingerprint, batch_id),
         )
 
     async def get_batch(self, batch_id: str, tenant: str | None) -> BatchRecord | None:
@@ -442,8 +456,13 @@ class SqliteStore(MetadataStore):
             "UPDATE batches SET request_counts = ?, usage = ? "
             f"WHERE id = ? AND status IN ({_marks(rows.LIVE_STATUSES)}) "
             "AND json_extract(request_counts, '$.completed') + json_extract(request_counts, '$.failed') <= ?",
-            (rows.encode_json(counts), rows.encode_json(usage), batch_id, *rows.LIVE_STATUSES,
-             counts.completed + counts.failed),
+            (
+                rows.encode_json(counts),
+                rows.encode_json(usage),
+                batch_id,
+                *rows.LIVE_STATUSES,
+                counts.completed + counts.failed,
+            ),
         )
 
     async def batches_with_status(self, statuses: Collection[str], limit: int = 1000) -> list[BatchRecord]:
@@ -490,7 +509,8 @@ class SqliteStore(MetadataStore):
 
     async def renew_lease(self, batch_id: str, owner: str, now: int, lease_seconds: int) -> bool:
         renewed = await self._execute(
-            "UPDATE batches SET lease_until = ? WHERE id = ? AND runner_owner = ?", (now + lease_seconds, batch_id, owner)
+            "UPDATE batches SET lease_until = ? WHERE id = ? AND runner_owner = ?",
+            (now + lease_seconds, batch_id, owner),
         )
         return renewed > 0
 
@@ -556,7 +576,9 @@ class SqliteStore(MetadataStore):
             (due_at, error, event_id, WebhookState.PENDING.value),
         )
 
-    async def finish_webhook_event(self, event_id: str, state: WebhookState, now: int, error: str | None = None) -> None:
+    async def finish_webhook_event(
+        self, event_id: str, state: WebhookState, now: int, error: str | None = None
+    ) -> None:
         await self._execute(
             "UPDATE webhook_events SET state = ?, finished_at = ?, last_error = COALESCE(?, last_error) "
             "WHERE id = ? AND state = ?",
@@ -577,7 +599,10 @@ class SqliteStore(MetadataStore):
         return [rows.key_from_row(r) for r in found]
 
     async def revoke_key(self, key_id: str, now: int) -> bool:
-        return await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)) > 0
+        return (
+            await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id))
+            > 0
+        )
 
     async def active_key_count(self) -> int:
         row = await self._row("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")

@@ -121,7 +121,9 @@ class ValkeySignals(Signals):
 
     async def publish_progress(self, batch_id: str, counts: wire.RequestCounts, usage: wire.Usage | None) -> None:
         payload = msgspec.json.encode(Progress(counts=counts, usage=usage))
-        await self._run("publish_progress", lambda: self._client.set(self.keys.progress(batch_id), payload, ex=self.progress_ttl))
+        await self._run(
+            "publish_progress", lambda: self._client.set(self.keys.progress(batch_id), payload, ex=self.progress_ttl)
+        )
 
     async def read_progress(
         self, batch_ids: Collection[str]
@@ -246,7 +248,12 @@ class ValkeySignals(Signals):
         self._failures += 1
         now = time.monotonic()
         if now - self._warned_at >= WARN_INTERVAL:
-            log.warning("signals.valkey_down", operation=operation, error=str(exc) or type(exc).__name__, failures=self._failures)
+            log.warning(
+                "signals.valkey_down",
+                operation=operation,
+                error=str(exc) or type(exc).__name__,
+                failures=self._failures,
+            )
             self._warned_at = now
         self._ensure_probe()
 

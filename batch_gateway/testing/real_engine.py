@@ -61,14 +61,21 @@ class LlamaServer:
     def __enter__(self) -> str:
         command = [
             str(find_llama_server()),
-            "-m", str(find_model()),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "-np", str(self.slots),
-            "-c", str(self.context),
-            "-t", str(self.threads),
+            "-m",
+            str(find_model()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-np",
+            str(self.slots),
+            "-c",
+            str(self.context),
+            "-t",
+            str(self.threads),
             "--metrics",
-            "--alias", self.alias,
+            "--alias",
+            self.alias,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60

@@ -60,10 +60,19 @@ def test_revoking_every_key_never_opens_the_gateway(server_factory):
     for api_key in (first, None):
         http = server.http(api_key=api_key)
         assert_envelope(http.get("/v1/files"), 401, code="invalid_api_key")
-        assert_envelope(http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("x.jsonl", chat_lines(1))}),
-                        401, code="invalid_api_key")
-        assert_envelope(http.post("/v1/batches", json={"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
-                                                       "completion_window": "24h"}), 401, code="invalid_api_key")
+        assert_envelope(
+            http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("x.jsonl", chat_lines(1))}),
+            401,
+            code="invalid_api_key",
+        )
+        assert_envelope(
+            http.post(
+                "/v1/batches",
+                json={"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+            ),
+            401,
+            code="invalid_api_key",
+        )
     assert server.stored_objects() == []
     replacement, _ = new_key(server, "acme")
     assert server.client(api_key=replacement).files.list().data == []
@@ -81,9 +90,7 @@ def test_wrong_or_missing_key_is_401_once_a_key_exists(server_factory):
     assert wrong not in error["message"] and mask_key(wrong) in error["message"]
     assert server.count("GET", "/v1/files") == 1  # 401 is not retried
     assert_envelope(server.http(api_key=None).get("/v1/batches"), 401, code="invalid_api_key")
-    assert_envelope(
-        server.http(api_key=None).get("/v1/batches", headers={"Authorization": f"Basic {good}"}), 401
-    )
+    assert_envelope(server.http(api_key=None).get("/v1/batches", headers={"Authorization": f"Basic {good}"}), 401)
     assert server.client(api_key=good).files.list().data == []
 
 

@@ -301,7 +301,10 @@ def test_list_batches_newest_first_with_auto_pagination(server, client):
 
     raw = server.http().get("/v1/batches", params={"limit": 2}).json()
     assert (raw["object"], raw["first_id"], raw["last_id"], raw["has_more"]) == (
-        "list", newest_first[0], newest_first[1], True
+        "list",
+        newest_first[0],
+        newest_first[1],
+        True,
     )
     assert all(set(b) == BATCH_KEYS for b in raw["data"])
 
@@ -431,8 +434,13 @@ def test_every_endpoint_of_the_spec_is_accepted_when_an_upstream_serves_it(serve
         server = server_factory(upstream=[sim.url])
         client = server.client(max_retries=0)
         file_id = upload(client)
-        for endpoint in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-                         "/v1/moderations"):
+        for endpoint in (
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/v1/moderations",
+        ):
             batch = client.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
             assert batch.endpoint == endpoint
         for endpoint in ("/v1/images/generations", "/v1/images/edits", "/v1/videos"):
@@ -459,17 +467,23 @@ def test_an_unknown_parameter_is_refused_as_openai_does(server, client):
     with server.http() as http:
         for body, param in [
             ({**base, "priority": "high"}, "priority"),
-            ({**base, "output_expires_after": {"anchor": "created_at", "seconds": 3600, "unit": "s"}},
-             "output_expires_after.unit"),
+            (
+                {**base, "output_expires_after": {"anchor": "created_at", "seconds": 3600, "unit": "s"}},
+                "output_expires_after.unit",
+            ),
         ]:
             response = http.post("/v1/batches", json=body)
             assert_envelope(response, 400)
             assert response.json()["error"] == {
-                "message": f"Unknown parameter: '{param}'.", "type": "invalid_request_error", "param": param,
+                "message": f"Unknown parameter: '{param}'.",
+                "type": "invalid_request_error",
+                "param": param,
                 "code": "unknown_parameter",
             }
-        response = http.post("/v1/uploads", json={"bytes": 1, "filename": "a.jsonl", "purpose": "batch",
-                                                  "mime_type": "text/jsonl", "colour": "red"})
+        response = http.post(
+            "/v1/uploads",
+            json={"bytes": 1, "filename": "a.jsonl", "purpose": "batch", "mime_type": "text/jsonl", "colour": "red"},
+        )
         assert_envelope(response, 400, code="unknown_parameter", param="colour")
         error = assert_envelope(http.post("/v1/batches", json=[base]), 400)  # JSON, but no object: never a 500
         assert "could not parse the JSON body" in error["message"]

@@ -302,7 +302,10 @@ def test_large_upload_is_streamed_not_buffered(server_factory, tmp_path):
         ("application/json", b'{"purpose": "batch"}'),
         ("multipart/form-data", b"no boundary"),
         ("multipart/form-data; boundary=xyz", b"garbage without any boundary"),
-        ("multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n{}'),
+        (
+            "multipart/form-data; boundary=xyz",
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n{}',
+        ),
         ("multipart/form-data; boundary=xyz", b"--xyz\r\nNo-Colon-Header\r\n\r\nx\r\n--xyz--\r\n"),
         ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: attachment\r\n\r\nx\r\n--xyz--\r\n"),
     ],
@@ -317,7 +320,9 @@ def test_two_file_parts_are_refused_and_nothing_is_kept(server):
     body, content_type = multipart_body(
         [("purpose", b"batch", None), ("file", b"{}\n", "a.jsonl"), ("file", b"{}\n", "b.jsonl")]
     )
-    assert_envelope(server.http().post("/v1/files", content=body, headers={"Content-Type": content_type}), 400, param="file")
+    assert_envelope(
+        server.http().post("/v1/files", content=body, headers={"Content-Type": content_type}), 400, param="file"
+    )
     assert server.stored_objects() == []
 
 
@@ -392,8 +397,11 @@ def test_deleting_the_input_of_an_unfinished_batch_hides_it_but_keeps_its_bytes(
     deleted = client.files.delete(created.id)
     assert (deleted.id, deleted.object, deleted.deleted) == (created.id, "file", True)
     # Gone for the user, as at OpenAI ...
-    for call in (lambda: client.files.retrieve(created.id), lambda: client.files.content(created.id),
-                 lambda: client.files.delete(created.id)):
+    for call in (
+        lambda: client.files.retrieve(created.id),
+        lambda: client.files.content(created.id),
+        lambda: client.files.delete(created.id),
+    ):
         with pytest.raises(openai.NotFoundError):
             call()
     assert created.id not in {f.id for f in client.files.list()}

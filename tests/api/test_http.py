@@ -224,13 +224,26 @@ def test_metrics_report_deadlines_and_both_stores(server, client):
 
     def gauges() -> dict[str, float]:
         text = server.http().get("/metrics").text
-        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
+        return {
+            s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels
+        }
 
     now = ids.now()
     for created, expires in ((now - 7200, now - 60), (now - 3500, now + 100), (now - 100, now + 3500)):
-        server.run(server.services.metadata.insert_batch(BatchRecord(
-            id=ids.new_batch_id(), tenant="default", endpoint="/v1/chat/completions", input_file_id="file-x",
-            completion_window="1h", status="in_progress", created_at=created, expires_at=expires)))
+        server.run(
+            server.services.metadata.insert_batch(
+                BatchRecord(
+                    id=ids.new_batch_id(),
+                    tenant="default",
+                    endpoint="/v1/chat/completions",
+                    input_file_id="file-x",
+                    completion_window="1h",
+                    status="in_progress",
+                    created_at=created,
+                    expires_at=expires,
+                )
+            )
+        )
     seen = gauges()
     assert seen["batch_gateway_batches_overdue"] == 1 and seen["batch_gateway_batches_near_deadline"] == 1
     assert seen["batch_gateway_metadata_up"] == 1 and seen["batch_gateway_object_store_up"] == 1
@@ -245,5 +258,7 @@ def test_metrics_say_when_the_object_store_is_down(server_factory, monkeypatch):
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     server = server_factory(object_store_url="s3://nowhere/prefix")
     text = server.http().get("/metrics").text
-    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
+    values = {
+        s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels
+    }
     assert values["batch_gateway_object_store_up"] == 0 and values["batch_gateway_metadata_up"] == 1

@@ -14,8 +14,9 @@ ENDPOINT = "/v1/chat/completions"
 
 
 def result(line: int) -> bytes:
-    return json.dumps({"id": f"batch_req_{line}", "custom_id": f"req-{line}", "response": {"status_code": 200},
-                       "error": None}).encode()
+    return json.dumps(
+        {"id": f"batch_req_{line}", "custom_id": f"req-{line}", "response": {"status_code": 200}, "error": None}
+    ).encode()
 
 
 def start_batch(server, client) -> str:
@@ -31,13 +32,23 @@ async def finalize(server, batch_id: str, checkpoints: Checkpoints, count: int) 
     services = server.services
     output_id = ids.result_file_id(batch_id, "output")
     size = await checkpoints.write_file(file_key("default", output_id), OUTPUT, count)
-    await services.metadata.insert_file(FileRecord(
-        id=output_id, tenant="default", bytes=size, created_at=ids.now(), filename=f"{batch_id}_output.jsonl",
-        purpose="batch_output", object_key=file_key("default", output_id), expires_at=ids.now() + 3600))
+    await services.metadata.insert_file(
+        FileRecord(
+            id=output_id,
+            tenant="default",
+            bytes=size,
+            created_at=ids.now(),
+            filename=f"{batch_id}_output.jsonl",
+            purpose="batch_output",
+            object_key=file_key("default", output_id),
+            expires_at=ids.now() + 3600,
+        )
+    )
     counts = wire.RequestCounts(total=count, completed=count)
     await services.metadata.transition(batch_id, ["in_progress"], "finalizing", ids.now())
-    assert await services.metadata.transition(batch_id, ["finalizing"], "completed", ids.now(), output_file_id=output_id,
-                                              request_counts=counts)
+    assert await services.metadata.transition(
+        batch_id, ["finalizing"], "completed", ids.now(), output_file_id=output_id, request_counts=counts
+    )
     await checkpoints.delete()
     return output_id
 

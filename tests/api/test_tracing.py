@@ -29,7 +29,9 @@ def test_each_request_is_a_span_with_tenant_and_batch(server_factory, spans):
     client = server.client()
     upload = client.files.create(file=("in.jsonl", chat_lines(2)), purpose="batch")
     batch = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
         extra_headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
     )
     client.batches.retrieve(batch.id)
@@ -61,6 +63,10 @@ def test_tracing_is_off_without_an_endpoint(monkeypatch):
     app = object()
     assert tracing_middleware(app) is app, "off, the middleware is not even installed"
     assert tracing.endpoint_of(Settings(otlp_endpoint="http://c:4318/")) == "http://c:4318/v1/traces"
-    assert tracing.endpoint_of(Settings(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == "http://c:4318/v1/traces"
-    assert tracing.endpoint_of(Settings(), {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/t"}) == "http://c:4318/t"
+    assert (
+        tracing.endpoint_of(Settings(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == "http://c:4318/v1/traces"
+    )
+    assert (
+        tracing.endpoint_of(Settings(), {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/t"}) == "http://c:4318/t"
+    )
     assert tracing.endpoint_of(Settings(otlp_endpoint="http://c"), {"OTEL_SDK_DISABLED": "true"}) is None

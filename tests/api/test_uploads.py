@@ -33,8 +33,11 @@ def split(data: bytes, n: int) -> list[bytes]:
 def test_create_add_parts_out_of_order_and_complete_into_a_batch_file(server, client):
     data = chat_lines(30)
     upload = start(client, data)
-    raw = server.http().post("/v1/uploads", json={"bytes": 1, "filename": "x.jsonl", "mime_type": "text/jsonl",
-                                                   "purpose": "batch"}).json()
+    raw = (
+        server.http()
+        .post("/v1/uploads", json={"bytes": 1, "filename": "x.jsonl", "mime_type": "text/jsonl", "purpose": "batch"})
+        .json()
+    )
     assert set(raw) == UPLOAD_KEYS and raw["object"] == "upload" and raw["file"] is None
     assert upload.status == "pending" and upload.id.startswith("upload_")
     assert (upload.bytes, upload.filename, upload.purpose) == (len(data), "big.jsonl", "batch")
@@ -42,7 +45,7 @@ def test_create_add_parts_out_of_order_and_complete_into_a_batch_file(server, cl
 
     chunks = split(data, 3)
     # Parts may arrive in any order (or in parallel): `part_ids` says the order.
-    third, = parts_of(client, upload.id, [chunks[2]])
+    (third,) = parts_of(client, upload.id, [chunks[2]])
     raw_part = client.uploads.parts.with_raw_response.create(upload.id, data=chunks[0])
     assert set(raw_part.http_response.json()) == {"id", "object", "created_at", "upload_id"}
     part = raw_part.parse()
@@ -53,7 +56,11 @@ def test_create_add_parts_out_of_order_and_complete_into_a_batch_file(server, cl
     assert done.status == "completed"
     assert set(done.file.model_dump()) == FILE_KEYS
     assert (done.file.bytes, done.file.filename, done.file.purpose, done.file.status) == (
-        len(data), "big.jsonl", "batch", "processed")
+        len(data),
+        "big.jsonl",
+        "batch",
+        "processed",
+    )
     assert done.file.expires_at == done.file.created_at + THIRTY_DAYS
     assert client.files.content(done.file.id).content == data
     assert client.files.retrieve(done.file.id).id == done.file.id
@@ -74,7 +81,11 @@ def test_upload_file_chunked_sends_every_part_and_completes(server, client, tmp_
     assert client.files.content(done.file.id).content == data
     assert not [p for p in server.stored_objects() if "/uploads/" in str(p)]  # every part was listed and deleted
     in_memory = client.uploads.upload_file_chunked(
-        file=data, filename="mem.jsonl", bytes=len(data), mime_type="text/jsonl", purpose="batch",
+        file=data,
+        filename="mem.jsonl",
+        bytes=len(data),
+        mime_type="text/jsonl",
+        purpose="batch",
         md5=hashlib.md5(data).hexdigest(),
     )
     assert client.files.content(in_memory.file.id).content == data
@@ -85,8 +96,9 @@ def test_other_purposes_skip_the_batch_checks_and_never_expire_unless_asked(clie
     upload = start(client, data, filename="weights.bin", purpose="user_data")
     done = client.uploads.complete(upload.id, part_ids=parts_of(client, upload.id, [data]))
     assert done.file.purpose == "user_data" and done.file.expires_at is None
-    timed = start(client, data, filename="w.bin", purpose="assistants",
-                  expires_after={"anchor": "created_at", "seconds": 7200})
+    timed = start(
+        client, data, filename="w.bin", purpose="assistants", expires_after={"anchor": "created_at", "seconds": 7200}
+    )
     done = client.uploads.complete(timed.id, part_ids=parts_of(client, timed.id, [data]))
     assert done.file.expires_at == done.file.created_at + 7200
 
@@ -95,14 +107,31 @@ def test_other_purposes_skip_the_batch_checks_and_never_expire_unless_asked(clie
     ("body", "param", "code"),
     [
         ({"filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "batch"}, "bytes", "missing_required_parameter"),
-        ({"bytes": "10", "filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "batch"}, "bytes", "invalid_type"),
+        (
+            {"bytes": "10", "filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "batch"},
+            "bytes",
+            "invalid_type",
+        ),
         ({"bytes": -1, "filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "batch"}, "bytes", "invalid_value"),
         ({"bytes": 10, "mime_type": "text/jsonl", "purpose": "batch"}, "filename", "missing_required_parameter"),
         ({"bytes": 10, "filename": "a.jsonl", "purpose": "batch"}, "mime_type", "missing_required_parameter"),
         ({"bytes": 10, "filename": "a.jsonl", "mime_type": "text/jsonl"}, "purpose", "missing_required_parameter"),
-        ({"bytes": 10, "filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "nope"}, "purpose", "invalid_value"),
-        ({"bytes": 10, "filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "batch",
-          "expires_after": {"anchor": "created_at", "seconds": 60}}, "expires_after.seconds", "invalid_value"),
+        (
+            {"bytes": 10, "filename": "a.jsonl", "mime_type": "text/jsonl", "purpose": "nope"},
+            "purpose",
+            "invalid_value",
+        ),
+        (
+            {
+                "bytes": 10,
+                "filename": "a.jsonl",
+                "mime_type": "text/jsonl",
+                "purpose": "batch",
+                "expires_after": {"anchor": "created_at", "seconds": 60},
+            },
+            "expires_after.seconds",
+            "invalid_value",
+        ),
         ({"bytes": 10, "filename": "a.csv", "mime_type": "text/csv", "purpose": "batch"}, None, None),
     ],
 )
@@ -119,7 +148,9 @@ def test_a_file_over_the_purpose_limit_is_refused_at_create_as_openai_does(serve
         client.uploads.create(bytes=1_001, filename="a.jsonl", mime_type="text/jsonl", purpose="batch")
     error = caught.value.body
     assert error["message"].startswith("File is too large.") and error["code"] is None and error["param"] is None
-    assert client.uploads.create(bytes=1_001, filename="a.bin", mime_type="x/y", purpose="user_data").status == "pending"
+    assert (
+        client.uploads.create(bytes=1_001, filename="a.bin", mime_type="x/y", purpose="user_data").status == "pending"
+    )
     with pytest.raises(openai.BadRequestError, match="File is too large"):
         client.uploads.create(bytes=10_001, filename="a.bin", mime_type="x/y", purpose="user_data")
 
@@ -140,7 +171,9 @@ def test_parts_over_the_declared_size_or_the_part_limit_are_refused_and_not_kept
 def test_a_part_form_without_data_is_400(server, client):
     upload = start(client, b"{}\n")
     body, content_type = multipart_body([("file", b"{}\n", "a.jsonl")])
-    response = server.http().post(f"/v1/uploads/{upload.id}/parts", content=body, headers={"Content-Type": content_type})
+    response = server.http().post(
+        f"/v1/uploads/{upload.id}/parts", content=body, headers={"Content-Type": content_type}
+    )
     assert_envelope(response, 400, code="missing_required_parameter", param="data")
 
 
@@ -190,8 +223,10 @@ def test_cancel_deletes_the_parts_and_ends_the_upload(server, client):
     assert cancelled.status == "cancelled" and cancelled.file is None
     assert client.uploads.cancel(upload.id).status == "cancelled"  # again: the same
     assert not [p for p in server.stored_objects() if "/uploads/" in str(p)]
-    for call in (lambda: client.uploads.parts.create(upload.id, data=data),
-                 lambda: client.uploads.complete(upload.id, part_ids=part_ids)):
+    for call in (
+        lambda: client.uploads.parts.create(upload.id, data=data),
+        lambda: client.uploads.complete(upload.id, part_ids=part_ids),
+    ):
         with pytest.raises(openai.ConflictError, match="status 'cancelled'") as caught:
             call()
         assert caught.value.response.headers["x-should-retry"] == "false"
@@ -211,8 +246,10 @@ def test_an_upload_expires_an_hour_after_creation(server, client):
         await store._execute("UPDATE uploads SET created_at = created_at - 3600, expires_at = expires_at - 3600")
 
     server.run(age_it())
-    for call in (lambda: client.uploads.parts.create(upload.id, data=data),
-                 lambda: client.uploads.complete(upload.id, part_ids=part_ids)):
+    for call in (
+        lambda: client.uploads.parts.create(upload.id, data=data),
+        lambda: client.uploads.complete(upload.id, part_ids=part_ids),
+    ):
         with pytest.raises(openai.ConflictError, match="status 'expired'"):
             call()
     assert client.uploads.cancel(upload.id).status == "expired"
@@ -227,9 +264,11 @@ def test_uploads_are_tenant_scoped(server_factory):
     data = chat_lines(2)
     upload = start(alpha, data)
     part_id = alpha.uploads.parts.create(upload.id, data=data).id
-    for call in (lambda: beta.uploads.parts.create(upload.id, data=data),
-                 lambda: beta.uploads.complete(upload.id, part_ids=[part_id]),
-                 lambda: beta.uploads.cancel(upload.id)):
+    for call in (
+        lambda: beta.uploads.parts.create(upload.id, data=data),
+        lambda: beta.uploads.complete(upload.id, part_ids=[part_id]),
+        lambda: beta.uploads.cancel(upload.id),
+    ):
         with pytest.raises(openai.NotFoundError, match="No such Upload object"):
             call()
     done = alpha.uploads.complete(upload.id, part_ids=[part_id])

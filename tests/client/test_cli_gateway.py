@@ -25,7 +25,9 @@ from tests.helpers import chat_lines, jsonl, wait_for
 
 
 def start_gateway(data_dir: Path, sim: SimServer, env: dict[str, str] | None = None) -> Gateway:
-    return Gateway(data_dir, {"BATCH_GATEWAY_UPSTREAM": sim.url, "BATCH_GATEWAY_GC_INTERVAL": "1", **(env or {})}, []).start()
+    return Gateway(
+        data_dir, {"BATCH_GATEWAY_UPSTREAM": sim.url, "BATCH_GATEWAY_GC_INTERVAL": "1", **(env or {})}, []
+    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,9 @@ def test_submit_json_then_batch_and_file_commands(fast_gateway, run_cli, tmp_pat
     batch_id = batch["id"]
 
     out, errs = tmp_path / "w.out.jsonl", tmp_path / "w.err.jsonl"
-    watched = run_cli(fast_gateway, "batches", "watch", batch_id, "--interval", "0.1", "--output", str(out), "--errors", str(errs))
+    watched = run_cli(
+        fast_gateway, "batches", "watch", batch_id, "--interval", "0.1", "--output", str(out), "--errors", str(errs)
+    )
     assert watched.code == 0, watched
     assert len(jsonl(out.read_bytes())) == 6
 
@@ -110,7 +114,16 @@ def test_submit_json_then_batch_and_file_commands(fast_gateway, run_cli, tmp_pat
     assert re.search(rf"^id +{batch_id}$", human.out, re.M) and "6 total, 6 completed, 0 failed" in human.out
 
     listed = run_cli(fast_gateway, "batches", "list", "--limit", "100")
-    assert listed.out.splitlines()[0].split() == ["ID", "STATUS", "CREATED", "DONE", "FAILED", "TOTAL", "ENDPOINT", "METADATA"]
+    assert listed.out.splitlines()[0].split() == [
+        "ID",
+        "STATUS",
+        "CREATED",
+        "DONE",
+        "FAILED",
+        "TOTAL",
+        "ENDPOINT",
+        "METADATA",
+    ]
     row = next(line for line in listed.out.splitlines() if line.startswith(batch_id))
     assert row.split()[1] == "completed"
     assert batch_id in {b["id"] for b in json.loads(run_cli(fast_gateway, "batches", "list", "--json").out)["data"]}
@@ -146,8 +159,18 @@ def test_cancelled_batch_exits_5_with_partial_files(slow_gateway, run_cli, tmp_p
     wait_for(client, batch_id, statuses={"in_progress"}, timeout=30)
     cancelled = run_cli(slow_gateway, "batches", "cancel", batch_id)
     assert cancelled.code == 0 and cancelled.out.split() in ([batch_id, "cancelling"], [batch_id, "cancelled"])
-    watched = run_cli(slow_gateway, "batches", "watch", batch_id, "--interval", "0.2",
-                      "--output", str(tmp_path / "o.jsonl"), "--errors", str(tmp_path / "e.jsonl"))
+    watched = run_cli(
+        slow_gateway,
+        "batches",
+        "watch",
+        batch_id,
+        "--interval",
+        "0.2",
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--errors",
+        str(tmp_path / "e.jsonl"),
+    )
     assert watched.code == 5, watched
     assert f"Batch {batch_id} cancelled" in watched.out
     errors = jsonl((tmp_path / "e.jsonl").read_bytes())
@@ -160,9 +183,22 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
     client = slow_gateway.client()
     batch_id = run_cli(slow_gateway, "submit", str(write_input(tmp_path, chat_lines(200, max_tokens=20)))).out.strip()
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "batch_gateway.client", "batches", "watch", batch_id, "--interval", "0.2",
-         "--base-url", slow_gateway.base_url],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "batch_gateway.client",
+            "batches",
+            "watch",
+            batch_id,
+            "--interval",
+            "0.2",
+            "--base-url",
+            slow_gateway.base_url,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str] = queue.Queue()

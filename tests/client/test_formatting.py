@@ -9,14 +9,15 @@ import pytest
 from openai.types import Batch
 
 from batch_gateway.client import commands, watch
-from batch_gateway.client.output import CommandError
-from batch_gateway.client.watch import WaitOptions
+from batch_gateway.client.output import CommandError, format_bytes, render_table
 from batch_gateway.client.partial import PartialResults
-from batch_gateway.client.output import format_bytes, render_table
+from batch_gateway.client.watch import WaitOptions
 
 
 def test_table_aligns_columns_and_right_aligns_numbers():
-    table = render_table(("ID", "STATUS", "DONE", "NOTE"), [("batch_1", "completed", 40, None), ("batch_22", "failed", 7, "x")])
+    table = render_table(
+        ("ID", "STATUS", "DONE", "NOTE"), [("batch_1", "completed", 40, None), ("batch_22", "failed", 7, "x")]
+    )
     assert table.splitlines() == [
         "ID        STATUS     DONE  NOTE",
         "batch_1   completed    40  -",
@@ -28,7 +29,9 @@ def test_empty_table_is_its_header():
     assert render_table(("ID", "STATUS"), []) == "ID  STATUS"
 
 
-@pytest.mark.parametrize(("size", "text"), [(0, "0 B"), (999, "999 B"), (3400, "3.4 KB"), (12_000_000, "12.0 MB"), (5 * 10**12, "5000.0 GB")])
+@pytest.mark.parametrize(
+    ("size", "text"), [(0, "0 B"), (999, "999 B"), (3400, "3.4 KB"), (12_000_000, "12.0 MB"), (5 * 10**12, "5000.0 GB")]
+)
 def test_format_bytes(size, text):
     assert format_bytes(size) == text
 
@@ -42,7 +45,8 @@ def test_metadata_parsing():
 
 def test_default_result_paths_sit_next_to_the_input():
     assert commands.default_result_paths(Path("data/prompts.jsonl")) == (
-        Path("data/prompts.output.jsonl"), Path("data/prompts.errors.jsonl"),
+        Path("data/prompts.output.jsonl"),
+        Path("data/prompts.errors.jsonl"),
     )
     assert commands.default_result_paths(Path("in.txt")) == (Path("in.output.jsonl"), Path("in.errors.jsonl"))
 
@@ -65,9 +69,17 @@ def test_resume_command_repeats_the_paths_and_base_url_but_never_the_key():
 
 def batch(**fields) -> Batch:
     base = dict(
-        id="batch_1", object="batch", endpoint="/v1/chat/completions", input_file_id="file-in",
-        completion_window="24h", status="completed", created_at=1_700_000_000, completed_at=1_700_000_062,
-        request_counts={"total": 40, "completed": 38, "failed": 2}, output_file_id="file-out", error_file_id="",
+        id="batch_1",
+        object="batch",
+        endpoint="/v1/chat/completions",
+        input_file_id="file-in",
+        completion_window="24h",
+        status="completed",
+        created_at=1_700_000_000,
+        completed_at=1_700_000_062,
+        request_counts={"total": 40, "completed": 38, "failed": 2},
+        output_file_id="file-out",
+        error_file_id="",
     )
     return Batch.model_validate({**base, **fields})
 
@@ -84,12 +96,18 @@ def test_summary_of_a_completed_batch():
 
 def test_summary_of_a_failed_batch_lists_the_validation_errors():
     failed = batch(
-        status="failed", completed_at=None, failed_at=1_700_000_001, output_file_id=None,
+        status="failed",
+        completed_at=None,
+        failed_at=1_700_000_001,
+        output_file_id=None,
         request_counts={"total": 0, "completed": 0, "failed": 0},
-        errors={"object": "list", "data": [
-            {"code": "invalid_json", "message": "Line 2 is not valid JSON.", "line": 2, "param": None},
-            {"code": "model_not_found", "message": "No model 'x'.", "line": 5, "param": "body.model"},
-        ]},
+        errors={
+            "object": "list",
+            "data": [
+                {"code": "invalid_json", "message": "Line 2 is not valid JSON.", "line": 2, "param": None},
+                {"code": "model_not_found", "message": "No model 'x'.", "line": 5, "param": "body.model"},
+            ],
+        },
     )
     options = WaitOptions(Path("o"), Path("e"), None, 2.0, False)
     assert watch.summary(failed, options, None, None, None).splitlines() == [

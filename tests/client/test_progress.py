@@ -21,13 +21,33 @@ from batch_gateway.client.progress import (
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(None, "?"), (0, "0s"), (0.4, "0s"), (42, "42s"), (59.6, "1m00s"), (185, "3m05s"), (3600, "1h00m"), (3720, "1h02m"), (-5, "0s")],
+    [
+        (None, "?"),
+        (0, "0s"),
+        (0.4, "0s"),
+        (42, "42s"),
+        (59.6, "1m00s"),
+        (185, "3m05s"),
+        (3600, "1h00m"),
+        (3720, "1h02m"),
+        (-5, "0s"),
+    ],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
 
-@pytest.mark.parametrize(("rate", "text"), [(None, "? req/s"), (123.4, "123 req/s"), (12.34, "12 req/s"), (3.21, "3.2 req/s"), (0.254, "0.25 req/s"), (0.0, "0.00 req/s")])
+@pytest.mark.parametrize(
+    ("rate", "text"),
+    [
+        (None, "? req/s"),
+        (123.4, "123 req/s"),
+        (12.34, "12 req/s"),
+        (3.21, "3.2 req/s"),
+        (0.254, "0.25 req/s"),
+        (0.0, "0.00 req/s"),
+    ],
+)
 def test_format_rate(rate, text):
     assert format_rate(rate) == text
 

@@ -90,46 +90,74 @@ class ControlPlane:
         self.pki = PKI(self.root / "pki")
         self._serving = self.pki.issue("apiserver", common_name="kube-apiserver", server=True)
         self._admin = self.pki.issue("admin", common_name="test-admin", organizations=("system:masters",))
-        self._to_kubelet = self.pki.issue("apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client", organizations=("system:masters",))
-        self.admin_kubeconfig = self._write_kubeconfig("admin", {"client-certificate": str(self._admin.cert), "client-key": str(self._admin.key)})
+        self._to_kubelet = self.pki.issue(
+            "apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client", organizations=("system:masters",)
+        )
+        self.admin_kubeconfig = self._write_kubeconfig(
+            "admin", {"client-certificate": str(self._admin.cert), "client-key": str(self._admin.key)}
+        )
 
         etcd_port, peer_port = free_port(), free_port()
         self._spawn(
             "etcd",
             [
                 str(binaries["etcd"]),
-                "--data-dir", str(self.root / "etcd"),
-                "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-                "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-                "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-                "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
+                "--data-dir",
+                str(self.root / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer_port}",
                 "--unsafe-no-fsync",
-                "--log-level", "warn",
+                "--log-level",
+                "warn",
             ],
         )
         self._spawn(
             "kube-apiserver",
             [
                 str(binaries["kube-apiserver"]),
-                "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-                "--bind-address", "127.0.0.1",
-                "--advertise-address", "127.0.0.1",
-                "--secure-port", str(self.api_port),
-                "--tls-cert-file", str(self._serving.cert),
-                "--tls-private-key-file", str(self._serving.key),
-                "--client-ca-file", str(self.pki.ca),
-                "--authorization-mode", "RBAC",
+                "--etcd-servers",
+                f"http://127.0.0.1:{etcd_port}",
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(self.api_port),
+                "--tls-cert-file",
+                str(self._serving.cert),
+                "--tls-private-key-file",
+                str(self._serving.key),
+                "--client-ca-file",
+                str(self.pki.ca),
+                "--authorization-mode",
+                "RBAC",
                 "--anonymous-auth=false",
-                "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-                "--service-account-key-file", str(self.pki.service_account.cert),
-                "--service-account-signing-key-file", str(self.pki.service_account.key),
-                "--service-cluster-ip-range", "10.96.0.0/24",
-                "--kubelet-client-certificate", str(self._to_kubelet.cert),
-                "--kubelet-client-key", str(self._to_kubelet.key),
-                "--kubelet-certificate-authority", str(self.pki.ca),
-                "--kubelet-preferred-address-types", "InternalIP",
-                "--endpoint-reconciler-type", "none",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file",
+                str(self.pki.service_account.cert),
+                "--service-account-signing-key-file",
+                str(self.pki.service_account.key),
+                "--service-cluster-ip-range",
+                "10.96.0.0/24",
+                "--kubelet-client-certificate",
+                str(self._to_kubelet.cert),
+                "--kubelet-client-key",
+                str(self._to_kubelet.key),
+                "--kubelet-certificate-authority",
+                str(self.pki.ca),
+                "--kubelet-preferred-address-types",
+                "InternalIP",
+                "--endpoint-reconciler-type",
+                "none",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
             ],
@@ -140,15 +168,22 @@ class ControlPlane:
             "kube-controller-manager",
             [
                 str(binaries["kube-controller-manager"]),
-                "--kubeconfig", str(self.admin_kubeconfig),
-                "--controllers", "garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller",
-                "--service-account-private-key-file", str(self.pki.service_account.key),
-                "--root-ca-file", str(self.pki.ca),
+                "--kubeconfig",
+                str(self.admin_kubeconfig),
+                "--controllers",
+                "garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller",
+                "--service-account-private-key-file",
+                str(self.pki.service_account.key),
+                "--root-ca-file",
+                str(self.pki.ca),
                 "--use-service-account-credentials=false",
                 "--leader-elect=false",
-                "--bind-address", "127.0.0.1",
-                "--secure-port", "0",
-                "--concurrent-gc-syncs", "5",
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                "0",
+                "--concurrent-gc-syncs",
+                "5",
             ],
         )
         self.api_client = self.admin_api_client()
@@ -158,7 +193,10 @@ class ControlPlane:
         self.kubectl("apply", "--server-side", "-f", str(paths.argo_crds_dir()))
         self.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", "-f", str(paths.argo_crds_dir()))
         timings["crds"] = time.monotonic() - t0
-        self._wait_for(lambda: self._exists(lambda: self.core.read_namespaced_service_account("default", NAMESPACE)), "the default ServiceAccount")
+        self._wait_for(
+            lambda: self._exists(lambda: self.core.read_namespaced_service_account("default", NAMESPACE)),
+            "the default ServiceAccount",
+        )
         self.kubelet = ProcessKubelet(
             self.api_client,
             server=self.server,
@@ -176,14 +214,43 @@ class ControlPlane:
         binaries = paths.binaries()
         objects = [self.controller_configmap(database_url)]
         if database_url is not None:  # the archive's credentials, in the Secret the kind recipe names
-            objects.append(self.secret("argo-postgres-config", {"username": urlsplit(database_url).username or "postgres", "password": "trust"}))
+            objects.append(
+                self.secret(
+                    "argo-postgres-config",
+                    {"username": urlsplit(database_url).username or "postgres", "password": "trust"},
+                )
+            )
         self.apply_objects(objects)
-        env = {**self.base_env, "LEADER_ELECTION_DISABLE": "true", "DEFAULT_REQUEUE_TIME": "1s", "ARGO_NAMESPACE": NAMESPACE}
-        common = ["--kubeconfig", str(self.admin_kubeconfig), "--namespace", NAMESPACE, "--namespaced", "--managed-namespace", NAMESPACE,
-                  "--configmap", CONTROLLER_CONFIGMAP, "--loglevel", "info"]
-        self._spawn("workflow-controller", [str(binaries["workflow-controller"]), *common, "--executor-image", "argoexec:test"], env=env)
+        env = {
+            **self.base_env,
+            "LEADER_ELECTION_DISABLE": "true",
+            "DEFAULT_REQUEUE_TIME": "1s",
+            "ARGO_NAMESPACE": NAMESPACE,
+        }
+        common = [
+            "--kubeconfig",
+            str(self.admin_kubeconfig),
+            "--namespace",
+            NAMESPACE,
+            "--namespaced",
+            "--managed-namespace",
+            NAMESPACE,
+            "--configmap",
+            CONTROLLER_CONFIGMAP,
+            "--loglevel",
+            "info",
+        ]
+        self._spawn(
+            "workflow-controller",
+            [str(binaries["workflow-controller"]), *common, "--executor-image", "argoexec:test"],
+            env=env,
+        )
         port = free_port()
-        self._spawn("argo-server", [str(binaries["argo"]), "server", *common, "--auth-mode", "server", "--secure=false", "--port", str(port)], env=env)
+        self._spawn(
+            "argo-server",
+            [str(binaries["argo"]), "server", *common, "--auth-mode", "server", "--secure=false", "--port", str(port)],
+            env=env,
+        )
         self.argo_server_url = f"http://127.0.0.1:{port}"
         self._wait_ready("argo-server", f"{self.argo_server_url}/api/v1/version", timeout=60, tls=False)
 
@@ -205,7 +272,9 @@ class ControlPlane:
         if database_url is not None:
             url = urlsplit(database_url)
             persistence = json.loads(json.dumps(values["persistence"]))
-            persistence["postgresql"].update(host=url.hostname, port=url.port or 5432, database=url.path.lstrip("/"), ssl=False)
+            persistence["postgresql"].update(
+                host=url.hostname, port=url.port or 5432, database=url.path.lstrip("/"), ssl=False
+            )
             persistence["postgresql"].pop("sslMode", None)
             config["persistence"] = persistence
         return {
@@ -226,7 +295,9 @@ class ControlPlane:
         return client.ApiClient(configuration)
 
     def token(self, service_account: str, seconds: int = 7200) -> str:
-        request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds))
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds)
+        )
         return self.core.create_namespaced_service_account_token(service_account, NAMESPACE, request).status.token
 
     def kubeconfig_for(self, service_account: str) -> Path:
@@ -242,14 +313,20 @@ class ControlPlane:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [paths.kubectl(), "--kubeconfig", str(self.admin_kubeconfig), *args], input=input, capture_output=True, text=True, timeout=120
+            [paths.kubectl(), "--kubeconfig", str(self.admin_kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if check and result.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
 
     def apply_objects(self, objects: list[dict[str, Any]]) -> str:
-        return self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects)).stdout
+        return self.kubectl(
+            "apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects)
+        ).stdout
 
     def secret(self, name: str, data: dict[str, str]) -> dict[str, Any]:
         return {
@@ -261,7 +338,9 @@ class ControlPlane:
         }
 
     def workflow(self, name: str) -> dict[str, Any] | None:
-        return self._exists(lambda: self.objects.get_namespaced_custom_object("argoproj.io", "v1alpha1", NAMESPACE, "workflows", name))
+        return self._exists(
+            lambda: self.objects.get_namespaced_custom_object("argoproj.io", "v1alpha1", NAMESPACE, "workflows", name)
+        )
 
     def check(self) -> None:
         for process in self.processes:
@@ -287,7 +366,9 @@ class ControlPlane:
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
-                    "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority": str(self.pki.ca)}}],
+                    "clusters": [
+                        {"name": "test", "cluster": {"server": self.server, "certificate-authority": str(self.pki.ca)}}
+                    ],
                     "users": [{"name": name, "user": user}],
                     "contexts": [{"name": name, "context": {"cluster": "test", "user": name, "namespace": NAMESPACE}}],
                     "current-context": name,

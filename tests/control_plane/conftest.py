@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from batch_gateway.sim import SimConfig, SimServer
+from tests.control_plane import paths
 from tests.control_plane.cluster import NAMESPACE, ControlPlane
 from tests.control_plane.kubelet import host_environment
-from tests.control_plane import paths
 from tests.control_plane.paths import REPO
 from tests.fixtures.postgres import create_test_database, drop_test_database
 from tests.fixtures.redis import SHARED_URL, unique_prefix
@@ -42,7 +42,9 @@ RUNNER_LEASE_SECONDS = "10"
 
 def rendered_templates() -> list[dict[str, Any]]:
     """templates/ as `kubectl kustomize` renders it, with the test's shorter retry backoffs."""
-    result = subprocess.run([paths.kubectl(), "kustomize", str(REPO / "templates")], capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [paths.kubectl(), "kustomize", str(REPO / "templates")], capture_output=True, text=True, timeout=60, check=True
+    )
     objects = [o for o in yaml.safe_load_all(result.stdout) if o]
     for obj in objects:
         if obj["kind"] == "WorkflowTemplate":
@@ -127,14 +129,22 @@ class Gateway:
 
     def start_api(self) -> openai.OpenAI:
         env = self.api_env()
-        keys = subprocess.run([str(EXECUTABLES / "batch-gateway"), "keys", "create", "--tenant", "acme"], env=env,
-                              capture_output=True, text=True, timeout=60)
+        keys = subprocess.run(
+            [str(EXECUTABLES / "batch-gateway"), "keys", "create", "--tenant", "acme"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         key = next((line for line in keys.stdout.splitlines() if line.startswith("sk-bg-")), None)
         assert key, f"keys create printed no key:\n{keys.stdout}\n{keys.stderr}"
         port = free_port()
         self.api = subprocess.Popen(
             [str(EXECUTABLES / "batch-gateway"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=open(self.api_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=open(self.api_log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while True:

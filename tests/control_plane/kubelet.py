@@ -70,7 +70,7 @@ def host_environment() -> dict[str, str]:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def exit_code(returncode: int) -> int:
@@ -196,7 +196,11 @@ class ProcessKubelet:
         body = client.V1Node(
             metadata=client.V1ObjectMeta(
                 name=self.node_name,
-                labels={"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+                labels={
+                    "kubernetes.io/hostname": self.node_name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                },
             )
         )
         try:
@@ -205,14 +209,30 @@ class ProcessKubelet:
             if exc.status != 409:
                 raise
         allocatable = {"cpu": "64", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "1Ti"}
-        info = {k: "" for k in ("machineID", "systemUUID", "bootID", "kernelVersion", "osImage", "containerRuntimeVersion")}
-        info |= {"kubeletVersion": "process-kubelet", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}
+        info = {
+            k: "" for k in ("machineID", "systemUUID", "bootID", "kernelVersion", "osImage", "containerRuntimeVersion")
+        }
+        info |= {
+            "kubeletVersion": "process-kubelet",
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
+            "architecture": "amd64",
+        }
         status = {
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "process kubelet is ready",
-                 "lastHeartbeatTime": now(), "lastTransitionTime": now()}
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "process kubelet is ready",
+                    "lastHeartbeatTime": now(),
+                    "lastTransitionTime": now(),
+                }
             ],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node_name}],
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.node_name},
+            ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.port}},
             "capacity": allocatable,
             "allocatable": allocatable,
@@ -254,11 +274,19 @@ class ProcessKubelet:
                 continue
             if pod.status.phase not in (None, "Pending"):
                 continue  # finished before this kubelet started: nothing to run
-            run = PodRun(self.namespace, pod.metadata.name, uid, self.root / f"{pod.metadata.name}-{uid[:8]}", dict(pod.metadata.labels or {}))
+            run = PodRun(
+                self.namespace,
+                pod.metadata.name,
+                uid,
+                self.root / f"{pod.metadata.name}-{uid[:8]}",
+                dict(pod.metadata.labels or {}),
+            )
             run.grace_seconds = float(pod.spec.termination_grace_period_seconds or 30)
             with self._lock:
                 self.pods[uid] = run
-            thread = threading.Thread(target=self._run_pod, args=(run, pod), daemon=True, name=f"pod-{pod.metadata.name}")
+            thread = threading.Thread(
+                target=self._run_pod, args=(run, pod), daemon=True, name=f"pod-{pod.metadata.name}"
+            )
             thread.start()
         with self._lock:
             gone = [r for uid, r in self.pods.items() if uid not in seen and not r.done.is_set()]
@@ -281,8 +309,8 @@ class ProcessKubelet:
         deadline = pod.spec.active_deadline_seconds
         if deadline is None or run.deadline_exceeded or not run.started_at or run.done.is_set():
             return
-        started = datetime.datetime.strptime(run.started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-        if (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() > deadline:
+        started = datetime.datetime.strptime(run.started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+        if (datetime.datetime.now(datetime.UTC) - started).total_seconds() > deadline:
             run.deadline_exceeded = True
             self._terminate(run)
 
@@ -296,7 +324,9 @@ class ProcessKubelet:
     def _delete_for_good(self, name: str, uid: str) -> None:
         try:
             self.core.delete_namespaced_pod(
-                name, self.namespace, body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid))
+                name,
+                self.namespace,
+                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)),
             )
         except ApiException as exc:
             if exc.status not in (404, 409):
@@ -311,8 +341,13 @@ class ProcessKubelet:
             self.errors.append(f"pod {run.name}: {type(exc).__name__}: {exc}")
             if run.process and run.process.poll() is None:
                 os.killpg(run.process.pid, signal.SIGKILL)
-            self._write_status(run, pod, "Failed", main={"terminated": self._terminated(128, "Error", run.started_at or now())},
-                               message=f"process kubelet: {exc}")
+            self._write_status(
+                run,
+                pod,
+                "Failed",
+                main={"terminated": self._terminated(128, "Error", run.started_at or now())},
+                message=f"process kubelet: {exc}",
+            )
         finally:
             run.done.set()
             if run.deleting:
@@ -335,14 +370,20 @@ class ProcessKubelet:
             )
         except OSError as exc:
             log.close()
-            self._write_status(run, pod, "Failed", main={"terminated": self._terminated(128, "StartError", run.started_at, str(exc))})
+            self._write_status(
+                run, pod, "Failed", main={"terminated": self._terminated(128, "StartError", run.started_at, str(exc))}
+            )
             return
         self._write_status(run, pod, "Running", main={"running": {"startedAt": run.started_at}})
         if run.stop_requested is not None or run.deleting:  # a stop arrived while starting
             os.killpg(run.process.pid, signal.SIGTERM)
             run.stop_requested = run.stop_requested or time.monotonic()
         while run.process.poll() is None:
-            if run.argo_deadline is not None and not run.step_deadline_exceeded and datetime.datetime.now(datetime.timezone.utc) > run.argo_deadline:
+            if (
+                run.argo_deadline is not None
+                and not run.step_deadline_exceeded
+                and datetime.datetime.now(datetime.UTC) > run.argo_deadline
+            ):
                 run.step_deadline_exceeded = True
                 self._terminate(run)
             if run.stop_requested is not None and time.monotonic() - run.stop_requested > run.grace_seconds:
@@ -355,8 +396,14 @@ class ProcessKubelet:
         if argo:
             self._task_result(pod, token, completed=True)
         if run.deadline_exceeded:
-            self._write_status(run, pod, "Failed", main={"terminated": terminated}, reason="DeadlineExceeded",
-                               message="Pod was active on the node longer than the specified deadline")
+            self._write_status(
+                run,
+                pod,
+                "Failed",
+                main={"terminated": terminated},
+                reason="DeadlineExceeded",
+                message="Pod was active on the node longer than the specified deadline",
+            )
         else:
             self._write_status(run, pod, "Succeeded" if code == 0 else "Failed", main={"terminated": terminated})
 
@@ -367,8 +414,16 @@ class ProcessKubelet:
             state["message"] = message
         return state
 
-    def _write_status(self, run: PodRun, pod: client.V1Pod, phase: str, *, main: dict, reason: str | None = None,
-                      message: str | None = None) -> None:
+    def _write_status(
+        self,
+        run: PodRun,
+        pod: client.V1Pod,
+        phase: str,
+        *,
+        main: dict,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> None:
         finished = phase in ("Succeeded", "Failed")
         started = run.started_at or now()
 
@@ -381,11 +436,23 @@ class ProcessKubelet:
             else:
                 state = {"running": {"startedAt": started}}
             ready = "running" in state
-            return {"name": name, "image": image, "imageID": f"process://{image}", "containerID": f"process://{run.uid}/{name}",
-                    "ready": ready, "started": ready, "restartCount": 0, "state": state}
+            return {
+                "name": name,
+                "image": image,
+                "imageID": f"process://{image}",
+                "containerID": f"process://{run.uid}/{name}",
+                "ready": ready,
+                "started": ready,
+                "restartCount": 0,
+                "state": state,
+            }
 
-        condition = lambda kind, ok, why=None: {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": now(),
-                                                **({"reason": why} if why else {})}
+        condition = lambda kind, ok, why=None: {
+            "type": kind,
+            "status": "True" if ok else "False",
+            "lastTransitionTime": now(),
+            **({"reason": why} if why else {}),
+        }
         ready = phase == "Running"
         status: dict[str, Any] = {
             "phase": phase,
@@ -400,8 +467,14 @@ class ProcessKubelet:
                 condition("Ready", ready, None if ready else "PodCompleted"),
             ],
             "initContainerStatuses": [
-                {"name": c.name, "image": c.image, "imageID": f"process://{c.image}", "ready": True, "restartCount": 0,
-                 "state": {"terminated": self._terminated(0, "Completed", started)}}
+                {
+                    "name": c.name,
+                    "image": c.image,
+                    "imageID": f"process://{c.image}",
+                    "ready": True,
+                    "restartCount": 0,
+                    "state": {"terminated": self._terminated(0, "Completed", started)},
+                }
                 for c in pod.spec.init_containers or []
             ],
             "containerStatuses": [container(c.name, c.image) for c in pod.spec.containers],
@@ -423,13 +496,17 @@ class ProcessKubelet:
             spec=client.V1TokenRequestSpec(
                 audiences=[],
                 expiration_seconds=3607,
-                bound_object_ref=client.V1BoundObjectReference(api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid),
+                bound_object_ref=client.V1BoundObjectReference(
+                    api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+                ),
             )
         )
         account = pod.spec.service_account_name or "default"
         return self.core.create_namespaced_service_account_token(account, pod.metadata.namespace, request).status.token
 
-    def _process_spec(self, pod: client.V1Pod, container: client.V1Container, directory: Path, token: str) -> tuple[list[str], dict[str, str]]:
+    def _process_spec(
+        self, pod: client.V1Pod, container: client.V1Container, directory: Path, token: str
+    ) -> tuple[list[str], dict[str, str]]:
         volumes = {v.name: v for v in pod.spec.volumes or []}
         mounts: dict[str, Path] = {}
         for mount in container.volume_mounts or []:
@@ -463,7 +540,7 @@ class ProcessKubelet:
         def remap(value: str) -> str:
             for path, host in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
                 if value == path or value.startswith(path + "/"):
-                    return str(host) + value[len(path):]
+                    return str(host) + value[len(path) :]
             return value
 
         env = {k: remap(v) for k, v in env.items()}
@@ -491,9 +568,16 @@ class ProcessKubelet:
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
-                    "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority": str(token_dir / "ca.crt")}}],
+                    "clusters": [
+                        {
+                            "name": "test",
+                            "cluster": {"server": self.server, "certificate-authority": str(token_dir / "ca.crt")},
+                        }
+                    ],
                     "users": [{"name": "pod", "user": {"tokenFile": str(token_dir / "token")}}],
-                    "contexts": [{"name": "pod", "context": {"cluster": "test", "user": "pod", "namespace": namespace}}],
+                    "contexts": [
+                        {"name": "pod", "context": {"cluster": "test", "user": "pod", "namespace": namespace}}
+                    ],
                     "current-context": "pod",
                 }
             )
@@ -573,14 +657,21 @@ class ProcessKubelet:
                             "name": node_id,
                             "labels": {ARGO_WORKFLOW_LABEL: workflow, ARGO_COMPLETED_LABEL: "false"},
                             "ownerReferences": [
-                                {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": workflow, "uid": owner.uid if owner else ""}
+                                {
+                                    "apiVersion": "argoproj.io/v1alpha1",
+                                    "kind": "Workflow",
+                                    "name": workflow,
+                                    "uid": owner.uid if owner else "",
+                                }
                             ],
                         },
                     }
                     objects.create_namespaced_custom_object(*args, body)
             except ApiException as exc:
                 if exc.status == 403:
-                    self.denied.append(f"{pod.spec.service_account_name}: {'patch' if completed else 'create'} workflowtaskresults: {exc.reason}")
+                    self.denied.append(
+                        f"{pod.spec.service_account_name}: {'patch' if completed else 'create'} workflowtaskresults: {exc.reason}"
+                    )
                 elif exc.status != 409:
                     raise
 

@@ -52,13 +52,18 @@ def binaries() -> dict[str, Path]:
     found = {
         "etcd": cache_dir() / f"etcd-{v['ETCD_VERSION']}" / "bin" / "etcd",
         "kube-apiserver": cache_dir() / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin" / "kube-apiserver",
-        "kube-controller-manager": cache_dir() / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin" / "kube-controller-manager",
+        "kube-controller-manager": cache_dir()
+        / f"kubernetes-{v['KUBERNETES_VERSION']}"
+        / "bin"
+        / "kube-controller-manager",
         "workflow-controller": argo_dir() / "bin" / "workflow-controller",
         "argo": argo_dir() / "bin" / "argo",
     }
     missing = [str(p) for p in found.values() if not os.access(p, os.X_OK)]
     if missing:
-        raise FileNotFoundError(f"the test control plane is not built: missing {', '.join(missing)}. Run `{INSTALL_SCRIPT}` (make test does).")
+        raise FileNotFoundError(
+            f"the test control plane is not built: missing {', '.join(missing)}. Run `{INSTALL_SCRIPT}` (make test does)."
+        )
     return found
 
 
@@ -66,5 +71,7 @@ def kubectl() -> str:
     """The pinned kubectl the install script built (tests never use another one from the PATH)."""
     path = cache_dir() / f"kubernetes-{versions()['KUBERNETES_VERSION']}" / "bin" / "kubectl"
     if not os.access(path, os.X_OK):
-        raise FileNotFoundError(f"kubectl is not built: missing {path}. Run `{INSTALL_SCRIPT} kubectl` (make test does).")
+        raise FileNotFoundError(
+            f"kubectl is not built: missing {path}. Run `{INSTALL_SCRIPT} kubectl` (make test does)."
+        )
     return str(path)

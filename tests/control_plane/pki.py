@@ -24,7 +24,9 @@ class KeyPair:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
 
 
@@ -32,7 +34,7 @@ class PKI:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._not_before, self._not_after = now - datetime.timedelta(minutes=5), now + LIFETIME
         self._ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batch-gateway-test-ca")])
@@ -50,7 +52,9 @@ class PKI:
         self.service_account = KeyPair(directory / "sa.pub", directory / "sa.key")
         _write_key(sa_key, self.service_account.key)
         self.service_account.cert.write_bytes(
-            sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         )
 
     def _builder(self, subject: x509.Name, public_key) -> x509.CertificateBuilder:
@@ -64,12 +68,18 @@ class PKI:
             .not_valid_after(self._not_after)
         )
 
-    def issue(self, name: str, *, common_name: str, organizations: tuple[str, ...] = (), server: bool = False) -> KeyPair:
+    def issue(
+        self, name: str, *, common_name: str, organizations: tuple[str, ...] = (), server: bool = False
+    ) -> KeyPair:
         """A certificate signed by the CA: for clients (CN = user, O = groups), or for serving on 127.0.0.1."""
         key = ec.generate_private_key(ec.SECP256R1())
         attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
         attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
-        usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
+        usage = (
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            if server
+            else [ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
         builder = (
             self._builder(x509.Name(attributes), key.public_key())
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -77,10 +87,20 @@ class PKI:
             .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         )
         if server:
-            names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+            names = [
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ]
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("10.96.0.1"))]
+                    [x509.DNSName(n) for n in names]
+                    + [
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                        x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+                    ]
                 ),
                 critical=False,
             )

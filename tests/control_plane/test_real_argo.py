@@ -37,7 +37,9 @@ def wait_for_workflow(plane, batch_id: str, phases=("Succeeded", "Failed", "Erro
         if phase in phases:
             return workflow
         if time.monotonic() > deadline:
-            raise AssertionError(f"Workflow of {batch_id} is {phase} after {timeout}s: {workflow and workflow.get('status')}\n{plane.diagnostics()}")
+            raise AssertionError(
+                f"Workflow of {batch_id} is {phase} after {timeout}s: {workflow and workflow.get('status')}\n{plane.diagnostics()}"
+            )
         time.sleep(0.3)
 
 
@@ -54,7 +56,10 @@ def test_a_batch_completes_and_the_argo_server_lists_it(gateway):
     workflow = wait_for_workflow(plane, batch_id)
 
     assert workflow["status"]["phase"] == "Succeeded", workflow["status"]
-    assert [(n["templateName"], n["phase"]) for n in pod_nodes(workflow)] == [("run", "Succeeded"), ("reconcile", "Succeeded")]
+    assert [(n["templateName"], n["phase"]) for n in pod_nodes(workflow)] == [
+        ("run", "Succeeded"),
+        ("reconcile", "Succeeded"),
+    ]
     batch = wait_for(client, batch_id, timeout=30)
     assert batch.status == "completed", batch
     results = jsonl(client.files.content(batch.output_file_id).content)
@@ -72,7 +77,12 @@ def test_a_batch_completes_and_the_argo_server_lists_it(gateway):
     assert item["metadata"]["annotations"]["workflows.argoproj.io/description"] == "tenant **acme**"
     # podGC: OnPodSuccess deletes the succeeded pods (and the kubelet lets them go).
     selector = f"workflows.argoproj.io/workflow={workflow_name(batch_id)}"
-    wait_until(lambda: not plane.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items, "podGC", timeout=60, plane=plane)
+    wait_until(
+        lambda: not plane.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items,
+        "podGC",
+        timeout=60,
+        plane=plane,
+    )
 
 
 # --- helpers for the scenarios below ------------------------------------------------------------------------------
@@ -96,8 +106,13 @@ def wait_until(condition, what: str, timeout: float = 60, plane=None, batch_id: 
             nodes = ""
             if plane is not None and batch_id is not None:
                 workflow = plane.workflow(workflow_name(batch_id)) or {}
-                nodes = "\n".join(f"{n['displayName']}: {n['phase']} {n.get('message', '')}" for n in pod_nodes(workflow))
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{nodes}" + (f"\n{plane.diagnostics()}" if plane else ""))
+                nodes = "\n".join(
+                    f"{n['displayName']}: {n['phase']} {n.get('message', '')}" for n in pod_nodes(workflow)
+                )
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}\n{nodes}"
+                + (f"\n{plane.diagnostics()}" if plane else "")
+            )
         time.sleep(0.2)
 
 
@@ -171,13 +186,24 @@ def test_a_killed_runner_is_retried_and_resumes_every_line_exactly_once(gateway)
     started = time.monotonic()
     for sig, expected_exit in ((9, 137), (15, 75)):
         done_before = completed_lines(client, batch_id)
-        wait_until(lambda: completed_lines(client, batch_id) > done_before + 5 and time.monotonic() - started > 17, "progress",
-                   plane=plane)
-        (pod,) = wait_until(lambda: [r for r in runner_pods(plane, batch_id) if not r.done.is_set()], "a running runner pod",
-                            timeout=30, plane=plane, batch_id=batch_id)
+        wait_until(
+            lambda: completed_lines(client, batch_id) > done_before + 5 and time.monotonic() - started > 17,
+            "progress",
+            plane=plane,
+        )
+        (pod,) = wait_until(
+            lambda: [r for r in runner_pods(plane, batch_id) if not r.done.is_set()],
+            "a running runner pod",
+            timeout=30,
+            plane=plane,
+            batch_id=batch_id,
+        )
         os.killpg(pod.process.pid, sig)
         wait_until(pod.done.is_set, f"the runner pod to end after signal {sig}", plane=plane)
-        assert pod.returncode is not None and (128 - pod.returncode if pod.returncode < 0 else pod.returncode) == expected_exit, plane.kubelet.log_of(pod.name)[-3000:]
+        assert (
+            pod.returncode is not None
+            and (128 - pod.returncode if pod.returncode < 0 else pod.returncode) == expected_exit
+        ), plane.kubelet.log_of(pod.name)[-3000:]
 
     workflow = wait_for_workflow(plane, batch_id, timeout=180)
 
@@ -200,12 +226,19 @@ def test_a_runner_that_finds_the_batch_leased_is_retried_until_the_lease_ends(ga
     a crash gets, and the run that finds the lease gone finishes the batch."""
     client, plane = gateway.client, gateway.plane
     batch_id = create_batch(client, 10)
-    held = sql(gateway, "UPDATE batches SET runner_owner = 'another-runner', lease_until = %s WHERE id = %s AND runner_owner IS NULL",
-               int(time.time()) + 3600, batch_id)
+    held = sql(
+        gateway,
+        "UPDATE batches SET runner_owner = 'another-runner', lease_until = %s WHERE id = %s AND runner_owner IS NULL",
+        int(time.time()) + 3600,
+        batch_id,
+    )
     assert held == 1, "the runner claimed the batch before the test could"
+
     def seven_attempts_exited_3() -> bool:
         phase = (plane.workflow(workflow_name(batch_id)).get("status") or {}).get("phase")
-        assert phase in (None, "Pending", "Running"), f"the Workflow gave up: {plane.workflow(workflow_name(batch_id))['status']}"
+        assert phase in (None, "Pending", "Running"), (
+            f"the Workflow gave up: {plane.workflow(workflow_name(batch_id))['status']}"
+        )
         return sum(r.returncode == 3 for r in runner_pods(plane, batch_id)) >= 7
 
     try:
@@ -226,14 +259,31 @@ def test_a_hung_runner_hits_the_deadline_and_the_exit_handler_ends_the_batch(gat
     batch's expires_at already passed) stops the step, Argo runs the exit handler, and `reconcile` ends the batch
     `expired` with its partial results, once the hung runner's lease has run out."""
     client, plane = gateway.client, gateway.plane
-    original = plane.kubectl("get", "workflowtemplate", "batch-gateway-runner", "-o", "jsonpath={.spec.activeDeadlineSeconds}").stdout
-    plane.kubectl("patch", "workflowtemplate", "batch-gateway-runner", "--type", "merge", "-p", '{"spec": {"activeDeadlineSeconds": 20}}')
+    original = plane.kubectl(
+        "get", "workflowtemplate", "batch-gateway-runner", "-o", "jsonpath={.spec.activeDeadlineSeconds}"
+    ).stdout
+    plane.kubectl(
+        "patch",
+        "workflowtemplate",
+        "batch-gateway-runner",
+        "--type",
+        "merge",
+        "-p",
+        '{"spec": {"activeDeadlineSeconds": 20}}',
+    )
     try:
         batch_id = create_batch(client, 200, max_tokens=200)
         wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
     finally:
-        plane.kubectl("patch", "workflowtemplate", "batch-gateway-runner", "--type", "merge", "-p",
-                      json.dumps({"spec": {"activeDeadlineSeconds": int(original)}}))
+        plane.kubectl(
+            "patch",
+            "workflowtemplate",
+            "batch-gateway-runner",
+            "--type",
+            "merge",
+            "-p",
+            json.dumps({"spec": {"activeDeadlineSeconds": int(original)}}),
+        )
     (pod,) = runner_pods(plane, batch_id)
     os.killpg(pod.process.pid, signal.SIGSTOP)
     sql(gateway, "UPDATE batches SET expires_at = %s WHERE id = %s", int(time.time()) - 1, batch_id)
@@ -256,7 +306,10 @@ def test_the_semaphore_caps_the_batches_running_at_once(gateway):
         batch_ids = [create_batch(client, 30, max_tokens=60) for _ in range(3)]
         most_running, most_waiting = 0, 0
         deadline = time.monotonic() + 240
-        while not all(((plane.workflow(workflow_name(b)) or {}).get("status") or {}).get("phase") == "Succeeded" for b in batch_ids):
+        while not all(
+            ((plane.workflow(workflow_name(b)) or {}).get("status") or {}).get("phase") == "Succeeded"
+            for b in batch_ids
+        ):
             plane.check()
             running = sum(1 for b in batch_ids for r in runner_pods(plane, b) if not r.done.is_set())
             phases = [((plane.workflow(workflow_name(b)) or {}).get("status") or {}).get("phase") for b in batch_ids]
@@ -265,7 +318,9 @@ def test_the_semaphore_caps_the_batches_running_at_once(gateway):
             assert time.monotonic() < deadline, f"not all done: {phases}\n{plane.diagnostics()}"
             time.sleep(0.2)
     finally:
-        plane.kubectl("patch", "configmap", "batch-gateway-limits", "--type", "merge", "-p", '{"data": {"runners": "4"}}')
+        plane.kubectl(
+            "patch", "configmap", "batch-gateway-limits", "--type", "merge", "-p", '{"data": {"runners": "4"}}'
+        )
     assert most_running == 1
     assert most_waiting == 2  # the other two waited for the lock, Pending
     for batch_id in batch_ids:
@@ -275,17 +330,33 @@ def test_the_semaphore_caps_the_batches_running_at_once(gateway):
 def run_gc(plane) -> dict:
     """One gc pass now, as the CronWorkflow's next tick would start it: `argo submit --from cronwf/...` through the
     Argo server."""
-    env = {**plane.base_env, "ARGO_SERVER": plane.argo_server_url.removeprefix("http://"), "ARGO_HTTP1": "true",
-           "ARGO_SECURE": "false", "ARGO_NAMESPACE": NAMESPACE,
-           "ARGO_TOKEN": "Bearer unused"}  # the CLI wants one; a server in `--auth-mode server` ignores it
-    result = subprocess.run([str(plane.binaries["argo"]), "submit", "--from", "cronwf/batch-gateway-gc", "-o", "name"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **plane.base_env,
+        "ARGO_SERVER": plane.argo_server_url.removeprefix("http://"),
+        "ARGO_HTTP1": "true",
+        "ARGO_SECURE": "false",
+        "ARGO_NAMESPACE": NAMESPACE,
+        "ARGO_TOKEN": "Bearer unused",
+    }  # the CLI wants one; a server in `--auth-mode server` ignores it
+    result = subprocess.run(
+        [str(plane.binaries["argo"]), "submit", "--from", "cronwf/batch-gateway-gc", "-o", "name"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     name = result.stdout.strip().split("/")[-1]
     deadline = time.monotonic() + 120
-    while ((workflow := plane.workflow(name)) or {}).get("status", {}).get("phase") not in ("Succeeded", "Failed", "Error"):
+    while ((workflow := plane.workflow(name)) or {}).get("status", {}).get("phase") not in (
+        "Succeeded",
+        "Failed",
+        "Error",
+    ):
         plane.check()
-        assert time.monotonic() < deadline, f"gc Workflow {name}: {workflow and workflow.get('status')}\n{plane.diagnostics()}"
+        assert time.monotonic() < deadline, (
+            f"gc Workflow {name}: {workflow and workflow.get('status')}\n{plane.diagnostics()}"
+        )
         time.sleep(0.3)
     assert workflow["status"]["phase"] == "Succeeded", workflow["status"]
     return workflow
@@ -300,15 +371,24 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
     for batch_id in (kept, overdue):
         plane.kubectl("delete", "workflow", workflow_name(batch_id), "--wait=false")
     for batch_id in (kept, overdue):
-        wait_until(lambda: runner_pods(plane, batch_id) and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
-                   "the runner pods to be gone", plane=plane)
+        wait_until(
+            lambda: runner_pods(plane, batch_id) and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
+            "the runner pods to be gone",
+            plane=plane,
+        )
         assert client.batches.retrieve(batch_id).status == "in_progress"
-        wait_until(lambda: sql(gateway, "SELECT 1 FROM batches WHERE id = %s AND runner_owner IS NULL", batch_id),
-                   "the lease to be released", plane=plane)
+        wait_until(
+            lambda: sql(gateway, "SELECT 1 FROM batches WHERE id = %s AND runner_owner IS NULL", batch_id),
+            "the lease to be released",
+            plane=plane,
+        )
     sql(gateway, "UPDATE batches SET expires_at = %s WHERE id = %s", int(time.time()) - 1, overdue)
     # A file past its expiry.
-    expiring = client.files.create(file=("old.jsonl", chat_lines(2)), purpose="batch",
-                                   extra_body={"expires_after": {"anchor": "created_at", "seconds": 3600}})
+    expiring = client.files.create(
+        file=("old.jsonl", chat_lines(2)),
+        purpose="batch",
+        extra_body={"expires_after": {"anchor": "created_at", "seconds": 3600}},
+    )
     sql(gateway, "UPDATE files SET expires_at = %s WHERE id = %s", int(time.time()) - 1, expiring.id)
 
     run_gc(plane)
@@ -329,22 +409,48 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
 
 
 def can_i(plane, account: str, verb: str, resource: str) -> bool:
-    result = plane.kubectl("auth", "can-i", verb, resource, "--namespace", NAMESPACE,
-                           "--as", f"system:serviceaccount:{NAMESPACE}:{account}", check=False)
+    result = plane.kubectl(
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "--namespace",
+        NAMESPACE,
+        "--as",
+        f"system:serviceaccount:{NAMESPACE}:{account}",
+        check=False,
+    )
     return result.stdout.strip() == "yes"
 
 
 @pytest.mark.parametrize(
     "account, allowed, denied",
     [
-        ("batch-gateway-api", ["create workflows.argoproj.io", "patch workflows.argoproj.io", "delete workflows.argoproj.io"],
-         ["get secrets", "create pods", "create workflowtaskresults.argoproj.io", "list endpointslices.discovery.k8s.io",
-          "create workflows.argoproj.io --all-namespaces"]),
-        ("batch-gateway-runner", ["create workflowtaskresults.argoproj.io", "patch workflowtaskresults.argoproj.io",
-                                  "list endpointslices.discovery.k8s.io"],
-         ["create workflows.argoproj.io", "get secrets", "get configmaps", "delete pods"]),
-        ("batch-gateway-gc", ["create workflows.argoproj.io", "delete workflows.argoproj.io", "create workflowtaskresults.argoproj.io"],
-         ["get secrets", "create pods", "list endpointslices.discovery.k8s.io"]),
+        (
+            "batch-gateway-api",
+            ["create workflows.argoproj.io", "patch workflows.argoproj.io", "delete workflows.argoproj.io"],
+            [
+                "get secrets",
+                "create pods",
+                "create workflowtaskresults.argoproj.io",
+                "list endpointslices.discovery.k8s.io",
+                "create workflows.argoproj.io --all-namespaces",
+            ],
+        ),
+        (
+            "batch-gateway-runner",
+            [
+                "create workflowtaskresults.argoproj.io",
+                "patch workflowtaskresults.argoproj.io",
+                "list endpointslices.discovery.k8s.io",
+            ],
+            ["create workflows.argoproj.io", "get secrets", "get configmaps", "delete pods"],
+        ),
+        (
+            "batch-gateway-gc",
+            ["create workflows.argoproj.io", "delete workflows.argoproj.io", "create workflowtaskresults.argoproj.io"],
+            ["get secrets", "create pods", "list endpointslices.discovery.k8s.io"],
+        ),
     ],
 )
 def test_each_service_account_may_do_what_its_code_needs_and_no_more(gateway, account, allowed, denied):
@@ -353,8 +459,18 @@ def test_each_service_account_may_do_what_its_code_needs_and_no_more(gateway, ac
     for what in denied:
         verb, rest = what.split(" ", 1)
         resource, *flags = rest.split()
-        result = gateway.plane.kubectl("auth", "can-i", verb, resource, "--namespace", NAMESPACE, *flags,
-                                       "--as", f"system:serviceaccount:{NAMESPACE}:{account}", check=False)
+        result = gateway.plane.kubectl(
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--namespace",
+            NAMESPACE,
+            *flags,
+            "--as",
+            f"system:serviceaccount:{NAMESPACE}:{account}",
+            check=False,
+        )
         assert result.stdout.strip() == "no", f"{account} may {what}"
 
 
@@ -366,13 +482,27 @@ async def test_discovery_with_the_runners_token(gateway):
     plane = gateway.plane
     plane.apply_objects(
         [
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "models", "namespace": NAMESPACE},
-             "spec": {"ports": [{"name": "http", "port": 8000, "protocol": "TCP"}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": "models-a", "namespace": NAMESPACE, "labels": {"kubernetes.io/service-name": "models"}},
-             "addressType": "IPv4", "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
-             "endpoints": [{"addresses": ["192.0.2.2"], "conditions": {"ready": True}},
-                           {"addresses": ["192.0.2.3"], "conditions": {"ready": False}}]},
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "models", "namespace": NAMESPACE},
+                "spec": {"ports": [{"name": "http", "port": 8000, "protocol": "TCP"}]},
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "models-a",
+                    "namespace": NAMESPACE,
+                    "labels": {"kubernetes.io/service-name": "models"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["192.0.2.2"], "conditions": {"ready": True}},
+                    {"addresses": ["192.0.2.3"], "conditions": {"ready": False}},
+                ],
+            },
         ]
     )
     api_client = plane.api_client_for("batch-gateway-runner")

@@ -40,7 +40,17 @@ class Gateway:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "batch_gateway", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "batch_gateway",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.extra_args,
+            ],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -195,9 +205,20 @@ def drop_database(url: str) -> None:
 def gateway_factory(tmp_path, backend) -> Iterator:
     started: list[Gateway] = []
 
-    def start(upstream: str | list[str] | None = None, *, env: dict[str, str] | None = None, args: list[str] = (), name: str = "gw") -> Gateway:
+    def start(
+        upstream: str | list[str] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        args: list[str] = (),
+        name: str = "gw",
+    ) -> Gateway:
         upstreams = [upstream] if isinstance(upstream, str) else list(upstream or [])
-        full_env = {**backend, "BATCH_GATEWAY_UPSTREAM": "\n".join(upstreams), "BATCH_GATEWAY_GC_INTERVAL": "1", **(env or {})}
+        full_env = {
+            **backend,
+            "BATCH_GATEWAY_UPSTREAM": "\n".join(upstreams),
+            "BATCH_GATEWAY_GC_INTERVAL": "1",
+            **(env or {}),
+        }
         gateway = Gateway(tmp_path / name, full_env, list(args)).start()
         started.append(gateway)
         return gateway

@@ -37,7 +37,9 @@ def batch_input(lines: int, *, slow_last: bool = False) -> bytes:
             "max_tokens": SLOW_TOKENS if slow else 6,
             "messages": [{"role": "system", "content": f"Prompt {i % 5}. " * 30}, {"role": "user", "content": f"Q{i}"}],
         }
-        rows.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+        rows.append(
+            json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
     return ("\n".join(rows) + "\n").encode()
 
 
@@ -85,7 +87,11 @@ def backend() -> dict[str, str]:
 def proxied(s3_session) -> Iterator[Proxied]:
     database = create_database()
     s3_port = int(s3_session.endpoint.rsplit(":", 1)[1])
-    with Proxy(("127.0.0.1", 5432)) as postgres, Proxy(("127.0.0.1", 6379)) as valkey, Proxy(("127.0.0.1", s3_port)) as s3:
+    with (
+        Proxy(("127.0.0.1", 5432)) as postgres,
+        Proxy(("127.0.0.1", 6379)) as valkey,
+        Proxy(("127.0.0.1", s3_port)) as s3,
+    ):
         env = {
             "BATCH_GATEWAY_DATABASE_URL": database.replace(":5432/", f":{postgres.port}/"),
             "BATCH_GATEWAY_VALKEY_URL": f"redis://127.0.0.1:{valkey.port}/0",
@@ -171,7 +177,9 @@ def test_an_outage_at_finalise_loses_nothing(gateway_factory, sim_factory, proxi
 def test_an_upstream_outage_loses_nothing(gateway_factory, sim_factory, proxied):
     sim = sim_factory(time_scale=0.5, max_num_seqs=8)
     with Proxy(("127.0.0.1", sim.port)) as upstream:
-        gateway = gateway_factory(f"http://127.0.0.1:{upstream.port}", env={**proxied.env, "BATCH_GATEWAY_MAX_ATTEMPTS": "2"})
+        gateway = gateway_factory(
+            f"http://127.0.0.1:{upstream.port}", env={**proxied.env, "BATCH_GATEWAY_MAX_ATTEMPTS": "2"}
+        )
         client = gateway.client()
         batch = start_batch(client, batch_input(150))
         wait_until(lambda: served(sim) >= 20, what="progress")

@@ -10,9 +10,28 @@ import pytest
 from tests.helpers import chat_lines, jsonl, wait_for
 
 BATCH_KEYS = {
-    "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status", "output_file_id",
-    "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
-    "expired_at", "cancelling_at", "cancelled_at", "request_counts", "usage", "metadata",
+    "id",
+    "object",
+    "endpoint",
+    "model",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "usage",
+    "metadata",
 }
 
 

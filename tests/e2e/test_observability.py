@@ -31,14 +31,20 @@ def test_api_metrics_count_requests_batches_and_bytes(gateway, client):
     assert values[("batch_gateway_files", (("purpose", "batch_output"),))] == 1
     created = ("batch_gateway_http_requests_total", (("method", "POST"), ("route", "/v1/batches"), ("status", "200")))
     assert values[created] == 1
-    polled = [v for (name, labels), v in values.items() if name == "batch_gateway_http_requests_total" and ("route", "/v1/batches/{batch_id}") in labels]
+    polled = [
+        v
+        for (name, labels), v in values.items()
+        if name == "batch_gateway_http_requests_total" and ("route", "/v1/batches/{batch_id}") in labels
+    ]
     assert sum(polled) >= 1  # route templates, not one series per batch id
     assert not any(batch.id in str(key) for key in values)
 
 
 def test_partial_results_stream_while_the_batch_runs(gateway_factory, sim_factory):
     sim = sim_factory(time_scale=1.0, max_num_seqs=4)
-    gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_FIXED_CONCURRENCY": "4", "BATCH_GATEWAY_CHECKPOINT_INTERVAL": "0.3"})
+    gateway = gateway_factory(
+        sim.url, env={"BATCH_GATEWAY_FIXED_CONCURRENCY": "4", "BATCH_GATEWAY_CHECKPOINT_INTERVAL": "0.3"}
+    )
     client = gateway.client()
     file = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(80, max_tokens=16))), purpose="batch")
     batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")

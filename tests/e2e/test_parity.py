@@ -101,7 +101,8 @@ def test_1_cancelled_and_expired_uploads_lose_their_parts(gateway, client, backe
     expiring = client.uploads.create(bytes=len(data), filename="b.jsonl", mime_type="text/jsonl", purpose="batch")
     part = client.uploads.parts.create(expiring.id, data=data)
     assert [key for key in stored_keys(gateway, backend, s3) if "/uploads/" in key] == [
-        f"default/uploads/{expiring.id}/{part.id}"]
+        f"default/uploads/{expiring.id}/{part.id}"
+    ]
     # An hour later (the database says so): the upload is expired, and gc (every second here) deletes its part.
     execute(gateway, backend, f"UPDATE uploads SET expires_at = created_at - 1 WHERE id = '{expiring.id}'")
     with pytest.raises(openai.ConflictError, match="status 'expired'"):
@@ -214,8 +215,9 @@ def test_7_responses_lines_take_input_prompt_or_conversation(client):
 
 def test_8_completion_window_shows_the_operators_window(gateway_factory, sim):
     client = gateway_factory(sim.url, env={"BATCH_GATEWAY_COMPLETION_WINDOW_SECONDS": "3600"}).client()
-    batch = client.batches.create(input_file_id=upload(client, chat_lines(2)).id, endpoint=CHAT,
-                                  completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, chat_lines(2)).id, endpoint=CHAT, completion_window="24h"
+    )
     assert batch.completion_window == "1h" and batch.expires_at == batch.created_at + 3600
     assert wait_for(client, batch.id).completion_window == "1h"
     with pytest.raises(openai.BadRequestError):

@@ -24,8 +24,9 @@ PAGE_KEYS = {"object", "data", "first_id", "last_id", "has_more"}
 
 
 def raw(gateway, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, f"{gateway.base_url}{path}", headers={"Authorization": "Bearer x"}, timeout=30,
-                         **kwargs)
+    return httpx.request(
+        method, f"{gateway.base_url}{path}", headers={"Authorization": "Bearer x"}, timeout=30, **kwargs
+    )
 
 
 def envelope(error: openai.APIStatusError, status: int, *, param: str | None = None, code: str | None = None) -> dict:
@@ -65,8 +66,11 @@ def test_files_calls_objects_pagination_and_errors(gateway, client):
 
     deleted = client.files.delete(notes[0])
     assert (deleted.id, deleted.object, deleted.deleted) == (notes[0], "file", True)
-    for call in (lambda: client.files.retrieve(notes[0]), lambda: client.files.content(notes[0]),
-                 lambda: client.files.delete(notes[0])):
+    for call in (
+        lambda: client.files.retrieve(notes[0]),
+        lambda: client.files.content(notes[0]),
+        lambda: client.files.delete(notes[0]),
+    ):
         with pytest.raises(openai.NotFoundError) as caught:
             call()
         envelope(caught.value, 404, param="id")
@@ -123,8 +127,11 @@ def test_batches_calls_objects_pagination_and_errors(gateway, client):
         (dict(input_file_id=file_id, endpoint="/v1/nothing"), "endpoint", "invalid_value"),
         (dict(input_file_id=file_id, endpoint=CHAT, completion_window="48h"), "completion_window", "invalid_value"),
         (dict(input_file_id=file_id, endpoint=CHAT, metadata={"k": "v" * 513}), "metadata.k", "invalid_value"),
-        (dict(input_file_id=file_id, endpoint=CHAT, output_expires_after={"anchor": "created_at", "seconds": 60}),
-         "output_expires_after.seconds", "invalid_value"),
+        (
+            dict(input_file_id=file_id, endpoint=CHAT, output_expires_after={"anchor": "created_at", "seconds": 60}),
+            "output_expires_after.seconds",
+            "invalid_value",
+        ),
     ]
     for kwargs, param, code in bad_creates:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -146,9 +153,11 @@ def test_uploads_calls_objects_and_errors(gateway, client):
     assert set(done.model_dump()) == UPLOAD_KEYS and set(done.file.model_dump()) == FILE_KEYS
     assert done.status == "completed" and client.files.retrieve(done.file.id).bytes == len(data)
 
-    for call in (lambda: client.uploads.parts.create("upload_nope", data=data),
-                 lambda: client.uploads.complete("upload_nope", part_ids=["part_x"]),
-                 lambda: client.uploads.cancel("upload_nope")):
+    for call in (
+        lambda: client.uploads.parts.create("upload_nope", data=data),
+        lambda: client.uploads.complete("upload_nope", part_ids=["part_x"]),
+        lambda: client.uploads.cancel("upload_nope"),
+    ):
         with pytest.raises(openai.NotFoundError) as caught:
             call()
         envelope(caught.value, 404, param="upload_id")

@@ -77,8 +77,13 @@ def test_open_mode_is_refused_on_a_non_loopback_host(tmp_path):
         (["--auth", "open", "--host", "0.0.0.0"], {}),
         (["--host", "0.0.0.0"], {"BATCH_GATEWAY_AUTH": "open"}),
     ):
-        result = subprocess.run([*serve, *extra], env={**os.environ, **env, "BATCH_GATEWAY_LOG_FORMAT": "json"},
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [*serve, *extra],
+            env={**os.environ, **env, "BATCH_GATEWAY_LOG_FORMAT": "json"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 2, result.stdout + result.stderr
         refused = next(json.loads(line) for line in result.stderr.splitlines() if '"serve.refused"' in line)
         assert "--auth keys" in refused["reason"] and "keys create --tenant NAME" in refused["reason"]

@@ -54,9 +54,7 @@ def test_a_hung_receiver_does_not_hold_a_runner_slot(gateway_factory, sim_factor
     """One runner slot, a receiver that never answers: the second batch runs as soon as the first has ended (the
     runner no longer waits for the webhook; it used to hold its slot for about a minute)."""
     receiver.otherwise = HANG
-    gateway = gateway_factory(
-        sim_factory().url, env=webhook_env(receiver), args=["--max-concurrent-runners", "1"]
-    )
+    gateway = gateway_factory(sim_factory().url, env=webhook_env(receiver), args=["--max-concurrent-runners", "1"])
     client = gateway.client()
     first, second = create_batch(client), create_batch(client)
     assert wait_for(client, first.id, timeout=30).status == "completed"

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -105,7 +105,9 @@ class FakeKubeAPI:
 
     def workflows(self, namespace: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [copy.deepcopy(o) for (g, p, ns, _), o in self.objects.items() if p == "workflows" and ns == namespace]
+            return [
+                copy.deepcopy(o) for (g, p, ns, _), o in self.objects.items() if p == "workflows" and ns == namespace
+            ]
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -116,7 +118,9 @@ class FakeKubeAPI:
     def put(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Store an object directly (as `kubectl apply` would), e.g. an EndpointSlice; validated like a create."""
         group, _, version = obj["apiVersion"].rpartition("/")
-        plural = next(p for (g, v, p), (kind, _) in RESOURCES.items() if g == group and v == version and kind == obj["kind"])
+        plural = next(
+            p for (g, v, p), (kind, _) in RESOURCES.items() if g == group and v == version and kind == obj["kind"]
+        )
         with self._lock:
             return self._create(group, version, plural, obj["metadata"]["namespace"], obj, replace=True)
 
@@ -146,12 +150,16 @@ class FakeKubeAPI:
             with self._lock:
                 if self._faults:
                     code = self._faults.pop(0)
-                    raise HTTPError(code, "InternalError" if code >= 500 else "TooManyRequests", f"injected failure {code}")
+                    raise HTTPError(
+                        code, "InternalError" if code >= 500 else "TooManyRequests", f"injected failure {code}"
+                    )
                 status, answer = self._handle(method, path, query, headers, body)
         except HTTPError as exc:
             status, answer = exc.code, self._status_object(exc.code, exc.reason, exc.message)
         payload = json.dumps(answer).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": payload})
 
     def _handle(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> tuple[int, Any]:
@@ -160,7 +168,9 @@ class FakeKubeAPI:
             raise HTTPError(404, "NotFound", f"the server could not find the requested resource ({path})")
         group, version, namespace, plural, name = match.group("group", "version", "namespace", "plural", "name")
         if (group, version, plural) not in RESOURCES:
-            raise HTTPError(404, "NotFound", f"the server could not find the requested resource ({group}/{version} {plural})")
+            raise HTTPError(
+                404, "NotFound", f"the server could not find the requested resource ({group}/{version} {plural})"
+            )
         if method == "POST" and name is None:
             return 201, self._create(group, version, plural, namespace, self._json(body))
         if method == "GET" and name is None:
@@ -177,7 +187,10 @@ class FakeKubeAPI:
                 raise HTTPError(415, "UnsupportedMediaType", f"the fake serves merge patches only, not {content_type}")
             current = self._existing(key, kind)
             patched = merge_patch(current, self._json(body))
-            patched["metadata"] = {**current["metadata"], **{k: v for k, v in patched["metadata"].items() if k in ("labels", "annotations")}}
+            patched["metadata"] = {
+                **current["metadata"],
+                **{k: v for k, v in patched["metadata"].items() if k in ("labels", "annotations")},
+            }
             self._validate(kind, RESOURCES[(group, version, plural)][1], patched)
             self._bump(patched)
             self.objects[key] = patched
@@ -199,7 +212,9 @@ class FakeKubeAPI:
 
     # --- store ---------------------------------------------------------------------------------
 
-    def _create(self, group: str, version: str, plural: str, namespace: str, obj: Any, *, replace: bool = False) -> dict[str, Any]:
+    def _create(
+        self, group: str, version: str, plural: str, namespace: str, obj: Any, *, replace: bool = False
+    ) -> dict[str, Any]:
         kind, schema = RESOURCES[(group, version, plural)]
         if self.namespaces is not None and namespace not in self.namespaces:
             raise HTTPError(404, "NotFound", f'namespaces "{namespace}" not found')
@@ -207,7 +222,9 @@ class FakeKubeAPI:
             raise HTTPError(400, "BadRequest", f"expected a {group}/{version} {kind}")
         meta = obj.setdefault("metadata", {})
         if meta.get("namespace", namespace) != namespace:
-            raise HTTPError(400, "BadRequest", "the namespace of the object does not match the namespace of the request")
+            raise HTTPError(
+                400, "BadRequest", "the namespace of the object does not match the namespace of the request"
+            )
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         self._validate(kind, schema, obj)
@@ -218,7 +235,7 @@ class FakeKubeAPI:
         stored["metadata"].update(
             namespace=namespace,
             uid=str(uuid.uuid4()),
-            creationTimestamp=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             generation=1,
         )
         self._bump(stored)
@@ -264,7 +281,15 @@ class FakeKubeAPI:
 
     @staticmethod
     def _status_object(code: int, reason: str, message: str) -> dict[str, Any]:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
 
 
 class KubeAPIServer:
@@ -316,7 +341,9 @@ class KubeAPIServer:
                     "kind": "Config",
                     "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
                     "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}
+                    ],
                     "current-context": "fake",
                 }
             )

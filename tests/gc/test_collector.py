@@ -37,8 +37,16 @@ class RecordingExecutor(Executor):
 
 
 def batch(batch_id: str, status: str, expires_at: int) -> BatchRecord:
-    return BatchRecord(id=batch_id, tenant="t", endpoint="/v1/chat/completions", input_file_id="f", completion_window="24h",
-                       status=status, created_at=1, expires_at=expires_at)
+    return BatchRecord(
+        id=batch_id,
+        tenant="t",
+        endpoint="/v1/chat/completions",
+        input_file_id="f",
+        completion_window="24h",
+        status=status,
+        created_at=1,
+        expires_at=expires_at,
+    )
 
 
 async def test_gc_pass(tmp_path):
@@ -55,8 +63,18 @@ async def test_gc_pass(tmp_path):
             await services.metadata.insert_batch(record)
         for file_id, expires_at in (("file-old", now - 10), ("file-new", now + 1000), ("file-none", None)):
             await services.objects.put_bytes(file_key("t", file_id), b"x")
-            await services.metadata.insert_file(FileRecord(id=file_id, tenant="t", bytes=1, created_at=1, filename="a",
-                                                           purpose="batch", object_key=file_key("t", file_id), expires_at=expires_at))
+            await services.metadata.insert_file(
+                FileRecord(
+                    id=file_id,
+                    tenant="t",
+                    bytes=1,
+                    created_at=1,
+                    filename="a",
+                    purpose="batch",
+                    object_key=file_key("t", file_id),
+                    expires_at=expires_at,
+                )
+            )
         executor = RecordingExecutor(running={"batch_running"}, broken={"batch_broken"})
 
         report = await collect(services, executor)
@@ -83,10 +101,28 @@ async def test_an_unfinished_batch_keeps_its_deleted_or_expired_input_until_it_e
         metadata = services.metadata
         for file_id, expires_at in (("file-deleted", None), ("file-expired", now - 10)):
             await services.objects.put_bytes(file_key("t", file_id), b"input")
-            await metadata.insert_file(FileRecord(id=file_id, tenant="t", bytes=5, created_at=1, filename="a",
-                                                  purpose="batch", object_key=file_key("t", file_id), expires_at=expires_at))
-            running = BatchRecord(id=f"batch_{file_id}", tenant="t", endpoint="/v1/chat/completions", input_file_id=file_id,
-                                  completion_window="24h", status="in_progress", created_at=1, expires_at=now + 999)
+            await metadata.insert_file(
+                FileRecord(
+                    id=file_id,
+                    tenant="t",
+                    bytes=5,
+                    created_at=1,
+                    filename="a",
+                    purpose="batch",
+                    object_key=file_key("t", file_id),
+                    expires_at=expires_at,
+                )
+            )
+            running = BatchRecord(
+                id=f"batch_{file_id}",
+                tenant="t",
+                endpoint="/v1/chat/completions",
+                input_file_id=file_id,
+                completion_window="24h",
+                status="in_progress",
+                created_at=1,
+                expires_at=now + 999,
+            )
             await metadata.insert_batch(running)
         assert await metadata.hide_file("file-deleted", "t", now)  # what DELETE /v1/files does while the batch runs
         executor = RecordingExecutor(running={"batch_file-deleted", "batch_file-expired"}, broken=set())
@@ -139,14 +175,32 @@ async def test_gc_expires_uploads_and_deletes_the_parts_of_finished_ones(tmp_pat
         now, metadata, objects = ids.now(), services.metadata, services.objects
 
         async def upload_with_part(upload_id: str, created_at: int, status: str = "pending") -> str:
-            await metadata.insert_upload(UploadRecord(
-                id=upload_id, tenant="t", filename="a.jsonl", purpose="batch", bytes=4, mime_type="text/jsonl",
-                status="pending", created_at=created_at, expires_at=created_at + 3600))
+            await metadata.insert_upload(
+                UploadRecord(
+                    id=upload_id,
+                    tenant="t",
+                    filename="a.jsonl",
+                    purpose="batch",
+                    bytes=4,
+                    mime_type="text/jsonl",
+                    status="pending",
+                    created_at=created_at,
+                    expires_at=created_at + 3600,
+                )
+            )
             key = upload_part_key("t", upload_id, f"part_{upload_id}")
             await objects.put_bytes(key, b"{}\n\n")
-            assert await metadata.add_upload_part(UploadPartRecord(
-                id=f"part_{upload_id}", upload_id=upload_id, tenant="t", bytes=4, created_at=created_at, object_key=key),
-                now=created_at)
+            assert await metadata.add_upload_part(
+                UploadPartRecord(
+                    id=f"part_{upload_id}",
+                    upload_id=upload_id,
+                    tenant="t",
+                    bytes=4,
+                    created_at=created_at,
+                    object_key=key,
+                ),
+                now=created_at,
+            )
             if status != "pending":
                 await metadata.transition_upload(upload_id, "t", ["pending"], status)
             return key

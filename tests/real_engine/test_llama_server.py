@@ -18,7 +18,9 @@ from tests.helpers import jsonl, wait_for
 pytestmark = pytest.mark.real_engine
 
 # Long enough that prefix reuse matters: ~600 tokens of shared system prompt per group.
-SYSTEM = "You are support agent {g} for the ACME {g} product line. " + "Follow the ACME policy handbook carefully. " * 60
+SYSTEM = (
+    "You are support agent {g} for the ACME {g} product line. " + "Follow the ACME policy handbook carefully. " * 60
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,10 @@ def grouped_lines(groups: int, per_group: int, seed: int, max_tokens: int = 8) -
         for i in range(per_group):
             body = {
                 "model": "smollm2",
-                "messages": [{"role": "system", "content": SYSTEM.format(g=f"{seed}-{g}")},
-                             {"role": "user", "content": f"Ticket {i}: hello?"}],
+                "messages": [
+                    {"role": "system", "content": SYSTEM.format(g=f"{seed}-{g}")},
+                    {"role": "user", "content": f"Ticket {i}: hello?"},
+                ],
                 "max_tokens": max_tokens,
                 "ignore_eos": True,
             }
@@ -60,8 +64,16 @@ def run_batch(gateway, data: bytes):
 def test_batch_completes_with_real_model_output(gateway_factory, llama):
     gateway = gateway_factory(f"smollm2={llama}")
     lines = [
-        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "smollm2", "max_tokens": 16, "messages": [{"role": "user", "content": f"Name a color. ({i})"}]}}
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smollm2",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": f"Name a color. ({i})"}],
+            },
+        }
         for i in range(6)
     ]
     client, done = run_batch(gateway, ("\n".join(json.dumps(x) for x in lines) + "\n").encode())
@@ -97,7 +109,11 @@ def test_controller_settles_and_interactive_latency_holds(gateway_factory, llama
         with httpx.Client(timeout=120) as http:
             n = 0
             while not stop.is_set():
-                body = {"model": "smollm2", "messages": [{"role": "user", "content": f"Say OK ({n})."}], "max_tokens": 8}
+                body = {
+                    "model": "smollm2",
+                    "messages": [{"role": "user", "content": f"Say OK ({n})."}],
+                    "max_tokens": 8,
+                }
                 started = time.monotonic()
                 http.post(llama + "/v1/chat/completions", json=body).raise_for_status()
                 latencies.append(time.monotonic() - started)

@@ -41,8 +41,16 @@ class Run:
 
 class ModelEngine:
     def __init__(
-        self, *, fixed: float = 0.010, per_sequence: float = 0.0001, capacity: int = 128, batch_tokens: int = 64,
-        interactive_tokens: int = 64, reading_interval: float = 0.5, seed: int = 1, batch_extra: float = 0.0,
+        self,
+        *,
+        fixed: float = 0.010,
+        per_sequence: float = 0.0001,
+        capacity: int = 128,
+        batch_tokens: int = 64,
+        interactive_tokens: int = 64,
+        reading_interval: float = 0.5,
+        seed: int = 1,
+        batch_extra: float = 0.0,
         board_lag: int = 1,
     ) -> None:
         self.fixed, self.per_sequence, self.capacity = fixed, per_sequence, capacity
@@ -69,8 +77,11 @@ class ModelEngine:
         return share * self.capacity_tokens_per_second / self.interactive_tokens
 
     def run(
-        self, controllers: list[ConcurrencyController], seconds: float,
-        interactive_rate: Callable[[float], float] = lambda t: 0.0, run: Run | None = None,
+        self,
+        controllers: list[ConcurrencyController],
+        seconds: float,
+        interactive_rate: Callable[[float], float] = lambda t: 0.0,
+        run: Run | None = None,
     ) -> Run:
         """Run for `seconds` of virtual time with one batch runner per controller (never short of work)."""
         run = run or Run(batch_tokens=[0] * len(controllers))
@@ -124,8 +135,14 @@ class ModelEngine:
                     controller.on_engine(self.now, reading, peers=peers)
                 board.append(self._loads(controllers))
                 board.popleft()
-                run.samples.append({"t": self.now, "limits": [c.limit for c in controllers], "running": len(self.running),
-                                    "waiting": len(self.waiting)})
+                run.samples.append(
+                    {
+                        "t": self.now,
+                        "limits": [c.limit for c in controllers],
+                        "running": len(self.running),
+                        "waiting": len(self.waiting),
+                    }
+                )
                 last_reading, token_time, tokens, queue_sum, queue_count = self.now, 0.0, 0, 0.0, 0
                 next_reading += self.reading_interval
         return run

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
 import msgspec
-import subprocess
-import sys
 
 from batch_gateway import ids
 from batch_gateway.services import Services
@@ -26,12 +26,27 @@ async def create_batch(settings: Settings, data: bytes, *, expires_in: int = 864
         file_id, batch_id, now = ids.new_file_id(), ids.new_batch_id(), ids.now()
         await services.objects.put_bytes(file_key("t", file_id), data)
         await services.metadata.insert_file(
-            FileRecord(id=file_id, tenant="t", bytes=len(data), created_at=now, filename="in.jsonl", purpose="batch",
-                       object_key=file_key("t", file_id))
+            FileRecord(
+                id=file_id,
+                tenant="t",
+                bytes=len(data),
+                created_at=now,
+                filename="in.jsonl",
+                purpose="batch",
+                object_key=file_key("t", file_id),
+            )
         )
         await services.metadata.insert_batch(
-            BatchRecord(id=batch_id, tenant="t", endpoint="/v1/chat/completions", input_file_id=file_id,
-                        completion_window="24h", status="validating", created_at=now, expires_at=now + expires_in)
+            BatchRecord(
+                id=batch_id,
+                tenant="t",
+                endpoint="/v1/chat/completions",
+                input_file_id=file_id,
+                completion_window="24h",
+                status="validating",
+                created_at=now,
+                expires_at=now + expires_in,
+            )
         )
         return batch_id
     finally:
@@ -42,7 +57,9 @@ async def results(settings: Settings, batch_id: str) -> tuple[BatchRecord, list[
     services = await Services.open(settings)
     try:
         batch = await services.metadata.get_batch(batch_id, None)
-        out = jsonl(await services.objects.get_bytes(file_key("t", batch.output_file_id))) if batch.output_file_id else []
+        out = (
+            jsonl(await services.objects.get_bytes(file_key("t", batch.output_file_id))) if batch.output_file_id else []
+        )
         err = jsonl(await services.objects.get_bytes(file_key("t", batch.error_file_id))) if batch.error_file_id else []
         return batch, out, err
     finally:
@@ -59,9 +76,9 @@ async def run_stats(settings: Settings, batch_id: str) -> dict:
 
 def start_runner(settings: Settings, batch_id: str, log) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env()}
-    return subprocess.Popen([sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env, stdout=log, stderr=log)
-
-
+    return subprocess.Popen(
+        [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env, stdout=log, stderr=log
+    )
 
 
 @contextlib.contextmanager

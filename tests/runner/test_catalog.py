@@ -58,9 +58,11 @@ async def test_models_are_asked_in_every_upstream_mode(sim):
     assert problem == "no upstream serves it (the models served are 'llama', 'qwen')."
     # A route naming a model its upstream does not serve is caught too (vLLM would answer every line 404).
     assert (await catalog(f"gpt-4o={sim.url}").model_problem("gpt-4o", "/v1/chat/completions")).startswith(
-        "no upstream serves it")
+        "no upstream serves it"
+    )
     assert await catalog(f"llama={sim.url}").model_problem("qwen", "/v1/chat/completions") == (
-        "no upstream serves it (the models served are 'llama').")
+        "no upstream serves it (the models served are 'llama')."
+    )
     assert await catalog().model_problem("llama", "/v1/chat/completions") == "no upstream serves it."
 
 
@@ -77,7 +79,8 @@ async def test_endpoints_are_probed(sim, other_engine):
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"):
         assert await sims.endpoint_problem(path) is None, path
     assert await sims.endpoint_problem("/v1/images/generations") == (
-        "none of this gateway's model servers serves /v1/images/generations.")
+        "none of this gateway's model servers serves /v1/images/generations."
+    )
     assert await sims.model_problem("llama", "/v1/videos") == "the upstream serving it does not serve /v1/videos."
 
     engine = catalog(other)

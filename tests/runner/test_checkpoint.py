@@ -9,7 +9,12 @@ from batch_gateway.store.objects import ObjectStore
 
 
 def result(line: int) -> bytes:
-    return msgspec.json.encode({"id": f"r{line}", "custom_id": f"c{line}", "response": {"body": {"n": 2**60 + 1}}, "error": None}) + b"\n"
+    return (
+        msgspec.json.encode(
+            {"id": f"r{line}", "custom_id": f"c{line}", "response": {"body": {"n": 2**60 + 1}}, "error": None}
+        )
+        + b"\n"
+    )
 
 
 async def test_flush_load_and_merge(tmp_path):
@@ -39,7 +44,10 @@ async def test_flush_load_and_merge(tmp_path):
 
     errors = await resumed.write_file("t/files/err", ERROR, 5, iter([b'{"custom_id":"c4"}\n']))
     assert errors > 0
-    assert [msgspec.json.decode(x)["custom_id"] for x in (await objects.get_bytes("t/files/err")).splitlines()] == ["c2", "c4"]
+    assert [msgspec.json.decode(x)["custom_id"] for x in (await objects.get_bytes("t/files/err")).splitlines()] == [
+        "c2",
+        "c4",
+    ]
 
     await resumed.delete()
     assert await resumed.part_keys() == []
@@ -154,7 +162,9 @@ async def test_a_reader_interleaved_with_compactions_gets_every_line(tmp_path, m
         read.append(line)
         for _ in range(2 if written < 80 else 0):  # the runner goes on flushing, and compacting, while it reads
             await flush_one()
-    assert not set(listed) <= set(await reader.part_keys()), "no listed part was compacted away: the test proves nothing"
+    assert not set(listed) <= set(await reader.part_keys()), (
+        "no listed part was compacted away: the test proves nothing"
+    )
     assert set(range(durable)) <= set(read)  # every line durable when the reader listed, deduplicated by the reader
     done, totals = await reader.load(written)
     assert done.all() and totals.completed == written

@@ -128,8 +128,12 @@ def test_when_others_queue_the_batch_cuts_at_once_and_keeps_the_room_free():
         t += 0.5
         done += 50  # the engine finishes 100 requests a second, all clients together
         fill(c, t)
-        c.on_engine(t, reading(running, waiting, step_seconds=0.010 + 0.0001 * running, running_mean=running,
-                               completed=done, **extra))
+        c.on_engine(
+            t,
+            reading(
+                running, waiting, step_seconds=0.010 + 0.0001 * running, running_mean=running, completed=done, **extra
+            ),
+        )
 
     for batch in (8, 16, 32, 64, 48, 24):
         tick(batch)
@@ -152,8 +156,17 @@ def test_limits_stay_within_bounds_whatever_the_readings():
         t = i * 0.5
         fill(c, t)
         running = (i * 37) % 150
-        c.on_engine(t, reading(running, (i * 13) % 30, step_seconds=0.01 + 0.0001 * running, running_mean=running,
-                               completed=i * 10, queue_seconds=0.5 if i % 7 == 0 else 0.0))
+        c.on_engine(
+            t,
+            reading(
+                running,
+                (i * 13) % 30,
+                step_seconds=0.01 + 0.0001 * running,
+                running_mean=running,
+                completed=i * 10,
+                queue_seconds=0.5 if i % 7 == 0 else 0.0,
+            ),
+        )
         assert 2 <= c.limit <= 40
 
 
@@ -258,7 +271,9 @@ def test_the_batch_yields_when_users_arrive_and_takes_the_engine_back_when_they_
     phases = [0.0, 0.5, 0.1, 0.0]
     rate = lambda t: engine.interactive_rate(phases[min(3, int(t // 60))])  # noqa: E731
     alone_engine = ModelEngine(seed=5)
-    alone = alone_engine.run([], 240, interactive_rate=lambda t: alone_engine.interactive_rate(phases[min(3, int(t // 60))]))
+    alone = alone_engine.run(
+        [], 240, interactive_rate=lambda t: alone_engine.interactive_rate(phases[min(3, int(t // 60))])
+    )
     c = ConcurrencyController()
     run = engine.run([c], 240, interactive_rate=rate)
     for phase in (1, 2):  # after the first 3 s of each phase with users, their p99 is within budget

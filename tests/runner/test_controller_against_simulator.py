@@ -36,8 +36,12 @@ async def chunks(data: bytes):
 @contextlib.contextmanager
 def sim_process(*args: str) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "batch_gateway", "sim", "--port", str(port), *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batch_gateway", "sim", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -77,15 +81,23 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
         # Output lengths 16..47 tokens: equal lengths would finish in lockstep, and each lockstep refill reads as a
         # burst of waiting requests that no real mix of requests produces.
         varied = b"".join(chat_lines(200, systems=200, max_tokens=16 + k, prefix=f"len{k}") for k in range(32))
-        ingested = await ingest(chunks(varied), tmp_path / "input.jsonl",
-                                "/v1/chat/completions", Limits(10_000, 1 << 20), model_ok)
+        ingested = await ingest(
+            chunks(varied), tmp_path / "input.jsonl", "/v1/chat/completions", Limits(10_000, 1 << 20), model_ok
+        )
         endpoint = Endpoint(sim_url, ConcurrencyController(initial=4, maximum=256))
         lines = np.arange(ingested.count)
         async with httpx.AsyncClient(timeout=60) as client, UpstreamClient() as upstream:
             dispatcher = Dispatcher(
-                batch_id="batch_test", path="/v1/chat/completions", ingested=ingested, endpoints=[endpoint],
-                scheduler=GroupScheduler(lines, lines), client=upstream, sink=lambda *args: None,
-                budget=RetryBudget(ingested.count, 0.2), max_attempts=3, request_timeout=60,
+                batch_id="batch_test",
+                path="/v1/chat/completions",
+                ingested=ingested,
+                endpoints=[endpoint],
+                scheduler=GroupScheduler(lines, lines),
+                client=upstream,
+                sink=lambda *args: None,
+                budget=RetryBudget(ingested.count, 0.2),
+                max_attempts=3,
+                request_timeout=60,
                 log=structlog.get_logger("test"),
             )
             task = asyncio.create_task(dispatcher.run())
@@ -102,7 +114,9 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
                 dispatcher.stop()
                 await dispatcher.abort(0)
                 task.cancel()
-    print(f"limit alone {alone} (queue {alone_waiting:.1f}), shared {shared} (queue {shared_waiting:.1f}), recovered {recovered}")
+    print(
+        f"limit alone {alone} (queue {alone_waiting:.1f}), shared {shared} (queue {shared_waiting:.1f}), recovered {recovered}"
+    )
     assert 0.9 * SLOTS <= alone <= 1.3 * SLOTS
     assert alone_waiting <= SLOTS * 0.25
     assert shared <= SLOTS // 2 - 1, "the batch did not leave the others room for their bursts"

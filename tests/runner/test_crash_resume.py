@@ -7,8 +7,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -27,7 +25,11 @@ def normalise(lines: list[dict]) -> dict[str, tuple]:
     out = {}
     for line in lines:
         body = line["response"]["body"]
-        out[line["custom_id"]] = (line["response"]["status_code"], body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"])
+        out[line["custom_id"]] = (
+            line["response"]["status_code"],
+            body["choices"][0]["message"]["content"],
+            body["usage"]["completion_tokens"],
+        )
     return out
 
 
@@ -39,7 +41,9 @@ def sim():
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, sim):
     data = chat_lines(LINES, systems=6, max_tokens=12)
-    base = dict(upstream=[sim.url], checkpoint_interval=0.3, runner_lease_seconds=2, log_format="json", fixed_concurrency=8)
+    base = dict(
+        upstream=[sim.url], checkpoint_interval=0.3, runner_lease_seconds=2, log_format="json", fixed_concurrency=8
+    )
 
     reference_settings = Settings(data_dir=str(tmp_path / "reference"), **base)
     reference_id = asyncio.run(create_batch(reference_settings, data))

@@ -7,24 +7,39 @@ import pytest
 from batch_gateway.runner.engine_metrics import EngineMeter
 
 
-def vllm(running: float, waiting: float, itl_sum: float, itl_count: float, queue_sum: float = 0.0,
-         queue_count: float = 0.0, success: float = 0.0) -> str:
+def vllm(
+    running: float,
+    waiting: float,
+    itl_sum: float,
+    itl_count: float,
+    queue_sum: float = 0.0,
+    queue_count: float = 0.0,
+    success: float = 0.0,
+) -> str:
     labels = 'engine="0",model_name="m"'
-    return "\n".join([
-        "# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{labels}}} {running}",
-        "# TYPE vllm:num_requests_waiting gauge", f"vllm:num_requests_waiting{{{labels}}} {waiting}",
-        "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{{{labels}}} 0.25",
-        "# TYPE vllm:request_success counter",
-        f'vllm:request_success_total{{finished_reason="stop",{labels}}} {success}',
-        "# TYPE vllm:inter_token_latency_seconds histogram",
-        f'vllm:inter_token_latency_seconds_bucket{{le="+Inf",{labels}}} {itl_count}',
-        f"vllm:inter_token_latency_seconds_sum{{{labels}}} {itl_sum}",
-        f"vllm:inter_token_latency_seconds_count{{{labels}}} {itl_count}",
-        "# TYPE vllm:request_queue_time_seconds histogram",
-        f'vllm:request_queue_time_seconds_bucket{{le="+Inf",{labels}}} {queue_count}',
-        f"vllm:request_queue_time_seconds_sum{{{labels}}} {queue_sum}",
-        f"vllm:request_queue_time_seconds_count{{{labels}}} {queue_count}",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "# TYPE vllm:num_requests_running gauge",
+                f"vllm:num_requests_running{{{labels}}} {running}",
+                "# TYPE vllm:num_requests_waiting gauge",
+                f"vllm:num_requests_waiting{{{labels}}} {waiting}",
+                "# TYPE vllm:kv_cache_usage_perc gauge",
+                f"vllm:kv_cache_usage_perc{{{labels}}} 0.25",
+                "# TYPE vllm:request_success counter",
+                f'vllm:request_success_total{{finished_reason="stop",{labels}}} {success}',
+                "# TYPE vllm:inter_token_latency_seconds histogram",
+                f'vllm:inter_token_latency_seconds_bucket{{le="+Inf",{labels}}} {itl_count}',
+                f"vllm:inter_token_latency_seconds_sum{{{labels}}} {itl_sum}",
+                f"vllm:inter_token_latency_seconds_count{{{labels}}} {itl_count}",
+                "# TYPE vllm:request_queue_time_seconds histogram",
+                f'vllm:request_queue_time_seconds_bucket{{le="+Inf",{labels}}} {queue_count}',
+                f"vllm:request_queue_time_seconds_sum{{{labels}}} {queue_sum}",
+                f"vllm:request_queue_time_seconds_count{{{labels}}} {queue_count}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def test_vllm_histograms_give_the_step_time_and_the_sequences_decoding_over_the_interval():

@@ -53,12 +53,19 @@ def test_the_runner_sends_the_hints_it_was_asked_for_and_nothing_else(tmp_path):
         body = await request.read()
         if body != b"{}":  # the runner's probe of what the upstream serves carries no batch line
             seen.append((dict(request.headers), body))
-        return web.json_response({"id": "c", "object": "chat.completion", "choices": [],
-                                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        return web.json_response(
+            {
+                "id": "c",
+                "object": "chat.completion",
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            }
+        )
 
     with upstream_server(complete) as url:
-        settings = Settings(data_dir=str(tmp_path), upstream=[url], log_format="json",
-                            priority_hints=["llm-d:bulk,vllm-priority:7"])
+        settings = Settings(
+            data_dir=str(tmp_path), upstream=[url], log_format="json", priority_hints=["llm-d:bulk,vllm-priority:7"]
+        )
         batch_id = asyncio.run(create_batch(settings, chat_lines(5)))
         with open(tmp_path / "runner.log", "ab") as log:
             assert start_runner(settings, batch_id, log).wait(60) == 0

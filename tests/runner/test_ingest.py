@@ -27,7 +27,9 @@ async def run(data: bytes, tmp_path, *, chunk: int = 7, max_requests: int = 100,
     async def check_model(model: str) -> str | None:
         return None if known else "no upstream serves it."
 
-    return await ingest(chunks_of(data, chunk), tmp_path / "w" / "input.jsonl", CHAT, Limits(max_requests, max_line), check_model)
+    return await ingest(
+        chunks_of(data, chunk), tmp_path / "w" / "input.jsonl", CHAT, Limits(max_requests, max_line), check_model
+    )
 
 
 async def test_split_lines_across_chunks_and_oversized(tmp_path):
@@ -87,8 +89,11 @@ async def test_errors_are_reported_in_line_order_even_when_found_later(tmp_path)
 
     many = [req("same"), req("same"), *(b"{bad" for _ in range(600))]
     errors = (await run(b"\n".join(many), tmp_path, max_requests=1000)).errors
-    assert [(e.code, e.line) for e in errors[:3]] == [("duplicate_custom_id", 2), ("invalid_json_line", 3),
-                                                       ("invalid_json_line", 4)]
+    assert [(e.code, e.line) for e in errors[:3]] == [
+        ("duplicate_custom_id", 2),
+        ("invalid_json_line", 3),
+        ("invalid_json_line", 4),
+    ]
     assert [e.line for e in errors[:-1]] == sorted(e.line for e in errors[:-1])
     assert errors[-1].code == "too_many_errors" and errors[-1].message.startswith("101 more errors")
     too_many = (await run(b"\n".join([b"{bad", req("a"), req("b"), req("c")]), tmp_path, max_requests=2)).errors

@@ -177,12 +177,11 @@ async def test_release_is_idempotent_and_works_with_a_real_controller():
     permit.release()
     permit.release()
     assert limiter.inflight == 0 and permit.released
-    async with limiter.slot():
-        async with limiter.slot():
-            assert limiter.inflight == 2
-            blocked = asyncio.create_task(limiter.acquire())
-            await settle()
-            assert not blocked.done()
+    async with limiter.slot(), limiter.slot():
+        assert limiter.inflight == 2
+        blocked = asyncio.create_task(limiter.acquire())
+        await settle()
+        assert not blocked.done()
     await settle()
     assert blocked.done()
     blocked.result().release()

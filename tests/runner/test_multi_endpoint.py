@@ -17,10 +17,18 @@ SYSTEM = "You are the assistant of team {g}. Follow the team handbook. " * 12
 
 def grouped(groups: int, per_group: int) -> bytes:
     lines = [
-        {"custom_id": f"g{g}-{i}", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "sim-model", "max_tokens": 8,
-                  "messages": [{"role": "system", "content": SYSTEM.format(g=g)}, {"role": "user", "content": f"q{i}"}]}}
-        for g in range(groups) for i in range(per_group)
+        {
+            "custom_id": f"g{g}-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "sim-model",
+                "max_tokens": 8,
+                "messages": [{"role": "system", "content": SYSTEM.format(g=g)}, {"role": "user", "content": f"q{i}"}],
+            },
+        }
+        for g in range(groups)
+        for i in range(per_group)
     ]
     random.Random(4).shuffle(lines)
     return ("\n".join(json.dumps(x) for x in lines) + "\n").encode()

@@ -63,13 +63,29 @@ def test_a_short_system_prompt_is_a_block_of_its_own():
     c = prefix_key(CHAT, chat(("system", "You are terse."), ("user", "What is 2+2?")))
     assert shared(a, b) == 1 and shared(a, c) == 0
     # Without a system prompt the first block is simply the first 64 bytes.
-    assert shared(prefix_key(CHAT, chat(("user", "x" * 70 + "1"))), prefix_key(CHAT, chat(("user", "x" * 70 + "2")))) == 1
+    assert (
+        shared(prefix_key(CHAT, chat(("user", "x" * 70 + "1"))), prefix_key(CHAT, chat(("user", "x" * 70 + "2")))) == 1
+    )
 
 
 def test_what_makes_up_the_chat_prefix():
-    text = prefix_text(CHAT, chat(("system", "S"), ("developer", "D"), ("user", "U"), ("assistant", "A"),
-                                  tools=[{"type": "function", "function": {"name": "f"}}]))
-    assert text.index("<system>S") < text.index("<developer>D") < text.index('"function"') < text.index("<user>U") < text.index("<assistant>A")
+    text = prefix_text(
+        CHAT,
+        chat(
+            ("system", "S"),
+            ("developer", "D"),
+            ("user", "U"),
+            ("assistant", "A"),
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        ),
+    )
+    assert (
+        text.index("<system>S")
+        < text.index("<developer>D")
+        < text.index('"function"')
+        < text.index("<user>U")
+        < text.index("<assistant>A")
+    )
     # Content-part arrays: text parts read as text, so they match the plain-string form.
     parts = [{"type": "text", "text": "Describe"}, {"type": "text", "text": "this"}]
     assert prefix_key(CHAT, chat(("user", parts))) == prefix_key(CHAT, chat(("user", "Describe\nthis")))
@@ -83,8 +99,12 @@ def test_tools_are_canonical_json():
 
 def test_images_count_by_a_hash_of_their_data():
     big = "data:image/png;base64," + "A" * 500_000
+
     def with_image(url: str) -> dict:
-        return chat(("user", [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]))
+        return chat(
+            ("user", [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}])
+        )
+
     text = prefix_text(CHAT, with_image(big))
     assert len(text) < 100  # the image is a short hash, not half a megabyte of base64
     assert prefix_key(CHAT, with_image(big)) == prefix_key(CHAT, with_image(big))
@@ -98,7 +118,9 @@ def test_other_endpoints():
     ids_a = prefix_key(completions, {"prompt": list(range(1000)) + [1]})
     ids_b = prefix_key(completions, {"prompt": list(range(1000)) + [2]})
     assert shared(ids_a, ids_b) >= 4  # token-id prompts share their leading ids
-    responses = prefix_text("/v1/responses", {"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}]})
+    responses = prefix_text(
+        "/v1/responses", {"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}]}
+    )
     assert responses.index("Be brief.") < responses.index("<user>Hi")
     assert prefix_text("/v1/responses", {"input": "plain"}) == "plain"
     assert prefix_text("/v1/embeddings", {"input": ["a", "b"]}).startswith("a")
@@ -122,7 +144,9 @@ def test_keys_are_the_same_in_another_process():
     import json
 
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(body)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(body)], env=env, capture_output=True, text=True, check=True
+    )
     assert tuple(json.loads(out.stdout)) == prefix_key(CHAT, body)
 
 
@@ -163,8 +187,10 @@ def test_shared_depths_stop_at_padding():
 
 
 def test_prefix_key_is_cheap_per_line():
-    bodies = [chat(("system", f"Assistant {i % 50}. " + "Follow the rules. " * 40), ("user", f"question {i} " + "x" * 300))
-              for i in range(5000)]
+    bodies = [
+        chat(("system", f"Assistant {i % 50}. " + "Follow the rules. " * 40), ("user", f"question {i} " + "x" * 300))
+        for i in range(5000)
+    ]
     started = time.perf_counter()
     for body in bodies:
         prefix_key(CHAT, body)

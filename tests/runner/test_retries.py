@@ -67,6 +67,7 @@ def test_server_errors_are_retried_within_the_budget_then_reported(tmp_path):
 
 def test_an_upstream_down_for_a_few_seconds_costs_no_line(tmp_path):
     with SimServer(SimConfig(time_scale=0.05, max_num_seqs=8)) as sim, Proxy(("127.0.0.1", sim.port)) as proxy:
+
         def outage(runner: subprocess.Popen) -> None:
             while httpx.get(sim.url + "/sim/stats").json()["completed"] < 20:
                 time.sleep(0.05)

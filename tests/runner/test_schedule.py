@@ -82,10 +82,14 @@ def test_every_level_of_the_prefix_tree_is_warmed_once():
         4: [("system", common + "handle shipping. " * 30), ("user", "s2")],
         5: [("system", common + "handle billing. " * 30), ("user", "b3")],
     }
-    keys = np.array([
-        (k := prefix_key(CHAT, {"messages": [{"role": r, "content": c} for r, c in msgs]})) + (0,) * (MAX_BLOCKS - len(k))
-        for _, msgs in sorted(bodies.items())
-    ], dtype=np.uint64)
+    keys = np.array(
+        [
+            (k := prefix_key(CHAT, {"messages": [{"role": r, "content": c} for r, c in msgs]}))
+            + (0,) * (MAX_BLOCKS - len(k))
+            for _, msgs in sorted(bodies.items())
+        ],
+        dtype=np.uint64,
+    )
     order = plan_order(keys)
     s = GroupScheduler(order, depths=shared_depths(keys, order))
     # Group-level gating alone would let the first shipping request go out next to the first billing one: both

@@ -20,8 +20,13 @@ LINES = 40
 
 def run_traced(tmp_path, receiver: OtlpReceiver | None, ratio: float) -> tuple[str, list[dict[str, str]]]:
     with SimServer(SimConfig(time_scale=0.01, seed=3)) as sim, RecordingProxy(sim.url) as proxy:
-        settings = Settings(data_dir=str(tmp_path), upstream=[proxy.url], log_format="json",
-                            otlp_endpoint=receiver.url if receiver else "", trace_upstream_sample_ratio=ratio)
+        settings = Settings(
+            data_dir=str(tmp_path),
+            upstream=[proxy.url],
+            log_format="json",
+            otlp_endpoint=receiver.url if receiver else "",
+            trace_upstream_sample_ratio=ratio,
+        )
         batch_id = asyncio.run(create_batch(settings, chat_lines(LINES)))
         with open(tmp_path / "runner.log", "ab") as log:
             assert start_runner(settings, batch_id, log).wait(120) == 0, (tmp_path / "runner.log").read_text()
@@ -44,7 +49,10 @@ def test_a_batch_run_is_one_trace_that_the_upstream_joins(tmp_path):
     assert 0 < len(upstream) < LINES, "about half the requests are sampled"
     for span in upstream.values():
         assert span["trace_id"] == run["trace_id"] and span["parent_span_id"] == run["span_id"]
-        assert span["attributes"]["batch_gateway.batch_id"] == batch_id and span["attributes"]["batch_gateway.tenant"] == "t"
+        assert (
+            span["attributes"]["batch_gateway.batch_id"] == batch_id
+            and span["attributes"]["batch_gateway.tenant"] == "t"
+        )
         assert span["attributes"]["http.response.status_code"] == 200
     # Every request carried a traceparent of the run's trace: a sampled one names its own span (so the engine's spans
     # hang under it), an unsampled one names the run and says "not sampled" (so the engine does not trace it).

@@ -38,8 +38,16 @@ def test_normalize_root():
 def test_usage_from_chat_and_responses_shapes():
     chat = b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}'
     u = usage_of(chat)
-    assert (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens, u.total_tokens) == (10, 4, 5, 2, 15)
-    responses = b'{"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10,"input_tokens_details":{"cached_tokens":1}}}'
+    assert (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens, u.total_tokens) == (
+        10,
+        4,
+        5,
+        2,
+        15,
+    )
+    responses = (
+        b'{"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10,"input_tokens_details":{"cached_tokens":1}}}'
+    )
     u = usage_of(responses)
     assert (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.total_tokens) == (7, 1, 3, 10)
     assert usage_of(b"not json").total_tokens == 0

@@ -76,7 +76,9 @@ def test_body_must_be_object():
 
 def test_embeddings_needs_input():
     embed = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m"}}
-    assert codes(validate_line(msgspec.json.encode(embed), 1, "/v1/embeddings")) == [("invalid_request", "body.input", 1)]
+    assert codes(validate_line(msgspec.json.encode(embed), 1, "/v1/embeddings")) == [
+        ("invalid_request", "body.input", 1)
+    ]
 
 
 def test_method_must_be_exactly_post():
@@ -90,10 +92,16 @@ def test_responses_lines_take_input_prompt_or_conversation():
     responses = "/v1/responses"
 
     def responses_line(body: dict) -> bytes:
-        return msgspec.json.encode({"custom_id": "r", "method": "POST", "url": responses, "body": {"model": "m", **body}})
+        return msgspec.json.encode(
+            {"custom_id": "r", "method": "POST", "url": responses, "body": {"model": "m", **body}}
+        )
 
-    for body in ({"input": "hi"}, {"prompt": {"id": "pmpt_123", "variables": {"city": "Paris"}}},
-                 {"conversation": "conv_123"}, {"conversation": {"id": "conv_123"}, "input": []}):
+    for body in (
+        {"input": "hi"},
+        {"prompt": {"id": "pmpt_123", "variables": {"city": "Paris"}}},
+        {"conversation": "conv_123"},
+        {"conversation": {"id": "conv_123"}, "input": []},
+    ):
         assert isinstance(validate_line(responses_line(body), 1, responses), ValidLine), body
     result = validate_line(responses_line({}), 2, responses)
     assert codes(result) == [("invalid_request", "body.input", 2)]
@@ -105,14 +113,19 @@ def test_responses_lines_take_input_prompt_or_conversation():
     [
         ("/v1/moderations", {"input": "some text"}, [("invalid_request", "body.input")]),
         ("/v1/images/generations", {"prompt": "a red fox"}, [("invalid_request", "body.prompt")]),
-        ("/v1/images/edits", {"prompt": "add a hat", "images": [{"file_id": "file-1"}]},
-         [("invalid_request", "body.prompt"), ("invalid_request", "body.image")]),
+        (
+            "/v1/images/edits",
+            {"prompt": "add a hat", "images": [{"file_id": "file-1"}]},
+            [("invalid_request", "body.prompt"), ("invalid_request", "body.image")],
+        ),
         ("/v1/videos", {"prompt": "a wave"}, [("invalid_request", "body.prompt")]),
     ],
 )
 def test_every_batch_endpoint_of_the_spec_is_validated(endpoint, good, missing):
     def endpoint_line(body: dict) -> bytes:
-        return msgspec.json.encode({"custom_id": "x", "method": "POST", "url": endpoint, "body": {"model": "m", **body}})
+        return msgspec.json.encode(
+            {"custom_id": "x", "method": "POST", "url": endpoint, "body": {"model": "m", **body}}
+        )
 
     assert isinstance(validate_line(endpoint_line(good), 1, endpoint), ValidLine)
     assert [(c, p) for c, p, _ in codes(validate_line(endpoint_line({}), 3, endpoint))] == missing

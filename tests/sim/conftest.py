@@ -15,7 +15,9 @@ from batch_gateway.sim import SimConfig, SimServer
 SYSTEM = "You are a careful assistant who answers in full sentences. " * 20  # ~300 tokens: many full cache blocks
 
 
-def chat(user: str = "hi", *, system: str = SYSTEM, max_tokens: int | None = 4, model: str = "sim-model") -> dict[str, Any]:
+def chat(
+    user: str = "hi", *, system: str = SYSTEM, max_tokens: int | None = 4, model: str = "sim-model"
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],

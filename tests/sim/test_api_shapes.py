@@ -60,7 +60,10 @@ def test_text_completion_with_several_prompts(client):
 def test_embeddings_float_and_base64(client, sim):
     # The SDK asks for base64 and decodes it; a plain client gets floats. Both must agree.
     embedded = client.embeddings.create(model="sim-model", input=["alpha", "beta"])
-    assert [d.index for d in embedded.data] == [0, 1] and embedded.usage.prompt_tokens == 3  # 4 bytes per token, rounded up
+    assert [d.index for d in embedded.data] == [
+        0,
+        1,
+    ] and embedded.usage.prompt_tokens == 3  # 4 bytes per token, rounded up
     vector = embedded.data[0].embedding
     assert len(vector) == 8 and math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-5)
     raw = httpx.post(sim.url + "/v1/embeddings", json={"model": "sim-model", "input": "alpha", "dimensions": 8}).json()
@@ -71,8 +74,9 @@ def test_embeddings_float_and_base64(client, sim):
 
 
 def test_responses(client):
-    response = client.responses.create(model="sim-model", input="Tell me a story", instructions="Be brief.",
-                                       max_output_tokens=5)
+    response = client.responses.create(
+        model="sim-model", input="Tell me a story", instructions="Be brief.", max_output_tokens=5
+    )
     assert response.id.startswith("resp_") and response.object == "response"
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert len(response.output_text.split()) == 5
@@ -128,13 +132,17 @@ def test_bad_requests_are_400_with_the_param(sim, path, body, param):
 
 def test_context_length_exceeded(start_sim):
     server = start_sim(time_scale=0, max_model_len=100)
-    error = _error(httpx.post(server.url + "/v1/completions", json={"model": "sim-model", "prompt": "x" * 360,
-                                                                   "max_tokens": 20}), 400)
+    error = _error(
+        httpx.post(server.url + "/v1/completions", json={"model": "sim-model", "prompt": "x" * 360, "max_tokens": 20}),
+        400,
+    )
     assert error["code"] == "context_length_exceeded" and "maximum context length is 100 tokens" in error["message"]
 
 
 def test_not_json_unknown_path_and_wrong_method(sim):
-    assert _error(httpx.post(sim.url + "/v1/chat/completions", content=b"{nope"), 400)["type"] == "invalid_request_error"
+    assert (
+        _error(httpx.post(sim.url + "/v1/chat/completions", content=b"{nope"), 400)["type"] == "invalid_request_error"
+    )
     assert _error(httpx.post(sim.url + "/v1/chat/completions", json=[1]), 400)
     assert _error(httpx.get(sim.url + "/v1/nothing"), 404)
     assert _error(httpx.get(sim.url + "/v1/chat/completions"), 405)

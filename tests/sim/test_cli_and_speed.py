@@ -25,8 +25,20 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_every_config_knob_is_a_flag():
-    args = _parse("--model", "a", "--model", "b", "--max-num-seqs", "7", "--time-scale", "0.5", "--error-rate-429", "0.1",
-                  "--scheduling-policy", "priority")
+    args = _parse(
+        "--model",
+        "a",
+        "--model",
+        "b",
+        "--max-num-seqs",
+        "7",
+        "--time-scale",
+        "0.5",
+        "--error-rate-429",
+        "0.1",
+        "--scheduling-policy",
+        "priority",
+    )
     config = config_from_args(args)
     assert config.models == ["a", "b"] and config.max_num_seqs == 7 and config.time_scale == 0.5
     assert config.error_rate_429 == 0.1 and config.scheduling_policy == "priority"
@@ -35,7 +47,13 @@ def test_every_config_knob_is_a_flag():
 
 
 @pytest.mark.parametrize(
-    "argv", [("--max-num-seqs", "0"), ("--error-rate-500", "1.5"), ("--time-scale", "-1"), ("--error-rate-429", "0.6", "--error-rate-503", "0.6")]
+    "argv",
+    [
+        ("--max-num-seqs", "0"),
+        ("--error-rate-500", "1.5"),
+        ("--time-scale", "-1"),
+        ("--error-rate-429", "0.6", "--error-rate-503", "0.6"),
+    ],
 )
 def test_bad_values_are_refused_with_the_reason(argv):
     with pytest.raises(ValueError, match="invalid simulator config"):
@@ -55,7 +73,9 @@ def test_sim_command_serves_until_ctrl_c():
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "batch_gateway", "sim", "--port", str(port), "--model", "m1", "--time-scale", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         deadline = time.monotonic() + 20
@@ -79,8 +99,9 @@ def test_sim_command_serves_until_ctrl_c():
 
 
 def test_bad_flag_value_exits_2():
-    result = subprocess.run([sys.executable, "-m", "batch_gateway", "sim", "--kv-blocks", "0"], capture_output=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "batch_gateway", "sim", "--kv-blocks", "0"], capture_output=True, timeout=30
+    )
     assert result.returncode == 2 and b"kv_blocks must be at least 1" in result.stderr
 
 

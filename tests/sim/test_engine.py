@@ -22,7 +22,9 @@ def test_same_step_both_miss_a_later_request_hits(start_sim):
     assert cached % 16 == 0 and shared_tokens - 16 <= cached < later["prompt_tokens"]
     counters = stats(server)
     assert counters["prefix_cache_hits"] == cached
-    assert counters["prefix_cache_queries"] == sum(r["usage"]["prompt_tokens"] for r in together) + later["prompt_tokens"]
+    assert (
+        counters["prefix_cache_queries"] == sum(r["usage"]["prompt_tokens"] for r in together) + later["prompt_tokens"]
+    )
     assert counters["kv_cache_usage"] == 0.0  # nothing running holds blocks; the cached ones are idle
 
 
@@ -44,8 +46,10 @@ def test_waiting_queue_grows_beyond_max_num_seqs(start_sim):
     async def run() -> tuple[dict, dict]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             await http.post("/sim/pause")
-            sending = [asyncio.ensure_future(http.post("/v1/chat/completions", json=chat(str(i), max_tokens=200)))
-                       for i in range(10)]
+            sending = [
+                asyncio.ensure_future(http.post("/v1/chat/completions", json=chat(str(i), max_tokens=200)))
+                for i in range(10)
+            ]
             while (await http.get("/sim/stats")).json()["waiting"] < 10:
                 await asyncio.sleep(0.005)
             paused = (await http.get("/sim/stats")).json()
@@ -128,7 +132,9 @@ def test_long_prompt_is_prefilled_in_chunks(start_sim):
 
 
 def test_step_costs_follow_the_documented_model(start_sim):
-    server = start_sim(time_scale=0.5, step_base_ms=4, per_seq_ms=1, prefill_ms_per_token=0.1, context_ms_per_token=0.01)
+    server = start_sim(
+        time_scale=0.5, step_base_ms=4, per_seq_ms=1, prefill_ms_per_token=0.1, context_ms_per_token=0.01
+    )
     body = {"model": "sim-model", "prompt": list(range(100)), "max_tokens": 11}
     started = time.monotonic()
     httpx.post(server.url + "/v1/completions", json=body)

@@ -51,8 +51,9 @@ def test_pool_cap_keeps_the_cache_small():
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_load_under_kv_pressure_keeps_every_invariant(seed, policy):
-    config = SimConfig(kv_blocks=40, max_num_seqs=6, max_num_batched_tokens=64, time_scale=0.001, seed=seed,
-                       scheduling_policy=policy)
+    config = SimConfig(
+        kv_blocks=40, max_num_seqs=6, max_num_batched_tokens=64, time_scale=0.001, seed=seed, scheduling_policy=policy
+    )
     engine = Engine(config, "m")
     rng = random.Random(seed)
     prefixes = ["shared system prompt " * 8, "another shared prompt " * 12, ""]
@@ -131,8 +132,9 @@ async def _stop(engine: Engine, tasks: list[asyncio.Future]) -> None:
 async def test_a_waiting_request_of_higher_priority_starts_in_the_next_step():
     # 10 ms steps (real time), so the step count read when the answer comes back is exact.
     engine = Engine(SimConfig(scheduling_policy="priority", max_num_seqs=2), "m")
-    low = [asyncio.ensure_future(engine.generate(prompt_from_text(f"low {i}", 16), 10_000, priority=10))
-           for i in range(3)]
+    low = [
+        asyncio.ensure_future(engine.generate(prompt_from_text(f"low {i}", 16), 10_000, priority=10)) for i in range(3)
+    ]
     await _until(lambda: engine.num_running == 2)
     engine.pause(True)
     older, newer = engine.running  # both priority 10; `newer` arrived later

@@ -18,8 +18,9 @@ def _statuses(url: str, count: int) -> list[httpx.Response]:
 
 
 def test_injected_error_rates_and_retry_after(start_sim):
-    server = start_sim(time_scale=0, error_rate_429=0.2, error_rate_500=0.1, error_rate_503=0.1, seed=3,
-                       retry_after_seconds=2)
+    server = start_sim(
+        time_scale=0, error_rate_429=0.2, error_rate_500=0.1, error_rate_503=0.1, seed=3, retry_after_seconds=2
+    )
     responses = _statuses(server.url, 400)
     codes = [r.status_code for r in responses]
     assert 55 <= codes.count(429) <= 105 and 20 <= codes.count(500) <= 60 and 20 <= codes.count(503) <= 60
@@ -30,8 +31,12 @@ def test_injected_error_rates_and_retry_after(start_sim):
             assert response.json()["error"]["type"] in ("rate_limit_error", "server_error")
         elif response.status_code == 500:
             assert "retry-after" not in response.headers
-    assert stats(server)["injected"] == {"429": codes.count(429), "500": codes.count(500), "503": codes.count(503),
-                                         "timeout": 0}
+    assert stats(server)["injected"] == {
+        "429": codes.count(429),
+        "500": codes.count(500),
+        "503": codes.count(503),
+        "timeout": 0,
+    }
 
 
 def test_same_seed_same_failures(start_sim):
@@ -57,8 +62,9 @@ def test_stop_does_not_wait_for_a_hung_request(start_sim):
     import threading
 
     server = start_sim(time_scale=0, timeout_rate=1.0, timeout_seconds=600)
-    hung = threading.Thread(target=lambda: httpx.post(server.url + "/v1/chat/completions", json=chat(), timeout=30),
-                            daemon=True)
+    hung = threading.Thread(
+        target=lambda: httpx.post(server.url + "/v1/chat/completions", json=chat(), timeout=30), daemon=True
+    )
     hung.start()
     time.sleep(0.2)
     started = time.monotonic()
@@ -103,8 +109,10 @@ def test_the_runners_metrics_reader_sees_the_queue(start_sim):
     with httpx.Client(base_url=server.url, timeout=10) as http:
         import threading
 
-        threads = [threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(str(i))})
-                   for i in range(3)]
+        threads = [
+            threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(str(i))})
+            for i in range(3)
+        ]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 5
@@ -129,27 +137,102 @@ def test_llama_cpp_metrics_read_as_an_engine_with_a_cache_per_slot():
         "llamacpp:requests_deferred 2\n"
     )
     snapshot = EngineMeter().read(text, at=0.0)
-    assert snapshot is not None and (snapshot.reading.waiting, snapshot.reading.running, snapshot.slot_caches) == (2, 8, True)
+    assert snapshot is not None and (snapshot.reading.waiting, snapshot.reading.running, snapshot.slot_caches) == (
+        2,
+        8,
+        True,
+    )
 
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), written out here rather than imported, so the test checks the code.
 _VLLM_BUCKETS = {
-    "vllm:time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0],
-    **{name: [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
-       for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
-                    "vllm:request_time_per_output_token_seconds")},
-    **{name: [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
-              960.0, 1920.0, 7680.0]
-       for name in ("vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds")},
+    "vllm:time_to_first_token_seconds": [
+        0.001,
+        0.005,
+        0.01,
+        0.02,
+        0.04,
+        0.06,
+        0.08,
+        0.1,
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+        2.5,
+        5.0,
+        7.5,
+        10.0,
+        20.0,
+        40.0,
+        80.0,
+        160.0,
+        640.0,
+        2560.0,
+    ],
+    **{
+        name: [
+            0.01,
+            0.025,
+            0.05,
+            0.075,
+            0.1,
+            0.15,
+            0.2,
+            0.3,
+            0.4,
+            0.5,
+            0.75,
+            1.0,
+            2.5,
+            5.0,
+            7.5,
+            10.0,
+            20.0,
+            40.0,
+            80.0,
+        ]
+        for name in (
+            "vllm:inter_token_latency_seconds",
+            "vllm:time_per_output_token_seconds",
+            "vllm:request_time_per_output_token_seconds",
+        )
+    },
+    **{
+        name: [
+            0.3,
+            0.5,
+            0.8,
+            1.0,
+            1.5,
+            2.0,
+            2.5,
+            5.0,
+            10.0,
+            15.0,
+            20.0,
+            30.0,
+            40.0,
+            50.0,
+            60.0,
+            120.0,
+            240.0,
+            480.0,
+            960.0,
+            1920.0,
+            7680.0,
+        ]
+        for name in ("vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds")
+    },
 }
 _LABELS = (("engine", "0"), ("model_name", "sim-model"))
 
 
 def _histogram(samples: dict, name: str) -> tuple[list[tuple[float, float]], float, float]:
     """(le, cumulative count) in order, then count and sum."""
-    buckets = sorted((float(dict(labels)["le"]), value) for (sample, labels), value in samples.items()
-                     if sample == name + "_bucket")
+    buckets = sorted(
+        (float(dict(labels)["le"]), value) for (sample, labels), value in samples.items() if sample == name + "_bucket"
+    )
     return buckets, samples[(name + "_count", _LABELS)], samples[(name + "_sum", _LABELS)]
 
 
@@ -166,14 +249,18 @@ def test_latency_histograms_have_vllms_names_labels_and_buckets(sim):
         assert counts == sorted(counts)  # cumulative
         assert counts[-1] == next(s.value for s in family.samples if s.name == name + "_count")
         # One request of 5 tokens: one of each per request, and an inter-token latency for each token after the first.
-        assert counts[-1] == (4 if name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
-                              else 1)
+        assert counts[-1] == (
+            4 if name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds") else 1
+        )
 
 
 def test_cache_config_info_describes_the_kv_cache(start_sim):
     def info(server) -> dict[str, str]:
-        family = next(f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
-                      if f.name == "vllm:cache_config_info")
+        family = next(
+            f
+            for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+            if f.name == "vllm:cache_config_info"
+        )
         (sample,) = family.samples
         assert family.type == "gauge" and sample.value == 1
         return sample.labels
@@ -213,7 +300,9 @@ def test_queue_and_e2e_latency_are_observed_when_a_request_finishes(start_sim):
     with httpx.Client(base_url=server.url, timeout=10) as http:
         import threading
 
-        thread = threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(max_tokens=400)})
+        thread = threading.Thread(
+            target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(max_tokens=400)}
+        )
         thread.start()
         wait_until(lambda: stats(server)["waiting"] == 1)
         http.post("/sim/resume")

@@ -20,8 +20,14 @@ def _error(response: httpx.Response) -> dict:
 def test_fcfs_ignores_a_priority_as_vllm_v1_does(sim, path):
     # vLLM's V0 engines answered "Got priority 10 but Priority scheduling is not enabled." with a 400; V1 engines
     # ignore the field, so a batch sent with priority hints to an engine without the policy still runs.
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi",
-            "max_tokens": 2, "priority": 10}
+    body = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "prompt": "hi",
+        "input": "hi",
+        "max_tokens": 2,
+        "priority": 10,
+    }
     assert httpx.post(sim.url + path, json=body).status_code == 200
 
 
@@ -41,16 +47,23 @@ def _overtake(server, priority: dict) -> tuple[dict, dict, list[dict]]:
     async def run() -> tuple[dict, dict, list[dict]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             await http.post("/sim/pause")
-            batch = [asyncio.ensure_future(http.post("/v1/chat/completions", json={**long, "messages": [
-                {"role": "user", "content": f"long {i}"}]})) for i in range(12)]
+            batch = [
+                asyncio.ensure_future(
+                    http.post(
+                        "/v1/chat/completions", json={**long, "messages": [{"role": "user", "content": f"long {i}"}]}
+                    )
+                )
+                for i in range(12)
+            ]
             while (await http.get("/sim/stats")).json()["waiting"] < 12:
                 await asyncio.sleep(0.002)
             await http.post("/sim/resume")
             while (await http.get("/sim/stats")).json()["running"] < 4:
                 await asyncio.sleep(0.002)
             await http.post("/sim/pause")  # 4 running, 8 waiting, each with ~300 tokens to go
-            newcomer = asyncio.ensure_future(http.post("/v1/chat/completions", json={**chat("urgent", max_tokens=2),
-                                                                                      **priority}))
+            newcomer = asyncio.ensure_future(
+                http.post("/v1/chat/completions", json={**chat("urgent", max_tokens=2), **priority})
+            )
             while (await http.get("/sim/stats")).json()["waiting"] < 9:
                 await asyncio.sleep(0.002)
             await http.post("/sim/resume")
@@ -113,8 +126,11 @@ def test_equal_priorities_never_preempt_each_other(start_sim):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         import threading
 
-        first = threading.Thread(target=http.post, args=("/v1/chat/completions",),
-                                 kwargs={"json": {**chat("one", max_tokens=100), "priority": 3}})
+        first = threading.Thread(
+            target=http.post,
+            args=("/v1/chat/completions",),
+            kwargs={"json": {**chat("one", max_tokens=100), "priority": 3}},
+        )
         first.start()
         wait_until(lambda: stats(server)["running"] == 1)
         assert http.post("/v1/chat/completions", json={**chat("two", max_tokens=2), "priority": 3}).status_code == 200

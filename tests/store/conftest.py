@@ -63,9 +63,12 @@ def store_location(metadata_backend: str, tmp_path: Path, request: pytest.Fixtur
         return str(tmp_path / "metadata.sqlite3")
     url = request.getfixturevalue("shared_postgres_url")
     with psycopg.connect(url, autocommit=True) as connection:
-        tables = [row[0] for row in connection.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
-        )]
+        tables = [
+            row[0]
+            for row in connection.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+            )
+        ]
         connection.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
     return url
 

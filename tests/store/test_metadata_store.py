@@ -15,8 +15,13 @@ _clock = itertools.count(1_000)
 
 def file_record(tenant: str = "acme", purpose: str = "batch", **fields) -> FileRecord:
     values = dict(
-        id=ids.new_file_id(), tenant=tenant, bytes=123, created_at=next(_clock), filename="in.jsonl",
-        purpose=purpose, object_key=f"{tenant}/files/x",
+        id=ids.new_file_id(),
+        tenant=tenant,
+        bytes=123,
+        created_at=next(_clock),
+        filename="in.jsonl",
+        purpose=purpose,
+        object_key=f"{tenant}/files/x",
     )
     return FileRecord(**(values | fields))
 
@@ -24,8 +29,14 @@ def file_record(tenant: str = "acme", purpose: str = "batch", **fields) -> FileR
 def batch_record(tenant: str = "acme", status: str = "validating", **fields) -> BatchRecord:
     created = next(_clock)
     values = dict(
-        id=ids.new_batch_id(), tenant=tenant, endpoint="/v1/chat/completions", input_file_id="file-in",
-        completion_window="24h", status=status, created_at=created, expires_at=created + 86400,
+        id=ids.new_batch_id(),
+        tenant=tenant,
+        endpoint="/v1/chat/completions",
+        input_file_id="file-in",
+        completion_window="24h",
+        status=status,
+        created_at=created,
+        expires_at=created + 86400,
     )
     return BatchRecord(**(values | fields))
 
@@ -277,11 +288,21 @@ async def test_transition_is_compare_and_set(store: MetadataStore):
 
     usage = wire.Usage(input_tokens=1, output_tokens=2, total_tokens=3)
     done = await store.transition(
-        batch.id, ["cancelling"], "cancelled", 40,
-        output_file_id="file-out", error_file_id=None, usage=usage,
+        batch.id,
+        ["cancelling"],
+        "cancelled",
+        40,
+        output_file_id="file-out",
+        error_file_id=None,
+        usage=usage,
         request_counts=wire.RequestCounts(total=3, completed=2, failed=1),
     )
-    assert (done.status, done.cancelled_at, done.output_file_id, done.error_file_id) == ("cancelled", 40, "file-out", None)
+    assert (done.status, done.cancelled_at, done.output_file_id, done.error_file_id) == (
+        "cancelled",
+        40,
+        "file-out",
+        None,
+    )
     assert done.usage == usage and done.request_counts.completed == 2
     assert done.terminal
 
@@ -339,7 +360,11 @@ async def test_batches_with_status_and_overdue(store: MetadataStore):
     for record in (running, cancelling, done, waiting):
         await store.insert_batch(record)
 
-    assert {b.id for b in await store.batches_with_status(wire.ACTIVE_STATUSES)} == {running.id, cancelling.id, waiting.id}
+    assert {b.id for b in await store.batches_with_status(wire.ACTIVE_STATUSES)} == {
+        running.id,
+        cancelling.id,
+        waiting.id,
+    }
     assert [b.id for b in await store.batches_with_status(["completed"])] == [done.id]
     assert await store.batches_with_status([]) == []
     assert len(await store.batches_with_status(wire.ACTIVE_STATUSES, limit=2)) == 2

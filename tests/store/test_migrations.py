@@ -25,9 +25,18 @@ PREVIOUS = VERSIONS[-2]
 # Rows as a release at schema version 1 wrote them (no lease columns, no indexes yet).
 V1_FILE = ("file-v1", "acme", 10, 100, "in.jsonl", "batch", "acme/files/file-v1", 2_000, "processed")
 V1_BATCH = dict(
-    id="batch_v1", tenant="acme", endpoint="/v1/chat/completions", input_file_id="file-v1", completion_window="24h",
-    status="in_progress", created_at=100, expires_at=86_500, metadata='{"team": "search"}',
-    request_counts='{"total": 4, "completed": 1, "failed": 0}', idempotency_key="key-v1", in_progress_at=101,
+    id="batch_v1",
+    tenant="acme",
+    endpoint="/v1/chat/completions",
+    input_file_id="file-v1",
+    completion_window="24h",
+    status="in_progress",
+    created_at=100,
+    expires_at=86_500,
+    metadata='{"team": "search"}',
+    request_counts='{"total": 4, "completed": 1, "failed": 0}',
+    idempotency_key="key-v1",
+    in_progress_at=101,
 )
 
 
@@ -45,16 +54,20 @@ def schema(backend: str, location: str) -> list[tuple]:
     """Everything the migrations define, in a comparable form."""
     if backend == "sqlite":
         return raw_execute(
-            backend, location,
+            backend,
+            location,
             "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name",
         )
     columns = raw_execute(
-        backend, location,
+        backend,
+        location,
         "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns "
         "WHERE table_schema = 'public' ORDER BY table_name, column_name",
     )
     indexes = raw_execute(
-        backend, location, "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 2"
+        backend,
+        location,
+        "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 2",
     )
     return columns + indexes
 
@@ -72,11 +85,19 @@ async def test_upgrade_from_the_previous_version_keeps_rows_and_they_work(metada
         assert await old.schema_version() == PREVIOUS
     finally:
         await old.close()
-    raw_execute(metadata_backend, empty_database, "INSERT INTO files (id, tenant, bytes, created_at, filename, "
-                "purpose, object_key, expires_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", V1_FILE)
-    raw_execute(metadata_backend, empty_database,
-                f"INSERT INTO batches ({', '.join(V1_BATCH)}) VALUES ({', '.join('?' for _ in V1_BATCH)})",
-                tuple(V1_BATCH.values()))
+    raw_execute(
+        metadata_backend,
+        empty_database,
+        "INSERT INTO files (id, tenant, bytes, created_at, filename, "
+        "purpose, object_key, expires_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        V1_FILE,
+    )
+    raw_execute(
+        metadata_backend,
+        empty_database,
+        f"INSERT INTO batches ({', '.join(V1_BATCH)}) VALUES ({', '.join('?' for _ in V1_BATCH)})",
+        tuple(V1_BATCH.values()),
+    )
 
     store = await connected(metadata_backend, empty_database)
     try:
@@ -85,10 +106,15 @@ async def test_upgrade_from_the_previous_version_keeps_rows_and_they_work(metada
         # The old rows read back as records ...
         batch = await store.get_batch("batch_v1", "acme")
         assert (batch.status, batch.metadata, batch.request_counts.total, batch.in_progress_at) == (
-            "in_progress", {"team": "search"}, 4, 101)
+            "in_progress",
+            {"team": "search"},
+            4,
+            101,
+        )
         assert (await store.get_file("file-v1", "acme")).object_key == "acme/files/file-v1"
         assert [f.id for f in (await store.list_files("acme", purpose=None, order="asc", after=None, limit=5))[0]] == [
-            "file-v1"]
+            "file-v1"
+        ]
         # ... and what the new version added works on them: leases, the idempotency index, pagination.
         assert await store.claim_batch("batch_v1", "runner-a", 200, 30)
         assert not await store.claim_batch("batch_v1", "runner-b", 201, 30)
@@ -202,20 +228,39 @@ async def test_both_dialects_define_the_same_tables_columns_and_indexes(tmp_path
     sqlite_store = await connected("sqlite", path)
     await sqlite_store.migrate()
     await sqlite_store.close()
-    tables = [name for (name,) in raw_execute("sqlite", path, "SELECT name FROM sqlite_master WHERE type = 'table' "
-                                                              "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    tables = [
+        name
+        for (name,) in raw_execute(
+            "sqlite",
+            path,
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )
+    ]
     sqlite_columns = {t: sorted(c[1] for c in raw_execute("sqlite", path, f"PRAGMA table_info({t})")) for t in tables}
-    sqlite_indexes = sorted(n for (n,) in raw_execute("sqlite", path, "SELECT name FROM sqlite_master WHERE type = "
-                                                                      "'index' AND name NOT LIKE 'sqlite_%'"))
+    sqlite_indexes = sorted(
+        n
+        for (n,) in raw_execute(
+            "sqlite", path, "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'"
+        )
+    )
     with test_database() as url:
         pg_store = await connected("postgres", url)
         await pg_store.migrate()
         await pg_store.close()
         pg_columns: dict[str, list[str]] = {}
-        for table, column in raw_execute("postgres", url, "SELECT table_name, column_name FROM "
-                                         "information_schema.columns WHERE table_schema = 'public'"):
+        for table, column in raw_execute(
+            "postgres",
+            url,
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'",
+        ):
             pg_columns.setdefault(table, []).append(column)
-        pg_indexes = sorted(n for (n,) in raw_execute("postgres", url, "SELECT indexname FROM pg_indexes WHERE "
-                                                      "schemaname = 'public' AND indexname !~ '_(pkey|key)$'"))
+        pg_indexes = sorted(
+            n
+            for (n,) in raw_execute(
+                "postgres",
+                url,
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND indexname !~ '_(pkey|key)$'",
+            )
+        )
     assert sqlite_columns == {t: sorted(c) for t, c in pg_columns.items()}
     assert sqlite_indexes == pg_indexes

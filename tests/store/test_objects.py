@@ -162,7 +162,9 @@ asyncio.run(ObjectStore(sys.argv[1]).put_stream(sys.argv[2], upload()))
 
 
 async def kill_a_writer_mid_upload(backend: Backend, key: str) -> None:
-    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, backend.store.url, key], cwd=Path(__file__).parents[2])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, backend.store.url, key], cwd=Path(__file__).parents[2]
+    )
     try:
         deadline = time.monotonic() + 20
         while not backend.pending_uploads():

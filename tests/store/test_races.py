@@ -25,18 +25,22 @@ async def test_many_cancels_against_one_completion_exactly_one_wins(open_store: 
     contenders = await stores(open_store)
     winners = collections.Counter()
     for round_ in range(ROUNDS):
-        batch, _ = await contenders[0].insert_batch(batch_record(status="finalizing", in_progress_at=1, finalizing_at=2))
+        batch, _ = await contenders[0].insert_batch(
+            batch_record(status="finalizing", in_progress_at=1, finalizing_at=2)
+        )
         counts = wire.RequestCounts(total=5, completed=5)
-        cancels = [
-            contenders[i % STORES].transition(batch.id, CANCELLABLE, "cancelling", 100 + i) for i in range(8)
-        ]
+        cancels = [contenders[i % STORES].transition(batch.id, CANCELLABLE, "cancelling", 100 + i) for i in range(8)]
         # The completion starts in the middle of the cancels, alternating sides between rounds.
         position = 4 if round_ % 2 else 0
-        calls = cancels[:position] + [
-            contenders[round_ % STORES].transition(
-                batch.id, ["finalizing"], "completed", 50, request_counts=counts, output_file_id="file-out"
-            )
-        ] + cancels[position:]
+        calls = (
+            cancels[:position]
+            + [
+                contenders[round_ % STORES].transition(
+                    batch.id, ["finalizing"], "completed", 50, request_counts=counts, output_file_id="file-out"
+                )
+            ]
+            + cancels[position:]
+        )
         results = await asyncio.gather(*calls)
         completion = results[position]
         cancel_results = results[:position] + results[position + 1 :]

@@ -26,7 +26,9 @@ MAY_24_2013 = datetime.datetime(2013, 5, 24, tzinfo=datetime.UTC)
     ],
 )
 def test_signature_matches_the_aws_examples(query: str, signature: str):
-    headers = sign_v4("GET", httpx.URL("https://examplebucket.s3.amazonaws.com/"), query, EXAMPLE, "us-east-1", MAY_24_2013)
+    headers = sign_v4(
+        "GET", httpx.URL("https://examplebucket.s3.amazonaws.com/"), query, EXAMPLE, "us-east-1", MAY_24_2013
+    )
     assert headers["authorization"] == (
         "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
         f"SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"
@@ -47,8 +49,12 @@ def test_signature_matches_botocore_with_a_session_token(method: str, path: str,
     url = f"http://127.0.0.1:9000{path}"
     ours = sign_v4(method, httpx.URL(url), query, credentials, "eu-west-1", now)
 
-    request = AWSRequest(method=method, url=f"{url}?{query}", headers={"x-amz-content-sha256": ours["x-amz-content-sha256"]})
-    signer = S3SigV4Auth(BotoCredentials("AKIDEXAMPLE", "secret/key+example", "session-token/with+chars="), "s3", "eu-west-1")
+    request = AWSRequest(
+        method=method, url=f"{url}?{query}", headers={"x-amz-content-sha256": ours["x-amz-content-sha256"]}
+    )
+    signer = S3SigV4Auth(
+        BotoCredentials("AKIDEXAMPLE", "secret/key+example", "session-token/with+chars="), "s3", "eu-west-1"
+    )
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now.replace(tzinfo=None))  # pin its clock
     signer.add_auth(request)
     assert ours["authorization"] == request.headers["Authorization"]
@@ -56,10 +62,19 @@ def test_signature_matches_botocore_with_a_session_token(method: str, path: str,
 
 
 def test_the_bucket_is_found_the_way_obstore_finds_it(monkeypatch):
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_VIRTUAL_HOSTED_STYLE_REQUEST"):
+    for name in (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    assert (bucket_from_env("b").url, bucket_from_env("b").region) == ("https://s3.eu-west-1.amazonaws.com/b", "eu-west-1")
+    assert (bucket_from_env("b").url, bucket_from_env("b").region) == (
+        "https://s3.eu-west-1.amazonaws.com/b",
+        "eu-west-1",
+    )
     monkeypatch.setenv("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "true")
     assert bucket_from_env("b").url == "https://b.s3.eu-west-1.amazonaws.com"
     monkeypatch.delenv("AWS_VIRTUAL_HOSTED_STYLE_REQUEST")

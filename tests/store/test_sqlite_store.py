@@ -114,8 +114,15 @@ async def test_processes_sharing_the_file_migrate_once_and_claim_each_batch_once
     batch_ids = [batch_record().id for _ in range(30)]
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, str(script), path, f"runner-{i}", ",".join(batch_ids), str(flags),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2],
+            sys.executable,
+            str(script),
+            path,
+            f"runner-{i}",
+            ",".join(batch_ids),
+            str(flags),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).parents[2],
         )
         for i in range(3)
     ]
@@ -149,7 +156,9 @@ async def test_processes_sharing_the_file_migrate_once_and_claim_each_batch_once
                 await proc.wait()
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err.decode()
-    results = [line.split()[1:] for out, _ in outputs for line in out.decode().splitlines() if line.startswith("RESULT")]
+    results = [
+        line.split()[1:] for out, _ in outputs for line in out.decode().splitlines() if line.startswith("RESULT")
+    ]
     # one process applied every migration
     assert sorted(int(result[0]) for result in results) == [0, 0, len(versions("sqlite"))]
     won = [batch_id for result in results for batch_id in result[1:]]

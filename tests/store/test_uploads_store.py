@@ -12,8 +12,15 @@ PENDING, COMPLETING, COMPLETED, CANCELLED, EXPIRED = "pending", "completing", "c
 
 def upload_record(tenant: str = "acme", *, created_at: int = 1_000, **fields) -> UploadRecord:
     values = dict(
-        id=ids.new_upload_id(), tenant=tenant, filename="big.jsonl", purpose="batch", bytes=30, mime_type="text/jsonl",
-        status=PENDING, created_at=created_at, expires_at=created_at + 3600,
+        id=ids.new_upload_id(),
+        tenant=tenant,
+        filename="big.jsonl",
+        purpose="batch",
+        bytes=30,
+        mime_type="text/jsonl",
+        status=PENDING,
+        created_at=created_at,
+        expires_at=created_at + 3600,
     )
     return UploadRecord(**(values | fields))
 
@@ -21,15 +28,27 @@ def upload_record(tenant: str = "acme", *, created_at: int = 1_000, **fields) ->
 def part_record(upload: UploadRecord, size: int = 10, *, tenant: str | None = None, created_at: int = 1_001):
     part_id = ids.new_upload_part_id()
     return UploadPartRecord(
-        id=part_id, upload_id=upload.id, tenant=tenant or upload.tenant, bytes=size, created_at=created_at,
+        id=part_id,
+        upload_id=upload.id,
+        tenant=tenant or upload.tenant,
+        bytes=size,
+        created_at=created_at,
         object_key=f"{upload.tenant}/uploads/{upload.id}/{part_id}",
     )
 
 
 def file_for(upload: UploadRecord) -> FileRecord:
     file_id = ids.upload_file_id(upload.id)
-    return FileRecord(id=file_id, tenant=upload.tenant, bytes=upload.bytes, created_at=2_000, filename=upload.filename,
-                      purpose=upload.purpose, object_key=f"{upload.tenant}/files/{file_id}", expires_at=9_000)
+    return FileRecord(
+        id=file_id,
+        tenant=upload.tenant,
+        bytes=upload.bytes,
+        created_at=2_000,
+        filename=upload.filename,
+        purpose=upload.purpose,
+        object_key=f"{upload.tenant}/files/{file_id}",
+        expires_at=9_000,
+    )
 
 
 async def test_upload_round_trip_is_tenant_scoped(store: MetadataStore):
@@ -60,7 +79,9 @@ async def test_transition_upload_is_compare_and_set_with_tenant_and_expiry(store
     upload = upload_record()
     await store.insert_upload(upload)
     assert await store.transition_upload(upload.id, "other", [PENDING], COMPLETING) is None
-    assert await store.transition_upload(upload.id, "acme", [PENDING], COMPLETING, unexpired_at=upload.expires_at) is None
+    assert (
+        await store.transition_upload(upload.id, "acme", [PENDING], COMPLETING, unexpired_at=upload.expires_at) is None
+    )
     moved = await store.transition_upload(upload.id, "acme", [PENDING], COMPLETING, unexpired_at=upload.expires_at - 1)
     assert moved is not None and moved.status == COMPLETING
     assert await store.transition_upload(upload.id, "acme", [PENDING], CANCELLED) is None

@@ -365,7 +365,9 @@ class ConcurrencyController:
         self._queued_readings = self._queued_readings + 1 if (waited and reading.running >= 1) or kv_full else 0
         if self._queued_readings < (1 if kv_full else needed):
             return False
-        self.capacity = seen[0][1]
+        if self.regime is Regime.OURS:
+            # Only the batch's own queue shows the knee: beside others, a burst of theirs queues at any running count.
+            self.capacity = seen[0][1]
         if self.service_time is not None:  # before our first answers, the queue is someone else's doing
             self._slow_start = False
         return True
@@ -444,10 +446,8 @@ class ConcurrencyController:
             budget = batch_inflight
         total = min(room, budget)
         if not queued and self._burst_queued(reading):
-            # More wait than arrivals between two steps explain: the engine is full. Its running count is its
-            # capacity, and their queue must empty at once.
+            # More wait than arrivals between two steps explain: their queue must empty at once.
             queued = True
-            self.capacity = self._running_seen[0][1]
         if queued:
             # Others wait: keep the queue empty, and keep what was given up free for a while.
             self._cap = max(0.0, batch_inflight - reading.waiting)

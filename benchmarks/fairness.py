@@ -127,11 +127,11 @@ def run() -> None:
     ]
     verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
     body = f"""
-`python -m benchmarks fairness` (about 5 minutes). Two tenants each submit a {requests:,}-request batch of the utilisation mix; each runs in
-its own runner process with default settings against one simulator (default cost model, `time_scale` {TIME_SCALE};
-rates in model time). Shares are of the output tokens both runners received over a {WINDOW:.0f}-s window that opens
-{SETTLE:.0f} s after the later batch started. Engine utilisation is against the capacity measured directly
-({cap * TIME_SCALE:,.0f} tokens/s).
+`python -m benchmarks fairness` (about 5 minutes). Two tenants each submit a {requests:,}-request batch of the
+utilisation mix; each runs in its own runner process with default settings against one simulator (default cost model,
+`time_scale` {TIME_SCALE}; rates in model time). Shares are of the output tokens both runners received over a
+{WINDOW:.0f}-s window that opens {SETTLE:.0f} s after the later batch started. Engine utilisation is against the
+capacity measured directly ({cap * TIME_SCALE:,.0f} tokens/s).
 
 The third case adds an open-loop Poisson stream of interactive chat turns ({INTERACTIVE_TOKENS} output tokens) at
 {INTERACTIVE_SHARE:.0%} of capacity straight to the simulator; both batches start with it, and the window opens

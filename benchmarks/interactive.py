@@ -92,8 +92,8 @@ def run() -> None:
                     figures["series"] = str(mixed.save(f"interactive-{share:.0%}-{label}"))
                 ratio = lambda key: figures[key] / alone[key] if alone else 1.0  # noqa: E731
                 print(
-                    f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
-                    f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch "
+                    f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), "
+                    f"p99 {figures['p99']:.3f} s (x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch "
                     f"{figures['batch_rate'] * TIME_SCALE:,.0f} tokens/s, limit {figures['limit']}",
                     flush=True,
                 )
@@ -169,10 +169,10 @@ def write(config: SimConfig, cap: float, requests: int, per_share: dict) -> None
 
 {report.table(rows)}
 Defaults: p99 **{p99_ratio:.2f}×** alone (target ≤ {SLOWDOWN}×: {verdict(p99_ratio <= SLOWDOWN)}), p50 {p50_ratio:.2f}×,
-batch **{of_oracle:.0%}** of the oracle's throughput (target ≥ {TARGET_THROUGHPUT:.0%}: {verdict(of_oracle >= TARGET_THROUGHPUT)};
-{of_both:.0%} of the p99-and-p50 oracle's). The peer's baseline: p99 {p["p99"] / alone["p99"]:.2f}×,
-{p["batch_rate"] / oracle_rate:.0%} of the oracle's throughput. The runner's last snapshot: regime
-`{snapshot.get("regime")}`, step fit a = {1000 * step_fit.get("fixed_s", float("nan")):.2f} ms, m =
+batch **{of_oracle:.0%}** of the oracle's throughput (target ≥ {TARGET_THROUGHPUT:.0%}:
+{verdict(of_oracle >= TARGET_THROUGHPUT)}; {of_both:.0%} of the p99-and-p50 oracle's). The peer's baseline: p99
+{p["p99"] / alone["p99"]:.2f}×, {p["batch_rate"] / oracle_rate:.0%} of the oracle's throughput. The runner's last
+snapshot: regime `{snapshot.get("regime")}`, step fit a = {1000 * step_fit.get("fixed_s", float("nan")):.2f} ms, m =
 {1000 * step_fit.get("per_sequence_s", float("nan")):.4f} ms per sequence (so `(1.3-1)·a/m` = {allowed:.0f} batch
 sequences), interactive load {snapshot.get("interactive_load")}, limit {snapshot.get("limit")}, capacity
 {snapshot.get("capacity")}.

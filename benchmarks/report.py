@@ -119,7 +119,10 @@ def background_load() -> float | None:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    return (
+        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
+        f"{platform.python_version()}"
+    )
 
 
 def table(rows: list[dict]) -> str:

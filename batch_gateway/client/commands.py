@@ -67,7 +67,8 @@ def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             err(f"error: {exc}")
         except openai.AuthenticationError as exc:
             err(
-                f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set OPENAI_API_KEY."
+                f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set "
+                "OPENAI_API_KEY."
             )
         except openai.APIStatusError as exc:
             err(f"error: {exc.status_code} {api_message(exc)}")

@@ -277,7 +277,8 @@ def _duplicate_ids(ingested: Ingested, id_hashes: np.ndarray | None) -> list[Bat
                 errors.append(
                     BatchError(
                         "duplicate_custom_id",
-                        f"The custom_id '{custom_id}' is used more than once; each custom_id must be unique in a batch.",
+                        f"The custom_id '{custom_id}' is used more than once; "
+                        "each custom_id must be unique in a batch.",
                         "custom_id",
                         int(ingested.line_numbers[index]),
                     )

@@ -345,7 +345,8 @@ class SqliteStore(MetadataStore):
     async def expire_uploads(self, now: int, limit: int) -> list[UploadRecord]:
         found = await self._rows(
             f"UPDATE uploads SET status = ? WHERE seq IN (SELECT seq FROM uploads WHERE status IN "
-            f"({_marks(OPEN_UPLOAD_STATUSES)}) AND expires_at <= ? ORDER BY expires_at, seq LIMIT ?) RETURNING {_UPLOADS}",
+            f"({_marks(OPEN_UPLOAD_STATUSES)}) AND expires_at <= ? ORDER BY expires_at, seq LIMIT ?) "
+            f"RETURNING {_UPLOADS}",
             (UploadStatus.EXPIRED.value, *OPEN_UPLOAD_STATUSES, now, limit),
         )
         return [rows.upload_from_row(r) for r in found]
@@ -523,7 +524,8 @@ class SqliteStore(MetadataStore):
     async def leased_batches(self, now: int) -> set[str]:
         active = rows.ACTIVE_STATUSES
         found = await self._rows(
-            f"SELECT id FROM batches WHERE status IN ({_marks(active)}) AND runner_owner IS NOT NULL AND lease_until >= ?",
+            f"SELECT id FROM batches WHERE status IN ({_marks(active)}) "
+            "AND runner_owner IS NOT NULL AND lease_until >= ?",
             (*active, now),
         )
         return {row["id"] for row in found}

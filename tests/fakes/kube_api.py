@@ -203,7 +203,8 @@ class FakeKubeAPI:
                 raise HTTPError(
                     409,
                     "Conflict",
-                    f"Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: {current['metadata']['uid']}",
+                    f"Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: "
+                    f"{current['metadata']['uid']}",
                 )
             del self.objects[key]
             details = {"name": name, "kind": plural, "uid": current["metadata"]["uid"]}

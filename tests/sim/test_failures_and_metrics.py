@@ -131,7 +131,8 @@ def test_the_runners_metrics_reader_sees_the_queue(start_sim):
 
 def test_llama_cpp_metrics_read_as_an_engine_with_a_cache_per_slot():
     text = (
-        "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\n"
+        "# HELP llamacpp:requests_processing Number of requests processing.\n"
+        "# TYPE llamacpp:requests_processing gauge\n"
         "llamacpp:requests_processing 8\n"
         "# HELP llamacpp:requests_deferred Number of requests deferred.\n# TYPE llamacpp:requests_deferred gauge\n"
         "llamacpp:requests_deferred 2\n"

@@ -15,6 +15,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess, mean
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import Batch, Mixed, run_mixed
+from benchmarks.report import verdict
 from benchmarks.workloads import batch_body
 
 NAME = "phases"
@@ -146,8 +147,10 @@ def run() -> None:
     recovery = recovered - leave if recovered is not None else None
     held = mixed.engine.rate("generation_tokens", leave + RECOVERY, leave + PHASE) / cap
     worst = max(r[0] for r in ratios.values())
-    fmt = lambda s: "never" if s is None else f"{s:.1f} s"  # noqa: E731
-    verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
+
+    def fmt(seconds: float | None) -> str:
+        return "never" if seconds is None else f"{seconds:.1f} s"
+
     d = (mixed.batches[0].run_stats or {}).get("endpoints", {})
     snapshot = next(iter(d.values()), {})
     body = f"""

@@ -125,6 +125,11 @@ def machine() -> str:
     )
 
 
+def verdict(good: bool) -> str:
+    """How a report states whether a target was met."""
+    return "met" if good else "**missed**"
+
+
 def table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)\n"

@@ -15,6 +15,7 @@ A slot is never held while backing off or waiting for a circuit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -228,10 +229,8 @@ class Dispatcher:
         return None
 
     async def _wait_for_circuits(self, changed: asyncio.Event, timeout: float | None) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _circuit_changed(self) -> None:
         self._circuits_changed.set()

@@ -188,7 +188,7 @@ async def ingest(
             position += len(raw) + 1
             blocks = prefix_key(endpoint, parsed.body)[:MAX_BLOCKS] if parsed else ()
             key_counts.append(len(blocks))
-            for level, block in zip(key_levels, blocks):
+            for level, block in zip(key_levels, blocks, strict=False):  # a short prompt fills fewer levels
                 level.append(block)
             id_hashes.append(_custom_id_hash(parsed.custom_id) if parsed else 0)
             line_numbers.append(line_no)

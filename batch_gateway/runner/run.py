@@ -412,7 +412,7 @@ class BatchRunner:
         self.log.info(
             "runner.dispatch_ended",
             **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
-            endpoints=dict(zip([ep.name for ep in endpoints], urls)),
+            endpoints={ep.name: ep.url for ep in endpoints},
             limits=[ep.controller.limit for ep in endpoints],
         )
         return self._stop_reason or "completed"

@@ -40,6 +40,7 @@ completes its prefill, so a request is answered after one pass of the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -153,10 +154,8 @@ class Engine:
     async def stop(self) -> None:
         if self._task is not None and self.loop is asyncio.get_running_loop():
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     # --- requests ----------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_size_limits_are_per_purpose_512_mb_a_file_200_mb_a_batch_input(server_f
     client = server.client(max_retries=0)
     two_kb = b'{"a": "' + b"x" * 2038 + b'"}\n'
     assert client.files.create(file=("notes.jsonl", two_kb), purpose="user_data").bytes == 2048
-    with pytest.raises(openai.BadRequestError, match="File is too large. The most a file with purpose 'batch'"):
+    with pytest.raises(openai.BadRequestError, match=r"File is too large\. The most a file with purpose 'batch'"):
         client.files.create(file=("in.jsonl", two_kb), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="File is too large"):
         client.files.create(file=("notes.jsonl", two_kb * 3), purpose="user_data")

@@ -363,13 +363,12 @@ class ProcessKubelet:
             self._task_result(pod, token, completed=False)
             run.argo_deadline = argo_deadline(pod)
         run.started_at = now()
-        log = open(run.directory / "main.log", "wb")
         try:
-            run.process = subprocess.Popen(
-                argv, env=env, cwd=run.directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            with open(run.directory / "main.log", "wb") as log:  # the process writes to its own copy of the descriptor
+                run.process = subprocess.Popen(
+                    argv, env=env, cwd=run.directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         except OSError as exc:
-            log.close()
             self._write_status(
                 run, pod, "Failed", main={"terminated": self._terminated(128, "StartError", run.started_at, str(exc))}
             )
@@ -389,7 +388,6 @@ class ProcessKubelet:
             if run.stop_requested is not None and time.monotonic() - run.stop_requested > run.grace_seconds:
                 os.killpg(run.process.pid, signal.SIGKILL)
             time.sleep(0.1)
-        log.close()
         run.returncode = run.process.returncode
         code = exit_code(run.returncode)
         terminated = self._terminated(code, "Completed" if code == 0 else "Error", run.started_at)
@@ -447,12 +445,14 @@ class ProcessKubelet:
                 "state": state,
             }
 
-        condition = lambda kind, ok, why=None: {
-            "type": kind,
-            "status": "True" if ok else "False",
-            "lastTransitionTime": now(),
-            **({"reason": why} if why else {}),
-        }
+        def condition(kind: str, ok: bool, why: str | None = None) -> dict[str, str]:
+            return {
+                "type": kind,
+                "status": "True" if ok else "False",
+                "lastTransitionTime": now(),
+                **({"reason": why} if why else {}),
+            }
+
         ready = phase == "Running"
         status: dict[str, Any] = {
             "phase": phase,

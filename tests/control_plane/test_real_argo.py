@@ -189,7 +189,8 @@ def test_a_killed_runner_is_retried_and_resumes_every_line_exactly_once(gateway)
     for sig, expected_exit in ((9, 137), (15, 75)):
         done_before = completed_lines(client, batch_id)
         wait_until(
-            lambda: completed_lines(client, batch_id) > done_before + 5 and time.monotonic() - started > 17,
+            lambda done_before=done_before: completed_lines(client, batch_id) > done_before + 5
+            and time.monotonic() - started > 17,
             "progress",
             plane=plane,
         )
@@ -369,18 +370,21 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
     # Two batches whose Workflows are deleted mid-run (the runner pods go with them); one is also overdue.
     kept, overdue = create_batch(client, 200, max_tokens=200), create_batch(client, 200, max_tokens=200)
     for batch_id in (kept, overdue):
-        wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
+        wait_until(lambda batch_id=batch_id: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
     for batch_id in (kept, overdue):
         plane.kubectl("delete", "workflow", workflow_name(batch_id), "--wait=false")
     for batch_id in (kept, overdue):
         wait_until(
-            lambda: runner_pods(plane, batch_id) and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
+            lambda batch_id=batch_id: runner_pods(plane, batch_id)
+            and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
             "the runner pods to be gone",
             plane=plane,
         )
         assert client.batches.retrieve(batch_id).status == "in_progress"
         wait_until(
-            lambda: sql(gateway, "SELECT 1 FROM batches WHERE id = %s AND runner_owner IS NULL", batch_id),
+            lambda batch_id=batch_id: sql(
+                gateway, "SELECT 1 FROM batches WHERE id = %s AND runner_owner IS NULL", batch_id
+            ),
             "the lease to be released",
             plane=plane,
         )

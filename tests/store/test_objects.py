@@ -32,9 +32,13 @@ class Backend:
 def backend(request, tmp_path: Path, monkeypatch) -> Backend:
     if request.param == "file":
         root = tmp_path / "objects"
-        files = lambda: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
-        # obstore's local multipart upload stages parts in "<key>#<n>" files next to the target.
-        staging = lambda: [name for name in files() if "#" in name]  # noqa: E731
+
+        def files() -> list[str]:
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+        def staging() -> list[str]:  # obstore's local multipart upload stages parts in "<key>#<n>" files
+            return [name for name in files() if "#" in name]
+
         return Backend(ObjectStore(root.as_uri()), files, staging)
     server: S3Server = request.getfixturevalue("s3")
     for name, value in server.env().items():

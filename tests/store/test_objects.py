@@ -211,3 +211,29 @@ async def test_stale_upload_cleanup_needs_static_s3_credentials(s3: S3Server, mo
     store = ObjectStore(s3.url())
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")  # as with an IAM role: no keys in the environment
     assert await store.abort_stale_uploads(older_than=0) is None
+
+
+async def test_a_bug_is_raised_as_it_is_never_as_storage_unavailable(backend: Backend):
+    """StorageUnavailable means "retry later" (a 503, a runner waiting storage out); a bug must surface as a bug."""
+
+    async def buggy() -> AsyncIterator[bytes]:
+        yield b"first line\n"
+        raise TypeError("a bug in the producer")
+
+    with pytest.raises(TypeError, match="a bug in the producer"):
+        await backend.store.put_stream("t1/files/buggy", buggy())
+    with pytest.raises(ValueError):  # obstore refuses what is not bytes, a path or a stream
+        await backend.store.put_bytes("t1/files/not-bytes", 12345)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # a key no object can have
+        await backend.store.get_bytes("t1/../escape")
+    assert backend.raw_keys() == []
+
+
+async def test_a_storage_error_is_storage_unavailable(tmp_path: Path):
+    root = tmp_path / "objects"
+    store = ObjectStore(root.as_uri())
+    (root / "t1").write_text("a file where the tenant's folder goes")
+    with pytest.raises(StorageUnavailable):
+        await store.put_bytes("t1/files/a", b"x")
+    with pytest.raises(StorageUnavailable):
+        await store.get_bytes("t1/files/a")

@@ -158,7 +158,10 @@ class Settings:
         group="runner",
     )
     max_attempts: int = setting(
-        5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner"
+        5,
+        "Attempts per request for failures worth retrying (500 and other 5xx besides 502-504, 408, 409, timeouts). "
+        '"Not now" (429, 502-504, a refused or reset connection) waits for the endpoint and uses up no attempt.',
+        group="runner",
     )
     checkpoint_interval: float = setting(
         0.5,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_gateway.errors import PayloadTooLarge, StorageUnavailable
+from batch_gateway.errors import InvalidRequest, StorageUnavailable
 from batch_gateway.store.objects import ObjectMissing, ObjectStore
 from tests.fixtures.s3 import S3Server, s3  # noqa: F401  (s3 is a session fixture)
 from tests.helpers import free_port
@@ -118,9 +118,9 @@ async def test_failing_stream_stores_nothing_and_reraises(backend: Backend, fail
     async def upload() -> AsyncIterator[bytes]:
         async for chunk in chunked(pattern(fail_after), MB):
             yield chunk
-        raise PayloadTooLarge("File is larger than the upload limit.", code="file_too_large")
+        raise InvalidRequest("File is larger than the upload limit.", code="file_too_large")
 
-    with pytest.raises(PayloadTooLarge) as raised:
+    with pytest.raises(InvalidRequest) as raised:
         await backend.store.put_stream("t1/files/partial", upload())
     assert raised.value.code == "file_too_large"
     assert await backend.store.list("t1") == []

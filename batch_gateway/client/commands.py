@@ -159,7 +159,7 @@ def submit(args: argparse.Namespace) -> int:
     batch = client.batches.create(
         input_file_id=uploaded.id,
         endpoint=endpoint,  # type: ignore[arg-type]  # a Literal in the SDK; the server judges it
-        completion_window=args.completion_window,  # type: ignore[arg-type]
+        completion_window=args.completion_window,
         metadata=metadata,
     )
     if not args.wait:

@@ -24,7 +24,7 @@ import numpy as np
 
 from batch_gateway.errors import DiskFull
 from batch_gateway.runner.prefix import MAX_BLOCKS, PrefixKeys, prefix_key
-from batch_gateway.runner.validate import validate_line
+from batch_gateway.runner.validate import ValidLine, validate_line
 from batch_gateway.wire import BatchError
 
 MAX_REPORTED_ERRORS = 500
@@ -158,12 +158,12 @@ async def ingest(
             if len(offsets) >= limits.max_requests:
                 too_many = True
                 break
-            parsed = validate_line(raw, line_no, endpoint)
-            if isinstance(parsed, list):
-                errors.add(parsed)
-                # Keep the index aligned with request numbers; this batch fails anyway.
-                parsed = None
+            checked = validate_line(raw, line_no, endpoint)
+            parsed: ValidLine | None = None
+            if isinstance(checked, list):
+                errors.add(checked)  # the line keeps its place in the index all the same; this batch fails anyway
             else:
+                parsed = checked
                 if model is None:
                     model, model_line = parsed.model, line_no
                     problem = await check_model(model)

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -29,6 +29,9 @@ from obstore.store import from_url
 
 from batch_gateway.errors import GatewayError, StorageUnavailable
 from batch_gateway.store import s3_uploads
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig
 
 CHUNK = 8 * 1024 * 1024
 # obstore's local store writes "<key>#<n>" and renames it when the write completes; a killed writer leaves it behind.
@@ -173,11 +176,11 @@ def _open_store(url: str, *, fast_fail: bool = False) -> obstore.store.ObjectSto
         Path(parsed.path).mkdir(parents=True, exist_ok=True)
         return from_url(url, mkdir=True)
     if parsed.scheme in ("s3", "s3a"):
-        options: dict = {}
+        options: ClientConfig = {}
         if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
             options["allow_http"] = True
         if fast_fail:
-            options.update(connect_timeout="1s", timeout="2s")
+            options["connect_timeout"], options["timeout"] = "1s", "2s"
             return from_url(
                 url, client_options=options, retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=2)}
             )

@@ -210,7 +210,8 @@ class SqlStore(MetadataStore):
         self, tenant: str, *, purpose: str | None, order: str, after: str | None, limit: int
     ) -> tuple[list[FileRecord], bool]:
         rows.check_page(order, limit)
-        clauses, params = ["tenant = ?", "deleted_at IS NULL"], [tenant]
+        clauses = ["tenant = ?", "deleted_at IS NULL"]
+        params: list[Any] = [tenant]
         if purpose is not None:
             clauses.append("purpose = ?")
             params.append(purpose)
@@ -298,7 +299,8 @@ class SqlStore(MetadataStore):
     ) -> UploadRecord | None:
         sources = rows.checked_upload_statuses(from_statuses)
         rows.checked_upload_statuses([to_status])
-        clauses, params = ["id = ?", self.dialect.one_of("status")], [upload_id, self.dialect.values(sources)]
+        clauses = ["id = ?", self.dialect.one_of("status")]
+        params: list[Any] = [upload_id, self.dialect.values(sources)]
         if tenant is not None:
             clauses.append("tenant = ?")
             params.append(tenant)
@@ -420,7 +422,8 @@ class SqlStore(MetadataStore):
         stamp = rows.timestamp_column(to_status)  # validates to_status, which names a column
         if not sources:
             return None
-        sets, params = ["status = ?"], [to_status]
+        sets = ["status = ?"]
+        params: list[Any] = [to_status]
         if stamp is not None:
             sets.append(f"{stamp} = COALESCE({stamp}, ?)")
             params.append(now)
@@ -530,21 +533,19 @@ class SqlStore(MetadataStore):
     # --- webhook outbox --------------------------------------------------------------------
 
     async def claim_webhook_events(self, now: float, lease_seconds: float, limit: int) -> list[WebhookEventRecord]:
-        pending_ = WebhookState.PENDING.value
+        pending_state = WebhookState.PENDING.value
         # Polled every second: look first, so that an idle outbox costs a read and never the write lock (SQLite takes
         # it for an UPDATE even when it changes nothing).
-        if (
-            await self._row(
-                "SELECT 1 AS due FROM webhook_events WHERE state = ? AND due_at <= ? LIMIT 1", (pending_, now)
-            )
-            is None
-        ):
+        due = await self._row(
+            "SELECT 1 AS due FROM webhook_events WHERE state = ? AND due_at <= ? LIMIT 1", (pending_state, now)
+        )
+        if due is None:
             return []
         found = await self._rows(
             "UPDATE webhook_events SET due_at = ?, attempts = attempts + 1 WHERE seq IN (SELECT seq FROM "
             f"webhook_events WHERE state = ? AND due_at <= ? ORDER BY due_at, seq LIMIT ?{self.dialect.skip_locked}) "
             f"RETURNING {_EVENTS}, seq",
-            (now + lease_seconds, pending_, now, limit),
+            (now + lease_seconds, pending_state, now, limit),
         )
         return [rows.webhook_event_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
 

@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve   start the gateway on embedded defaults (SQLite, local files) with the built-in simulator
 #   make test    install everything and run the whole test suite
-# Both create ./.venv on first use.
+#   make lint    ruff check and ruff format --check (fix with: .venv/bin/ruff check --fix; .venv/bin/ruff format)
+#   make typecheck   mypy on the package (configuration in pyproject.toml)
+# All create ./.venv on first use.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-quick bench clean
+.PHONY: install serve lint typecheck test test-quick bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing batch-gateway with its test dependencies"
@@ -20,6 +22,13 @@ install: $(BIN)/.installed
 
 serve: install
 	$(BIN)/batch-gateway serve --simulate --auth open
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
 
 # The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, the real-engine tests and the
 # control-plane tests (real Kubernetes and Argo, built once by scripts/install-control-plane.sh).
@@ -42,4 +51,4 @@ bench: install
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .batch-gateway .pytest_cache
+	rm -rf $(VENV) .batch-gateway .pytest_cache .ruff_cache .mypy_cache

@@ -47,22 +47,9 @@ class Conflict(ApiError):
     status_code = 409
 
 
-class PayloadTooLarge(ApiError):
-    status_code = 413
-
-
-class ServiceUnavailable(ApiError):
-    status_code = 503
-    error_type = "server_error"
-
-
 class StorageUnavailable(GatewayError):
     """The metadata store or object store cannot be reached right now; retrying later may work."""
 
 
 class DiskFull(StorageUnavailable):
     """A local disk (a runner's work directory) is full; freeing space there lets the work go on."""
-
-
-class IllegalTransition(GatewayError):
-    """A compare-and-set status change found the batch in another status."""

@@ -69,8 +69,8 @@ class Settings:
     # --- limits ---
     max_upload_bytes: int = setting(
         512 * 1024 * 1024,
-        "Largest file of any purpose, in bytes: one POST /v1/files, or every part of an Upload together (OpenAI: 512 MB "
-        "per file).",
+        "Largest file of any purpose, in bytes: one POST /v1/files, or every part of an Upload together "
+        "(OpenAI: 512 MB per file).",
         group="limits",
     )
     max_batch_file_bytes: int = setting(
@@ -82,8 +82,8 @@ class Settings:
     max_requests_per_batch: int = setting(50_000, "Most request lines in one batch input file.", group="limits")
     completion_window_seconds: int = setting(
         86400,
-        "Seconds a batch may run before it expires (its `expires_at`). OpenAI's window is 24 h; raise it for big batches "
-        "on small clusters.",
+        "Seconds a batch may run before it expires (its `expires_at`). OpenAI's window is 24 h; raise it for big "
+        "batches on small clusters.",
         group="limits",
     )
     max_line_bytes: int = setting(
@@ -158,7 +158,10 @@ class Settings:
         group="runner",
     )
     max_attempts: int = setting(
-        5, "Attempts per request for transient failures (429, 5xx, timeouts, resets).", group="runner"
+        5,
+        "Attempts per request for failures worth retrying (500 and other 5xx besides 502-504, 408, 409, timeouts). "
+        '"Not now" (429, 502-504, a refused or reset connection) waits for the endpoint and uses up no attempt.',
+        group="runner",
     )
     checkpoint_interval: float = setting(
         0.5,
@@ -192,8 +195,8 @@ class Settings:
     # --- webhooks ---
     webhook: list[str] = setting(
         [],
-        "Where to POST OpenAI-style batch events (batch.completed/failed/expired/cancelled): TENANT=URL for one tenant, "
-        "or a bare URL for every tenant without its own. Repeatable.",
+        "Where to POST OpenAI-style batch events (batch.completed/failed/expired/cancelled): TENANT=URL for one "
+        "tenant, or a bare URL for every tenant without its own. Repeatable.",
         group="webhooks",
         multiple=True,
     )

@@ -86,10 +86,10 @@ def parse_webhooks(urls: Iterable[str], secret_values: Iterable[str]) -> dict[st
         url_by_tenant[tenant] = _check_url(url, tenant)
     secret_by_tenant: dict[str, str] = {}
     for item in secret_values:
-        tenant, secret = _split(item, "--webhook-secret", looks_bare=item.startswith(SECRET_PREFIX))
+        tenant, given = _split(item, "--webhook-secret", looks_bare=item.startswith(SECRET_PREFIX))
         if tenant in secret_by_tenant:
             raise ValueError(f"--webhook-secret: tenant {tenant!r} has two secrets")
-        secret_by_tenant[tenant] = _check_secret(secret, tenant)
+        secret_by_tenant[tenant] = _check_secret(given, tenant)
 
     configs: dict[str, WebhookConfig] = {}
     for tenant, url in url_by_tenant.items():

@@ -159,11 +159,6 @@ class ListPage(msgspec.Struct):
     object: str = "list"
 
 
-class ExpiresAfter(msgspec.Struct, forbid_unknown_fields=True):
-    anchor: str
-    seconds: int
-
-
 class BatchCreate(msgspec.Struct, forbid_unknown_fields=True):
     """Body of POST /v1/batches. Fields are loosely typed so that each error gets its own OpenAI message; a field
     not listed is refused as OpenAI does (400 `unknown_parameter`)."""

@@ -17,6 +17,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import Batch, Mixed, run_mixed
+from benchmarks.report import verdict
 from benchmarks.workloads import batch_body
 
 NAME = "fairness"
@@ -80,7 +81,7 @@ def run() -> None:
     tenants = ("tenant-a", "tenant-b")
     for label, c in [*cases.items(), (f"together, beside interactive users at {INTERACTIVE_SHARE:.0%}", beside)]:
         total = sum(c["batch_rates"])
-        for tenant, rate, limit, cpu in zip(tenants, c["batch_rates"], c["limits"], c["cpu"]):
+        for tenant, rate, limit, cpu in zip(tenants, c["batch_rates"], c["limits"], c["cpu"], strict=True):
             deviation = rate / (total / 2) - 1
             if c is not beside:
                 worst = max(worst, abs(deviation))
@@ -125,13 +126,12 @@ def run() -> None:
             "longest stall s": beside["stall"],
         },
     ]
-    verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
     body = f"""
-`python -m benchmarks fairness` (about 5 minutes). Two tenants each submit a {requests:,}-request batch of the utilisation mix; each runs in
-its own runner process with default settings against one simulator (default cost model, `time_scale` {TIME_SCALE};
-rates in model time). Shares are of the output tokens both runners received over a {WINDOW:.0f}-s window that opens
-{SETTLE:.0f} s after the later batch started. Engine utilisation is against the capacity measured directly
-({cap * TIME_SCALE:,.0f} tokens/s).
+`python -m benchmarks fairness` (about 5 minutes). Two tenants each submit a {requests:,}-request batch of the
+utilisation mix; each runs in its own runner process with default settings against one simulator (default cost model,
+`time_scale` {TIME_SCALE}; rates in model time). Shares are of the output tokens both runners received over a
+{WINDOW:.0f}-s window that opens {SETTLE:.0f} s after the later batch started. Engine utilisation is against the
+capacity measured directly ({cap * TIME_SCALE:,.0f} tokens/s).
 
 The third case adds an open-loop Poisson stream of interactive chat turns ({INTERACTIVE_TOKENS} output tokens) at
 {INTERACTIVE_SHARE:.0%} of capacity straight to the simulator; both batches start with it, and the window opens

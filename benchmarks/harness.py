@@ -51,7 +51,7 @@ class LocalStack:
         self.dir = Path(tempfile.mkdtemp(prefix="bg-bench-"))
         options = {"log_format": "json", "log_level": "warning", **settings}
         self.settings = Settings(data_dir=str(self.dir), upstream=upstream, **options)
-        self.log = open(self.dir / "runner.log", "ab")
+        self.log = open(self.dir / "runner.log", "ab")  # noqa: SIM115 - every runner's stderr until close()
         self.input_bytes: dict[str, int] = {}  # batch id -> size of its input file
 
     def with_settings(self, **changes: object) -> Settings:
@@ -202,7 +202,7 @@ class SimProcess:
                     flags += ["--model", model]
             else:
                 flags += ["--" + name.replace("_", "-"), str(value)]
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the simulator's stderr, read on failure, closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "batch_gateway", "sim", *flags], stdout=subprocess.DEVNULL, stderr=self._log
         )

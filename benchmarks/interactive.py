@@ -10,7 +10,10 @@ gateway). Every run uses the same interactive arrivals (same seed), so the runs 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+from collections.abc import Iterator
 
 import msgspec
 
@@ -19,6 +22,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import SERIES_DIR, Batch, run_mixed
+from benchmarks.report import verdict
 from benchmarks.workloads import batch_body
 
 NAME = "interactive"
@@ -80,39 +84,9 @@ def run() -> None:
         cap = capacity["tokens_per_s"]
         requests = int(capacity["requests_per_s"] * (WARMUP["defaults"] + WINDOW + 20))
         print(f"  capacity {cap * TIME_SCALE:,.0f} output tokens/s (model time)", flush=True)
-        seed = 0
+        seeds = itertools.count(1)
         for share in SHARES:
-            rate = share * cap / INTERACTIVE_TOKENS
-
-            def measure(label: str, batch: Batch | None, warmup: float, keep: bool = False) -> dict:
-                nonlocal seed
-                seed += 1
-                mixed = run_mixed(sim, stack, [(warmup + WINDOW, rate)], [batch] if batch else [], requests, seed)
-                start = mixed.started + warmup
-                figures = mixed.figures(start, start + WINDOW)
-                if keep:
-                    figures["run_stats"] = mixed.batches[0].run_stats
-                    figures["series"] = str(mixed.save(f"interactive-{share:.0%}-{label}"))
-                ratio = lambda key: figures[key] / alone[key] if alone else 1.0  # noqa: E731
-                print(
-                    f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
-                    f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch "
-                    f"{figures['batch_rate'] * TIME_SCALE:,.0f} tokens/s, limit {figures['limit']}",
-                    flush=True,
-                )
-                return figures
-
-            alone = None
-            alone = measure("alone", None, WARMUP["alone"])
-            defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"], keep=True)
-            fixed = sweep(
-                lambda f: measure(
-                    f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]
-                ),
-                alone,
-            )
-            peer = measure("peer AIMD 5-10", Batch("peer", peer=True), WARMUP["peer"], keep=True)
-            per_share[share] = {"rate": rate, "alone": alone, "defaults": defaults, "fixed": fixed, "peer": peer}
+            per_share[share] = measure_share(sim, stack, share, share * cap / INTERACTIVE_TOKENS, requests, seeds)
     SERIES_DIR.mkdir(exist_ok=True)
     (SERIES_DIR / "interactive-figures.json").write_text(
         json.dumps({"cap": cap, "requests": requests, "per_share": per_share})
@@ -120,8 +94,69 @@ def run() -> None:
     write(config, cap, requests, per_share)
 
 
+def measure_share(
+    sim: SimProcess, stack: LocalStack, share: float, rate: float, requests: int, seeds: Iterator[int]
+) -> dict:
+    """One share of capacity: the users alone, then beside the batch with defaults, each fixed limit and the peer."""
+    alone: dict | None = None
+
+    def measure(label: str, batch: Batch | None, warmup: float, keep: bool = False) -> dict:
+        mixed = run_mixed(sim, stack, [(warmup + WINDOW, rate)], [batch] if batch else [], requests, next(seeds))
+        start = mixed.started + warmup
+        figures = mixed.figures(start, start + WINDOW)
+        if keep:
+            figures["run_stats"] = mixed.batches[0].run_stats
+            figures["series"] = str(mixed.save(f"interactive-{share:.0%}-{label}"))
+
+        def ratio(key: str) -> float:
+            return figures[key] / alone[key] if alone else 1.0
+
+        print(
+            f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), "
+            f"p99 {figures['p99']:.3f} s (x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch "
+            f"{figures['batch_rate'] * TIME_SCALE:,.0f} tokens/s, limit {figures['limit']}",
+            flush=True,
+        )
+        return figures
+
+    alone = measure("alone", None, WARMUP["alone"])
+    defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"], keep=True)
+    fixed = sweep(
+        lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]),
+        alone,
+    )
+    peer = measure("peer AIMD 5-10", Batch("peer", peer=True), WARMUP["peer"], keep=True)
+    return {"rate": rate, "alone": alone, "defaults": defaults, "fixed": fixed, "peer": peer}
+
+
+def table_row(label: str, f: dict, *, alone: dict, oracle_rate: float, baseline: bool = False) -> dict:
+    """One run's row of a share's table, beside the users alone and the oracle."""
+
+    def ratio(key: str) -> str:
+        return "1" if baseline else f"{f[key] / alone[key]:.2f}"
+
+    return {
+        "run": label,
+        "p50 s": f["p50"],
+        "p99 s": f["p99"],
+        "p50 ×": ratio("p50"),
+        "p99 ×": ratio("p99"),
+        "per-token ×": ratio("itl"),
+        "within 1.3× (p99; p99 and per-token)": ""
+        if baseline
+        else f"{'yes' if within(f, alone) else 'no'}; {'yes' if within(f, alone, per_token=True) else 'no'}",
+        "batch tokens/s": "" if baseline else f["batch_rate"] * TIME_SCALE,
+        "of oracle": "" if baseline else f"{f['batch_rate'] / oracle_rate:.0%}",
+        "batch limit": f["limit"],
+        "engine running": f["running"],
+        "engine waiting": f["waiting"],
+        "interactive requests": f["requests"],
+        "failed": f["failures"] + f["batch_failures"],
+        "longest stall s": f["stall"],
+    }
+
+
 def write(config: SimConfig, cap: float, requests: int, per_share: dict) -> None:
-    verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
     sections, summary = [], []
     for share, r in per_share.items():
         alone = r["alone"]
@@ -129,28 +164,7 @@ def write(config: SimConfig, cap: float, requests: int, per_share: dict) -> None
         oracle_both = best(r["fixed"], alone, per_token=True)  # ...and per-token latency too
         oracle_rate = oracle[1]["batch_rate"] if oracle else float("nan")
 
-        def row(label: str, f: dict, baseline: bool = False) -> dict:
-            ratio = lambda key: "1" if baseline else f"{f[key] / alone[key]:.2f}"  # noqa: E731
-            return {
-                "run": label,
-                "p50 s": f["p50"],
-                "p99 s": f["p99"],
-                "p50 ×": ratio("p50"),
-                "p99 ×": ratio("p99"),
-                "per-token ×": ratio("itl"),
-                "within 1.3× (p99; p99 and per-token)": ""
-                if baseline
-                else f"{'yes' if within(f, alone) else 'no'}; {'yes' if within(f, alone, per_token=True) else 'no'}",
-                "batch tokens/s": "" if baseline else f["batch_rate"] * TIME_SCALE,
-                "of oracle": "" if baseline else f"{f['batch_rate'] / oracle_rate:.0%}",
-                "batch limit": f["limit"],
-                "engine running": f["running"],
-                "engine waiting": f["waiting"],
-                "interactive requests": f["requests"],
-                "failed": f["failures"] + f["batch_failures"],
-                "longest stall s": f["stall"],
-            }
-
+        row = functools.partial(table_row, alone=alone, oracle_rate=oracle_rate)
         rows = [row("interactive alone", alone, baseline=True), row("**defaults**", r["defaults"])]
         if oracle:
             rows.append(row(f"**oracle** (p99): fixed {oracle[0]}", oracle[1]))
@@ -177,9 +191,9 @@ Defaults: p99 **{p99_ratio:.2f}×** alone (target ≤ {SLOWDOWN}×: {verdict(p99
 The peer's baseline: p99 {p["p99"] / alone["p99"]:.2f}×,
 {p["batch_rate"] / oracle_rate:.0%} of the oracle's throughput. The runner's last snapshot: regime
 `{snapshot.get("regime")}`, step fit a = {1000 * step_fit.get("fixed_s", float("nan")):.2f} ms, m =
-{1000 * step_fit.get("per_batch_sequence_s", float("nan")):.4f} ms per batch sequence (so `(1.3-1)·a/m` = {allowed:.0f} batch
-sequences), interactive load {snapshot.get("interactive_load")}, limit {snapshot.get("limit")}, capacity
-{snapshot.get("capacity")}.
+{1000 * step_fit.get("per_batch_sequence_s", float("nan")):.4f} ms per batch sequence (so `(1.3-1)·a/m` =
+{allowed:.0f} batch sequences), interactive load {snapshot.get("interactive_load")}, limit {snapshot.get("limit")},
+capacity {snapshot.get("capacity")}.
 """)
         label = f"interactive {share:.0%} of capacity"
         summary += [

@@ -117,7 +117,8 @@ real runner with default settings (and `max_requests_per_batch` raised to 2,000,
 simulator. RSS is the runner process's resident set, sampled every 50 ms.
 
 {report.table(rows)}
-**Target: < {TARGET_MB} MB at 1M lines — measured {peak:.0f} MB{partial}: {"met" if peak < TARGET_MB else "**missed**"}.**
+**Target: < {TARGET_MB} MB at 1M lines — measured {peak:.0f} MB{partial}:
+{"met" if peak < TARGET_MB else "**missed**"}.**
 """
     report.write_section(
         NAME,
@@ -127,7 +128,8 @@ simulator. RSS is the runner process's resident set, sampled every 50 ms.
             (
                 "runner peak RSS at 1M lines",
                 f"< {TARGET_MB} MB",
-                f"{peak:.0f} MB{'' if largest['finished'] else ' (partial run)'}: {'met' if peak < TARGET_MB else '**missed**'}",
+                f"{peak:.0f} MB{'' if largest['finished'] else ' (partial run)'}: "
+                f"{'met' if peak < TARGET_MB else '**missed**'}",
             ),
         ],
     )

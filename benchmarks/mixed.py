@@ -11,6 +11,7 @@ run_stats (the controller's last snapshot), and the peer is stopped. `Mixed.figu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -132,7 +133,7 @@ class Mixed:
             "batch_failures": sum(b.failures() for b in self.batches),
             # The engine is sampled 4 times a second from a thread of this process: a longer gap means the machine
             # stalled us all (other processes on the shared cores), and the latencies around it are the machine's.
-            "stall": max((b - a for a, b in zip(times, times[1:])), default=float("nan")),
+            "stall": max((b - a for a, b in itertools.pairwise(times)), default=float("nan")),
             "sim_cpu": self.cpu.share("simulator", start, end),
             "runner_cpu": sum(self.cpu.share(f"batch{i}", start, end) for i in range(len(self.batches)))
             if self.batches

@@ -142,8 +142,8 @@ async def _client_cost(kind: str, url: str, concurrency: int, requests: int) -> 
 
 
 def client_costs(sim: SimProcess, requests: int = 5000) -> list[dict]:
-    """The HTTP client library alone, in this process, against the same simulator: httpx and aiohttp (what the runner uses)
-    and aiohttp (if installed) for comparison."""
+    """The HTTP client library alone, in this process, against the same simulator: httpx and aiohttp (what the runner
+    uses) and aiohttp (if installed) for comparison."""
     rows = []
     for kind in ("httpx", "aiohttp"):
         try:

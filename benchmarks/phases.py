@@ -15,6 +15,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess, mean
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import Batch, Mixed, run_mixed
+from benchmarks.report import verdict
 from benchmarks.workloads import batch_body
 
 NAME = "phases"
@@ -146,8 +147,10 @@ def run() -> None:
     recovery = recovered - leave if recovered is not None else None
     held = mixed.engine.rate("generation_tokens", leave + RECOVERY, leave + PHASE) / cap
     worst = max(r[0] for r in ratios.values())
-    fmt = lambda s: "never" if s is None else f"{s:.1f} s"  # noqa: E731
-    verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
+
+    def fmt(seconds: float | None) -> str:
+        return "never" if seconds is None else f"{seconds:.1f} s"
+
     d = (mixed.batches[0].run_stats or {}).get("endpoints", {})
     snapshot = next(iter(d.values()), {})
     body = f"""
@@ -155,19 +158,20 @@ def run() -> None:
 phase is {PHASE:.0f} real seconds, {PHASE / TIME_SCALE:.0f} s of model time; token rates are in model time, latencies
 wall-clock. Capacity {cap * TIME_SCALE:,.0f} output tokens/s (direct closed loop of 256, batch mix, as `utilisation`
 measures it); a batch request lasts about {service:.1f} s at the knee (Little's law on that run). Interactive users:
-open-loop Poisson chat turns ({INTERACTIVE_TOKENS} output tokens) at {", ".join(f"{s:.0%}" for s in SHARES)} of capacity,
-straight to the simulator; the batch ({requests:,} requests of the utilisation mix) starts with the first phase
-through the real runner with defaults and is cancelled at the end. The alone baseline runs the same arrivals of the
-phases with users, without the batch. Latency figures are of the requests sent after the first {SETTLE:.0f} s of
-each phase; utilisation is the engine's output rate (`generation_tokens` of /sim/stats) over capacity. The longest
-stall is the longest gap between two samples of the engine (4 a second): above ~0.5 s the shared machine stalled
-every process, and the latencies of that phase carry it.
+open-loop Poisson chat turns ({INTERACTIVE_TOKENS} output tokens) at {", ".join(f"{s:.0%}" for s in SHARES)} of
+capacity, straight to the simulator; the batch ({requests:,} requests of the utilisation mix) starts with the first
+phase through the real runner with defaults and is cancelled at the end. The alone baseline runs the same arrivals of
+the phases with users, without the batch. Latency figures are of the requests sent after the first {SETTLE:.0f} s of
+each phase; utilisation is the engine's output rate (`generation_tokens` of /sim/stats) over capacity. The longest stall
+is the longest gap between two samples of the engine (4 a second): above ~0.5 s the shared machine stalled every
+process, and the latencies of that phase carry it.
 
 {report.table(rows)}
-- **Yield at 0% → 50%**: the engine's waiting queue stayed at most 1 (for {QUIET:.0f} s) from {fmt(quiet - step if quiet else None)}
-  after the users arrived; interactive latency (mean per {BINS:.0f}-s bin of requests, {BINS_IN_BUDGET} bins in a row)
-  was within 1.3× the alone mean from {fmt(back - step if back else None)}; both: **{fmt(yielded)}**. The runner's
-  limit came within 10% of its level for the phase {fmt(cut - step if cut else None)} after the step.
+- **Yield at 0% → 50%**: the engine's waiting queue stayed at most 1 (for {QUIET:.0f} s) from
+  {fmt(quiet - step if quiet else None)} after the users arrived; interactive latency (mean per {BINS:.0f}-s bin of
+  requests, {BINS_IN_BUDGET} bins in a row) was within 1.3× the alone mean from {fmt(back - step if back else None)};
+  both: **{fmt(yielded)}**. The runner's limit came within 10% of its level for the phase
+  {fmt(cut - step if cut else None)} after the step.
 - **Back to the engine at 10% → 0%**: the engine's output rate (over {RATE_WINDOW:.0f} s) reached
   {UTILISATION:.0%} of capacity **{fmt(recovery)}** after the users left; from {RECOVERY:.0f} s after to the end of the
   phase it was {held:.1%} of capacity.

@@ -126,14 +126,15 @@ def run() -> None:
     runner_small = figures[(small_label, True)]["hit_rate"] / ideal
     computed_ratio = figures[(small_label, False)]["prefill_tokens"] / figures[(small_label, True)]["prefill_tokens"]
     body = f"""
-`python -m benchmarks prefix`. {PROMPTS} system prompts of ~1,000 tokens, each shared by {PER_PROMPT} requests with their
-own short user turn ({PROMPTS * PER_PROMPT:,} requests, shuffled), {MAX_TOKENS} output tokens each, run by the real runner
-with default settings against a fresh simulator (default cost model, real time). Hit rate = the simulator's
+`python -m benchmarks prefix`. {PROMPTS} system prompts of ~1,000 tokens, each shared by {PER_PROMPT} requests with
+their own short user turn ({PROMPTS * PER_PROMPT:,} requests, shuffled), {MAX_TOKENS} output tokens each, run by the
+real runner with default settings against a fresh simulator (default cost model, real time). Hit rate = the simulator's
 `prefix_cache_hits / prefix_cache_queries` (prompt tokens); the runner-side share of `cached_tokens` in the batch's
 usage is shown beside it.
 
 {report.table(rows)}
-**Target: ≥ {TARGET:.0%} of ideal with the default cache — measured {measured:.1%}: {"met" if measured >= TARGET else "**missed**"}.**
+**Target: ≥ {TARGET:.0%} of ideal with the default cache — measured {measured:.1%}:
+{"met" if measured >= TARGET else "**missed**"}.**
 With the default cache every system prompt stays cached, so after each prompt's first use even input order hits
 ({input_default:.1%} of ideal); ordering shows when the cache holds only part of the prompts: {input_small:.1%} of
 ideal in input order against {runner_small:.1%} in the runner's order, with

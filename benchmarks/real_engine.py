@@ -17,6 +17,8 @@ Needs scripts/install-real-engine.sh (`make test` runs it).
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import random
 import time
@@ -32,6 +34,7 @@ from benchmarks.harness import LocalStack, StatsSampler
 from benchmarks.interactive import SLOWDOWN, best, sweep
 from benchmarks.loadgen import closed_loop
 from benchmarks.mixed import SERIES_DIR, Batch, run_mixed
+from benchmarks.report import verdict
 from benchmarks.workloads import batch_line, words
 
 NAME = "real_engine"
@@ -175,52 +178,85 @@ def run_batch(stack: LocalStack, data: bytes, **settings: object) -> dict:
     }
 
 
+def measure_share(
+    stack: LocalStack, engine: LlamaEngine, share: float, rate: float, requests: int, seeds: Iterator[int]
+) -> dict:
+    """One share: the users alone, then beside the batch with defaults, each fixed limit and the peer."""
+    alone: dict | None = None
+
+    def measure(label: str, batch: Batch | None, warmup: float) -> dict:
+        mixed = run_mixed(
+            engine,
+            stack,
+            [(warmup + WINDOW, rate)],
+            [batch] if batch else [],
+            requests,
+            next(seeds),
+            interactive=interactive_body,
+            lines=mix_lines,
+        )
+        start = mixed.started + warmup
+        figures = mixed.figures(start, start + WINDOW)
+        figures["run_stats"] = mixed.batches[0].run_stats if mixed.batches else None
+        if label == "defaults":
+            figures["series"] = str(mixed.save(f"real-engine-{share:.0%}-defaults"))
+
+        def ratio(key: str) -> float:
+            return figures[key] / alone[key] if alone else 1.0
+
+        print(
+            f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
+            f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch {figures['batch_rate']:,.1f} tokens/s, "
+            f"limit {figures['limit']}",
+            flush=True,
+        )
+        return figures
+
+    alone = measure("alone", None, WARMUP["alone"])
+    defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"])
+    fixed = sweep(
+        lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]),
+        alone,
+        COARSE,
+        FINE_PROBES,
+    )
+    peer = measure("peer AIMD 5-10", Batch("peer", peer=True), WARMUP["peer"])
+    return {"rate": rate, "alone": alone, "defaults": defaults, "fixed": fixed, "peer": peer}
+
+
+def table_row(label: str, f: dict, *, alone: dict, oracle_rate: float | None, baseline: bool = False) -> dict:
+    """One run's row of a share's table, beside the users alone and the oracle (`oracle_rate` None: no fixed setting
+    within budget)."""
+
+    def x(key: str) -> str:
+        return "1" if baseline else f"{f[key] / alone[key]:.2f}"
+
+    return {
+        "run": label,
+        "p50 s": f["p50"],
+        "p99 s": f["p99"],
+        "p50 ×": x("p50"),
+        "p99 ×": x("p99"),
+        "per-token ×": x("itl"),
+        "batch tokens/s": "" if baseline else f["batch_rate"],
+        "of oracle": "" if baseline or oracle_rate is None else f"{f['batch_rate'] / oracle_rate:.0%}",
+        "batch limit": f["limit"],
+        "engine busy slots": f["running"],
+        "engine queue": f["waiting"],
+        "interactive requests": f["requests"],
+        "failed": f["failures"] + f["batch_failures"],
+        "longest stall s": f["stall"],
+    }
+
+
 def interactive(stack: LocalStack, engine: LlamaEngine, cap: dict) -> dict:
     """The `interactive` benchmark's runs on this engine, per share: alone, defaults, the fixed sweep, the peer."""
     requests = int(cap["batch"]["requests_per_s"] * (WARMUP["defaults"] + WINDOW + 30))
     per_share = {}
-    seed = 100
+    seeds = itertools.count(101)
     for share in SHARES:
         rate = share * cap["interactive"]["requests_per_s"]
-        alone: dict | None = None
-
-        def measure(label: str, batch: Batch | None, warmup: float) -> dict:
-            nonlocal seed
-            seed += 1
-            mixed = run_mixed(
-                engine,
-                stack,
-                [(warmup + WINDOW, rate)],
-                [batch] if batch else [],
-                requests,
-                seed,
-                interactive=interactive_body,
-                lines=mix_lines,
-            )
-            start = mixed.started + warmup
-            figures = mixed.figures(start, start + WINDOW)
-            figures["run_stats"] = mixed.batches[0].run_stats if mixed.batches else None
-            if label == "defaults":
-                figures["series"] = str(mixed.save(f"real-engine-{share:.0%}-defaults"))
-            ratio = lambda key: figures[key] / alone[key] if alone else 1.0  # noqa: E731
-            print(
-                f"  {share:.0%} {label}: p50 {figures['p50']:.3f} s (x{ratio('p50'):.2f}), p99 {figures['p99']:.3f} s "
-                f"(x{ratio('p99'):.2f}), per-token x{ratio('itl'):.2f}, batch {figures['batch_rate']:,.1f} tokens/s, "
-                f"limit {figures['limit']}",
-                flush=True,
-            )
-            return figures
-
-        alone = measure("alone", None, WARMUP["alone"])
-        defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"])
-        fixed = sweep(
-            lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]),
-            alone,
-            COARSE,
-            FINE_PROBES,
-        )
-        peer = measure("peer AIMD 5-10", Batch("peer", peer=True), WARMUP["peer"])
-        per_share[share] = {"rate": rate, "alone": alone, "defaults": defaults, "fixed": fixed, "peer": peer}
+        per_share[share] = measure_share(stack, engine, share, rate, requests, seeds)
     return per_share
 
 
@@ -287,32 +323,13 @@ def write(adaptive: dict, fixed: dict, in_order: dict, by_prefix: dict, cap: dic
         for name, r in (("input order (prefix ordering off)", in_order), ("runner's order (default)", by_prefix))
     ]
     settled = all(r["backpressure"] == 0 and r["retries"] == 0 for r in (adaptive, by_prefix))
-    verdict = lambda good: "met" if good else "**missed**"  # noqa: E731
     sections, summary, fits = [], [], []
     for share, r in per_share.items():
         alone = r["alone"]
         oracle = best(r["fixed"], alone)
         oracle_rate = oracle[1]["batch_rate"] if oracle else float("nan")
 
-        def row(label: str, f: dict, baseline: bool = False) -> dict:
-            x = lambda key: "1" if baseline else f"{f[key] / alone[key]:.2f}"  # noqa: E731
-            return {
-                "run": label,
-                "p50 s": f["p50"],
-                "p99 s": f["p99"],
-                "p50 ×": x("p50"),
-                "p99 ×": x("p99"),
-                "per-token ×": x("itl"),
-                "batch tokens/s": "" if baseline else f["batch_rate"],
-                "of oracle": "" if baseline or not oracle else f"{f['batch_rate'] / oracle_rate:.0%}",
-                "batch limit": f["limit"],
-                "engine busy slots": f["running"],
-                "engine queue": f["waiting"],
-                "interactive requests": f["requests"],
-                "failed": f["failures"] + f["batch_failures"],
-                "longest stall s": f["stall"],
-            }
-
+        row = functools.partial(table_row, alone=alone, oracle_rate=oracle_rate if oracle else None)
         rows = [row("interactive alone", alone, baseline=True), row("**defaults**", r["defaults"])]
         rows.append(
             row(f"**oracle** (p99): fixed {oracle[0]}", oracle[1])

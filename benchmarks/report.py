@@ -119,7 +119,15 @@ def background_load() -> float | None:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    return (
+        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
+        f"{platform.python_version()}"
+    )
+
+
+def verdict(good: bool) -> str:
+    """How a report states whether a target was met."""
+    return "met" if good else "**missed**"
 
 
 def table(rows: list[dict]) -> str:

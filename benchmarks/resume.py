@@ -133,17 +133,18 @@ def run() -> None:
         },
     ]
     body = f"""
-`python -m benchmarks resume`. {REQUESTS:,} short chat requests ({MAX_TOKENS} output tokens) through the real runner with
-default settings (checkpoint every {stack.settings.checkpoint_interval:g} s) against the simulator's default cost model in real
-time. When the simulator has answered half the lines, the runner gets SIGKILL; a new runner is started at once, waits
-out the {LEASE_SECONDS}-s lease and resumes from the checkpoint parts.
+`python -m benchmarks resume`. {REQUESTS:,} short chat requests ({MAX_TOKENS} output tokens) through the real runner
+with default settings (checkpoint every {stack.settings.checkpoint_interval:g} s) against the simulator's default cost
+model in real time. When the simulator has answered half the lines, the runner gets SIGKILL; a new runner is started at
+once, waits out the {LEASE_SECONDS}-s lease and resumes from the checkpoint parts.
 
 {report.table(rows)}
-**Target: < {TARGET:.0%} of completed requests re-sent — measured {share:.2%}: {"met" if share < TARGET else "**missed**"};
+**Target: < {TARGET:.0%} of completed requests re-sent — measured {share:.2%}:
+{"met" if share < TARGET else "**missed**"};
 every line exactly once: {"yes" if exactly_once else "**no**"}.** What is re-sent is what was in flight plus what was
 answered since the last checkpoint, so it does not grow with the batch: about (in flight + rate × checkpoint
-interval / 2) requests per crash, here ≈ {sent - answered + answered - durable:,}; as a share it shrinks as batches grow.
-The requests in flight are bounded by the engine's capacity (the runner settles at its knee), and cannot be saved:
+interval / 2) requests per crash, here ≈ {sent - answered + answered - durable:,}; as a share it shrinks as batches
+grow. The requests in flight are bounded by the engine's capacity (the runner settles at its knee), and cannot be saved:
 the engine drops their work when the connection closes.
 """
     report.write_section(

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from litestar.datastructures import MutableScopeHeaders
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from batch_gateway import ids
@@ -48,7 +49,7 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
     """Bind the request id to every log line the handler writes, and start the access-log clock."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         scope.setdefault("state", {}).setdefault(_STATE_STARTED, time.perf_counter())
@@ -60,7 +61,7 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
 
 async def stamp_response(message: Message, scope: Scope) -> None:
     """`before_send` hook: add x-request-id to every response and write one access-log line when it ends."""
-    if scope.get("type") != "http":
+    if scope.get("type") != ScopeType.HTTP:
         return
     if message["type"] == "http.response.start":
         headers = MutableScopeHeaders.from_message(message)
@@ -79,7 +80,7 @@ def _access_log(scope: Scope) -> None:
     duration = now - state.get(_STATE_STARTED, now)
     # The route template, not the path: ids in paths would make a metric series per object.
     metrics.observe(
-        scope.get("method", ""), scope.get("path_template") or "unmatched", state.get(_STATE_STATUS) or 0, duration
+        str(scope.get("method", "")), scope.get("path_template") or "unmatched", state.get(_STATE_STATUS) or 0, duration
     )
     log.info(
         "http.request",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from batch_gateway import tracing
@@ -24,7 +25,7 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
     from opentelemetry.trace import SpanKind, StatusCode
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         carrier = {

@@ -127,7 +127,8 @@ def required_string(param: str, value: object) -> str:
     if value == "":
         raise invalid_value(
             param,
-            f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+            f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string "
+            "instead.",
         )
     return value
 

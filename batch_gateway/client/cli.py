@@ -37,7 +37,8 @@ def _connection_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--api-key",
         default=None,
-        help="API key [env OPENAI_API_KEY; without one a placeholder is sent, which a gateway without API keys accepts].",
+        help="API key [env OPENAI_API_KEY; without one a placeholder is sent, which a gateway without API keys "
+        "accepts].",
     )
     common.add_argument("--json", action="store_true", help="Print the API's objects as JSON (for scripts).")
     return common

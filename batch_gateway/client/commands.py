@@ -67,7 +67,8 @@ def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             err(f"error: {exc}")
         except openai.AuthenticationError as exc:
             err(
-                f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set OPENAI_API_KEY."
+                f"error: the server refused the API key (401): {api_message(exc)}. Pass --api-key or set "
+                "OPENAI_API_KEY."
             )
         except openai.APIStatusError as exc:
             err(f"error: {exc.status_code} {api_message(exc)}")
@@ -158,7 +159,7 @@ def submit(args: argparse.Namespace) -> int:
     batch = client.batches.create(
         input_file_id=uploaded.id,
         endpoint=endpoint,  # type: ignore[arg-type]  # a Literal in the SDK; the server judges it
-        completion_window=args.completion_window,  # type: ignore[arg-type]
+        completion_window=args.completion_window,
         metadata=metadata,
     )
     if not args.wait:

@@ -32,7 +32,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     numeric = [bool(rows) and all(isinstance(row[i], int | float) for row in rows) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
-        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
         return "  ".join(out).rstrip()
 
     return "\n".join([line(list(headers)), *(line(row) for row in cells)])

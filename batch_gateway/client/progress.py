@@ -100,10 +100,7 @@ def progress_bar(done: int, total: int, width: int) -> str:
 
 def format_counts(snap: Snapshot) -> str:
     """`120/400 (30%), 3 failed`; the total is `?` until the server has counted the input."""
-    if snap.total <= 0:
-        text = f"{snap.done}/?"
-    else:
-        text = f"{snap.done}/{snap.total} ({100 * snap.done // snap.total}%)"
+    text = f"{snap.done}/{snap.total} ({100 * snap.done // snap.total}%)" if snap.total > 0 else f"{snap.done}/?"
     if snap.failed:
         text += f", {snap.failed} failed"
     return text

@@ -279,7 +279,7 @@ class ArgoExecutor(Executor):
         hint = {
             401: "the API server rejected our credentials",
             403: f"the ServiceAccount lacks permission on workflows.argoproj.io in namespace {self.namespace} "
-            "(see templates/rbac-*.yaml)",
+            "(see templates/role-workflows.yaml)",
             404: f"namespace {self.namespace} or the Argo Workflow CRD does not exist (is Argo Workflows installed?)",
             422: "the API server rejected the Workflow as invalid",
         }.get(exc.status, "")

@@ -92,7 +92,7 @@ class UpstreamCatalog:
         answered = [models for models in listed if models is not None]
         if complete and answered and len(answered) == len(targets) and not any(model in models for models in answered):
             return _not_served(set().union(*answered))
-        candidates = [url for url, models in zip(targets, listed) if models is None or model in models]
+        candidates = [url for url, models in zip(targets, listed, strict=True) if models is None or model in models]
         served = await asyncio.gather(*(self.serves(url, path) for url in candidates))
         if complete and served and all(answer is False for answer in served):
             return f"the upstream serving it does not serve {path}."

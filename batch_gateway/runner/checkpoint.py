@@ -14,6 +14,7 @@ are concatenated into one part of the next level, written before the small ones 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import msgspec
@@ -97,10 +98,14 @@ class Checkpoints:
             self._buffered += data.count(b"\n")
             raise
         self._levels[0].append(key)
-        try:
+        # The results are durable in the small parts; compaction is retried at the next flush.
+        with contextlib.suppress(StorageUnavailable):
             await self._compact()
-        except StorageUnavailable:
-            pass  # the results are durable in the small parts; compaction is retried at the next flush
+
+    async def _concatenated(self, keys: list[str]) -> AsyncIterator[bytes]:
+        for key in keys:
+            async for chunk in await self.objects.stream(key):
+                yield chunk
 
     async def _compact(self) -> None:
         level = 0
@@ -108,13 +113,7 @@ class Checkpoints:
             keys = self._levels[level]
             self._sequence += 1
             merged = f"{self.parts_prefix}{self.owner}-{self._sequence:08d}.jsonl"
-
-            async def concatenated() -> AsyncIterator[bytes]:
-                for key in keys:
-                    async for chunk in await self.objects.stream(key):
-                        yield chunk
-
-            await self.objects.put_stream(merged, concatenated())
+            await self.objects.put_stream(merged, self._concatenated(keys))
             self._levels[level] = []
             if len(self._levels) == level + 1:
                 self._levels.append([])

@@ -27,7 +27,6 @@ from kubernetes import client
 
 from batch_gateway.executor.kube import load_api_client, own_namespace
 
-SCHEME = "k8s://"
 _NAME = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"  # DNS-1123 label
 _REF = re.compile(rf"^k8s://(?:(?P<namespace>{_NAME})/)?(?P<service>{_NAME}):(?P<port>[0-9]+|{_NAME})$")
 

@@ -15,6 +15,7 @@ A slot is never held while backing off or waiting for a circuit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -34,6 +35,7 @@ from batch_gateway.runner.engine_metrics import EngineMeter
 from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
+from batch_gateway.runner.share import RunnerLoad
 from batch_gateway.runner.upstream import Exchange, Outcome, TokenUsage, UpstreamClient, usage_of
 
 # Called with (line, kind, usage, encoded result line) once a line has its final result.
@@ -228,10 +230,8 @@ class Dispatcher:
         return None
 
     async def _wait_for_circuits(self, changed: asyncio.Event, timeout: float | None) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _circuit_changed(self) -> None:
         self._circuits_changed.set()
@@ -464,7 +464,7 @@ class Dispatcher:
             demand = controller.inflight + self.scheduler.pending
             scrape = meter.scrape(self.client, endpoint.url, time.monotonic())
             if self.board is None:
-                snapshot, peers = await scrape, []
+                snapshot, peers = await scrape, list[RunnerLoad]()
             else:  # side by side: what we read of the other runners is as fresh as the engine's gauges
                 exchange = self.board.exchange(
                     endpoint.url,

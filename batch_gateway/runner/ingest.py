@@ -24,7 +24,7 @@ import numpy as np
 
 from batch_gateway.errors import DiskFull
 from batch_gateway.runner.prefix import MAX_BLOCKS, PrefixKeys, prefix_key
-from batch_gateway.runner.validate import validate_line
+from batch_gateway.runner.validate import ValidLine, validate_line
 from batch_gateway.wire import BatchError
 
 MAX_REPORTED_ERRORS = 500
@@ -158,12 +158,12 @@ async def ingest(
             if len(offsets) >= limits.max_requests:
                 too_many = True
                 break
-            parsed = validate_line(raw, line_no, endpoint)
-            if isinstance(parsed, list):
-                errors.add(parsed)
-                # Keep the index aligned with request numbers; this batch fails anyway.
-                parsed = None
+            checked = validate_line(raw, line_no, endpoint)
+            parsed: ValidLine | None = None
+            if isinstance(checked, list):
+                errors.add(checked)  # the line keeps its place in the index all the same; this batch fails anyway
             else:
+                parsed = checked
                 if model is None:
                     model, model_line = parsed.model, line_no
                     problem = await check_model(model)
@@ -188,7 +188,7 @@ async def ingest(
             position += len(raw) + 1
             blocks = prefix_key(endpoint, parsed.body)[:MAX_BLOCKS] if parsed else ()
             key_counts.append(len(blocks))
-            for level, block in zip(key_levels, blocks):
+            for level, block in zip(key_levels, blocks, strict=False):  # a short prompt fills fewer levels
                 level.append(block)
             id_hashes.append(_custom_id_hash(parsed.custom_id) if parsed else 0)
             line_numbers.append(line_no)
@@ -277,7 +277,8 @@ def _duplicate_ids(ingested: Ingested, id_hashes: np.ndarray | None) -> list[Bat
                 errors.append(
                     BatchError(
                         "duplicate_custom_id",
-                        f"The custom_id '{custom_id}' is used more than once; each custom_id must be unique in a batch.",
+                        f"The custom_id '{custom_id}' is used more than once; "
+                        "each custom_id must be unique in a batch.",
                         "custom_id",
                         int(ingested.line_numbers[index]),
                     )

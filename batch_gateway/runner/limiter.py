@@ -12,6 +12,7 @@ controller's limit no longer equals the load the engine sees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Protocol
 
@@ -69,10 +70,8 @@ class AdaptiveLimiter:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # the slot was granted just as we were cancelled: hand it on
             else:
-                try:
+                with contextlib.suppress(ValueError):  # already dropped by _wake
                     self._waiters.remove(waiter)
-                except ValueError:
-                    pass  # already dropped by _wake
             raise
         return Permit(self)
 

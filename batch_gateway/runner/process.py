@@ -16,6 +16,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import structlog
 
@@ -86,7 +87,7 @@ async def run_batch(settings: Settings, batch_id: str, *, give_up: str | None = 
         tracing.shutdown()  # sends the spans still buffered
 
 
-def _tie_to_parent(on_parent_gone) -> asyncio.Task | None:
+def _tie_to_parent(on_parent_gone: Callable[[], None]) -> asyncio.Task[None] | None:
     """Die with the process that started us, if it said so (see the module docstring)."""
     raw = os.environ.get(PARENT_ENV)
     if not raw:

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 import numpy as np
@@ -40,10 +40,19 @@ from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
 from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner.prefix import plan_order, shared_depths
 from batch_gateway.runner.schedule import GroupScheduler
-from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, parse_upstreams, resolve_endpoints
+from batch_gateway.runner.upstream import (
+    TokenUsage,
+    UpstreamClient,
+    endpoints_for,
+    parse_upstreams,
+    resolve_endpoints,
+)
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 T = TypeVar("T")
 
@@ -114,7 +123,7 @@ class BatchRunner:
         self._stop_reason: str | None = None
         self._dispatcher: Dispatcher | None = None
         self._catalog: UpstreamCatalog | None = None
-        self._span = None  # this run's span while tracing is on (batch_gateway/tracing.py)
+        self._span: Span | None = None  # this run's span while tracing is on (batch_gateway/tracing.py)
         self.run_summary: dict = {}
 
     # --- entry point ---------------------------------------------------------------------------
@@ -357,7 +366,7 @@ class BatchRunner:
                 {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant},
             )
 
-            def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
+            def on_result(line: int, kind: int, usage: TokenUsage | None, result_line: bytes) -> None:
                 checkpoints.add(line, kind, usage, result_line)
                 self.totals.add(kind, usage)
 
@@ -412,7 +421,7 @@ class BatchRunner:
         self.log.info(
             "runner.dispatch_ended",
             **{k: v for k, v in self.run_summary.items() if k != "endpoints"},
-            endpoints=dict(zip([ep.name for ep in endpoints], urls)),
+            endpoints={ep.name: ep.url for ep in endpoints},
             limits=[ep.controller.limit for ep in endpoints],
         )
         return self._stop_reason or "completed"

@@ -179,7 +179,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 # Below the 5 s keep-alive of vLLM's (uvicorn's) server, so that we never reuse a connection the server is closing:
-# a reset there would read as backpressure and halve the limit for nothing.
+# a reset there reads as "not now" (`Outcome.UNAVAILABLE`), and the line is sent again for nothing.
 KEEPALIVE_SECONDS = 4.0
 
 

@@ -100,7 +100,7 @@ def validate_line(raw: bytes, line_no: int, endpoint: str) -> ValidLine | list[B
                 f" (It may also come from {alternatives}.)" if alternatives else ""
             )
             errors.append(_err("invalid_request", message, f"body.{fields[0]}", line_no))
-    if errors:
+    if errors or not isinstance(model, str):  # a model that is no string is among the errors
         return errors
     return ValidLine(custom_id=custom_id, model=model, body=body)
 

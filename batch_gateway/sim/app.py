@@ -124,7 +124,7 @@ class SimApp:
         engine = self.engines[job.model]
         finish = "length" if job.length_limited else "stop"
         pooling = job.endpoint in (EMBEDDINGS, MODERATIONS)
-        for prompt, tokens in zip(job.prompts, job.output_tokens):
+        for prompt, tokens in zip(job.prompts, job.output_tokens, strict=True):
             if not engine.fits(prompt.tokens + tokens):
                 raise RequestError(
                     400,
@@ -134,7 +134,7 @@ class SimApp:
                 )
         runs = [
             engine.generate(prompt, tokens, pooling=pooling, finish_reason=finish, priority=job.priority)
-            for prompt, tokens in zip(job.prompts, job.output_tokens)
+            for prompt, tokens in zip(job.prompts, job.output_tokens, strict=True)
             for _ in range(job.n)
         ]
         sequences = [await runs[0]] if len(runs) == 1 else list(await asyncio.gather(*runs))

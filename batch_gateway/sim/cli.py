@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import msgspec
@@ -67,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     server = uvicorn.Server(uvicorn_config(create_sim_app(config), host=args.host, port=args.port, log_level="warning"))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how this command is meant to end
         server.run()  # shuts down gracefully on SIGINT/SIGTERM, then raises the signal again
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how this command is meant to end
     return 0 if server.started else 1

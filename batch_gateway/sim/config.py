@@ -98,24 +98,27 @@ HELP: dict[str, str] = {
     "max_num_batched_tokens": "Token budget of one step: decode tokens plus prefill chunks (vLLM's chunked prefill).",
     "block_size": "Tokens per KV-cache block; the prefix cache works in whole blocks.",
     "kv_blocks": "KV-cache size in blocks; new sequences wait and running ones are preempted when it is full.",
-    "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). When set, "
-    "/metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
+    "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). "
+    "When set, /metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
     "max_model_len": "Longest prompt + output in tokens; longer requests get a 400.",
     "scheduling_policy": "fcfs: arrival order; a request's `priority` is ignored (as vLLM's V1). priority: lower "
     "`priority` first (ties by arrival), and a waiting request that does not fit preempts the running "
     "one of lowest priority if that is strictly lower (vLLM --scheduling-policy).",
     "step_base_ms": "Fixed cost of one engine step (reading the weights once).",
     "per_seq_ms": "Extra step cost per sequence in the step.",
-    "context_ms_per_token": "Extra step cost per context token of the decoding sequences (attention reads the KV cache).",
+    "context_ms_per_token": "Extra step cost per context token of the decoding sequences (attention reads the KV "
+    "cache).",
     "prefill_ms_per_token": "Step cost per prompt token computed (tokens found in the prefix cache are free).",
     "time_scale": "Multiplies every engine duration: 0.1 runs the same model ten times faster; 0 = zero latency.",
-    "default_output_tokens": "Mean output length when a request gives no max_tokens (the length is seeded by the prompt).",
+    "default_output_tokens": "Mean output length when a request gives no max_tokens (the length is seeded by the "
+    "prompt).",
     "max_output_tokens": "Cap on max_tokens: longer asks end early with finish_reason length.",
     "embedding_dim": "Length of embedding vectors (unless a request asks for `dimensions`).",
     "error_rate_429": "Share of requests answered 429 (with Retry-After).",
     "error_rate_500": "Share of requests answered 500.",
     "error_rate_503": "Share of requests answered 503 (with Retry-After).",
-    "timeout_rate": "Share of requests that hang for --timeout-seconds (or until the client goes away), then get a 504.",
+    "timeout_rate": "Share of requests that hang for --timeout-seconds (or until the client goes away), then get a "
+    "504.",
     "timeout_seconds": "How long an injected timeout hangs (wall-clock seconds, not scaled).",
     "retry_after_seconds": "Retry-After value sent with injected 429s and 503s.",
     "seed": "Seed of the failure injection and of output lengths, for reproducible runs.",

@@ -40,6 +40,7 @@ completes its prefill, so a request is answered after one pass of the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -153,10 +154,8 @@ class Engine:
     async def stop(self) -> None:
         if self._task is not None and self.loop is asyncio.get_running_loop():
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     # --- requests ----------------------------------------------------------------------------------
@@ -181,11 +180,12 @@ class Engine:
         """
         self.start()
         loop = asyncio.get_running_loop()
+        done = loop.create_future()
         sequence = Sequence(
             prompt,
             max(1, output_tokens),
             loop.time(),
-            loop.create_future(),
+            done,
             pooling=pooling,
             finish_reason=finish_reason,
             priority=priority,
@@ -194,7 +194,7 @@ class Engine:
         self.stats.requests += 1
         self._wake.set()
         try:
-            await sequence.done
+            await done
         except asyncio.CancelledError:
             self.abort(sequence)
             raise
@@ -305,11 +305,11 @@ class Engine:
                     admitted = self._admit(sequence, budget)
                 if admitted is not None:
                     break
-                victim = self._victim_for(sequence)  # no slot or no KV room: a lower priority may have to yield
-                if victim is None:
+                lower = self._victim_for(sequence)  # no slot or no KV room: a lower priority may have to yield
+                if lower is None:
                     break
-                budget += self._unschedule(victim, work) or 0
-                self._preempt(victim)
+                budget += self._unschedule(lower, work) or 0
+                self._preempt(lower)
                 preempted = True
             if admitted is None:
                 break  # the head does not fit: everyone behind it waits too
@@ -472,7 +472,9 @@ class Engine:
         self.stats.e2e.observe(now - sequence.arrived)
         self.stats.queue.observe(sequence.queued)
         decoded = sequence.generated - 1  # tokens after the first
-        self.stats.tpot.observe((sequence.last_token_at - sequence.first_token_at) / decoded if decoded > 0 else 0.0)
+        first = sequence.first_token_at
+        tpot = (sequence.last_token_at - first) / decoded if decoded > 0 and first is not None else 0.0
+        self.stats.tpot.observe(tpot)
         if sequence.done is not None and not sequence.done.done():
             sequence.done.set_result(None)
 

@@ -219,7 +219,7 @@ def render(engines: Iterable[Engine]) -> str:
         for e in engines:
             histogram: Histogram = getattr(e.stats, attribute)
             cumulative = 0
-            for bound, count in zip(histogram.bounds, histogram.counts):
+            for bound, count in zip(histogram.bounds, histogram.counts, strict=True):
                 cumulative += count
                 out.append(f'{name}_bucket{{{labels[e.model]},le="{bound}"}} {float(cumulative)}')
             out.append(f'{name}_bucket{{{labels[e.model]},le="+Inf"}} {float(histogram.count)}')

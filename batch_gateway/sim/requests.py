@@ -156,6 +156,7 @@ def _embedding_job(model: str, prompts: list[Prompt], body: dict[str, Any], conf
 
 
 def _max_tokens(endpoint: str, body: dict[str, Any]) -> int | None:
+    names: tuple[str, ...]
     if endpoint == CHAT:
         names = ("max_completion_tokens", "max_tokens")
     elif endpoint == RESPONSES:

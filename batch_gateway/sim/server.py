@@ -1,4 +1,5 @@
-"""Run the simulator: in a background thread with its own event loop (tests, `serve --simulate`), or in the foreground."""
+"""Run the simulator: in a background thread with its own event loop (tests, `serve --simulate`), or in the
+foreground."""
 
 from __future__ import annotations
 

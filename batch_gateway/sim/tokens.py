@@ -14,7 +14,11 @@ import struct
 from typing import NamedTuple
 
 BYTES_PER_TOKEN = 4
-_WORDS = ["the", "model", "answers", "each", "question", "with", "care", "and", "a", "short", "example", "while", "the", "batch", "keeps", "every", "engine", "busy", "through", "the", "night", "so", "that", "morning", "reports", "arrive", "on", "time", "for", "the", "team"]
+_WORDS = [
+    "the", "model", "answers", "each", "question", "with", "care", "and", "a", "short", "example", "while", "the",
+    "batch", "keeps", "every", "engine", "busy", "through", "the", "night", "so", "that", "morning", "reports",
+    "arrive", "on", "time", "for", "the", "team",
+]  # fmt: skip
 
 
 class Prompt(NamedTuple):

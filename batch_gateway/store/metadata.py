@@ -1,8 +1,8 @@
 """The metadata store: files, uploads, batches, runner leases and API keys.
 
-One interface, one module per backend (`sqlite.py`, `postgres.py`). Every query is scoped by tenant where a tenant is
-given (`tenant=None` is the service's own view, used by runners and gc). Every status change is a compare-and-set in
-one statement, so a cancel racing a completion can never produce an illegal transition.
+One interface, implemented once in SQL (`sql_store.py`) for SQLite and PostgreSQL. Every query is scoped by tenant where
+a tenant is given (`tenant=None` is the service's own view, used by runners and gc). Every status change is a
+compare-and-set in one statement, so a cancel racing a completion can never produce an illegal transition.
 
 A file deleted while an unfinished batch reads it as input is *hidden*: no read returns it any more, but its row and
 bytes stay (the runner reads the bytes by key) until gc finds no unfinished batch reading it.

@@ -18,22 +18,32 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import httpx
 import obstore
 import structlog
-from obstore.exceptions import NotFoundError
+from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import from_url
 
 from batch_gateway.errors import GatewayError, StorageUnavailable
 from batch_gateway.store import s3_uploads
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig
 
 CHUNK = 8 * 1024 * 1024
 # obstore's local store writes "<key>#<n>" and renames it when the write completes; a killed writer leaves it behind.
 LOCAL_STAGING_FILE = re.compile(r"#\d+$")
 
 log = structlog.get_logger(__name__)
+
+# What the store raises when it cannot serve: obstore's errors (the backend refused, timed out, is unreachable) and
+# the operating system's (a full disk, a reset connection). Only these become StorageUnavailable, which callers wait
+# out or answer with a 503; anything else (a TypeError, obstore's ValueError for a malformed key) is a bug and is
+# raised as it is.
+STORAGE_ERRORS = (BaseError, OSError)
 
 
 class ObjectMissing(GatewayError):
@@ -71,33 +81,32 @@ class ObjectStore:
         try:
             await obstore.put_async(self._store, key, chunks, chunk_size=CHUNK, max_concurrency=max_concurrency)
         except GatewayError:
-            raise
-        except Exception as exc:
-            if _caused_by_gateway_error(exc):
-                raise _caused_by_gateway_error(exc) from exc  # type: ignore[misc]
+            raise  # the stream's own error (the upload size limit, a bad line), as obstore hands it back
+        except STORAGE_ERRORS as exc:
+            cause = _caused_by_gateway_error(exc)
+            if cause is not None:
+                raise cause from exc
             raise StorageUnavailable(f"object store write failed for {key}: {exc}") from exc
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         try:
             await obstore.put_async(self._store, key, data)
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"object store write failed for {key}: {exc}") from exc
 
     async def put_file(self, key: str, path: Path) -> None:
         try:
             await obstore.put_async(self._store, key, path, chunk_size=CHUNK)
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"object store write failed for {key}: {exc}") from exc
 
     async def stream(self, key: str, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
         """The object's bytes as a stream of chunks; raises ObjectMissing before the first chunk if absent."""
         try:
             result = await obstore.get_async(self._store, key)
-        except NotFoundError as exc:
+        except (NotFoundError, FileNotFoundError) as exc:
             raise ObjectMissing(key) from exc
-        except FileNotFoundError as exc:
-            raise ObjectMissing(key) from exc
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"object store read failed for {key}: {exc}") from exc
         return _chunks(result.stream(min_chunk_size=chunk_size))
 
@@ -111,7 +120,7 @@ class ObjectStore:
             await obstore.delete_async(self._store, key)
         except (NotFoundError, FileNotFoundError):
             return
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"object store delete failed for {key}: {exc}") from exc
 
     async def list(self, prefix: str) -> list[str]:
@@ -122,7 +131,7 @@ class ObjectStore:
             return sorted(keys)
         except (NotFoundError, FileNotFoundError):
             return []
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"object store list failed for {prefix}: {exc}") from exc
 
     async def delete_prefix(self, prefix: str) -> None:
@@ -157,7 +166,7 @@ class ObjectStore:
         """Raise StorageUnavailable if the store cannot be listed."""
         try:
             await obstore.list_with_delimiter_async(self._ping_store, prefix=None)
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"object store unreachable: {exc}") from exc
 
 
@@ -167,11 +176,11 @@ def _open_store(url: str, *, fast_fail: bool = False) -> obstore.store.ObjectSto
         Path(parsed.path).mkdir(parents=True, exist_ok=True)
         return from_url(url, mkdir=True)
     if parsed.scheme in ("s3", "s3a"):
-        options: dict = {}
+        options: ClientConfig = {}
         if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
             options["allow_http"] = True
         if fast_fail:
-            options.update(connect_timeout="1s", timeout="2s")
+            options["connect_timeout"], options["timeout"] = "1s", "2s"
             return from_url(
                 url, client_options=options, retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=2)}
             )
@@ -192,19 +201,19 @@ def _remove_staging_files(root: Path, cutoff: float) -> int:
     return removed
 
 
-async def _chunks(stream: AsyncIterator) -> AsyncIterator[bytes]:
+async def _chunks(stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     try:
         async for chunk in stream:
             yield bytes(chunk)
-    except Exception as exc:
+    except STORAGE_ERRORS as exc:
         raise StorageUnavailable(f"object store stream failed: {exc}") from exc
 
 
 def _caused_by_gateway_error(exc: BaseException) -> GatewayError | None:
-    """obstore wraps exceptions raised by our input stream; find ours (e.g. the upload size limit) again."""
-    seen = exc
+    """An error of our input stream (e.g. the upload size limit) that a storage error may wrap, found again."""
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, GatewayError):
             return seen
-        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        seen = seen.__cause__ or seen.__context__
     return None

@@ -1,6 +1,6 @@
-"""Rows to records and back, shared by the SQL backends (`sqlite.py`, `postgres.py`).
+"""Rows to records and back, for the SQL store (`sql_store.py`).
 
-Both backends store the same columns; only placeholders and the JSON column type differ. Column lists are spelled
+Both databases store the same columns; only the JSON column type differs (`Dialect.json`). Column lists are spelled
 out (never `*`) so that bookkeeping columns (`seq`, the runner lease) stay out of the records.
 """
 

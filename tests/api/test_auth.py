@@ -52,7 +52,7 @@ def test_keys_mode_without_any_key_refuses_everything_and_says_how_to_create_one
 def test_revoking_every_key_never_opens_the_gateway(server_factory):
     server = server_factory(auth="keys")
     first, first_id = new_key(server, "acme")
-    second, second_id = new_key(server, "acme")
+    _, second_id = new_key(server, "acme")
     assert server.client(api_key=first).files.list().data == []
     for key_id in (first_id, second_id):  # "revoke, then create" rotation, caught between the two steps
         assert server.run(server.services.metadata.revoke_key(key_id, ids.now()))

@@ -93,6 +93,14 @@ def test_file_before_purpose_is_still_checked_as_a_batch_file(server, client):
     assert server.http().post("/v1/files", content=body, headers={"Content-Type": content_type}).status_code == 200
 
 
+FILE = ("file", b"{}\n", "a.jsonl")
+BATCH = ("purpose", b"batch", None)
+
+
+def expires(seconds: bytes, anchor: bytes = b"created_at") -> list[tuple[str, bytes, None]]:
+    return [("expires_after[seconds]", seconds, None), ("expires_after[anchor]", anchor, None)]
+
+
 @pytest.mark.parametrize(
     ("parts", "param", "code"),
     [
@@ -100,26 +108,10 @@ def test_file_before_purpose_is_still_checked_as_a_batch_file(server, client):
         ([("file", b"{}\n", "a.jsonl")], "purpose", "missing_required_parameter"),
         ([("purpose", b"", None), ("file", b"{}\n", "a.jsonl")], "purpose", "missing_required_parameter"),
         ([("purpose", b"fun", None), ("file", b"{}\n", "a.jsonl")], "purpose", "invalid_value"),
-        (
-            [("purpose", b"batch", None), ("expires_after[seconds]", b"60", None), ("expires_after[anchor]", b"created_at", None), ("file", b"{}\n", "a.jsonl")],
-            "expires_after.seconds",
-            "invalid_value",
-        ),
-        (
-            [("purpose", b"batch", None), ("expires_after[seconds]", b"2592001", None), ("expires_after[anchor]", b"created_at", None), ("file", b"{}\n", "a.jsonl")],
-            "expires_after.seconds",
-            "invalid_value",
-        ),
-        (
-            [("purpose", b"batch", None), ("expires_after[seconds]", b"soon", None), ("expires_after[anchor]", b"created_at", None), ("file", b"{}\n", "a.jsonl")],
-            "expires_after.seconds",
-            "invalid_type",
-        ),
-        (
-            [("purpose", b"batch", None), ("expires_after[seconds]", b"4000", None), ("expires_after[anchor]", b"last_used_at", None), ("file", b"{}\n", "a.jsonl")],
-            "expires_after.anchor",
-            "invalid_value",
-        ),
+        ([BATCH, *expires(b"60"), FILE], "expires_after.seconds", "invalid_value"),
+        ([BATCH, *expires(b"2592001"), FILE], "expires_after.seconds", "invalid_value"),
+        ([BATCH, *expires(b"soon"), FILE], "expires_after.seconds", "invalid_type"),
+        ([BATCH, *expires(b"4000", b"last_used_at"), FILE], "expires_after.anchor", "invalid_value"),
         (
             [("purpose", b"batch", None), ("expires_after[seconds]", b"4000", None), ("file", b"{}\n", "a.jsonl")],
             "expires_after.anchor",
@@ -127,11 +119,7 @@ def test_file_before_purpose_is_still_checked_as_a_batch_file(server, client):
         ),
         # the same mistakes, discovered only after the file went by
         ([("file", b"{}\n", "a.jsonl"), ("purpose", b"fun", None)], "purpose", "invalid_value"),
-        (
-            [("file", b"{}\n", "a.jsonl"), ("purpose", b"batch", None), ("expires_after[seconds]", b"1", None), ("expires_after[anchor]", b"created_at", None)],
-            "expires_after.seconds",
-            "invalid_value",
-        ),
+        ([FILE, BATCH, *expires(b"1")], "expires_after.seconds", "invalid_value"),
     ],
 )  # fmt: skip
 def test_bad_upload_fields_are_400_and_store_nothing(server, client, parts, param, code):
@@ -213,7 +201,7 @@ def test_size_limits_are_per_purpose_512_mb_a_file_200_mb_a_batch_input(server_f
     client = server.client(max_retries=0)
     two_kb = b'{"a": "' + b"x" * 2038 + b'"}\n'
     assert client.files.create(file=("notes.jsonl", two_kb), purpose="user_data").bytes == 2048
-    with pytest.raises(openai.BadRequestError, match="File is too large. The most a file with purpose 'batch'"):
+    with pytest.raises(openai.BadRequestError, match=r"File is too large\. The most a file with purpose 'batch'"):
         client.files.create(file=("in.jsonl", two_kb), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="File is too large"):
         client.files.create(file=("notes.jsonl", two_kb * 3), purpose="user_data")

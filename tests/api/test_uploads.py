@@ -207,7 +207,7 @@ def test_a_batch_upload_is_checked_like_files_create(server, client):
     upload = start(client, bad)
     with pytest.raises(openai.BadRequestError, match="Invalid file format for Batch API"):
         client.uploads.complete(upload.id, part_ids=parts_of(client, upload.id, [bad]))
-    with pytest.raises(openai.BadRequestError, match="Must be .jsonl"):
+    with pytest.raises(openai.BadRequestError, match=r"Must be \.jsonl"):
         start(client, bad, filename="data.csv")
     bom = b"\xef\xbb\xbf" + chat_lines(2)
     upload = start(client, bom)

@@ -81,7 +81,7 @@ class ControlPlane:
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.argo_server_url = ""
 
-    # --- start and stop ------------------------------------------------------------------------------------------------
+    # --- start and stop -----------------------------------------------------------------------------------------------
 
     def start(self) -> ControlPlane:
         binaries = self.binaries = paths.binaries()
@@ -284,7 +284,7 @@ class ControlPlane:
             "data": {k: yaml.safe_dump(v) for k, v in config.items()},
         }
 
-    # --- talking to the API --------------------------------------------------------------------------------------------
+    # --- talking to the API -------------------------------------------------------------------------------------------
 
     def admin_api_client(self) -> client.ApiClient:
         configuration = client.Configuration()
@@ -352,7 +352,7 @@ class ControlPlane:
             parts.append("--- kubelet errors ---\n" + "\n".join(self.kubelet.errors[-20:]))
         return "\n".join(parts)
 
-    # --- helpers -------------------------------------------------------------------------------------------------------
+    # --- helpers ------------------------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
         process = Process(name, argv, self.logs / f"{name}.log", env=env or self.base_env)

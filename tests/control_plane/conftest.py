@@ -139,13 +139,14 @@ class Gateway:
         key = next((line for line in keys.stdout.splitlines() if line.startswith("sk-bg-")), None)
         assert key, f"keys create printed no key:\n{keys.stdout}\n{keys.stderr}"
         port = free_port()
-        self.api = subprocess.Popen(
-            [str(EXECUTABLES / "batch-gateway"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=open(self.api_log, "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.api_log, "wb") as log:  # the process writes to its own copy of the descriptor
+            self.api = subprocess.Popen(
+                [str(EXECUTABLES / "batch-gateway"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while True:
             assert self.api.poll() is None, f"the API exited:\n{self.api_log.read_text()}"

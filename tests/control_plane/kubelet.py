@@ -240,7 +240,7 @@ class ProcessKubelet:
         }
         self.core.patch_node_status(self.node_name, {"status": status})
 
-    # --- the loop: bind, start, stop, delete ---------------------------------------------------------------------------
+    # --- the loop: bind, start, stop, delete --------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.poll_seconds):
@@ -332,7 +332,7 @@ class ProcessKubelet:
             if exc.status not in (404, 409):
                 raise
 
-    # --- one pod -------------------------------------------------------------------------------------------------------
+    # --- one pod ------------------------------------------------------------------------------------------------------
 
     def _run_pod(self, run: PodRun, pod: client.V1Pod) -> None:
         try:
@@ -363,13 +363,12 @@ class ProcessKubelet:
             self._task_result(pod, token, completed=False)
             run.argo_deadline = argo_deadline(pod)
         run.started_at = now()
-        log = open(run.directory / "main.log", "wb")
         try:
-            run.process = subprocess.Popen(
-                argv, env=env, cwd=run.directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            with open(run.directory / "main.log", "wb") as log:  # the process writes to its own copy of the descriptor
+                run.process = subprocess.Popen(
+                    argv, env=env, cwd=run.directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         except OSError as exc:
-            log.close()
             self._write_status(
                 run, pod, "Failed", main={"terminated": self._terminated(128, "StartError", run.started_at, str(exc))}
             )
@@ -389,7 +388,6 @@ class ProcessKubelet:
             if run.stop_requested is not None and time.monotonic() - run.stop_requested > run.grace_seconds:
                 os.killpg(run.process.pid, signal.SIGKILL)
             time.sleep(0.1)
-        log.close()
         run.returncode = run.process.returncode
         code = exit_code(run.returncode)
         terminated = self._terminated(code, "Completed" if code == 0 else "Error", run.started_at)
@@ -447,12 +445,14 @@ class ProcessKubelet:
                 "state": state,
             }
 
-        condition = lambda kind, ok, why=None: {
-            "type": kind,
-            "status": "True" if ok else "False",
-            "lastTransitionTime": now(),
-            **({"reason": why} if why else {}),
-        }
+        def condition(kind: str, ok: bool, why: str | None = None) -> dict[str, str]:
+            return {
+                "type": kind,
+                "status": "True" if ok else "False",
+                "lastTransitionTime": now(),
+                **({"reason": why} if why else {}),
+            }
+
         ready = phase == "Running"
         status: dict[str, Any] = {
             "phase": phase,
@@ -489,7 +489,7 @@ class ProcessKubelet:
             if exc.status != 404:  # a pod deleted meanwhile has no status to write
                 raise
 
-    # --- what the container sees ---------------------------------------------------------------------------------------
+    # --- what the container sees --------------------------------------------------------------------------------------
 
     def _service_account_token(self, pod: client.V1Pod) -> str:
         request = client.AuthenticationV1TokenRequest(
@@ -630,7 +630,7 @@ class ProcessKubelet:
             return self._secret(ref.name, optional=bool(ref.optional)).get(ref.key, "")
         raise RuntimeError(f"env {item.name}: this kind of valueFrom is not played here")
 
-    # --- Argo's wait container -----------------------------------------------------------------------------------------
+    # --- Argo's wait container ----------------------------------------------------------------------------------------
 
     def _task_result(self, pod: client.V1Pod, token: str, *, completed: bool) -> None:
         """Create (at start) or complete (after main) the pod's WorkflowTaskResult, as the pod's ServiceAccount."""
@@ -670,7 +670,8 @@ class ProcessKubelet:
             except ApiException as exc:
                 if exc.status == 403:
                     self.denied.append(
-                        f"{pod.spec.service_account_name}: {'patch' if completed else 'create'} workflowtaskresults: {exc.reason}"
+                        f"{pod.spec.service_account_name}: {'patch' if completed else 'create'} workflowtaskresults: "
+                        f"{exc.reason}"
                     )
                 elif exc.status != 409:
                     raise

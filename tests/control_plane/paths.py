@@ -62,7 +62,8 @@ def binaries() -> dict[str, Path]:
     missing = [str(p) for p in found.values() if not os.access(p, os.X_OK)]
     if missing:
         raise FileNotFoundError(
-            f"the test control plane is not built: missing {', '.join(missing)}. Run `{INSTALL_SCRIPT}` (make test does)."
+            f"the test control plane is not built: missing {', '.join(missing)}. Run `{INSTALL_SCRIPT}` (make test "
+            "does)."
         )
     return found
 

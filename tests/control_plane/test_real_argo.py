@@ -38,7 +38,8 @@ def wait_for_workflow(plane, batch_id: str, phases=("Succeeded", "Failed", "Erro
             return workflow
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"Workflow of {batch_id} is {phase} after {timeout}s: {workflow and workflow.get('status')}\n{plane.diagnostics()}"
+                f"Workflow of {batch_id} is {phase} after {timeout}s: "
+                f"{workflow and workflow.get('status')}\n{plane.diagnostics()}"
             )
         time.sleep(0.3)
 
@@ -128,7 +129,7 @@ def exactly_once(client, batch, n: int) -> None:
     assert sorted(ids) == sorted(f"req-{i}" for i in range(n)), f"{len(ids)} lines, {len(set(ids))} distinct"
 
 
-# --- cancel, crashes, retries ------------------------------------------------------------------------------------------
+# --- cancel, crashes, retries -----------------------------------------------------------------------------------------
 
 
 def test_cancel_stops_the_workflow_and_the_exit_handler_ends_the_batch_cancelled(gateway):
@@ -179,7 +180,8 @@ async def test_a_stopped_workflow_signals_the_runner_and_the_exit_handler_finish
 def test_a_killed_runner_is_retried_and_resumes_every_line_exactly_once(gateway):
     """SIGKILL (a crash, OOM) and then SIGTERM (a node shutting down: the runner checkpoints and exits 75) mid-batch:
     retryStrategy starts a new pod each time, and the last one finishes from the checkpoints. The first kill comes
-    after the batch has run longer than the test's scaled backoff.maxDuration would allow: a long batch is retried too."""
+    after the batch has run longer than the test's scaled backoff.maxDuration would allow: a long batch is retried
+    too."""
     client, plane = gateway.client, gateway.plane
     n = 300
     batch_id = create_batch(client, n, max_tokens=300)
@@ -187,7 +189,8 @@ def test_a_killed_runner_is_retried_and_resumes_every_line_exactly_once(gateway)
     for sig, expected_exit in ((9, 137), (15, 75)):
         done_before = completed_lines(client, batch_id)
         wait_until(
-            lambda: completed_lines(client, batch_id) > done_before + 5 and time.monotonic() - started > 17,
+            lambda done_before=done_before: completed_lines(client, batch_id) > done_before + 5
+            and time.monotonic() - started > 17,
             "progress",
             plane=plane,
         )
@@ -367,18 +370,21 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
     # Two batches whose Workflows are deleted mid-run (the runner pods go with them); one is also overdue.
     kept, overdue = create_batch(client, 200, max_tokens=200), create_batch(client, 200, max_tokens=200)
     for batch_id in (kept, overdue):
-        wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
+        wait_until(lambda batch_id=batch_id: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
     for batch_id in (kept, overdue):
         plane.kubectl("delete", "workflow", workflow_name(batch_id), "--wait=false")
     for batch_id in (kept, overdue):
         wait_until(
-            lambda: runner_pods(plane, batch_id) and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
+            lambda batch_id=batch_id: runner_pods(plane, batch_id)
+            and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
             "the runner pods to be gone",
             plane=plane,
         )
         assert client.batches.retrieve(batch_id).status == "in_progress"
         wait_until(
-            lambda: sql(gateway, "SELECT 1 FROM batches WHERE id = %s AND runner_owner IS NULL", batch_id),
+            lambda batch_id=batch_id: sql(
+                gateway, "SELECT 1 FROM batches WHERE id = %s AND runner_owner IS NULL", batch_id
+            ),
             "the lease to be released",
             plane=plane,
         )
@@ -405,7 +411,7 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
         client.files.retrieve(expiring.id)
 
 
-# --- RBAC and discovery with the gateway's own ServiceAccounts ------------------------------------------------------------
+# --- RBAC and discovery with the gateway's own ServiceAccounts --------------------------------------------------------
 
 
 def can_i(plane, account: str, verb: str, resource: str) -> bool:

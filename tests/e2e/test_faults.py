@@ -121,7 +121,7 @@ def test_serve_killed_alone_loses_nothing(gateway_factory, sim_factory):
 
     gateway.kill_server()  # SIGKILL, as the OOM killer would: the runners are not killed with it
     # They notice on their own (PR_SET_PDEATHSIG), checkpoint and exit: no orphan is left holding the batch.
-    gone, alive = psutil.wait_procs(runners, timeout=20)
+    _, alive = psutil.wait_procs(runners, timeout=20)
     assert not alive, f"runners outlived serve: {[p.pid for p in alive]}"
 
     gateway.start()

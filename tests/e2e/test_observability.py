@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 
@@ -81,10 +82,8 @@ def test_run_stats_and_runner_metrics(gateway_factory, sim_factory):
     scraped = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "batch_runner_tokens_total" not in scraped:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             scraped = {name: v for (name, _), v in samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text).items()}
-        except httpx.HTTPError:
-            pass
         time.sleep(0.1)
     assert scraped.get("batch_runner_concurrency_limit", 0) >= 1, "the runner served no metrics while it ran"
     done = wait_for(client, batch.id, timeout=60)

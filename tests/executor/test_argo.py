@@ -122,7 +122,7 @@ async def test_transient_api_failures_are_retried(kube, executor):
 async def test_submission_that_keeps_failing_raises(kube):
     executor = make_executor(kube, attempts=3)
     kube.api.fail_next(503, 503, 503)
-    with pytest.raises(ArgoError, match="failed 3 times.*503"):
+    with pytest.raises(ArgoError, match=r"failed 3 times.*503"):
         await executor.submit(ids.new_batch_id(), tenant="t")
     assert kube.api.workflows(NAMESPACE) == []
 

@@ -203,7 +203,8 @@ class FakeKubeAPI:
                 raise HTTPError(
                     409,
                     "Conflict",
-                    f"Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: {current['metadata']['uid']}",
+                    f"Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: "
+                    f"{current['metadata']['uid']}",
                 )
             del self.objects[key]
             details = {"name": name, "kind": plural, "uid": current["metadata"]["uid"]}
@@ -300,7 +301,7 @@ class KubeAPIServer:
         self._socket = socket.socket()
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         self._server = uvicorn.Server(uvicorn.Config(self.api, log_config=None, access_log=False, lifespan="off"))
         self._thread: threading.Thread | None = None
         self._clients: list[client.ApiClient] = []

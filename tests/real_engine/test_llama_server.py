@@ -99,11 +99,11 @@ def test_prefix_ordering_raises_cached_tokens(gateway_factory, llama):
 
 
 def test_controller_settles_and_interactive_latency_holds(gateway_factory, llama):
-    """The batch fills the engine's slots without ever queueing behind them: interactive requests never wait for a
-    slot (llama.cpp's `requests_deferred` stays at most 1), nothing is rejected or times out, and the controller's
-    limit ends within the engine's 8 slots plus its small queue allowance. On 2 CPU cores every running sequence shares the same compute, so an
-    interactive request does slow down while the batch runs (printed below); what the controller must prevent is the
-    queueing on top of that, which would grow without bound."""
+    """The batch fills the engine's slots without ever queueing behind them: interactive requests never wait for a slot
+    (llama.cpp's `requests_deferred` stays at most 1), nothing is rejected or times out, and the controller's limit ends
+    within the engine's 8 slots plus its small queue allowance. On 2 CPU cores every running sequence shares the same
+    compute, so an interactive request does slow down while the batch runs (printed below); what the controller must
+    prevent is the queueing on top of that, which would grow without bound."""
 
     def interactive(stop: threading.Event, latencies: list[float], deferred: list[float]) -> None:
         with httpx.Client(timeout=120) as http:

@@ -74,7 +74,7 @@ async def test_an_upstream_that_does_not_answer_is_unknown_never_a_no(sim):
 
 
 async def test_endpoints_are_probed(sim, other_engine):
-    other, asked = other_engine
+    other, _ = other_engine
     sims = catalog(sim.url)
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"):
         assert await sims.endpoint_problem(path) is None, path

@@ -1,5 +1,7 @@
 """Checkpoint parts: durable results, resume, and exactly-once merging."""
 
+import contextlib
+
 import msgspec
 
 from batch_gateway.runner import checkpoint as checkpoint_module
@@ -62,10 +64,8 @@ async def test_failed_flush_keeps_results(tmp_path):
         raise OSError("disk full")
 
     objects.put_bytes = broken  # type: ignore[method-assign]
-    try:
+    with contextlib.suppress(OSError):
         await checkpoints.flush()
-    except OSError:
-        pass
     assert checkpoints.pending == 1
 
 
@@ -101,10 +101,8 @@ async def test_a_crash_between_compaction_and_deletes_duplicates_nothing(tmp_pat
     objects.delete = crash  # type: ignore[method-assign]
     for line in range(2):
         checkpoints.add(line, OUTPUT, None, result(line))
-        try:
+        with contextlib.suppress(OSError):
             await checkpoints.flush()
-        except OSError:
-            pass
     assert len(await checkpoints.part_keys()) == 3  # the merged part and both small ones
     done, totals = await Checkpoints(objects, "t/batches/b", "next").load(2)
     assert done.all() and totals.completed == 2

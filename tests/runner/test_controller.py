@@ -297,7 +297,10 @@ def test_the_budget_holds_when_batch_sequences_cost_more_than_theirs():
 def test_the_batch_yields_when_users_arrive_and_takes_the_engine_back_when_they_leave():
     engine = ModelEngine(seed=5)
     phases = [0.0, 0.5, 0.1, 0.0]
-    rate = lambda t: engine.interactive_rate(phases[min(3, int(t // 60))])  # noqa: E731
+
+    def rate(t: float) -> float:
+        return engine.interactive_rate(phases[min(3, int(t // 60))])
+
     alone_engine = ModelEngine(seed=5)
     alone = alone_engine.run(
         [], 240, interactive_rate=lambda t: alone_engine.interactive_rate(phases[min(3, int(t // 60))])
@@ -319,8 +322,8 @@ def test_two_runners_split_the_engine_fairly_alone_and_beside_users(board_lag):
         engine = ModelEngine(seed=9, board_lag=board_lag)  # what each reads of the other is a reading or two late
         runners = [ConcurrencyController(), ConcurrencyController()]
         rate = engine.interactive_rate(share)
-        engine.run(runners, 40, interactive_rate=lambda t: rate)
-        run = engine.run(runners, 120, interactive_rate=lambda t: rate)
+        engine.run(runners, 40, interactive_rate=lambda t, rate=rate: rate)
+        run = engine.run(runners, 120, interactive_rate=lambda t, rate=rate: rate)
         first, second = run.batch_tokens
         assert abs(first - second) / statistics.mean([first, second]) <= 0.2, (share, first, second)
         if share > 0:

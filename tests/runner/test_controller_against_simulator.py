@@ -115,7 +115,8 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
                 await dispatcher.abort(0)
                 task.cancel()
     print(
-        f"limit alone {alone} (queue {alone_waiting:.1f}), shared {shared} (queue {shared_waiting:.1f}), recovered {recovered}"
+        f"limit alone {alone} (queue {alone_waiting:.1f}), shared {shared} (queue {shared_waiting:.1f}), "
+        f"recovered {recovered}"
     )
     assert 0.9 * SLOTS <= alone <= 1.3 * SLOTS
     assert alone_waiting <= SLOTS * 0.25

@@ -67,7 +67,8 @@ def test_llama_cpp_generation_time_gives_its_per_token_latency_and_busy_slots():
         return (
             "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 4\n"
             "# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 1\n"
-            f"# TYPE llamacpp:tokens_predicted_seconds_total counter\nllamacpp:tokens_predicted_seconds_total {seconds}\n"
+            "# TYPE llamacpp:tokens_predicted_seconds_total counter\n"
+            f"llamacpp:tokens_predicted_seconds_total {seconds}\n"
             f"# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {tokens}\n"
         )
 

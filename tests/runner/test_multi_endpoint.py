@@ -1,4 +1,5 @@
-"""Several upstream pods for one model: prefix groups stick to one pod (its cache stays warm) and pods share the work."""
+"""Several upstream pods for one model: prefix groups stick to one pod (its cache stays warm) and pods share the
+work."""
 
 from __future__ import annotations
 

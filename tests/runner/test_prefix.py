@@ -115,8 +115,8 @@ def test_other_endpoints():
     completions = "/v1/completions"
     assert prefix_text(completions, {"prompt": "Once upon a time"}) == "Once upon a time"
     assert prefix_text(completions, {"prompt": ["first", "second"]}).startswith("first")
-    ids_a = prefix_key(completions, {"prompt": list(range(1000)) + [1]})
-    ids_b = prefix_key(completions, {"prompt": list(range(1000)) + [2]})
+    ids_a = prefix_key(completions, {"prompt": [*range(1000), 1]})
+    ids_b = prefix_key(completions, {"prompt": [*range(1000), 2]})
     assert shared(ids_a, ids_b) >= 4  # token-id prompts share their leading ids
     responses = prefix_text(
         "/v1/responses", {"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}]}

@@ -130,7 +130,7 @@ def test_exactly_once_no_deadlock_and_one_cold_request_per_prefix_per_endpoint(e
     keys, order = random_plan(rng, n)
     depths = shared_depths(keys, order)
     s = GroupScheduler(order, depths=depths, endpoints=endpoints)
-    depth_of = dict(zip(order.tolist(), depths.tolist()))
+    depth_of = dict(zip(order.tolist(), depths.tolist(), strict=True))
     handed: list[int] = []
     inflight: list[tuple[int, int]] = []  # (line, endpoint)
     warm: list[set[tuple[int, ...]]] = [set() for _ in range(endpoints)]  # prefixes computed on each endpoint

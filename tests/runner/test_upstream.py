@@ -36,7 +36,10 @@ def test_normalize_root():
 
 
 def test_usage_from_chat_and_responses_shapes():
-    chat = b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}'
+    chat = (
+        b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,'
+        b'"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}'
+    )
     u = usage_of(chat)
     assert (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens, u.total_tokens) == (
         10,

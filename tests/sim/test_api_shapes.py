@@ -68,7 +68,7 @@ def test_embeddings_float_and_base64(client, sim):
     assert len(vector) == 8 and math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-5)
     raw = httpx.post(sim.url + "/v1/embeddings", json={"model": "sim-model", "input": "alpha", "dimensions": 8}).json()
     assert raw["object"] == "list" and raw["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
-    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(raw["data"][0]["embedding"], vector))
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(raw["data"][0]["embedding"], vector, strict=True))
     assert embedded.data[0].embedding != embedded.data[1].embedding
     assert len(client.embeddings.create(model="sim-model", input="x", dimensions=32).data[0].embedding) == 32
 

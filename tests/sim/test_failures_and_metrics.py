@@ -131,7 +131,8 @@ def test_the_runners_metrics_reader_sees_the_queue(start_sim):
 
 def test_llama_cpp_metrics_read_as_an_engine_with_a_cache_per_slot():
     text = (
-        "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\n"
+        "# HELP llamacpp:requests_processing Number of requests processing.\n"
+        "# TYPE llamacpp:requests_processing gauge\n"
         "llamacpp:requests_processing 8\n"
         "# HELP llamacpp:requests_deferred Number of requests deferred.\n# TYPE llamacpp:requests_deferred gauge\n"
         "llamacpp:requests_deferred 2\n"
@@ -290,7 +291,7 @@ def test_inter_token_latency_is_the_step_time_of_the_cost_model(start_sim):
     assert _histogram(samples, "vllm:time_per_output_token_seconds") == (buckets, count, total)  # the old name
     _, requests, per_request = _histogram(samples, "vllm:request_time_per_output_token_seconds")
     assert requests == 4 and step * 0.95 < per_request / requests < step * 3
-    ttft_buckets, ttft_count, ttft_total = _histogram(samples, "vllm:time_to_first_token_seconds")
+    _, ttft_count, ttft_total = _histogram(samples, "vllm:time_to_first_token_seconds")
     assert ttft_count == 4 and ttft_total / 4 >= step * 0.95  # the prefill step, plus the time to get going
 
 

@@ -90,7 +90,7 @@ def test_a_higher_priority_request_overtakes_a_full_engine(start_sim):
 
 def test_with_fcfs_it_waits_its_turn(start_sim):
     server = start_sim(max_num_seqs=4, time_scale=0.1)
-    answer, when_answered, batch = _overtake(server, {})
+    _, when_answered, batch = _overtake(server, {})
     assert when_answered["completed"] == 13  # it waited for the twelve that arrived before it: three rounds of four
     assert when_answered["preemptions"] == 0
     assert [r["usage"]["completion_tokens"] for r in batch] == [300] * 12

@@ -8,9 +8,10 @@ import sqlite3
 
 import psycopg
 import pytest
+import structlog
 
 from batch_gateway.store import migrations as migrations_module
-from batch_gateway.store import postgres as postgres_module
+from batch_gateway.store import sql_store
 from batch_gateway.store import sqlite as sqlite_module
 from batch_gateway.store.metadata import MetadataStore
 from batch_gateway.store.migrations import Migration, latest_version, migrations, pending, versions
@@ -147,6 +148,19 @@ async def test_migrations_apply_once_and_are_recorded(metadata_backend: str, emp
     assert recorded == [(m.version, m.name) for m in migrations(metadata_backend)]
 
 
+async def test_both_backends_log_a_migration_with_the_same_fields(metadata_backend: str, empty_database: str):
+    store = await connected(metadata_backend, empty_database)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await store.migrate()
+    finally:
+        await store.close()
+    (migrated,) = [entry for entry in logs if entry["event"] == "store.migrated"]
+    assert migrated.keys() == {"event", "log_level", "database", "versions"}
+    assert migrated["versions"] == VERSIONS
+    assert "@" not in migrated["database"]  # no user or password in the logs
+
+
 async def test_concurrent_start_up_applies_each_migration_once(metadata_backend: str, empty_database: str):
     stores = [await connected(metadata_backend, empty_database) for _ in range(4)]
     try:
@@ -164,8 +178,7 @@ async def test_a_failing_migration_changes_nothing(metadata_backend: str, empty_
         await store.migrate()
         before = schema(metadata_backend, empty_database)
         broken = Migration(LATEST + 1, "broken", "CREATE TABLE half_done (a integer);\nSELECT no_such_function();\n")
-        module = sqlite_module if metadata_backend == "sqlite" else postgres_module
-        monkeypatch.setattr(module, "pending", lambda dialect, applied, target=None: [broken])
+        monkeypatch.setattr(sql_store, "pending", lambda dialect, applied, target=None: [broken])
         with pytest.raises(Exception, match="no_such_function"):
             await store.migrate()
         assert schema(metadata_backend, empty_database) == before

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_gateway.errors import PayloadTooLarge, StorageUnavailable
+from batch_gateway.errors import InvalidRequest, StorageUnavailable
 from batch_gateway.store.objects import ObjectMissing, ObjectStore
 from tests.fixtures.s3 import S3Server, s3  # noqa: F401  (s3 is a session fixture)
 from tests.helpers import free_port
@@ -32,9 +32,13 @@ class Backend:
 def backend(request, tmp_path: Path, monkeypatch) -> Backend:
     if request.param == "file":
         root = tmp_path / "objects"
-        files = lambda: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
-        # obstore's local multipart upload stages parts in "<key>#<n>" files next to the target.
-        staging = lambda: [name for name in files() if "#" in name]  # noqa: E731
+
+        def files() -> list[str]:
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+        def staging() -> list[str]:  # obstore's local multipart upload stages parts in "<key>#<n>" files
+            return [name for name in files() if "#" in name]
+
         return Backend(ObjectStore(root.as_uri()), files, staging)
     server: S3Server = request.getfixturevalue("s3")
     for name, value in server.env().items():
@@ -114,9 +118,9 @@ async def test_failing_stream_stores_nothing_and_reraises(backend: Backend, fail
     async def upload() -> AsyncIterator[bytes]:
         async for chunk in chunked(pattern(fail_after), MB):
             yield chunk
-        raise PayloadTooLarge("File is larger than the upload limit.", code="file_too_large")
+        raise InvalidRequest("File is larger than the upload limit.", code="file_too_large")
 
-    with pytest.raises(PayloadTooLarge) as raised:
+    with pytest.raises(InvalidRequest) as raised:
         await backend.store.put_stream("t1/files/partial", upload())
     assert raised.value.code == "file_too_large"
     assert await backend.store.list("t1") == []
@@ -207,3 +211,29 @@ async def test_stale_upload_cleanup_needs_static_s3_credentials(s3: S3Server, mo
     store = ObjectStore(s3.url())
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")  # as with an IAM role: no keys in the environment
     assert await store.abort_stale_uploads(older_than=0) is None
+
+
+async def test_a_bug_is_raised_as_it_is_never_as_storage_unavailable(backend: Backend):
+    """StorageUnavailable means "retry later" (a 503, a runner waiting storage out); a bug must surface as a bug."""
+
+    async def buggy() -> AsyncIterator[bytes]:
+        yield b"first line\n"
+        raise TypeError("a bug in the producer")
+
+    with pytest.raises(TypeError, match="a bug in the producer"):
+        await backend.store.put_stream("t1/files/buggy", buggy())
+    with pytest.raises(ValueError):  # obstore refuses what is not bytes, a path or a stream
+        await backend.store.put_bytes("t1/files/not-bytes", 12345)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # a key no object can have
+        await backend.store.get_bytes("t1/../escape")
+    assert backend.raw_keys() == []
+
+
+async def test_a_storage_error_is_storage_unavailable(tmp_path: Path):
+    root = tmp_path / "objects"
+    store = ObjectStore(root.as_uri())
+    (root / "t1").write_text("a file where the tenant's folder goes")
+    with pytest.raises(StorageUnavailable):
+        await store.put_bytes("t1/files/a", b"x")
+    with pytest.raises(StorageUnavailable):
+        await store.get_bytes("t1/files/a")

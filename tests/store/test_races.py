@@ -32,15 +32,10 @@ async def test_many_cancels_against_one_completion_exactly_one_wins(open_store: 
         cancels = [contenders[i % STORES].transition(batch.id, CANCELLABLE, "cancelling", 100 + i) for i in range(8)]
         # The completion starts in the middle of the cancels, alternating sides between rounds.
         position = 4 if round_ % 2 else 0
-        calls = (
-            cancels[:position]
-            + [
-                contenders[round_ % STORES].transition(
-                    batch.id, ["finalizing"], "completed", 50, request_counts=counts, output_file_id="file-out"
-                )
-            ]
-            + cancels[position:]
+        completing = contenders[round_ % STORES].transition(
+            batch.id, ["finalizing"], "completed", 50, request_counts=counts, output_file_id="file-out"
         )
+        calls = [*cancels[:position], completing, *cancels[position:]]
         results = await asyncio.gather(*calls)
         completion = results[position]
         cancel_results = results[:position] + results[position + 1 :]
@@ -77,7 +72,7 @@ async def test_concurrent_claims_from_different_owners_exactly_one_wins(open_sto
         winner = owners[taken.index(True)]
         # Only the winner can renew.
         renewed = await asyncio.gather(*(contenders[0].renew_lease(batch.id, o, 1_001, 30) for o in owners))
-        assert [o for o, ok in zip(owners, renewed) if ok] == [winner]
+        assert [o for o, ok in zip(owners, renewed, strict=True) if ok] == [winner]
 
 
 async def test_concurrent_inserts_with_one_idempotency_key_make_one_batch(open_store: OpenStore):
@@ -119,7 +114,7 @@ async def test_concurrent_retries_claim_a_fold_exactly_once(open_store: OpenStor
         holders = await asyncio.gather(
             *(contenders[i % STORES].claim_fold("acme", fingerprint, mine[i], 1000, older_than=400) for i in range(20))
         )
-        winners = [batch_id for batch_id, holder in zip(mine, holders) if holder == batch_id]
+        winners = [batch_id for batch_id, holder in zip(mine, holders, strict=True) if holder == batch_id]
         assert len(winners) == 1, f"round {round_}: {len(winners)} retries claimed the fold"
         assert set(holders) == set(winners)  # every other retry folds into the winner
 

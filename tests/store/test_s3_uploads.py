@@ -20,7 +20,8 @@ MAY_24_2013 = datetime.datetime(2013, 5, 24, tzinfo=datetime.UTC)
 
 @pytest.mark.parametrize(
     ("query", "signature"),
-    [  # "Signature Calculations for the Authorization Header", Amazon S3 API Reference: GET Bucket Lifecycle, List Objects
+    # "Signature Calculations for the Authorization Header", Amazon S3 API Reference: GET Bucket Lifecycle, List Objects
+    [
         ("lifecycle=", "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543"),
         ("max-keys=2&prefix=J", "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"),
     ],

@@ -154,7 +154,7 @@ async def test_processes_sharing_the_file_migrate_once_and_claim_each_batch_once
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    for proc, (_, err) in zip(procs, outputs):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err.decode()
     results = [
         line.split()[1:] for out, _ in outputs for line in out.decode().splitlines() if line.startswith("RESULT")

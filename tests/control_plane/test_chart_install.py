@@ -42,7 +42,7 @@ import yaml
 from batch_gateway.executor.argo import workflow_name
 from tests.control_plane import paths
 from tests.control_plane.cluster import NAMESPACE, ControlPlane
-from tests.control_plane.test_real_argo import create_batch, pod_nodes, wait_for_workflow, wait_until
+from tests.control_plane.test_real_argo import create_batch, pod_nodes, wait_for_workflow
 from tests.fixtures.postgres import create_test_database, drop_test_database
 from tests.fixtures.redis import SHARED_URL, unique_prefix
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
@@ -95,10 +95,22 @@ def helm(control_plane, tmp_path_factory) -> Helm:
     return Helm(control_plane, tmp_path_factory.mktemp("helm"))
 
 
-def live(plane: ControlPlane, selector: str) -> set[tuple[str, str]]:
-    """(kind, name) of every object of KINDS in the namespace that has the label `selector`."""
-    listed = json.loads(plane.kubectl("get", KINDS, "-l", selector, "-o", "json").stdout)
-    return {(o["kind"], o["metadata"]["name"]) for o in listed["items"]}
+def leftovers(plane: ControlPlane, release: str, names: list[str]) -> set[str]:
+    """What the server still has of `release` (as `kubectl get -o name` names it): the objects in `names`, every
+    object of KINDS with the release's instance label, and Helm's record of the release (its Secrets)."""
+    named = plane.kubectl("get", *names, "--ignore-not-found", "-o", "name").stdout if names else ""
+    labelled = plane.kubectl("get", KINDS, "-l", f"{INSTANCE}={release}", "-o", "name").stdout
+    record = plane.kubectl("get", "secrets", "-l", f"owner=helm,name={release}", "-o", "name").stdout
+    return set(named.split()) | set(labelled.split()) | set(record.split())
+
+
+def wait_gone(plane: ControlPlane, release: str, names: list[str], keep: set[str] | None = None) -> None:
+    """Wait until nothing of `release` but `keep` is left (the garbage collector removes the dependents)."""
+    deadline = time.monotonic() + 60
+    while (left := leftovers(plane, release, names) - (keep or set())) and time.monotonic() < deadline:
+        plane.check()
+        time.sleep(0.5)
+    assert not left, f"left of release {release} after helm uninstall: {sorted(left)}\n{diagnostics(plane)}"
 
 
 def missing_from(expected: Any, actual: Any, where: str = "") -> list[str]:
@@ -216,20 +228,13 @@ def test_helm_install_runs_a_batch_through_the_chart_and_uninstall_removes_it(
         assert sorted(r["custom_id"] for r in results) == [f"req-{i}" for i in range(5)]
         assert plane.kubelet.denied == []  # the chart's runner ServiceAccount could do all it needed
 
-        # helm uninstall: every object of the release goes, and with the Deployment its ReplicaSet and pod. What
-        # stays is the batch's Workflow: run history, not part of the release, deleted by its ttlStrategy.
-        helm("uninstall", RELEASE, "--cascade", "foreground", "--wait", "--timeout", "2m")
+        # helm uninstall: every object of the release goes, with the Deployment its ReplicaSet and pod, and Helm's
+        # record. What stays is the batch's Workflow: run history, not part of the release, deleted by its
+        # ttlStrategy.
+        helm("uninstall", RELEASE, "--wait", "--timeout", "2m")
         uninstalled = True
-        for rendered in manifest:
-            kind, name = rendered["kind"], rendered["metadata"]["name"]
-            result = plane.kubectl("get", f"{kind}/{name}", check=False)
-            assert result.returncode != 0 and "NotFound" in result.stderr, f"{kind}/{name} is still there"
-        assert "sh.helm.release" not in plane.kubectl("get", "secrets", "-o", "name").stdout
-        wait_until(
-            lambda: live(plane, f"{INSTANCE}={RELEASE}") == {("Workflow", workflow_name(batch_id))},
-            "only the batch's Workflow to be left of the release",
-            plane=plane,
-        )
+        names = [f"{o['kind']}/{o['metadata']['name']}" for o in manifest]
+        wait_gone(plane, RELEASE, names, keep={f"workflow.argoproj.io/{workflow_name(batch_id)}"})
         api_runs = [r for r in plane.kubelet.runs({INSTANCE: RELEASE}) if r.name == pod["metadata"]["name"]]
         assert [r.done.is_set() for r in api_runs] == [True], "the API process has stopped"
         print(f"helm install --wait took {install_seconds:.1f} s")
@@ -266,4 +271,4 @@ def test_an_object_the_server_refuses_fails_the_install(helm, control_plane, tmp
         print(result.stderr)
     finally:
         helm.run("uninstall", release, "--wait", "--timeout", "1m", "--ignore-not-found")
-    assert live(control_plane, f"{INSTANCE}={release}") == set()
+    wait_gone(control_plane, release, [])

@@ -1,7 +1,8 @@
 """A real Kubernetes control plane and Argo Workflows on 127.0.0.1, for the control-plane tests.
 
 etcd, kube-apiserver (client certificates, RBAC, ServiceAccount tokens) and kube-controller-manager (garbage
-collection, ServiceAccounts, the root CA ConfigMap), all built by scripts/install-control-plane.sh; Argo's full CRDs
+collection, ServiceAccounts, the root CA ConfigMap, Deployments, ReplicaSets and Jobs), all built by
+scripts/install-control-plane.sh; Argo's full CRDs
 from its module; Argo's workflow-controller configured as infra/kind/values/argo-workflows.yaml configures it; the
 Argo server; and a process kubelet (tests/control_plane/kubelet.py) that runs the pods. The harness itself (the
 kubelet, the controllers, kubectl) acts as a cluster admin; the gateway and its pods use their own ServiceAccounts'
@@ -34,6 +35,17 @@ from tests.helpers import free_port
 NAMESPACE = "batch-gateway"
 CONTROLLER_CONFIGMAP = "workflow-controller-configmap"
 KIND_ARGO_VALUES = paths.REPO / "infra" / "kind" / "values" / "argo-workflows.yaml"
+# What kube-controller-manager runs: owner references and ServiceAccounts for everything, and what the Helm chart's
+# API Deployment and bootstrap-key Job need (tests/control_plane/test_chart_install.py).
+CONTROLLERS = (
+    "garbage-collector-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "job-controller",
+)
 
 
 class ControlPlaneError(RuntimeError):
@@ -171,7 +183,7 @@ class ControlPlane:
                 "--kubeconfig",
                 str(self.admin_kubeconfig),
                 "--controllers",
-                "garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller",
+                ",".join(CONTROLLERS),
                 "--service-account-private-key-file",
                 str(self.pki.service_account.key),
                 "--root-ca-file",

@@ -4,13 +4,19 @@ What it plays, of the kubelet and around it:
 - the scheduler: it binds every unscheduled pod of its namespace to its Node (there is no kube-scheduler), and it
   registers that Node: Ready, address 127.0.0.1, its HTTPS port as the kubelet endpoint;
 - running a pod: Argo's `init` container has nothing to do (no artifacts) and is reported Completed; the `main`
-  container runs as a process. With Argo's emissary executor that is the command after `--` (what `argoexec
-  emissary` runs), otherwise the container's command and args. The process gets the environment Kubernetes would give
-  the container: `env` (values, `fieldRef`, `configMapKeyRef`, `secretKeyRef`, `$(VAR)` references), `envFrom`
-  (ConfigMaps, Secrets), emptyDir volumes as fresh folders (environment values and arguments that point into a mount,
-  and TMPDIR for /tmp, are rewritten to the folder), and the pod's projected ServiceAccount token (a TokenRequest
-  bound to the pod) with the cluster's CA, handed over as a kubeconfig (KUBECONFIG) because the fixed in-pod path
-  /var/run/secrets/kubernetes.io/serviceaccount/ cannot be mounted for a process. Logs go to files (`log_of`);
+  container (or a pod's only container) runs as a process. With Argo's emissary executor that is the command after
+  `--` (what `argoexec emissary` runs), otherwise the container's command and args. The process gets the environment
+  Kubernetes would give the container: `env` (values, `fieldRef`, `configMapKeyRef`, `secretKeyRef`, `$(VAR)`
+  references), `envFrom` (ConfigMaps, Secrets), emptyDir volumes as fresh folders (environment values and arguments
+  that point into a mount, and TMPDIR for /tmp, are rewritten to the folder), and the pod's projected ServiceAccount
+  token (a TokenRequest bound to the pod) with the cluster's CA, handed over as a kubeconfig (KUBECONFIG) because the
+  fixed in-pod path /var/run/secrets/kubernetes.io/serviceaccount/ cannot be mounted for a process. Logs go to files
+  (`log_of`), which the kubelet API's containerLogs serves (`kubectl logs`);
+- the pod's address: each pod gets a loopback address of its own (127.A.B.N, A and B random per kubelet, so that two
+  test sessions on one machine do not meet), reported as its podIP; an argument or environment value `0.0.0.0` (every
+  interface, which in a pod means the pod's own) becomes that address, so two pods can listen on the same port;
+- probes: the main container's `startupProbe` and `readinessProbe` (httpGet only) against the pod's address, with
+  their periods and thresholds; the pod and container are Ready only while they pass (no probe: Ready once started);
 - pods/status, as a kubelet writes it: phase, conditions, the init, main and wait containers' states with their start
   and finish times and the main container's exit code (128 + the signal when a signal killed it);
 - Argo's `wait` container: it creates the pod's WorkflowTaskResult when the pod starts and marks it complete when main
@@ -22,9 +28,10 @@ What it plays, of the kubelet and around it:
   only logs the answer); a pod being deleted gets SIGTERM, SIGKILL after its grace period, and is then removed; a pod
   past its `activeDeadlineSeconds` is killed and ends Failed with reason DeadlineExceeded.
 What it does not play: images (the command is looked up on the host's PATH, where the virtualenv's `batch-gateway`
-is), volumes other than emptyDir and the ServiceAccount token, networking (every process shares the host's loopback;
-no cluster DNS, no Service IPs), resources, securityContext, probes, container restarts (Argo's pods never restart),
-the logs API, and node heartbeats (no node lifecycle controller runs).
+is), volumes other than emptyDir and the ServiceAccount token, the rest of networking (one loopback interface shared
+by every process, so a port bound on 0.0.0.0 by code rather than by an argument is shared too; no cluster DNS, no
+Service IPs), resources, securityContext, liveness probes and the restarts a failing probe causes, container restarts
+(Argo's pods never restart), following or tailing logs, and node heartbeats (no node lifecycle controller runs).
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from __future__ import annotations
 import base64
 import datetime
 import http.server
+import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,6 +55,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -99,6 +109,88 @@ def kill_signal(command: list[str]) -> int | None:
 
 
 @dataclass
+class Probe:
+    """One httpGet probe of a container, against the pod's address: due every `period` seconds after
+    `initial_delay`; `passing` flips after `success_threshold` successes or `failure_threshold` failures in a row."""
+
+    url: str
+    headers: dict[str, str]
+    period: float
+    timeout: float
+    success_threshold: int
+    failure_threshold: int
+    next_at: float
+    passing: bool = False
+    streak: int = 0  # consecutive results that disagree with `passing`
+
+    @classmethod
+    def of(cls, spec: client.V1Probe | None, container: client.V1Container, ip: str, started: float) -> Probe | None:
+        if spec is None:
+            return None
+        action = spec.http_get
+        if action is None:
+            raise RuntimeError(f"container {container.name}: only httpGet probes are played here")
+        port = action.port
+        if isinstance(port, str) and not port.isdigit():
+            port = next((p.container_port for p in container.ports or [] if p.name == port), None)
+            if port is None:
+                raise RuntimeError(f"container {container.name}: a probe names port {action.port}, which it lacks")
+        scheme = (action.scheme or "HTTP").lower()
+        return cls(
+            url=f"{scheme}://{action.host or ip}:{port}{action.path or '/'}",
+            headers={h.name: h.value for h in action.http_headers or []},
+            period=float(spec.period_seconds or 10),
+            timeout=float(spec.timeout_seconds or 1),
+            success_threshold=spec.success_threshold or 1,
+            failure_threshold=spec.failure_threshold or 3,
+            next_at=started + (spec.initial_delay_seconds or 0),
+        )
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def run(self, now: float) -> bool:
+        """Probe once (as the kubelet does: any status from 200 to 399 passes); True when `passing` changed."""
+        self.next_at = now + self.period
+        try:
+            response = httpx.get(self.url, headers=self.headers, timeout=self.timeout, verify=False)
+            ok = 200 <= response.status_code < 400
+        except httpx.HTTPError:
+            ok = False
+        if ok == self.passing:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak >= (self.success_threshold if ok else self.failure_threshold):
+            self.passing, self.streak = ok, 0
+            return True
+        return False
+
+
+class Readiness:
+    """Whether a started container is Ready: once its startup probe has passed, while its readiness probe passes."""
+
+    def __init__(self, container: client.V1Container, ip: str, started: float) -> None:
+        self.startup = Probe.of(container.startup_probe, container, ip, started)
+        self.readiness = Probe.of(container.readiness_probe, container, ip, started)
+
+    @property
+    def ready(self) -> bool:
+        started = self.startup is None or self.startup.passing
+        return started and (self.readiness is None or self.readiness.passing)
+
+    def check(self, now: float) -> bool:
+        """Run the probes that are due; True when `ready` changed."""
+        before = self.ready
+        if self.startup is not None and not self.startup.passing:
+            if self.startup.due(now) and self.startup.run(now) and self.readiness is not None:
+                self.readiness.next_at = now  # readiness is probed from the moment the container has started
+        elif self.readiness is not None and self.readiness.due(now):
+            self.readiness.run(now)
+        return self.ready != before
+
+
+@dataclass
 class PodRun:
     """One pod on this node: its process, its folders, and how it is being ended."""
 
@@ -106,6 +198,7 @@ class PodRun:
     name: str
     uid: str
     directory: Path
+    ip: str  # the pod's own loopback address
     labels: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     started_at: str = ""
@@ -146,6 +239,8 @@ class ProcessKubelet:
         self.pods: dict[str, PodRun] = {}  # by uid
         self.denied: list[str] = []  # API calls the pods' ServiceAccounts were refused
         self.errors: list[str] = []  # what went wrong in the kubelet itself
+        self._network = (random.randrange(1, 250), random.randrange(256))  # 127.A.B.x: this kubelet's pod addresses
+        self._addresses = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -279,6 +374,7 @@ class ProcessKubelet:
                 pod.metadata.name,
                 uid,
                 self.root / f"{pod.metadata.name}-{uid[:8]}",
+                self._next_address(),
                 dict(pod.metadata.labels or {}),
             )
             run.grace_seconds = float(pod.spec.termination_grace_period_seconds or 30)
@@ -293,6 +389,11 @@ class ProcessKubelet:
         for run in gone:  # force-deleted: nothing left to report to
             if run.process and run.process.poll() is None:
                 os.killpg(run.process.pid, signal.SIGKILL)
+
+    def _next_address(self) -> str:
+        a, b = self._network
+        n, self._addresses = self._addresses, self._addresses + 1
+        return str(ipaddress.IPv4Address(f"127.{a}.{(b + n // 254) % 256}.{n % 254 + 1}"))
 
     def _bind(self, name: str) -> None:
         binding = client.V1Binding(
@@ -357,12 +458,13 @@ class ProcessKubelet:
         run.directory.mkdir(parents=True, exist_ok=True)
         main = next((c for c in pod.spec.containers if c.name == "main"), pod.spec.containers[0])
         token = self._service_account_token(pod)
-        argv, env = self._process_spec(pod, main, run.directory, token)
+        argv, env = self._process_spec(pod, main, run.directory, token, run.ip)
         argo = ARGO_WORKFLOW_LABEL in (pod.metadata.labels or {}) and any(c.name == "wait" for c in pod.spec.containers)
         if argo:
             self._task_result(pod, token, completed=False)
             run.argo_deadline = argo_deadline(pod)
         run.started_at = now()
+        readiness = Readiness(main, run.ip, time.monotonic())
         try:
             with open(run.directory / "main.log", "wb") as log:  # the process writes to its own copy of the descriptor
                 run.process = subprocess.Popen(
@@ -373,11 +475,14 @@ class ProcessKubelet:
                 run, pod, "Failed", main={"terminated": self._terminated(128, "StartError", run.started_at, str(exc))}
             )
             return
-        self._write_status(run, pod, "Running", main={"running": {"startedAt": run.started_at}})
+        running = {"running": {"startedAt": run.started_at}}
+        self._write_status(run, pod, "Running", main=running, ready=readiness.ready)
         if run.stop_requested is not None or run.deleting:  # a stop arrived while starting
             os.killpg(run.process.pid, signal.SIGTERM)
             run.stop_requested = run.stop_requested or time.monotonic()
         while run.process.poll() is None:
+            if run.stop_requested is None and readiness.check(time.monotonic()):
+                self._write_status(run, pod, "Running", main=running, ready=readiness.ready)
             if (
                 run.argo_deadline is not None
                 and not run.step_deadline_exceeded
@@ -419,28 +524,33 @@ class ProcessKubelet:
         phase: str,
         *,
         main: dict,
+        ready: bool = True,
         reason: str | None = None,
         message: str | None = None,
     ) -> None:
+        """`ready`: whether the main container passes its probes (while it runs)."""
         finished = phase in ("Succeeded", "Failed")
         started = run.started_at or now()
 
+        pod_ready = phase == "Running" and ready
+
         def container(name: str, image: str) -> dict[str, Any]:
-            if name == "main" or len(pod.spec.containers) == 1:
+            is_main = name == "main" or len(pod.spec.containers) == 1
+            if is_main:
                 state = main
             elif finished:  # Argo's wait (and any sidecar): runs as long as main, then completes
                 note = "Step exceeded its deadline" if run.step_deadline_exceeded else None
                 state = {"terminated": self._terminated(0, "Completed", started, note)}
             else:
                 state = {"running": {"startedAt": started}}
-            ready = "running" in state
+            running = "running" in state
             return {
                 "name": name,
                 "image": image,
                 "imageID": f"process://{image}",
                 "containerID": f"process://{run.uid}/{name}",
-                "ready": ready,
-                "started": ready,
+                "ready": running and (ready or not is_main),
+                "started": running,
                 "restartCount": 0,
                 "state": state,
             }
@@ -453,18 +563,19 @@ class ProcessKubelet:
                 **({"reason": why} if why else {}),
             }
 
-        ready = phase == "Running"
+        why = None if pod_ready else "PodCompleted" if finished else "ContainersNotReady"
         status: dict[str, Any] = {
             "phase": phase,
             "hostIP": "127.0.0.1",
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": run.ip,
+            "podIPs": [{"ip": run.ip}],
             "startTime": started,
             "conditions": [
                 condition("PodScheduled", True),
                 condition("Initialized", True),
-                condition("ContainersReady", ready, None if ready else "PodCompleted"),
-                condition("Ready", ready, None if ready else "PodCompleted"),
+                condition("ContainersReady", pod_ready, why),
+                condition("Ready", pod_ready, why),
             ],
             "initContainerStatuses": [
                 {
@@ -505,7 +616,7 @@ class ProcessKubelet:
         return self.core.create_namespaced_service_account_token(account, pod.metadata.namespace, request).status.token
 
     def _process_spec(
-        self, pod: client.V1Pod, container: client.V1Container, directory: Path, token: str
+        self, pod: client.V1Pod, container: client.V1Container, directory: Path, token: str, ip: str
     ) -> tuple[list[str], dict[str, str]]:
         volumes = {v.name: v for v in pod.spec.volumes or []}
         mounts: dict[str, Path] = {}
@@ -535,9 +646,11 @@ class ProcessKubelet:
                 data = self._secret(source.secret_ref.name, optional=bool(source.secret_ref.optional))
             env.update({prefix + k: v for k, v in data.items()})
         for item in container.env or []:
-            env[item.name] = self._env_value(item, pod, env)
+            env[item.name] = self._env_value(item, pod, env, ip)
 
         def remap(value: str) -> str:
+            if value == "0.0.0.0":  # every interface of the pod: here, its own address
+                return ip
             for path, host in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
                 if value == path or value.startswith(path + "/"):
                     return str(host) + value[len(path) :]
@@ -601,7 +714,7 @@ class ProcessKubelet:
             raise
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
 
-    def _env_value(self, item: client.V1EnvVar, pod: client.V1Pod, env: dict[str, str]) -> str:
+    def _env_value(self, item: client.V1EnvVar, pod: client.V1Pod, env: dict[str, str], ip: str) -> str:
         if item.value_from is None:
             return _VAR_REF.sub(lambda m: env.get(m.group(1), m.group(0)), item.value or "")
         source = item.value_from
@@ -614,7 +727,7 @@ class ProcessKubelet:
                 "spec.nodeName": self.node_name,
                 "spec.serviceAccountName": pod.spec.service_account_name or "default",
                 "status.hostIP": "127.0.0.1",
-                "status.podIP": "127.0.0.1",
+                "status.podIP": ip,
             }
             if path in values:
                 return values[path]
@@ -686,6 +799,16 @@ class ProcessKubelet:
                 pass
 
             def do_GET(self) -> None:
+                parts = urlsplit(self.path).path.strip("/").split("/")
+                if len(parts) == 4 and parts[0] == "containerLogs":  # `kubectl logs`: the whole log, at once
+                    _, namespace, pod, _container = parts
+                    run = kubelet.run_of(pod)
+                    log = run.directory / "main.log" if run is not None and run.namespace == namespace else None
+                    if log is not None and log.is_file():
+                        self._answer(200, log.read_bytes())
+                    else:
+                        self._answer(404, f"no log of pod {namespace}/{pod} on this node".encode())
+                    return
                 self._exec()
 
             def do_POST(self) -> None:
@@ -698,8 +821,10 @@ class ProcessKubelet:
                     _, namespace, pod, container = parts
                     command = parse_qs(url.query).get("command", [])
                     kubelet._exec(namespace, pod, container, command)
-                body = b"the process kubelet acts on `kill` commands but serves no exec stream"
-                self.send_response(400)
+                self._answer(400, b"the process kubelet acts on `kill` commands but serves no exec stream")
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -7,9 +7,11 @@ Terraform module's values are read with python-hcl2 (nothing is applied; `terraf
 evaluated here: they may only name variables, locals and literals, plus the opaque expressions listed in
 TERRAFORM_OPAQUE. What Helm adds for its own bookkeeping (the labels in HELM_LABELS) is not compared.
 
-Not done here: `helm install` against a real API server. Once the test control plane (branch control-plane,
-tests/control_plane/) is merged, add a test there that installs the chart with `helm install --wait` (Argo's CRDs
-are already installed by it), creates the Secret, runs a batch through the SDK and uninstalls.
+`helm install` against a real API server is tested on the test control plane, in
+tests/control_plane/test_chart_install.py: `helm install --wait` (server-side apply, Strict field validation, the
+API pod Ready by its probes), every object on the server as rendered, the bootstrap key read as NOTES.txt says, a
+batch through the SDK and the chart's runner WorkflowTemplate on real Argo, and `helm uninstall` leaving nothing of
+the release behind.
 """
 
 from __future__ import annotations
@@ -34,13 +36,17 @@ TEMPLATES = REPO / "templates"
 GATEWAY_MODULE = REPO / "infra" / "terraform" / "modules" / "gateway"
 DASHBOARD = REPO / "infra" / "grafana" / "batch-gateway-dashboard.json"
 NAMESPACE = "batch-gateway"
-HELM_LABELS = {"app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "app.kubernetes.io/version", "helm.sh/chart"}
+HELM_LABELS = {
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/version",
+    "helm.sh/chart",
+}
 HOOK = "helm.sh/hook"
 # Terraform values that are computed, not given: replaced by a stand-in, and checked separately.
 TERRAFORM_OPAQUE = {("secret", "checksum"): "checksum-of-the-secrets"}
 # prometheus-operator's kinds: no schema here (its CRDs are not on the Go module proxy); their wiring is checked below.
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-
 
 
 def helm(*args: str) -> str:
@@ -65,7 +71,11 @@ def base_image() -> dict[str, str]:
 def without_helm_labels(node: Any) -> Any:
     if isinstance(node, dict):
         return {
-            k: ({lk: lv for lk, lv in v.items() if lk not in HELM_LABELS} if k == "labels" and isinstance(v, dict) else without_helm_labels(v))
+            k: (
+                {lk: lv for lk, lv in v.items() if lk not in HELM_LABELS}
+                if k == "labels" and isinstance(v, dict)
+                else without_helm_labels(v)
+            )
             for k, v in node.items()
         }
     if isinstance(node, list):
@@ -79,7 +89,9 @@ def keyed(objects: list[dict]) -> dict[str, dict]:
 
 def assert_same_objects(expected: list[dict], actual: list[dict], what: str) -> None:
     want, got = keyed(expected), keyed(actual)
-    assert sorted(got) == sorted(want), f"{what}: objects differ: missing {sorted(set(want) - set(got))}, extra {sorted(set(got) - set(want))}"
+    assert sorted(got) == sorted(want), (
+        f"{what}: objects differ: missing {sorted(set(want) - set(got))}, extra {sorted(set(got) - set(want))}"
+    )
     for key in want:
         if got[key] != want[key]:
             a = yaml.safe_dump(want[key], sort_keys=True).splitlines()
@@ -108,16 +120,25 @@ def terraform_values(variables: dict[str, Any]) -> dict[str, Any]:
             declared[unquote(name)] = spec
     unknown = set(variables) - set(declared)
     assert not unknown, f"not variables of the gateway module: {unknown}"
-    given = {name: variables[name] if name in variables else evaluate(spec.get("default"), {}, {}, ()) for name, spec in declared.items()}
+    given = {
+        name: variables[name] if name in variables else evaluate(spec.get("default"), {}, {}, ())
+        for name, spec in declared.items()
+    }
     missing = [name for name, spec in declared.items() if "default" not in spec and name not in variables]
     assert not missing, f"required variables not given: {missing}"
-    local_defs = {k: v for p in parsed.values() for b in p.get("locals", []) for k, v in b.items() if not k.startswith("__")}
+    local_defs = {
+        k: v for p in parsed.values() for b in p.get("locals", []) for k, v in b.items() if not k.startswith("__")
+    }
     return evaluate(local_defs["values"], given, local_defs, ())
 
 
 def evaluate(node: Any, variables: dict[str, Any], local_defs: dict[str, Any], path: tuple[str, ...]) -> Any:
     if isinstance(node, dict):
-        return {unquote(k): evaluate(v, variables, local_defs, (*path, unquote(k))) for k, v in node.items() if not k.startswith("__")}
+        return {
+            unquote(k): evaluate(v, variables, local_defs, (*path, unquote(k)))
+            for k, v in node.items()
+            if not k.startswith("__")
+        }
     if isinstance(node, list):
         return [evaluate(v, variables, local_defs, path) for v in node]
     if not isinstance(node, str):
@@ -130,7 +151,9 @@ def evaluate(node: Any, variables: dict[str, Any], local_defs: dict[str, Any], p
         return evaluate(local_defs[match.group(1)], variables, local_defs, path)
     if path in TERRAFORM_OPAQUE:
         return TERRAFORM_OPAQUE[path]
-    assert "${" not in node, f"local.values.{'.'.join(path)} = {node}: keep the module's chart values to variables and literals"
+    assert "${" not in node, (
+        f"local.values.{'.'.join(path)} = {node}: keep the module's chart values to variables and literals"
+    )
     return unquote(node)
 
 
@@ -191,13 +214,15 @@ def test_terraform_module_passes_only_values_the_chart_has(tmp_path):
 
     def check(given: dict, defined: dict, where: str) -> None:
         for key, value in given.items():
-            assert key in defined, f"the Terraform module sets {where}{key}, which charts/batch-gateway/values.yaml lacks"
+            assert key in defined, (
+                f"the Terraform module sets {where}{key}, which charts/batch-gateway/values.yaml lacks"
+            )
             if isinstance(value, dict) and isinstance(defined[key], dict) and defined[key]:
                 check(value, defined[key], f"{where}{key}.")
 
     check(terraform_values(base_terraform_variables()), chart_values, "")
     main = (GATEWAY_MODULE / "main.tf").read_text()
-    assert 'values     = [yamlencode(local.values)]' in main and "charts/batch-gateway" in main
+    assert "values     = [yamlencode(local.values)]" in main and "charts/batch-gateway" in main
 
 
 def test_every_rendered_object_validates(tmp_path):
@@ -214,7 +239,9 @@ def test_every_rendered_object_validates(tmp_path):
 
 
 def test_options_reach_the_objects(tmp_path):
-    objects = render_chart({**EVERYTHING_ON, "image": {"repository": "registry.example:5000/team/batch-gateway:1.2.3"}}, tmp_path=tmp_path)
+    objects = render_chart(
+        {**EVERYTHING_ON, "image": {"repository": "registry.example:5000/team/batch-gateway:1.2.3"}}, tmp_path=tmp_path
+    )
     config = by_kind(objects, "ConfigMap")["batch-gateway-config"]["data"]
     assert config["AWS_ENDPOINT_URL"] == "http://minio:9000" and config["AWS_ALLOW_HTTP"] == "true"
     assert config["BATCH_GATEWAY_MAX_UPLOAD_BYTES"] == str(1 << 30)
@@ -235,7 +262,9 @@ def test_options_reach_the_objects(tmp_path):
 
 def test_another_release_name_keeps_every_reference(tmp_path):
     """Every name an object refers to (accounts, ConfigMaps, Roles, templates, the Secret) follows the release."""
-    objects = render_chart({**EVERYTHING_ON, "config": {"BATCH_GATEWAY_LOG_LEVEL": "debug"}}, release="team-a", tmp_path=tmp_path)
+    objects = render_chart(
+        {**EVERYTHING_ON, "config": {"BATCH_GATEWAY_LOG_LEVEL": "debug"}}, release="team-a", tmp_path=tmp_path
+    )
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert all(name.startswith("team-a-batch-gateway-") for _, name in names), names
     config = by_kind(objects, "ConfigMap")["team-a-batch-gateway-config"]["data"]
@@ -243,9 +272,13 @@ def test_another_release_name_keeps_every_reference(tmp_path):
     assert ("WorkflowTemplate", config["BATCH_GATEWAY_ARGO_TEMPLATE"]) in names
     for obj in objects:
         for account in re.findall(r"'serviceAccountName': '([^']+)'", repr(obj)):
-            assert ("ServiceAccount", account) in names, f"{obj['kind']} {obj['metadata']['name']}: no account {account}"
+            assert ("ServiceAccount", account) in names, (
+                f"{obj['kind']} {obj['metadata']['name']}: no account {account}"
+            )
         for config_map in re.findall(r"'configMap(?:Ref|KeyRef)': \{[^}]*'name': '([^']+)'", repr(obj)):
-            assert ("ConfigMap", config_map) in names, f"{obj['kind']} {obj['metadata']['name']}: no ConfigMap {config_map}"
+            assert ("ConfigMap", config_map) in names, (
+                f"{obj['kind']} {obj['metadata']['name']}: no ConfigMap {config_map}"
+            )
         for secret in re.findall(r"'secretRef': \{'name': '([^']+)'", repr(obj)):
             assert secret == "team-a-batch-gateway-secrets"
     for binding in by_kind(objects, "RoleBinding").values():
@@ -282,7 +315,9 @@ def test_chart_values_schema_rejects_a_misspelled_value(tmp_path):
     values = tmp_path / "typo.yaml"
     values.write_text(yaml.safe_dump({"api": {"replica": 3}}))
     result = subprocess.run(
-        [str(tools.require("helm")), "template", "x", str(CHART), "-f", str(values)], capture_output=True, text=True, timeout=120
+        [str(tools.require("helm")), "template", "x", str(CHART), "-f", str(values)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0 and "replica" in result.stderr, result.stderr
-

@@ -60,6 +60,26 @@ class Usage(msgspec.Struct):
         self.total_tokens += other.total_tokens
 
 
+class TokenUsage(msgspec.Struct):
+    """One request's token counts, as the upstream reported them (chat names: prompt/completion). Kept with each result
+    in the checkpoints, and added up into the batch's `Usage`."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+    def as_usage(self) -> Usage:
+        return Usage(
+            input_tokens=self.prompt_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=self.cached_tokens),
+            output_tokens=self.completion_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
+            total_tokens=self.total_tokens,
+        )
+
+
 class BatchError(msgspec.Struct):
     code: str
     message: str

@@ -31,7 +31,7 @@ from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.catalog import UpstreamCatalog
-from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
+from batch_gateway.runner.checkpoint import Checkpoints, Totals
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.exits import OWNER_ENV
@@ -44,6 +44,7 @@ from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, parse_u
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
+from batch_gateway.store.parts import ResultKind
 
 T = TypeVar("T")
 
@@ -357,7 +358,7 @@ class BatchRunner:
                 {tracing.BATCH_ID: self.batch_id, tracing.TENANT: batch.tenant},
             )
 
-            def on_result(line: int, kind: int, usage, result_line: bytes) -> None:
+            def on_result(line: int, kind: ResultKind, usage: wire.TokenUsage | None, result_line: bytes) -> None:
                 checkpoints.add(line, kind, usage, result_line)
                 self.totals.add(kind, usage)
 
@@ -510,12 +511,14 @@ class BatchRunner:
         ttl = batch.output_expires_after  # as at OpenAI, results are kept until deleted unless the batch said otherwise
         if totals.completed:
             output_id = ids.result_file_id(self.batch_id, "output")
-            size = await checkpoints.write_file(file_key(batch.tenant, output_id), OUTPUT, ingested.count)
+            size = await checkpoints.write_file(file_key(batch.tenant, output_id), ResultKind.OUTPUT, ingested.count)
             await self._record_file(batch, output_id, "output", size, now, ttl)
         if failed:
             error_id = ids.result_file_id(self.batch_id, "error")
             extra = self._unfinished_lines(ingested, done, *code) if code else None
-            size = await checkpoints.write_file(file_key(batch.tenant, error_id), ERROR, ingested.count, extra)
+            size = await checkpoints.write_file(
+                file_key(batch.tenant, error_id), ResultKind.ERROR, ingested.count, extra
+            )
             await self._record_file(batch, error_id, "error", size, now, ttl)
 
         changes: dict = {

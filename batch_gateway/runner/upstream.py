@@ -18,6 +18,7 @@ import msgspec
 
 from batch_gateway import ids
 from batch_gateway.runner import metrics as runner_metrics
+from batch_gateway.wire import TokenUsage
 
 if TYPE_CHECKING:
     from batch_gateway.tracing import UpstreamTracing
@@ -59,14 +60,6 @@ async def resolve_endpoints(endpoints: list[str]) -> list[str]:
         else:
             resolved.append(url)
     return resolved
-
-
-class TokenUsage(msgspec.Struct):
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    total_tokens: int = 0
 
 
 class _Details(msgspec.Struct):

@@ -17,7 +17,7 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired",
 ACTIVE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 
 # The batch endpoints of OpenAI's spec (the SDK's `batch_create_params`). A batch is accepted for one when an upstream
-# serves it (runner/catalog.py asks them); vLLM serves the first four.
+# serves it (upstreams/catalog.py asks them); vLLM serves the first four.
 SUPPORTED_ENDPOINTS: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",

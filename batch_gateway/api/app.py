@@ -11,10 +11,10 @@ from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
 from batch_gateway.api.tracing import tracing_middleware
-from batch_gateway.runner.catalog import UpstreamCatalog
-from batch_gateway.runner.upstream import parse_upstreams
 from batch_gateway.services import Services
 from batch_gateway.settings import AuthMode
+from batch_gateway.upstreams.catalog import UpstreamCatalog
+from batch_gateway.upstreams.routes import parse_upstreams
 
 # JSON bodies are tiny; the upload route lifts this limit and enforces its own while streaming.
 MAX_JSON_BODY_BYTES = 1024 * 1024

@@ -30,7 +30,6 @@ from batch_gateway import ids, tracing, wire
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.board import LoadBoard
-from batch_gateway.runner.catalog import UpstreamCatalog
 from batch_gateway.runner.checkpoint import Checkpoints, Totals
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
@@ -40,11 +39,13 @@ from batch_gateway.runner.ingest import Ingested, Limits, ingest, read_request
 from batch_gateway.runner.patience import StorageGaveUp, WaitInterrupted, with_patience
 from batch_gateway.runner.prefix import plan_order, shared_depths
 from batch_gateway.runner.schedule import GroupScheduler
-from batch_gateway.runner.upstream import UpstreamClient, endpoints_for, parse_upstreams, resolve_endpoints
+from batch_gateway.runner.upstream import UpstreamClient
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, run_stats_key
 from batch_gateway.store.parts import ResultKind
+from batch_gateway.upstreams.catalog import UpstreamCatalog
+from batch_gateway.upstreams.routes import endpoints_for, parse_upstreams, resolve_endpoints
 
 T = TypeVar("T")
 

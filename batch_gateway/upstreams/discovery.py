@@ -31,7 +31,7 @@ SCHEME = "k8s://"
 _NAME = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"  # DNS-1123 label
 _REF = re.compile(rf"^k8s://(?:(?P<namespace>{_NAME})/)?(?P<service>{_NAME}):(?P<port>[0-9]+|{_NAME})$")
 
-log = structlog.get_logger("runner.discovery")
+log = structlog.get_logger("upstreams.discovery")
 
 
 class DiscoveryError(RuntimeError):

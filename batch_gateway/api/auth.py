@@ -21,6 +21,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from batch_gateway.api.context import TENANT_STATE
+from batch_gateway.api.state import authenticator_of
 from batch_gateway.errors import Unauthorized
 from batch_gateway.keys import DEFAULT_TENANT, hash_key, tenant_for_key
 from batch_gateway.settings import AuthMode
@@ -103,8 +104,7 @@ def _bearer_token(authorization: str | None) -> str | None:
 
 async def provide_tenant(request: Request) -> str:
     """Litestar dependency: authenticate the request and bind its tenant to the logs."""
-    authenticator: Authenticator = request.app.state.authenticator
-    tenant = await authenticator.tenant_for(request.headers.get("authorization"))
+    tenant = await authenticator_of(request).tenant_for(request.headers.get("authorization"))
     request.scope["state"][TENANT_STATE] = tenant
     structlog.contextvars.bind_contextvars(tenant=tenant)
     return tenant

@@ -24,7 +24,7 @@ from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.batch_create import parse_batch_create, window_label
 from batch_gateway.api.context import BATCH_STATE
 from batch_gateway.api.errors import json_response
-from batch_gateway.api.files import services_of
+from batch_gateway.api.state import services_of, upstreams_of
 from batch_gateway.api.validation import query_int, query_str
 from batch_gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
 from batch_gateway.services import Services
@@ -222,7 +222,7 @@ async def _check_input_file(services: Services, tenant: str, file_id: str) -> No
 
 async def _check_endpoint_served(request: Request, endpoint: str) -> None:
     """Refuse a batch no upstream can run: the endpoint is in OpenAI's list, but no model server here answers it."""
-    problem = await request.app.state.upstreams.endpoint_problem(endpoint)
+    problem = await upstreams_of(request).endpoint_problem(endpoint)
     if problem is not None:
         raise InvalidRequest(
             f"The endpoint '{endpoint}' cannot be used with this gateway: {problem}",

@@ -14,6 +14,8 @@ from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from batch_gateway import wire
+from batch_gateway.api.state import services_of
+from batch_gateway.services import Services
 from batch_gateway.store.metadata import StorageStats
 
 REGISTRY = CollectorRegistry()
@@ -57,7 +59,7 @@ def observe(method: str, route: str, status: int, seconds: float) -> None:
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    services = request.app.state.services
+    services = services_of(request)
     stats, objects_up = await asyncio.gather(_storage_stats(services), _object_store_up(services))
     OBJECTS_UP.set(1 if objects_up else 0)
     if stats is None:
@@ -74,14 +76,14 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _storage_stats(services) -> StorageStats | None:
+async def _storage_stats(services: Services) -> StorageStats | None:
     try:
         return await services.metadata.storage_stats()
     except Exception:
         return None
 
 
-async def _object_store_up(services) -> bool:
+async def _object_store_up(services: Services) -> bool:
     try:
         await asyncio.wait_for(services.objects.ping(), OBJECT_STORE_TIMEOUT_SECONDS)
     except Exception:  # any failure, timeouts included, means "down"

@@ -20,7 +20,7 @@ from litestar.response import Stream
 
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.batches import batch_not_found
-from batch_gateway.api.files import services_of
+from batch_gateway.api.state import services_of
 from batch_gateway.errors import NotFound
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord

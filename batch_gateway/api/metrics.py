@@ -66,7 +66,7 @@ async def metrics(request: Request) -> Response:
         STORAGE_UP.set(0)
     else:
         STORAGE_UP.set(1)
-        for status in wire.BatchStatus.__args__:  # type: ignore[attr-defined]
+        for status in wire.BatchStatus:
             BATCHES.labels(status).set(stats.batches_by_status.get(status, 0))
         for purpose, (count, size) in stats.files_by_purpose.items():
             FILES.labels(purpose).set(count)

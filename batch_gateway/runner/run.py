@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import shutil
 import socket
@@ -46,6 +47,7 @@ from batch_gateway.store.objects import ObjectMissing, batch_prefix, file_key, r
 from batch_gateway.store.parts import ResultKind
 from batch_gateway.upstreams.catalog import UpstreamCatalog
 from batch_gateway.upstreams.routes import endpoints_for, parse_upstreams, resolve_endpoints
+from batch_gateway.wire import BatchStatus
 
 T = TypeVar("T")
 
@@ -53,17 +55,36 @@ WATCH_INTERVAL = 0.2  # how often the cancel signal and expiry are checked (the 
 # Results not yet checkpointed (the object store is down) stay in memory; past this, dispatch waits for the store.
 MAX_UNSAVED_BYTES = 64 * 1024 * 1024
 
+
+class StopReason(enum.StrEnum):
+    """Why dispatch ended (shown to the tenant as run_stats' `ended`), and so how the batch ends."""
+
+    COMPLETED = "completed"  # every line has a result
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    FAILED = "failed"  # given up: its runners kept crashing
+    LEASE_LOST = "lease_lost"  # another runner took the batch over: this one leaves it alone
+    SHUTDOWN = "shutdown"  # a signal: checkpoint and exit, the next runner resumes
+
+
+# The error line of every line that did not run, by how the batch ended.
 _STOP_REASON_CODES = {
-    "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
-    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
-    "failed": ("batch_failed", "This request was not executed because the batch failed; see the batch's errors."),
+    StopReason.CANCELLED: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+    StopReason.EXPIRED: (
+        "batch_expired",
+        "This request could not be executed before the completion window expired.",
+    ),
+    StopReason.FAILED: (
+        "batch_failed",
+        "This request was not executed because the batch failed; see the batch's errors.",
+    ),
 }
 # The terminal status each way of ending gives, and the statuses it may be reached from.
-_ENDINGS: dict[str, tuple[str, list[str]]] = {
-    "completed": ("completed", ["finalizing"]),
-    "cancelled": ("cancelled", ["cancelling"]),
-    "expired": ("expired", ["in_progress", "finalizing"]),
-    "failed": ("failed", sorted(wire.ACTIVE_STATUSES)),
+_ENDINGS: dict[StopReason, tuple[BatchStatus, list[BatchStatus]]] = {
+    StopReason.COMPLETED: (BatchStatus.COMPLETED, [BatchStatus.FINALIZING]),
+    StopReason.CANCELLED: (BatchStatus.CANCELLED, [BatchStatus.CANCELLING]),
+    StopReason.EXPIRED: (BatchStatus.EXPIRED, [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING]),
+    StopReason.FAILED: (BatchStatus.FAILED, sorted(wire.ACTIVE_STATUSES)),
 }
 
 
@@ -113,7 +134,7 @@ class BatchRunner:
         self.log = structlog.get_logger("runner").bind(batch_id=batch_id)
         self.totals = Totals()
         self.total = 0
-        self._stop_reason: str | None = None
+        self._stop_reason: StopReason | None = None
         self._dispatcher: Dispatcher | None = None
         self._catalog: UpstreamCatalog | None = None
         self._span = None  # this run's span while tracing is on (batch_gateway/tracing.py)
@@ -121,19 +142,22 @@ class BatchRunner:
 
     # --- entry point ---------------------------------------------------------------------------
 
-    async def run(self) -> str:
-        """Run the batch to a terminal status and return it. Raises LeaseLost if another runner owns it."""
+    async def run(self) -> BatchStatus | None:
+        """Run the batch to a terminal status and return it (None: the batch is missing). Raises LeaseLost if another
+        runner owns it."""
         return await self._claimed(self._traced(self._run_claimed))
 
-    async def give_up(self, reason: str) -> str:
+    async def give_up(self, reason: str) -> BatchStatus | None:
         """End the batch `failed` after its runners crashed for good, publishing every result they left in
         checkpoints and every other line as `batch_failed`. Raises LeaseLost if a live runner owns the batch."""
         return await self._claimed(self._traced(lambda batch: self._give_up_claimed(batch, reason)))
 
-    def _traced(self, work: Callable[[BatchRecord], Awaitable[str]]) -> Callable[[BatchRecord], Awaitable[str]]:
+    def _traced(
+        self, work: Callable[[BatchRecord], Awaitable[BatchStatus]]
+    ) -> Callable[[BatchRecord], Awaitable[BatchStatus]]:
         """`work` inside this run's span, when tracing is on."""
 
-        async def traced(batch: BatchRecord) -> str:
+        async def traced(batch: BatchRecord) -> BatchStatus:
             tracer = tracing.tracer()
             if tracer is None:
                 return await work(batch)
@@ -150,11 +174,11 @@ class BatchRunner:
 
         return traced
 
-    async def _claimed(self, work: Callable[[BatchRecord], Awaitable[str]]) -> str:
+    async def _claimed(self, work: Callable[[BatchRecord], Awaitable[BatchStatus]]) -> BatchStatus | None:
         batch = await self._patiently("read the batch", lambda: self.metadata.get_batch(self.batch_id, None))
         if batch is None:
             self.log.error("runner.batch_missing")
-            return "missing"
+            return None
         if batch.terminal:
             await self._cleanup(batch)
             self.log.info("runner.already_terminal", status=batch.status)
@@ -194,7 +218,7 @@ class BatchRunner:
         stops the waiting."""
 
         def interrupted() -> bool:
-            return self._stop_reason == "shutdown"
+            return self._stop_reason == StopReason.SHUTDOWN
 
         try:
             return await with_patience(
@@ -210,14 +234,14 @@ class BatchRunner:
             try:
                 if not await self.metadata.renew_lease(self.batch_id, self.owner, ids.now(), lease):
                     self.log.error("runner.lease_lost")
-                    self._stop("lease_lost")
+                    self._stop(StopReason.LEASE_LOST)
                     return
             except StorageUnavailable as exc:
                 self.log.warning("runner.lease_renew_failed", error=str(exc))
 
     # --- the pipeline --------------------------------------------------------------------------
 
-    async def _run_claimed(self, batch: BatchRecord) -> str:
+    async def _run_claimed(self, batch: BatchRecord) -> BatchStatus:
         routes = parse_upstreams(self.settings.upstream)
         try:
             ingested = await self._patiently("read the input file", lambda: self._ingest(batch, routes))
@@ -235,41 +259,42 @@ class BatchRunner:
             )
         self.total = ingested.count
 
-        if batch.status == "validating":
+        if batch.status == BatchStatus.VALIDATING:
             if ingested.errors:
                 return await self._patiently("fail the batch", lambda: self._fail(batch, ingested.errors))
             moved = await self._patiently(
                 "start the batch",
                 lambda: self.metadata.transition(
                     self.batch_id,
-                    ["validating"],
-                    "in_progress",
+                    [BatchStatus.VALIDATING],
+                    BatchStatus.IN_PROGRESS,
                     ids.now(),
                     model=ingested.model,
                     request_counts=wire.RequestCounts(total=ingested.count),
                 ),
             )
             batch = moved or await self._reload()
-        if batch.status == "cancelling" and ingested.errors:
+        if batch.status == BatchStatus.CANCELLING and ingested.errors:
             # Cancelled while a bad file was being validated: no line can run, and the errors say why.
             return await self._patiently(
-                "end the batch", lambda: self._end(batch, "cancelled", ["cancelling"], {"errors": ingested.errors})
+                "end the batch",
+                lambda: self._end(batch, BatchStatus.CANCELLED, [BatchStatus.CANCELLING], {"errors": ingested.errors}),
             )
 
         checkpoints = Checkpoints(self.services.objects, batch_prefix(batch.tenant, self.batch_id), self.owner)
         done, self.totals = await self._patiently("read the checkpoints", lambda: checkpoints.load(ingested.count))
         self.log.info("runner.resumed" if done.any() else "runner.starting", already_done=int(done.sum()))
 
-        if batch.status == "in_progress" and ids.now() >= batch.expires_at:
-            reason = "expired"
-        elif batch.status == "in_progress" and not done.all():
+        if batch.status == BatchStatus.IN_PROGRESS and ids.now() >= batch.expires_at:
+            reason = StopReason.EXPIRED
+        elif batch.status == BatchStatus.IN_PROGRESS and not done.all():
             reason = await self._dispatch(batch, ingested, done, checkpoints, routes)
         else:
             # Cancelled before it ran (every line ends as `batch_cancelled`), or every line already has a result.
-            reason = {"cancelling": "cancelled"}.get(batch.status, "completed")
-        if reason == "lease_lost":
+            reason = StopReason.CANCELLED if batch.status == BatchStatus.CANCELLING else StopReason.COMPLETED
+        if reason == StopReason.LEASE_LOST:
             raise LeaseLost(f"batch {self.batch_id} was taken over by another runner")
-        if reason == "shutdown":
+        if reason == StopReason.SHUTDOWN:
             raise Interrupted(f"batch {self.batch_id}: stopped by a signal; results so far are checkpointed")
         return await self._patiently("finalise the batch", lambda: self._finalize(batch, ingested, checkpoints, reason))
 
@@ -285,7 +310,7 @@ class BatchRunner:
             # Asked while validating only: what the upstreams say later must not undo a validated batch.
             check_model=(
                 (lambda model: self._upstreams(routes).model_problem(model, batch.endpoint))
-                if batch.status == "validating"
+                if batch.status == BatchStatus.VALIDATING
                 else _no_model_problem
             ),
         )
@@ -303,24 +328,25 @@ class BatchRunner:
             self._catalog = UpstreamCatalog(routes, api_key=self.settings.upstream_api_key or None)
         return self._catalog
 
-    async def _give_up_claimed(self, batch: BatchRecord, reason: str) -> str:
+    async def _give_up_claimed(self, batch: BatchRecord, reason: str) -> BatchStatus:
         error = wire.BatchError("runner_failed", reason)
         routes = parse_upstreams(self.settings.upstream)
         try:
             ingested = await self._patiently("read the input file", lambda: self._ingest(batch, routes))
         except ObjectMissing:
             ingested = None
-        if ingested is None or ingested.errors or batch.status == "validating":
+        if ingested is None or ingested.errors or batch.status == BatchStatus.VALIDATING:
             # Nothing ran: the batch fails with the reason (and the input's own errors, if any).
             errors = [*(ingested.errors if ingested else []), error]
             return await self._patiently(
-                "end the batch", lambda: self._end(batch, "failed", _ENDINGS["failed"][1], {"errors": errors})
+                "end the batch", lambda: self._end(batch, *_ENDINGS[StopReason.FAILED], {"errors": errors})
             )
         self.total = ingested.count
         checkpoints = Checkpoints(self.services.objects, batch_prefix(batch.tenant, self.batch_id), self.owner)
         self.log.warning("runner.giving_up", reason=reason)
         return await self._patiently(
-            "finalise the batch", lambda: self._finalize(batch, ingested, checkpoints, "failed", errors=[error])
+            "finalise the batch",
+            lambda: self._finalize(batch, ingested, checkpoints, StopReason.FAILED, errors=[error]),
         )
 
     async def _dispatch(
@@ -330,8 +356,8 @@ class BatchRunner:
         done: np.ndarray,
         checkpoints: Checkpoints,
         routes: dict[str, list[str]],
-    ) -> str:
-        """Send every line without a durable result. Returns why dispatch ended: completed, cancelled, expired."""
+    ) -> StopReason:
+        """Send every line without a durable result. Returns why dispatch ended."""
         model = ingested.model or ""
         urls = await self._upstreams(routes).usable(
             model, batch.endpoint, await resolve_endpoints(endpoints_for(routes, model))
@@ -405,7 +431,7 @@ class BatchRunner:
             "retries": dispatcher.retries,
             "preempted": dispatcher.preempted,
             "preempted_tokens_estimate": round(dispatcher.preempted_tokens),
-            "ended": self._stop_reason or "completed",
+            "ended": self._stop_reason or StopReason.COMPLETED,
             "endpoints": {
                 ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)}
                 for ep in endpoints
@@ -417,7 +443,7 @@ class BatchRunner:
             endpoints=dict(zip([ep.name for ep in endpoints], urls)),
             limits=[ep.controller.limit for ep in endpoints],
         )
-        return self._stop_reason or "completed"
+        return self._stop_reason or StopReason.COMPLETED
 
     def _hints(self, batch: BatchRecord, model: str) -> Callable[[bytes], tuple[bytes, dict[str, str]]] | None:
         """Priority hints for the batch's requests, where the operator asked for them (`--priority-hints`)."""
@@ -430,10 +456,10 @@ class BatchRunner:
         """Stop dispatching for a process shutdown; False if dispatch has not started (nothing to save)."""
         if self._dispatcher is None:
             return False
-        self._stop("shutdown")
+        self._stop(StopReason.SHUTDOWN)
         return True
 
-    def _stop(self, reason: str) -> None:
+    def _stop(self, reason: StopReason) -> None:
         if self._stop_reason is None:
             self._stop_reason = reason
             self.log.info("runner.stopping", reason=reason)
@@ -455,9 +481,9 @@ class BatchRunner:
                 runner_metrics.PREFIX_HIT_RATE.set(usage.input_tokens_details.cached_tokens / usage.input_tokens)
             await signals.publish_progress(self.batch_id, counts, usage)
             if await signals.cancel_requested(self.batch_id):
-                self._stop("cancelled")
+                self._stop(StopReason.CANCELLED)
             if ids.now() >= batch.expires_at:
-                self._stop("expired")
+                self._stop(StopReason.EXPIRED)
             if now - last_checkpoint >= self.settings.checkpoint_interval:
                 last_checkpoint = now
                 await self._flush(checkpoints)
@@ -469,8 +495,8 @@ class BatchRunner:
                 except StorageUnavailable as exc:
                     self.log.warning("runner.database_unavailable", error=str(exc))
                     continue
-                if current is not None and current.status == "cancelling":
-                    self._stop("cancelled")
+                if current is not None and current.status == BatchStatus.CANCELLING:
+                    self._stop(StopReason.CANCELLED)
 
     async def _flush(self, checkpoints: Checkpoints) -> None:
         try:
@@ -486,23 +512,25 @@ class BatchRunner:
         batch: BatchRecord,
         ingested: Ingested,
         checkpoints: Checkpoints,
-        reason: str,
+        reason: StopReason,
         errors: list[wire.BatchError] | None = None,
-    ) -> str:
+    ) -> BatchStatus:
         """Write the output and error files and end the batch. Idempotent (file ids derive from the batch id, every
         status change is a compare-and-set), so it is simply run again after a storage outage."""
         await checkpoints.flush()
-        if reason == "completed":
-            moved = await self.metadata.transition(self.batch_id, ["in_progress"], "finalizing", ids.now())
+        if reason == StopReason.COMPLETED:
+            moved = await self.metadata.transition(
+                self.batch_id, [BatchStatus.IN_PROGRESS], BatchStatus.FINALIZING, ids.now()
+            )
             batch = moved or await self._reload()
-            if batch.status == "cancelling":
-                reason = "cancelled"
-            elif batch.status != "finalizing":
+            if batch.status == BatchStatus.CANCELLING:
+                reason = StopReason.CANCELLED
+            elif batch.status != BatchStatus.FINALIZING:
                 self.log.warning("runner.unexpected_status", status=batch.status)
                 return batch.status
         done, totals = await checkpoints.load(ingested.count)
         missing = int((~done).sum())
-        if reason == "completed" and missing:
+        if reason == StopReason.COMPLETED and missing:
             raise RuntimeError(f"{missing} lines have no result; refusing to complete the batch")
         code = _STOP_REASON_CODES.get(reason)
         failed = totals.failed + (missing if code else 0)
@@ -537,13 +565,15 @@ class BatchRunner:
         shutil.rmtree(ingested.path.parent, ignore_errors=True)
         return status
 
-    async def _end(self, batch: BatchRecord, status: str, sources: list[str], changes: dict) -> str:
+    async def _end(
+        self, batch: BatchRecord, status: BatchStatus, sources: list[BatchStatus], changes: dict
+    ) -> BatchStatus:
         moved = await self.metadata.transition(self.batch_id, sources, status, ids.now(), **changes)
-        if moved is None and status == "completed":
+        if moved is None and status in (BatchStatus.COMPLETED, BatchStatus.EXPIRED):
             # Cancelled while finalising: the cancel wins, with the same files.
-            moved = await self.metadata.transition(self.batch_id, ["cancelling"], "cancelled", ids.now(), **changes)
-        if moved is None and status == "expired":
-            moved = await self.metadata.transition(self.batch_id, ["cancelling"], "cancelled", ids.now(), **changes)
+            moved = await self.metadata.transition(
+                self.batch_id, [BatchStatus.CANCELLING], BatchStatus.CANCELLED, ids.now(), **changes
+            )
         final = moved or await self._reload()
         counts = final.request_counts
         self.log.info(
@@ -557,16 +587,18 @@ class BatchRunner:
         )
         return final.status
 
-    async def _fail(self, batch: BatchRecord, errors: list[wire.BatchError]) -> str:
-        moved = await self.metadata.transition(self.batch_id, ["validating"], "failed", ids.now(), errors=errors)
+    async def _fail(self, batch: BatchRecord, errors: list[wire.BatchError]) -> BatchStatus:
+        moved = await self.metadata.transition(
+            self.batch_id, [BatchStatus.VALIDATING], BatchStatus.FAILED, ids.now(), errors=errors
+        )
         if moved is None:
             current = await self._reload()
-            if current.status == "cancelling":
-                return await self._end(current, "cancelled", ["cancelling"], {"errors": errors})
+            if current.status == BatchStatus.CANCELLING:
+                return await self._end(current, BatchStatus.CANCELLED, [BatchStatus.CANCELLING], {"errors": errors})
             return current.status
         self.log.info("runner.validation_failed", errors=len(errors), first=errors[0].message if errors else None)
         shutil.rmtree(self.settings.work_path / self.batch_id, ignore_errors=True)
-        return "failed"
+        return BatchStatus.FAILED
 
     async def _save_run_summary(self, batch: BatchRecord, totals: Totals) -> None:
         """The run's final figures, kept beside the batch (GET /v1/batches/{id}/run_stats)."""

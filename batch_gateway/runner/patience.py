@@ -33,6 +33,10 @@ class WaitInterrupted(Exception):
     """The process is shutting down: stop waiting for storage."""
 
 
+class Interrupted(Exception):
+    """The process was asked to stop (SIGTERM); results so far are checkpointed for the next runner."""
+
+
 async def with_patience(
     what: str,
     operation: Callable[[], Awaitable[T]],
@@ -68,3 +72,29 @@ async def with_patience(
         if attempt:
             log.info("runner.storage_back", during=what, attempts=attempt + 1)
         return result
+
+
+class Patience:
+    """`with_patience` for one runner: its log, how long it waits, and its shutdown, which ends any waiting (then
+    `Interrupted`, naming `label`)."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        log: structlog.typing.FilteringBoundLogger,
+        seconds: float,
+        interrupted: Callable[[], bool],
+    ) -> None:
+        self.label = label
+        self.log = log
+        self.seconds = seconds
+        self.interrupted = interrupted
+
+    async def __call__(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await with_patience(
+                what, operation, log=self.log, patience=self.seconds, interrupted=self.interrupted
+            )
+        except WaitInterrupted as exc:
+            raise Interrupted(f"{self.label}: {exc}") from None

@@ -7,16 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
 
 from batch_gateway.sim import SimConfig, SimServer
+from tests.fixtures.processes import http_ok, spawn
 from tests.helpers import free_port
 
 # Fast enough for tests, slow enough that cancel and expiry can catch a batch mid-run.
@@ -38,8 +37,7 @@ class Gateway:
 
     def start(self) -> Gateway:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [
                 sys.executable,
                 "-m",
@@ -51,22 +49,13 @@ class Gateway:
                 str(self.data_dir),
                 *self.extra_args,
             ],
+            ready=http_ok(f"http://127.0.0.1:{self.port}/health"),
+            what="serve",
+            log=self.log_path,
             env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
             start_new_session=True,  # so kill() can take the runner subprocesses down with it
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"serve did not start:\n{self.logs()}")
+        return self
 
     def client(self, api_key: str = "anything", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=api_key, **kwargs)
@@ -108,10 +97,8 @@ class Gateway:
 
     def _kill_group(self) -> None:
         if self.process:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone already
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -13,6 +13,7 @@ not ask the database on every request; a key created or revoked from the CLI tak
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TypeAlias
 
 import structlog
@@ -52,10 +53,17 @@ def mask_key(key: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, metadata: MetadataStore, mode: AuthMode, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        mode: AuthMode,
+        cache_seconds: float = CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._metadata = metadata
         self.mode = AuthMode(mode)
         self._cache_seconds = cache_seconds
+        self.clock = clock  # what the cache ages by (tests move it on instead of waiting)
         self._key_count: tuple[float, int] | None = None  # (checked at, count)
         self._tenants: dict[str, tuple[float, str | None]] = {}  # key hash -> (checked at, tenant)
 
@@ -75,14 +83,14 @@ class Authenticator:
         raise Unauthorized(f"Incorrect API key provided: {mask_key(key)}.", code="invalid_api_key")
 
     async def _active_key_count(self) -> int:
-        now = time.monotonic()
+        now = self.clock()
         if self._key_count is None or now - self._key_count[0] > self._cache_seconds:
             self._key_count = (now, await self._metadata.active_key_count())
         return self._key_count[1]
 
     async def _tenant_for_key(self, key: str) -> str | None:
         digest = hash_key(key)
-        now = time.monotonic()
+        now = self.clock()
         cached = self._tenants.get(digest)
         if cached is not None and now - cached[0] <= self._cache_seconds:
             return cached[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from litestar import Request
+from litestar import Litestar, Request
 from litestar.datastructures import State
 
 from batch_gateway.services import Services
@@ -32,7 +32,11 @@ def services_of(request: Request) -> Services:
 
 
 def authenticator_of(request: Request) -> Authenticator:
-    return request.app.state[_AUTHENTICATOR]
+    return authenticator_in(request.app)
+
+
+def authenticator_in(app: Litestar) -> Authenticator:
+    return app.state[_AUTHENTICATOR]
 
 
 def upstreams_of(request: Request) -> UpstreamCatalog:

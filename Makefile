@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve   start the gateway on embedded defaults (SQLite, local files) with the built-in simulator
 #   make test    install everything and run the whole test suite
-# Both create ./.venv on first use.
+# Both create ./.venv on first use. While changing code, `make unit` is the fast loop (under a minute, no services).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-quick bench clean
+.PHONY: install serve unit test test-quick bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing batch-gateway with its test dependencies"
@@ -20,6 +20,13 @@ install: $(BIN)/.installed
 
 serve: install
 	$(BIN)/batch-gateway serve --simulate --auth open
+
+# The fast loop: the pure modules, the API handlers through Litestar's in-process client, the stores on SQLite.
+# Leaves out what starts processes, runs end to end, or needs PostgreSQL, Redis, S3, a real engine or the control
+# plane (the markers in pyproject.toml); `make test` runs those too.
+UNIT_MARKERS := not (e2e or process or production or real_engine or control_plane)
+unit: install
+	$(BIN)/python -m pytest -m "$(UNIT_MARKERS)" $(PYTEST_ARGS)
 
 # The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, the real-engine tests and the
 # control-plane tests (real Kubernetes and Argo, built once by scripts/install-control-plane.sh).

@@ -227,6 +227,7 @@ async def test_a_hung_receiver_costs_one_timeout_per_attempt(store, receiver):
     assert retry["outcome"] == "no answer within 0.3 s"
 
 
+@pytest.mark.production
 @pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
 async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_once(receiver):
     with test_database() as url:
@@ -253,6 +254,7 @@ async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_
     assert len(set(receiver.event_ids())) == 60
 
 
+@pytest.mark.production
 @pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
 async def test_delivery_resumes_after_a_database_outage(receiver):
     with test_database() as url:

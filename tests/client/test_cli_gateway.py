@@ -23,6 +23,8 @@ from batch_gateway.sim import SimConfig, SimServer
 from tests.e2e.conftest import FAST_SIM, Gateway
 from tests.helpers import chat_lines, jsonl, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def start_gateway(data_dir: Path, sim: SimServer, env: dict[str, str] | None = None) -> Gateway:
     return Gateway(

@@ -25,6 +25,8 @@ from tests.fixtures.proxy import Proxy
 from tests.fixtures.redis import unique_prefix
 from tests.helpers import eventually, jsonl, wait_for
 
+pytestmark = pytest.mark.e2e
+
 SLOW_TOKENS = 1500  # the one slow line: it is still running when the fast ones are done
 
 

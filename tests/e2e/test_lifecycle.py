@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import chat_lines, eventually, jsonl, wait_for
 
+pytestmark = pytest.mark.e2e
+
 BATCH_KEYS = {
     "id",
     "object",

@@ -6,9 +6,12 @@ import io
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import chat_lines, eventually, jsonl, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

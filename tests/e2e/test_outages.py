@@ -13,7 +13,7 @@ from tests.fixtures.private_postgres import private_postgres
 from tests.fixtures.redis import redis_server, unique_prefix
 from tests.helpers import chat_lines, eventually, jsonl, wait_for
 
-pytestmark = pytest.mark.production
+pytestmark = [pytest.mark.e2e, pytest.mark.production]
 
 
 @pytest.fixture(params=["production"])

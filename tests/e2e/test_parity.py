@@ -17,6 +17,8 @@ import pytest
 from tests.e2e.conftest import Gateway
 from tests.helpers import chat_lines, eventually, jsonl, wait_for
 
+pytestmark = pytest.mark.e2e
+
 CHAT = "/v1/chat/completions"
 THIRTY_DAYS = 30 * 86400
 

@@ -121,6 +121,7 @@ async def test_an_unfinished_batch_keeps_its_deleted_or_expired_input_until_it_e
         await services.close()
 
 
+@pytest.mark.production
 async def test_gc_pass_aborts_stale_multipart_uploads_on_s3(tmp_path, s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import pytest
 import structlog
 
 from batch_gateway.runner.controller import ConcurrencyController
@@ -25,6 +26,8 @@ from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import UpstreamClient
 from tests.fixtures.processes import http_ok, spawn, stop
 from tests.helpers import chat_lines, free_port
+
+pytestmark = pytest.mark.process
 
 SLOTS = 16
 

@@ -70,6 +70,7 @@ def test_scheduling_policy_is_fcfs_or_priority(capsys):
         SimConfig(scheduling_policy="lifo")
 
 
+@pytest.mark.process
 def test_sim_command_serves_until_ctrl_c():
     port = free_port()
     process = spawn(

@@ -14,6 +14,8 @@ from tests.fixtures.postgres import allow_connections, postgres_url, terminate_c
 from tests.helpers import eventually_async, free_port
 from tests.store.test_metadata_store import batch_record
 
+pytestmark = pytest.mark.production
+
 
 async def answers(store: PostgresStore) -> bool:
     try:

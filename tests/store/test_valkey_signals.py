@@ -16,6 +16,8 @@ from batch_gateway.store.valkey import Keys, ValkeySignals
 from tests.fixtures.redis import SHARED_URL, RedisServer, key_prefix, private_redis  # noqa: F401  (fixtures)
 from tests.helpers import eventually_async, free_port
 
+pytestmark = pytest.mark.production
+
 Open = Callable[..., Awaitable[ValkeySignals]]
 
 

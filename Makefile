@@ -22,9 +22,9 @@ serve: install
 	$(BIN)/batch-gateway serve --simulate --auth open
 
 # The fast loop: the pure modules, the API handlers through Litestar's in-process client, the stores on SQLite.
-# Leaves out what starts processes, runs end to end, or needs PostgreSQL, Redis, S3, a real engine or the control
-# plane (the markers in pyproject.toml); `make test` runs those too.
-UNIT_MARKERS := not (e2e or process or production or real_engine or control_plane)
+# Leaves out what starts processes, runs end to end, takes seconds, or needs PostgreSQL, Redis, S3, a real engine or
+# the control plane (the markers in pyproject.toml); `make test` runs those too.
+UNIT_MARKERS := not (e2e or process or slow or production or real_engine or control_plane)
 unit: install
 	$(BIN)/python -m pytest -m "$(UNIT_MARKERS)" $(PYTEST_ARGS)
 

@@ -96,6 +96,7 @@ def test_the_check_sees_a_room_importing_another() -> None:
     assert violations("batch_gateway.tracing", runtime_imports(ast.parse(type_only))) == []
 
 
+@pytest.mark.process  # fresh interpreters
 @pytest.mark.parametrize(
     ("entry", "room"),
     [

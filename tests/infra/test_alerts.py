@@ -18,6 +18,8 @@ from batch_gateway.runner import metrics as runner_metrics
 from tests.infra import tools
 from tests.infra.test_chart import CHART, render_chart
 
+pytestmark = pytest.mark.process  # helm, promtool, kubectl
+
 NS = "batch-gateway"
 # Metrics the alerts read that the gateway does not export: who does, and the labels used.
 EXTERNAL = {

@@ -92,6 +92,7 @@ def test_sim_command_serves_until_ctrl_c():
         stop(process, sig=signal.SIGKILL)
 
 
+@pytest.mark.process
 def test_bad_flag_value_exits_2():
     result = subprocess.run(
         [sys.executable, "-m", "batch_gateway", "sim", "--kv-blocks", "0"], capture_output=True, timeout=30

@@ -12,6 +12,8 @@ from batch_gateway.sim.tokens import BYTES_PER_TOKEN
 from tests.helpers import eventually
 from tests.sim.conftest import SYSTEM, chat, post_all, send_while_paused, stats
 
+pytestmark = pytest.mark.slow  # the simulator's engine, in real time
+
 
 def test_same_step_both_miss_a_later_request_hits(start_sim):
     server = start_sim(time_scale=0.05)

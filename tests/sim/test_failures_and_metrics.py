@@ -12,6 +12,8 @@ from batch_gateway.runner.engine_metrics import EngineMeter
 from tests.helpers import eventually
 from tests.sim.conftest import chat, send_while_paused, stats
 
+pytestmark = pytest.mark.slow  # the simulator's engine, in real time
+
 
 def _statuses(url: str, count: int) -> list[httpx.Response]:
     with httpx.Client(base_url=url) as http:

@@ -11,6 +11,8 @@ import pytest
 from tests.helpers import eventually
 from tests.sim.conftest import chat, stats
 
+pytestmark = pytest.mark.slow  # the simulator's engine, in real time
+
 
 def _error(response: httpx.Response) -> dict:
     assert response.status_code == 400, response.text

@@ -27,6 +27,8 @@ class StopReason(enum.StrEnum):
 
 
 class Stop:
+    """The run's stop switch: call it with a reason; `reason` keeps the first."""
+
     def __init__(self, log: structlog.typing.FilteringBoundLogger) -> None:
         self.log = log
         self.reason: StopReason | None = None

@@ -128,6 +128,7 @@ async def test_ping_ok(backend: Backend):
     await backend.store.ping()
 
 
+@pytest.mark.production
 async def test_ping_unreachable_s3_fails_fast(s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -202,6 +203,7 @@ async def test_stale_upload_cleanup_stays_under_the_store_prefix(s3: S3Server, m
     assert s3.pending_uploads(bucket) == ["gw2/t1/files/a-neighbours", "other/x"]
 
 
+@pytest.mark.production
 async def test_stale_upload_cleanup_needs_static_s3_credentials(s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)

@@ -110,7 +110,7 @@ def test_serve_killed_alone_loses_nothing(gateway_factory, sim_factory):
     gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_FIXED_CONCURRENCY": "8"})
     client = gateway.client()
     batch = start_batch(client, batch_input(120))
-    eventually(lambda: served(sim) >= 20, what="progress")
+    eventually(lambda: served(sim) >= 20, timeout=60, what="progress")
     runners = gateway.runners()
     assert runners, "no runner process found"
 
@@ -135,7 +135,7 @@ def test_an_outage_during_dispatch_loses_nothing(gateway_factory, sim_factory, p
     gateway = gateway_factory(sim.url, env={**proxied.env, "BATCH_GATEWAY_FIXED_CONCURRENCY": "8"})
     client = gateway.client(max_retries=8)
     batch = start_batch(client, batch_input(150))
-    eventually(lambda: served(sim) >= 20, what="progress")
+    eventually(lambda: served(sim) >= 20, timeout=60, what="progress")
     proxy = getattr(proxied, dependency)
     proxy.down()
     time.sleep(8)
@@ -154,7 +154,7 @@ def test_an_outage_at_finalise_loses_nothing(gateway_factory, sim_factory, proxi
     client = gateway.client(max_retries=8)
     lines = 60
     batch = start_batch(client, batch_input(lines, slow_last=True))
-    eventually(lambda: served(sim) >= lines - 1, what="the fast lines")  # the slow line is still running
+    eventually(lambda: served(sim) >= lines - 1, timeout=60, what="the fast lines")  # the slow line is still running
     proxy = getattr(proxied, dependency)
     proxy.down()
     eventually(lambda: served(sim) >= lines, timeout=60, what="the slow line")
@@ -177,7 +177,7 @@ def test_an_upstream_outage_loses_nothing(gateway_factory, sim_factory, proxied)
         )
         client = gateway.client()
         batch = start_batch(client, batch_input(150))
-        eventually(lambda: served(sim) >= 20, what="progress")
+        eventually(lambda: served(sim) >= 20, timeout=60, what="progress")
         upstream.down()
         time.sleep(6)
         upstream.up()
@@ -210,7 +210,9 @@ def test_a_full_work_disk_is_waited_for_and_cleaned_up(gateway_factory, sim, sma
     data = batch_input(200)
     assert len(data) > 64 * 1024
     batch = start_batch(client, data)
-    eventually(lambda: "runner.storage_unavailable" in gateway.logs(), what="the runner to meet the full disk")
+    eventually(
+        lambda: "runner.storage_unavailable" in gateway.logs(), timeout=60, what="the runner to meet the full disk"
+    )
     time.sleep(2)
     assert not list((small_disk / "work").rglob("input.jsonl")), "a partial work file was left on the full disk"
     assert client.batches.retrieve(batch.id).status == "validating"
@@ -232,7 +234,7 @@ def test_a_batch_given_up_after_crashes_publishes_every_finished_result(gateway_
     client = gateway.client()
     lines = 150
     batch = start_batch(client, batch_input(lines))
-    eventually(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 10, what="progress")
+    eventually(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 10, timeout=60, what="progress")
     for runner in gateway.runners():
         runner.kill()  # a crash the runner cannot checkpoint for: SIGKILL
     done = wait_for(client, batch.id, timeout=60)
@@ -267,7 +269,7 @@ def test_a_killed_runner_is_replaced_without_waiting_out_its_lease(gateway_facto
     gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_RUNNER_LEASE_SECONDS": "60"})
     client = gateway.client()
     batch = start_batch(client, batch_input(150))
-    eventually(lambda: served(sim) >= 10, what="progress")
+    eventually(lambda: served(sim) >= 10, timeout=60, what="progress")
     for runner in gateway.runners():
         runner.kill()  # SIGKILL: its lease (60 s) is left behind
     killed_at = time.monotonic()

@@ -56,9 +56,7 @@ def alerts(rules: Path) -> list[dict]:
 
 
 def test_promtool_accepts_the_rules(rules):
-    result = subprocess.run(
-        [str(tools.require("promtool")), "check", "rules", str(rules)], capture_output=True, text=True
-    )
+    result = subprocess.run([str(tools.require("promtool")), "check", "rules", str(rules)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alerts(rules))} rules found" in result.stdout
 
@@ -66,15 +64,9 @@ def test_promtool_accepts_the_rules(rules):
 def test_alerts_cover_the_issue():
     names = {a["alert"] for a in alerts_of_chart()}
     assert {
-        "BatchGatewayBatchesFailing",
-        "BatchGatewayBatchesNearDeadline",
-        "BatchGatewayBatchesOverdue",
-        "BatchGatewayRunnerCrashLooping",
-        "BatchGatewayUpstreamErrors",
-        "BatchGatewayUpstreamThrottled",
-        "BatchGatewayQueueGrowing",
-        "BatchGatewayNoProgress",
-        "BatchGatewayMetadataStoreUnavailable",
+        "BatchGatewayBatchesFailing", "BatchGatewayBatchesNearDeadline", "BatchGatewayBatchesOverdue",
+        "BatchGatewayRunnerCrashLooping", "BatchGatewayUpstreamErrors", "BatchGatewayUpstreamThrottled",
+        "BatchGatewayQueueGrowing", "BatchGatewayNoProgress", "BatchGatewayMetadataStoreUnavailable",
         "BatchGatewayObjectStoreUnavailable",
     } <= names
     docs = (CHART.parents[1] / "docs" / "operations.md").read_text()
@@ -123,26 +115,23 @@ def test_runner_pod_names_match_the_crash_loop_alert():
 
 # --- the alerts fire on the series they are about, and only then (`promtool test rules`) ------------------------------
 
-
 def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
     inner = ", ".join(f'{k}="{v}"' for k, v in {"namespace": NS, **labels}.items())
     return {"series": f"{name}{{{inner}}}", "values": values}
 
 
 UNIT_TESTS = [
-    {  # 3 batches failed within the hour
+    {   # 3 batches failed within the hour
         "interval": "1m",
         "input_series": [series("batch_gateway_batches", {"status": "failed", "pod": "api-0"}, "2x60 5x60")],
         "alert_rule_test": [
             {"eval_time": "50m", "alertname": "BatchGatewayBatchesFailing", "exp_alerts": []},
-            {
-                "eval_time": "90m",
-                "alertname": "BatchGatewayBatchesFailing",
-                "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "warning"}, "exp_annotations": None}],
-            },
+            {"eval_time": "90m", "alertname": "BatchGatewayBatchesFailing",
+             "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "warning"},
+                             "exp_annotations": None}]},
         ],
     },
-    {  # a batch in progress, runners report results, then nothing for 15 minutes
+    {   # a batch in progress, runners report results, then nothing for 15 minutes
         "interval": "1m",
         "input_series": [
             series("batch_gateway_batches", {"status": "in_progress", "pod": "api-0"}, "1x60"),
@@ -150,14 +139,11 @@ UNIT_TESTS = [
         ],
         "alert_rule_test": [
             {"eval_time": "19m", "alertname": "BatchGatewayNoProgress", "exp_alerts": []},
-            {
-                "eval_time": "45m",
-                "alertname": "BatchGatewayNoProgress",
-                "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "critical"}, "exp_annotations": None}],
-            },
+            {"eval_time": "45m", "alertname": "BatchGatewayNoProgress",
+             "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "critical"}, "exp_annotations": None}]},
         ],
     },
-    {  # the database stops answering one replica's scrapes
+    {   # the database stops answering one replica's scrapes
         "interval": "1m",
         "input_series": [
             series("batch_gateway_metadata_up", {"pod": "api-0"}, "1x10 0x10"),
@@ -165,14 +151,11 @@ UNIT_TESTS = [
         ],
         "alert_rule_test": [
             {"eval_time": "10m", "alertname": "BatchGatewayMetadataStoreUnavailable", "exp_alerts": []},
-            {
-                "eval_time": "15m",
-                "alertname": "BatchGatewayMetadataStoreUnavailable",
-                "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "critical"}, "exp_annotations": None}],
-            },
+            {"eval_time": "15m", "alertname": "BatchGatewayMetadataStoreUnavailable",
+             "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "critical"}, "exp_annotations": None}]},
         ],
     },
-    {  # one attempt in ten ends 503; later one in a hundred: only the first is over 5 %
+    {   # one attempt in ten ends 503; later one in a hundred: only the first is over 5 %
         "interval": "1m",
         "input_series": [
             series("batch_runner_requests_total", {"outcome": "ok", "pod": "bg-1-run-1"}, "0+90x30 2700+99x30"),
@@ -180,39 +163,26 @@ UNIT_TESTS = [
             series("batch_runner_upstream_errors_total", {"code": "400", "pod": "bg-1-run-1"}, "0x60"),
         ],
         "alert_rule_test": [
-            {
-                "eval_time": "25m",
-                "alertname": "BatchGatewayUpstreamErrors",
-                "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "warning"}, "exp_annotations": None}],
-            },
+            {"eval_time": "25m", "alertname": "BatchGatewayUpstreamErrors",
+             "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "warning"}, "exp_annotations": None}]},
             {"eval_time": "55m", "alertname": "BatchGatewayUpstreamErrors", "exp_alerts": []},
             {"eval_time": "25m", "alertname": "BatchGatewayUpstreamThrottled", "exp_alerts": []},
         ],
     },
-    {  # a Workflow's runner pod failed three times; another's once
+    {   # a Workflow's runner pod failed three times; another's once
         "interval": "1m",
         "input_series": [
-            *(
-                series("kube_pod_status_phase", {"phase": "Failed", "pod": f"bg-0a1b-run-{i}"}, "1x10")
-                for i in range(3)
-            ),
+            *(series("kube_pod_status_phase", {"phase": "Failed", "pod": f"bg-0a1b-run-{i}"}, "1x10") for i in range(3)),
             series("kube_pod_status_phase", {"phase": "Failed", "pod": "bg-ffff-run-9"}, "1x10"),
             series("kube_pod_status_phase", {"phase": "Failed", "pod": "bg-ffff-reconcile-1"}, "1x10"),
         ],
         "alert_rule_test": [
-            {
-                "eval_time": "5m",
-                "alertname": "BatchGatewayRunnerCrashLooping",
-                "exp_alerts": [
-                    {
-                        "exp_labels": {"namespace": NS, "workflow": "bg-0a1b", "severity": "warning"},
-                        "exp_annotations": None,
-                    }
-                ],
-            },
+            {"eval_time": "5m", "alertname": "BatchGatewayRunnerCrashLooping",
+             "exp_alerts": [{"exp_labels": {"namespace": NS, "workflow": "bg-0a1b", "severity": "warning"},
+                             "exp_annotations": None}]},
         ],
     },
-    {  # unfinished batches pile up: 30 more within an hour
+    {   # unfinished batches pile up: 30 more within an hour
         "interval": "1m",
         "input_series": [
             series("batch_gateway_batches", {"status": "validating", "pod": "api-0"}, "0+0.5x120"),
@@ -221,11 +191,8 @@ UNIT_TESTS = [
         ],
         "alert_rule_test": [
             {"eval_time": "50m", "alertname": "BatchGatewayQueueGrowing", "exp_alerts": []},
-            {
-                "eval_time": "110m",
-                "alertname": "BatchGatewayQueueGrowing",
-                "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "warning"}, "exp_annotations": None}],
-            },
+            {"eval_time": "110m", "alertname": "BatchGatewayQueueGrowing",
+             "exp_alerts": [{"exp_labels": {"namespace": NS, "severity": "warning"}, "exp_annotations": None}]},
         ],
     },
 ]
@@ -246,7 +213,5 @@ def test_alerts_fire_when_they_should(rules, tmp_path):
     spec = {"rule_files": [str(bare_rules)], "evaluation_interval": "1m", "tests": UNIT_TESTS}
     path = tmp_path / "tests.yaml"
     path.write_text(yaml.safe_dump(spec))
-    result = subprocess.run(
-        [str(tools.require("promtool")), "test", "rules", str(path)], capture_output=True, text=True
-    )
+    result = subprocess.run([str(tools.require("promtool")), "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,13 +3,14 @@
 #   make test    install everything and run the whole test suite
 #   make lint    ruff check and ruff format --check (fix with: .venv/bin/ruff check --fix; .venv/bin/ruff format)
 #   make typecheck   mypy on the package (configuration in pyproject.toml)
+#   make unit    the fast loop while changing code (under a minute, no services)
 # All create ./.venv on first use.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve lint typecheck test test-quick bench clean
+.PHONY: install serve lint typecheck unit test test-quick bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing batch-gateway with its test dependencies"
@@ -29,6 +30,13 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The fast loop: the pure modules, the API handlers through Litestar's in-process client, the stores on SQLite.
+# Leaves out what starts processes, runs end to end, takes seconds, or needs PostgreSQL, Redis, S3, a real engine or
+# the control plane (the markers in pyproject.toml); `make test` runs those too.
+UNIT_MARKERS := not (e2e or process or slow or production or real_engine or control_plane)
+unit: install
+	$(BIN)/python -m pytest -m "$(UNIT_MARKERS)" $(PYTEST_ARGS)
 
 # The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, the real-engine tests and the
 # control-plane tests (real Kubernetes and Argo, built once by scripts/install-control-plane.sh).

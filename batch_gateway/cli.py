@@ -122,7 +122,7 @@ async def _runner(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    from batch_gateway.gc.reconcile import reconcile_batch
+    from batch_gateway.runner.exit_handler import reconcile_batch
 
     return await reconcile_batch(settings, args.batch_id)
 

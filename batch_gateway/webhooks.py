@@ -32,14 +32,16 @@ import httpx
 import msgspec
 import structlog
 
+from batch_gateway.wire import BatchStatus
+
 log = structlog.get_logger("webhooks")
 
 # Batch status reached -> event type sent.
 EVENT_TYPES: dict[str, str] = {
-    "completed": "batch.completed",
-    "failed": "batch.failed",
-    "expired": "batch.expired",
-    "cancelled": "batch.cancelled",
+    BatchStatus.COMPLETED: "batch.completed",
+    BatchStatus.FAILED: "batch.failed",
+    BatchStatus.EXPIRED: "batch.expired",
+    BatchStatus.CANCELLED: "batch.cancelled",
 }
 ALL_TENANTS = "*"  # the key of the webhook that serves every tenant without its own
 SECRET_PREFIX = "whsec_"

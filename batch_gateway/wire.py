@@ -6,18 +6,35 @@ clients (LiteLLM and others) break on missing keys. `omit_defaults` is therefore
 
 from __future__ import annotations
 
-from typing import Literal
+import enum
 
 import msgspec
 
-BatchStatus = Literal[
-    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
-]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired", "cancelled"})
-ACTIVE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+class BatchStatus(enum.StrEnum):
+    """A batch's status, as OpenAI names it; the values are what the API sends and the database stores.
+
+    validating ─▶ in_progress ─▶ finalizing ─▶ completed; failed (validation, or given up), expired (the window
+    passed), cancelling ─▶ cancelled. docs/architecture.md draws the machine.
+    """
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES: frozenset[BatchStatus] = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+ACTIVE_STATUSES: frozenset[BatchStatus] = frozenset(BatchStatus) - TERMINAL_STATUSES
 
 # The batch endpoints of OpenAI's spec (the SDK's `batch_create_params`). A batch is accepted for one when an upstream
-# serves it (runner/catalog.py asks them); vLLM serves the first four.
+# serves it (upstreams/catalog.py asks them); vLLM serves the first four.
 SUPPORTED_ENDPOINTS: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -60,6 +77,26 @@ class Usage(msgspec.Struct):
         self.total_tokens += other.total_tokens
 
 
+class TokenUsage(msgspec.Struct):
+    """One request's token counts, as the upstream reported them (chat names: prompt/completion). Kept with each result
+    in the checkpoints, and added up into the batch's `Usage`."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+    def as_usage(self) -> Usage:
+        return Usage(
+            input_tokens=self.prompt_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=self.cached_tokens),
+            output_tokens=self.completion_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
+            total_tokens=self.total_tokens,
+        )
+
+
 class BatchError(msgspec.Struct):
     code: str
     message: str
@@ -77,7 +114,7 @@ class Batch(msgspec.Struct):
     endpoint: str
     input_file_id: str
     completion_window: str
-    status: str
+    status: BatchStatus
     created_at: int
     object: str = "batch"
     model: str | None = None

@@ -28,7 +28,6 @@ import httpx
 import msgspec
 
 from batch_gateway.runner.engine_metrics import parse_metrics
-from batch_gateway.testing.real_engine import LlamaServer
 from benchmarks import report
 from benchmarks.harness import LocalStack, StatsSampler
 from benchmarks.interactive import SLOWDOWN, best, sweep
@@ -36,6 +35,7 @@ from benchmarks.loadgen import closed_loop
 from benchmarks.mixed import SERIES_DIR, Batch, run_mixed
 from benchmarks.report import verdict
 from benchmarks.workloads import batch_line, words
+from tests.fixtures.real_engine import LlamaServer
 
 NAME = "real_engine"
 TITLE = "A real engine: llama.cpp's llama-server (SmolLM2-135M on the CPU)"

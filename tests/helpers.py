@@ -1,12 +1,63 @@
-"""Shared test helpers: free ports, batch input files, waiting for batches."""
+"""Shared test helpers: free ports, batch input files, and waiting for something to happen (`eventually`)."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import socket
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def eventually(
+    check: Callable[[], T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str | Callable[[], str] = "the condition",
+) -> T:
+    """Call `check` until it returns something true, and return that; after `timeout` seconds, fail saying `what`
+    (a string, or a function that describes the state things are in). Polling, for what a test can only observe
+    from outside (another process, a server); an exception `check` raises ends the wait at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(_timed_out(what, timeout, value))
+        time.sleep(interval)
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[T] | T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    what: str | Callable[[], str] = "the condition",
+) -> T:
+    """`eventually` inside an event loop: `check` may be a coroutine function, and the loop runs while waiting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value: Any = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(_timed_out(what, timeout, value))
+        await asyncio.sleep(interval)
+
+
+def _timed_out(what: str | Callable[[], str], timeout: float, last: object) -> str:
+    described = what() if callable(what) else what
+    return f"timed out after {timeout} s waiting for {described} (last check: {last!r})"
 
 
 def free_port() -> int:
@@ -36,14 +87,16 @@ def chat_lines(
 
 
 def wait_for(client, batch_id: str, statuses=TERMINAL, timeout: float = 60.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        if time.monotonic() > deadline:
-            raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch}")
-        time.sleep(interval)
+    """The batch, once its status is one of `statuses` (by default: once it has ended)."""
+    seen: list = [None]
+
+    def reached():
+        seen[0] = client.batches.retrieve(batch_id)
+        return seen[0] if seen[0].status in statuses else None
+
+    return eventually(
+        reached, timeout=timeout, interval=interval, what=lambda: f"batch {batch_id} to reach {statuses}: {seen[0]}"
+    )
 
 
 def jsonl(data: bytes) -> list[dict]:

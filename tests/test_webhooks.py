@@ -22,7 +22,7 @@ from batch_gateway.webhooks import WebhookConfig, build_event, parse_webhooks, p
 from batch_gateway.webhooks_outbox import WebhookOutbox
 from tests.fixtures.postgres import allow_connections, postgres_available, terminate_connections, test_database
 from tests.fixtures.webhook_receiver import HANG, Receiver, webhook_receiver
-from tests.helpers import free_port
+from tests.helpers import eventually_async, free_port
 
 SECRET = webhooks.generate_secret()
 FAST = dict(base_delay=0.01, max_delay=0.05, poll_interval=0.01)
@@ -227,6 +227,7 @@ async def test_a_hung_receiver_costs_one_timeout_per_attempt(store, receiver):
     assert retry["outcome"] == "no answer within 0.3 s"
 
 
+@pytest.mark.production
 @pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
 async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_once(receiver):
     with test_database() as url:
@@ -239,9 +240,7 @@ async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_
                 asyncio.create_task(WebhookOutbox(each, to(receiver), concurrency=4, **FAST).run()) for each in stores
             ]
             try:
-                deadline = time.monotonic() + 20
-                while len(receiver.requests) < 60 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
+                await eventually_async(lambda: len(receiver.requests) >= 60, timeout=20, what="60 deliveries")
                 await asyncio.sleep(0.5)  # any duplicate would arrive meanwhile
             finally:
                 for loop in loops:
@@ -255,6 +254,7 @@ async def test_two_delivery_loops_on_one_postgresql_database_deliver_each_event_
     assert len(set(receiver.event_ids())) == 60
 
 
+@pytest.mark.production
 @pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
 async def test_delivery_resumes_after_a_database_outage(receiver):
     with test_database() as url:
@@ -269,9 +269,7 @@ async def test_delivery_resumes_after_a_database_outage(receiver):
                 await asyncio.sleep(1.5)
                 assert receiver.requests == [] and not task.done()
                 allow_connections(url, True)
-                deadline = time.monotonic() + 15
-                while not receiver.requests and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+                await eventually_async(lambda: receiver.requests, timeout=15, interval=0.05, what="the delivery")
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         finally:

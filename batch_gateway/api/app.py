@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from litestar import Litestar
-from litestar.datastructures import State
 from litestar.di import Provide
 
 from batch_gateway.api import batches, files, health, metrics, partial, uploads
 from batch_gateway.api.auth import Authenticator, provide_tenant
 from batch_gateway.api.context import request_context_middleware, stamp_response
 from batch_gateway.api.errors import handle_exception
+from batch_gateway.api.state import app_state
 from batch_gateway.api.tracing import tracing_middleware
-from batch_gateway.runner.catalog import UpstreamCatalog
-from batch_gateway.runner.upstream import parse_upstreams
 from batch_gateway.services import Services
 from batch_gateway.settings import AuthMode
+from batch_gateway.upstreams.catalog import UpstreamCatalog
+from batch_gateway.upstreams.routes import parse_upstreams
 
 # JSON bodies are tiny; the upload route lifts this limit and enforces its own while streaming.
 MAX_JSON_BODY_BYTES = 1024 * 1024
@@ -50,7 +50,7 @@ def create_app(services: Services) -> Litestar:
         exception_handlers={Exception: handle_exception},
         middleware=[tracing_middleware, request_context_middleware],
         before_send=[stamp_response],
-        state=State({"services": services, "authenticator": authenticator, "upstreams": upstreams}),
+        state=app_state(services, authenticator, upstreams),
         request_max_body_size=MAX_JSON_BODY_BYTES,
         openapi_config=None,  # the contract is OpenAI's; its spec is the reference, not ours
         logging_config=None,  # structlog is configured by the process (batch_gateway.logs)

@@ -13,6 +13,7 @@ not ask the database on every request; a key created or revoked from the CLI tak
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TypeAlias
 
 import structlog
@@ -21,6 +22,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from batch_gateway.api.context import TENANT_STATE
+from batch_gateway.api.state import authenticator_of
 from batch_gateway.errors import Unauthorized
 from batch_gateway.keys import DEFAULT_TENANT, hash_key, tenant_for_key
 from batch_gateway.settings import AuthMode
@@ -51,10 +53,17 @@ def mask_key(key: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, metadata: MetadataStore, mode: AuthMode, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        mode: AuthMode,
+        cache_seconds: float = CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._metadata = metadata
         self.mode = AuthMode(mode)
         self._cache_seconds = cache_seconds
+        self.clock = clock  # what the cache ages by (tests move it on instead of waiting)
         self._key_count: tuple[float, int] | None = None  # (checked at, count)
         self._tenants: dict[str, tuple[float, str | None]] = {}  # key hash -> (checked at, tenant)
 
@@ -74,14 +83,14 @@ class Authenticator:
         raise Unauthorized(f"Incorrect API key provided: {mask_key(key)}.", code="invalid_api_key")
 
     async def _active_key_count(self) -> int:
-        now = time.monotonic()
+        now = self.clock()
         if self._key_count is None or now - self._key_count[0] > self._cache_seconds:
             self._key_count = (now, await self._metadata.active_key_count())
         return self._key_count[1]
 
     async def _tenant_for_key(self, key: str) -> str | None:
         digest = hash_key(key)
-        now = time.monotonic()
+        now = self.clock()
         cached = self._tenants.get(digest)
         if cached is not None and now - cached[0] <= self._cache_seconds:
             return cached[1]
@@ -103,8 +112,7 @@ def _bearer_token(authorization: str | None) -> str | None:
 
 async def provide_tenant(request: Request) -> str:
     """Litestar dependency: authenticate the request and bind its tenant to the logs."""
-    authenticator: Authenticator = request.app.state.authenticator
-    tenant = await authenticator.tenant_for(request.headers.get("authorization"))
+    tenant = await authenticator_of(request).tenant_for(request.headers.get("authorization"))
     request.scope["state"][TENANT_STATE] = tenant
     structlog.contextvars.bind_contextvars(tenant=tenant)
     return tenant

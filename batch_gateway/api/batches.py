@@ -24,11 +24,12 @@ from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.batch_create import parse_batch_create, window_label
 from batch_gateway.api.context import BATCH_STATE
 from batch_gateway.api.errors import json_response
-from batch_gateway.api.files import services_of
+from batch_gateway.api.state import services_of, upstreams_of
 from batch_gateway.api.validation import query_int, query_str
 from batch_gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord
+from batch_gateway.wire import BatchStatus
 
 log = structlog.get_logger("api.batches")
 
@@ -39,10 +40,10 @@ RETRY_FOLD_WINDOW_SECONDS = 600
 FOLD_WAIT_SECONDS = 5.0
 FOLD_POLL_SECONDS = 0.05
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-CANCELLABLE = ("validating", "in_progress", "finalizing")
+CANCELLABLE = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
 NO_RETRY = {"x-should-retry": "false"}
 # Statuses whose runner may have progress the database has not seen yet.
-_LIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+_LIVE_STATUSES = wire.ACTIVE_STATUSES
 
 
 def batch_not_found(batch_id: str) -> NotFound:
@@ -77,7 +78,7 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
         endpoint=spec.endpoint,
         input_file_id=spec.input_file_id,
         completion_window=window_label(services.settings.completion_window_seconds),
-        status="validating",
+        status=BatchStatus.VALIDATING,
         created_at=created_at,
         expires_at=created_at + services.settings.completion_window_seconds,
         metadata=spec.metadata,
@@ -96,7 +97,7 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
                 headers=NO_RETRY,
             )
         log.info("batch.idempotent_replay", batch_id=stored.id)
-        if stored.status == "validating":
+        if stored.status == BatchStatus.VALIDATING:
             await _submit(services, stored)  # the first attempt's hand-off may have failed; submitting is idempotent
         return json_response((await with_live_progress(services, [stored]))[0])
 
@@ -135,12 +136,12 @@ async def cancel_batch(request: Request, batch_id: PathId, tenant: Tenant) -> Re
         raise batch_not_found(batch_id)
     # A compare-and-set can lose to the runner moving the batch on; look again and decide on what won.
     for _ in range(5):
-        if record.status in ("cancelling", "cancelled"):
+        if record.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             return json_response(record.to_wire())
         if record.status not in CANCELLABLE:
             raise Conflict(f"Cannot cancel a batch with status '{record.status}'.", headers=NO_RETRY)
         previous_status = record.status
-        moved = await services.metadata.transition(batch_id, CANCELLABLE, "cancelling", ids.now())
+        moved = await services.metadata.transition(batch_id, CANCELLABLE, BatchStatus.CANCELLING, ids.now())
         if moved is not None:
             log.info("batch.cancelling", batch_id=batch_id, previous_status=previous_status)
             await _signal_cancel(services, batch_id)
@@ -222,7 +223,7 @@ async def _check_input_file(services: Services, tenant: str, file_id: str) -> No
 
 async def _check_endpoint_served(request: Request, endpoint: str) -> None:
     """Refuse a batch no upstream can run: the endpoint is in OpenAI's list, but no model server here answers it."""
-    problem = await request.app.state.upstreams.endpoint_problem(endpoint)
+    problem = await upstreams_of(request).endpoint_problem(endpoint)
     if problem is not None:
         raise InvalidRequest(
             f"The endpoint '{endpoint}' cannot be used with this gateway: {problem}",

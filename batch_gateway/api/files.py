@@ -11,10 +11,10 @@ from litestar.response import Stream
 from batch_gateway import ids, wire
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.errors import json_response
+from batch_gateway.api.state import services_of
 from batch_gateway.api.upload import FileUpload
 from batch_gateway.api.validation import query_choice, query_int, query_str
 from batch_gateway.errors import NotFound, StorageUnavailable
-from batch_gateway.services import Services
 from batch_gateway.store.metadata import FileRecord
 from batch_gateway.store.objects import ObjectMissing
 
@@ -22,10 +22,6 @@ log = structlog.get_logger("api.files")
 
 FILES_LIMIT_DEFAULT = 10_000
 FILES_LIMIT_MAX = 10_000
-
-
-def services_of(request: Request) -> Services:
-    return request.app.state.services
 
 
 def file_not_found(file_id: str) -> NotFound:

@@ -12,6 +12,7 @@ import structlog
 from litestar import Request, Response, get
 
 from batch_gateway.api.errors import json_response
+from batch_gateway.api.state import services_of
 
 log = structlog.get_logger("api.health")
 
@@ -25,7 +26,7 @@ async def health() -> Response:
 
 @get("/ready")
 async def ready(request: Request) -> Response:
-    services = request.app.state.services
+    services = services_of(request)
     metadata, objects = await asyncio.gather(_ping(services.metadata.ping), _ping(services.objects.ping))
     is_ready = metadata == "ok" and objects == "ok"
     body = {

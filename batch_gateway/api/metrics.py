@@ -14,6 +14,7 @@ from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from batch_gateway import wire
+from batch_gateway.api.state import services_of
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import StorageStats
 
@@ -58,14 +59,14 @@ def observe(method: str, route: str, status: int, seconds: float) -> None:
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    services = request.app.state.services
+    services = services_of(request)
     stats, objects_up = await asyncio.gather(_storage_stats(services), _object_store_up(services))
     OBJECTS_UP.set(1 if objects_up else 0)
     if stats is None:
         STORAGE_UP.set(0)
     else:
         STORAGE_UP.set(1)
-        for status in wire.BatchStatus.__args__:  # type: ignore[attr-defined]
+        for status in wire.BatchStatus:
             BATCHES.labels(status).set(stats.batches_by_status.get(status, 0))
         for purpose, (count, size) in stats.files_by_purpose.items():
             FILES.labels(purpose).set(count)

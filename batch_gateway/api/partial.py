@@ -20,12 +20,12 @@ from litestar.response import Stream
 
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.batches import batch_not_found
-from batch_gateway.api.files import services_of
+from batch_gateway.api.state import services_of
 from batch_gateway.errors import NotFound
-from batch_gateway.runner.checkpoint import OUTPUT, Checkpoints
 from batch_gateway.services import Services
 from batch_gateway.store.metadata import BatchRecord
 from batch_gateway.store.objects import ObjectMissing, batch_prefix, run_stats_key
+from batch_gateway.store.parts import Parts, ResultKind, lines
 
 JSONL = "application/jsonl"
 
@@ -39,26 +39,26 @@ async def partial_results(request: Request, tenant: Tenant, batch_id: PathId) ->
     if batch.terminal:
         chunks = await _output_file(services, batch)
         return Response(b"", media_type=JSONL) if chunks is None else Stream(chunks, media_type=JSONL)
-    checkpoints = Checkpoints(services.objects, batch_prefix(tenant, batch_id), owner="reader")
-    keys = await checkpoints.part_keys()
+    parts = Parts(services.objects, batch_prefix(tenant, batch_id))
+    keys = await parts.part_keys()
 
-    async def lines() -> AsyncIterator[bytes]:
+    async def results() -> AsyncIterator[bytes]:
         seen: set[int] = set()
         sent: set[int] = set()  # hashes of the result lines sent, to skip them in the output file
-        async for line, kind, _, result in checkpoints.records(keys):
+        async for line, kind, _, result in parts.records(keys):
             if line not in seen:
                 seen.add(line)
-                if kind == OUTPUT:
+                if kind == ResultKind.OUTPUT:
                     sent.add(hash(result))
                     yield result + b"\n"
         ended = await services.metadata.get_batch(batch_id, tenant)
         chunks = await _output_file(services, ended) if ended is not None and ended.terminal else None
         if chunks is not None:  # the batch ended meanwhile, and its parts may have gone before they were read
-            async for result in _lines(chunks):
+            async for result in lines(chunks):
                 if hash(result) not in sent:
                     yield result + b"\n"
 
-    return Stream(lines(), media_type=JSONL)
+    return Stream(results(), media_type=JSONL)
 
 
 async def _output_file(services: Services, batch: BatchRecord) -> AsyncIterator[bytes] | None:
@@ -72,18 +72,6 @@ async def _output_file(services: Services, batch: BatchRecord) -> AsyncIterator[
         return await services.objects.stream(record.object_key)
     except ObjectMissing:
         return None
-
-
-async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    pending = b""
-    async for chunk in chunks:
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            if line:
-                yield line
-    if pending:
-        yield pending
 
 
 @get("/v1/batches/{batch_id:str}/run_stats")

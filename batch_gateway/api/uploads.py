@@ -29,8 +29,8 @@ from batch_gateway import ids, wire
 from batch_gateway.api import file_policy
 from batch_gateway.api.auth import PathId, Tenant
 from batch_gateway.api.errors import json_response
-from batch_gateway.api.files import services_of
 from batch_gateway.api.multipart import FilePart, read_form
+from batch_gateway.api.state import services_of
 from batch_gateway.api.validation import (
     expires_after_object,
     invalid_type,

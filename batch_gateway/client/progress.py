@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from batch_gateway.wire import TERMINAL_STATUSES
+from batch_gateway.wire import TERMINAL_STATUSES, BatchStatus
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def format_progress(snap: Snapshot, rate: float | None, eta: float | None, *, ba
     if bar_width > 0:
         parts.append(progress_bar(snap.done, snap.total, bar_width))
     parts.append(format_counts(snap))
-    if snap.status == "in_progress":
+    if snap.status == BatchStatus.IN_PROGRESS:
         parts.append(format_rate(rate))
         parts.append(f"ETA {format_duration(eta)}")
     return "  ".join(parts)

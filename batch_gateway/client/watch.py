@@ -18,7 +18,7 @@ import openai
 from batch_gateway.client.output import CommandError, as_json, err, file_id_or_none, print_json
 from batch_gateway.client.partial import PartialResults
 from batch_gateway.client.progress import ProgressDisplay, Snapshot, format_duration
-from batch_gateway.wire import TERMINAL_STATUSES
+from batch_gateway.wire import TERMINAL_STATUSES, BatchStatus
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command could not do its job (server error, unreachable server, bad file, ...)
@@ -26,7 +26,12 @@ EXIT_FAILED = 3
 EXIT_EXPIRED = 4
 EXIT_CANCELLED = 5
 EXIT_INTERRUPTED = 130  # Ctrl-C while waiting; the batch keeps running on the server
-STATUS_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_FAILED, "expired": EXIT_EXPIRED, "cancelled": EXIT_CANCELLED}
+STATUS_EXIT_CODES = {
+    BatchStatus.COMPLETED: EXIT_OK,
+    BatchStatus.FAILED: EXIT_FAILED,
+    BatchStatus.EXPIRED: EXIT_EXPIRED,
+    BatchStatus.CANCELLED: EXIT_CANCELLED,
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def wait_and_download(client: openai.OpenAI, batch: Any, options: WaitOptions, *
             display.update(snapshot(batch))
             if batch.status in TERMINAL_STATUSES:
                 break
-            if partial is not None and partial.supported and batch.status == "in_progress":
+            if partial is not None and partial.supported and batch.status == BatchStatus.IN_PROGRESS:
                 poll_partial(client, batch.id, partial, display)
             time.sleep(options.interval)
             batch = client.batches.retrieve(batch.id)
@@ -117,7 +122,7 @@ def poll_partial(client: openai.OpenAI, batch_id: str, partial: PartialResults, 
         added = partial.poll(client, batch_id)
     except openai.NotFoundError:
         # 404 also answers a batch that just left in_progress; only a batch still running means "no extension".
-        if client.batches.retrieve(batch_id).status == "in_progress":
+        if client.batches.retrieve(batch_id).status == BatchStatus.IN_PROGRESS.value:
             partial.supported = False
             display.line(
                 f"The server does not offer partial results (GET /v1/batches/{batch_id}/partial_results answered "
@@ -161,11 +166,11 @@ def summary(
     took = f" in {format_duration(ended_at - batch.created_at)}" if ended_at else ""
     counts = f": {snap.total} requests, {snap.completed} completed, {snap.failed} failed" if snap.total else ""
     lines = [f"Batch {batch.id} {batch.status}{took}{counts}."]
-    if batch.status == "failed":
+    if batch.status == BatchStatus.FAILED:
         lines.append("The input file did not validate:" if batch.errors and batch.errors.data else "The batch failed.")
         lines += ["  " + format_batch_error(e) for e in (batch.errors.data if batch.errors else None) or []]
-    elif batch.status in ("expired", "cancelled"):
-        how = "It expired" if batch.status == "expired" else "It was cancelled"
+    elif batch.status in (BatchStatus.EXPIRED, BatchStatus.CANCELLED):
+        how = "It expired" if batch.status == BatchStatus.EXPIRED else "It was cancelled"
         lines.append(f"{how} before every request ran; the files below hold the part that finished.")
     usage = getattr(batch, "usage", None)
     if usage is not None and usage.total_tokens:
@@ -175,7 +180,7 @@ def summary(
         )
     if output_lines is not None:
         lines.append(f"  output: {options.output} ({output_lines} lines)")
-    elif batch.status != "failed":
+    elif batch.status != BatchStatus.FAILED:
         lines.append("  output: none (no request succeeded)")
     if error_lines is not None:
         lines.append(f"  errors: {options.errors} ({error_lines} lines)")

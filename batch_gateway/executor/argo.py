@@ -270,7 +270,7 @@ class ArgoExecutor(Executor):
             await self.metadata.transition(
                 batch_id,
                 list(wire.ACTIVE_STATUSES),
-                "failed",
+                wire.BatchStatus.FAILED,
                 ids.now(),
                 errors=[wire.BatchError(code="runner_failed", message=message)],
             )

@@ -181,7 +181,7 @@ class LocalExecutor(Executor):
         await self.metadata.transition(
             batch_id,
             list(wire.ACTIVE_STATUSES),
-            "failed",
+            wire.BatchStatus.FAILED,
             ids.now(),
             errors=[
                 wire.BatchError(

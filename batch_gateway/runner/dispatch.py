@@ -28,7 +28,6 @@ import structlog
 from batch_gateway import ids, wire
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.board import LoadBoard
-from batch_gateway.runner.checkpoint import ERROR, OUTPUT
 from batch_gateway.runner.circuit import Circuit
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.engine_metrics import EngineMeter
@@ -36,10 +35,11 @@ from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.share import RunnerLoad
-from batch_gateway.runner.upstream import Exchange, Outcome, TokenUsage, UpstreamClient, usage_of
+from batch_gateway.runner.upstream import Exchange, Outcome, UpstreamClient, usage_of
+from batch_gateway.store.parts import ResultKind
 
 # Called with (line, kind, usage, encoded result line) once a line has its final result.
-ResultSink = Callable[[int, int, TokenUsage | None, bytes], None]
+ResultSink = Callable[[int, ResultKind, wire.TokenUsage | None, bytes], None]
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -344,7 +344,7 @@ class Dispatcher:
         endpoint: Endpoint,
         exchange: Exchange,
         outcome: Outcome,
-        usage: TokenUsage | None,
+        usage: wire.TokenUsage | None,
         epoch: int,
         send: int,
         probe: bool,
@@ -395,11 +395,11 @@ class Dispatcher:
             runner_metrics.TOKENS.labels("cached").inc(usage.cached_tokens)
             runner_metrics.TOKENS.labels("completion").inc(usage.completion_tokens)
 
-    def _finish(self, line: int, custom_id: str, exchange: Exchange, usage: TokenUsage | None) -> None:
+    def _finish(self, line: int, custom_id: str, exchange: Exchange, usage: wire.TokenUsage | None) -> None:
         line_id = ids.request_line_id(self.batch_id, line)
         body = json_object_or_none(exchange.body) if exchange.status else None
         if exchange.ok and body is not None:
-            kind = OUTPUT
+            kind = ResultKind.OUTPUT
             result = wire.ResultLine(
                 id=line_id,
                 custom_id=custom_id,
@@ -407,7 +407,7 @@ class Dispatcher:
                 error=None,
             )
         elif exchange.status:
-            kind = ERROR
+            kind = ResultKind.ERROR
             if body is None or exchange.ok:
                 # Not a JSON object (a proxy's HTML error page, say): the line stays valid JSON, and the page, which
                 # may name internal hosts, goes to the operator's log rather than to the tenant.
@@ -431,7 +431,7 @@ class Dispatcher:
                 error=None,
             )
         else:
-            kind = ERROR
+            kind = ResultKind.ERROR
             result = wire.ResultLine(
                 id=line_id,
                 custom_id=custom_id,
@@ -442,9 +442,9 @@ class Dispatcher:
                     f"({exchange.failure}).",
                 ),
             )
-        self.scheduler.on_finished(line, kind == OUTPUT)
-        runner_metrics.REQUESTS.labels(outcome="ok" if kind == OUTPUT else "error").inc()
-        self.sink(line, kind, usage if kind == OUTPUT else None, wire.encode_result_line(result))
+        self.scheduler.on_finished(line, kind == ResultKind.OUTPUT)
+        runner_metrics.REQUESTS.labels(outcome="ok" if kind == ResultKind.OUTPUT else "error").inc()
+        self.sink(line, kind, usage if kind == ResultKind.OUTPUT else None, wire.encode_result_line(result))
 
     async def _poll_metrics(self, index: int, endpoint: Endpoint) -> None:
         """Feed the engine's gauges (vLLM's, or llama.cpp's) and the other batch runners' loads to the endpoint's

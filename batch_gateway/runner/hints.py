@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from batch_gateway.runner.upstream import DEFAULT_MODEL
+from batch_gateway.upstreams.routes import DEFAULT_MODEL
 
 LLM_D_OBJECTIVE = "batch"
 VLLM_PRIORITY = 10

@@ -33,6 +33,10 @@ class WaitInterrupted(Exception):
     """The process is shutting down: stop waiting for storage."""
 
 
+class Interrupted(Exception):
+    """The process was asked to stop (SIGTERM); results so far are checkpointed for the next runner."""
+
+
 async def with_patience(
     what: str,
     operation: Callable[[], Awaitable[T]],
@@ -40,17 +44,20 @@ async def with_patience(
     log: structlog.typing.FilteringBoundLogger,
     patience: float,
     interrupted: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> T:
     """Run `operation` (which must be safe to run again from the start) until it does not raise
     StorageUnavailable, waiting with backoff in between; raise StorageGaveUp once `patience` seconds have passed
-    since the first failure. `interrupted()` is checked before each wait: a shutdown cancels the waiting."""
+    since the first failure. `interrupted()` is checked before each wait: a shutdown cancels the waiting. (`clock`
+    and `sleep` are time's, unless a test brings its own.)"""
     first_failure: float | None = None
     attempt = 0
     while True:
         try:
             result = await operation()
         except StorageUnavailable as exc:
-            now = time.monotonic()
+            now = clock()
             first_failure = first_failure if first_failure is not None else now
             attempt += 1
             waited = now - first_failure
@@ -63,8 +70,34 @@ async def with_patience(
             log.warning(
                 "runner.storage_unavailable", during=what, attempt=attempt, retry_in=round(delay, 2), error=str(exc)
             )
-            await asyncio.sleep(min(delay, max(0.0, patience - waited)))
+            await sleep(min(delay, max(0.0, patience - waited)))
             continue
         if attempt:
             log.info("runner.storage_back", during=what, attempts=attempt + 1)
         return result
+
+
+class Patience:
+    """`with_patience` for one runner: its log, how long it waits, and its shutdown, which ends any waiting (then
+    `Interrupted`, naming `label`)."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        log: structlog.typing.FilteringBoundLogger,
+        seconds: float,
+        interrupted: Callable[[], bool],
+    ) -> None:
+        self.label = label
+        self.log = log
+        self.seconds = seconds
+        self.interrupted = interrupted
+
+    async def __call__(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await with_patience(
+                what, operation, log=self.log, patience=self.seconds, interrupted=self.interrupted
+            )
+        except WaitInterrupted as exc:
+            raise Interrupted(f"{self.label}: {exc}") from None

@@ -22,8 +22,9 @@ import structlog
 
 from batch_gateway import tracing
 from batch_gateway.runner.exits import EXIT_CRASHED, EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, PARENT_ENV
-from batch_gateway.runner.patience import StorageGaveUp, with_patience
-from batch_gateway.runner.run import BatchRunner, Interrupted, LeaseLost
+from batch_gateway.runner.lease import LeaseLost
+from batch_gateway.runner.patience import Interrupted, StorageGaveUp, with_patience
+from batch_gateway.runner.run import BatchRunner
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 

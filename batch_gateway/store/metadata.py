@@ -49,7 +49,7 @@ class BatchRecord(msgspec.Struct):
     endpoint: str
     input_file_id: str
     completion_window: str
-    status: str
+    status: wire.BatchStatus
     created_at: int
     expires_at: int
     metadata: dict[str, str] | None = None
@@ -327,7 +327,12 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def transition(
-        self, batch_id: str, from_statuses: Collection[str], to_status: str, now: int, **changes: Any
+        self,
+        batch_id: str,
+        from_statuses: Collection[wire.BatchStatus],
+        to_status: wire.BatchStatus,
+        now: int,
+        **changes: Any,
     ) -> BatchRecord | None:
         """Compare-and-set: move the batch to `to_status` (setting `<to_status>_at = now` if it is unset) only if its
         status is one of `from_statuses`. Returns the updated batch, or None if the status did not match."""
@@ -337,7 +342,9 @@ class MetadataStore(abc.ABC):
         """Store live counts and usage of a running batch (no status change)."""
 
     @abc.abstractmethod
-    async def batches_with_status(self, statuses: Collection[str], limit: int = 1000) -> list[BatchRecord]: ...
+    async def batches_with_status(
+        self, statuses: Collection[wire.BatchStatus], limit: int = 1000
+    ) -> list[BatchRecord]: ...
 
     @abc.abstractmethod
     async def overdue_batches(self, now: int, limit: int = 1000) -> list[BatchRecord]:

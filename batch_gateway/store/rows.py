@@ -40,9 +40,13 @@ BATCH_JSON_TYPES: dict[str, Any] = {
     "usage": wire.Usage | None,
 }
 
-ALL_STATUSES: frozenset[str] = frozenset(wire.BatchStatus.__args__)  # type: ignore[attr-defined]
+ALL_STATUSES: frozenset[str] = frozenset(wire.BatchStatus)
 # Statuses a runner reports progress in; a terminal batch never has its counts rewritten.
-LIVE_STATUSES: tuple[str, ...] = ("in_progress", "finalizing", "cancelling")
+LIVE_STATUSES: tuple[str, ...] = (
+    wire.BatchStatus.IN_PROGRESS,
+    wire.BatchStatus.FINALIZING,
+    wire.BatchStatus.CANCELLING,
+)
 ACTIVE_STATUSES: tuple[str, ...] = tuple(sorted(wire.ACTIVE_STATUSES))
 
 PAGE_ORDERS = ("asc", "desc")
@@ -97,6 +101,7 @@ def batch_from_row(row: Mapping[str, Any]) -> BatchRecord:
     for name, kind in BATCH_JSON_TYPES.items():
         raw = values[name]
         values[name] = None if raw is None else msgspec.json.decode(raw, type=kind)
+    values["status"] = wire.BatchStatus(values["status"])
     return BatchRecord(**values)
 
 
@@ -119,7 +124,7 @@ def timestamp_column(status: str) -> str | None:
     """The `<status>_at` column set when a batch enters `status` (`validating` has none: it is `created_at`)."""
     if status not in ALL_STATUSES:
         raise ValueError(f"unknown batch status {status!r}")
-    return None if status == "validating" else f"{status}_at"
+    return None if status == wire.BatchStatus.VALIDATING else f"{status}_at"
 
 
 def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:

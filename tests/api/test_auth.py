@@ -3,8 +3,6 @@ unrevoked key whatever happens to the keys, and scopes every object by the key's
 
 from __future__ import annotations
 
-import time
-
 import openai
 import pytest
 
@@ -13,6 +11,12 @@ from batch_gateway.api.auth import CACHE_SECONDS, NO_KEYS_EXIST_MESSAGE, mask_ke
 from batch_gateway.keys import create_key
 from tests.api.forms import assert_envelope
 from tests.helpers import chat_lines
+
+
+def expire_cached_keys(server) -> None:
+    """Key lookups and the key count are cached for CACHE_SECONDS: move the cache's clock past them, not wait."""
+    later = server.authenticator.clock() + CACHE_SECONDS + 1
+    server.authenticator.clock = lambda: later
 
 
 def new_key(server, tenant: str) -> tuple[str, str]:
@@ -56,7 +60,7 @@ def test_revoking_every_key_never_opens_the_gateway(server_factory):
     assert server.client(api_key=first).files.list().data == []
     for key_id in (first_id, second_id):  # "revoke, then create" rotation, caught between the two steps
         assert server.run(server.services.metadata.revoke_key(key_id, ids.now()))
-    time.sleep(CACHE_SECONDS + 0.2)  # key lookups and the key count are cached this long
+    expire_cached_keys(server)
     for api_key in (first, None):
         http = server.http(api_key=api_key)
         assert_envelope(http.get("/v1/files"), 401, code="invalid_api_key")
@@ -131,7 +135,7 @@ def test_revoked_key_stops_working(server_factory):
     revoked, key_id = new_key(server, "t")
     assert server.client(api_key=revoked).batches.list().data == []
     server.run(server.services.metadata.revoke_key(key_id, ids.now()))
-    time.sleep(CACHE_SECONDS + 0.2)  # key lookups are cached this long
+    expire_cached_keys(server)
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key=revoked, max_retries=0).batches.list()
     assert server.client(api_key=keep).batches.list().data == []

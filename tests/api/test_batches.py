@@ -37,7 +37,10 @@ def set_status(server, batch_id: str, status: str, **changes) -> None:
 # --- create ---------------------------------------------------------------------------------------
 
 
-def test_create_returns_a_complete_validating_batch_and_submits_it(server, client):
+@pytest.mark.parametrize("real_http", [False, pytest.param(True, marks=pytest.mark.e2e)], ids=["in_process", "http"])
+def test_create_returns_a_complete_validating_batch_and_submits_it(server_factory, real_http):
+    server = server_factory(real_http=real_http)  # the SDK end to end over real HTTP too: the two agree
+    client = server.client()
     file_id = upload(client)
     batch = create(
         client,
@@ -186,8 +189,11 @@ def test_oversized_create_body_is_413(server):
 # --- no duplicates on retries -------------------------------------------------------------------------
 
 
-def test_sdk_retry_after_a_lost_response_returns_the_same_batch(server):
-    """The first response is held back until the SDK times out; its retry must not create a second batch."""
+@pytest.mark.e2e
+def test_sdk_retry_after_a_lost_response_returns_the_same_batch(server_factory):
+    """The first response is held back until the SDK times out (over real HTTP: only a socket times out); its retry
+    must not create a second batch."""
+    server = server_factory(real_http=True)
     client = server.client(timeout=1.0, max_retries=2)
     file_id = upload(client)
     server.delayed_responses[("POST", "/v1/batches")] = [2.0]

@@ -213,10 +213,11 @@ def test_size_limits_are_per_purpose_512_mb_a_file_200_mb_a_batch_input(server_f
     assert [f.purpose for f in client.files.list().data] == ["user_data"] and len(server.stored_objects()) == 1
 
 
+@pytest.mark.e2e
 def test_oversized_upload_without_content_length_is_cut_off_while_streaming(server_factory):
     """A chunked upload announces no size: the limit is enforced on the bytes as they arrive."""
     limit = 256 * 1024
-    server = server_factory(max_upload_bytes=limit)
+    server = server_factory(max_upload_bytes=limit, real_http=True)
     boundary = "bg-chunked-upload"
     content_type = f"multipart/form-data; boundary={boundary}"
 
@@ -248,10 +249,12 @@ def test_declared_content_length_over_the_limit_is_refused_before_reading(server
     assert server.stored_objects() == []
 
 
+@pytest.mark.e2e
 def test_large_upload_is_streamed_not_buffered(server_factory, tmp_path):
-    """100 MB through the API (client and server in this process) must not grow memory by anything like 100 MB."""
+    """100 MB through the API (client and server in this process, over real HTTP: the in-process transport holds
+    whole bodies) must not grow memory by anything like 100 MB."""
     size = 100 * 1024 * 1024
-    server = server_factory(max_upload_bytes=size + 1024)
+    server = server_factory(max_upload_bytes=size + 1024, real_http=True)
     line = b'{"custom_id": "' + b"x" * 4000 + b'"}\n'  # 4 kB lines: ~25,000 requests
     path = tmp_path / "big.jsonl"
     with path.open("wb") as out:

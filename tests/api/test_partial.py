@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from batch_gateway import ids, wire
-from batch_gateway.runner.checkpoint import OUTPUT, Checkpoints
+from batch_gateway.runner.checkpoint import Checkpoints
 from batch_gateway.store.metadata import FileRecord
 from batch_gateway.store.objects import batch_prefix, file_key
+from batch_gateway.store.parts import Parts, ResultKind
 from tests.helpers import chat_lines
 
 ENDPOINT = "/v1/chat/completions"
@@ -31,7 +32,7 @@ async def finalize(server, batch_id: str, checkpoints: Checkpoints, count: int) 
     """What the runner does at the end: the output file from the parts, the terminal status, then the parts go."""
     services = server.services
     output_id = ids.result_file_id(batch_id, "output")
-    size = await checkpoints.write_file(file_key("default", output_id), OUTPUT, count)
+    size = await checkpoints.write_file(file_key("default", output_id), ResultKind.OUTPUT, count)
     await services.metadata.insert_file(
         FileRecord(
             id=output_id,
@@ -61,7 +62,7 @@ def test_a_deleted_output_file_gives_an_empty_200(server, client):
     batch_id = start_batch(server, client)
     writer = Checkpoints(server.services.objects, batch_prefix("default", batch_id), "runner-a")
     for line in range(3):
-        writer.add(line, OUTPUT, None, result(line))
+        writer.add(line, ResultKind.OUTPUT, None, result(line))
     server.run(writer.flush())
     output_id = server.run(finalize(server, batch_id, writer, 3))
     response = partial(server, batch_id)
@@ -77,12 +78,12 @@ def test_a_batch_ending_while_its_parts_are_read_misses_no_line(server, client, 
     batch_id = start_batch(server, client)
     writer = Checkpoints(server.services.objects, batch_prefix("default", batch_id), "runner-a")
     for line in range(10):  # ten parts of one line each
-        writer.add(line, OUTPUT, None, result(line))
+        writer.add(line, ResultKind.OUTPUT, None, result(line))
         server.run(writer.flush())
-    listing = Checkpoints.part_keys
+    listing = Parts.part_keys
     calls = 0
 
-    async def list_then_finalize(self: Checkpoints) -> list[str]:
+    async def list_then_finalize(self: Parts) -> list[str]:
         nonlocal calls
         calls += 1
         keys = await listing(self)
@@ -90,7 +91,7 @@ def test_a_batch_ending_while_its_parts_are_read_misses_no_line(server, client, 
             await finalize(server, batch_id, writer, 10)
         return keys
 
-    monkeypatch.setattr(Checkpoints, "part_keys", list_then_finalize)
+    monkeypatch.setattr(Parts, "part_keys", list_then_finalize)
     response = partial(server, batch_id)
     assert response.status_code == 200, response.text
     lines = [json.loads(line)["custom_id"] for line in response.content.splitlines()]

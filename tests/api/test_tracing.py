@@ -3,14 +3,12 @@ batch id. The SDK's in-memory exporter stands in for a collector (the runner's t
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from batch_gateway import tracing
 from batch_gateway.settings import Settings
-from tests.helpers import chat_lines
+from tests.helpers import chat_lines, eventually
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -38,9 +36,7 @@ def test_each_request_is_a_span_with_tenant_and_batch(server_factory, spans):
     with server.http() as http:
         assert http.get("/v1/batches/batch_missing").status_code == 404
     # A span ends just after its response is sent: wait for the last one (the 404) to end.
-    deadline = time.monotonic() + 5
-    while len(spans.get_finished_spans()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: len(spans.get_finished_spans()) >= 4, timeout=5, interval=0.01, what="four finished spans")
     finished = {s.name: s for s in spans.get_finished_spans()}
     create = finished["POST /v1/batches"]
     assert create.context.trace_id == int(CALLER_TRACE, 16) and create.parent.span_id == int(CALLER_SPAN, 16)

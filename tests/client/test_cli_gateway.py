@@ -21,7 +21,10 @@ import pytest
 
 from batch_gateway.sim import SimConfig, SimServer
 from tests.e2e.conftest import FAST_SIM, Gateway
+from tests.fixtures.processes import spawn, stop
 from tests.helpers import chat_lines, jsonl, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 def start_gateway(data_dir: Path, sim: SimServer, env: dict[str, str] | None = None) -> Gateway:
@@ -182,7 +185,7 @@ def test_cancelled_batch_exits_5_with_partial_files(slow_gateway, run_cli, tmp_p
 def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cli, tmp_path):
     client = slow_gateway.client()
     batch_id = run_cli(slow_gateway, "submit", str(write_input(tmp_path, chat_lines(200, max_tokens=20)))).out.strip()
-    watcher = subprocess.Popen(
+    watcher = spawn(
         [
             sys.executable,
             "-m",
@@ -220,8 +223,7 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
         assert client.batches.retrieve(batch_id).status == "in_progress"
         assert not (tmp_path / f"{batch_id}.output.jsonl").exists()
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
+        stop(watcher, sig=signal.SIGKILL)
         client.batches.cancel(batch_id)  # free the slow gateway for the next test
 
 

@@ -483,7 +483,7 @@ def test_each_service_account_may_do_what_its_code_needs_and_no_more(gateway, ac
 async def test_discovery_with_the_runners_token(gateway):
     """k8s:// upstreams against the real API server, as the runner's ServiceAccount: the ready pods of a Service.
     (The addresses are never contacted; the API server refuses loopback ones, so TEST-NET addresses stand in.)"""
-    from batch_gateway.runner.discovery import discover_endpoints
+    from batch_gateway.upstreams.discovery import discover_endpoints
 
     plane = gateway.plane
     plane.apply_objects(

@@ -7,16 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
 
 from batch_gateway.sim import SimConfig, SimServer
+from tests.fixtures.processes import http_ok, spawn
 from tests.helpers import free_port
 
 # Fast enough for tests, slow enough that cancel and expiry can catch a batch mid-run.
@@ -38,35 +37,25 @@ class Gateway:
 
     def start(self) -> Gateway:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:  # the process writes to its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "batch_gateway",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--data-dir",
-                    str(self.data_dir),
-                    *self.extra_args,
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # so kill() can take the runner subprocesses down with it
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"serve did not start:\n{self.logs()}")
+        self.process = spawn(
+            [
+                sys.executable,
+                "-m",
+                "batch_gateway",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.extra_args,
+            ],
+            ready=http_ok(f"http://127.0.0.1:{self.port}/health"),
+            what="serve",
+            log=self.log_path,
+            env=self.env,
+            start_new_session=True,  # so kill() can take the runner subprocesses down with it
+        )
+        return self
 
     def client(self, api_key: str = "anything", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=api_key, **kwargs)
@@ -108,7 +97,7 @@ class Gateway:
 
     def _kill_group(self) -> None:
         if self.process:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # the group is gone already
                 os.killpg(self.process.pid, signal.SIGKILL)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:

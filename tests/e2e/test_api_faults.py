@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import chat_lines, jsonl, wait_for
 
+pytestmark = pytest.mark.e2e
+
 ENDPOINT = "/v1/chat/completions"
 
 

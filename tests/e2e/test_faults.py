@@ -23,7 +23,9 @@ import pytest
 from tests.e2e.conftest import create_database, drop_database
 from tests.fixtures.proxy import Proxy
 from tests.fixtures.redis import unique_prefix
-from tests.helpers import jsonl, wait_for
+from tests.helpers import eventually, jsonl, wait_for
+
+pytestmark = pytest.mark.e2e
 
 SLOW_TOKENS = 1500  # the one slow line: it is still running when the fast ones are done
 
@@ -50,13 +52,6 @@ def start_batch(client, data: bytes):
 
 def served(sim) -> int:
     return httpx.get(sim.url + "/sim/stats", timeout=5).json()["completed"]
-
-
-def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def assert_every_line_once(client, batch, lines: int) -> None:
@@ -115,7 +110,7 @@ def test_serve_killed_alone_loses_nothing(gateway_factory, sim_factory):
     gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_FIXED_CONCURRENCY": "8"})
     client = gateway.client()
     batch = start_batch(client, batch_input(120))
-    wait_until(lambda: served(sim) >= 20, what="progress")
+    eventually(lambda: served(sim) >= 20, timeout=60, what="progress")
     runners = gateway.runners()
     assert runners, "no runner process found"
 
@@ -140,7 +135,7 @@ def test_an_outage_during_dispatch_loses_nothing(gateway_factory, sim_factory, p
     gateway = gateway_factory(sim.url, env={**proxied.env, "BATCH_GATEWAY_FIXED_CONCURRENCY": "8"})
     client = gateway.client(max_retries=8)
     batch = start_batch(client, batch_input(150))
-    wait_until(lambda: served(sim) >= 20, what="progress")
+    eventually(lambda: served(sim) >= 20, timeout=60, what="progress")
     proxy = getattr(proxied, dependency)
     proxy.down()
     time.sleep(8)
@@ -159,10 +154,10 @@ def test_an_outage_at_finalise_loses_nothing(gateway_factory, sim_factory, proxi
     client = gateway.client(max_retries=8)
     lines = 60
     batch = start_batch(client, batch_input(lines, slow_last=True))
-    wait_until(lambda: served(sim) >= lines - 1, what="the fast lines")  # the slow line is still running
+    eventually(lambda: served(sim) >= lines - 1, timeout=60, what="the fast lines")  # the slow line is still running
     proxy = getattr(proxied, dependency)
     proxy.down()
-    wait_until(lambda: served(sim) >= lines, timeout=60, what="the slow line")
+    eventually(lambda: served(sim) >= lines, timeout=60, what="the slow line")
     time.sleep(6)  # the runner is finalising into the outage
     proxy.up()
     done = wait_for(client, batch.id, timeout=180)
@@ -182,7 +177,7 @@ def test_an_upstream_outage_loses_nothing(gateway_factory, sim_factory, proxied)
         )
         client = gateway.client()
         batch = start_batch(client, batch_input(150))
-        wait_until(lambda: served(sim) >= 20, what="progress")
+        eventually(lambda: served(sim) >= 20, timeout=60, what="progress")
         upstream.down()
         time.sleep(6)
         upstream.up()
@@ -215,7 +210,9 @@ def test_a_full_work_disk_is_waited_for_and_cleaned_up(gateway_factory, sim, sma
     data = batch_input(200)
     assert len(data) > 64 * 1024
     batch = start_batch(client, data)
-    wait_until(lambda: "runner.storage_unavailable" in gateway.logs(), what="the runner to meet the full disk")
+    eventually(
+        lambda: "runner.storage_unavailable" in gateway.logs(), timeout=60, what="the runner to meet the full disk"
+    )
     time.sleep(2)
     assert not list((small_disk / "work").rglob("input.jsonl")), "a partial work file was left on the full disk"
     assert client.batches.retrieve(batch.id).status == "validating"
@@ -237,7 +234,7 @@ def test_a_batch_given_up_after_crashes_publishes_every_finished_result(gateway_
     client = gateway.client()
     lines = 150
     batch = start_batch(client, batch_input(lines))
-    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 10, what="progress")
+    eventually(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 10, timeout=60, what="progress")
     for runner in gateway.runners():
         runner.kill()  # a crash the runner cannot checkpoint for: SIGKILL
     done = wait_for(client, batch.id, timeout=60)
@@ -272,7 +269,7 @@ def test_a_killed_runner_is_replaced_without_waiting_out_its_lease(gateway_facto
     gateway = gateway_factory(sim.url, env={"BATCH_GATEWAY_RUNNER_LEASE_SECONDS": "60"})
     client = gateway.client()
     batch = start_batch(client, batch_input(150))
-    wait_until(lambda: served(sim) >= 10, what="progress")
+    eventually(lambda: served(sim) >= 10, timeout=60, what="progress")
     for runner in gateway.runners():
         runner.kill()  # SIGKILL: its lease (60 s) is left behind
     killed_at = time.monotonic()

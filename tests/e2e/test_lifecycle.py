@@ -7,7 +7,9 @@ import io
 import openai
 import pytest
 
-from tests.helpers import chat_lines, jsonl, wait_for
+from tests.helpers import chat_lines, eventually, jsonl, wait_for
+
+pytestmark = pytest.mark.e2e
 
 BATCH_KEYS = {
     "id",
@@ -189,12 +191,12 @@ def test_cancel_mid_run_keeps_finished_results(gateway_factory, sim_factory):
 
 
 def wait_until_some_done(client, batch_id: str) -> None:
-    import time
-
-    deadline = time.monotonic() + 30
-    while client.batches.retrieve(batch_id).request_counts.completed < 2:
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.1)
+    eventually(
+        lambda: client.batches.retrieve(batch_id).request_counts.completed >= 2,
+        timeout=30,
+        interval=0.1,
+        what=f"requests of {batch_id} to complete",
+    )
 
 
 def test_cancel_of_finished_batch_is_409_without_retry(client):

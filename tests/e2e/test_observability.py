@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import chat_lines, jsonl, wait_for
+from tests.helpers import chat_lines, eventually, jsonl, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -79,12 +81,15 @@ def test_run_stats_and_runner_metrics(gateway_factory, sim_factory):
     client = gateway.client()
     file = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(40, systems=2, max_tokens=16))), purpose="batch")
     batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
-    scraped = {}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "batch_runner_tokens_total" not in scraped:
-        with contextlib.suppress(httpx.HTTPError):
+
+    def runner_metrics() -> dict | None:
+        try:
             scraped = {name: v for (name, _), v in samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text).items()}
-        time.sleep(0.1)
+        except httpx.HTTPError:
+            return None  # the runner has not started serving them yet
+        return scraped if "batch_runner_tokens_total" in scraped else None
+
+    scraped = eventually(runner_metrics, timeout=30, interval=0.1, what="the runner's metrics")
     assert scraped.get("batch_runner_concurrency_limit", 0) >= 1, "the runner served no metrics while it ran"
     done = wait_for(client, batch.id, timeout=60)
     stats = httpx.get(f"{gateway.base_url}/batches/{batch.id}/run_stats", headers={"authorization": "Bearer x"}).json()

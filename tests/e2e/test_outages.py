@@ -11,9 +11,9 @@ import pytest
 
 from tests.fixtures.private_postgres import private_postgres
 from tests.fixtures.redis import redis_server, unique_prefix
-from tests.helpers import chat_lines, jsonl, wait_for
+from tests.helpers import chat_lines, eventually, jsonl, wait_for
 
-pytestmark = pytest.mark.production
+pytestmark = [pytest.mark.e2e, pytest.mark.production]
 
 
 @pytest.fixture(params=["production"])
@@ -28,10 +28,12 @@ def start_batch(client, lines: int):
 
 
 def wait_for_progress(client, batch_id: str, at_least: int) -> None:
-    deadline = time.monotonic() + 60
-    while client.batches.retrieve(batch_id).request_counts.completed < at_least:
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.1)
+    eventually(
+        lambda: client.batches.retrieve(batch_id).request_counts.completed >= at_least,
+        timeout=60,
+        interval=0.1,
+        what=f"{at_least} requests of {batch_id} to complete",
+    )
 
 
 def assert_every_line_once(client, batch, lines: int) -> None:

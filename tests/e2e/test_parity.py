@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import sqlite3
-import time
 from urllib.parse import urlparse
 
 import httpx
@@ -16,7 +15,9 @@ import psycopg
 import pytest
 
 from tests.e2e.conftest import Gateway
-from tests.helpers import chat_lines, jsonl, wait_for
+from tests.helpers import chat_lines, eventually, jsonl, wait_for
+
+pytestmark = pytest.mark.e2e
 
 CHAT = "/v1/chat/completions"
 THIRTY_DAYS = 30 * 86400
@@ -60,16 +61,6 @@ def execute(gateway: Gateway, backend: dict[str, str], statement: str) -> list[t
         return cursor.fetchall() if cursor.description else []
 
 
-def eventually(check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.2)
-
-
 # --- 1. the Uploads API -------------------------------------------------------------------------------------------
 
 
@@ -107,7 +98,12 @@ def test_1_cancelled_and_expired_uploads_lose_their_parts(gateway, client, backe
     execute(gateway, backend, f"UPDATE uploads SET expires_at = created_at - 1 WHERE id = '{expiring.id}'")
     with pytest.raises(openai.ConflictError, match="status 'expired'"):
         client.uploads.complete(expiring.id, part_ids=[part.id])
-    eventually(lambda: not [key for key in stored_keys(gateway, backend, s3) if "/uploads/" in key])
+    eventually(
+        lambda: not [key for key in stored_keys(gateway, backend, s3) if "/uploads/" in key],
+        timeout=20,
+        interval=0.2,
+        what="the upload's parts to be deleted",
+    )
     assert execute(gateway, backend, f"SELECT status FROM uploads WHERE id = '{expiring.id}'") == [("expired",)]
     assert client.uploads.cancel(expiring.id).status == "expired"
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import chat_lines, wait_for
 
+pytestmark = pytest.mark.e2e
+
 CHAT = "/v1/chat/completions"
 FILE_KEYS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "status_details"}
 BATCH_KEYS = {

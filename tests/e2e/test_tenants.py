@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import chat_lines, free_port, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def test_keys_scope_every_object_to_a_tenant(gateway_factory, sim):
     # A single user's gateway in open mode first, then the same data served with keys.

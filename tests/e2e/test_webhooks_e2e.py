@@ -15,6 +15,8 @@ from batch_gateway.webhooks import generate_secret
 from tests.fixtures.webhook_receiver import HANG, Receiver, webhook_receiver
 from tests.helpers import chat_lines, wait_for
 
+pytestmark = pytest.mark.e2e
+
 SECRET = generate_secret()
 
 

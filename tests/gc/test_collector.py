@@ -5,35 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from batch_gateway import ids
-from batch_gateway.executor.base import Executor, RunState
 from batch_gateway.gc.collector import collect
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import ObjectMissing, file_key
+from tests.fakes.executor import RecordingExecutor
 from tests.fixtures.s3 import S3Server, s3  # noqa: F401  (s3 is a session fixture)
-
-
-class RecordingExecutor(Executor):
-    """Test double: remembers submissions; one batch is 'running', one fails to submit."""
-
-    def __init__(self, running: set[str], broken: set[str]) -> None:
-        self.running, self.broken, self.submitted = running, broken, []
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
-        if batch_id in self.broken:
-            raise RuntimeError("the cluster said no")
-        self.submitted.append(batch_id)
-
-    async def cancel(self, batch_id: str) -> None: ...
-
-    async def state(self, batch_id: str) -> RunState:
-        return RunState.RUNNING if batch_id in self.running else RunState.UNKNOWN
 
 
 def batch(batch_id: str, status: str, expires_at: int) -> BatchRecord:
@@ -79,14 +60,11 @@ async def test_gc_pass(tmp_path):
 
         report = await collect(services, executor)
 
-        assert sorted(executor.submitted) == ["batch_orphan", "batch_overdue"]
+        assert sorted(batch_id for batch_id, _ in executor.submitted) == ["batch_orphan", "batch_overdue"]
         assert report.resubmitted == 2 and report.overdue == 1 and report.files_deleted == 1
         assert await services.metadata.get_file("file-old", None) is None
-        try:
+        with pytest.raises(ObjectMissing):  # the expired file's object is gone too
             await services.objects.get_bytes(file_key("t", "file-old"))
-            raise AssertionError("the expired file's object is still there")
-        except ObjectMissing:
-            pass
         assert await services.metadata.get_file("file-new", None) is not None
         assert await services.metadata.get_file("file-none", None) is not None
         assert (await collect(services, executor)).files_deleted == 0  # idempotent
@@ -136,16 +114,14 @@ async def test_an_unfinished_batch_keeps_its_deleted_or_expired_input_until_it_e
             await metadata.transition(f"batch_{file_id}", ["in_progress"], "completed", now)
         assert (await collect(services, executor)).files_deleted == 2
         for file_id in ("file-deleted", "file-expired"):
-            try:
+            with pytest.raises(ObjectMissing):
                 await services.objects.get_bytes(file_key("t", file_id))
-                raise AssertionError(f"{file_id}'s object is still there")
-            except ObjectMissing:
-                pass
         assert await metadata.deletable_hidden_files(10) == []
     finally:
         await services.close()
 
 
+@pytest.mark.production
 async def test_gc_pass_aborts_stale_multipart_uploads_on_s3(tmp_path, s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -155,7 +131,7 @@ async def test_gc_pass_aborts_stale_multipart_uploads_on_s3(tmp_path, s3: S3Serv
     upload = client.create_multipart_upload(Bucket=bucket, Key="objects/t/files/file-batch_x_output")
     client.upload_part(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
     settings = Settings(data_dir=str(tmp_path), object_store=s3.url(bucket, prefix="objects"))
-    executor = RecordingExecutor(running=set(), broken=set())
+    executor = RecordingExecutor()
 
     for stale_after, aborted, left in ((settings.gc_stale_upload_age, 0, [upload["Key"]]), (0, 1, [])):
         services = await Services.open(dataclasses.replace(settings, gc_stale_upload_age=stale_after))
@@ -213,21 +189,18 @@ async def test_gc_expires_uploads_and_deletes_the_parts_of_finished_ones(tmp_pat
         cancelled = await upload_with_part("upload_cancelled", now, status="cancelled")
         live = await upload_with_part("upload_live", now)
 
-        report = await collect(services, RecordingExecutor(running=set(), broken=set()))
+        report = await collect(services, RecordingExecutor())
 
         assert (report.uploads_expired, report.upload_parts_deleted) == (2, 3)
         for upload_id in ("upload_stale", "upload_crashed"):
             assert (await metadata.get_upload(upload_id, None)).status == "expired"
         for key in (stale, crashed, cancelled, leftover):
-            try:
+            with pytest.raises(ObjectMissing):
                 await objects.get_bytes(key)
-                raise AssertionError(f"{key} is still there")
-            except ObjectMissing:
-                pass
         assert await objects.get_bytes(live) == b"{}\n\n"
         assert [p.id for p in await metadata.upload_parts("upload_live")] == ["part_upload_live"]
         assert await metadata.stale_upload_parts(10) == []
-        again = await collect(services, RecordingExecutor(running=set(), broken=set()))
+        again = await collect(services, RecordingExecutor())
         assert (again.uploads_expired, again.upload_parts_deleted) == (0, 0)
     finally:
         await services.close()

@@ -18,6 +18,8 @@ from batch_gateway.runner import metrics as runner_metrics
 from tests.infra import tools
 from tests.infra.test_chart import CHART, render_chart
 
+pytestmark = pytest.mark.process  # helm, promtool, kubectl
+
 NS = "batch-gateway"
 # Metrics the alerts read that the gateway does not export: who does, and the labels used.
 EXTERNAL = {
@@ -81,7 +83,7 @@ def alerts_of_chart() -> list[dict]:
 
 def test_every_expression_reads_exported_metrics_and_labels(rules):
     known = exported()
-    statuses = set(wire.BatchStatus.__args__)  # type: ignore[attr-defined]
+    statuses = {status.value for status in wire.BatchStatus}
     for alert in alerts(rules):
         expr = alert["expr"]
         selectors = SELECTOR.findall(expr)

@@ -30,6 +30,8 @@ import yaml
 from tests.infra import tools
 from tests.infra.test_manifests import by_kind, rendered, validation_errors
 
+pytestmark = pytest.mark.process  # helm, promtool, kubectl
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "batch-gateway"
 TEMPLATES = REPO / "templates"

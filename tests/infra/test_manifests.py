@@ -23,6 +23,8 @@ import yaml
 from tests.control_plane import paths
 from tests.fakes import argo_schemas
 
+pytestmark = pytest.mark.process  # helm, promtool, kubectl
+
 REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.37"
 NOT_API_OBJECTS = ("kustomize.config.k8s.io/", "kind.x-k8s.io/")

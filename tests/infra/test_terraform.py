@@ -71,6 +71,7 @@ class Config:
         self.resource_references = {ref for parsed in self.files.values() for e in expressions(parsed) for ref in RESOURCE_REFERENCE.findall(e)}
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform is not on the PATH")
 def test_terraform_fmt_check():
     result = subprocess.run(

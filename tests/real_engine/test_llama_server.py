@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from batch_gateway.testing.real_engine import EngineMissing, LlamaServer, find_llama_server, find_model
+from tests.fixtures.real_engine import EngineMissing, LlamaServer, find_llama_server, find_model
 from tests.helpers import jsonl, wait_for
 
 pytestmark = pytest.mark.real_engine

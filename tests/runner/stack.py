@@ -17,6 +17,7 @@ from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import BatchRecord, FileRecord
 from batch_gateway.store.objects import file_key, run_stats_key
+from tests.fixtures.processes import spawn
 from tests.helpers import free_port, jsonl
 
 
@@ -76,7 +77,7 @@ async def run_stats(settings: Settings, batch_id: str) -> dict:
 
 def start_runner(settings: Settings, batch_id: str, log) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env()}
-    return subprocess.Popen(
+    return spawn(
         [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env, stdout=log, stderr=log
     )
 

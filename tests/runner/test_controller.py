@@ -252,6 +252,7 @@ def test_alone_the_batch_fills_the_engine():
     assert c.regime is Regime.OURS and c.capacity == engine.capacity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share", [0.2, 0.4, 0.6])
 def test_beside_interactive_users_their_latency_stays_within_budget_at_the_best_fixed_setting_s_throughput(share):
     seconds, warm = 200, 40

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import pytest
 import structlog
 
 from batch_gateway.runner.controller import ConcurrencyController
@@ -24,7 +24,10 @@ from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.ingest import Limits, ingest
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import UpstreamClient
+from tests.fixtures.processes import http_ok, spawn, stop
 from tests.helpers import chat_lines, free_port
+
+pytestmark = pytest.mark.process
 
 SLOTS = 16
 
@@ -36,29 +39,18 @@ async def chunks(data: bytes):
 @contextlib.contextmanager
 def sim_process(*args: str) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    process = spawn(
         [sys.executable, "-m", "batch_gateway", "sim", "--port", str(port), *args],
+        ready=http_ok(url + "/health"),
+        what="the simulator",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=os.environ.copy(),
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "the simulator did not start"
-            time.sleep(0.05)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 async def sample(endpoint: Endpoint, http: httpx.AsyncClient, url: str, seconds: float) -> tuple[float, float]:

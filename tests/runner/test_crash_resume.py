@@ -17,6 +17,8 @@ from batch_gateway.sim import SimConfig, SimServer
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, start_runner
 
+pytestmark = pytest.mark.process
+
 LINES = 240
 
 

@@ -45,6 +45,7 @@ def test_llm_d_headers_name_the_objective_the_tenant_and_the_time_left():
     }
 
 
+@pytest.mark.process
 def test_the_runner_sends_the_hints_it_was_asked_for_and_nothing_else(tmp_path):
     """Through the real runner process, against a server that records what it receives."""
     seen: list[tuple[dict[str, str], bytes]] = []

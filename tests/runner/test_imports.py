@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.process  # a fresh interpreter
+
 HEAVY = ("openai", "uvicorn", "litestar", "kubernetes")
 
 

@@ -8,10 +8,13 @@ import json
 import random
 
 import httpx
+import pytest
 
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.runner.stack import create_batch, results, start_runner
+
+pytestmark = pytest.mark.process
 
 SYSTEM = "You are the assistant of team {g}. Follow the team handbook. " * 12
 

@@ -8,11 +8,14 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, run_stats, start_runner
+
+pytestmark = pytest.mark.process
 
 
 def test_preempted_requests_are_sent_again_and_every_line_ends_once(tmp_path):

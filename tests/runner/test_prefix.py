@@ -135,6 +135,7 @@ def test_only_the_covered_text_matters():
     assert len(prefix_text(CHAT, chat(("user", long_user)))) == sum(BLOCK_SIZES)
 
 
+@pytest.mark.process
 def test_keys_are_the_same_in_another_process():
     body = chat(("system", SYSTEM), ("user", "déjà vu ✓"))
     script = (
@@ -198,6 +199,7 @@ def test_prefix_key_is_cheap_per_line():
     assert per_line < 100e-6, f"{per_line * 1e6:.1f} µs per line"  # ~12 µs on a slow 2-core CI box
 
 
+@pytest.mark.slow
 def test_planning_a_million_lines_is_fast_and_small():
     n = 1_000_000
     rng = np.random.default_rng(0)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, start_runner
+
+pytestmark = pytest.mark.process
 
 
 def test_a_busy_metrics_port_costs_the_metrics_not_the_batch(tmp_path):

@@ -13,12 +13,15 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.fixtures.proxy import Proxy
 from tests.helpers import chat_lines, free_port
 from tests.runner.stack import create_batch, results, start_runner
+
+pytestmark = pytest.mark.process
 
 
 def run(tmp_path, upstream: str, lines: int, *, expires_in: int = 86400, during=None, **settings) -> tuple:

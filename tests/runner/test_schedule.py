@@ -217,6 +217,7 @@ def test_empty_plan_is_done():
     assert s.done and s.next_ready() is None
 
 
+@pytest.mark.slow
 def test_a_million_lines_cost_little_memory_and_constant_time_per_call():
     n = 1_000_000
     rng = np.random.default_rng(5)

@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
+
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.fixtures.otlp import OtlpReceiver
 from tests.fixtures.recording_proxy import RecordingProxy
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, start_runner
+
+pytestmark = pytest.mark.process
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])$")
 LINES = 40

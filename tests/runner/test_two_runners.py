@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, start_runner
+
+pytestmark = pytest.mark.process
 
 
 def test_only_one_of_two_simultaneous_runners_runs_the_batch(tmp_path):

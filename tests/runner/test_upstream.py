@@ -6,15 +6,8 @@ import socket
 import pytest
 from aiohttp import web
 
-from batch_gateway.runner.upstream import (
-    Exchange,
-    Outcome,
-    UpstreamClient,
-    endpoints_for,
-    normalize_root,
-    parse_upstreams,
-    usage_of,
-)
+from batch_gateway.runner.upstream import Exchange, Outcome, UpstreamClient, usage_of
+from batch_gateway.upstreams.routes import endpoints_for, normalize_root, parse_upstreams
 
 
 def test_parse_default_and_per_model_routes():

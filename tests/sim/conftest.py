@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,14 +28,6 @@ def chat(
 
 def stats(server: SimServer) -> dict[str, Any]:
     return httpx.get(server.url + "/sim/stats").json()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 async def post_all(url: str, bodies: list[dict], path: str = "/v1/chat/completions") -> list[dict]:

@@ -14,6 +14,7 @@ import pytest
 
 from batch_gateway.sim import SimConfig
 from batch_gateway.sim.cli import add_arguments, config_from_args
+from tests.fixtures.processes import http_ok, spawn, stop
 from tests.helpers import free_port
 from tests.sim.conftest import chat, stats
 
@@ -69,35 +70,29 @@ def test_scheduling_policy_is_fcfs_or_priority(capsys):
         SimConfig(scheduling_policy="lifo")
 
 
+@pytest.mark.process
 def test_sim_command_serves_until_ctrl_c():
     port = free_port()
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, "-m", "batch_gateway", "sim", "--port", str(port), "--model", "m1", "--time-scale", "0"],
+        ready=http_ok(f"http://127.0.0.1:{port}/health"),
+        timeout=20,
+        what="the simulator",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
-            time.sleep(0.05)
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(model="m1"))
         assert response.status_code == 200 and response.json()["model"] == "m1"
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
         assert b"vLLM simulator on http://127.0.0.1:" in process.stderr.read()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process, sig=signal.SIGKILL)
 
 
+@pytest.mark.process
 def test_bad_flag_value_exits_2():
     result = subprocess.run(
         [sys.executable, "-m", "batch_gateway", "sim", "--kv-blocks", "0"], capture_output=True, timeout=30

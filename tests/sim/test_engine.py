@@ -9,7 +9,10 @@ import httpx
 import pytest
 
 from batch_gateway.sim.tokens import BYTES_PER_TOKEN
-from tests.sim.conftest import SYSTEM, chat, post_all, send_while_paused, stats, wait_until
+from tests.helpers import eventually
+from tests.sim.conftest import SYSTEM, chat, post_all, send_while_paused, stats
+
+pytestmark = pytest.mark.slow  # the simulator's engine, in real time
 
 
 def test_same_step_both_miss_a_later_request_hits(start_sim):
@@ -151,7 +154,7 @@ def test_client_going_away_aborts_the_request(start_sim):
     server = start_sim(time_scale=1.0, max_num_seqs=1)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=1000), timeout=0.2)
-    wait_until(lambda: stats(server)["aborted"] == 1)
+    eventually(lambda: stats(server)["aborted"] == 1, timeout=5, interval=0.005)
     assert stats(server)["running"] == 0  # the slot is free again
     assert httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
 
@@ -159,12 +162,12 @@ def test_client_going_away_aborts_the_request(start_sim):
 def test_interactive_load_takes_slots(start_sim):
     server = start_sim(max_num_seqs=4, time_scale=0.05)
     httpx.post(server.url + "/sim/load", json={"sequences": 3, "context_tokens": 256})
-    wait_until(lambda: stats(server)["running"] == 3)
+    eventually(lambda: stats(server)["running"] == 3, timeout=5, interval=0.005)
     assert stats(server)["kv_cache_usage"] > 0
     send_while_paused(server, [chat(str(i), max_tokens=3) for i in range(2)])
     assert stats(server)["completed"] == 2  # one slot left: they ran one after the other, and both finished
     httpx.post(server.url + "/sim/load", json={"sequences": 0})
-    wait_until(lambda: stats(server)["running"] == 0)
+    eventually(lambda: stats(server)["running"] == 0, timeout=5, interval=0.005)
     assert stats(server)["kv_cache_usage"] == 0.0
     assert httpx.post(server.url + "/sim/load", json={"sequences": -1}).status_code == 400
 

@@ -14,6 +14,7 @@ from batch_gateway.sim.kv import BlockPool
 from batch_gateway.sim.metrics import Histogram
 from batch_gateway.sim.tokens import prompt_from_text
 from batch_gateway.sim.waiting import ArrivalQueue, PriorityQueue
+from tests.helpers import eventually_async
 
 
 def test_chained_hashes_see_the_whole_prefix():
@@ -115,13 +116,6 @@ def test_priority_queue_orders_by_priority_then_arrival():
     assert fifo.peek() is late_urgent and fifo.take() is late_urgent and list(fifo) == [early_low]
 
 
-async def _until(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
-
-
 async def _stop(engine: Engine, tasks: list[asyncio.Future]) -> None:
     for task in tasks:
         task.cancel()
@@ -135,11 +129,11 @@ async def test_a_waiting_request_of_higher_priority_starts_in_the_next_step():
     low = [
         asyncio.ensure_future(engine.generate(prompt_from_text(f"low {i}", 16), 10_000, priority=10)) for i in range(3)
     ]
-    await _until(lambda: engine.num_running == 2)
+    await eventually_async(lambda: engine.num_running == 2, timeout=5, interval=0.001)
     engine.pause(True)
     older, newer = engine.running  # both priority 10; `newer` arrived later
     urgent = asyncio.ensure_future(engine.generate(prompt_from_text("urgent", 16), 2, priority=0))
-    await _until(lambda: engine.num_waiting == 2)
+    await eventually_async(lambda: engine.num_waiting == 2, timeout=5, interval=0.001)
     before = engine.stats.steps
     engine.pause(False)
     sequence = await urgent
@@ -158,7 +152,7 @@ async def test_a_full_kv_cache_preempts_the_lowest_priority(policy, victim):
     # Two sequences that end with 14 blocks each in a KV cache of 20: one must give way while both decode.
     engine = Engine(SimConfig(scheduling_policy=policy, kv_blocks=20, time_scale=0.01), "m")
     low = asyncio.ensure_future(engine.generate(prompt_from_text("l" * 256, 16), 150, priority=10))
-    await _until(lambda: engine.num_running == 1)
+    await eventually_async(lambda: engine.num_running == 1, timeout=5, interval=0.001)
     high = asyncio.ensure_future(engine.generate(prompt_from_text("h" * 256, 16), 150, priority=0))
     low_sequence, high_sequence = await asyncio.gather(low, high)
     preempted = {s for s in (low_sequence, high_sequence) if s.prefill_target > s.prompt.tokens}  # it recomputed
@@ -171,7 +165,7 @@ async def test_a_waiting_request_of_higher_priority_preempts_for_kv_room():
     # A 250-token prompt holds 16 of 20 blocks; a 100-token one needs 7: it cannot start unless the first yields.
     engine = Engine(SimConfig(scheduling_policy="priority", kv_blocks=20, time_scale=0.01), "m")
     low = asyncio.ensure_future(engine.generate(prompt_from_text("l" * 1000, 16), 60, priority=1))
-    await _until(lambda: engine.num_running == 1)
+    await eventually_async(lambda: engine.num_running == 1, timeout=5, interval=0.001)
     high = await engine.generate(prompt_from_text("h" * 400, 16), 3, priority=0)
     assert high.generated == 3 and not low.done() and engine.stats.preemptions == 1
     assert (await low).generated == 60

@@ -9,7 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batch_gateway.runner.engine_metrics import EngineMeter
-from tests.sim.conftest import chat, send_while_paused, stats, wait_until
+from tests.helpers import eventually
+from tests.sim.conftest import chat, send_while_paused, stats
+
+pytestmark = pytest.mark.slow  # the simulator's engine, in real time
 
 
 def _statuses(url: str, count: int) -> list[httpx.Response]:
@@ -305,9 +308,9 @@ def test_queue_and_e2e_latency_are_observed_when_a_request_finishes(start_sim):
             target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(max_tokens=400)}
         )
         thread.start()
-        wait_until(lambda: stats(server)["waiting"] == 1)
+        eventually(lambda: stats(server)["waiting"] == 1, timeout=5, interval=0.005)
         http.post("/sim/resume")
-        wait_until(lambda: stats(server)["generation_tokens"] >= 2)
+        eventually(lambda: stats(server)["generation_tokens"] >= 2, timeout=5, interval=0.005)
         http.post("/sim/pause")  # mid-way: admitted and decoding, not finished
         assert stats(server)["running"] == 1
         running = _samples(http.get("/metrics").text)

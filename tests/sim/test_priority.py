@@ -8,7 +8,10 @@ import asyncio
 import httpx
 import pytest
 
-from tests.sim.conftest import chat, stats, wait_until
+from tests.helpers import eventually
+from tests.sim.conftest import chat, stats
+
+pytestmark = pytest.mark.slow  # the simulator's engine, in real time
 
 
 def _error(response: httpx.Response) -> dict:
@@ -132,7 +135,7 @@ def test_equal_priorities_never_preempt_each_other(start_sim):
             kwargs={"json": {**chat("one", max_tokens=100), "priority": 3}},
         )
         first.start()
-        wait_until(lambda: stats(server)["running"] == 1)
+        eventually(lambda: stats(server)["running"] == 1, timeout=5, interval=0.005)
         assert http.post("/v1/chat/completions", json={**chat("two", max_tokens=2), "priority": 3}).status_code == 200
         first.join()
     assert stats(server)["preemptions"] == 0

@@ -23,7 +23,7 @@ from tests.fixtures.postgres import MAINTENANCE_URL, postgres_available, postgre
 OpenStore = Callable[..., Awaitable[MetadataStore]]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.production)])
 def metadata_backend(request: pytest.FixtureRequest) -> str:
     return request.param
 

@@ -307,6 +307,15 @@ async def test_transition_is_compare_and_set(store: MetadataStore):
     assert done.terminal
 
 
+async def test_statuses_read_back_as_batch_status_and_are_stored_as_openai_names(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1, status=wire.BatchStatus.VALIDATING)
+    moved = await store.transition(batch.id, [wire.BatchStatus.VALIDATING], wire.BatchStatus.IN_PROGRESS, 10)
+    listed = await store.batches_with_status([wire.BatchStatus.IN_PROGRESS])
+    for record in (moved, await store.get_batch(batch.id, None), *listed):
+        assert type(record.status) is wire.BatchStatus and record.status == "in_progress"
+    assert list((await store.storage_stats()).batches_by_status) == ["in_progress"]  # the column holds the value
+
+
 async def test_transition_to_failed_with_errors(store: MetadataStore):
     (batch,) = await insert_batches(store, 1)
     errors = [wire.BatchError("invalid_url", "bad url", "url", 2), wire.BatchError("invalid_json_line", "bad", None, 5)]

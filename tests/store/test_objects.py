@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -13,8 +12,9 @@ import pytest
 
 from batch_gateway.errors import InvalidRequest, StorageUnavailable
 from batch_gateway.store.objects import ObjectMissing, ObjectStore
+from tests.fixtures.processes import spawn, stop
 from tests.fixtures.s3 import S3Server, s3  # noqa: F401  (s3 is a session fixture)
-from tests.helpers import free_port
+from tests.helpers import eventually_async, free_port
 
 MB = 1024 * 1024
 
@@ -28,7 +28,7 @@ class Backend:
         self.pending_uploads = pending_uploads  # unfinished multipart uploads (S3) or staging files (disk)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.production)])
 def backend(request, tmp_path: Path, monkeypatch) -> Backend:
     if request.param == "file":
         root = tmp_path / "objects"
@@ -132,6 +132,7 @@ async def test_ping_ok(backend: Backend):
     await backend.store.ping()
 
 
+@pytest.mark.production
 async def test_ping_unreachable_s3_fails_fast(s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -144,6 +145,7 @@ async def test_ping_unreachable_s3_fails_fast(s3: S3Server, monkeypatch):  # noq
     assert time.monotonic() - started < 1.5
 
 
+@pytest.mark.production
 async def test_ping_missing_bucket_fails(s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -166,20 +168,19 @@ asyncio.run(ObjectStore(sys.argv[1]).put_stream(sys.argv[2], upload()))
 
 
 async def kill_a_writer_mid_upload(backend: Backend, key: str) -> None:
-    writer = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, backend.store.url, key], cwd=Path(__file__).parents[2]
-    )
+    writer = spawn([sys.executable, "-c", _KILLED_WRITER, backend.store.url, key], cwd=Path(__file__).parents[2])
     try:
-        deadline = time.monotonic() + 20
-        while not backend.pending_uploads():
+
+        def uploading() -> list[str]:
             assert writer.poll() is None, "the writer died by itself"
-            assert time.monotonic() < deadline, "the writer started no upload"
-            await asyncio.sleep(0.05)
+            return backend.pending_uploads()
+
+        await eventually_async(uploading, timeout=20, interval=0.05, what="the writer to start an upload")
     finally:
-        writer.kill()
-        writer.wait()
+        stop(writer, sig=signal.SIGKILL)
 
 
+@pytest.mark.process
 async def test_uploads_left_by_a_killed_writer_are_aborted_once_stale(backend: Backend):
     await backend.store.put_bytes("t1/files/done", b"finished before")
     await kill_a_writer_mid_upload(backend, "t1/files/big")
@@ -194,6 +195,7 @@ async def test_uploads_left_by_a_killed_writer_are_aborted_once_stale(backend: B
     assert await backend.store.list("t1") == ["t1/files/done"]
 
 
+@pytest.mark.production
 async def test_stale_upload_cleanup_stays_under_the_store_prefix(s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -205,6 +207,7 @@ async def test_stale_upload_cleanup_stays_under_the_store_prefix(s3: S3Server, m
     assert s3.pending_uploads(bucket) == ["gw2/t1/files/a-neighbours", "other/x"]
 
 
+@pytest.mark.production
 async def test_stale_upload_cleanup_needs_static_s3_credentials(s3: S3Server, monkeypatch):  # noqa: F811
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)

@@ -11,20 +11,18 @@ import pytest
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.store.postgres import PostgresStore
 from tests.fixtures.postgres import allow_connections, postgres_url, terminate_connections  # noqa: F401
-from tests.helpers import free_port
+from tests.helpers import eventually_async, free_port
 from tests.store.test_metadata_store import batch_record
 
+pytestmark = pytest.mark.production
 
-async def eventually_ok(store: PostgresStore, timeout: float) -> float:
-    started = time.monotonic()
-    while True:
-        try:
-            await store.ping()
-            return time.monotonic() - started
-        except StorageUnavailable:
-            if time.monotonic() - started > timeout:
-                raise
-            await asyncio.sleep(0.1)
+
+async def answers(store: PostgresStore) -> bool:
+    try:
+        await store.ping()
+    except StorageUnavailable:
+        return False
+    return True
 
 
 async def test_killed_sessions_are_replaced_without_failing_a_call(postgres_url: str):  # noqa: F811
@@ -58,7 +56,7 @@ async def test_outage_gives_storage_unavailable_then_recovers(postgres_url: str)
     finally:
         allow_connections(postgres_url, True)
     try:
-        await eventually_ok(store, timeout=15)
+        await eventually_async(lambda: answers(store), timeout=15, interval=0.1, what="the database to answer")
         assert (await store.get_batch(batch.id, None)).id == batch.id
     finally:
         await store.close()

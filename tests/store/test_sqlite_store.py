@@ -103,6 +103,7 @@ _CONTENDER = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 async def test_processes_sharing_the_file_migrate_once_and_claim_each_batch_once(tmp_path: Path):
     """The API server and runner subprocesses share one file: start-up migrations and lease claims across real
     processes (each with its own file locks), each phase released to all of them at once."""

@@ -14,7 +14,9 @@ from structlog.testing import capture_logs
 from batch_gateway import wire
 from batch_gateway.store.valkey import Keys, ValkeySignals
 from tests.fixtures.redis import SHARED_URL, RedisServer, key_prefix, private_redis  # noqa: F401  (fixtures)
-from tests.helpers import free_port
+from tests.helpers import eventually_async, free_port
+
+pytestmark = pytest.mark.production
 
 Open = Callable[..., Awaitable[ValkeySignals]]
 
@@ -45,16 +47,6 @@ async def raw(key_prefix: str) -> AsyncIterator[valkey.asyncio.Valkey]:  # noqa:
     if keys:
         await client.delete(*keys)
     await client.aclose()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.01) -> float:
-    """Seconds until `check()` is true; fails after `timeout`."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not true after {timeout}s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - started
 
 
 async def subscribed(raw: valkey.asyncio.Valkey, channel: str) -> bool:
@@ -126,11 +118,10 @@ async def test_cancel_reaches_a_watching_runner_fast(open_signals: Open, raw, ke
     runner, api = await open_signals(), await open_signals()
     assert await runner.cancel_requested("batch_a") is False
     assert await runner.cancel_requested("batch_other") is False
-    await eventually(lambda: subscribed(raw, Keys(key_prefix).cancel_channel), timeout=2)
+    await eventually_async(lambda: subscribed(raw, Keys(key_prefix).cancel_channel), timeout=2)
 
     await api.request_cancel("batch_a")
-    seen_after = await eventually(lambda: runner.cancel_requested("batch_a"), timeout=0.5)
-    assert seen_after < 0.5
+    await eventually_async(lambda: runner.cancel_requested("batch_a"), timeout=0.5, what="the cancel, within 0.5 s")
     assert await runner.cancel_requested("batch_other") is False
 
 
@@ -139,11 +130,11 @@ async def test_subscribed_runner_hears_the_channel_alone(open_signals: Open, raw
     runner = await open_signals()
     keys = Keys(key_prefix)
     assert await runner.cancel_requested("batch_a") is False
-    await eventually(lambda: subscribed(raw, keys.cancel_channel), timeout=2)
+    await eventually_async(lambda: subscribed(raw, keys.cancel_channel), timeout=2)
     await asyncio.sleep(0.05)  # let the listener finish its catch-up read
 
     await raw.publish(keys.cancel_channel, "batch_a")  # a message without a key
-    await eventually(lambda: runner.cancel_requested("batch_a"), timeout=0.5)
+    await eventually_async(lambda: runner.cancel_requested("batch_a"), timeout=0.5)
 
     await raw.set(keys.cancel("batch_b"), b"1")  # a key without a message, for a batch already watched...
     assert await runner.cancel_requested("batch_b") is True  # ...is read on the first ask
@@ -160,7 +151,7 @@ async def test_cancel_sent_before_the_runner_looks(open_signals: Open):
 async def test_cancel_requested_is_cheap_once_subscribed(open_signals: Open, private_redis: RedisServer):  # noqa: F811
     runner = await open_signals(private_redis.url)  # a private server: its command counts are ours alone
     await runner.cancel_requested("batch_a")
-    await eventually(lambda: _listening(runner), timeout=2)
+    await eventually_async(lambda: _listening(runner), timeout=2)
     commands = valkey.asyncio.from_url(private_redis.url)
     try:
         before = await commands.info("commandstats")
@@ -196,7 +187,7 @@ async def test_nothing_raises_while_valkey_is_unreachable_and_it_recovers(open_s
 
         server = RedisServer(port=port).start()
         try:
-            await eventually(lambda: _state_is(signals, "ok"), timeout=3)
+            await eventually_async(lambda: _state_is(signals, "ok"), timeout=3)
             await signals.publish_progress("batch_a", wire.RequestCounts(total=3), None)
             assert (await signals.read_progress(["batch_a"]))["batch_a"][0] == wire.RequestCounts(total=3)
         finally:
@@ -208,12 +199,12 @@ async def test_valkey_killed_and_restarted_mid_batch(open_signals: Open, private
     runner, api = await open_signals(private_redis.url), await open_signals(private_redis.url)
     await runner.publish_progress("batch_a", wire.RequestCounts(total=10, completed=1), None)
     assert await runner.cancel_requested("batch_a") is False
-    await eventually(lambda: _listening(runner), timeout=2)
+    await eventually_async(lambda: _listening(runner), timeout=2)
 
     private_redis.kill()
     await runner.publish_progress("batch_a", wire.RequestCounts(total=10, completed=2), None)
     assert await api.read_progress(["batch_a"]) == {}
-    await eventually(lambda: _state_is(runner, "down"), timeout=1)
+    await eventually_async(lambda: _state_is(runner, "down"), timeout=1)
     assert api.state == "down"
     started = time.monotonic()
     for _ in range(20):  # a runner's watch loop keeps its pace while Valkey is gone
@@ -222,28 +213,28 @@ async def test_valkey_killed_and_restarted_mid_batch(open_signals: Open, private
     assert time.monotonic() - started < 0.5
 
     private_redis.start()  # same port, empty data set
-    await eventually(lambda: _state_is(runner, "ok"), timeout=3)
-    await eventually(lambda: _state_is(api, "ok"), timeout=3)
-    await eventually(lambda: _listening(runner), timeout=3)
+    await eventually_async(lambda: _state_is(runner, "ok"), timeout=3)
+    await eventually_async(lambda: _state_is(api, "ok"), timeout=3)
+    await eventually_async(lambda: _listening(runner), timeout=3)
     await runner.publish_progress("batch_a", wire.RequestCounts(total=10, completed=4), None)
     assert (await api.read_progress(["batch_a"]))["batch_a"][0].completed == 4
 
     await api.request_cancel("batch_a")
-    assert await eventually(lambda: runner.cancel_requested("batch_a"), timeout=0.5) < 0.5
+    await eventually_async(lambda: runner.cancel_requested("batch_a"), timeout=0.5)
 
 
 async def test_cancel_sent_while_the_runner_reconnects(open_signals: Open, private_redis: RedisServer):  # noqa: F811
     """The key covers a cancel whose message went out before the runner's subscription came back."""
     runner = await open_signals(private_redis.url)
     assert await runner.cancel_requested("batch_a") is False
-    await eventually(lambda: _listening(runner), timeout=2)
+    await eventually_async(lambda: _listening(runner), timeout=2)
 
     private_redis.kill()
-    await eventually(lambda: _state_is(runner, "down"), timeout=1)
+    await eventually_async(lambda: _state_is(runner, "down"), timeout=1)
     private_redis.start()
     api = await open_signals(private_redis.url)
     await api.request_cancel("batch_a")  # most likely before the runner has resubscribed
-    await eventually(lambda: runner.cancel_requested("batch_a"), timeout=3)
+    await eventually_async(lambda: runner.cancel_requested("batch_a"), timeout=3)
 
 
 def test_bad_url_is_a_clear_error():

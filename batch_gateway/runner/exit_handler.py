@@ -1,10 +1,11 @@
 """`batch-gateway reconcile --batch-id ID`: the Workflow's exit handler.
 
 It runs after the runner pod ended, however it ended. If the batch reached a terminal status there is nothing to do.
-Otherwise this pod resumes the batch itself: the runner code picks up from the checkpoints and finishes it, or ends it
-expired or cancelled. If that crashes too (Argo's retries are spent already), the batch is given up: it ends `failed`
-with every result its runners left published, so nothing is ever left stuck or silently dropped. A runner that exits
-"retry later" (storage down) or finds another live runner on the batch leaves it to them and to the next gc pass.
+Otherwise this pod resumes the batch itself, as a runner: the runner code picks up from the checkpoints and finishes
+it, or ends it expired or cancelled. If that crashes too (Argo's retries are spent already), the batch is given up: it
+ends `failed` with every result its runners left published, so nothing is ever left stuck or silently dropped. A
+runner that exits "retry later" (storage down) or finds another live runner on the batch leaves it to them and to the
+next gc pass.
 """
 
 from __future__ import annotations

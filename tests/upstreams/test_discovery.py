@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from batch_gateway.runner.discovery import DiscoveryError, ServiceRef, discover_endpoints, discover_from_url, parse_k8s_url
-from batch_gateway.runner.upstream import parse_upstreams, resolve_endpoints
+from batch_gateway.upstreams.discovery import (
+    DiscoveryError,
+    ServiceRef,
+    discover_endpoints,
+    discover_from_url,
+    parse_k8s_url,
+)
+from batch_gateway.upstreams.routes import parse_upstreams, resolve_endpoints
 from tests.fakes.kube_api import KubeAPIServer
 
 NS = "inference"
@@ -33,7 +39,9 @@ def pod(ip: str, ready: bool | None = True) -> dict:
 def kube():
     with KubeAPIServer() as server:
         http = [{"name": "http", "port": 8000, "protocol": "TCP"}]
-        server.api.put(endpoint_slice("vllm-abc", "vllm", http, [pod("10.0.0.2"), pod("10.0.0.1"), pod("10.0.0.9", ready=False)]))
+        server.api.put(
+            endpoint_slice("vllm-abc", "vllm", http, [pod("10.0.0.2"), pod("10.0.0.1"), pod("10.0.0.9", ready=False)])
+        )
         server.api.put(endpoint_slice("vllm-def", "vllm", http, [pod("10.0.0.3", ready=None), pod("10.0.0.1")]))
         server.api.put(endpoint_slice("other-x", "other", http, [pod("10.9.9.9")]))
         server.api.put(endpoint_slice("cold-x", "cold", http, [pod("10.0.1.1", ready=False)]))
@@ -64,7 +72,14 @@ async def test_a_url_without_ready_pods_is_an_error_not_an_empty_pool(kube):
 def test_parse_k8s_urls(monkeypatch):
     assert parse_k8s_url("k8s://inference/vllm:8000") == ServiceRef("inference", "vllm", 8000)
     assert parse_k8s_url("k8s://vllm:http", default_namespace="ns1") == ServiceRef("ns1", "vllm", "http")
-    for bad in ("k8s://vllm", "k8s://Inference/vllm:80", "k8s://a/b/c:80", "http://vllm:80", "k8s://ns/vllm:99999", "k8s://ns/vllm:"):
+    for bad in (
+        "k8s://vllm",
+        "k8s://Inference/vllm:80",
+        "k8s://a/b/c:80",
+        "http://vllm:80",
+        "k8s://ns/vllm:99999",
+        "k8s://ns/vllm:",
+    ):
         with pytest.raises(ValueError):
             parse_k8s_url(bad, default_namespace="ns1")
     with pytest.raises(ValueError, match="names no namespace"):

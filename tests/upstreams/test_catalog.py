@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from batch_gateway.runner.catalog import UpstreamCatalog
-from batch_gateway.runner.upstream import parse_upstreams
 from batch_gateway.sim import SimConfig, SimServer
+from batch_gateway.upstreams.catalog import UpstreamCatalog
+from batch_gateway.upstreams.routes import parse_upstreams
 from tests.helpers import free_port
 
 

@@ -26,7 +26,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from batch_gateway.runner.upstream import DEFAULT_MODEL, endpoints_for, resolve_endpoints
+from batch_gateway.upstreams.routes import DEFAULT_MODEL, endpoints_for, resolve_endpoints
 
 TTL_SECONDS = 30.0
 UNKNOWN_TTL_SECONDS = 5.0
@@ -34,7 +34,7 @@ TIMEOUT_SECONDS = 3.0
 NOT_SERVED_STATUSES = frozenset({404, 405, 501})
 MAX_NAMED_MODELS = 20
 
-log = structlog.get_logger("runner.catalog")
+log = structlog.get_logger("upstreams.catalog")
 
 
 class _Model(msgspec.Struct):

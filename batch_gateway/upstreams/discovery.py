@@ -30,7 +30,7 @@ from batch_gateway.executor.kube import load_api_client, own_namespace
 _NAME = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"  # DNS-1123 label
 _REF = re.compile(rf"^k8s://(?:(?P<namespace>{_NAME})/)?(?P<service>{_NAME}):(?P<port>[0-9]+|{_NAME})$")
 
-log = structlog.get_logger("runner.discovery")
+log = structlog.get_logger("upstreams.discovery")
 
 
 class DiscoveryError(RuntimeError):

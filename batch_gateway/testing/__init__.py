@@ -1,1 +1,0 @@
-"""Helpers for tests and benchmarks: real local servers to run batch-gateway against."""

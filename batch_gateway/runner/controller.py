@@ -1,30 +1,14 @@
 """Adaptive concurrency for one upstream endpoint: fill the engine while the batch has it to itself; when others use
 it, take only what keeps their slowdown within the interactive budget. A pure object: no I/O, no clock reads.
 
-The policy (docs/controller.md explains it with figures) rests on what the engine shows at each reading of its
-`/metrics` (`on_engine`), on what the other batch runners on the endpoint publish (`RunnerLoad`), and on our own
-requests:
+docs/controller.md explains the policy; the pieces:
 
-* **Who is using the engine.** Its load (running + waiting) minus the batch runners' requests in flight is everyone
-  else's: interactive users. The engine's count of finished requests minus the runners' answers says the same for
-  users whose requests are short. Either, on two readings running, means the engine is *shared*; it is *ours* (all
-  batch runners') again `INTERACTIVE_HOLD` seconds after the last sign of anyone else.
-* **Ours: fill to the knee.** Slow start doubles the batch's total once per service time until the engine queues
-  (a waiting queue beside a full running batch, or a full KV cache); its running count then is the engine's
-  capacity, and the total stays there, probed upward now and then. Past the knee more requests only queue.
-* **Shared: the interactive budget.** Their inter-token latency is the engine's step time, `a + m·R` for R running
-  sequences (`step_model.py` learns a and m online). Their requests last a number of steps, so without the batch
-  fewer of theirs would run at once (Little's law): their slowdown works out to `1 + m·R_batch / a` whatever their
-  load, and the batch may run `(slowdown - 1)·a/m` sequences. It never takes more than the room their load leaves
-  (with headroom for its bursts), and when they queue it cuts at once and keeps the room free a while. When they
-  arrive, the total drops at the next reading (every half second); in-flight requests finish within one of their
-  service times, or with `--preempt` the excess is aborted at once.
-* **Several batch runners** split the total by weighted max-min fairness (`share.py`), each computing the same split
-  from the same board.
-* **Hard backpressure** (429, 503, timeouts) halves what the runner takes, once per flight; it comes back by a quarter
-  per reading.
-* **Blind** (no usable `/metrics`): nobody else can be seen, so the runner behaves as a careful client of a hosted
-  API: additive increase (+1 per limit's worth of answers), multiplicative decrease on backpressure.
+* `presence.py` tells who is using the engine (regime *ours* or *shared*) and how much of it others hold;
+* `knee.py`, while it is ours: slow start to the engine's knee, then the total stays there, probed upward now and then;
+* here, while it is shared: the budget `(slowdown - 1)·a/m_batch` from the step-time fit (`step_model.py`), never
+  more than the room others' load leaves, cut at once when they queue; and, in every regime, hard backpressure (429,
+  503, timeouts) halving what the runner takes once per flight, the split between batch runners (`share.py`), and
+  the *blind* regime (no usable `/metrics`): additive increase, multiplicative decrease.
 
 With `fixed`, the limit never moves; signals are still recorded for the snapshot.
 """
@@ -33,32 +17,17 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from batch_gateway.runner.knee import QUEUE_ALLOWANCE, Knee
+from batch_gateway.runner.presence import Presence
 from batch_gateway.runner.share import RunnerLoad, allocate
 from batch_gateway.runner.step_model import StepModel
 
 BACKOFF = 0.5  # cut on hard backpressure, once per flight
 BACKOFF_RECOVERY = 1.25  # per reading without backpressure, back toward 1
 READINGS_TTL = 10.0  # the engine's gauges are in charge while readings come at least this often
-QUEUE_STEPS = 3.0  # admitted requests that waited this many steps on average mean a queue
-QUEUE_ALLOWANCE = 1.0  # without queue times: waiting requests that are only arrivals between two steps...
-QUEUE_ALLOWANCE_SHARE = 0.01  # ...plus this share of the running batch
-KV_FULL = 0.95  # KV-cache usage at which the engine starts preempting: as good as a queue
-CAPACITY_MEMORY = 10.0  # seconds over which the largest running count stands for the engine's capacity
-PROBE_SHARE = 0.05  # after the knee, the total is probed upward by this share of the capacity...
-PROBE_HOLD = 10.0  # ...at most every this many seconds...
-PROBE_SERVICE_TIMES = 3.0  # ...and every this many service times (an overshoot queues for a whole one)
-UNSEEN_SHARE = 0.1  # our requests the gauges may not show yet (in transit) before growth waits for them
-PRESENCE_MIN = 1.5  # others' requests in the engine that mean someone is there...
-PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
-PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
-PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published
-COMPLETION_WINDOW = 3.0  # long enough to hold a few of their requests, short enough to notice they left
-INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others
-INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
 STEP_SMOOTHING = 0.5  # weight of a new reading in the measured step time
 BUDGET_MARGIN = 0.03  # aim this share of the allowed slowdown below it: their p99 spreads around the mean
 HEADROOM_SIGMAS = 2.0  # room left for the interactive load's bursts, in standard deviations (Poisson: √load)
@@ -124,19 +93,9 @@ class ConcurrencyController:
         self._previous: tuple[float, EngineReading] | None = None
         self._step: float | None = None  # smoothed measured step time
         self._lowest_step = math.inf
-        self._running_seen: deque[tuple[float, float]] = deque()  # (time, running), decreasing: head is the max
-        self._queued_readings = 0
-        self.capacity: float | None = None  # the engine's concurrency at its knee, once a queue has shown it
-        self._slow_start = True
-        self._probe_at = -math.inf
+        self.knee = Knee()
         self._total = float(self._limit)  # what all batch runners together take
-        # Others.
-        self._completions: deque[tuple[float, float, float]] = deque()  # (time, engine's count, runners' count)
-        self._presence_readings = 0
-        self._others_seen_at = -math.inf
-        self._completion_rate: float | None = None  # the engine's finished requests per second, all clients
-        self.interactive_load = 0.0  # smoothed
-        self._interactive_now = 0.0
+        self.others = Presence()
         self._cap_until = -math.inf  # shared: after a queue, the total stays at its cut this long
         self._cap = math.inf
         self._correction = 1.0  # shared: learnt factor on the fit's budget
@@ -150,6 +109,16 @@ class ConcurrencyController:
     @property
     def limit(self) -> int:
         return max(self.minimum, int(self._limit))
+
+    @property
+    def capacity(self) -> float | None:
+        """The engine's concurrency at its knee, once the batch's own queue has shown it."""
+        return self.knee.capacity
+
+    @property
+    def interactive_load(self) -> float:
+        """Others' requests on the engine, smoothed."""
+        return self.others.load
 
     @property
     def inflight(self) -> int:
@@ -220,7 +189,7 @@ class ConcurrencyController:
             return
         self._cut_epoch = self._sends
         self.decreases["backpressure"] += 1
-        self._slow_start = False
+        self.knee.slow_start = False
         if self.regime is Regime.BLIND:
             self._set(self._limit * BACKOFF)
         else:
@@ -269,14 +238,24 @@ class ConcurrencyController:
         # The other runners as they published themselves, up to a reading ago: each fills up to its limit within
         # moments, or drains down to it over a service time, so the larger of the two is what it holds now, or more.
         batch_inflight = self._inflight + sum(max(p.inflight, p.limit) for p in peers)
-        self._watch_others(now, reading, peers, batch_inflight)
-        self.regime = Regime.SHARED if now - self._others_seen_at <= INTERACTIVE_HOLD else Regime.OURS
-        queued = self._watch_queue(now, reading)
+        self.others.observe(now, reading, peers, batch_inflight, self._answered)
+        self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
+        queued = self.knee.queued(
+            now, reading, step=self._step, ours=self.regime is Regime.OURS, answered=self.service_time is not None
+        )
         if self.fixed:
             return
         self._backoff = min(1.0, self._backoff * BACKOFF_RECOVERY)
         if self.regime is Regime.OURS:
-            total = self._total_alone(now, reading, batch_inflight, queued, interval)
+            total = self.knee.total(
+                now,
+                reading,
+                total=self._total,
+                batch_inflight=batch_inflight,
+                queued=queued,
+                interval=interval,
+                service_time=self.service_time,
+            )
         else:
             total = self._total_shared(now, reading, batch_inflight, queued)
         self._total = total
@@ -310,105 +289,14 @@ class ConcurrencyController:
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         self._lowest_step = min(self._lowest_step, self._step)
 
-    def _watch_others(
-        self, now: float, reading: EngineReading, peers: Sequence[RunnerLoad], batch_inflight: float
-    ) -> None:
-        excess = reading.running + reading.waiting - batch_inflight
-        others_finished = engine_finished = 0.0
-        if reading.completed is not None:
-            runners = float(self._answered + sum(p.completed for p in peers))
-            window = self._completions
-            if window and reading.completed < window[-1][1]:
-                window.clear()  # the engine restarted
-            window.append((now, reading.completed, runners))
-            while now - window[0][0] > COMPLETION_WINDOW:
-                window.popleft()
-            engine_finished = reading.completed - window[0][1]
-            others_finished = engine_finished - (runners - window[0][2])
-            span = now - window[0][0]
-            self._completion_rate = (reading.completed - window[0][1]) / span if span > 0 else None
-        # Other runners publish a reading or two late, and one that ramps up meanwhile holds more than it said: a
-        # share of what they hold is not taken for someone else's.
-        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + PEER_SLACK * sum(p.limit for p in peers)
-        # Twice the threshold is someone there beyond doubt: the batch yields at this reading. A weaker sign (or any
-        # sign while other runners share the engine) must show twice.
-        certain = excess >= 2 * threshold and not peers
-        # Others' finished requests show users whose requests are too short to be caught running. Only without other
-        # runners: their published counts lag the engine's by up to a reading, which reads as others' requests.
-        finished = not peers and others_finished >= PRESENCE_COMPLETIONS + PRESENCE_SHARE * engine_finished
-        present = certain or excess >= threshold or finished
-        self._presence_readings = self._presence_readings + 1 if present else 0
-        if certain or self._presence_readings >= 2:
-            self._others_seen_at = now
-        self._interactive_now = max(0.0, excess)
-        self.interactive_load += INTERACTIVE_SMOOTHING * (self._interactive_now - self.interactive_load)
-
-    def _watch_queue(self, now: float, reading: EngineReading) -> bool:
-        """Whether the engine is at its knee, so that its running count is its capacity: the requests it admitted
-        waited several steps for a place (vLLM's queue-time histogram), or, where the engine does not say, requests
-        waited at three readings running (arrivals between two steps wait too, but rarely that often); or its KV
-        cache is full."""
-        seen = self._running_seen
-        while seen and seen[-1][1] <= reading.running:
-            seen.pop()
-        seen.append((now, reading.running))
-        while now - seen[0][0] > CAPACITY_MEMORY:
-            seen.popleft()
-        step = self._step
-        if reading.queue_seconds is not None and step:
-            waited = reading.queue_seconds > QUEUE_STEPS * step and reading.waiting > 0
-            needed = 2
-        else:
-            waited = reading.waiting > QUEUE_ALLOWANCE + QUEUE_ALLOWANCE_SHARE * reading.running
-            needed = 3
-        kv_full = reading.kv_usage is not None and reading.kv_usage >= KV_FULL
-        self._queued_readings = self._queued_readings + 1 if (waited and reading.running >= 1) or kv_full else 0
-        if self._queued_readings < (1 if kv_full else needed):
-            return False
-        if self.regime is Regime.OURS:
-            # Only the batch's own queue shows the knee: beside others, a burst of theirs queues at any running count.
-            self.capacity = seen[0][1]
-        if self.service_time is not None:  # before our first answers, the queue is someone else's doing
-            self._slow_start = False
-        return True
-
-    def _total_alone(
-        self, now: float, reading: EngineReading, batch_inflight: float, queued: bool, interval: float | None
-    ) -> float:
-        total = self._total
-        if queued:
-            assert self.capacity is not None
-            if total > self.capacity:
-                self.decreases["queue"] += 1
-            self._probe_at = now + max(PROBE_HOLD, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
-            return self.capacity
-        if self.capacity is not None and total < self.capacity:
-            return self.capacity  # given back to interactive users who have left: take it again at once
-        using = batch_inflight >= 0.9 * total
-        unseen = batch_inflight - reading.running - reading.waiting > 1 + UNSEEN_SHARE * batch_inflight
-        if not using or unseen:
-            return total  # the last increase is not in use (or not in the engine's gauges) yet
-        if self._slow_start:
-            # Double once per service time, as TCP does once per round trip: a request that overshoots the knee waits
-            # a whole service time in the queue, and cannot be called back.
-            if self.service_time is None or interval is None:
-                return total
-            self.increases += 1
-            return max(total + 1, total * 2 ** (min(interval, self.service_time) / max(self.service_time, 1e-3)))
-        if now >= self._probe_at:
-            self._probe_at = now + max(PROBE_HOLD, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
-            self.increases += 1
-            return total + max(1.0, PROBE_SHARE * (self.capacity or total))
-        return total
-
     def _total_shared(self, now: float, reading: EngineReading, batch_inflight: float, queued: bool) -> float:
-        interactive = self.interactive_load
-        capacity = self.capacity if self.capacity is not None else math.inf
+        interactive = self.others.load
+        capacity = self.knee.capacity if self.knee.capacity is not None else math.inf
         # Room for their load with headroom for its bursts (a Poisson load's spread is its square root), and for
         # their load as it is right now: a rise is yielded to at once.
         room = min(
             capacity - interactive - HEADROOM_SIGMAS * math.sqrt(interactive) - 1.0,
-            capacity - self._interactive_now - 1.0,
+            capacity - self.others.now - 1.0,
         )
         fit = self.model.fit
         if fit is not None and self._step is not None:
@@ -451,7 +339,7 @@ class ConcurrencyController:
         if queued:
             # Others wait: keep the queue empty, and keep what was given up free for a while.
             self._cap = max(0.0, batch_inflight - reading.waiting)
-            self._cap_until = now + max(PROBE_HOLD, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
+            self._cap_until = self.knee.hold(now, self.service_time)
             self.decreases["queue"] += 1
         if now < self._cap_until:
             total = min(total, self._cap)
@@ -464,9 +352,10 @@ class ConcurrencyController:
     def _burst_queued(self, reading: EngineReading) -> bool:
         """One reading with more requests waiting than the arrivals of one step would explain (Poisson: mean plus
         three standard deviations): with others on the engine, a queue is not waited for twice."""
-        if self._step is None or self._completion_rate is None:
+        rate = self.others.completion_rate
+        if self._step is None or rate is None:
             return False
-        arrivals = self._completion_rate * self._step
+        arrivals = rate * self._step
         return reading.waiting > QUEUE_ALLOWANCE + arrivals + 3.0 * math.sqrt(arrivals)
 
     def _set(self, value: float) -> None:
@@ -485,8 +374,8 @@ class ConcurrencyController:
             "inflight": self._inflight,
             "regime": "fixed" if self.fixed else self.regime.value,
             "total_for_batch": round(self._total, 1),
-            "capacity": self.capacity,
-            "slow_start": self._slow_start,
+            "capacity": self.knee.capacity,
+            "slow_start": self.knee.slow_start,
             "interactive_load": round(self.interactive_load, 2),
             "step_s": self._step,
             "step_fit": {
@@ -500,7 +389,7 @@ class ConcurrencyController:
             "waiting": previous.waiting if previous else None,
             "running": previous.running if previous else None,
             "kv_usage": previous.kv_usage if previous else None,
-            "increases": self.increases,
-            "decreases": dict(self.decreases),
+            "increases": self.increases + self.knee.increases,
+            "decreases": {**self.decreases, "queue": self.decreases["queue"] + self.knee.queue_cuts},
             "backpressure": dict(self.backpressure),
         }

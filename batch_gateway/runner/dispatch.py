@@ -442,14 +442,17 @@ class Dispatcher:
                     f"({exchange.failure}).",
                 ),
             )
-        self.scheduler.on_finished(line, kind == OUTPUT)
+        if kind == OUTPUT and usage is not None:  # the prefix window learns from what the answer found cached
+            self.scheduler.on_finished(line, True, usage.prompt_tokens, usage.cached_tokens)
+        else:
+            self.scheduler.on_finished(line, False)
         runner_metrics.REQUESTS.labels(outcome="ok" if kind == OUTPUT else "error").inc()
         self.sink(line, kind, usage if kind == OUTPUT else None, wire.encode_result_line(result))
 
     async def _poll_metrics(self, index: int, endpoint: Endpoint) -> None:
         """Feed the engine's gauges (vLLM's, or llama.cpp's) and the other batch runners' loads to the endpoint's
-        controller, where the upstream exposes /metrics. An engine with a prefix cache per slot (llama.cpp) gets one
-        request of a prefix group at a time."""
+        controller, where the upstream exposes /metrics, and its KV cache's size and use to the endpoint's prefix
+        window. An engine with a prefix cache per slot (llama.cpp) gets one request of a prefix group at a time."""
         meter = EngineMeter()
         controller = endpoint.controller
         failures = 0
@@ -480,6 +483,7 @@ class Dispatcher:
             failures = 0
             if snapshot.slot_caches:
                 self.scheduler.limit_pool_inflight(index, 1)
+            self.scheduler.windows[index].observe(snapshot.cache_tokens, snapshot.cache_held)
             controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:

@@ -91,9 +91,8 @@ def plan(ingested: Ingested, done: np.ndarray, prefix_ordering: bool, endpoints:
         assert ingested.keys is not None, "the prefix keys are released once planned"
         order = plan_order(ingested.keys)
         order = order[~done[order]]
-        # One level of warm-up: each top-level group (depth 0 at its start) warms once. As 0/1 depths (1 byte a
-        # request) rather than group ids (8).
-        depths = np.minimum(shared_depths(ingested.keys, order), 1)
+        # Every level of the prefix tree warms once, and the prefix window counts each shared block once.
+        depths = shared_depths(ingested.keys, order)
     else:  # input order, every request its own group (no warm-up holds)
         order = np.flatnonzero(~done)
         depths = np.zeros(len(order), dtype=np.uint8)
@@ -405,8 +404,12 @@ class BatchRunner:
             "preempted_tokens_estimate": round(dispatcher.preempted_tokens),
             "ended": self._stop_reason or "completed",
             "endpoints": {
-                ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)}
-                for ep in endpoints
+                ep.name: {
+                    **ep.controller.snapshot(),
+                    "upstream_unavailable": ep.circuit.snapshot(now),
+                    "prefix_window": window.snapshot(),
+                }
+                for ep, window in zip(endpoints, scheduler.windows, strict=True)
             },
         }
         self.log.info(

@@ -1,0 +1,232 @@
+"""The prefix window: how many prefix groups may be open on one endpoint at once, so that each group's prefix is still
+in the engine's cache when its followers arrive.
+
+A group *opens* on an endpoint when its head (the request that computes the shared prefix) is handed out there, and
+*closes* there once nothing of it is left to send and none of its requests is in flight there. While it is open its
+prefix must stay cached. Without a window, every free slot goes to a new group's head while no group is warm, the
+heads of many groups run together, and under a small cache their prefixes evict each other before the followers come.
+
+**Known cache.** vLLM publishes its KV cache's size (`vllm:cache_config_info`: `num_gpu_blocks` × `block_size`
+tokens) and its use (`vllm:kv_cache_usage_perc`). A new group is admitted while
+
+    prefixes of open groups that no request holds + max(what the engine holds, what our in-flight requests hold)
+        + the new group's prefix  ≤  MARGIN × cache size
+
+vLLM counts cached blocks that no sequence holds as free, so the prefixes waiting for their followers are added to
+its usage; prefixes held by running requests are inside it, or inside our own estimate of what our requests hold
+(their group's prefix once, plus each one's own tokens), which also covers an engine whose usage leaves the prefix
+cache out (the simulator's capped cache). A group counts only the blocks it adds to its parent's prefix, so the
+shared blocks of the prefix tree count once.
+
+**Learnt.** Without the cache's size, the window is a number of open groups, learnt from the answers: a follower's
+`usage.prompt_tokens_details.cached_tokens` against the prefix it shares with its group. A follower that found less
+(its prefix was evicted) cuts the window by DECREASE, once per round (only followers sent after the last cut can cut
+again); a group whose first judged follower found its whole prefix grows it by one (slow start: doubling per round,
+until the first miss) or by 1/window (after). An engine that never reports a cached token (vLLM without
+`--enable-prompt-tokens-details`, or no prefix caching) gives no signal: after SILENT_FOLLOWERS judged followers
+without one, the window stops counting.
+
+Small groups (a prefix under SMALL_PREFIX_TOKENS) are never held back: their blocks matter little, and hits on them
+are too coarse to judge. A group's prefix is estimated from the bytes of its shared key blocks (prefix.py), and set to
+the tokens its head computed (`prompt_tokens - cached_tokens`) once the head's answer says.
+
+The window never holds back the first group (something always runs) nor any other work: the scheduler hands out
+followers, small groups and requests without a group whatever the window says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from batch_gateway.runner.prefix import BLOCK_SIZES
+
+MARGIN = 0.85  # share of the cache the working set may fill: running sequences grow as they decode
+BYTES_PER_TOKEN = 4.0  # estimate of a prefix's tokens from its bytes, until its head's answer says
+LOWER_BYTES_PER_TOKEN = 6.0  # a safe lower bound of a shared prefix's tokens (judging hits)
+SMALL_PREFIX_TOKENS = 64
+INITIAL_GROUPS = 4  # learnt window at the start: slow start doubles it per round
+DECREASE = 0.5
+FULL_HIT = 0.9  # share of the expected prefix a follower must find to count as a full hit...
+HIT_SLACK_TOKENS = 32  # ...less about two blocks (engines cache whole blocks and compute a prompt's last token)
+SILENT_FOLLOWERS = 16
+PRIVATE_MEMORY = 0.1  # weight of each answer in the mean of a follower's own tokens
+
+_CUMULATIVE = [sum(BLOCK_SIZES[:d]) for d in range(len(BLOCK_SIZES) + 1)]
+
+
+def shared_bytes(depth: int) -> float:
+    """Bytes a prefix of `depth` shared key blocks most likely has: it covers those blocks and stops somewhere in the
+    next one (its middle)."""
+    if depth >= len(BLOCK_SIZES):
+        return float(_CUMULATIVE[-1])
+    return _CUMULATIVE[depth] + BLOCK_SIZES[depth] / 2 if depth else 0.0
+
+
+def prefix_tokens(depth: int) -> float:
+    """Estimated tokens of a prefix of `depth` shared key blocks."""
+    return shared_bytes(depth) / BYTES_PER_TOKEN
+
+
+def least_tokens(depth: int) -> float:
+    """Tokens a prefix of `depth` shared key blocks has at the least (whatever the tokenizer)."""
+    return _CUMULATIVE[min(depth, len(BLOCK_SIZES))] / LOWER_BYTES_PER_TOKEN
+
+
+@dataclass
+class _Group:
+    tokens: float
+    inflight: int = 0  # its requests in flight on this endpoint (its head, its followers)
+
+
+class PrefixWindow:
+    """One endpoint's window. A pure object, driven by the scheduler (groups, hand-outs, answers) and by the
+    dispatcher's readings of the engine's /metrics (`observe`)."""
+
+    def __init__(self) -> None:
+        self.enabled = True  # False: an engine with a prefix cache per slot (llama.cpp): one follower per group
+        self.capacity: float | None = None  # cache size in tokens, when the engine says
+        self.held = 0.0  # tokens the engine's running sequences hold (usage × size)
+        self.groups = float(INITIAL_GROUPS)  # learnt: open groups allowed
+        self.threshold = math.inf  # learnt: slow start below this
+        self.private_tokens = 0.0  # mean tokens a follower holds beyond its group's prefix
+        self._open: dict[int, _Group] = {}
+        self._followers = 0  # followers in flight (their own tokens; their prefixes count with their group)
+        self._sends = 0
+        self._cut_at = -1
+        self._seen_cached = False
+        self.judged = 0
+        self.full_hits = 0
+        self.misses = 0
+        self.cuts = 0
+        self.held_back = 0  # times a group could not open
+
+    # --- what the engine says ------------------------------------------------------------------
+
+    def observe(self, capacity: float | None, held: float | None) -> None:
+        self.capacity = capacity if capacity else None
+        self.held = held or 0.0
+
+    @property
+    def learning(self) -> bool:
+        """Counting groups, learnt from cached tokens (no cache size, and the engine reports cached tokens)."""
+        return self.capacity is None and (self._seen_cached or self.judged < SILENT_FOLLOWERS)
+
+    # --- groups --------------------------------------------------------------------------------
+
+    def fits(self, tokens: float) -> bool:
+        """Whether a new group with a prefix of `tokens` may open now."""
+        if not self.enabled or tokens < SMALL_PREFIX_TOKENS or not self._open:
+            return True
+        if self.capacity is not None:
+            admitted = self.working() + tokens <= MARGIN * self.capacity
+        elif self.learning:
+            admitted = self._counted() + 1 <= max(1.0, self.groups)
+        else:
+            return True
+        if not admitted:
+            self.held_back += 1
+        return admitted
+
+    def working(self) -> float:
+        """Tokens the open groups and the running requests need in the cache now."""
+        idle = held = 0.0
+        for group in self._open.values():
+            if group.inflight:
+                held += group.tokens
+            else:
+                idle += group.tokens
+        return idle + max(self.held, held + self._followers * self.private_tokens)
+
+    def open(self, key: int, tokens: float) -> None:
+        if key not in self._open:
+            self._open[key] = _Group(tokens)
+
+    def is_open(self, key: int) -> bool:
+        return key in self._open
+
+    def hold(self, key: int) -> None:
+        group = self._open.get(key)
+        if group is not None:
+            group.inflight += 1
+
+    def release(self, key: int) -> int:
+        """One of the group's requests finished here; how many are still in flight here."""
+        group = self._open.get(key)
+        if group is None:
+            return 0
+        group.inflight -= 1
+        return group.inflight
+
+    def inflight(self, key: int) -> int:
+        group = self._open.get(key)
+        return group.inflight if group else 0
+
+    def close(self, key: int) -> None:
+        self._open.pop(key, None)
+
+    def resize(self, key: int, tokens: float) -> None:
+        """The tokens the group's head actually computed (its answer's prompt_tokens - cached_tokens)."""
+        group = self._open.get(key)
+        if group is not None and tokens > 0:
+            group.tokens = float(tokens)
+
+    def _counted(self) -> int:
+        return sum(1 for group in self._open.values() if group.tokens >= SMALL_PREFIX_TOKENS)
+
+    # --- followers -----------------------------------------------------------------------------
+
+    def follower_sent(self) -> int:
+        """A follower goes out; returns its send number (followers sent after a cut may cut again)."""
+        self._followers += 1
+        self._sends += 1
+        return self._sends
+
+    def follower_done(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self._followers -= 1
+        if prompt_tokens:
+            own = max(0, prompt_tokens - cached_tokens)
+            self.private_tokens += PRIVATE_MEMORY * (own - self.private_tokens)
+
+    def judge(self, expected: float, cached_tokens: int, sent: int) -> bool:
+        """A follower that shares `expected` tokens with its group found `cached_tokens` in the cache. True for a
+        full hit. A miss cuts the learnt window, once per round."""
+        self.judged += 1
+        if cached_tokens > 0:
+            self._seen_cached = True
+        if cached_tokens + HIT_SLACK_TOKENS >= FULL_HIT * expected:
+            self.full_hits += 1
+            return True
+        self.misses += 1
+        if self.learning and sent > self._cut_at:
+            self.groups = max(1.0, min(self.groups, float(self._counted())) * DECREASE)
+            self.threshold = self.groups
+            self._cut_at = self._sends
+            self.cuts += 1
+        return False
+
+    def group_hit(self) -> None:
+        """A group's first judged follower found its whole prefix: the window grows, if it was what held groups back."""
+        if not self.learning or self._counted() + 1 < self.groups:
+            return
+        self.groups += 1.0 if self.groups < self.threshold else 1.0 / self.groups
+
+    def snapshot(self) -> dict:
+        return {
+            "mode": "off"
+            if not self.enabled
+            else "cache_size"
+            if self.capacity is not None
+            else "learnt"
+            if self.learning
+            else "no_signal",
+            "cache_tokens": self.capacity,
+            "working_tokens": round(self.working()),
+            "open_groups": len(self._open),
+            "learnt_groups": round(self.groups, 2),
+            "followers_judged": self.judged,
+            "full_hits": self.full_hits,
+            "misses": self.misses,
+            "cuts": self.cuts,
+            "held_back": self.held_back,
+        }

@@ -20,11 +20,11 @@ shared blocks of the prefix tree count once.
 
 **Learnt.** Without the cache's size, the window is a number of open groups, learnt from the answers: a follower's
 `usage.prompt_tokens_details.cached_tokens` against the prefix it shares with its group. A follower that found less
-(its prefix was evicted) cuts the window by DECREASE, once per round (only followers sent after the last cut can cut
-again); a group whose first judged follower found its whole prefix grows it by one (slow start: doubling per round,
-until the first miss) or by 1/window (after). An engine that never reports a cached token (vLLM without
-`--enable-prompt-tokens-details`, or no prefix caching) gives no signal: after SILENT_FOLLOWERS judged followers
-without one, the window stops counting.
+(its prefix was evicted, or most of it) cuts the window by DECREASE, once per round (only followers sent after the
+last cut can cut again); a group whose first judged follower found its whole prefix grows it by one (slow start:
+doubling per round, until the first miss) or by 1/window (after). An engine that never reports a cached token (vLLM
+without `--enable-prompt-tokens-details`, no prefix caching, no usage at all) gives no signal: after SILENT_FOLLOWERS
+followers without one, the window stops counting.
 
 Small groups (a prefix under SMALL_PREFIX_TOKENS) are never held back: their blocks matter little, and hits on them
 are too coarse to judge. A group's prefix is estimated from the bytes of its shared key blocks (prefix.py), and set to
@@ -188,15 +188,21 @@ class PrefixWindow:
             own = max(0, prompt_tokens - cached_tokens)
             self.private_tokens += PRIVATE_MEMORY * (own - self.private_tokens)
 
-    def judge(self, expected: float, cached_tokens: int, sent: int) -> bool:
-        """A follower that shares `expected` tokens with its group found `cached_tokens` in the cache. True for a
-        full hit. A miss cuts the learnt window, once per round."""
+    def judge(self, least: float, best: float, cached_tokens: int, sent: int) -> bool:
+        """A follower found `cached_tokens` in the cache; it shares at least `least` tokens with its group, and the
+        most a follower of the same depth found is `best`. True for a full hit. A miss (less than the least it
+        shares, or less than half of what its siblings found: its prefix was evicted, or most of it) cuts the learnt
+        window, once per round. In between (siblings of one depth may share more or less of the prompt) says
+        nothing."""
         self.judged += 1
         if cached_tokens > 0:
             self._seen_cached = True
-        if cached_tokens + HIT_SLACK_TOKENS >= FULL_HIT * expected:
+        found = cached_tokens + HIT_SLACK_TOKENS
+        if found >= FULL_HIT * max(least, best):
             self.full_hits += 1
             return True
+        if found >= FULL_HIT * least and cached_tokens >= best / 2:
+            return False
         self.misses += 1
         if self.learning and sent > self._cut_at:
             self.groups = max(1.0, min(self.groups, float(self._counted())) * DECREASE)
@@ -204,6 +210,10 @@ class PrefixWindow:
             self._cut_at = self._sends
             self.cuts += 1
         return False
+
+    def unheard(self) -> None:
+        """A follower's answer said nothing of its tokens (no usage): as silent as one without cached tokens."""
+        self.judged += 1
 
     def group_hit(self) -> None:
         """A group's first judged follower found its whole prefix: the window grows, if it was what held groups back."""

@@ -221,8 +221,8 @@ class GroupScheduler:
             window.release(source.parent)
             if flight.sent:
                 window.follower_done(prompt_tokens, cached_tokens)
-                if success and prompt_tokens:
-                    self._judge(source, position, window, cached_tokens, flight.sent)
+                if success:
+                    self._judge(source, position, window, prompt_tokens, cached_tokens, flight.sent)
             self._close_if_idle(source, endpoint)
         if heads is not None:  # a stand-in for its pool's parent
             heads.heading &= ~bit
@@ -250,15 +250,17 @@ class GroupScheduler:
             return None
         return prefix_tokens(below) - prefix_tokens(own)
 
-    def _judge(self, pool: _Pool, position: int, window: PrefixWindow, cached: int, sent: int) -> None:
+    def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int, sent: int) -> None:
         """Did a follower find its group's prefix in the cache? Prefixes too small to tell are not judged."""
         depth = int(self._depths[position])
         least = least_tokens(depth)
         if least < SMALL_PREFIX_TOKENS:
             return
+        if not prompt:
+            window.unheard()
+            return
         best_depth, best = pool.best
-        expected = max(least, best if best_depth == depth else 0)
-        if window.judge(expected, cached, sent):
+        if window.judge(least, best if best_depth == depth else 0, cached, sent):
             if cached > best or best_depth != depth:
                 pool.best = (depth, cached)
             if not pool.judged:

@@ -94,7 +94,8 @@ def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hit
     assert window.groups == pytest.approx(before + 1 / before)
 
 
-def test_an_engine_that_reports_no_cached_tokens_gives_no_signal_and_the_window_stops_counting():
+@pytest.mark.parametrize("prompt_tokens", [780, 0], ids=["no_cached_tokens", "no_usage"])
+def test_an_engine_that_reports_no_cached_tokens_gives_no_signal_and_the_window_stops_counting(prompt_tokens):
     s = groups_plan(groups=40, size=3)
     window = s.windows[0]
     judged = 0
@@ -102,7 +103,7 @@ def test_an_engine_that_reports_no_cached_tokens_gives_no_signal_and_the_window_
         lines = drain(s)
         assert lines
         for line in lines:
-            s.on_finished(line, True, prompt_tokens=780, cached_tokens=0)
+            s.on_finished(line, True, prompt_tokens=prompt_tokens, cached_tokens=0)
             judged += line % 3 != 0
     assert not window.learning
     assert len([line for line in drain(s) if line % 3 == 0]) > INITIAL_GROUPS  # every group may open now
@@ -133,3 +134,16 @@ def test_each_endpoint_has_its_own_window():
     s.on_finished(3, True)
     assert drain(s, 0) == []  # endpoint 0's window is full: it does not join the group warm on endpoint 1
     assert drain(s, 1) == [4, 5]  # followers go where their prefix is cached
+
+
+def test_a_follower_that_shares_less_of_the_prompt_than_its_siblings_is_no_miss():
+    s = groups_plan(groups=2, size=4)
+    window = s.windows[0]
+    assert drain(s) == [0, 4]
+    s.on_finished(0, True, prompt_tokens=900, cached_tokens=0)
+    assert drain(s) == [1, 2, 3]
+    s.on_finished(1, True, prompt_tokens=900, cached_tokens=880)  # the whole prompt but its last block
+    s.on_finished(2, True, prompt_tokens=900, cached_tokens=500)  # shares less with the head: still no miss
+    assert window.misses == 0 and window.cuts == 0
+    s.on_finished(3, True, prompt_tokens=900, cached_tokens=96)  # most of its prefix was evicted
+    assert window.misses == 1 and window.cuts == 1

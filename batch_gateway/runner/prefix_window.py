@@ -20,18 +20,21 @@ shared blocks of the prefix tree count once.
 
 **Learnt.** Without the cache's size, the window is a number of open groups, learnt from the answers: a follower's
 `usage.prompt_tokens_details.cached_tokens` against the prefix it shares with its group. A follower that found less
-(its prefix was evicted, or most of it) cuts the window by DECREASE, once per round (only followers sent after the
+(its prefix was evicted, or most of it) cuts the window by DECREASE, once per round (only groups opened after the
 last cut can cut again); a group whose first judged follower found its whole prefix grows it by one (slow start:
 doubling per round, until the first miss) or by 1/window (after). An engine that never reports a cached token (vLLM
 without `--enable-prompt-tokens-details`, no prefix caching, no usage at all) gives no signal: after SILENT_FOLLOWERS
 followers without one, the window stops counting.
 
-Small groups (a prefix under SMALL_PREFIX_TOKENS) are never held back: their blocks matter little, and hits on them
-are too coarse to judge. A group's prefix is estimated from the bytes of its shared key blocks (prefix.py), and set to
-the tokens its head computed (`prompt_tokens - cached_tokens`) once the head's answer says.
+The learnt window counts top-level groups (a subtree, such as a few-shot block under an open group's system prompt,
+is part of its group), the cache-size window every group's own blocks. Small groups (a prefix under
+SMALL_PREFIX_TOKENS) are never held back: their blocks matter little, and hits on them are too coarse to judge. A
+group's prefix is estimated from the bytes of its shared key blocks (prefix.py), and set to the tokens its head
+computed (`prompt_tokens - cached_tokens`) once the head's answer says.
 
-The window never holds back the first group (something always runs) nor any other work: the scheduler hands out
-followers, small groups and requests without a group whatever the window says.
+The window holds back nothing while no open group has a request in flight on the endpoint (work must go on), and
+never holds back other work: the scheduler hands out followers, small groups and requests without a group whatever
+the window says.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from dataclasses import dataclass
 
 from batch_gateway.runner.prefix import BLOCK_SIZES
 
-MARGIN = 0.85  # share of the cache the working set may fill: running sequences grow as they decode
+# Share of the cache the working set may fill. Eviction is least recently freed first, so a prefix waiting for its
+# followers goes before the blocks freed after it: the rest of the cache has to absorb that churn. Against the
+# simulator, 0.85 lost a fifth of the hits at a cache holding a tenth of the prompts, 0.65 lost 3%, 0.5 none.
+MARGIN = 0.5
 BYTES_PER_TOKEN = 4.0  # estimate of a prefix's tokens from its bytes, until its head's answer says
 LOWER_BYTES_PER_TOKEN = 6.0  # a safe lower bound of a shared prefix's tokens (judging hits)
 SMALL_PREFIX_TOKENS = 64
@@ -76,24 +82,31 @@ def least_tokens(depth: int) -> float:
 @dataclass
 class _Group:
     tokens: float
+    top: bool  # a top-level group (not a subtree of another group)
+    opened: int  # the window's count of groups opened, when this one opened
     inflight: int = 0  # its requests in flight on this endpoint (its head, its followers)
 
 
 class PrefixWindow:
     """One endpoint's window. A pure object, driven by the scheduler (groups, hand-outs, answers) and by the
-    dispatcher's readings of the engine's /metrics (`observe`)."""
+    dispatcher's readings of the engine's /metrics (`observe`). Its sums are kept as groups change, so a question
+    costs the same however many groups are open."""
 
     def __init__(self) -> None:
         self.enabled = True  # False: an engine with a prefix cache per slot (llama.cpp): one follower per group
         self.capacity: float | None = None  # cache size in tokens, when the engine says
         self.held = 0.0  # tokens the engine's running sequences hold (usage × size)
-        self.groups = float(INITIAL_GROUPS)  # learnt: open groups allowed
+        self.groups = float(INITIAL_GROUPS)  # learnt: open top-level groups allowed
         self.threshold = math.inf  # learnt: slow start below this
         self.private_tokens = 0.0  # mean tokens a follower holds beyond its group's prefix
         self._open: dict[int, _Group] = {}
+        self._idle_tokens = 0.0  # prefixes of open groups with nothing in flight here
+        self._busy_tokens = 0.0  # prefixes of open groups with requests in flight here
+        self._busy = 0  # open groups with requests in flight here
+        self._counted = 0  # open top-level groups large enough to count
         self._followers = 0  # followers in flight (their own tokens; their prefixes count with their group)
-        self._sends = 0
-        self._cut_at = -1
+        self._opened = 0
+        self._cut_at = 0  # groups opened up to the last cut (their misses cannot cut again)
         self._seen_cached = False
         self.judged = 0
         self.full_hits = 0
@@ -114,14 +127,16 @@ class PrefixWindow:
 
     # --- groups --------------------------------------------------------------------------------
 
-    def fits(self, tokens: float) -> bool:
-        """Whether a new group with a prefix of `tokens` may open now."""
-        if not self.enabled or tokens < SMALL_PREFIX_TOKENS or not self._open:
+    def fits(self, tokens: float, top: bool = True) -> bool:
+        """Whether a new group with a prefix of `tokens` may open now: a top-level group, or a subtree of an open
+        one (its few-shot block under a system prompt, say). Always, when no open group has anything in flight here:
+        work must go on (the open groups may be waiting for exactly this subtree)."""
+        if not self.enabled or tokens < SMALL_PREFIX_TOKENS or not self._busy:
             return True
         if self.capacity is not None:
             admitted = self.working() + tokens <= MARGIN * self.capacity
         elif self.learning:
-            admitted = self._counted() + 1 <= max(1.0, self.groups)
+            admitted = not top or self._counted + 1 <= max(1.0, self.groups)  # a subtree is part of its group
         else:
             return True
         if not admitted:
@@ -130,57 +145,76 @@ class PrefixWindow:
 
     def working(self) -> float:
         """Tokens the open groups and the running requests need in the cache now."""
-        idle = held = 0.0
-        for group in self._open.values():
-            if group.inflight:
-                held += group.tokens
-            else:
-                idle += group.tokens
-        return idle + max(self.held, held + self._followers * self.private_tokens)
+        return self._idle_tokens + max(self.held, self._busy_tokens + self._followers * self.private_tokens)
 
-    def open(self, key: int, tokens: float) -> None:
-        if key not in self._open:
-            self._open[key] = _Group(tokens)
+    def open(self, key: int, tokens: float, top: bool = True) -> None:
+        if key in self._open:
+            return
+        self._opened += 1
+        self._open[key] = _Group(tokens, top, self._opened)
+        self._idle_tokens += tokens
+        self._counted += top and tokens >= SMALL_PREFIX_TOKENS
 
     def is_open(self, key: int) -> bool:
         return key in self._open
 
     def hold(self, key: int) -> None:
         group = self._open.get(key)
-        if group is not None:
-            group.inflight += 1
+        if group is None:
+            return
+        if not group.inflight:
+            self._move(group.tokens, busy=True)
+        group.inflight += 1
 
-    def release(self, key: int) -> int:
-        """One of the group's requests finished here; how many are still in flight here."""
+    def release(self, key: int) -> None:
+        """One of the group's requests finished here."""
         group = self._open.get(key)
         if group is None:
-            return 0
+            return
         group.inflight -= 1
-        return group.inflight
+        if not group.inflight:
+            self._move(group.tokens, busy=False)
 
     def inflight(self, key: int) -> int:
         group = self._open.get(key)
         return group.inflight if group else 0
 
     def close(self, key: int) -> None:
-        self._open.pop(key, None)
+        group = self._open.pop(key, None)
+        if group is None:
+            return
+        if group.inflight:
+            self._busy_tokens -= group.tokens
+            self._busy -= 1
+        else:
+            self._idle_tokens -= group.tokens
+        self._counted -= group.top and group.tokens >= SMALL_PREFIX_TOKENS
 
     def resize(self, key: int, tokens: float) -> None:
         """The tokens the group's head actually computed (its answer's prompt_tokens - cached_tokens)."""
         group = self._open.get(key)
-        if group is not None and tokens > 0:
-            group.tokens = float(tokens)
+        if group is None or tokens <= 0:
+            return
+        self.close(key)
+        group.tokens = float(tokens)
+        self._open[key] = group
+        if group.inflight:
+            self._busy_tokens += group.tokens
+            self._busy += 1
+        else:
+            self._idle_tokens += group.tokens
+        self._counted += group.top and group.tokens >= SMALL_PREFIX_TOKENS
 
-    def _counted(self) -> int:
-        return sum(1 for group in self._open.values() if group.tokens >= SMALL_PREFIX_TOKENS)
+    def _move(self, tokens: float, busy: bool) -> None:
+        sign = 1 if busy else -1
+        self._busy_tokens += sign * tokens
+        self._idle_tokens -= sign * tokens
+        self._busy += sign
 
     # --- followers -----------------------------------------------------------------------------
 
-    def follower_sent(self) -> int:
-        """A follower goes out; returns its send number (followers sent after a cut may cut again)."""
+    def follower_sent(self) -> None:
         self._followers += 1
-        self._sends += 1
-        return self._sends
 
     def follower_done(self, prompt_tokens: int, cached_tokens: int) -> None:
         self._followers -= 1
@@ -188,12 +222,12 @@ class PrefixWindow:
             own = max(0, prompt_tokens - cached_tokens)
             self.private_tokens += PRIVATE_MEMORY * (own - self.private_tokens)
 
-    def judge(self, least: float, best: float, cached_tokens: int, sent: int) -> bool:
-        """A follower found `cached_tokens` in the cache; it shares at least `least` tokens with its group, and the
-        most a follower of the same depth found is `best`. True for a full hit. A miss (less than the least it
-        shares, or less than half of what its siblings found: its prefix was evicted, or most of it) cuts the learnt
-        window, once per round. In between (siblings of one depth may share more or less of the prompt) says
-        nothing."""
+    def judge(self, key: int, least: float, best: float, cached_tokens: int) -> bool:
+        """A follower of group `key` found `cached_tokens` in the cache; it shares at least `least` tokens with its
+        group, and the most a follower of the same depth found is `best`. True for a full hit. A miss (less than the
+        least it shares, or less than half of what its siblings found: its prefix was evicted, or most of it) cuts
+        the learnt window, once per round: only groups opened after the last cut can cut again. In between (siblings
+        of one depth may share more or less of the prompt) says nothing."""
         self.judged += 1
         if cached_tokens > 0:
             self._seen_cached = True
@@ -204,10 +238,11 @@ class PrefixWindow:
         if found >= FULL_HIT * least and cached_tokens >= best / 2:
             return False
         self.misses += 1
-        if self.learning and sent > self._cut_at:
-            self.groups = max(1.0, min(self.groups, float(self._counted())) * DECREASE)
+        group = self._open.get(key)
+        if self.learning and group is not None and group.opened > self._cut_at:
+            self.groups = max(1.0, min(self.groups, float(self._counted)) * DECREASE)
             self.threshold = self.groups
-            self._cut_at = self._sends
+            self._cut_at = self._opened
             self.cuts += 1
         return False
 
@@ -217,7 +252,7 @@ class PrefixWindow:
 
     def group_hit(self) -> None:
         """A group's first judged follower found its whole prefix: the window grows, if it was what held groups back."""
-        if not self.learning or self._counted() + 1 < self.groups:
+        if not self.learning or self._counted + 1 < self.groups:
             return
         self.groups += 1.0 if self.groups < self.threshold else 1.0 / self.groups
 

@@ -81,14 +81,14 @@ class _Pool:
 class _Flight:
     """A request handed out and not finished."""
 
-    __slots__ = ("endpoint", "heads", "position", "sent", "source")
+    __slots__ = ("endpoint", "follower", "heads", "position", "source")
 
-    def __init__(self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None, sent: int) -> None:
+    def __init__(self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None, follower: bool) -> None:
         self.position = position
         self.endpoint = endpoint
         self.heads = heads  # the pool it stands in for as head
         self.source = source  # the open pool it came from (a follower, or a child that opens a subtree)
-        self.sent = sent  # a follower's send number in its endpoint's window (0: not a follower)
+        self.follower = follower  # from an open pool, without children of its own
 
 
 class GroupScheduler:
@@ -179,7 +179,7 @@ class GroupScheduler:
                 continue
             position = int(self._children[pool.cursor])
             opens = self._opens(position)
-            if opens is not None and not window.fits(opens):
+            if opens is not None and not window.fits(opens, top=False):
                 continue  # its remaining children all open subtrees: they wait for room
             pool.cursor += 1
             pool.inflight += 1
@@ -219,10 +219,10 @@ class GroupScheduler:
         if source is not None:
             source.inflight -= 1
             window.release(source.parent)
-            if flight.sent:
+            if flight.follower:
                 window.follower_done(prompt_tokens, cached_tokens)
                 if success:
-                    self._judge(source, position, window, prompt_tokens, cached_tokens, flight.sent)
+                    self._judge(source, position, window, prompt_tokens, cached_tokens)
             self._close_if_idle(source, endpoint)
         if heads is not None:  # a stand-in for its pool's parent
             heads.heading &= ~bit
@@ -250,7 +250,11 @@ class GroupScheduler:
             return None
         return prefix_tokens(below) - prefix_tokens(own)
 
-    def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int, sent: int) -> None:
+    def _top(self, position: int) -> bool:
+        """Whether the group `position` heads is a top-level group (not a subtree of another)."""
+        return not self._depths[position]
+
+    def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int) -> None:
         """Did a follower find its group's prefix in the cache? Prefixes too small to tell are not judged."""
         depth = int(self._depths[position])
         least = least_tokens(depth)
@@ -260,7 +264,7 @@ class GroupScheduler:
             window.unheard()
             return
         best_depth, best = pool.best
-        if window.judge(least, best if best_depth == depth else 0, cached, sent):
+        if window.judge(pool.parent, least, best if best_depth == depth else 0, cached):
             if cached > best or best_depth != depth:
                 pool.best = (depth, cached)
             if not pool.judged:
@@ -306,7 +310,7 @@ class GroupScheduler:
                         break
                     if pool.left and not (pool.warm | pool.heading) & bit and (best is None or pool.left > best.left):
                         best = pool
-        if best is None or not self.windows[endpoint].fits(self._opens(best.parent) or 0.0):
+        if best is None or not self.windows[endpoint].fits(self._opens(best.parent) or 0.0, self._top(best.parent)):
             return None
         self.joins += 1
         return self._send_head(best, endpoint)
@@ -317,7 +321,7 @@ class GroupScheduler:
         pool.heading |= 1 << endpoint
         window = self.windows[endpoint]
         if not window.is_open(pool.parent):  # a join: the group opens here
-            window.open(pool.parent, self._opens(pool.parent) or 0.0)
+            window.open(pool.parent, self._opens(pool.parent) or 0.0, self._top(pool.parent))
         window.hold(pool.parent)
         line = self._hand_out(position, endpoint, pool, None, self._opens(position))
         if not pool.left:
@@ -329,15 +333,15 @@ class GroupScheduler:
     ) -> int:
         line = int(self.lines[position])
         window = self.windows[endpoint]
-        sent = 0
+        follower = source is not None and opens is None
         if source is not None:
             window.hold(source.parent)
-            if opens is None:
-                sent = window.follower_sent()
+        if follower:
+            window.follower_sent()
         if opens is not None:  # it heads a group of its own: the group opens here
-            window.open(position, opens)
+            window.open(position, opens, self._top(position))
             window.hold(position)
-        self._inflight[line] = _Flight(position, endpoint, heads, source, sent)
+        self._inflight[line] = _Flight(position, endpoint, heads, source, follower)
         self.handed_out += 1
         return line
 

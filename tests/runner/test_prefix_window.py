@@ -83,15 +83,22 @@ def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hit
     for line in followers[2:]:  # the others' prefixes were evicted: one cut, not one per follower
         s.on_finished(line, True, prompt_tokens=780, cached_tokens=0)
     assert window.cuts == 1 and window.groups == pytest.approx((INITIAL_GROUPS + 1) / 2)
-    # A follower sent after the cut that misses cuts again; a full hit then grows by 1/window.
+    # Groups opened before the cut were opened under the old window: their misses do not cut again.
     for head in opened:
         s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
     late = drain(s)
+    assert late == [13, 14, 16, 17]  # 2.5 groups: the two open ones fill it
     s.on_finished(late[0], True, prompt_tokens=780, cached_tokens=0)
-    assert window.cuts == 2
-    before = window.groups
+    s.on_finished(late[1], True, prompt_tokens=780, cached_tokens=0)
+    assert window.cuts == 1
+    # A group opened after the cut: its miss cuts again; a full hit then grows the window by 1/window.
+    (head,) = drain(s)
+    s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
+    fresh = drain(s)
+    s.on_finished(fresh[0], True, prompt_tokens=780, cached_tokens=0)
+    assert window.cuts == 2 and window.groups == pytest.approx(1.0)
     s.on_finished(late[2], True, prompt_tokens=780, cached_tokens=752)
-    assert window.groups == pytest.approx(before + 1 / before)
+    assert window.groups == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("prompt_tokens", [780, 0], ids=["no_cached_tokens", "no_usage"])
@@ -147,3 +154,30 @@ def test_a_follower_that_shares_less_of_the_prompt_than_its_siblings_is_no_miss(
     assert window.misses == 0 and window.cuts == 0
     s.on_finished(3, True, prompt_tokens=900, cached_tokens=96)  # most of its prefix was evicted
     assert window.misses == 1 and window.cuts == 1
+
+
+@pytest.mark.parametrize("mode", ["cache_size", "learnt"])
+@pytest.mark.parametrize("endpoints,seed", [(1, 1), (2, 2)])
+def test_random_trees_under_a_tight_window_finish_exactly_once_and_leave_nothing_open(mode, endpoints, seed):
+    rng = np.random.default_rng(seed)
+    n = 1200
+    groups = np.sort(rng.integers(0, 60, n))
+    depths = np.zeros(n, dtype=np.uint8)
+    depths[1:] = np.where(groups[1:] == groups[:-1], rng.integers(3, 7, n - 1), 0)  # subtrees at several depths
+    s = GroupScheduler(np.arange(n), depths=depths, endpoints=endpoints)
+    for window in s.windows:
+        window.observe(capacity=2 * PREFIX if mode == "cache_size" else None, held=0.0)
+    handed: list[int] = []
+    inflight: list[tuple[int, int]] = []
+    while not s.done or inflight:
+        for endpoint in range(endpoints):
+            while sum(1 for _, e in inflight if e == endpoint) < 16 and (line := s.next_ready(endpoint)) is not None:
+                handed.append(line)
+                inflight.append((line, endpoint))
+        assert inflight, "nothing in flight and nothing handed out: the window deadlocked"
+        line, _ = inflight.pop(int(rng.integers(len(inflight))))
+        ok = rng.random() > 0.05
+        s.on_finished(line, ok, prompt_tokens=800, cached_tokens=int(rng.choice([0, 400, 768])))
+    assert sorted(handed) == list(range(n))
+    for window in s.windows:
+        assert window.snapshot()["open_groups"] == 0 and window.working() == pytest.approx(0, abs=1e-6)

@@ -120,6 +120,10 @@ def run_once(config: SimConfig, data: bytes, ordering: bool = True, endpoints: i
     usage = result.batch.usage
     hits, queries = sum(s["prefix_cache_hits"] for s in stats), sum(s["prefix_cache_queries"] for s in stats)
     windows = [ep.get("prefix_window") or {} for ep in run_stats["endpoints"].values()]
+    controllers = [
+        {key: ep.get(key) for key in ("limit", "regime", "capacity", "decreases", "interactive_load")}
+        for ep in run_stats["endpoints"].values()
+    ]
     return {
         "hit_rate": hits / queries,
         "cached_share": usage.input_tokens_details.cached_tokens / usage.input_tokens if usage else None,
@@ -128,6 +132,7 @@ def run_once(config: SimConfig, data: bytes, ordering: bool = True, endpoints: i
         "requests": result.batch.request_counts.total,
         "preemptions": sum(s["preemptions"] for s in stats),
         "windows": windows,
+        "controllers": controllers,
         "per_endpoint": [s["completed"] for s in stats],
     }
 
@@ -160,6 +165,7 @@ def _row(label: str, cache: str, info: str, r: dict, ideal: float, base: dict | 
         "vs unbounded": "",
         "prompt tokens computed": f"{r['prefill_tokens']:,}",
         "window at the end": _window(r),
+        "controller at the end": "; ".join(f"limit {c['limit']}, {c['regime']}" for c in r["controllers"]),
     }
     if base is not None:
         share = rate / (base["requests"] / base["dispatch_seconds"])
@@ -260,15 +266,16 @@ with an unbounded cache. A small cache is `--cache-blocks` (the prefix cache kee
 running sequences get the whole KV cache), sized as a share of the {main.shared:,} blocks that two or more requests
 share; the runner reads it from `/metrics` ("read") or the simulator hides it and the runner learns its window from
 `cached_tokens` ("hidden"). "Window at the end": per endpoint, how the window was set and how often a group had to
-wait (cache size read), or the number of open groups it had learnt and how often a miss cut it.
+wait (cache size read), or the number of open groups it had learnt and how often a miss cut it; "controller at the
+end": the endpoint's concurrency limit and regime ("shared" means it believed others were using the engine).
 
 **Groups of {PER_GROUP} sharing a ~400-token prompt** ({GROUPS * PER_GROUP:,} requests; issue #13's targets: ≥ 95%,
 90% and 85% of the ideal with caches holding 40%, 20% and 10% of the prompts, at ≥ {THROUGHPUT_TARGET:.0%} of the
 unbounded cache's throughput):
 
 {report.table(rows)}
-**Other shapes** with a cache holding {SHAPE_SHARE:.0%} of their prompts: groups of 3; a few-shot prompt tree three levels
-deep (20 system prompts of ~200 tokens, each with 5 few-shot blocks of ~200 tokens, each with 6 questions: the
+**Other shapes** with a cache holding {SHAPE_SHARE:.0%} of their prompts: groups of 3; a few-shot prompt tree three
+levels deep (20 system prompts of ~200 tokens, each with 5 few-shot blocks of ~200 tokens, each with 6 questions: the
 system prompt is computed once, each few-shot block once); the main case over two endpoints (two simulators, each
 with its own cache of that size; groups stick to the endpoint whose cache holds their prompt):
 

@@ -21,16 +21,17 @@ shared blocks of the prefix tree count once.
 **Learnt.** Without the cache's size, the window is a number of open groups, learnt from the answers: a follower's
 `usage.prompt_tokens_details.cached_tokens` against the prefix it shares with its group. A follower that found less
 (its prefix was evicted, or most of it) cuts the window by DECREASE, once per round (only groups opened after the
-last cut can cut again); a group whose first judged follower found its whole prefix grows it by one (slow start:
-doubling per round, until the first miss) or by 1/window (after). An engine that never reports a cached token (vLLM
-without `--enable-prompt-tokens-details`, no prefix caching, no usage at all) gives no signal: after SILENT_FOLLOWERS
-followers without one, the window stops counting.
+last cut can cut again); a group whose first judged follower found its whole prefix grows it by SLOW_START_GROWTH
+(slow start, until the first miss) or by 1/window (after: one group per round). An engine that never reports a
+cached token (vLLM without `--enable-prompt-tokens-details`, no prefix caching, no usage at all) gives no signal:
+after SILENT_FOLLOWERS followers without one, the window stops counting.
 
-The learnt window counts top-level groups (a subtree, such as a few-shot block under an open group's system prompt,
-is part of its group), the cache-size window every group's own blocks. Small groups (a prefix under
-SMALL_PREFIX_TOKENS) are never held back: their blocks matter little, and hits on them are too coarse to judge. A
-group's prefix is estimated from the bytes of its shared key blocks (prefix.py), and set to the tokens its head
-computed (`prompt_tokens - cached_tokens`) once the head's answer says.
+The learnt window counts groups, a subtree (a few-shot block under a system prompt, say) as one of its own; the
+cache-size window counts every group's own blocks. Small groups (a prefix under SMALL_PREFIX_TOKENS) are never held
+back: their blocks matter little, and hits on them are too coarse to judge. A group's prefix is estimated from the
+bytes of its shared key blocks (prefix.py), and set to the tokens its head computed (`prompt_tokens -
+cached_tokens`) once the head's answer says. A follower of a subtree that finds its system prompt but not the
+subtree's own blocks may pass for a full hit: the key blocks cannot tell how far the subtree extends.
 
 The window holds back nothing while no open group has a request in flight on the endpoint (work must go on), and
 never holds back other work: the scheduler hands out followers, small groups and requests without a group whatever
@@ -51,7 +52,8 @@ MARGIN = 0.5
 BYTES_PER_TOKEN = 4.0  # estimate of a prefix's tokens from its bytes, until its head's answer says
 LOWER_BYTES_PER_TOKEN = 6.0  # a safe lower bound of a shared prefix's tokens (judging hits)
 SMALL_PREFIX_TOKENS = 64
-INITIAL_GROUPS = 4  # learnt window at the start: slow start doubles it per round
+INITIAL_GROUPS = 8  # learnt window at the start
+SLOW_START_GROWTH = 0.5  # per group that fully hit: 1.5 times the window per round (doubling overshot by too much)
 DECREASE = 0.5
 FULL_HIT = 0.9  # share of the expected prefix a follower must find to count as a full hit...
 HIT_SLACK_TOKENS = 32  # ...less about two blocks (engines cache whole blocks and compute a prompt's last token)
@@ -82,7 +84,6 @@ def least_tokens(depth: int) -> float:
 @dataclass
 class _Group:
     tokens: float
-    top: bool  # a top-level group (not a subtree of another group)
     opened: int  # the window's count of groups opened, when this one opened
     inflight: int = 0  # its requests in flight on this endpoint (its head, its followers)
 
@@ -96,14 +97,14 @@ class PrefixWindow:
         self.enabled = True  # False: an engine with a prefix cache per slot (llama.cpp): one follower per group
         self.capacity: float | None = None  # cache size in tokens, when the engine says
         self.held = 0.0  # tokens the engine's running sequences hold (usage × size)
-        self.groups = float(INITIAL_GROUPS)  # learnt: open top-level groups allowed
+        self.groups = float(INITIAL_GROUPS)  # learnt: open groups allowed
         self.threshold = math.inf  # learnt: slow start below this
         self.private_tokens = 0.0  # mean tokens a follower holds beyond its group's prefix
         self._open: dict[int, _Group] = {}
         self._idle_tokens = 0.0  # prefixes of open groups with nothing in flight here
         self._busy_tokens = 0.0  # prefixes of open groups with requests in flight here
         self._busy = 0  # open groups with requests in flight here
-        self._counted = 0  # open top-level groups large enough to count
+        self._counted = 0  # open groups large enough to count
         self._followers = 0  # followers in flight (their own tokens; their prefixes count with their group)
         self._opened = 0
         self._cut_at = 0  # groups opened up to the last cut (their misses cannot cut again)
@@ -127,16 +128,15 @@ class PrefixWindow:
 
     # --- groups --------------------------------------------------------------------------------
 
-    def fits(self, tokens: float, top: bool = True) -> bool:
-        """Whether a new group with a prefix of `tokens` may open now: a top-level group, or a subtree of an open
-        one (its few-shot block under a system prompt, say). Always, when no open group has anything in flight here:
-        work must go on (the open groups may be waiting for exactly this subtree)."""
+    def fits(self, tokens: float) -> bool:
+        """Whether a new group with a prefix of `tokens` may open now. Always, when no open group has anything in
+        flight here: work must go on (the open groups may be waiting for exactly this one, a subtree of theirs)."""
         if not self.enabled or tokens < SMALL_PREFIX_TOKENS or not self._busy:
             return True
         if self.capacity is not None:
             admitted = self.working() + tokens <= MARGIN * self.capacity
         elif self.learning:
-            admitted = not top or self._counted + 1 <= max(1.0, self.groups)  # a subtree is part of its group
+            admitted = self._counted + 1 <= max(1.0, self.groups)
         else:
             return True
         if not admitted:
@@ -147,13 +147,13 @@ class PrefixWindow:
         """Tokens the open groups and the running requests need in the cache now."""
         return self._idle_tokens + max(self.held, self._busy_tokens + self._followers * self.private_tokens)
 
-    def open(self, key: int, tokens: float, top: bool = True) -> None:
+    def open(self, key: int, tokens: float) -> None:
         if key in self._open:
             return
         self._opened += 1
-        self._open[key] = _Group(tokens, top, self._opened)
+        self._open[key] = _Group(tokens, self._opened)
         self._idle_tokens += tokens
-        self._counted += top and tokens >= SMALL_PREFIX_TOKENS
+        self._counted += tokens >= SMALL_PREFIX_TOKENS
 
     def is_open(self, key: int) -> bool:
         return key in self._open
@@ -188,7 +188,7 @@ class PrefixWindow:
             self._busy -= 1
         else:
             self._idle_tokens -= group.tokens
-        self._counted -= group.top and group.tokens >= SMALL_PREFIX_TOKENS
+        self._counted -= group.tokens >= SMALL_PREFIX_TOKENS
 
     def resize(self, key: int, tokens: float) -> None:
         """The tokens the group's head actually computed (its answer's prompt_tokens - cached_tokens)."""
@@ -203,7 +203,7 @@ class PrefixWindow:
             self._busy += 1
         else:
             self._idle_tokens += group.tokens
-        self._counted += group.top and group.tokens >= SMALL_PREFIX_TOKENS
+        self._counted += group.tokens >= SMALL_PREFIX_TOKENS
 
     def _move(self, tokens: float, busy: bool) -> None:
         sign = 1 if busy else -1
@@ -254,7 +254,7 @@ class PrefixWindow:
         """A group's first judged follower found its whole prefix: the window grows, if it was what held groups back."""
         if not self.learning or self._counted + 1 < self.groups:
             return
-        self.groups += 1.0 if self.groups < self.threshold else 1.0 / self.groups
+        self.groups += SLOW_START_GROWTH if self.groups < self.threshold else 1.0 / self.groups
 
     def snapshot(self) -> dict:
         return {

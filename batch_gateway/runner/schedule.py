@@ -179,7 +179,7 @@ class GroupScheduler:
                 continue
             position = int(self._children[pool.cursor])
             opens = self._opens(position)
-            if opens is not None and not window.fits(opens, top=False):
+            if opens is not None and not window.fits(opens):
                 continue  # its remaining children all open subtrees: they wait for room
             pool.cursor += 1
             pool.inflight += 1
@@ -250,10 +250,6 @@ class GroupScheduler:
             return None
         return prefix_tokens(below) - prefix_tokens(own)
 
-    def _top(self, position: int) -> bool:
-        """Whether the group `position` heads is a top-level group (not a subtree of another)."""
-        return not self._depths[position]
-
     def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int) -> None:
         """Did a follower find its group's prefix in the cache? Prefixes too small to tell are not judged."""
         depth = int(self._depths[position])
@@ -310,7 +306,7 @@ class GroupScheduler:
                         break
                     if pool.left and not (pool.warm | pool.heading) & bit and (best is None or pool.left > best.left):
                         best = pool
-        if best is None or not self.windows[endpoint].fits(self._opens(best.parent) or 0.0, self._top(best.parent)):
+        if best is None or not self.windows[endpoint].fits(self._opens(best.parent) or 0.0):
             return None
         self.joins += 1
         return self._send_head(best, endpoint)
@@ -321,7 +317,7 @@ class GroupScheduler:
         pool.heading |= 1 << endpoint
         window = self.windows[endpoint]
         if not window.is_open(pool.parent):  # a join: the group opens here
-            window.open(pool.parent, self._opens(pool.parent) or 0.0, self._top(pool.parent))
+            window.open(pool.parent, self._opens(pool.parent) or 0.0)
         window.hold(pool.parent)
         line = self._hand_out(position, endpoint, pool, None, self._opens(position))
         if not pool.left:
@@ -339,7 +335,7 @@ class GroupScheduler:
         if follower:
             window.follower_sent()
         if opens is not None:  # it heads a group of its own: the group opens here
-            window.open(position, opens, self._top(position))
+            window.open(position, opens)
             window.hold(position)
         self._inflight[line] = _Flight(position, endpoint, heads, source, follower)
         self.handed_out += 1

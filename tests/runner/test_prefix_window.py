@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batch_gateway.runner.prefix_window import INITIAL_GROUPS, MARGIN, SILENT_FOLLOWERS, prefix_tokens
+from batch_gateway.runner.prefix_window import (
+    DECREASE,
+    INITIAL_GROUPS,
+    MARGIN,
+    SILENT_FOLLOWERS,
+    SLOW_START_GROWTH,
+    prefix_tokens,
+)
 from batch_gateway.runner.schedule import GroupScheduler
 
 DEEP = 5  # shared key blocks of a ~750-token system prompt (prefix_window.prefix_tokens)
@@ -67,38 +74,32 @@ def test_shared_blocks_of_the_prefix_tree_count_once():
 
 
 def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hits():
-    s = groups_plan(groups=12, size=3)
+    s = groups_plan(groups=30, size=3)
     window = s.windows[0]
     heads = drain(s)
-    assert heads == [3 * g for g in range(INITIAL_GROUPS)]  # slow start begins with a few groups
+    assert heads == [3 * g for g in range(INITIAL_GROUPS)]  # it starts with a few groups
     for head in heads:
         s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
     followers = drain(s)
     assert len(followers) == 2 * INITIAL_GROUPS
-    for line in followers[:2]:  # group 0's followers: full hits; the window grows by one (slow start)
+    for line in followers[:2]:  # group 0's followers: full hits; the window grows (slow start)
         s.on_finished(line, True, prompt_tokens=780, cached_tokens=752)
-    assert window.groups == INITIAL_GROUPS + 1
-    opened = drain(s)
-    assert len(opened) == 2  # group 0 closed, and one more fits
+    assert window.groups == INITIAL_GROUPS + SLOW_START_GROWTH
     for line in followers[2:]:  # the others' prefixes were evicted: one cut, not one per follower
         s.on_finished(line, True, prompt_tokens=780, cached_tokens=0)
-    assert window.cuts == 1 and window.groups == pytest.approx((INITIAL_GROUPS + 1) / 2)
-    # Groups opened before the cut were opened under the old window: their misses do not cut again.
-    for head in opened:
-        s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
-    late = drain(s)
-    assert late == [13, 14, 16, 17]  # 2.5 groups: the two open ones fill it
-    s.on_finished(late[0], True, prompt_tokens=780, cached_tokens=0)
-    s.on_finished(late[1], True, prompt_tokens=780, cached_tokens=0)
-    assert window.cuts == 1
-    # A group opened after the cut: its miss cuts again; a full hit then grows the window by 1/window.
-    (head,) = drain(s)
-    s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
+    assert window.cuts == 1 and window.groups == pytest.approx((INITIAL_GROUPS - 1) * DECREASE)
+    # Only groups opened after the cut can cut again.
     fresh = drain(s)
-    s.on_finished(fresh[0], True, prompt_tokens=780, cached_tokens=0)
-    assert window.cuts == 2 and window.groups == pytest.approx(1.0)
-    s.on_finished(late[2], True, prompt_tokens=780, cached_tokens=752)
-    assert window.groups == pytest.approx(2.0)
+    assert len(fresh) == int(window.groups)
+    for head in fresh:
+        s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
+    assert {fresh[0] + 1, fresh[1] + 1} <= set(drain(s))  # their followers
+    s.on_finished(fresh[0] + 1, True, prompt_tokens=780, cached_tokens=0)
+    assert window.cuts == 2 and window.groups == pytest.approx(len(fresh) * DECREASE)
+    # After the first miss, a group's full hit grows the window by 1/window: one group per round.
+    before = window.groups
+    s.on_finished(fresh[1] + 1, True, prompt_tokens=780, cached_tokens=752)
+    assert window.groups == pytest.approx(before + 1 / before)
 
 
 @pytest.mark.parametrize("prompt_tokens", [780, 0], ids=["no_cached_tokens", "no_usage"])

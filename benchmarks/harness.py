@@ -200,6 +200,8 @@ class SimProcess:
             if name == "models":
                 for model in value:
                     flags += ["--model", model]
+            elif isinstance(value, bool):
+                flags.append(("--" if value else "--no-") + name.replace("_", "-"))
             else:
                 flags += ["--" + name.replace("_", "-"), str(value)]
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the simulator's stderr, read on failure, closed in stop()

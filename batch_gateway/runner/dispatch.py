@@ -30,7 +30,7 @@ from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.circuit import Circuit
 from batch_gateway.runner.controller import ConcurrencyController
-from batch_gateway.runner.engine_metrics import EngineMeter
+from batch_gateway.runner.engine_metrics import EngineMeter, EngineSnapshot
 from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
@@ -46,6 +46,7 @@ BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 METRICS_INTERVAL = 0.5  # a batch yields to arriving users within about this plus one of its service times
 METRICS_RETRY_INTERVAL = 10.0
+FIRST_LOOK_SECONDS = 1.0  # an endpoint's /metrics is read once before its first request, for at most this long
 BACKLOG_POLL_SECONDS = 0.2
 
 
@@ -149,6 +150,7 @@ class Dispatcher:
     async def run(self) -> None:
         """Send every line the scheduler hands out; return when all have a result or `stop()` was called."""
         self._fd = os.open(self.ingested.path, os.O_RDONLY)
+        await asyncio.gather(*(self._first_look(i, ep) for i, ep in enumerate(self.endpoints)))
         pollers = [asyncio.create_task(self._poll_metrics(i, ep)) for i, ep in enumerate(self.endpoints)]
         try:
             await asyncio.gather(*(self._feed(i, ep) for i, ep in enumerate(self.endpoints)))
@@ -442,14 +444,36 @@ class Dispatcher:
                     f"({exchange.failure}).",
                 ),
             )
-        self.scheduler.on_finished(line, kind == ResultKind.OUTPUT)
+        if (
+            kind == ResultKind.OUTPUT and usage is not None
+        ):  # the prefix window learns from what the answer found cached
+            self.scheduler.on_finished(line, True, usage.prompt_tokens, usage.cached_tokens)
+        else:
+            self.scheduler.on_finished(line, False)
         runner_metrics.REQUESTS.labels(outcome="ok" if kind == ResultKind.OUTPUT else "error").inc()
         self.sink(line, kind, usage if kind == ResultKind.OUTPUT else None, wire.encode_result_line(result))
 
+    async def _first_look(self, index: int, endpoint: Endpoint) -> None:
+        """Before the first request: the engine's cache (the prefix window's size) and whether it keeps a prefix cache
+        per slot, so that the first groups already go out as the engine can hold them."""
+        scrape = EngineMeter().scrape(self.client, endpoint.url, time.monotonic())
+        try:
+            snapshot = await asyncio.wait_for(scrape, FIRST_LOOK_SECONDS)
+        except TimeoutError:
+            return
+        if snapshot is not None:
+            self._engine_cache(index, snapshot)
+
+    def _engine_cache(self, index: int, snapshot: EngineSnapshot) -> None:
+        if snapshot.slot_caches:
+            self.scheduler.limit_pool_inflight(index, 1)
+        self.scheduler.windows[index].observe(snapshot.cache_tokens, snapshot.cache_held)
+        self._wake.set()  # the window may have room now
+
     async def _poll_metrics(self, index: int, endpoint: Endpoint) -> None:
         """Feed the engine's gauges (vLLM's, or llama.cpp's) and the other batch runners' loads to the endpoint's
-        controller, where the upstream exposes /metrics. An engine with a prefix cache per slot (llama.cpp) gets one
-        request of a prefix group at a time."""
+        controller, where the upstream exposes /metrics, and its KV cache's size and use to the endpoint's prefix
+        window. An engine with a prefix cache per slot (llama.cpp) gets one request of a prefix group at a time."""
         meter = EngineMeter()
         controller = endpoint.controller
         failures = 0
@@ -478,8 +502,7 @@ class Dispatcher:
                 failures += 1
                 continue
             failures = 0
-            if snapshot.slot_caches:
-                self.scheduler.limit_pool_inflight(index, 1)
+            self._engine_cache(index, snapshot)
             controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:

@@ -14,6 +14,11 @@ previous scrape of the same endpoint, which is what the controller needs over an
 llama.cpp's server (`--metrics`) has no histograms, but `tokens_predicted_seconds_total` adds up each slot's
 generation time, so the same two quotients give its per-token latency and its busy slots. An engine with a prefix
 cache per slot is recognised by llama.cpp's names.
+
+The KV cache's size comes from vLLM's `vllm:cache_config_info`, a gauge of 1 whose labels are the engine's
+CacheConfig (`num_gpu_blocks` × `block_size` tokens; `num_gpu_blocks` is "None" until the engine has profiled its
+memory), one series per engine (label `engine`); what its sequences hold is `vllm:kv_cache_usage_perc` of the same
+engine. Several engines behind one endpoint (data parallel) add up. The prefix window (prefix_window.py) uses both.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ _TOKEN_TIMES = (
     ("llamacpp:tokens_predicted_seconds_total", "llamacpp:tokens_predicted_total"),
 )
 _QUEUE_TIMES = ("vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
+_CACHE_INFO = "vllm:cache_config_info"
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,58 @@ class _Scrape:
 class EngineSnapshot:
     reading: EngineReading
     slot_caches: bool  # llama.cpp: a prefix cache per slot, not one shared cache
+    cache_tokens: float | None = None  # the KV cache's size in tokens, when the engine says
+    cache_held: float | None = None  # tokens of it its running sequences hold
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    values: dict[str, float]
+    cache_tokens: float | None
+    cache_held: float | None
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Every sample's value, summed over its label sets (several models or engines behind one endpoint)."""
+    return _parse(text).values
+
+
+def _parse(text: str) -> _Parsed:
     values: dict[str, float] = {}
+    sizes: dict[tuple[str, str], float] = {}  # (model_name, engine) -> KV cache tokens
+    usage: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
+            if sample.name == _CACHE_INFO and sample.value:
+                tokens = _cache_tokens(sample.labels)
+                if tokens is not None:
+                    sizes[_engine(sample.labels)] = tokens
+            elif sample.name in _KV_USAGE:
+                usage.setdefault(_engine(sample.labels), sample.value)
+    if not sizes:
+        return _Parsed(values, None, None)
+    held = 0.0
+    for engine, tokens in sizes.items():
+        # vLLM's info gauge has no model_name; the engine's usage then is the one with the same engine label.
+        share = usage.get(engine, next((u for (_, e), u in usage.items() if e == engine[1]), 0.0))
+        held += min(1.0, max(0.0, share)) * tokens
+    return _Parsed(values, sum(sizes.values()), held)
+
+
+def _engine(labels: dict[str, str]) -> tuple[str, str]:
+    return labels.get("model_name", ""), labels.get("engine", "")
+
+
+def _cache_tokens(labels: dict[str, str]) -> float | None:
+    """Tokens of KV cache from cache_config_info's labels; None while unknown ("None" before profiling)."""
+    if labels.get("enable_prefix_caching", "True") == "False":
+        return None  # no prefix cache: nothing to keep warm
+    try:
+        blocks, size = int(labels["num_gpu_blocks"]), int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+    return float(blocks * size) if blocks > 0 and size > 0 else None
 
 
 class EngineMeter:
@@ -71,9 +120,10 @@ class EngineMeter:
     def read(self, text: str, at: float) -> EngineSnapshot | None:
         """The reading of a scrape taken at `at`, or None when it has no queue gauges (not an engine we know)."""
         try:
-            values = parse_metrics(text)
+            parsed = _parse(text)
         except ValueError:
             return None
+        values = parsed.values
         waiting = _first(values, _WAITING)
         if waiting is None:
             return None
@@ -99,7 +149,12 @@ class EngineMeter:
             completed=_first(values, _COMPLETED),
             queue_seconds=queue,
         )
-        return EngineSnapshot(reading, slot_caches=any(name.startswith("llamacpp:") for name in values))
+        return EngineSnapshot(
+            reading,
+            slot_caches=any(name.startswith("llamacpp:") for name in values),
+            cache_tokens=parsed.cache_tokens,
+            cache_held=parsed.cache_held,
+        )
 
     async def scrape(self, client: UpstreamClient, endpoint: str, at: float) -> EngineSnapshot | None:
         """Read the endpoint's /metrics; None when it has none usable (or did not answer in time)."""

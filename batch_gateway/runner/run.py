@@ -71,9 +71,8 @@ def plan(ingested: Ingested, done: np.ndarray, prefix_ordering: bool, endpoints:
         assert ingested.keys is not None, "the prefix keys are released once planned"
         order = plan_order(ingested.keys)
         order = order[~done[order]]
-        # One level of warm-up: each top-level group (depth 0 at its start) warms once. As 0/1 depths (1 byte a
-        # request) rather than group ids (8).
-        depths = np.minimum(shared_depths(ingested.keys, order), 1)
+        # Every level of the prefix tree warms once, and the prefix window counts each shared block once.
+        depths = shared_depths(ingested.keys, order)
     else:  # input order, every request its own group (no warm-up holds)
         order = np.flatnonzero(~done)
         depths = np.zeros(len(order), dtype=np.uint8)

@@ -23,7 +23,7 @@ class DispatchStats(msgspec.Struct):
     preempted: int
     preempted_tokens_estimate: int
     ended: StopReason
-    endpoints: dict[str, dict[str, Any]]  # by name: the controller's figures, and the circuit's
+    endpoints: dict[str, dict[str, Any]]  # by name: the controller's figures, the circuit's, the prefix window's
 
     @classmethod
     def of(
@@ -46,8 +46,12 @@ class DispatchStats(msgspec.Struct):
             preempted_tokens_estimate=round(dispatcher.preempted_tokens),
             ended=ended,
             endpoints={
-                ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)}
-                for ep in endpoints
+                ep.name: {
+                    **ep.controller.snapshot(),
+                    "upstream_unavailable": ep.circuit.snapshot(now),
+                    "prefix_window": window.snapshot(),
+                }
+                for ep, window in zip(endpoints, dispatcher.scheduler.windows, strict=True)
             },
         )
 

@@ -17,21 +17,33 @@ back. If the parent fails, the pool's first remaining child becomes a stand-in p
 pool opens when it succeeds. It is the child sharing the deepest prefix, so it computes what all the others reuse.
 Children are themselves parents of their own pools, so every level of the tree is warmed once per endpoint.
 
+**The window** (`prefix_window.py`). Each endpoint opens only as many groups (requests with children: a top-level
+group's head, or a child that heads a subtree) as its cache can hold with their followers; a group closes there when
+nothing of it is left to send and none of it is in flight. Within a pool the children without children of their own
+(followers) go first, then those that open subtrees; among top-level requests, group heads in planned order (largest
+groups first), then requests that share nothing with any other. So when the window is full, followers of open groups
+and requests without a group still go: slots stay busy while any work that fits is left.
+
 **Endpoints.** A pool is warm on the endpoints where its parent, or a stand-in, succeeded; its children go there,
 since their prefix sits in that engine's cache. Endpoints pull work when they have a free slot, so busy endpoints take
-fewer new groups: groups balance by load. The order of preference for `next_ready(endpoint)` is:
-1. a pool warm on this endpoint (drained front first, back to back);
+fewer new groups: groups balance by load. Each endpoint has its own window. The order of preference for
+`next_ready(endpoint)` is:
+1. a pool warm on this endpoint (drained front first, back to back; a child that opens a subtree only if the window
+   lets it);
 2. a pool whose head failed on this endpoint (send a stand-in);
-3. a new top-level request;
-4. join: take over work from another endpoint's busiest pool by sending a stand-in head here. After it succeeds,
-   both endpoints drain the pool. Without this, one huge group (every request sharing a system prompt) would keep
-   all but one endpoint idle.
+3. a new top-level group, if the window lets it open;
+4. a top-level request without followers;
+5. join: take over work from another endpoint's busiest pool by sending a stand-in head here, if the window lets it
+   open here. After it succeeds, both endpoints drain the pool. Without this, one huge group (every request sharing a
+   system prompt) would keep all but one endpoint idle.
 
 **Contract.** The dispatcher retries a request itself. The scheduler hands out each request exactly once and needs
-exactly one `on_finished(line, success)` per handed-out request, whatever its final outcome.
+exactly one `on_finished(line, success, ...)` per handed-out request, whatever its final outcome, with the answer's
+prompt and cached tokens when it has them (the window learns from them).
 
-**Memory.** For n requests: the lines (int64), the children index (int32) and its offsets (int64), about 20 bytes
-per request. Only pools that are open or waiting for a stand-in, and requests in flight, are Python objects.
+**Memory.** For n requests: the lines (int64), the children index (int32) and its offsets (int64), the depths
+(uint8), about 21 bytes per request. Only pools that are open or waiting for a stand-in, and requests in flight, are
+Python objects.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ from collections import deque
 
 import numpy as np
 
+from batch_gateway.runner.prefix_window import SMALL_PREFIX_TOKENS, PrefixWindow, least_tokens, prefix_tokens
+
 ROOT = -1
 JOIN_CANDIDATES = 4  # pools examined per other endpoint when joining: the fronts of their queues
 
@@ -47,7 +61,7 @@ JOIN_CANDIDATES = 4  # pools examined per other endpoint when joining: the front
 class _Pool:
     """The children of one parent: children[cursor:end] are still to go out."""
 
-    __slots__ = ("cursor", "end", "heading", "inflight", "parent", "warm")
+    __slots__ = ("best", "cursor", "end", "heading", "inflight", "judged", "parent", "warm")
 
     def __init__(self, parent: int, cursor: int, end: int, warm: int = 0) -> None:
         self.parent = parent
@@ -56,10 +70,25 @@ class _Pool:
         self.warm = warm  # bit e: open on endpoint e
         self.heading = 0  # bit e: a stand-in head is in flight on endpoint e
         self.inflight = 0  # children handed out from the open pool and not finished
+        self.best = (0, 0)  # (depth, cached tokens): the most a follower of that depth found in the cache
+        self.judged = False  # a follower's full hit has counted for the group already
 
     @property
     def left(self) -> int:
         return self.end - self.cursor
+
+
+class _Flight:
+    """A request handed out and not finished."""
+
+    __slots__ = ("endpoint", "follower", "heads", "position", "source")
+
+    def __init__(self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None, follower: bool) -> None:
+        self.position = position
+        self.endpoint = endpoint
+        self.heads = heads  # the pool it stands in for as head
+        self.source = source  # the open pool it came from (a follower, or a child that opens a subtree)
+        self.follower = follower  # from an open pool, without children of its own
 
 
 class GroupScheduler:
@@ -95,14 +124,17 @@ class GroupScheduler:
         if n and (int(depths[0]) != 0 or int(depths.min()) < 0):
             raise ValueError("depths must be non-negative and the first must be 0")
         self.endpoints = endpoints
-        self._children, self._offsets = _tree(depths)
-        # Root pool: requests with no parent, open everywhere.
-        self._root = _Pool(ROOT, int(self._offsets[0]), int(self._offsets[1]), warm=(1 << endpoints) - 1)
+        self._depths = depths.astype(np.uint8, copy=False)
+        self._children, self._offsets, split = _tree(self._depths)
+        # Top-level requests: group heads (open everywhere), then those without followers.
+        everywhere = (1 << endpoints) - 1
+        self._root = _Pool(ROOT, int(self._offsets[0]), split, warm=everywhere)
+        self._loose = _Pool(ROOT, split, int(self._offsets[1]), warm=everywhere)
         self._ready: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools open on the endpoint
         self._retry: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools needing a stand-in here
-        # line → (position, endpoint, pool it heads, open pool it came from)
-        self._inflight: dict[int, tuple[int, int, _Pool | None, _Pool | None]] = {}
+        self._inflight: dict[int, _Flight] = {}  # by line
         self._pool_cap: list[int | None] = [None] * endpoints  # most children of one pool in flight, per endpoint
+        self.windows = [PrefixWindow() for _ in range(endpoints)]
         self.handed_out = 0
         self.joins = 0
 
@@ -127,65 +159,139 @@ class GroupScheduler:
     def limit_pool_inflight(self, endpoint: int, cap: int | None) -> None:
         """At most `cap` children of one pool in flight on `endpoint` (None: no limit). For engines with a prefix
         cache per slot (llama.cpp): parallel followers land in other slots, which hold other prefixes, and each
-        computes the prefix again; one at a time, each follower finds the slot its predecessor just left."""
+        computes the prefix again; one at a time, each follower finds the slot its predecessor just left. Such an
+        engine keeps one prefix per slot, so this rule takes the place of the window there."""
         self._pool_cap[endpoint] = cap
+        self.windows[endpoint].enabled = cap is None
 
     def next_ready(self, endpoint: int = 0) -> int | None:
         """The next request (line index) for `endpoint`, or None if nothing may go there right now. When None and
-        not `done`, work is waiting for a cold prefix to finish: ask again after the next `on_finished`."""
+        not `done`, work is waiting for a cold prefix to finish or for the window: ask again after the next
+        `on_finished`."""
         bit = 1 << endpoint
         ready = self._ready[endpoint]
         cap = self._pool_cap[endpoint]
+        window = self.windows[endpoint]
         while ready and not ready[0].left:
             ready.popleft()
-        for pool in ready if cap is not None else (ready[0],) if ready else ():
-            if pool.left and (cap is None or pool.inflight < cap):
-                position = int(self._children[pool.cursor])
-                pool.cursor += 1
-                pool.inflight += 1
-                if not pool.left:
-                    ready.remove(pool)
-                return self._hand_out(position, endpoint, None, pool)
+        for pool in ready:
+            if not pool.left or (cap is not None and pool.inflight >= cap):
+                continue
+            position = int(self._children[pool.cursor])
+            opens = self._opens(position)
+            if opens is not None and not window.fits(opens):
+                continue  # its remaining children all open subtrees: they wait for room
+            pool.cursor += 1
+            pool.inflight += 1
+            if not pool.left:
+                ready.remove(pool)
+                self._exhausted(pool)
+            return self._hand_out(position, endpoint, None, pool, opens)
         retry = self._retry[endpoint]
         while retry:
             pool = retry.popleft()
             if pool.left and not (pool.warm | pool.heading) & bit:
                 return self._send_head(pool, endpoint)
         root = self._root
-        if root.cursor < root.end:
+        if root.left:
             position = int(self._children[root.cursor])
-            root.cursor += 1
-            return self._hand_out(position, endpoint, None)
+            opens = self._opens(position)
+            if opens is None or window.fits(opens):
+                root.cursor += 1
+                return self._hand_out(position, endpoint, None, None, opens)
+        loose = self._loose
+        if loose.left:
+            position = int(self._children[loose.cursor])
+            loose.cursor += 1
+            return self._hand_out(position, endpoint, None, None, None)
         return self._join(endpoint)
 
-    def on_finished(self, line: int, success: bool) -> None:
-        """A handed-out request has its final result."""
+    def on_finished(self, line: int, success: bool, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
+        """A handed-out request has its final result; with the answer's usage when it has one."""
         try:
-            position, endpoint, heads, source = self._inflight.pop(line)
+            flight = self._inflight.pop(line)
         except KeyError:
             raise ValueError(f"line {line} is not in flight") from None
+        position, endpoint = flight.position, flight.endpoint
+        window = self.windows[endpoint]
+        bit = 1 << endpoint
+        source, heads = flight.source, flight.heads
         if source is not None:
             source.inflight -= 1
+            window.release(source.parent)
+            if flight.follower:
+                window.follower_done(prompt_tokens, cached_tokens)
+                if success:
+                    self._judge(source, position, window, prompt_tokens, cached_tokens)
+            self._close_if_idle(source, endpoint)
         if heads is not None:  # a stand-in for its pool's parent
-            heads.heading &= ~(1 << endpoint)
+            heads.heading &= ~bit
+            window.release(heads.parent)
+            if success and prompt_tokens:
+                window.resize(heads.parent, prompt_tokens - cached_tokens)
             self._settle(heads, endpoint, success)
         begin, end = int(self._offsets[position + 1]), int(self._offsets[position + 2])
         if end > begin:  # it is a parent itself: its own pool opens here, or needs a stand-in
+            window.release(position)
+            if success and prompt_tokens:
+                window.resize(position, prompt_tokens - cached_tokens)
             self._settle(_Pool(position, begin, end), endpoint, success)
 
     # ------------------------------------------------------------------------------------------
 
+    def _opens(self, position: int) -> float | None:
+        """The tokens `position` adds to the cache for its children, if it has any (None: it opens no group). It
+        has children exactly when the next planned request shares more blocks with it than it does with its own
+        parent (see `_tree`), and that next request shares the most."""
+        if position + 1 >= len(self._depths):
+            return None
+        below, own = int(self._depths[position + 1]), int(self._depths[position])
+        if below <= own:
+            return None
+        return prefix_tokens(below) - prefix_tokens(own)
+
+    def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int) -> None:
+        """Did a follower find its group's prefix in the cache? Prefixes too small to tell are not judged."""
+        depth = int(self._depths[position])
+        least = least_tokens(depth)
+        if least < SMALL_PREFIX_TOKENS:
+            return
+        if not prompt:
+            window.unheard()
+            return
+        best_depth, best = pool.best
+        if window.judge(pool.parent, least, best if best_depth == depth else 0, cached):
+            if cached > best or best_depth != depth:
+                pool.best = (depth, cached)
+            if not pool.judged:
+                pool.judged = True
+                window.group_hit()
+
     def _settle(self, pool: _Pool, endpoint: int, success: bool) -> None:
         bit = 1 << endpoint
-        if not pool.left:
-            return
-        if success:
+        if pool.left and success:
             if not pool.warm & bit:
                 pool.warm |= bit
                 self._ready[endpoint].append(pool)
-        elif not pool.warm:
+        elif pool.left and not pool.warm:
             self._retry[endpoint].append(pool)  # nobody has this prefix: the next child tries, here
-        # else: warm on another endpoint, which carries on with it
+            return
+        # else: done, or warm on another endpoint, which carries on with it
+        self._close_if_idle(pool, endpoint)
+
+    def _close_if_idle(self, pool: _Pool, endpoint: int) -> None:
+        """The group closes on `endpoint` once nothing of it is left for it there and nothing is in flight there."""
+        bit = 1 << endpoint
+        window = self.windows[endpoint]
+        if window.inflight(pool.parent) or pool.heading & bit:
+            return
+        if not pool.left or (not pool.warm & bit and pool.warm):
+            window.close(pool.parent)
+
+    def _exhausted(self, pool: _Pool) -> None:
+        """Nothing of the pool is left to send: it closes wherever nothing of it is in flight."""
+        for endpoint in range(self.endpoints):
+            self._close_if_idle(pool, endpoint)
 
     def _join(self, endpoint: int) -> int | None:
         """Nothing of its own: send a stand-in head for the pool with the most requests left elsewhere."""
@@ -200,7 +306,7 @@ class GroupScheduler:
                         break
                     if pool.left and not (pool.warm | pool.heading) & bit and (best is None or pool.left > best.left):
                         best = pool
-        if best is None:
+        if best is None or not self.windows[endpoint].fits(self._opens(best.parent) or 0.0):
             return None
         self.joins += 1
         return self._send_head(best, endpoint)
@@ -209,18 +315,38 @@ class GroupScheduler:
         position = int(self._children[pool.cursor])
         pool.cursor += 1
         pool.heading |= 1 << endpoint
-        return self._hand_out(position, endpoint, pool)
+        window = self.windows[endpoint]
+        if not window.is_open(pool.parent):  # a join: the group opens here
+            window.open(pool.parent, self._opens(pool.parent) or 0.0)
+        window.hold(pool.parent)
+        line = self._hand_out(position, endpoint, pool, None, self._opens(position))
+        if not pool.left:
+            self._exhausted(pool)
+        return line
 
-    def _hand_out(self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None = None) -> int:
+    def _hand_out(
+        self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None, opens: float | None
+    ) -> int:
         line = int(self.lines[position])
-        self._inflight[line] = (position, endpoint, heads, source)
+        window = self.windows[endpoint]
+        follower = source is not None and opens is None
+        if source is not None:
+            window.hold(source.parent)
+        if follower:
+            window.follower_sent()
+        if opens is not None:  # it heads a group of its own: the group opens here
+            window.open(position, opens)
+            window.hold(position)
+        self._inflight[line] = _Flight(position, endpoint, heads, source, follower)
         self.handed_out += 1
         return line
 
 
-def _tree(depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _tree(depths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Children index of the prefix tree: children[offsets[p + 1]:offsets[p + 2]] are the positions whose parent
-    is p, in order; children[offsets[0]:offsets[1]] are the positions with no parent."""
+    is p, and children[offsets[0]:offsets[1]] those with no parent. Within a parent, children without children come
+    first (followers before heads of subtrees); at the top, group heads come first, and the third value is where the
+    top-level requests without children begin. Both keep planned order within."""
     # Temporaries are freed as soon as they are used, in place where possible: at a million requests each n-long
     # int64 is 8 MB, and this runs while the ingest index is held.
     n = len(depths)
@@ -233,10 +359,19 @@ def _tree(depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mine = depths == depth
         parent[mine] = run_start[mine]
         del run_start, mine
-    children = np.argsort(parent, kind="stable").astype(np.int32)
     parent += 1  # ROOT counts in slot 0
     counts = np.bincount(parent, minlength=n + 1)
-    del parent
     offsets = np.zeros(n + 2, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    return children, offsets
+    # p has children exactly when the next request shares more with it than p does with its own parent.
+    heads = np.zeros(n, dtype=bool)
+    if n > 1:
+        np.greater(depths[1:], depths[:-1], out=heads[:-1])
+    split = int(offsets[0]) + int(np.count_nonzero(heads[parent == 0]))
+    # Sort key: parent slot, then (at the top) heads first, (below) heads last.
+    parent *= 2
+    parent += np.where(parent == 0, ~heads, heads)
+    del heads, counts
+    children = np.argsort(parent, kind="stable").astype(np.int32)
+    del parent
+    return children, offsets, split

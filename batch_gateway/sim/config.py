@@ -20,6 +20,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
     block_size: int = 16
     kv_blocks: int = 25_000
     cache_blocks: int = 0
+    hide_cache_info: bool = False
     max_model_len: int = 32_768
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # --- cost model, in milliseconds of engine time ---
@@ -100,6 +101,8 @@ HELP: dict[str, str] = {
     "kv_blocks": "KV-cache size in blocks; new sequences wait and running ones are preempted when it is full.",
     "cache_blocks": "Most blocks the prefix cache keeps; 0 = whatever of the KV cache is not in use (as vLLM). "
     "When set, /metrics reports it as vllm:cache_config_info's num_gpu_blocks.",
+    "hide_cache_info": "Leave vllm:cache_config_info out of /metrics, as an engine that does not say its cache size "
+    "(the runner then learns its prefix window from cached_tokens).",
     "max_model_len": "Longest prompt + output in tokens; longer requests get a 400.",
     "scheduling_policy": "fcfs: arrival order; a request's `priority` is ignored (as vLLM's V1). priority: lower "
     "`priority` first (ties by arrival), and a waiting request that does not fit preempts the running "

@@ -13,7 +13,8 @@ per model would be). Names, buckets and what is observed follow vllm/v1/metrics/
   latter two observed when the request finishes, as vLLM does).
 - `vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total` (0.9 on) count prompt tokens looked up and found
   at a request's first admission; re-admissions after a preemption are not counted (vLLM counts those apart).
-- `vllm:cache_config_info`: a gauge of 1 whose labels describe the KV cache (see `cache_info`).
+- `vllm:cache_config_info`: a gauge of 1 whose labels describe the KV cache (see `cache_info`); left out with
+  `hide_cache_info`, as an engine that does not say its cache size.
 """
 
 from __future__ import annotations
@@ -195,11 +196,13 @@ def render(engines: Iterable[Engine]) -> str:
     labels = {e.model: _labels({"model_name": e.model, "engine": ENGINE_INDEX}) for e in engines}
     out: list[str] = []
     name = "vllm:cache_config_info"
-    out += [f"# HELP {name} Information of the LLMEngine CacheConfig", f"# TYPE {name} gauge"]
+    shown = [e for e in engines if not e.config.hide_cache_info]
+    if shown:
+        out += [f"# HELP {name} Information of the LLMEngine CacheConfig", f"# TYPE {name} gauge"]
     # vLLM's gauge has no model_name (one process, one model); here it tells the engines of several models apart.
     out += [
         f"{name}{{{_labels({**cache_info(e.config), 'engine': ENGINE_INDEX, 'model_name': e.model})}}} 1.0"
-        for e in engines
+        for e in shown
     ]
     for name, help_text, read in _gauges():
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]

@@ -34,3 +34,22 @@ def test_the_inter_token_latency_totals_are_read_from_the_simulators_metrics():
     engine.stats.itl.observe(0.5, 2)
     total, count = token_latency_totals(render([engine]).encode())
     assert count == 32 and abs(total - (0.6 + 1.0)) < 1e-9
+
+
+def test_the_prefix_benchmarks_tree_has_three_levels_and_its_ideal_computes_each_block_once():
+    import numpy as np
+
+    from batch_gateway.runner.prefix import MAX_BLOCKS, plan_order, prefix_key, shared_depths
+    from benchmarks.prefix import ideal_hit_rate, shared_blocks, tree_bodies
+
+    bodies = tree_bodies(systems=2, shots=3, questions=4)
+    keys = np.array(
+        [(k := prefix_key("/v1/chat/completions", b)) + (0,) * (MAX_BLOCKS - len(k)) for b in bodies], dtype=np.uint64
+    )
+    depths = shared_depths(keys, plan_order(keys))
+    # Per system prompt: one tree; under it, each few-shot block shares less than its questions do.
+    assert sorted(set(depths.tolist())) == [0, 3, 4] and list(depths).count(0) == 2
+    assert list(depths).count(3) == 2 * 2 and list(depths).count(4) == 2 * 3 * 3
+    # Computing each block once: the same prompt twice is all hits the second time (bar its last block).
+    twice = [bodies[0], bodies[0]]
+    assert 0.4 < ideal_hit_rate(twice, 16) < 0.5 and shared_blocks(twice, 16) > 0

@@ -82,3 +82,37 @@ def test_llama_cpp_generation_time_gives_its_per_token_latency_and_busy_slots():
 def test_an_endpoint_without_queue_gauges_gives_no_reading():
     assert EngineMeter().read("# TYPE foo counter\nfoo_total 1\n", at=0.0) is None
     assert EngineMeter().read("not prometheus {{{", at=0.0) is None
+
+
+def cache_info(engine: str, blocks: str, block_size: int = 16, caching: str = "True") -> str:
+    # vLLM's cache_config_info: every CacheConfig field as a label, plus `engine`; no model_name.
+    return (
+        f'vllm:cache_config_info{{block_size="{block_size}",cache_dtype="auto",enable_prefix_caching="{caching}",'
+        f'engine="{engine}",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="{blocks}"}} 1.0\n'
+    )
+
+
+def test_the_kv_cache_size_and_what_its_sequences_hold_per_engine():
+    text = (
+        "# TYPE vllm:cache_config_info gauge\n"
+        + cache_info("0", "1000")
+        + cache_info("1", "3000", block_size=32)
+        + "# TYPE vllm:num_requests_waiting gauge\n"
+        + 'vllm:num_requests_waiting{engine="0",model_name="m"} 0\n'
+        + 'vllm:num_requests_waiting{engine="1",model_name="m"} 0\n'
+        + "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        + 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5\n'
+        + 'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25\n'
+    )
+    snapshot = EngineMeter().read(text, at=0.0)
+    assert snapshot is not None
+    assert snapshot.cache_tokens == 1000 * 16 + 3000 * 32  # two data-parallel engines behind one endpoint
+    assert snapshot.cache_held == 0.5 * 16_000 + 0.25 * 96_000
+
+
+@pytest.mark.parametrize("info", [cache_info("0", "None"), cache_info("0", "1000", caching="False"), ""])
+def test_no_cache_size_while_the_engine_does_not_say(info):
+    # "None" before vLLM has profiled its memory; no prefix caching means nothing to keep warm.
+    text = "# TYPE vllm:cache_config_info gauge\n" + info + vllm(running=1, waiting=0, itl_sum=0, itl_count=0)
+    snapshot = EngineMeter().read(text, at=0.0)
+    assert snapshot is not None and snapshot.cache_tokens is None and snapshot.cache_held is None

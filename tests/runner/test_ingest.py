@@ -6,7 +6,7 @@ import msgspec
 import numpy as np
 
 from batch_gateway.runner.ingest import Limits, ingest, read_request, split_lines
-from batch_gateway.runner.prefix import group_ids, plan_order
+from batch_gateway.runner.prefix import plan_order, shared_depths
 from batch_gateway.runner.run import plan
 from batch_gateway.runner.schedule import GroupScheduler
 
@@ -129,7 +129,7 @@ async def test_index_stays_within_its_per_line_budget(tmp_path):
     assert index / n <= 25, f"{index / n:.1f} bytes per line"
 
 
-async def test_plan_frees_the_keys_matches_group_planning_and_stays_small(tmp_path):
+async def test_plan_frees_the_keys_matches_the_prefix_tree_and_stays_small(tmp_path):
     n = 30_000
     # 100 shared system prompts over a third of the lines, the rest distinct: groups of many sizes and singletons.
     systems = [f"You are assistant {k}. " + "Follow the house rules. " * 20 for k in range(100)]
@@ -141,7 +141,7 @@ async def test_plan_frees_the_keys_matches_group_planning_and_stays_small(tmp_pa
     keys = ingested.keys
     order = plan_order(keys)
     keep = ~done[order]
-    expected = GroupScheduler(order[keep], group_ids(keys, order)[keep])  # top-level groups of the full plan
+    expected = GroupScheduler(order[keep], depths=shared_depths(keys, order[keep]))  # the tree of the lines left
 
     tracemalloc.start()
     try:

@@ -39,10 +39,12 @@ def test_every_config_knob_is_a_flag():
         "0.1",
         "--scheduling-policy",
         "priority",
+        "--hide-cache-info",
     )
     config = config_from_args(args)
     assert config.models == ["a", "b"] and config.max_num_seqs == 7 and config.time_scale == 0.5
-    assert config.error_rate_429 == 0.1 and config.scheduling_policy == "priority"
+    assert config.error_rate_429 == 0.1 and config.scheduling_policy == "priority" and config.hide_cache_info
+    assert not config_from_args(_parse("--no-hide-cache-info")).hide_cache_info  # switches are --x / --no-x
     assert config_from_args(_parse()) == SimConfig()
     assert (args.host, args.port) == ("127.0.0.1", 8100)
 

@@ -278,6 +278,16 @@ def test_cache_config_info_describes_the_kv_cache(start_sim):
     assert capped["num_gpu_blocks"] == "300" and capped["kv_cache_size_tokens"] == str(300 * 16)
 
 
+def test_the_runner_reads_the_cache_size_unless_the_simulator_hides_it(start_sim):
+    shown = EngineMeter().read(httpx.get(start_sim(time_scale=0, kv_blocks=1000).url + "/metrics").text, at=0.0)
+    assert shown is not None and shown.cache_tokens == 16_000 and shown.cache_held == 0
+    hidden = start_sim(time_scale=0, kv_blocks=1000, hide_cache_info=True)
+    text = httpx.get(hidden.url + "/metrics").text
+    assert "vllm:cache_config_info" not in text and "vllm:prefix_cache_hits_total" in text
+    snapshot = EngineMeter().read(text, at=0.0)
+    assert snapshot is not None and snapshot.cache_tokens is None  # the window learns from cached_tokens instead
+
+
 def test_inter_token_latency_is_the_step_time_of_the_cost_model(start_sim):
     # Four sequences decode together: every step costs 25 + 4 × 2.5 = 35 ms of model time, 17.5 ms at this scale.
     server = start_sim(time_scale=0.5, step_base_ms=25, per_seq_ms=2.5, context_ms_per_token=0, prefill_ms_per_token=0)

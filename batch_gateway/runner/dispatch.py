@@ -508,3 +508,4 @@ class Dispatcher:
             if self.preempt and controller.excess:
                 self._preempt(endpoint, controller.excess)
             runner_metrics.record_controller(endpoint.name, controller.snapshot())
+            runner_metrics.record_prefix_window(endpoint.name, self.scheduler.windows[index].snapshot())

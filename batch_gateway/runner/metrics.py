@@ -38,6 +38,26 @@ PREFIX_HIT_RATE = Gauge(
     "batch_runner_prefix_cache_hit_rate", "Share of prompt tokens served from the engine's prefix cache."
 )
 
+PREFIX_OPEN_GROUPS = Gauge(
+    "batch_runner_prefix_open_groups", "Prefix groups open at once on the endpoint (the prefix window).", ["endpoint"]
+)
+PREFIX_WORKING_TOKENS = Gauge(
+    "batch_runner_prefix_working_tokens",
+    "KV-cache tokens the open groups' prefixes and the running requests hold, as the prefix window counts them.",
+    ["endpoint"],
+)
+PREFIX_CACHE_TOKENS = Gauge(
+    "batch_runner_prefix_cache_tokens", "The engine's KV cache in tokens, as its /metrics says.", ["endpoint"]
+)
+
+
+def record_prefix_window(endpoint: str, snapshot: dict) -> None:
+    """The prefix window of one endpoint (runner/prefix_window.py), after a reading."""
+    PREFIX_OPEN_GROUPS.labels(endpoint=endpoint).set(snapshot["open_groups"])
+    PREFIX_WORKING_TOKENS.labels(endpoint=endpoint).set(snapshot["working_tokens"])
+    if snapshot["cache_tokens"] is not None:
+        PREFIX_CACHE_TOKENS.labels(endpoint=endpoint).set(snapshot["cache_tokens"])
+
 
 def record_controller(endpoint: str, snapshot: dict) -> None:
     """The controller's view of one endpoint, after a reading."""

@@ -12,6 +12,7 @@ from batch_gateway.runner.prefix_window import (
     MARGIN,
     SILENT_FOLLOWERS,
     SLOW_START_GROWTH,
+    PrefixWindow,
     prefix_tokens,
 )
 from batch_gateway.runner.schedule import GroupScheduler
@@ -182,3 +183,17 @@ def test_random_trees_under_a_tight_window_finish_exactly_once_and_leave_nothing
     assert sorted(handed) == list(range(n))
     for window in s.windows:
         assert window.snapshot()["open_groups"] == 0 and window.working() == pytest.approx(0, abs=1e-6)
+
+
+def test_the_window_is_exported_as_metrics_per_endpoint():
+    from prometheus_client import REGISTRY
+
+    from batch_gateway.runner import metrics as runner_metrics
+
+    window = PrefixWindow()
+    window.observe(16_000, 4_000)
+    runner_metrics.record_prefix_window("endpoint-7", window.snapshot())
+    sample = lambda name: REGISTRY.get_sample_value(name, {"endpoint": "endpoint-7"})  # noqa: E731
+    assert sample("batch_runner_prefix_cache_tokens") == 16_000
+    assert sample("batch_runner_prefix_open_groups") == 0
+    assert sample("batch_runner_prefix_working_tokens") is not None

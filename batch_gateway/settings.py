@@ -86,6 +86,13 @@ class Settings:
         "on small clusters.",
         group="limits",
     )
+    completion_windows: str = setting(
+        "24h",
+        "Completion windows clients may ask for, comma-separated (e.g. 1h,4h,24h,72h). `24h` is OpenAI's only value "
+        "and lasts --completion-window-seconds; any other lasts what it says (`90m`, `4h`, `3d`). A batch shows the "
+        "window it has.",
+        group="limits",
+    )
     max_line_bytes: int = setting(
         10 * 1024 * 1024, "Largest single line of a batch input file, in bytes.", group="limits"
     )

@@ -26,11 +26,13 @@ from batch_gateway.store.metadata import (
     NEAR_DEADLINE_FRACTION,
     OPEN_UPLOAD_STATUSES,
     ApiKeyRecord,
+    BatchForecast,
     BatchRecord,
     FileRecord,
     MetadataStore,
     RunnerLoad,
     StorageStats,
+    TenantPolicy,
     UploadPartRecord,
     UploadRecord,
     UploadStatus,
@@ -533,14 +535,24 @@ class SqliteStore(MetadataStore):
     async def share_load(self, endpoint: str, load: RunnerLoad, fresh_after: float) -> list[RunnerLoad]:
         # "limit" is quoted: a reserved word in PostgreSQL.
         await self._execute(
-            'INSERT INTO runner_loads (endpoint, owner, inflight, "limit", demand, completed, weight, at) '
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (endpoint, owner) DO UPDATE SET "
+            'INSERT INTO runner_loads (endpoint, owner, inflight, "limit", demand, completed, weight, at, tenant) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (endpoint, owner) DO UPDATE SET "
             'inflight = excluded.inflight, "limit" = excluded."limit", demand = excluded.demand, '
-            "completed = excluded.completed, weight = excluded.weight, at = excluded.at",
-            (endpoint, load.owner, load.inflight, load.limit, load.demand, load.completed, load.weight, load.at),
+            "completed = excluded.completed, weight = excluded.weight, at = excluded.at, tenant = excluded.tenant",
+            (
+                endpoint,
+                load.owner,
+                load.inflight,
+                load.limit,
+                load.demand,
+                load.completed,
+                load.weight,
+                load.at,
+                load.tenant,
+            ),
         )
         found = await self._rows(
-            'SELECT owner, inflight, "limit", demand, completed, weight, at FROM runner_loads '
+            'SELECT owner, inflight, "limit", demand, completed, weight, at, tenant FROM runner_loads '
             "WHERE endpoint = ? AND owner <> ? AND at > ?",
             (endpoint, load.owner, fresh_after),
         )
@@ -548,6 +560,39 @@ class SqliteStore(MetadataStore):
 
     async def withdraw_load(self, owner: str, older_than: float) -> None:
         await self._execute("DELETE FROM runner_loads WHERE owner = ? OR at < ?", (owner, older_than))
+
+    # --- deadlines ------------------------------------------------------------------------
+
+    async def set_tenant_policy(self, tenant: str, policy: TenantPolicy) -> None:
+        await self._execute(
+            "INSERT INTO tenants (name, weight, max_running) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "weight = excluded.weight, max_running = excluded.max_running",
+            (tenant, policy.weight, policy.max_running),
+        )
+
+    async def tenant_policies(self) -> dict[str, TenantPolicy]:
+        found = await self._rows("SELECT name, weight, max_running FROM tenants")
+        return {row["name"]: TenantPolicy(row["weight"], row["max_running"]) for row in found}
+
+    async def save_forecast(self, batch_id: str, forecast: BatchForecast) -> None:
+        await self._execute("UPDATE batches SET forecast = ? WHERE id = ?", (rows.encode_json(forecast), batch_id))
+
+    async def forecasts(self, batch_ids: Collection[str]) -> dict[str, BatchForecast]:
+        wanted = sorted(batch_ids)
+        if not wanted:
+            return {}
+        found = await self._rows(
+            f"SELECT id, forecast FROM batches WHERE id IN ({_marks(wanted)}) AND forecast IS NOT NULL", wanted
+        )
+        return {row["id"]: rows.forecast_from_json(row["forecast"]) for row in found}
+
+    async def add_webhook_event(self, event_id: str, batch_id: str, tenant: str, type: str, now: int) -> bool:
+        added = await self._execute(
+            "INSERT INTO webhook_events (id, batch_id, tenant, type, created_at, due_at) VALUES (?, ?, ?, ?, ?, 0) "
+            "ON CONFLICT (id) DO NOTHING",
+            (event_id, batch_id, tenant, type, now),
+        )
+        return added > 0
 
     # --- webhook outbox --------------------------------------------------------------------
 

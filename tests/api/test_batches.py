@@ -427,6 +427,30 @@ def test_completion_window_shows_the_window_the_batch_really_has(server_factory)
     assert client.batches.retrieve(batch.id).completion_window == "1h"
 
 
+def test_operators_may_allow_other_completion_windows_and_each_batch_shows_its_own(server_factory):
+    server = server_factory(completion_windows="1h,4h,24h,72h")
+    client = server.client()
+    file_id = upload(client)
+    for asked, seconds in (("1h", 3600), ("4h", 4 * 3600), ("24h", 86400), ("72h", 72 * 3600)):
+        batch = client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window=asked)
+        assert (batch.completion_window, batch.expires_at - batch.created_at) == (asked, seconds)
+        stored = client.batches.retrieve(batch.id)
+        assert (stored.completion_window, stored.expires_at) == (asked, batch.expires_at)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="2h")
+    assert caught.value.body["param"] == "completion_window"
+    assert caught.value.body["message"] == "Invalid value: '2h'. Supported values are: '1h', '4h', '24h', and '72h'."
+
+
+def test_completion_windows_setting_refuses_what_is_not_a_window():
+    from batch_gateway.api.batch_create import completion_windows
+
+    assert completion_windows("1h, 24h,90m,3d", 7200) == {"1h": 3600, "24h": 7200, "90m": 5400, "3d": 259200}
+    for bad in ("", "1x", "0h", "24", "1h,,4h"):
+        with pytest.raises(ValueError, match="--completion-windows"):
+            completion_windows(bad, 86400)
+
+
 def test_every_endpoint_of_the_spec_is_accepted_when_an_upstream_serves_it(server_factory):
     from batch_gateway.sim import SimConfig, SimServer
 

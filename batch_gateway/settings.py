@@ -118,7 +118,16 @@ class Settings:
         "local", "How batches run: local (a subprocess per batch) or argo (a Workflow per batch).", group="runner"
     )
     max_concurrent_runners: int = setting(
-        4, "Most batches running at once with the local executor; the rest wait.", group="runner"
+        4,
+        "Most batches running at once (local subprocesses, or Argo Workflows the API creates); the rest wait, and "
+        "start earliest deadline first within weighted fair sharing between tenants.",
+        group="runner",
+    )
+    fair_share_window: float = setting(
+        600.0,
+        "Seconds over which admission remembers the runner slots each tenant held: with fewer slots than tenants, a "
+        "tenant whose batch just ended waits behind one that had less, so tenants take turns by their weights.",
+        group="runner",
     )
     runner_max_crashes: int = setting(
         5,

@@ -237,7 +237,7 @@ async def _submit(services: Services, batch: BatchRecord) -> None:
         log.warning("batch.no_executor", batch_id=batch.id, note="the batch waits in validating for the reconciler")
         return
     try:
-        await services.executor.submit(batch.id, tenant=batch.tenant, model=None)
+        await services.executor.submit(batch.id, tenant=batch.tenant, model=None, deadline=batch.expires_at)
     except Exception:
         log.exception("batch.submit_failed", batch_id=batch.id, note="the reconciler resubmits it")
 

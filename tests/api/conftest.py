@@ -41,7 +41,7 @@ class RecordingExecutor(Executor):
     async def stop(self) -> None:
         return None
 
-    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None, deadline: float = 0) -> None:
         self.submitted.append((batch_id, tenant))
         if self.fail_submit:
             raise RuntimeError("executor is down (test)")

@@ -25,7 +25,7 @@ class RecordingExecutor(Executor):
 
     async def stop(self) -> None: ...
 
-    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None, deadline: float = 0) -> None:
         if batch_id in self.broken:
             raise RuntimeError("the cluster said no")
         self.submitted.append(batch_id)

@@ -1,4 +1,4 @@
-"""`batch-gateway keys tenant` and `keys create --weight/--max-running`: a tenant's admission policy, in the database."""
+"""`batch-gateway keys tenant` and `keys create --weight/--max-running`: a tenant's admission policy, stored."""
 
 from __future__ import annotations
 

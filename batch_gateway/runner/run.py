@@ -33,6 +33,7 @@ from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.catalog import UpstreamCatalog
 from batch_gateway.runner.checkpoint import ERROR, OUTPUT, Checkpoints, Totals
 from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.deadline import DeadlineTracker
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.exits import OWNER_ENV
 from batch_gateway.runner.hints import Hints, hints_for, parse_hints
@@ -349,7 +350,7 @@ class BatchRunner:
             )
             for index, url in enumerate(urls)
         ]
-        board = LoadBoard(self.metadata, self.owner, self.log)
+        board = LoadBoard(self.metadata, self.owner, self.log, tenant=batch.tenant)
         async with UpstreamClient(api_key=settings.upstream_api_key) as client:
             client.tracing = tracing.upstream_tracing(
                 self._span,
@@ -377,6 +378,7 @@ class BatchRunner:
                 board=board,
                 hints=self._hints(batch, ingested.model or ""),
                 preempt=settings.preempt,
+                deadline=DeadlineTracker(self.metadata, batch, self.log),
             )
             self._dispatcher = dispatcher
             dispatch_started = time.monotonic()
@@ -404,6 +406,7 @@ class BatchRunner:
             "preempted": dispatcher.preempted,
             "preempted_tokens_estimate": round(dispatcher.preempted_tokens),
             "ended": self._stop_reason or "completed",
+            "deadline": dispatcher.deadline.summary() if dispatcher.deadline else None,
             "endpoints": {
                 ep.name: {**ep.controller.snapshot(), "upstream_unavailable": ep.circuit.snapshot(now)}
                 for ep in endpoints

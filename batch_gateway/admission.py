@@ -10,11 +10,11 @@ rule, one runner slot (`--max-concurrent-runners`) at a time:
 3. Of the tenants below their fair part, the one whose next batch has the earliest deadline takes the slot. When none
    is below it (every tenant has its part and slots are left), the earliest deadline of all takes it.
 
-What a tenant holds is the larger of the slots it holds now and those it held on average lately (`SlotUsage`, over
-`--fair-share-window` seconds): with fewer slots than tenants, a tenant whose batch just ended is not below its part
-again at once, so the tenants take turns. Within a tenant, batches go by deadline, then by arrival. A tenant flooding
-the queue gets its fair part and no more while others wait, so another tenant's single batch waits at most until the
-next slot frees up.
+What a tenant holds is the larger of the slots it holds now and its share of the slots held lately (`SlotUsage`, over
+`--fair-share-window` seconds) times the slots: with fewer slots than tenants, a tenant whose batch just ended is not
+below its part again at once, so the tenants take turns. Within a tenant, batches go by deadline, then by arrival.
+A tenant flooding the queue gets its fair part and no more while others wait, so another tenant's single batch waits
+at most until the next slot frees up. `--admission-order fifo` starts batches in arrival order instead.
 
 Batches being cancelled, or already past their deadline, start at once outside the slots: their runner only ends them.
 Queue positions and projected starts beyond the free slots are estimates: they assume the runs end when their runners
@@ -98,7 +98,7 @@ class SlotUsage:
             keep = math.exp(-(now - self._at) / self.window)
             for tenant in set(self._usage) | set(self._holding):
                 value = self._usage.get(tenant, 0.0) * keep + self._holding.get(tenant, 0) * (1.0 - keep)
-                if value < 1e-3:
+                if value < 1e-9:
                     self._usage.pop(tenant, None)
                 else:
                     self._usage[tenant] = value
@@ -120,10 +120,19 @@ def plan(
     policies: Mapping[str, TenantPolicy],
     now: float,
     usage: Mapping[str, float] | None = None,
+    fifo: bool = False,
 ) -> Plan:
     """Which of `waiting` start now, given `running`, `slots` runner slots and the tenants' recent `usage` of them
-    (`SlotUsage`), and the order of the rest."""
-    standing = dict(usage or {})
+    (`SlotUsage`), and the order of the rest; `fifo`: arrival order alone (`--admission-order fifo`)."""
+    if fifo:
+        ordered = sorted(waiting, key=lambda b: (b.arrived, b.batch_id))
+        free = max(0, slots - len(running))
+        starts = _projected_starts(len(ordered) - free, running, 0, now) if len(ordered) > free else []
+        queued = [Place(b, i + 1, t) for i, (b, t) in enumerate(zip(ordered[free:], starts, strict=True))]
+        return Plan(ordered[:free], queued)
+    # What each tenant held lately, as its share of all the slots held lately: the window's length cancels out.
+    held = sum((usage or {}).values())
+    standing = {t: slots * u / held for t, u in (usage or {}).items()} if held > 0 else {}
     queues: dict[str, list[Waiting]] = {}
     for batch in sorted(waiting, key=lambda b: b.key):
         queues.setdefault(batch.tenant, []).append(batch)

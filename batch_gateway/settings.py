@@ -123,6 +123,19 @@ class Settings:
         "start earliest deadline first within weighted fair sharing between tenants.",
         group="runner",
     )
+    admission_order: str = setting(
+        "deadline",
+        "The order waiting batches start in. deadline: earliest deadline first within weighted fair sharing between "
+        "tenants (each tenant's weight and cap: `batch-gateway keys tenant NAME`). fifo: arrival order.",
+        group="runner",
+        choices=("deadline", "fifo"),
+    )
+    deadline_shares: bool = setting(
+        True,
+        "Runners sharing an engine split its batch share by their tenants' weights and what their deadlines need (a "
+        "batch that would miss its deadline takes more, one with slack yields); off: equal shares.",
+        group="runner",
+    )
     fair_share_window: float = setting(
         600.0,
         "Seconds over which admission remembers the runner slots each tenant held: with fewer slots than tenants, a "

@@ -59,6 +59,10 @@ def test_with_fewer_slots_than_tenants_the_tenants_take_turns():
     assert recent["a"] == pytest.approx(1 - 2.718281828**-1, rel=1e-6)
     queue = [waiting("a1", "a", 3600, 0), waiting("b1", "b", 7200, 1)]
     assert names(plan(queue, [], slots=1, policies={}, now=NOW, usage=recent).start) == ["b1"]
+    # Shares of what was held lately, not amounts: a run far shorter than the window counts as much.
+    short = SlotUsage(window=600)
+    short.observe({"a": 1}, NOW - 2)
+    assert names(plan(queue, [], slots=1, policies={}, now=NOW, usage=short.observe({}, NOW)).start) == ["b1"]
     assert names(plan(queue, [], slots=1, policies={}, now=NOW).start) == ["a1"]  # no memory: deadline first
 
 
@@ -71,3 +75,9 @@ def test_queue_positions_and_projected_starts_follow_the_runs_projected_ends():
     assert [p.projected_start - NOW for p in result.queue] == [100, 250, 350]
     unknown = plan(queue, [Running("a"), Running("b")], slots=2, policies={}, now=NOW)
     assert [p.projected_start for p in unknown.queue] == [None, None, None]
+
+
+def test_fifo_admission_is_arrival_order_whatever_the_deadlines_and_tenants():
+    queue = [waiting("a-loose", "a", 7200, 0), waiting("a2", "a", 7200, 1), waiting("b-tight", "b", 60, 2)]
+    result = plan(queue, [Running("a")], slots=2, policies={"a": TenantPolicy(max_running=1)}, now=NOW, fifo=True)
+    assert names(result.start) == ["a-loose"] and names(result.queue) == ["a2", "b-tight"]

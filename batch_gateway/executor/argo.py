@@ -121,6 +121,7 @@ class ArgoExecutor(Executor):
         self._admitting = asyncio.Lock()
         self._plan = Plan([], [])
         self._usage = SlotUsage(settings.fair_share_window)
+        self.fifo = settings.admission_order == "fifo"
         self._admitter: asyncio.Task | None = None
 
     # --- Executor --------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ class ArgoExecutor(Executor):
                     started = batch.in_progress_at or batch.created_at
                     running.append(Running(batch.tenant, started, forecast.projected_end_at if forecast else None))
             usage = self._usage.observe(Counter(r.tenant for r in running), now)
-            plan = admission.plan(waiting, running, self.slots, policies, now, usage)
+            plan = admission.plan(waiting, running, self.slots, policies, now, usage, fifo=self.fifo)
             for batch in plan.start:
                 await self._launch(batch.batch_id, tenant=batch.tenant, model=batch.model, deadline=batch.deadline)
             self._plan = plan

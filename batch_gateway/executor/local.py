@@ -143,7 +143,13 @@ class LocalExecutor(Executor):
             forecast = forecasts.get(batch_id)
             running.append(Running(tenant, started, forecast.projected_end_at if forecast else None))
         return admission.plan(
-            list(self._queue.values()), running, self.settings.max_concurrent_runners, self._policies, now, usage
+            list(self._queue.values()),
+            running,
+            self.settings.max_concurrent_runners,
+            self._policies,
+            now,
+            usage,
+            fifo=self.settings.admission_order == "fifo",
         )
 
     async def _spawn(self, batch: Waiting) -> None:

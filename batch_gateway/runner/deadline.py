@@ -55,8 +55,10 @@ class DeadlineTracker:
         batch: BatchRecord,
         log: structlog.typing.FilteringBoundLogger,
         clock=time.time,
+        shares: bool = True,
     ) -> None:
         self.metadata = metadata
+        self.shares = shares  # off (--no-deadline-shares): every runner takes an equal share
         self.batch = batch
         self.log = log
         self.clock = clock
@@ -99,6 +101,8 @@ class DeadlineTracker:
         """The weight to take this endpoint's batch share with (and publish): the tenant's, split between its runners
         here, or more where the deadline needs it. `remaining` are the requests left for this endpoint."""
         fair = self.tenant_weight / (1 + sum(1 for p in peers if p.tenant == self.batch.tenant))
+        if not self.shares:
+            fair = 1.0
         total = limit + sum(p.limit for p in peers)  # what all the batch runners here hold: the batch share
         left = self.batch.expires_at - now
         if service_time is None or total <= 0:
@@ -106,7 +110,7 @@ class DeadlineTracker:
         need = remaining * service_time / left / total if left > 0 else math.inf
         self._need = need
         others = sum(p.weight for p in peers)
-        if not peers or others <= 0:
+        if not peers or others <= 0 or not self.shares:
             return fair
         asked = min(MAX_NEED, need * NEED_MARGIN)
         return min(max(fair, asked * others / (1.0 - asked)), fair * MAX_BOOST)

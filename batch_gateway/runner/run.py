@@ -378,7 +378,7 @@ class BatchRunner:
                 board=board,
                 hints=self._hints(batch, ingested.model or ""),
                 preempt=settings.preempt,
-                deadline=DeadlineTracker(self.metadata, batch, self.log),
+                deadline=DeadlineTracker(self.metadata, batch, self.log, shares=settings.deadline_shares),
             )
             self._dispatcher = dispatcher
             dispatch_started = time.monotonic()

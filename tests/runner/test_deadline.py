@@ -44,6 +44,8 @@ def test_a_runner_that_would_miss_its_deadline_asks_for_the_share_it_needs_and_g
     weight = tracker().weight(NOW + 60, remaining=1000, service_time=1.0, limit=10, peers=peers)
     mine = allocate(40, [1000] * 4, [weight, 1.0, 1.0, 1.0])[0]
     assert 25 <= mine <= 40 * 0.9  # its need, with a margin, and never all of it
+    equal = DeadlineTracker(None, batch_record(), structlog.get_logger("test"), shares=False)  # type: ignore[arg-type]
+    assert equal.weight(NOW + 60, remaining=1000, service_time=1.0, limit=10, peers=peers) == 1.0
     # One with slack keeps its fair weight, and so yields the rest to it.
     assert tracker(batch_record(window=86400)).weight(NOW, remaining=1000, service_time=1.0, limit=10, peers=peers) == 1
 

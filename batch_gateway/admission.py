@@ -128,8 +128,8 @@ def plan(
         ordered = sorted(waiting, key=lambda b: (b.arrived, b.batch_id))
         free = max(0, slots - len(running))
         starts = _projected_starts(len(ordered) - free, running, 0, now) if len(ordered) > free else []
-        queued = [Place(b, i + 1, t) for i, (b, t) in enumerate(zip(ordered[free:], starts, strict=True))]
-        return Plan(ordered[:free], queued)
+        places = [Place(b, i + 1, t) for i, (b, t) in enumerate(zip(ordered[free:], starts, strict=True))]
+        return Plan(ordered[:free], places)
     # What each tenant held lately, as its share of all the slots held lately: the window's length cancels out.
     held = sum((usage or {}).values())
     standing = {t: slots * u / held for t, u in (usage or {}).items()} if held > 0 else {}

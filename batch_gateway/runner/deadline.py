@@ -34,6 +34,7 @@ from batch_gateway.store.metadata import BatchForecast, BatchRecord, MetadataSto
 
 PACE_WINDOW = 30.0  # seconds of progress the pace is measured over
 WARMUP_SECONDS = 10.0  # nothing is flagged before this much dispatch...
+WARMUP_SERVICE_TIMES = 5.0  # ...and this many service times (slow start doubles once per service time)...
 WARMUP_ANSWERS = 20  # ...and this many results: the controller is still finding the engine's size
 UNREACHABLE_READINGS = 6  # readings in a row that need more than the whole batch share (3 s)
 NEED_MARGIN = 1.25  # an urgent runner asks this much more than its need: measurements lag, and it must catch up
@@ -67,6 +68,8 @@ class DeadlineTracker:
         self._started: float | None = None
         self._remaining = 0
         self._need: float | None = None  # share of the batch share needed, at the last reading
+        self._need_of_engine: float | None = None  # share of the whole engine's capacity needed (if it is known)
+        self._service_time = 0.0
         self._over = 0  # readings in a row needing more than the whole batch share
         self.at_risk_said = False
         self.unreachable = False
@@ -97,9 +100,11 @@ class DeadlineTracker:
         service_time: float | None,
         limit: int,
         peers: Sequence[RunnerLoad],
+        capacity: float | None = None,
     ) -> float:
         """The weight to take this endpoint's batch share with (and publish): the tenant's, split between its runners
-        here, or more where the deadline needs it. `remaining` are the requests left for this endpoint."""
+        here, or more where the deadline needs it. `remaining` are the requests left for this endpoint; `capacity` the
+        engine's concurrency at its knee, when the controller has found it."""
         fair = self.tenant_weight / (1 + sum(1 for p in peers if p.tenant == self.batch.tenant))
         if not self.shares:
             fair = 1.0
@@ -107,8 +112,13 @@ class DeadlineTracker:
         left = self.batch.expires_at - now
         if service_time is None or total <= 0:
             return fair
-        need = remaining * service_time / left / total if left > 0 else math.inf
+        in_flight = remaining * service_time / left if left > 0 else math.inf
+        need = in_flight / total
         self._need = need
+        self._service_time = service_time
+        # Unreachable means beyond the whole batch share, and beyond the engine's capacity where it is known: a
+        # controller still growing its total must not make a batch look hopeless.
+        self._need_of_engine = in_flight / max(total, capacity or 0.0)
         others = sum(p.weight for p in peers)
         if not peers or others <= 0 or not self.shares:
             return fair
@@ -150,7 +160,8 @@ class DeadlineTracker:
 
     def _warm(self, now: float) -> bool:
         done = self._progress[-1][1] - self._progress[0][1] if self._progress else 0
-        return self._started is not None and now - self._started >= WARMUP_SECONDS and done >= WARMUP_ANSWERS
+        warmup = max(WARMUP_SECONDS, WARMUP_SERVICE_TIMES * self._service_time)
+        return self._started is not None and now - self._started >= warmup and done >= WARMUP_ANSWERS
 
     def _judge(self, now: float) -> None:
         forecast = self.forecast(now)
@@ -168,7 +179,8 @@ class DeadlineTracker:
                 need_share=forecast.need_share,
                 remaining=self._remaining,
             )
-        self._over = self._over + 1 if self._need is not None and self._need > 1.0 and self._warm(now) else 0
+        hopeless = self._need_of_engine is not None and self._need_of_engine > 1.0
+        self._over = self._over + 1 if hopeless and self._warm(now) else 0
         if self._over >= UNREACHABLE_READINGS and not self.unreachable:
             self.unreachable = True
             runner_metrics.DEADLINE_UNREACHABLE.set(1)

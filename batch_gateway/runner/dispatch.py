@@ -414,6 +414,7 @@ class Dispatcher:
             service_time=controller.service_time,
             limit=controller.limit,
             peers=self.board.peers(endpoint.url) if self.board is not None else [],
+            capacity=controller.capacity,
         )
 
     def _finish(self, line: int, custom_id: str, exchange: Exchange, usage: TokenUsage | None) -> None:

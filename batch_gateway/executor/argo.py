@@ -252,11 +252,15 @@ class ArgoExecutor(Executor):
         except ApiException as exc:
             if exc.status == 404:
                 log.info("argo.cancel_without_workflow", batch_id=batch_id, workflow=name)
+                if self.slots > 0:
+                    await self.admit()  # held back: a cancelled batch gets its runner at once, to end it
                 return
             raise self._error(f"stop Workflow {name} of batch {batch_id}", exc) from exc
         log.info("argo.stopped", batch_id=batch_id, workflow=name)
 
     async def state(self, batch_id: str) -> RunState:
+        if self._plan.place_of(batch_id) is not None:
+            return RunState.RUNNING  # waiting for a slot: it will be, as admission decides
         workflow = await self._get(workflow_name(batch_id))
         if workflow is None or workflow.get("metadata", {}).get("deletionTimestamp"):
             return RunState.UNKNOWN

@@ -311,11 +311,12 @@ async def test_workflows_are_held_back_and_created_earliest_deadline_first_fairl
         assert 3600 + 7200 - 10 <= urgent["activeDeadlineSeconds"] <= 3600 + 7200 + 10  # its window, not 26 h
         assert kube.api.rejected == []
 
-        # A batch being cancelled while it waits gets its runner at once, outside the slots, to end it.
+        # A waiting batch is one the executor will run (the reconciler leaves it alone); being cancelled while it
+        # waits, it gets its runner at once, outside the slots, to end it.
         waiting = await batch("globex", 86400)
-        assert waiting not in created()
+        assert waiting not in created() and await executor.state(waiting) == RunState.RUNNING
         await store.transition(waiting, ["validating"], "cancelling", ids.now())
-        await executor.admit()
+        await executor.cancel(waiting)
         assert waiting in created()
     finally:
         await executor.stop()

@@ -9,6 +9,8 @@ rule, one runner slot (`--max-concurrent-runners`) at a time:
    (their `weight`): a tenant that wants fewer than its part leaves the rest to the others.
 3. Of the tenants below their fair part, the one whose next batch has the earliest deadline takes the slot. When none
    is below it (every tenant has its part and slots are left), the earliest deadline of all takes it.
+4. Except for urgent batches, those that have waited through half their window: they go first, earliest deadline
+   first, even when their tenant has its part already, by one slot at most (a flood of them cannot take every slot).
 
 What a tenant holds is the larger of the slots it holds now and its share of the slots held lately (`SlotUsage`, over
 `--fair-share-window` seconds) times the slots: with fewer slots than tenants, a tenant whose batch just ended is not
@@ -34,6 +36,7 @@ from batch_gateway.runner.share import allocate
 from batch_gateway.store.metadata import BatchRecord, TenantPolicy
 
 DEFAULT_POLICY = TenantPolicy()
+URGENT_SHARE = 0.5  # a waiting batch with less than this share of its window left is urgent
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class Waiting:
     @property
     def key(self) -> tuple[float, float, str]:
         return (self.deadline, self.arrived, self.batch_id)
+
+    def urgent(self, now: float) -> bool:
+        """In the last `URGENT_SHARE` of its window: waiting any longer, it may not make its deadline."""
+        return self.deadline - now < URGENT_SHARE * (self.deadline - self.arrived)
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ def plan(
             _end_one(_gives_back(holding, policies), holding, standing)
             busy -= 1
             projected = True
-        pick = _choose(queues, holding, standing, slots, policies)
+        pick = _choose(queues, holding, standing, slots, policies, now)
         if pick is None:  # every tenant with waiting batches is at its cap: one of its own runs must end first
             _end_one(min((t for t, q in queues.items() if q), key=lambda t: queues[t][0].key), holding, standing)
             busy -= 1
@@ -172,6 +179,7 @@ def _choose(
     usage: Mapping[str, float],
     slots: int,
     policies: Mapping[str, TenantPolicy],
+    now: float,
 ) -> Waiting | None:
     def capped(tenant: str) -> bool:
         cap = _policy(policies, tenant).max_running
@@ -187,8 +195,10 @@ def _choose(
         wanted = holding[tenant] + len(queues.get(tenant, ()))
         demands.append(float(wanted if cap is None else min(wanted, cap)))
     fair = dict(zip(tenants, allocate(slots, demands, [_policy(policies, t).weight for t in tenants]), strict=True))
+    # Near its deadline, a batch may take one slot beyond its tenant's part, earliest deadline first.
+    urgent = [t for t in eligible if queues[t][0].urgent(now) and holding[t] < fair[t] + 1 - 1e-9]
     below = [t for t in eligible if max(holding[t], usage.get(t, 0.0)) < fair[t] - 1e-9]
-    tenant = min(below or eligible, key=lambda t: queues[t][0].key)
+    tenant = min(urgent or below or eligible, key=lambda t: queues[t][0].key)
     return queues[tenant].pop(0)
 
 

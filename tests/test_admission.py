@@ -81,3 +81,17 @@ def test_fifo_admission_is_arrival_order_whatever_the_deadlines_and_tenants():
     queue = [waiting("a-loose", "a", 7200, 0), waiting("a2", "a", 7200, 1), waiting("b-tight", "b", 60, 2)]
     result = plan(queue, [Running("a")], slots=2, policies={"a": TenantPolicy(max_running=1)}, now=NOW, fifo=True)
     assert names(result.start) == ["a-loose"] and names(result.queue) == ["a2", "b-tight"]
+
+
+def test_a_batch_in_the_last_half_of_its_window_goes_first_by_one_slot_beyond_its_tenants_part():
+    # b holds its part (one of two slots); its batch has waited 35 s of a 60 s window: it goes before a's.
+    near = waiting("b-near", "b", 25, -35)
+    result = plan([waiting("a-loose", "a", 7200, -10), near], [Running("b")], slots=2, policies={}, now=NOW)
+    assert names(result.start) == ["b-near"]
+    fresh = waiting("b-fresh", "b", 60, 0)  # the same tenant's batch with most of its window left waits its turn
+    result = plan([waiting("a-loose", "a", 7200, -10), fresh], [Running("b")], slots=2, policies={}, now=NOW)
+    assert names(result.start) == ["a-loose"]
+    # One slot beyond its part at most: holding two of three (its part is one), b's urgent batch waits.
+    queue = [waiting("a-loose", "a", 7200, -10), waiting("c-loose", "c", 7200, -5), near]
+    result = plan(queue, [Running("b"), Running("b")], slots=3, policies={}, now=NOW)
+    assert names(result.start) == ["a-loose"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
 import os
 import socket
@@ -45,7 +44,6 @@ class LocalExecutor(Executor):
         self.settings = settings
         self.metadata = metadata
         self._queue: dict[str, Waiting] = {}  # waiting for a slot, in submission order
-        self._arrivals = itertools.count()  # ties between equal deadlines go to the earlier submission
         self._urgent: set[str] = set()  # cancelled while queued: run now so it finalises promptly
         self._running: dict[str, asyncio.subprocess.Process] = {}
         self._running_for: dict[str, tuple[str, float]] = {}  # batch id -> (tenant, started at)
@@ -86,7 +84,7 @@ class LocalExecutor(Executor):
         if batch_id in self._running or batch_id in self._queue:
             return
         self._finished.discard(batch_id)
-        self._queue[batch_id] = Waiting(batch_id, tenant, deadline, next(self._arrivals), model)
+        self._queue[batch_id] = Waiting(batch_id, tenant, deadline, time.time(), model)
         log.info("executor.queued", batch_id=batch_id, queued=len(self._queue), running=len(self._running))
         self._wake.set()
 

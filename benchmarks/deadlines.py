@@ -57,7 +57,7 @@ class Spec:
     window: str
 
 
-# The mixed scenario: A floods early (1, 2, 4, 6), C's single batch (5) arrives while A's wait.
+# The mixed scenario, in arrival order: A floods early (1, 2, 4, 6); C's single batch (5) arrives while A's wait.
 MIXED = [
     Spec("A", 0, 40, "24h"),
     Spec("A", 5, 25, "24h"),
@@ -65,9 +65,9 @@ MIXED = [
     Spec("A", 15, 20, "24h"),
     Spec("C", 20, 15, "24h"),
     Spec("A", 30, 25, "24h"),
-    Spec("B", 45, 10, "1m"),
-    Spec("C", 60, 10, "2m"),
+    Spec("B", 60, 10, "2m"),
     Spec("A", 90, 15, "3m"),
+    Spec("C", 100, 10, "1m"),
     Spec("B", 120, 20, "24h"),
     Spec("C", 150, 15, "3m"),
     Spec("B", 180, 10, "2m"),

@@ -131,6 +131,9 @@ def plan(
 ) -> Plan:
     """Which of `waiting` start now, given `running`, `slots` runner slots and the tenants' recent `usage` of them
     (`SlotUsage`), and the order of the rest; `fifo`: arrival order alone (`--admission-order fifo`)."""
+    if slots <= 0:  # nothing runs: the queue in the order it would start
+        ordered = sorted(waiting, key=lambda b: b.key)
+        return Plan([], [Place(b, i + 1, None) for i, b in enumerate(ordered)])
     if fifo:
         ordered = sorted(waiting, key=lambda b: (b.arrived, b.batch_id))
         free = max(0, slots - len(running))

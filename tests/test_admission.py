@@ -95,3 +95,9 @@ def test_a_batch_in_the_last_half_of_its_window_goes_first_by_one_slot_beyond_it
     queue = [waiting("a-loose", "a", 7200, -10), waiting("c-loose", "c", 7200, -5), near]
     result = plan(queue, [Running("b"), Running("b")], slots=3, policies={}, now=NOW)
     assert names(result.start) == ["a-loose"]
+
+
+def test_no_slots_start_nothing():
+    queue = [waiting("a", "a", 7200, 0), waiting("b", "b", 60, 1)]
+    result = plan(queue, [], slots=0, policies={}, now=NOW)
+    assert result.start == [] and names(result.queue) == ["b", "a"]

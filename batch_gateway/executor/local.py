@@ -116,7 +116,18 @@ class LocalExecutor(Executor):
                 self._urgent.discard(batch_id)
                 await self._spawn(self._queue.pop(batch_id))
             self._wake.clear()
-            self._plan = await self._admit(now)
+            try:
+                self._plan = await self._admit(now)
+            except Exception:  # a bug must not stop every batch: start them in arrival order meanwhile
+                log.exception("executor.admission_failed")
+                self._plan = admission.plan(
+                    list(self._queue.values()),
+                    [Running(t) for t, _ in self._running_for.values()],
+                    self.settings.max_concurrent_runners,
+                    {},
+                    now,
+                    fifo=True,
+                )
             for batch in self._plan.start:
                 del self._queue[batch.batch_id]
                 await self._spawn(batch)

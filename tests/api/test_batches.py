@@ -6,6 +6,7 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import openai
 import pytest
 
@@ -515,3 +516,43 @@ def test_an_unknown_parameter_is_refused_as_openai_does(server, client):
         client.batches.create(**base, extra_body={"priority": "high"})
     assert refused.value.code == "unknown_parameter"
     assert client.batches.list().data == [], "nothing was created"
+
+
+# --- deadlines: run_stats and metrics of a batch that has not ended -----------------------------------------------
+
+
+def test_run_stats_of_a_running_batch_show_its_runners_forecast_and_so_do_the_metrics(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from batch_gateway.store.metadata import BatchForecast
+
+    batch = create(client, upload(client))
+    waiting = server.http().get(f"/v1/batches/{batch.id}/run_stats").json()
+    assert waiting == {
+        "ended": None,
+        "status": "validating",
+        "expires_at": batch.expires_at,
+        "queue": None,  # this test's executor keeps no queue
+        "deadline": None,
+    }
+    set_status(server, batch.id, "in_progress")
+    forecast = BatchForecast(
+        at=1.0, remaining=40, projected_end_at=batch.expires_at + 60.0, need_share=1.5, at_risk=True, unreachable=True
+    )
+    server.run(server.services.metadata.save_forecast(batch.id, forecast))
+    running = server.http().get(f"/v1/batches/{batch.id}/run_stats").json()
+    assert running["status"] == "in_progress" and running["deadline"] == msgspec.to_builtins(forecast)
+
+    samples = {
+        (s.name, s.labels.get("batch_id")): s.value
+        for family in text_string_to_metric_families(server.http().get("/metrics").text)
+        for s in family.samples
+    }
+    assert samples[("batch_gateway_batch_projected_completion_timestamp_seconds", batch.id)] == batch.expires_at + 60
+    assert samples[("batch_gateway_batch_deadline_at_risk", batch.id)] == 1
+    assert samples[("batch_gateway_batch_deadline_unreachable", batch.id)] == 1
+    set_status(server, batch.id, "completed")  # an ended batch drops out of the per-batch series
+    text = server.http().get("/metrics").text
+    assert batch.id not in text
+    # Another tenant's batch is not found, whatever it stands.
+    assert server.http().get("/v1/batches/batch_missing/run_stats").status_code == 404

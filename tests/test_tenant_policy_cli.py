@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+import structlog
+
 from batch_gateway.cli import main
 from batch_gateway.store.metadata import TenantPolicy
 from batch_gateway.store.sqlite import SqliteStore
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() configures structlog for the process, writing to the stdout pytest captures here: undo it after."""
+    config = structlog.get_config()
+    yield
+    structlog.configure(**config)
 
 
 def policies(data_dir) -> dict[str, TenantPolicy]:

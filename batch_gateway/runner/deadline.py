@@ -31,6 +31,7 @@ import structlog
 from batch_gateway.errors import StorageUnavailable
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.store.metadata import BatchForecast, BatchRecord, MetadataStore, RunnerLoad
+from batch_gateway.webhooks import EXTENSION_EVENT_TYPES
 
 PACE_WINDOW = 30.0  # seconds of progress the pace is measured over
 WARMUP_SECONDS = 10.0  # nothing is flagged before this much dispatch...
@@ -41,7 +42,7 @@ NEED_MARGIN = 1.25  # an urgent runner asks this much more than its need: measur
 MAX_NEED = 0.9  # ...but never for more than this share of the batch share: the others keep a little
 MAX_BOOST = 50.0  # nor a weight above this many times its fair weight
 SAVE_INTERVAL = 5.0  # seconds between forecasts kept beside the batch (and re-reads of the tenant's weight)
-UNREACHABLE_EVENT = "batch.deadline_unreachable"
+UNREACHABLE_EVENT = EXTENSION_EVENT_TYPES[0]  # batch.deadline_unreachable
 
 
 def unreachable_event_id(batch_id: str) -> str:

@@ -7,8 +7,9 @@ rule, one runner slot (`--max-concurrent-runners`) at a time:
 1. A tenant at its cap (`max_running`, `batch-gateway keys tenant NAME --max-running N`) takes no slot.
 2. The slots are shared between the tenants that have batches, running or waiting, by weighted max-min fairness
    (their `weight`): a tenant that wants fewer than its part leaves the rest to the others.
-3. Of the tenants below their fair part, the one whose next batch has the earliest deadline takes the slot. When none
-   is below it (every tenant has its part and slots are left), the earliest deadline of all takes it.
+3. Of the tenants below their fair part, the one missing the largest share of it takes the slot; between equals, the
+   one whose next batch has the earliest deadline. When none is below its part (every tenant has it and slots are
+   left), the earliest deadline of all takes it.
 4. Except for urgent batches, those that have waited through half their window: they go first, earliest deadline
    first, even when their tenant has its part already, by one slot at most (a flood of them cannot take every slot).
 
@@ -200,7 +201,12 @@ def _choose(
     fair = dict(zip(tenants, allocate(slots, demands, [_policy(policies, t).weight for t in tenants]), strict=True))
     # Near its deadline, a batch may take one slot beyond its tenant's part, earliest deadline first.
     urgent = [t for t in eligible if queues[t][0].urgent(now) and holding[t] < fair[t] + 1 - 1e-9]
-    below = [t for t in eligible if max(holding[t], usage.get(t, 0.0)) < fair[t] - 1e-9]
+    # Below its part, the tenant missing the largest share of it goes first (parts of a slot are taken in turn).
+    owed = {t: (fair[t] - max(holding[t], usage.get(t, 0.0))) / fair[t] for t in eligible if fair[t] > 0}
+    below = [t for t, share in owed.items() if share > 1e-9]
+    if below:
+        most = max(owed[t] for t in below)
+        below = [t for t in below if owed[t] >= most - 1e-9]
     tenant = min(urgent or below or eligible, key=lambda t: queues[t][0].key)
     return queues[tenant].pop(0)
 

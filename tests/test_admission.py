@@ -101,3 +101,11 @@ def test_no_slots_start_nothing():
     queue = [waiting("a", "a", 7200, 0), waiting("b", "b", 60, 1)]
     result = plan(queue, [], slots=0, policies={}, now=NOW)
     assert result.start == [] and names(result.queue) == ["b", "a"]
+
+
+def test_parts_of_a_slot_are_taken_in_turn():
+    # Weights 2, 1, 1 over three slots: parts of 1.5, 0.75 and 0.75. A takes one; then B and C, who miss all of
+    # theirs, go before A's second, whatever the deadlines (an engine then splits 2:1:1 between the three runners).
+    queue = [waiting(f"a{i}", "a", 600, i) for i in range(3)] + [waiting("b", "b", 7200, 5), waiting("c", "c", 7200, 6)]
+    result = plan(queue, [], slots=3, policies={"a": TenantPolicy(weight=2.0)}, now=NOW)
+    assert names(result.start) == ["a0", "b", "c"]

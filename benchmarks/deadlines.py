@@ -10,8 +10,8 @@ takes for them, from its capacity measured first. Each policy runs two scenarios
 * **mixed**: 12 batches over three minutes, windows of 1 to 6 minutes or 24 h; tenant A submits four batches early
   (a flood) and tenant C one batch while they wait. Whether an earliest-deadline-first schedule of the same arrivals
   on the same engine (preemptive, the whole engine to the earliest deadline) would miss any deadline is computed too.
-* **loose**: every batch has a 24 h window; A submits three batches, then B three, then C three, all at once. The
-  share of completed requests per tenant is measured while all three have work, against their weights' shares.
+* **loose**: every batch has a 24 h window; each tenant submits three, all at once (A, B, C, A, B, C, ...). The share
+  of completed requests per tenant is measured while all three have work, against their weights' shares.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ MIXED = [
     Spec("C", 150, 15, "3m"),
     Spec("B", 180, 10, "2m"),
 ]
-LOOSE = [Spec(t, 0, 20, "24h") for t in ("A", "A", "A", "B", "B", "B", "C", "C", "C")]
+LOOSE = [Spec(t, 0, 20, "24h") for t in ("A", "B", "C") * 3]
 
 POLICIES = {
     "deadline-aware": {"BATCH_GATEWAY_ADMISSION_ORDER": "deadline", "BATCH_GATEWAY_DEADLINE_SHARES": "true"},
@@ -286,7 +286,8 @@ def write(results: dict[str, dict[str, list[Outcome]]], rps: float) -> None:
     body = f"""
 `python -m benchmarks deadlines`. `batch-gateway serve` (local executor, {SLOTS} runner slots, SQLite) and the
 simulator at time scale {TIME_SCALE} (capacity measured first: {rps:,.1f} requests/s of `batch_body` requests, real
-time); tenants A, B and C have weights {", ".join(f"{t} {w:g}" for t, w in WEIGHTS.items())}. Sizes are engine-seconds
+time); tenants A, B and C have weights {", ".join(f"{t} {w:g}" for t, w in WEIGHTS.items())}; `--fair-share-window
+120` (the runs take a minute or two). Sizes are engine-seconds
 (seconds of the whole engine, real time); times are real seconds after the scenario's start (×{1 / TIME_SCALE:g} for
 model time). Each policy gets the same arrivals, on a fresh data directory. An earliest-deadline-first schedule of the
 mixed arrivals (preemptive, one engine) misses **{edf}** deadlines. Other processes on the machine used

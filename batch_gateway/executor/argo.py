@@ -159,7 +159,8 @@ class ArgoExecutor(Executor):
         or past their deadline at once: their runner only ends them), and note the order of the others."""
         async with self._admitting:
             now = time.time() if now is None else now
-            live = await self._runner_workflows()
+            workflows = await self._runner_workflows()
+            live = {b: phase for b, (phase, _) in workflows.items()}
             active = await self.metadata.batches_with_status(wire.ACTIVE_STATUSES)  # type: ignore[union-attr]
             running_ids = [b.id for b in active if live.get(b.id, "") not in COMPLETED_PHASES and b.id in live]
             policies = await self.metadata.tenant_policies()  # type: ignore[union-attr]
@@ -175,6 +176,12 @@ class ArgoExecutor(Executor):
                     forecast = forecasts.get(batch.id)
                     started = batch.in_progress_at or batch.created_at
                     running.append(Running(batch.tenant, started, forecast.projected_end_at if forecast else None))
+            # A Workflow whose batch has ended may still run its exit handler: it holds its slot (and the template's
+            # semaphore) for those few seconds more.
+            active_ids = {b.id for b in active}
+            for batch_id, (phase, tenant) in workflows.items():
+                if batch_id not in active_ids and phase not in COMPLETED_PHASES:
+                    running.append(Running(tenant, None, now))
             usage = self._usage.observe(Counter(r.tenant for r in running), now)
             plan = admission.plan(waiting, running, self.slots, policies, now, usage, fifo=self.fifo)
             for batch in plan.start:
@@ -194,8 +201,9 @@ class ArgoExecutor(Executor):
                 log.exception("argo.admission_failed")
             await asyncio.sleep(ADMISSION_INTERVAL)
 
-    async def _runner_workflows(self) -> dict[str, str]:
-        """Batch id -> phase of every runner Workflow in the namespace ("" before the controller has seen it)."""
+    async def _runner_workflows(self) -> dict[str, tuple[str, str]]:
+        """Batch id -> (phase, tenant) of every runner Workflow in the namespace (phase "" before the controller has
+        seen it)."""
         selector = "app.kubernetes.io/component=runner,app.kubernetes.io/managed-by=batch-gateway"
         try:
             listed = await self._call(
@@ -203,11 +211,13 @@ class ArgoExecutor(Executor):
             )
         except ApiException as exc:
             raise self._error("list the runner Workflows", exc) from exc
-        found: dict[str, str] = {}
+        found: dict[str, tuple[str, str]] = {}
         for workflow in listed.get("items", []):
-            batch_id = (workflow.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_BATCH_ID)
+            annotations = workflow.get("metadata", {}).get("annotations") or {}
+            batch_id = annotations.get(ANNOTATION_BATCH_ID)
             if batch_id and not workflow["metadata"].get("deletionTimestamp"):
-                found[batch_id] = (workflow.get("status") or {}).get("phase") or ""
+                phase = (workflow.get("status") or {}).get("phase") or ""
+                found[batch_id] = (phase, annotations.get(ANNOTATION_TENANT, ""))
         return found
 
     async def _launch(self, batch_id: str, *, tenant: str, model: str | None, deadline: float) -> None:

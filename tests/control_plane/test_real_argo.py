@@ -349,7 +349,7 @@ def test_the_api_admits_workflows_and_holds_the_rest_back_with_the_real_controll
         assert time.monotonic() < deadline, f"not all done: {phases}\n{plane.diagnostics()}"
         time.sleep(0.3)
     assert most_held_back >= 2, "the API created every Workflow at once"
-    assert most_live <= 5  # four admitted, plus one whose exit handler may still be running
+    assert most_live <= 5  # four, plus one a gc pass might admit in the same instant (it decides on its own)
     for batch_id in batch_ids:
         assert client.batches.retrieve(batch_id).status == "completed"
         spec = plane.workflow(workflow_name(batch_id))["spec"]

@@ -282,11 +282,16 @@ async def test_workflows_are_held_back_and_created_earliest_deadline_first_fairl
     def created() -> list[str]:
         return [w["metadata"]["annotations"]["batch-gateway/batch-id"] for w in kube.api.workflows(NAMESPACE)]
 
-    clock = iter(range(int(time.time()) + 600, 10**10, 600))  # each run takes ten minutes
+    clock = iter(range(int(time.time()) + 300, 10**10, 300))  # each run takes ten minutes
 
     async def finish(batch_id: str) -> None:
-        kube.api.set_status(NAMESPACE, workflow_name(batch_id), {"phase": "Succeeded"})
+        # The batch ends first; its Workflow a moment later, once its exit handler ran: only then is its slot free.
         await store.transition(batch_id, ["validating"], "completed", ids.now())
+        kube.api.set_status(NAMESPACE, workflow_name(batch_id), {"phase": "Running"})
+        before = len(created())
+        await executor.admit(now=next(clock))
+        assert len(created()) == before
+        kube.api.set_status(NAMESPACE, workflow_name(batch_id), {"phase": "Succeeded"})
         await executor.admit(now=next(clock))
 
     try:

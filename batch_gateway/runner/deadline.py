@@ -42,6 +42,7 @@ NEED_MARGIN = 1.25  # an urgent runner asks this much more than its need: measur
 MAX_NEED = 0.9  # ...but never for more than this share of the batch share: the others keep a little
 MAX_BOOST = 50.0  # nor a weight above this many times its fair weight
 SAVE_INTERVAL = 5.0  # seconds between forecasts kept beside the batch (and re-reads of the tenant's weight)
+CLOSE_WAIT = 1.0  # seconds the last forecast may take to save when dispatch ends
 UNREACHABLE_EVENT = EXTENSION_EVENT_TYPES[0]  # batch.deadline_unreachable
 
 
@@ -212,10 +213,11 @@ class DeadlineTracker:
             self.log.warning("runner.forecast_not_saved", error=str(exc))
 
     async def close(self) -> None:
-        """Keep the last forecast (dispatch ended)."""
-        if self._saving is not None:
+        """Keep the last forecast (dispatch ended), if the database answers at once: finalising must not wait for it."""
+        if self._saving is not None and not self._saving.done():
+            self._saving.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._saving, 5.0)
+                await self._saving
         if self._progress:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._save(self.forecast(self._progress[-1][0])), 5.0)
+                await asyncio.wait_for(self._save(self.forecast(self._progress[-1][0])), CLOSE_WAIT)

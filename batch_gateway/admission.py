@@ -33,7 +33,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from batch_gateway.runner.share import allocate
 from batch_gateway.store.metadata import BatchRecord, TenantPolicy
 
 DEFAULT_POLICY = TenantPolicy()
@@ -198,7 +197,7 @@ def _choose(
         cap = _policy(policies, tenant).max_running
         wanted = holding[tenant] + len(queues.get(tenant, ()))
         demands.append(float(wanted if cap is None else min(wanted, cap)))
-    fair = dict(zip(tenants, allocate(slots, demands, [_policy(policies, t).weight for t in tenants]), strict=True))
+    fair = dict(zip(tenants, fair_parts(slots, demands, [_policy(policies, t).weight for t in tenants]), strict=True))
     # Near its deadline, a batch may take one slot beyond its tenant's part, earliest deadline first.
     urgent = [t for t in eligible if queues[t][0].urgent(now) and holding[t] < fair[t] + 1 - 1e-9]
     # Below its part, the tenant missing the largest share of it goes first (parts of a slot are taken in turn).
@@ -209,6 +208,22 @@ def _choose(
         below = [t for t in below if owed[t] >= most - 1e-9]
     tenant = min(urgent or below or eligible, key=lambda t: queues[t][0].key)
     return queues[tenant].pop(0)
+
+
+def fair_parts(total: float, demands: list[float], weights: list[float]) -> list[float]:
+    """Weighted max-min fair parts of `total`: nobody gets more than it asks, and what someone does not need goes to
+    the others by their weights. (The runner splits an engine the same way, `runner/share.py`; the executors may not
+    import the runner.)"""
+    parts = [0.0] * len(demands)
+    left = max(0.0, total)
+    weight_left = sum(weights)
+    for i in sorted(range(len(demands)), key=lambda i: demands[i] / weights[i] if weights[i] > 0 else float("inf")):
+        if weight_left <= 0:
+            break
+        parts[i] = min(max(0.0, demands[i]), left * weights[i] / weight_left)
+        left -= parts[i]
+        weight_left -= weights[i]
+    return parts
 
 
 def _end_one(tenant: str, holding: Counter[str], standing: dict[str, float]) -> None:

@@ -109,3 +109,11 @@ def test_parts_of_a_slot_are_taken_in_turn():
     queue = [waiting(f"a{i}", "a", 600, i) for i in range(3)] + [waiting("b", "b", 7200, 5), waiting("c", "c", 7200, 6)]
     result = plan(queue, [], slots=3, policies={"a": TenantPolicy(weight=2.0)}, now=NOW)
     assert names(result.start) == ["a0", "b", "c"]
+
+
+def test_fair_parts_are_the_runners_split():
+    from batch_gateway.admission import fair_parts
+    from batch_gateway.runner.share import allocate
+
+    for total, demands, weights in ((3, [3, 2, 1], [2, 1, 1]), (1, [4, 0], [1, 1]), (10, [1, 20, 20], [1, 3, 1])):
+        assert fair_parts(total, demands, weights) == pytest.approx(allocate(total, demands, weights))

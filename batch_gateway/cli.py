@@ -8,12 +8,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 import structlog
 
 from batch_gateway import logs
 from batch_gateway import settings as settings_mod
 from batch_gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from batch_gateway.store.metadata import TenantPolicy
 
 STORAGE_FLAGS = ("data_dir", "database_url", "object_store", "valkey_url", "log_format", "log_level")
 
@@ -55,8 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", help="Create a key for a tenant; prints the key (only this once).")
     create.add_argument("--tenant", required=True)
+    _add_policy_arguments(create)
     settings_mod.add_arguments(create, STORAGE_FLAGS)
-    listing = keys_sub.add_parser("list", help="List keys (id, tenant, prefix, created, revoked).")
+    tenant = keys_sub.add_parser(
+        "tenant",
+        help="Show or set a tenant's admission policy: its weight against other tenants (its share of the runner "
+        "slots and of an engine) and its cap on running batches.",
+    )
+    tenant.add_argument("name")
+    _add_policy_arguments(tenant)
+    settings_mod.add_arguments(tenant, STORAGE_FLAGS)
+    listing = keys_sub.add_parser("list", help="List keys (id, tenant, prefix, created, revoked, weight, cap).")
     settings_mod.add_arguments(listing, STORAGE_FLAGS)
     revoke = keys_sub.add_parser("revoke", help="Revoke a key by its id (from `keys list`).")
     revoke.add_argument("key_id")
@@ -73,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_client(sub)  # submit, batches, files: the user-facing client built on the openai SDK
     return parser
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weight", type=float, help="The tenant's weight against other tenants' (default 1): its fair share."
+    )
+    parser.add_argument(
+        "--max-running", type=int, help="Most of the tenant's batches running at once; 0 removes the cap."
+    )
+
+
+def _policy_from(args: argparse.Namespace, current: TenantPolicy) -> TenantPolicy | None:
+    """The tenant policy `args` ask for, from `current`; None if they change nothing. Raises ValueError."""
+    from batch_gateway.store.metadata import TenantPolicy
+
+    if args.weight is None and args.max_running is None:
+        return None
+    weight = current.weight if args.weight is None else args.weight
+    if not weight > 0:
+        raise ValueError(f"--weight must be above 0, got {args.weight}")
+    cap = current.max_running if args.max_running is None else (args.max_running or None)
+    if cap is not None and cap < 0:
+        raise ValueError(f"--max-running must be 0 (no cap) or more, got {args.max_running}")
+    return TenantPolicy(weight=weight, max_running=cap)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,19 +192,40 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from batch_gateway import ids, keys
+    from batch_gateway.admission import DEFAULT_POLICY
     from batch_gateway.services import open_metadata_store
 
     store = open_metadata_store(settings)
     await store.open()
     try:
-        if args.keys_command == "create":
-            key, _ = await keys.create_key(store, args.tenant)
-            print(key)
+        if args.keys_command in ("create", "tenant"):
+            tenant = args.tenant if args.keys_command == "create" else args.name
+            current = (await store.tenant_policies()).get(tenant, DEFAULT_POLICY)
+            try:
+                policy = _policy_from(args, current)
+            except ValueError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            if policy is not None:
+                await store.set_tenant_policy(tenant, policy)
+                current = policy
+            if args.keys_command == "create":
+                key, _ = await keys.create_key(store, args.tenant)
+                print(key)
+            else:
+                cap = current.max_running if current.max_running is not None else "none"
+                print(f"tenant {tenant}: weight {current.weight:g}, max running {cap}")
         elif args.keys_command == "list":
             records = await store.list_keys()
-            print(f"{'ID':<22} {'TENANT':<20} {'PREFIX':<12} {'CREATED':<11} REVOKED")
+            policies = await store.tenant_policies()
+            print(f"{'ID':<22} {'TENANT':<20} {'PREFIX':<12} {'CREATED':<11} {'REVOKED':<11} {'WEIGHT':<7} CAP")
             for r in records:
-                print(f"{r.id:<22} {r.tenant:<20} {r.prefix:<12} {r.created_at:<11} {r.revoked_at or '-'}")
+                policy = policies.get(r.tenant, DEFAULT_POLICY)
+                cap = policy.max_running if policy.max_running is not None else "-"
+                print(
+                    f"{r.id:<22} {r.tenant:<20} {r.prefix:<12} {r.created_at:<11} {r.revoked_at or '-'!s:<11} "
+                    f"{policy.weight:<7g} {cap}"
+                )
         elif args.keys_command == "revoke":
             if not await store.revoke_key(args.key_id, ids.now()):
                 print(f"No active key with id {args.key_id}; see `batch-gateway keys list`.", file=sys.stderr)

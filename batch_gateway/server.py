@@ -126,7 +126,10 @@ async def serve(settings: Settings) -> int:
 
 def check_runner_settings(settings: Settings) -> None:
     """Raise ValueError for runner settings that every runner would refuse."""
+    from batch_gateway.api.batch_create import completion_windows
     from batch_gateway.runner.hints import parse_hints
+
+    completion_windows(settings.completion_windows, settings.completion_window_seconds)
 
     if settings.interactive_slowdown <= 1.0:
         raise ValueError(

@@ -86,6 +86,13 @@ class Settings:
         "batches on small clusters.",
         group="limits",
     )
+    completion_windows: str = setting(
+        "24h",
+        "Completion windows clients may ask for, comma-separated (e.g. 1h,4h,24h,72h). `24h` is OpenAI's only value "
+        "and lasts --completion-window-seconds; any other lasts what it says (`90m`, `4h`, `3d`). A batch shows the "
+        "window it has.",
+        group="limits",
+    )
     max_line_bytes: int = setting(
         10 * 1024 * 1024, "Largest single line of a batch input file, in bytes.", group="limits"
     )
@@ -111,7 +118,29 @@ class Settings:
         "local", "How batches run: local (a subprocess per batch) or argo (a Workflow per batch).", group="runner"
     )
     max_concurrent_runners: int = setting(
-        4, "Most batches running at once with the local executor; the rest wait.", group="runner"
+        4,
+        "Most batches running at once (local subprocesses, or Argo Workflows the API creates); the rest wait, and "
+        "start earliest deadline first within weighted fair sharing between tenants.",
+        group="runner",
+    )
+    admission_order: str = setting(
+        "deadline",
+        "The order waiting batches start in. deadline: earliest deadline first within weighted fair sharing between "
+        "tenants (each tenant's weight and cap: `batch-gateway keys tenant NAME`). fifo: arrival order.",
+        group="runner",
+        choices=("deadline", "fifo"),
+    )
+    deadline_shares: bool = setting(
+        True,
+        "Runners sharing an engine split its batch share by their tenants' weights and what their deadlines need (a "
+        "batch that would miss its deadline takes more, one with slack yields); off: equal shares.",
+        group="runner",
+    )
+    fair_share_window: float = setting(
+        600.0,
+        "Seconds over which admission remembers the runner slots each tenant held: with fewer slots than tenants, a "
+        "tenant whose batch just ended waits behind one that had less, so tenants take turns by their weights.",
+        group="runner",
     )
     runner_max_crashes: int = setting(
         5,

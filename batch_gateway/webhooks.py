@@ -1,4 +1,5 @@
-"""OpenAI-compatible webhooks: `batch.completed`, `batch.failed`, `batch.expired` and `batch.cancelled` events.
+"""OpenAI-compatible webhooks: `batch.completed`, `batch.failed`, `batch.expired` and `batch.cancelled` events, and
+one extension, `batch.deadline_unreachable` (a running batch that cannot end in time, docs/deadlines.md).
 
 The event body is OpenAI's, `{"id":"evt_...","object":"event","type":"batch.completed","created_at":...,
 "data":{"id":"batch_..."}}`, signed the Standard Webhooks way that `openai`'s `client.webhooks.unwrap(body, headers,
@@ -43,6 +44,8 @@ EVENT_TYPES: dict[str, str] = {
     BatchStatus.EXPIRED: "batch.expired",
     BatchStatus.CANCELLED: "batch.cancelled",
 }
+# Extensions (not OpenAI's): sent while a batch runs, with the same body and signature as the others.
+EXTENSION_EVENT_TYPES = ("batch.deadline_unreachable",)  # even the engine's whole batch share cannot end it in time
 ALL_TENANTS = "*"  # the key of the webhook that serves every tenant without its own
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 16
@@ -162,9 +165,11 @@ def _label(tenant: str) -> str:
 def build_event(
     event_type: str, batch_id: str, *, created_at: int | None = None, event_id: str | None = None
 ) -> WebhookEvent:
-    """The event for a batch that reached a terminal status; `created_at` is when it did (default: now)."""
-    if event_type not in EVENT_TYPES.values():
-        raise ValueError(f"unknown batch event type {event_type!r}; expected one of {sorted(EVENT_TYPES.values())}")
+    """The event for a batch that reached a terminal status (or an extension event); `created_at` is when it did
+    (default: now)."""
+    known = sorted([*EVENT_TYPES.values(), *EXTENSION_EVENT_TYPES])
+    if event_type not in known:
+        raise ValueError(f"unknown batch event type {event_type!r}; expected one of {known}")
     return WebhookEvent(
         id=event_id or "evt_" + secrets.token_hex(16),
         type=event_type,

@@ -344,3 +344,22 @@ def test_secrets_stay_out_of_reprs_and_errors():
 def test_build_event_rejects_unknown_types():
     with pytest.raises(ValueError, match="unknown batch event type"):
         build_event("batch.exploded", "batch_1")
+
+
+async def test_a_deadline_unreachable_event_is_delivered_once_and_verifies_with_the_openai_sdk(store, receiver):
+    from batch_gateway.runner.deadline import UNREACHABLE_EVENT, unreachable_event_id
+
+    batch = await end_batch(store, "completed")
+    await store.add_webhook_event(unreachable_event_id(batch.id), batch.id, "acme", UNREACHABLE_EVENT, 123)
+    assert await WebhookOutbox(store, to(receiver)).deliver_due() == 2
+    bodies = [json.loads(r.body) for r in receiver.requests]
+    (extension,) = [b for b in bodies if b["type"] == "batch.deadline_unreachable"]
+    assert extension == {
+        "id": unreachable_event_id(batch.id),
+        "object": "event",
+        "type": "batch.deadline_unreachable",
+        "created_at": 123,
+        "data": {"id": batch.id},
+    }
+    request = next(r for r in receiver.requests if json.loads(r.body)["type"] == "batch.deadline_unreachable")
+    sdk().webhooks.unwrap(request.body, request.headers, secret=SECRET)  # signed like OpenAI's own events

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import msgspec
 
@@ -17,7 +18,9 @@ from batch_gateway.api.validation import (
     required_string,
 )
 
-COMPLETION_WINDOWS = ("24h",)  # what clients may ask for, as at OpenAI; the window itself is the operator's
+OPENAI_WINDOW = "24h"  # OpenAI's only completion window: it lasts the operator's --completion-window-seconds
+_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([mhd])$")
+_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400}
 METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY_CHARS = 64
 METADATA_MAX_VALUE_CHARS = 512
@@ -36,21 +39,36 @@ class BatchSpec(msgspec.Struct, frozen=True):
         return hashlib.sha256(canonical).hexdigest()
 
 
-def parse_batch_create(body: bytes) -> BatchSpec:
+def parse_batch_create(body: bytes, windows: tuple[str, ...] = (OPENAI_WINDOW,)) -> BatchSpec:
     raw = parse_json(body, wire.BatchCreate)
     return BatchSpec(
         input_file_id=required_string("input_file_id", raw.input_file_id),
         endpoint=_choice("endpoint", raw.endpoint, wire.SUPPORTED_ENDPOINTS),
-        completion_window=_choice("completion_window", raw.completion_window, COMPLETION_WINDOWS),
+        completion_window=_choice("completion_window", raw.completion_window, windows),
         metadata=_metadata(raw.metadata),
         output_expires_after=_output_expires_after(raw.output_expires_after),
     )
 
 
+def completion_windows(allowed: str, openai_window_seconds: int) -> dict[str, int]:
+    """The windows clients may ask for (`--completion-windows`, e.g. "1h,4h,24h,72h") and how long each lasts: "24h"
+    (OpenAI's only value) lasts `--completion-window-seconds`, every other what it says. Raises ValueError."""
+    windows: dict[str, int] = {}
+    for label in (item.strip() for item in allowed.split(",")):
+        match = _WINDOW.match(label)
+        if match is None:
+            raise ValueError(
+                f"--completion-windows: {label!r} is not a window; use a number and m, h or d, as in 1h,4h,24h,72h"
+            )
+        seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        windows[label] = openai_window_seconds if label == OPENAI_WINDOW else seconds
+    return windows
+
+
 def window_label(seconds: int) -> str:
     """A batch's real completion window in OpenAI's notation: "24h", or "90m" or "45s" when not whole hours. A
-    client asks for "24h" (the only value OpenAI accepts); the batch shows the window the operator configured
-    (`--completion-window-seconds`), which its `expires_at` follows."""
+    client asks for one of the allowed windows; the batch shows the one it has, which its `expires_at` follows (a
+    "24h" request gets the operator's `--completion-window-seconds`)."""
     if seconds % 3600 == 0:
         return f"{seconds // 3600}h"
     if seconds % 60 == 0:

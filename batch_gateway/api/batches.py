@@ -21,7 +21,7 @@ from litestar import Request, Response, get, post
 
 from batch_gateway import ids, wire
 from batch_gateway.api.auth import PathId, Tenant
-from batch_gateway.api.batch_create import parse_batch_create, window_label
+from batch_gateway.api.batch_create import completion_windows, parse_batch_create, window_label
 from batch_gateway.api.context import BATCH_STATE
 from batch_gateway.api.errors import json_response
 from batch_gateway.api.state import services_of, upstreams_of
@@ -53,7 +53,8 @@ def batch_not_found(batch_id: str) -> NotFound:
 @post("/v1/batches", status_code=200)
 async def create_batch(request: Request, tenant: Tenant) -> Response:
     services = services_of(request)
-    spec = parse_batch_create(await request.body())
+    windows = completion_windows(services.settings.completion_windows, services.settings.completion_window_seconds)
+    spec = parse_batch_create(await request.body(), tuple(windows))
     fingerprint = spec.fingerprint(tenant)
     idempotency_key = _idempotency_key(request)
     batch_id = ids.new_batch_id()
@@ -77,10 +78,10 @@ async def create_batch(request: Request, tenant: Tenant) -> Response:
         tenant=tenant,
         endpoint=spec.endpoint,
         input_file_id=spec.input_file_id,
-        completion_window=window_label(services.settings.completion_window_seconds),
+        completion_window=window_label(windows[spec.completion_window]),
         status=BatchStatus.VALIDATING,
         created_at=created_at,
-        expires_at=created_at + services.settings.completion_window_seconds,
+        expires_at=created_at + windows[spec.completion_window],
         metadata=spec.metadata,
         output_expires_after=spec.output_expires_after,
         fingerprint=fingerprint,
@@ -237,7 +238,7 @@ async def _submit(services: Services, batch: BatchRecord) -> None:
         log.warning("batch.no_executor", batch_id=batch.id, note="the batch waits in validating for the reconciler")
         return
     try:
-        await services.executor.submit(batch.id, tenant=batch.tenant, model=None)
+        await services.executor.submit(batch.id, tenant=batch.tenant, model=None, deadline=batch.expires_at)
     except Exception:
         log.exception("batch.submit_failed", batch_id=batch.id, note="the reconciler resubmits it")
 

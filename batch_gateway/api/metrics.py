@@ -43,6 +43,37 @@ NEAR_DEADLINE = Gauge(
     "Batches not yet ended in the last fifth of their completion window (at risk of expiring).",
     registry=REGISTRY,
 )
+# Deadlines (admission.py, runner/deadline.py): one series per batch not yet ended, refreshed at every scrape.
+QUEUE_POSITION = Gauge(
+    "batch_gateway_batch_queue_position",
+    "A waiting batch's place in the admission queue (1 starts next).",
+    ["batch_id", "tenant"],
+    registry=REGISTRY,
+)
+PROJECTED_START = Gauge(
+    "batch_gateway_batch_projected_start_timestamp_seconds",
+    "When a waiting batch is projected to start (Unix time), where the runs ahead of it tell.",
+    ["batch_id", "tenant"],
+    registry=REGISTRY,
+)
+PROJECTED_END = Gauge(
+    "batch_gateway_batch_projected_completion_timestamp_seconds",
+    "When a running batch ends at its pace, as its runner last projected (Unix time).",
+    ["batch_id", "tenant"],
+    registry=REGISTRY,
+)
+AT_RISK = Gauge(
+    "batch_gateway_batch_deadline_at_risk",
+    "1 when a running batch would end after its deadline at its pace, else 0.",
+    ["batch_id", "tenant"],
+    registry=REGISTRY,
+)
+UNREACHABLE = Gauge(
+    "batch_gateway_batch_deadline_unreachable",
+    "1 when even the engine's whole batch share would not end the batch in time, else 0.",
+    ["batch_id", "tenant"],
+    registry=REGISTRY,
+)
 STORAGE_UP = Gauge(
     "batch_gateway_metadata_up", "1 when the metadata store answered the last scrape.", registry=REGISTRY
 )
@@ -50,6 +81,7 @@ OBJECTS_UP = Gauge(
     "batch_gateway_object_store_up", "1 when the object store answered the last scrape.", registry=REGISTRY
 )
 OBJECT_STORE_TIMEOUT_SECONDS = 3.0
+RUNNING_STATUSES = (wire.BatchStatus.IN_PROGRESS, wire.BatchStatus.FINALIZING)
 
 
 def observe(method: str, route: str, status: int, seconds: float) -> None:
@@ -73,7 +105,33 @@ async def metrics(request: Request) -> Response:
             BYTES.labels(purpose).set(size)
         OVERDUE.set(stats.overdue_batches)
         NEAR_DEADLINE.set(stats.near_deadline_batches)
+    await _deadlines(services)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _deadlines(services: Services) -> None:
+    for gauge in (QUEUE_POSITION, PROJECTED_START, PROJECTED_END, AT_RISK, UNREACHABLE):
+        gauge.clear()  # batches that started or ended since the last scrape drop out
+    if services.executor is not None:
+        for place in services.executor.queue():
+            labels = (place.batch.batch_id, place.batch.tenant)
+            QUEUE_POSITION.labels(*labels).set(place.position)
+            if place.projected_start is not None:
+                PROJECTED_START.labels(*labels).set(place.projected_start)
+    try:
+        running = await services.metadata.batches_with_status(RUNNING_STATUSES)
+        forecasts = await services.metadata.forecasts([b.id for b in running])
+    except Exception:  # the storage gauges above say so
+        return
+    for batch in running:
+        forecast = forecasts.get(batch.id)
+        if forecast is None:
+            continue
+        labels = (batch.id, batch.tenant)
+        if forecast.projected_end_at is not None:
+            PROJECTED_END.labels(*labels).set(forecast.projected_end_at)
+        AT_RISK.labels(*labels).set(1 if forecast.at_risk else 0)
+        UNREACHABLE.labels(*labels).set(1 if forecast.unreachable else 0)
 
 
 async def _storage_stats(services: Services) -> StorageStats | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 from litestar import Request, Response, get
 from litestar.response import Stream
 
@@ -76,10 +77,14 @@ async def _output_file(services: Services, batch: BatchRecord) -> AsyncIterator[
 
 @get("/v1/batches/{batch_id:str}/run_stats")
 async def run_stats(request: Request, tenant: Tenant, batch_id: PathId) -> Response:
-    """Another extension: the final figures of the batch's run (404 until the batch has ended)."""
+    """Another extension: the final figures of the batch's run once it has ended; before that, where it stands
+    (`live_run_stats`)."""
     services = services_of(request)
-    if await services.metadata.get_batch(batch_id, tenant) is None:
+    batch = await services.metadata.get_batch(batch_id, tenant)
+    if batch is None:
         raise batch_not_found(batch_id)
+    if not batch.terminal:
+        return Response(msgspec.json.encode(await live_run_stats(services, batch)), media_type="application/json")
     try:
         body = await services.objects.get_bytes(run_stats_key(tenant, batch_id))
     except ObjectMissing:
@@ -87,3 +92,22 @@ async def run_stats(request: Request, tenant: Tenant, batch_id: PathId) -> Respo
             f"Batch {batch_id} has no run statistics yet; they are written when it ends.", param="id"
         ) from None
     return Response(body, media_type="application/json")
+
+
+async def live_run_stats(services: Services, batch: BatchRecord) -> dict:
+    """A batch that has not ended: its place in the admission queue while it waits for a runner (`position` 1 starts
+    next; `projected_start_at` is an estimate, null when nothing tells yet), and its runner's latest forecast once it
+    runs (when it ends at its pace, the share of the engine it needs, whether it is at risk or cannot make it)."""
+    place = services.executor.queue_place(batch.id) if services.executor is not None else None
+    forecast = (await services.metadata.forecasts([batch.id])).get(batch.id)
+    return {
+        "ended": None,
+        "status": batch.status,
+        "expires_at": batch.expires_at,
+        "queue": {"position": place.position, "projected_start_at": _whole(place.projected_start)} if place else None,
+        "deadline": msgspec.to_builtins(forecast) if forecast is not None else None,
+    }
+
+
+def _whole(value: float | None) -> int | None:
+    return None if value is None else round(value)

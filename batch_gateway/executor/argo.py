@@ -6,6 +6,12 @@ semaphore, the exit handler) lives in the template. This is what `argo submit --
 passes a controller configured with `templateReferencing: Strict`. Why the `kubernetes` client and not the PyPI
 `argo-workflows` SDK: docs/kubernetes.md.
 
+- admission: a Workflow is created only for a batch that may run now (`admission.py`: earliest deadline first within
+  weighted fair sharing between tenants, `--max-concurrent-runners` at once); the others wait in the API, in the
+  database, and every admission pass (each submit, and every few seconds in `serve`) starts the next ones as runner
+  Workflows end. It counts the runner Workflows that have not completed, so every API replica (and gc) decides from
+  the same state. Each Workflow carries a `priority` that orders any queue Argo keeps itself (the template's
+  semaphore, a backstop) by deadline too, and an `activeDeadlineSeconds` that follows the batch's own window.
 - submit: the Workflow's name is derived from the batch id, so a retried create answers 409 AlreadyExists and nothing
   runs twice. A Workflow that already finished while the batch still is not terminal (the runner and the exit handler
   both died) is replaced by a fresh one, up to MAX_RUNS times; then the batch is failed with a clear error (when the
@@ -21,9 +27,13 @@ The kubernetes client is synchronous, so every call runs in a worker thread. Tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import math
 import re
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +42,9 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from batch_gateway import ids, wire
+from batch_gateway import admission, ids, wire
+from batch_gateway.admission import Place, Plan, Running, SlotUsage, Waiting
+from batch_gateway.errors import StorageUnavailable
 from batch_gateway.executor.base import Executor, RunState
 from batch_gateway.executor.kube import LABEL_VALUE_MAX, is_label_value, load_api_client
 from batch_gateway.settings import Settings
@@ -53,6 +65,9 @@ MAX_RUNS = 3  # Workflows per batch (each with the template's own pod retries an
 COMPLETED_PHASES = frozenset({"Succeeded", "Failed", "Error"})
 TRANSIENT_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
 MAX_BACKOFF = 8.0
+ADMISSION_INTERVAL = 3.0  # seconds between admission passes in `serve`: a finished runner's slot is taken this fast
+DEADLINE_GRACE = 7200  # a Workflow's activeDeadlineSeconds: the batch's time left plus this, to finalise
+MAX_PRIORITY = 2**31 - 1  # Workflow priority is an int32; an earlier deadline gets a higher one
 
 _BATCH_ID = re.compile(r"^batch_([0-9a-f]{1,60})$")
 
@@ -100,23 +115,117 @@ class ArgoExecutor(Executor):
         self._api_client = api_client
         self._owns_client = api_client is None
         self._api: client.CustomObjectsApi | None = None
+        # Admission holds Workflows back in the API; without the metadata store (or with no slots), every submit
+        # creates its Workflow at once and the template's semaphore alone caps the runs.
+        self.slots = settings.max_concurrent_runners if metadata is not None else 0
+        self._admitting = asyncio.Lock()
+        self._plan = Plan([], [])
+        self._usage = SlotUsage(settings.fair_share_window)
+        self.fifo = settings.admission_order == "fifo"
+        self._admitter: asyncio.Task | None = None
 
     # --- Executor --------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._objects()  # a missing kubeconfig fails now, with its reason, not at the first batch
+        if self.slots > 0 and self._admitter is None:  # waiting batches start as runner Workflows end
+            self._admitter = asyncio.create_task(self._admit_loop())
 
     async def stop(self) -> None:
+        if self._admitter is not None:
+            self._admitter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._admitter
+            self._admitter = None
         if self._owns_client and self._api_client is not None:
             await asyncio.to_thread(self._api_client.close)
             self._api_client = None
             self._api = None
 
-    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None, deadline: float = math.inf) -> None:
+        if self.slots > 0 and await self._get(workflow_name(batch_id)) is None:
+            await self.admit()  # a new batch: it starts when admission lets it
+            return
+        await self._launch(batch_id, tenant=tenant, model=model, deadline=deadline)
+
+    def queue_place(self, batch_id: str) -> Place | None:
+        return self._plan.place_of(batch_id)
+
+    def queue(self) -> list[Place]:
+        return list(self._plan.queue)
+
+    async def admit(self, now: float | None = None) -> Plan:
+        """One admission pass: create the Workflows of the waiting batches that may start now (those being cancelled
+        or past their deadline at once: their runner only ends them), and note the order of the others."""
+        async with self._admitting:
+            now = time.time() if now is None else now
+            workflows = await self._runner_workflows()
+            live = {b: phase for b, (phase, _) in workflows.items()}
+            active = await self.metadata.batches_with_status(wire.ACTIVE_STATUSES)  # type: ignore[union-attr]
+            running_ids = [b.id for b in active if live.get(b.id, "") not in COMPLETED_PHASES and b.id in live]
+            policies = await self.metadata.tenant_policies()  # type: ignore[union-attr]
+            forecasts = await self.metadata.forecasts(running_ids)  # type: ignore[union-attr]
+            running, waiting = [], []
+            for batch in active:
+                if batch.id not in live:
+                    if admission.needs_runner_now(batch, now):
+                        await self._launch(batch.id, tenant=batch.tenant, model=batch.model, deadline=batch.expires_at)
+                    else:
+                        waiting.append(Waiting.of(batch))
+                elif batch.id in running_ids:
+                    forecast = forecasts.get(batch.id)
+                    started = batch.in_progress_at or batch.created_at
+                    running.append(Running(batch.tenant, started, forecast.projected_end_at if forecast else None))
+            # A Workflow whose batch has ended may still run its exit handler: it holds its slot (and the template's
+            # semaphore) for those few seconds more.
+            active_ids = {b.id for b in active}
+            for batch_id, (phase, tenant) in workflows.items():
+                if batch_id not in active_ids and phase not in COMPLETED_PHASES:
+                    running.append(Running(tenant, None, now))
+            usage = self._usage.observe(Counter(r.tenant for r in running), now)
+            plan = admission.plan(waiting, running, self.slots, policies, now, usage, fifo=self.fifo)
+            for batch in plan.start:
+                await self._launch(batch.batch_id, tenant=batch.tenant, model=batch.model, deadline=batch.deadline)
+            self._plan = plan
+            if plan.queue:
+                log.info("argo.admission", started=len(plan.start), waiting=len(plan.queue), running=len(running))
+            return plan
+
+    async def _admit_loop(self) -> None:
+        while True:
+            try:
+                await self.admit()
+            except (ArgoError, StorageUnavailable) as exc:  # the next pass tries again
+                log.warning("argo.admission_failed", error=str(exc))
+            except Exception:
+                log.exception("argo.admission_failed")
+            await asyncio.sleep(ADMISSION_INTERVAL)
+
+    async def _runner_workflows(self) -> dict[str, tuple[str, str]]:
+        """Batch id -> (phase, tenant) of every runner Workflow in the namespace (phase "" before the controller has
+        seen it)."""
+        selector = "app.kubernetes.io/component=runner,app.kubernetes.io/managed-by=batch-gateway"
+        try:
+            listed = await self._call(
+                "list", self._objects().list_namespaced_custom_object, *self._collection, label_selector=selector
+            )
+        except ApiException as exc:
+            raise self._error("list the runner Workflows", exc) from exc
+        found: dict[str, tuple[str, str]] = {}
+        for workflow in listed.get("items", []):
+            annotations = workflow.get("metadata", {}).get("annotations") or {}
+            batch_id = annotations.get(ANNOTATION_BATCH_ID)
+            if batch_id and not workflow["metadata"].get("deletionTimestamp"):
+                phase = (workflow.get("status") or {}).get("phase") or ""
+                found[batch_id] = (phase, annotations.get(ANNOTATION_TENANT, ""))
+        return found
+
+    async def _launch(self, batch_id: str, *, tenant: str, model: str | None, deadline: float) -> None:
+        """Create the batch's Workflow (or see that it exists, or replace a finished one)."""
         name = workflow_name(batch_id)
         run = 1
         for _ in range(MAX_RUNS + 2):  # room for a replacement racing another submitter
-            body = self.workflow_body(batch_id, tenant=tenant, model=model, run=run)
+            body = self.workflow_body(batch_id, tenant=tenant, model=model, run=run, deadline=deadline)
             try:
                 await self._call("create", self._objects().create_namespaced_custom_object, *self._collection, body)
                 log.info("argo.submitted", batch_id=batch_id, workflow=name, namespace=self.namespace, run=run)
@@ -153,11 +262,15 @@ class ArgoExecutor(Executor):
         except ApiException as exc:
             if exc.status == 404:
                 log.info("argo.cancel_without_workflow", batch_id=batch_id, workflow=name)
+                if self.slots > 0:
+                    await self.admit()  # held back: a cancelled batch gets its runner at once, to end it
                 return
             raise self._error(f"stop Workflow {name} of batch {batch_id}", exc) from exc
         log.info("argo.stopped", batch_id=batch_id, workflow=name)
 
     async def state(self, batch_id: str) -> RunState:
+        if self._plan.place_of(batch_id) is not None:
+            return RunState.RUNNING  # waiting for a slot: it will be, as admission decides
         workflow = await self._get(workflow_name(batch_id))
         if workflow is None or workflow.get("metadata", {}).get("deletionTimestamp"):
             return RunState.UNKNOWN
@@ -170,7 +283,9 @@ class ArgoExecutor(Executor):
 
     # --- the Workflow object ---------------------------------------------------------------------
 
-    def workflow_body(self, batch_id: str, *, tenant: str, model: str | None, run: int = 1) -> dict[str, Any]:
+    def workflow_body(
+        self, batch_id: str, *, tenant: str, model: str | None, run: int = 1, deadline: float = math.inf
+    ) -> dict[str, Any]:
         labels = {
             "app.kubernetes.io/name": "batch-gateway",
             "app.kubernetes.io/component": "runner",
@@ -181,6 +296,11 @@ class ArgoExecutor(Executor):
         }
         if model:
             labels[LABEL_MODEL] = label_value(model)
+        spec: dict[str, Any] = {}
+        if math.isfinite(deadline):
+            # Earlier deadlines first in any queue Argo keeps (its semaphore); Unix seconds fit an int32 until 2038.
+            spec["priority"] = max(0, MAX_PRIORITY - int(deadline))
+            spec["activeDeadlineSeconds"] = max(60, int(deadline - time.time())) + DEADLINE_GRACE
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Workflow",
@@ -200,6 +320,7 @@ class ArgoExecutor(Executor):
                         {"name": "model", "value": model or ""},
                     ]
                 },
+                **spec,
             },
         }
 

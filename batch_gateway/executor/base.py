@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
+
+from batch_gateway.admission import Place
 
 
 class RunState(enum.Enum):
@@ -27,8 +30,9 @@ class Executor(abc.ABC):
         """Stop accepting work. Runners already started keep going (they resume after a restart anyway)."""
 
     @abc.abstractmethod
-    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
-        """Arrange for one runner to run the batch. Calling it again for the same batch is a no-op."""
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None, deadline: float = math.inf) -> None:
+        """Arrange for one runner to run the batch, when admission (`admission.py`) lets it start: `deadline` is its
+        expires_at. Calling it again for the same batch is a no-op."""
 
     @abc.abstractmethod
     async def cancel(self, batch_id: str) -> None:
@@ -38,3 +42,11 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     async def state(self, batch_id: str) -> RunState:
         """What the executor knows of the batch's run, for the reconciler."""
+
+    def queue_place(self, batch_id: str) -> Place | None:
+        """The batch's place in the admission queue as of the last admission pass (None: not waiting)."""
+        return None
+
+    def queue(self) -> list[Place]:
+        """The waiting batches in the order they will start, as of the last admission pass."""
+        return []

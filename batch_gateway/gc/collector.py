@@ -58,7 +58,7 @@ async def reconcile(services: Services, executor: Executor, report: GcReport) ->
             if state == RunState.RUNNING or batch.id in leased:
                 continue  # its runner (perhaps one a previous `serve` started) handles cancel and expiry itself
             log.info("gc.resubmit", batch_id=batch.id, status=batch.status, run_state=state.value, overdue=overdue)
-            await executor.submit(batch.id, tenant=batch.tenant, model=batch.model)
+            await executor.submit(batch.id, tenant=batch.tenant, model=batch.model, deadline=batch.expires_at)
         except Exception:
             # One batch that cannot be handled now must not stop the pass for the others; the next pass retries.
             log.exception("gc.resubmit_failed", batch_id=batch.id)

@@ -24,10 +24,13 @@ FORGET_SECONDS = 3600.0  # rows this old are deleted when a runner withdraws
 
 
 class LoadBoard:
-    def __init__(self, metadata: MetadataStore, owner: str, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self, metadata: MetadataStore, owner: str, log: structlog.typing.FilteringBoundLogger, tenant: str = ""
+    ) -> None:
         self.metadata = metadata
         self.owner = owner
         self.log = log
+        self.tenant = tenant  # published with each load: a tenant's runners on one engine share its weight
         self._peers: dict[str, list[RunnerLoad]] = {}
         self._exchanges: dict[str, asyncio.Task] = {}
         self._failing = False
@@ -52,7 +55,9 @@ class LoadBoard:
         the exchange goes on in the background and the others' loads as last read are returned."""
         task = self._exchanges.get(endpoint)
         if task is None:  # one exchange per endpoint at a time
-            load = RunnerLoad(self.owner, inflight, limit, demand, completed, weight, at=time.time())
+            load = RunnerLoad(
+                self.owner, inflight, limit, demand, completed, weight, at=time.time(), tenant=self.tenant
+            )
             task = self._exchanges[endpoint] = asyncio.create_task(self._exchange(endpoint, load))
             task.add_done_callback(lambda _: self._exchanges.pop(endpoint, None))
         with contextlib.suppress(asyncio.TimeoutError):

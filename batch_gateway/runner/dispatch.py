@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import time
@@ -30,6 +31,7 @@ from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.circuit import Circuit
 from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.deadline import DeadlineTracker
 from batch_gateway.runner.engine_metrics import EngineMeter, EngineSnapshot
 from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
@@ -120,6 +122,7 @@ class Dispatcher:
         board: LoadBoard | None = None,
         hints: Callable[[bytes], tuple[bytes, dict[str, str]]] | None = None,
         preempt: bool = False,
+        deadline: DeadlineTracker | None = None,
     ) -> None:
         self.batch_id = batch_id
         self.path = path
@@ -136,6 +139,7 @@ class Dispatcher:
         self.board = board  # where runners sharing an endpoint see each other (None: this runner alone)
         self.hints = hints  # priority hints for the serving stack: (body) -> (body, extra headers)
         self.preempt = preempt  # abort in-flight requests beyond the limit while others use the engine
+        self.deadline = deadline  # the batch's need by its deadline: its weight on the board, its forecast
         self.stopped = False
         self._wake = asyncio.Event()
         self._circuits_changed = asyncio.Event()  # replaced on every change: waiters hold the one they checked
@@ -159,6 +163,8 @@ class Dispatcher:
         finally:
             for poller in pollers:
                 poller.cancel()
+            if self.deadline is not None:
+                await self.deadline.close()
 
     def stop(self) -> None:
         """Send nothing more. In-flight requests finish or are cut by `abort`."""
@@ -397,6 +403,22 @@ class Dispatcher:
             runner_metrics.TOKENS.labels("cached").inc(usage.cached_tokens)
             runner_metrics.TOKENS.labels("completion").inc(usage.completion_tokens)
 
+    def _weight(self, controller: ConcurrencyController, endpoint: Endpoint) -> float:
+        """The weight this runner takes the endpoint's batch share with: by its deadline's need (`deadline.py`)."""
+        if self.deadline is None:
+            return 1.0
+        now = time.time()
+        remaining = self.scheduler.pending + self.scheduler.inflight
+        self.deadline.progress(now, self.scheduler.total - remaining, remaining)
+        return self.deadline.weight(
+            now,
+            remaining=controller.inflight + math.ceil(self.scheduler.pending / len(self.endpoints)),
+            service_time=controller.service_time,
+            limit=controller.limit,
+            peers=self.board.peers(endpoint.url) if self.board is not None else [],
+            capacity=controller.capacity,
+        )
+
     def _finish(self, line: int, custom_id: str, exchange: Exchange, usage: wire.TokenUsage | None) -> None:
         line_id = ids.request_line_id(self.batch_id, line)
         body = json_object_or_none(exchange.body) if exchange.status else None
@@ -486,6 +508,7 @@ class Dispatcher:
             # an engine restarting, whose gauges the controller wants back.
             await asyncio.sleep(METRICS_INTERVAL if failures < 3 else METRICS_RETRY_INTERVAL)
             demand = controller.inflight + self.scheduler.pending
+            weight = self._weight(controller, endpoint)
             scrape = meter.scrape(self.client, endpoint.url, time.monotonic())
             if self.board is None:
                 snapshot, peers = await scrape, list[RunnerLoad]()
@@ -496,6 +519,7 @@ class Dispatcher:
                     limit=controller.limit,
                     demand=demand,
                     completed=controller.answered,
+                    weight=weight,
                 )
                 snapshot, peers = await asyncio.gather(scrape, exchange)
             if snapshot is None:
@@ -503,7 +527,7 @@ class Dispatcher:
                 continue
             failures = 0
             self._engine_cache(index, snapshot)
-            controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand)
+            controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand, weight=weight)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:
                 self._preempt(endpoint, controller.excess)

@@ -38,6 +38,20 @@ PREFIX_HIT_RATE = Gauge(
     "batch_runner_prefix_cache_hit_rate", "Share of prompt tokens served from the engine's prefix cache."
 )
 
+# The batch's deadline (runner/deadline.py).
+PROJECTED_END = Gauge(
+    "batch_runner_projected_completion_timestamp_seconds", "When the batch ends at its current pace (Unix time)."
+)
+NEED_SHARE = Gauge(
+    "batch_runner_deadline_need_share",
+    "Share of the engine's batch share the batch needs to end by its deadline (above 1: it cannot).",
+)
+DEADLINE_AT_RISK = Gauge("batch_runner_deadline_at_risk", "1 while the batch would end after its deadline at its pace.")
+DEADLINE_UNREACHABLE = Gauge(
+    "batch_runner_deadline_unreachable", "1 once even the engine's whole batch share would not end the batch in time."
+)
+
+
 PREFIX_OPEN_GROUPS = Gauge(
     "batch_runner_prefix_open_groups", "Prefix groups open at once on the endpoint (the prefix window).", ["endpoint"]
 )

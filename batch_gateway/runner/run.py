@@ -29,6 +29,7 @@ from batch_gateway import ids, tracing, wire
 from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.checkpoint import Checkpoints
 from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.deadline import DeadlineTracker
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
 from batch_gateway.runner.exits import OWNER_ENV
 from batch_gateway.runner.finalise import ENDINGS, Finaliser
@@ -297,7 +298,7 @@ class BatchRunner:
             )
             for index, url in enumerate(urls)
         ]
-        board = LoadBoard(self.metadata, self.owner, self.log)
+        board = LoadBoard(self.metadata, self.owner, self.log, tenant=batch.tenant)
         async with UpstreamClient(api_key=settings.upstream_api_key) as client:
             client.tracing = tracing.upstream_tracing(
                 span,
@@ -325,6 +326,7 @@ class BatchRunner:
                 board=board,
                 hints=self._hints(batch, model),
                 preempt=settings.preempt,
+                deadline=DeadlineTracker(self.metadata, batch, self.log, shares=settings.deadline_shares),
             )
             self.stop.dispatching(dispatcher)
             started = time.monotonic()
@@ -347,6 +349,7 @@ class BatchRunner:
             resumed_with_done=int(done.sum()),
             seconds=now - started,
             ended=self.stop.reason or StopReason.COMPLETED,
+            deadline=dispatcher.deadline.summary() if dispatcher.deadline else None,
             now=now,
         )
         self.log.info(

@@ -23,6 +23,7 @@ class DispatchStats(msgspec.Struct):
     preempted: int
     preempted_tokens_estimate: int
     ended: StopReason
+    deadline: dict[str, Any] | None  # the deadline tracker's outlook (runner/deadline.py); None without a tracker
     endpoints: dict[str, dict[str, Any]]  # by name: the controller's figures, the circuit's, the prefix window's
 
     @classmethod
@@ -35,6 +36,7 @@ class DispatchStats(msgspec.Struct):
         resumed_with_done: int,
         seconds: float,
         ended: StopReason,
+        deadline: dict[str, Any] | None,
         now: float,
     ) -> DispatchStats:
         return cls(
@@ -45,6 +47,7 @@ class DispatchStats(msgspec.Struct):
             preempted=dispatcher.preempted,
             preempted_tokens_estimate=round(dispatcher.preempted_tokens),
             ended=ended,
+            deadline=deadline,
             endpoints={
                 ep.name: {
                     **ep.controller.snapshot(),

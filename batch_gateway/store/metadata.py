@@ -183,6 +183,25 @@ class RunnerLoad(msgspec.Struct, frozen=True):
     completed: int  # its requests answered on the endpoint, all time
     weight: float = 1.0
     at: float = 0.0  # when it was published (Unix seconds)
+    tenant: str = ""  # whose batch it runs: a tenant's runners on one engine share the tenant's weight
+
+
+class TenantPolicy(msgspec.Struct, frozen=True):
+    """How a tenant's batches are admitted (`batch-gateway keys tenant NAME --weight W --max-running N`)."""
+
+    weight: float = 1.0  # its share of the runner slots and of an engine's batch share, against other tenants'
+    max_running: int | None = None  # most of its batches running at once (None: no cap beyond the fair share)
+
+
+class BatchForecast(msgspec.Struct, frozen=True):
+    """A running batch's outlook, as its runner last saw it (refreshed every few seconds)."""
+
+    at: float  # when it was made (Unix seconds)
+    remaining: int  # requests without a result
+    projected_end_at: float | None  # when it ends at its current pace (None: no pace measured yet)
+    need_share: float | None  # share of the engine's whole batch share it needs to end in time (>1: it cannot)
+    at_risk: bool  # at its current pace it ends after its deadline
+    unreachable: bool  # even the whole batch share of its engine would not end it in time
 
 
 class StorageStats(msgspec.Struct):
@@ -380,6 +399,28 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def withdraw_load(self, owner: str, older_than: float) -> None:
         """Remove this runner's loads (its dispatch ended), and anyone's not refreshed since `older_than`."""
+
+    # --- deadlines: tenants' admission policies, running batches' forecasts ---
+    @abc.abstractmethod
+    async def set_tenant_policy(self, tenant: str, policy: TenantPolicy) -> None:
+        """Set a tenant's weight and cap on running batches (tenants without one have the defaults)."""
+
+    @abc.abstractmethod
+    async def tenant_policies(self) -> dict[str, TenantPolicy]:
+        """Every tenant's policy that was set."""
+
+    @abc.abstractmethod
+    async def save_forecast(self, batch_id: str, forecast: BatchForecast) -> None:
+        """Keep a running batch's latest forecast beside it (no status change)."""
+
+    @abc.abstractmethod
+    async def forecasts(self, batch_ids: Collection[str]) -> dict[str, BatchForecast]:
+        """The latest forecasts of these batches, where their runners made one."""
+
+    @abc.abstractmethod
+    async def add_webhook_event(self, event_id: str, batch_id: str, tenant: str, type: str, now: int) -> bool:
+        """Put an extension event (not a status change) in the webhook outbox; False if `event_id` is there already,
+        so a restarted runner never sends it twice."""
 
     # --- webhook outbox: a trigger on `batches` writes one event per terminal status change ---
     @abc.abstractmethod

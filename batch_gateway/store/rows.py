@@ -15,6 +15,7 @@ from batch_gateway import wire
 from batch_gateway.store.metadata import (
     TRANSITION_FIELDS,
     ApiKeyRecord,
+    BatchForecast,
     BatchRecord,
     FileRecord,
     RunnerLoad,
@@ -62,6 +63,10 @@ def file_from_row(row: Mapping[str, Any]) -> FileRecord:
 
 def runner_load_from_row(row: Mapping[str, Any]) -> RunnerLoad:
     return RunnerLoad(**{name: row[name] for name in RunnerLoad.__struct_fields__})
+
+
+def forecast_from_json(raw: str | bytes) -> BatchForecast:
+    return msgspec.json.decode(raw, type=BatchForecast)
 
 
 def key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:

@@ -33,11 +33,13 @@ from batch_gateway.store.metadata import (
     NEAR_DEADLINE_FRACTION,
     OPEN_UPLOAD_STATUSES,
     ApiKeyRecord,
+    BatchForecast,
     BatchRecord,
     FileRecord,
     MetadataStore,
     RunnerLoad,
     StorageStats,
+    TenantPolicy,
     UploadPartRecord,
     UploadRecord,
     UploadStatus,
@@ -56,7 +58,7 @@ _KEYS = ", ".join(rows.KEY_COLUMNS)
 _EVENTS = ", ".join(rows.WEBHOOK_EVENT_COLUMNS)
 _UPLOADS = ", ".join(rows.UPLOAD_COLUMNS)
 _PARTS = ", ".join(rows.UPLOAD_PART_COLUMNS)
-_LOADS = 'owner, inflight, "limit", demand, completed, weight, at'  # "limit" is a reserved word in PostgreSQL
+_LOADS = 'owner, inflight, "limit", demand, completed, weight, at, tenant'  # "limit" is a reserved word in PostgreSQL
 
 # Active batches past their deadline, and in the last fifth of their window (metrics, alerts).
 DEADLINES_SQL = (
@@ -517,10 +519,21 @@ class SqlStore(MetadataStore):
 
     async def share_load(self, endpoint: str, load: RunnerLoad, fresh_after: float) -> list[RunnerLoad]:
         await self._execute(
-            f"INSERT INTO runner_loads (endpoint, {_LOADS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO runner_loads (endpoint, {_LOADS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             'ON CONFLICT (endpoint, owner) DO UPDATE SET inflight = excluded.inflight, "limit" = excluded."limit", '
-            "demand = excluded.demand, completed = excluded.completed, weight = excluded.weight, at = excluded.at",
-            (endpoint, load.owner, load.inflight, load.limit, load.demand, load.completed, load.weight, load.at),
+            "demand = excluded.demand, completed = excluded.completed, weight = excluded.weight, at = excluded.at, "
+            "tenant = excluded.tenant",
+            (
+                endpoint,
+                load.owner,
+                load.inflight,
+                load.limit,
+                load.demand,
+                load.completed,
+                load.weight,
+                load.at,
+                load.tenant,
+            ),
         )
         found = await self._rows(
             f"SELECT {_LOADS} FROM runner_loads WHERE endpoint = ? AND owner <> ? AND at > ?",
@@ -530,6 +543,39 @@ class SqlStore(MetadataStore):
 
     async def withdraw_load(self, owner: str, older_than: float) -> None:
         await self._execute("DELETE FROM runner_loads WHERE owner = ? OR at < ?", (owner, older_than))
+
+    # --- deadlines: tenants' admission policies, running batches' forecasts -------------------
+
+    async def set_tenant_policy(self, tenant: str, policy: TenantPolicy) -> None:
+        await self._execute(
+            "INSERT INTO tenants (name, weight, max_running) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "weight = excluded.weight, max_running = excluded.max_running",
+            (tenant, policy.weight, policy.max_running),
+        )
+
+    async def tenant_policies(self) -> dict[str, TenantPolicy]:
+        found = await self._rows("SELECT name, weight, max_running FROM tenants")
+        return {row["name"]: TenantPolicy(row["weight"], row["max_running"]) for row in found}
+
+    async def save_forecast(self, batch_id: str, forecast: BatchForecast) -> None:
+        await self._execute("UPDATE batches SET forecast = ? WHERE id = ?", (self.dialect.json(forecast), batch_id))
+
+    async def forecasts(self, batch_ids: Collection[str]) -> dict[str, BatchForecast]:
+        if not batch_ids:
+            return {}
+        found = await self._rows(
+            f"SELECT id, forecast FROM batches WHERE {self.dialect.one_of('id')} AND forecast IS NOT NULL",
+            (self.dialect.values(sorted(batch_ids)),),
+        )
+        return {row["id"]: rows.forecast_from_json(row["forecast"]) for row in found}
+
+    async def add_webhook_event(self, event_id: str, batch_id: str, tenant: str, type: str, now: int) -> bool:
+        added = await self._execute(
+            "INSERT INTO webhook_events (id, batch_id, tenant, type, created_at, due_at) VALUES (?, ?, ?, ?, ?, 0) "
+            "ON CONFLICT (id) DO NOTHING",
+            (event_id, batch_id, tenant, type, now),
+        )
+        return added > 0
 
     # --- webhook outbox --------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import openai
 import pytest
 
@@ -433,6 +434,30 @@ def test_completion_window_shows_the_window_the_batch_really_has(server_factory)
     assert client.batches.retrieve(batch.id).completion_window == "1h"
 
 
+def test_operators_may_allow_other_completion_windows_and_each_batch_shows_its_own(server_factory):
+    server = server_factory(completion_windows="1h,4h,24h,72h")
+    client = server.client()
+    file_id = upload(client)
+    for asked, seconds in (("1h", 3600), ("4h", 4 * 3600), ("24h", 86400), ("72h", 72 * 3600)):
+        batch = client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window=asked)
+        assert (batch.completion_window, batch.expires_at - batch.created_at) == (asked, seconds)
+        stored = client.batches.retrieve(batch.id)
+        assert (stored.completion_window, stored.expires_at) == (asked, batch.expires_at)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="2h")
+    assert caught.value.body["param"] == "completion_window"
+    assert caught.value.body["message"] == "Invalid value: '2h'. Supported values are: '1h', '4h', '24h', and '72h'."
+
+
+def test_completion_windows_setting_refuses_what_is_not_a_window():
+    from batch_gateway.api.batch_create import completion_windows
+
+    assert completion_windows("1h, 24h,90m,3d", 7200) == {"1h": 3600, "24h": 7200, "90m": 5400, "3d": 259200}
+    for bad in ("", "1x", "0h", "24", "1h,,4h"):
+        with pytest.raises(ValueError, match="--completion-windows"):
+            completion_windows(bad, 86400)
+
+
 def test_every_endpoint_of_the_spec_is_accepted_when_an_upstream_serves_it(server_factory):
     from batch_gateway.sim import SimConfig, SimServer
 
@@ -497,3 +522,43 @@ def test_an_unknown_parameter_is_refused_as_openai_does(server, client):
         client.batches.create(**base, extra_body={"priority": "high"})
     assert refused.value.code == "unknown_parameter"
     assert client.batches.list().data == [], "nothing was created"
+
+
+# --- deadlines: run_stats and metrics of a batch that has not ended -----------------------------------------------
+
+
+def test_run_stats_of_a_running_batch_show_its_runners_forecast_and_so_do_the_metrics(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from batch_gateway.store.metadata import BatchForecast
+
+    batch = create(client, upload(client))
+    waiting = server.http().get(f"/v1/batches/{batch.id}/run_stats").json()
+    assert waiting == {
+        "ended": None,
+        "status": "validating",
+        "expires_at": batch.expires_at,
+        "queue": None,  # this test's executor keeps no queue
+        "deadline": None,
+    }
+    set_status(server, batch.id, "in_progress")
+    forecast = BatchForecast(
+        at=1.0, remaining=40, projected_end_at=batch.expires_at + 60.0, need_share=1.5, at_risk=True, unreachable=True
+    )
+    server.run(server.services.metadata.save_forecast(batch.id, forecast))
+    running = server.http().get(f"/v1/batches/{batch.id}/run_stats").json()
+    assert running["status"] == "in_progress" and running["deadline"] == msgspec.to_builtins(forecast)
+
+    samples = {
+        (s.name, s.labels.get("batch_id")): s.value
+        for family in text_string_to_metric_families(server.http().get("/metrics").text)
+        for s in family.samples
+    }
+    assert samples[("batch_gateway_batch_projected_completion_timestamp_seconds", batch.id)] == batch.expires_at + 60
+    assert samples[("batch_gateway_batch_deadline_at_risk", batch.id)] == 1
+    assert samples[("batch_gateway_batch_deadline_unreachable", batch.id)] == 1
+    set_status(server, batch.id, "completed")  # an ended batch drops out of the per-batch series
+    text = server.http().get("/metrics").text
+    assert batch.id not in text
+    # Another tenant's batch is not found, whatever it stands.
+    assert server.http().get("/v1/batches/batch_missing/run_stats").status_code == 404

@@ -330,6 +330,37 @@ def test_the_semaphore_caps_the_batches_running_at_once(gateway):
         assert wait_for(client, batch_id, timeout=30).status == "completed"
 
 
+def test_the_api_admits_workflows_and_holds_the_rest_back_with_the_real_controller(gateway):
+    """BATCH_GATEWAY_MAX_CONCURRENT_RUNNERS (4, from the ConfigMap) at once: the others wait in the API without a
+    Workflow, and start as slots free up; Argo runs Workflows carrying the API's priority and deadline."""
+    client, plane = gateway.client, gateway.plane
+    batch_ids = [create_batch(client, 30, max_tokens=60) for _ in range(7)]
+    most_held_back, most_live = 0, 0
+    deadline = time.monotonic() + 300
+    while True:
+        plane.check()
+        batches = {b: client.batches.retrieve(b) for b in batch_ids}
+        if all(b.status in ("completed", "failed", "expired", "cancelled") for b in batches.values()):
+            break
+        workflows = {b: plane.workflow(workflow_name(b)) for b in batch_ids}
+        phases = [((w or {}).get("status") or {}).get("phase") for w in workflows.values() if w]
+        most_live = max(most_live, sum(1 for p in phases if p not in ("Succeeded", "Failed", "Error")))
+        held = [b for b, w in workflows.items() if w is None and batches[b].status == "validating"]
+        for b in held:  # waiting in the API: validating, nothing done
+            assert batches[b].request_counts.total == 0
+        most_held_back = max(most_held_back, len(held))
+        assert time.monotonic() < deadline, f"not all done: {phases}\n{plane.diagnostics()}"
+        time.sleep(0.3)
+    assert most_held_back >= 2, "the API created every Workflow at once"
+    assert most_live <= 5  # four, plus one a gc pass might admit in the same instant (it decides on its own)
+    for batch_id in batch_ids:
+        assert client.batches.retrieve(batch_id).status == "completed"
+        spec = plane.workflow(workflow_name(batch_id))["spec"]
+        batch = client.batches.retrieve(batch_id)
+        assert spec["priority"] == 2**31 - 1 - batch.expires_at
+        assert 0 < spec["activeDeadlineSeconds"] <= 86400 + 7200
+
+
 def run_gc(plane) -> dict:
     """One gc pass now, as the CronWorkflow's next tick would start it: `argo submit --from cronwf/...` through the
     Argo server."""

@@ -9,6 +9,7 @@ against a real API server and real Argo: tests/control_plane/test_real_argo.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,80 @@ def test_the_template_declares_every_parameter_the_executor_passes():
     passed = {p["name"] for p in body["spec"]["arguments"]["parameters"]}
     assert passed == set(declared)
     assert all("value" in p or "default" in p for name, p in declared.items() if name != "batch_id")
+
+
+# --- admission: Workflows held back in the API, started in the admission order ---------------------
+
+
+async def test_workflows_are_held_back_and_created_earliest_deadline_first_fairly_between_tenants(kube, tmp_path):
+    store = SqliteStore(str(tmp_path / "metadata.sqlite3"))
+    await store.open()
+    settings = Settings(argo_namespace=NAMESPACE, max_concurrent_runners=1)
+    executor = ArgoExecutor(settings, store, api_client=kube.api_client(), backoff=0.01)
+    now = ids.now()
+    arrivals = iter(range(100))
+
+    async def batch(tenant: str, window: int) -> str:
+        batch_id = ids.new_batch_id()
+        created_at = now + next(arrivals)
+        record = BatchRecord(
+            id=batch_id,
+            tenant=tenant,
+            endpoint="/v1/chat/completions",
+            input_file_id="file-x",
+            completion_window="24h",
+            status="validating",
+            created_at=created_at,
+            expires_at=created_at + window,
+        )
+        await store.insert_batch(record)
+        await executor.submit(batch_id, tenant=tenant, deadline=record.expires_at)
+        return batch_id
+
+    def created() -> list[str]:
+        return [w["metadata"]["annotations"]["batch-gateway/batch-id"] for w in kube.api.workflows(NAMESPACE)]
+
+    clock = iter(range(int(time.time()) + 300, 10**10, 300))  # each run takes ten minutes
+
+    async def finish(batch_id: str) -> None:
+        # The batch ends first; its Workflow a moment later, once its exit handler ran: only then is its slot free.
+        await store.transition(batch_id, ["validating"], "completed", ids.now())
+        kube.api.set_status(NAMESPACE, workflow_name(batch_id), {"phase": "Running"})
+        before = len(created())
+        await executor.admit(now=next(clock))
+        assert len(created()) == before
+        kube.api.set_status(NAMESPACE, workflow_name(batch_id), {"phase": "Succeeded"})
+        await executor.admit(now=next(clock))
+
+    try:
+        a1 = await batch("acme", 86400)
+        a2, a3 = await batch("acme", 86400), await batch("acme", 86400)  # acme floods the queue...
+        b1 = await batch("globex", 86400)  # ...globex's single batch arrives after it...
+        a_urgent = await batch("acme", 3600)  # ...and acme's tight one last
+        assert created() == [a1]  # one slot: the others wait in the API, not as Pending Workflows
+        assert [p.batch.batch_id for p in executor.queue()] == [b1, a_urgent, a2, a3]
+        assert executor.queue_place(b1).position == 1
+        await finish(a1)
+        assert created()[-1] == b1  # globex's turn: acme just had the slot (FIFO would run a2 and a3 first)...
+        await finish(b1)
+        assert created()[-1] == a_urgent  # ...then acme's batches, earliest deadline first
+        await finish(a_urgent)
+        await finish(a2)
+        assert created() == [a1, b1, a_urgent, a2, a3]
+
+        urgent = the_workflow(kube, a_urgent)["spec"]
+        loose = the_workflow(kube, a2)["spec"]
+        assert urgent["priority"] > loose["priority"]  # Argo's own queue (its semaphore) orders by deadline too
+        assert 3600 + 7200 - 10 <= urgent["activeDeadlineSeconds"] <= 3600 + 7200 + 10  # its window, not 26 h
+        assert kube.api.rejected == []
+
+        # A waiting batch is one the executor will run (the reconciler leaves it alone); being cancelled while it
+        # waits, it gets its runner at once, outside the slots, to end it.
+        waiting = await batch("globex", 86400)
+        assert waiting not in created() and await executor.state(waiting) == RunState.RUNNING
+        await store.transition(waiting, ["validating"], "cancelling", ids.now())
+        await executor.cancel(waiting)
+        assert waiting in created()
+    finally:
+        await executor.stop()
+        await store.close()

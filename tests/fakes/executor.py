@@ -6,6 +6,7 @@ the API and of gc check what is handed to them, and leave running the batches to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from batch_gateway.executor.base import Executor, RunState
@@ -25,7 +26,7 @@ class RecordingExecutor(Executor):
     async def stop(self) -> None:
         return None
 
-    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None) -> None:
+    async def submit(self, batch_id: str, *, tenant: str, model: str | None = None, deadline: float = math.inf) -> None:
         if self.fail_submit or batch_id in self.broken:
             raise RuntimeError("the executor is down (test)")
         self.submitted.append((batch_id, tenant))

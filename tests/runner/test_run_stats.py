@@ -19,11 +19,13 @@ def test_a_run_that_dispatched_shows_how_it_ended_and_its_endpoints_by_name():
         preempted=0,
         preempted_tokens_estimate=0,
         ended=StopReason.CANCELLED,
+        deadline={"at_risk": True, "unreachable": False},
         endpoints={"endpoint-0": {"limit": 4}},
     )
     usage = wire.Usage(input_tokens=10, input_tokens_details=wire.InputTokensDetails(cached_tokens=4))
     stats = msgspec.json.decode(final_stats(dispatch, Totals(completed=2, failed=1, usage=usage)))
     assert stats["ended"] == "cancelled" and stats["endpoints"] == {"endpoint-0": {"limit": 4}}
+    assert stats["deadline"] == {"at_risk": True, "unreachable": False}  # the deadline tracker's summary
     assert (stats["completed"], stats["failed"], stats["prefix_cache_hit_rate"]) == (2, 1, 0.4)
     assert "endpoints" not in dispatch.loggable() and dispatch.loggable()["retries"] == 2
 

@@ -8,7 +8,16 @@ import msgspec
 import pytest
 
 from batch_gateway import ids, wire
-from batch_gateway.store.metadata import ApiKeyRecord, BatchRecord, FileRecord, MetadataStore, RunnerLoad, WebhookState
+from batch_gateway.store.metadata import (
+    ApiKeyRecord,
+    BatchForecast,
+    BatchRecord,
+    FileRecord,
+    MetadataStore,
+    RunnerLoad,
+    TenantPolicy,
+    WebhookState,
+)
 
 _clock = itertools.count(1_000)
 
@@ -513,6 +522,52 @@ async def test_claimed_webhook_events_are_leased_until_rescheduled_or_finished(s
     await store.reschedule_webhook_event(second.id, due_at=0, error="late")
     await store.finish_webhook_event(first.id, WebhookState.FAILED, now=142)
     assert await store.claim_webhook_events(now=10_000, lease_seconds=30, limit=10) == []
+
+
+async def test_the_load_board_says_whose_batch_each_runner_runs(store: MetadataStore):
+    mine = RunnerLoad("a", inflight=1, limit=2, demand=3, completed=4, weight=0.5, at=100.0, tenant="acme")
+    await store.share_load("http://e1", mine, fresh_after=0.0)
+    other = RunnerLoad("b", inflight=1, limit=2, demand=3, completed=4, weight=2.0, at=100.0, tenant="globex")
+    assert await store.share_load("http://e1", other, fresh_after=0.0) == [mine]
+
+
+# --- deadlines -------------------------------------------------------------------------------------
+
+
+async def test_tenant_policies_are_set_and_replaced(store: MetadataStore):
+    assert await store.tenant_policies() == {}
+    await store.set_tenant_policy("acme", TenantPolicy(weight=2.0, max_running=3))
+    await store.set_tenant_policy("globex", TenantPolicy(weight=0.5))
+    await store.set_tenant_policy("acme", TenantPolicy(weight=3.0))  # the cap goes with it
+    assert await store.tenant_policies() == {"acme": TenantPolicy(3.0, None), "globex": TenantPolicy(0.5, None)}
+
+
+async def test_forecasts_are_kept_beside_their_batches(store: MetadataStore):
+    first, second, never = await insert_batches(store, 3)
+    forecast = BatchForecast(
+        at=100.5, remaining=7, projected_end_at=160.25, need_share=0.4, at_risk=False, unreachable=False
+    )
+    await store.save_forecast(first.id, forecast)
+    await store.save_forecast(second.id, BatchForecast(100.0, 3, None, None, at_risk=True, unreachable=True))
+    later = msgspec.structs.replace(forecast, at=101.0, remaining=5)
+    await store.save_forecast(first.id, later)
+    found = await store.forecasts([first.id, second.id, never.id, "batch_missing"])
+    assert found == {first.id: later, second.id: BatchForecast(100.0, 3, None, None, True, True)}
+    assert await store.forecasts([]) == {}
+    assert (await store.get_batch(first.id, None)) == first  # the record itself is unchanged
+
+
+async def test_an_extension_webhook_event_is_added_once(store: MetadataStore):
+    (batch,) = await insert_batches(store, 1)
+    assert await store.add_webhook_event("evt_x1", batch.id, "acme", "batch.deadline_unreachable", 50)
+    assert not await store.add_webhook_event("evt_x1", batch.id, "acme", "batch.deadline_unreachable", 51)
+    (event,) = await store.claim_webhook_events(now=100, lease_seconds=30, limit=10)
+    assert (event.id, event.batch_id, event.type, event.created_at) == (
+        "evt_x1",
+        batch.id,
+        "batch.deadline_unreachable",
+        50,
+    )
 
 
 # --- API keys ------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ import json
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import chat_lines, wait_for
+
+pytestmark = pytest.mark.e2e
 
 ENDPOINT = "/v1/chat/completions"
 

@@ -9,11 +9,16 @@ import datetime
 import json
 import time
 
+import pytest
+
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, run_stats, start_runner
+
+# Real runner processes beside a simulator, for tens of seconds.
+pytestmark = pytest.mark.process
 
 LINES = 1000  # about 12 s of the whole engine (16 sequences of ~0.19 s): 24 s at an equal share
 TIGHT = 20  # seconds: the tight batch needs about 60% of the engine

@@ -257,8 +257,8 @@ def test_a_runner_that_finds_the_batch_leased_is_retried_until_the_lease_ends(ga
     exactly_once(client, batch, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
+@pytest.mark.skip(
+    # Not run at all: run, it leaves its SIGSTOPped runner holding a semaphore slot for the tests after it.
     reason="Since issue #15 the API gives each Workflow an activeDeadlineSeconds from its batch's window (time left "
     "+ 2 h), which wins over the template's that this test shortens; Argo freezes the merged spec at start, so "
     "patching the running Workflow does not help either. To do: shorten the batch's own window "

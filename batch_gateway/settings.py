@@ -221,6 +221,12 @@ class Settings:
     # --- argo ---
     argo_namespace: str = setting("batch-gateway", "Namespace the runner Workflows are created in.", group="argo")
     argo_template: str = setting("batch-gateway-runner", "WorkflowTemplate that runs one batch.", group="argo")
+    argo_deadline_grace_seconds: int = setting(
+        7200,
+        "Seconds past a batch's expires_at before Argo stops its Workflow (activeDeadlineSeconds): the backstop for a "
+        "hung runner. A live runner expires its batch itself at expires_at and needs this long at most to finalise.",
+        group="argo",
+    )
     # --- webhooks ---
     webhook: list[str] = setting(
         [],

@@ -66,7 +66,6 @@ COMPLETED_PHASES = frozenset({"Succeeded", "Failed", "Error"})
 TRANSIENT_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
 MAX_BACKOFF = 8.0
 ADMISSION_INTERVAL = 3.0  # seconds between admission passes in `serve`: a finished runner's slot is taken this fast
-DEADLINE_GRACE = 7200  # a Workflow's activeDeadlineSeconds: the batch's time left plus this, to finalise
 MAX_PRIORITY = 2**31 - 1  # Workflow priority is an int32; an earlier deadline gets a higher one
 
 _BATCH_ID = re.compile(r"^batch_([0-9a-f]{1,60})$")
@@ -108,6 +107,7 @@ class ArgoExecutor(Executor):
     ) -> None:
         self.namespace = settings.argo_namespace
         self.template = settings.argo_template
+        self.deadline_grace = settings.argo_deadline_grace_seconds
         self.metadata = metadata
         self.attempts = attempts
         self.backoff = backoff
@@ -300,7 +300,7 @@ class ArgoExecutor(Executor):
         if math.isfinite(deadline):
             # Earlier deadlines first in any queue Argo keeps (its semaphore); Unix seconds fit an int32 until 2038.
             spec["priority"] = max(0, MAX_PRIORITY - int(deadline))
-            spec["activeDeadlineSeconds"] = max(60, int(deadline - time.time())) + DEADLINE_GRACE
+            spec["activeDeadlineSeconds"] = max(60, int(deadline - time.time()) + self.deadline_grace)
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Workflow",

@@ -38,6 +38,10 @@ EXECUTABLES = Path(sys.executable).parent  # where `batch-gateway` is installed:
 RETRY_BACKOFF = {"duration": "1s", "factor": 1}
 RETRY_MAX_DURATION = "15s"
 RUNNER_LEASE_SECONDS = "10"
+# The API also allows one-minute batches, and stops a Workflow 15 s past its batch's expiry (not 2 h): a hung runner
+# meets its deadline within a test.
+SHORT_WINDOW = "1m"
+DEADLINE_GRACE_SECONDS = "15"
 
 
 def rendered_templates() -> list[dict[str, Any]]:
@@ -128,6 +132,8 @@ class Gateway:
             "BATCH_GATEWAY_WORK_DIR": str(data / "work"),
             "KUBECONFIG": str(self.plane.kubeconfig_for("batch-gateway-api")),
             "TMPDIR": str(data),
+            "BATCH_GATEWAY_COMPLETION_WINDOWS": f"24h,{SHORT_WINDOW}",
+            "BATCH_GATEWAY_ARGO_DEADLINE_GRACE_SECONDS": DEADLINE_GRACE_SECONDS,
         }
 
     def start_api(self) -> openai.OpenAI:

@@ -5,7 +5,7 @@ kubelet runs as `batch-gateway runner` / `reconcile` processes with the runner's
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,14 +18,19 @@ import pytest
 
 from batch_gateway.executor.argo import workflow_name
 from tests.control_plane.cluster import NAMESPACE
+from tests.control_plane.conftest import DEADLINE_GRACE_SECONDS, SHORT_WINDOW
 from tests.helpers import chat_lines, jsonl, wait_for
 
 pytestmark = [pytest.mark.control_plane, pytest.mark.timeout(600)]
 
 
-def create_batch(client, requests: int, **line_options) -> str:
+def create_batch(client, requests: int, *, window: str = "24h", **line_options) -> str:
     uploaded = client.files.create(file=("input.jsonl", chat_lines(requests, **line_options)), purpose="batch")
-    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h").id
+    return client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window=window,  # type: ignore[arg-type]  # the gateway also allows SHORT_WINDOW
+    ).id
 
 
 def wait_for_workflow(plane, batch_id: str, phases=("Succeeded", "Failed", "Error"), timeout: float = 120) -> dict:
@@ -257,48 +262,22 @@ def test_a_runner_that_finds_the_batch_leased_is_retried_until_the_lease_ends(ga
     exactly_once(client, batch, 10)
 
 
-@pytest.mark.skip(
-    # Not run at all: run, it leaves its SIGSTOPped runner holding a semaphore slot for the tests after it.
-    reason="Since issue #15 the API gives each Workflow an activeDeadlineSeconds from its batch's window (time left "
-    "+ 2 h), which wins over the template's that this test shortens; Argo freezes the merged spec at start, so "
-    "patching the running Workflow does not help either. To do: shorten the batch's own window "
-    "(--completion-windows in the gateway fixture) instead.",
-)
 def test_a_hung_runner_hits_the_deadline_and_the_exit_handler_ends_the_batch(gateway):
-    """A runner that hangs (SIGSTOP) never expires its batch itself. activeDeadlineSeconds (here 20 s, with the
-    batch's expires_at already passed) stops the step, Argo runs the exit handler, and `reconcile` ends the batch
-    `expired` with its partial results, once the hung runner's lease has run out."""
+    """A runner that hangs (SIGSTOP) never expires its batch itself. The Workflow's own activeDeadlineSeconds (its
+    batch's one-minute window plus the fixture's grace) stops the step, Argo runs the exit handler, and `reconcile`
+    ends the batch `expired` with its partial results, once the hung runner's lease has run out."""
     client, plane = gateway.client, gateway.plane
-    original = plane.kubectl(
-        "get", "workflowtemplate", "batch-gateway-runner", "-o", "jsonpath={.spec.activeDeadlineSeconds}"
-    ).stdout
-    plane.kubectl(
-        "patch",
-        "workflowtemplate",
-        "batch-gateway-runner",
-        "--type",
-        "merge",
-        "-p",
-        '{"spec": {"activeDeadlineSeconds": 20}}',
-    )
-    try:
-        batch_id = create_batch(client, 200, max_tokens=200)
-        wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
-    finally:
-        plane.kubectl(
-            "patch",
-            "workflowtemplate",
-            "batch-gateway-runner",
-            "--type",
-            "merge",
-            "-p",
-            json.dumps({"spec": {"activeDeadlineSeconds": int(original)}}),
-        )
+    batch_id = create_batch(client, 200, window=SHORT_WINDOW, max_tokens=200)
+    workflow = wait_for_workflow(plane, batch_id, phases=("Running",))
+    assert workflow["spec"]["activeDeadlineSeconds"] <= 60 + int(DEADLINE_GRACE_SECONDS)  # the batch's, not 26 h
+    wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
     (pod,) = runner_pods(plane, batch_id)
     os.killpg(pod.process.pid, signal.SIGSTOP)
-    sql(gateway, "UPDATE batches SET expires_at = %s WHERE id = %s", int(time.time()) - 1, batch_id)
-
-    workflow = wait_for_workflow(plane, batch_id, timeout=180)
+    try:
+        workflow = wait_for_workflow(plane, batch_id, timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pod.process.pid, signal.SIGKILL)  # never leave it stopped, holding a slot, whatever happened
 
     run_node = next(n for n in pod_nodes(workflow) if n["templateName"] == "run")
     assert run_node["phase"] == "Failed" and "deadline" in run_node["message"], run_node

@@ -251,6 +251,19 @@ def test_the_template_declares_every_parameter_the_executor_passes():
     assert all("value" in p or "default" in p for name, p in declared.items() if name != "batch_id")
 
 
+def test_a_workflow_is_stopped_its_grace_after_its_batch_expires():
+    def deadline(settings: Settings, expires_in: float) -> int:
+        executor = ArgoExecutor(settings, api_client=object())  # type: ignore[arg-type]
+        body = executor.workflow_body("batch_ab", tenant="t", model=None, deadline=time.time() + expires_in)
+        return body["spec"]["activeDeadlineSeconds"]
+
+    assert 3600 + 7200 - 2 <= deadline(Settings(), 3600) <= 3600 + 7200
+    assert 90 + 15 - 2 <= deadline(Settings(argo_deadline_grace_seconds=15), 90) <= 90 + 15
+    assert deadline(Settings(argo_deadline_grace_seconds=0), -30) == 60  # already overdue: a minute to finalise
+    no_deadline = ArgoExecutor(Settings(), api_client=object()).workflow_body("batch_ab", tenant="t", model=None)  # type: ignore[arg-type]
+    assert "activeDeadlineSeconds" not in no_deadline["spec"]  # the template's own applies
+
+
 # --- admission: Workflows held back in the API, started in the admission order ---------------------
 
 

@@ -72,6 +72,7 @@ MIXED = [
     Spec("C", 150, 15, "3m"),
     Spec("B", 180, 10, "2m"),
 ]
+FLOOD = (0, 1, 3, 5)  # A's flood in MIXED: the batches C's single one waits behind (admission never preempts)
 LOOSE = [Spec(t, 0, 20, "24h") for t in ("A", "B", "C") * 3]
 
 POLICIES = {
@@ -255,6 +256,7 @@ def write(results: dict[str, dict[str, list[Outcome]]], rps: float) -> None:
         waits = [o.started - o.created for o in mixed if o.started is not None]
         runs = [o.ended - o.started for o in mixed if o.started is not None and o.ended is not None]
         single = mixed[4]  # C's single batch, arriving while A's flood waits
+        flood_runs = [o.ended - o.started for o in (mixed[i] for i in FLOOD) if o.started is not None and o.ended]
         mixed_window = (0.0, max(s.arrive for s in MIXED))
         mixed_shares = tenant_shares(mixed, *mixed_window)
         loose_shares = tenant_shares(loose, *LOOSE_WINDOW)
@@ -264,6 +266,7 @@ def write(results: dict[str, dict[str, list[Outcome]]], rps: float) -> None:
             "mean_wait": statistics.mean(waits) if waits else float("nan"),
             "single_wait": (single.started - single.created) if single.started is not None else float("nan"),
             "mean_run": statistics.mean(runs) if runs else float("nan"),
+            "flood_run": statistics.mean(flood_runs) if flood_runs else float("nan"),
             "worst_share": worst,
         }
         policy_rows.append(
@@ -273,6 +276,7 @@ def write(results: dict[str, dict[str, list[Outcome]]], rps: float) -> None:
                 "mean queue wait s (mixed)": round(figures[label]["mean_wait"], 1),
                 "C's single batch waited s": round(figures[label]["single_wait"], 1),
                 "mean run s": round(figures[label]["mean_run"], 1),
+                "mean run of A's flood s": round(figures[label]["flood_run"], 1),
                 "shares A/B/C, mixed, first 3 min": " / ".join(f"{mixed_shares[t]:.0%}" for t in WEIGHTS),
                 "shares A/B/C, loose": " / ".join(f"{loose_shares[t]:.0%}" for t in WEIGHTS),
                 "worst loose share vs weight": f"{worst:+.0%}" if worst else "0%",
@@ -281,7 +285,7 @@ def write(results: dict[str, dict[str, list[Outcome]]], rps: float) -> None:
     ours, fifo = figures[labels[0]], figures[labels[1]]
     no_miss = ours["missed"] == 0 if edf == 0 else None
     shares_ok = ours["worst_share"] <= 0.2
-    flood_ok = ours["single_wait"] <= ours["mean_run"]
+    flood_ok = ours["single_wait"] <= ours["flood_run"]
     load = report.background_load()
     body = f"""
 `python -m benchmarks deadlines`. `batch-gateway serve` (local executor, {SLOTS} runner slots, SQLite) and the
@@ -301,7 +305,9 @@ completed by its `expires_at`; a missed one ended `expired` with its partial res
 Targets (deadline-aware policy): no misses where the EDF schedule has none — {_verdict(no_miss, ours["missed"])};
 each tenant's share within ±20% of its weight's with loose deadlines — worst {ours["worst_share"]:+.0%}
 ({"met" if shares_ok else "**missed**"}); C's single batch behind A's flood waits at most one batch's run time —
-{ours["single_wait"]:.1f} s against a mean run of {ours["mean_run"]:.1f} s ({"met" if flood_ok else "**missed**"}).
+{ours["single_wait"]:.1f} s against a mean run of {ours["flood_run"]:.1f} s for A's flood batches
+({"met" if flood_ok else "**missed**"}). Admission never stops a running batch, so the bound is the run time of the
+flood batch whose slot C's batch takes.
 FIFO with equal shares, same arrivals: {fifo["missed"]} missed, mean wait {fifo["mean_wait"]:.1f} s, C's single
 batch waited {fifo["single_wait"]:.1f} s, worst loose share {fifo["worst_share"]:+.0%}.
 """
@@ -324,7 +330,8 @@ batch waited {fifo["single_wait"]:.1f} s, worst loose share {fifo["worst_share"]
             (
                 "A tenant's single batch behind another's flood",
                 "waits ≤ one batch's run time",
-                f"{ours['single_wait']:.0f} s vs {ours['mean_run']:.0f} s (FIFO {fifo['single_wait']:.0f} s): "
+                f"{ours['single_wait']:.0f} s vs A's runs {ours['flood_run']:.0f} s "
+                f"(FIFO {fifo['single_wait']:.0f} s): "
                 f"{'met' if flood_ok else '**missed**'}",
             ),
             (

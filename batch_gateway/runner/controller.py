@@ -18,8 +18,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import QUEUE_ALLOWANCE, Knee
 from batch_gateway.runner.presence import Presence
 from batch_gateway.runner.share import RunnerLoad, allocate
@@ -42,19 +42,6 @@ class Regime(enum.Enum):
     OURS = "ours"  # only batch runners use the engine: fill it to the knee
     SHARED = "shared"  # others use it too: the interactive budget rules
     BLIND = "blind"  # no usable gauges: additive increase, multiplicative decrease
-
-
-@dataclass(frozen=True)
-class EngineReading:
-    """One reading of the engine's gauges (summed over its label sets)."""
-
-    running: float
-    waiting: float
-    kv_usage: float | None = None
-    step_seconds: float | None = None  # mean inter-token latency since the previous reading, if the engine says
-    running_mean: float | None = None  # sequences decoding on average over that time (its ITL sum / the time)
-    completed: float | None = None  # requests it finished, all clients, since it started
-    queue_seconds: float | None = None  # mean time the requests admitted since the previous reading had waited
 
 
 class ConcurrencyController:

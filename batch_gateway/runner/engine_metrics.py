@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from batch_gateway.runner.controller import EngineReading
+from batch_gateway.runner.engine_reading import EngineReading
 
 if TYPE_CHECKING:
     from batch_gateway.runner.upstream import UpstreamClient

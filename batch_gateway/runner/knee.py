@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from batch_gateway.runner.controller import EngineReading
+from batch_gateway.runner.engine_reading import EngineReading
 
 QUEUE_STEPS = 3.0  # admitted requests that waited this many steps on average mean a queue
 QUEUE_ALLOWANCE = 1.0  # without queue times: waiting requests that are only arrivals between two steps...

@@ -7,12 +7,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.share import RunnerLoad
-
-if TYPE_CHECKING:
-    from batch_gateway.runner.controller import EngineReading
 
 PRESENCE_MIN = 1.5  # others' requests in the engine that mean someone is there...
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)

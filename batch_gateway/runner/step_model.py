@@ -9,7 +9,7 @@ engine's knee) the step time is close to linear in the running sequences:
 `a` is the fixed cost of a step (reading the weights); `m_batch` what one more batch sequence adds, and `m_others`
 what one more of everyone else's adds. They differ because a sequence's cost includes its context (read from the KV
 cache every step) and its prompt's prefill spread over its steps: a batch of long prompts costs more per sequence
-than short chat turns. All three are fitted by recursive least squares with forgetting over the engine's own
+than short chat turns. All three are fitted by least squares with directional forgetting over the engine's own
 readings, so they follow changes of the request mix without per-engine constants. Until others' load has varied
 enough to tell, `m_others` is taken to be `m_batch`.
 
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORGETTING = 0.99  # per reading: at two readings a second, a reading half a minute old weighs half as much
-PRIOR_VARIANCE = 1e6  # weak prior: the first readings decide; also the cap that keeps an idle direction from winding up
+FORGETTING = 0.95  # along each reading's direction: what readings keep showing is weighed over ~20 readings (10 s)
+# and a change of the request mix is followed within a few minutes; what they do not show is kept
+PRIOR_VARIANCE = 1e6  # weak prior: the first readings decide
 MIN_READINGS = 5
 MIN_SPREAD = 0.3  # a load must have varied by this share of its largest value before its slope is trusted
 MIN_SPREAD_SEQUENCES = 2.0  # ...and by at least this many sequences
@@ -55,12 +56,20 @@ class _Spread:
 
 
 class StepModel:
-    """Recursive least squares of step time on (1, others' sequences, batch sequences), with forgetting."""
+    """Least squares of step time on (1, others' sequences, batch sequences), with directional forgetting.
+
+    Plain exponential forgetting fades every direction of what was learnt, excited or not. While the batch holds
+    steady at its budget, the readings only tell `a + m_batch·R_batch` as one sum; forgetting would fade how the ramp
+    split it and let noise pick the split, and the budget `a/m_batch` with it. So old readings are forgotten only along
+    the direction each new reading carries news about (Kulhavý's directional forgetting, in information form): what no
+    reading contradicts is kept, and a change of the request mix is still followed as the readings show it."""
 
     def __init__(self, forgetting: float = FORGETTING) -> None:
         self.forgetting = forgetting
         self._theta = [0.0, 0.0, 0.0]
-        self._p = [[PRIOR_VARIANCE if i == j else 0.0 for j in range(3)] for i in range(3)]
+        # The information matrix (Σ x·xᵀ, weighted) and Σ x·y, from a weak prior: the first readings decide.
+        self._info = [[1.0 / PRIOR_VARIANCE if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self._moment = [0.0, 0.0, 0.0]
         self.readings = 0
         self._batch = _Spread()
         self._others = _Spread()
@@ -70,19 +79,18 @@ class StepModel:
         if step_seconds <= 0 or batch < 0 or others < 0:
             return
         x = (1.0, others, batch)
-        p = self._p
-        px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
-        denominator = self.forgetting + sum(x[i] * px[i] for i in range(3))
-        gain = [v / denominator for v in px]
-        error = step_seconds - sum(self._theta[i] * x[i] for i in range(3))
-        self._theta = [self._theta[i] + gain[i] * error for i in range(3)]
-        self._p = [[(p[i][j] - gain[i] * px[j]) / self.forgetting for j in range(3)] for i in range(3)]
-        for i in range(3):  # a direction no reading excites would grow without bound under forgetting
-            if self._p[i][i] > PRIOR_VARIANCE:
-                scale = (PRIOR_VARIANCE / self._p[i][i]) ** 0.5
-                for j in range(3):
-                    self._p[i][j] *= scale
-                    self._p[j][i] *= scale
+        info = self._info
+        ix = [sum(info[i][j] * x[j] for j in range(3)) for i in range(3)]
+        news = sum(x[i] * ix[i] for i in range(3))  # the information already held along x
+        fade = (1.0 - self.forgetting) / news
+        # Forget along x only, keeping the estimate where it is (the moment follows the faded information).
+        info = [[info[i][j] - fade * ix[i] * ix[j] + x[i] * x[j] for j in range(3)] for i in range(3)]
+        faded_moment = [
+            m - fade * ix[i] * sum(ix[j] * t for j, t in enumerate(self._theta)) for i, m in enumerate(self._moment)
+        ]
+        self._moment = [faded_moment[i] + x[i] * step_seconds for i in range(3)]
+        self._info = info
+        self._theta = _solve(info, self._moment) or self._theta
         self.readings += 1
         self._batch.add(batch)
         self._others.add(others)
@@ -102,3 +110,20 @@ class StepModel:
         if per_batch <= 0 or fixed <= 0:
             return None  # not a plausible engine (yet): noise dominates
         return StepFit(fixed, per_batch, per_other)
+
+
+def _solve(matrix: list[list[float]], vector: list[float]) -> list[float] | None:
+    """matrix · θ = vector for a 3×3 system, by Gaussian elimination with partial pivoting; None if singular."""
+    rows = [[*row, value] for row, value in zip(matrix, vector, strict=True)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(rows[r][col]))
+        if abs(rows[pivot][col]) < 1e-300:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, 3):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col], strict=True)]
+    theta = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        theta[r] = (rows[r][3] - sum(rows[r][c] * theta[c] for c in range(r + 1, 3))) / rows[r][r]
+    return theta

@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batch_gateway.runner.controller import ConcurrencyController, EngineReading
+from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.store.metadata import RunnerLoad
 
 

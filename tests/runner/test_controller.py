@@ -4,11 +4,13 @@ fill the engine when alone, keep others' slowdown within the budget, yield fast,
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
 
-from batch_gateway.runner.controller import ConcurrencyController, EngineReading, Regime
+from batch_gateway.runner.controller import ConcurrencyController, Regime
+from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.share import allocate
 from batch_gateway.runner.step_model import StepModel
 from batch_gateway.store.metadata import RunnerLoad
@@ -227,6 +229,27 @@ def test_the_step_model_learns_what_each_kind_of_sequence_costs_and_forgets_an_o
         batch, others = 20 + (i * 7) % 30, 5 + (i * 13) % 40
         model.observe(0.010 + 0.0003 * batch + 0.0001 * others, batch=batch, others=others)
     assert model.fit.per_batch == pytest.approx(0.0003, rel=0.05)
+
+
+def test_the_step_model_keeps_the_batch_slope_it_learnt_while_the_batch_holds_steady():
+    """While the batch sits at its budget only others' load varies: the readings then tell the step's fixed cost plus
+    the batch's part as one sum, never how it splits. The split learnt during the ramp must not fade into noise."""
+    rng = random.Random(7)
+    model = StepModel()
+
+    def step(batch: float, others: float) -> float:
+        return (0.005 + 0.000075 * batch + 0.00004 * others) * rng.gauss(1.0, 0.02)
+
+    for i in range(40):  # the ramp: the batch's count rises beside others
+        batch, others = 1 + i * 0.5, rng.gauss(20, 4.5)
+        model.observe(step(batch, others), batch=batch, others=others)
+    budgets = []
+    for _ in range(1200):  # ten minutes at two readings a second, the batch at 20 (±1), others Poisson around 20
+        batch, others = 20 + rng.choice((-1, 0, 0, 1)), rng.gauss(20, 4.5)
+        model.observe(step(batch, others), batch=batch, others=others)
+        budgets.append(model.fit.fixed / model.fit.per_batch)
+    truth = 0.005 / 0.000075
+    assert all(abs(b / truth - 1) < 0.15 for b in budgets[100:]), (min(budgets), max(budgets), truth)
 
 
 def test_allocation_is_weighted_max_min_fair():

@@ -1,0 +1,18 @@
+"""One reading of an engine's gauges: what engine_metrics.py reads from `/metrics` and the controller acts on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineReading:
+    """One reading of the engine's gauges (summed over its label sets)."""
+
+    running: float
+    waiting: float
+    kv_usage: float | None = None
+    step_seconds: float | None = None  # mean inter-token latency since the previous reading, if the engine says
+    running_mean: float | None = None  # sequences decoding on average over that time (its ITL sum / the time)
+    completed: float | None = None  # requests it finished, all clients, since it started
+    queue_seconds: float | None = None  # mean time the requests admitted since the previous reading had waited

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import numpy as np
@@ -218,7 +217,8 @@ def test_empty_plan_is_done():
 
 
 @pytest.mark.slow
-def test_a_million_lines_cost_little_memory_and_constant_time_per_call():
+def test_a_million_lines_cost_little_memory_and_are_each_handed_out_once():
+    """Memory is counted by allocation (deterministic); speed is benchmarks/overhead.py's, not a timed test's."""
     n = 1_000_000
     rng = np.random.default_rng(5)
     groups = np.sort(rng.integers(0, 50_000, n))
@@ -234,16 +234,16 @@ def test_a_million_lines_cost_little_memory_and_constant_time_per_call():
         tracemalloc.stop()
     assert resident < 40e6, f"{resident / 1e6:.0f} MB held for the plan"  # ~20 bytes per line, no per-line objects
     assert peak < 120e6, f"peak {peak / 1e6:.0f} MB while building it"
-    started = time.perf_counter()
     inflight: list[int] = []
+    seen = np.zeros(n, dtype=bool)
     handed = 0
     while not s.done or inflight:
         for endpoint in (0, 1):
             while len(inflight) < 256 and (line := s.next_ready(endpoint)) is not None:
+                assert not seen[line]
+                seen[line] = True
                 inflight.append(line)
                 handed += 1
         if inflight:
             s.on_finished(inflight.pop(), True)
-    elapsed = time.perf_counter() - started
-    assert handed == n
-    assert elapsed < 30, f"{elapsed:.1f} s for {n} hand-outs"  # ~3 s on a slow 2-core box
+    assert handed == n and seen.all()

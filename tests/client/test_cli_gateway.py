@@ -207,6 +207,8 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in watcher.stderr], daemon=True)
     reader.start()
+    # Its progress display writes to stdout: drained too, so a full pipe can never block it.
+    threading.Thread(target=watcher.stdout.read, daemon=True).start()
     try:
         deadline = time.monotonic() + 30
         while True:  # "status: in_progress" or "status: validating -> in_progress (after 1s)"
@@ -214,7 +216,7 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
             if line.startswith("status:") and line.rstrip().split(" (")[0].endswith("in_progress"):
                 break
         watcher.send_signal(signal.SIGINT)
-        assert watcher.wait(timeout=10) == 130
+        assert watcher.wait(timeout=30) == 130  # a bound for a loaded machine: it exits at once
         reader.join(timeout=5)
         rest = "".join(lines.get_nowait() for _ in range(lines.qsize()))
         assert "keeps running on the server" in rest

@@ -206,6 +206,9 @@ def test_ctrl_c_stops_watching_and_leaves_the_batch_running(slow_gateway, run_cl
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # As at a terminal: a test run started in the background (a non-interactive shell's `&`) ignores SIGINT, the
+        # child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in watcher.stderr], daemon=True)

@@ -85,10 +85,8 @@ class StepModel:
         fade = (1.0 - self.forgetting) / news
         # Forget along x only, keeping the estimate where it is (the moment follows the faded information).
         info = [[info[i][j] - fade * ix[i] * ix[j] + x[i] * x[j] for j in range(3)] for i in range(3)]
-        faded_moment = [
-            m - fade * ix[i] * sum(ix[j] * t for j, t in enumerate(self._theta)) for i, m in enumerate(self._moment)
-        ]
-        self._moment = [faded_moment[i] + x[i] * step_seconds for i in range(3)]
+        projected = sum(ix[j] * self._theta[j] for j in range(3))
+        self._moment = [self._moment[i] - fade * ix[i] * projected + x[i] * step_seconds for i in range(3)]
         self._info = info
         self._theta = _solve(info, self._moment) or self._theta
         self.readings += 1

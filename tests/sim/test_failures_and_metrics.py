@@ -299,8 +299,9 @@ def test_inter_token_latency_is_the_step_time_of_the_cost_model(start_sim):
     assert count == 4 * 10  # one latency per token after each sequence's first
     # At least the step the cost model gives; a busy machine only makes steps longer (the bound is loose on purpose:
     # timing belongs to benchmarks).
+    # No per-sample floor: the simulator keeps a schedule, so the step after a late one (a busy CPU) is short.
     assert step * 0.95 < total / count < step * 3
-    assert buckets[-1][1] == count and dict(buckets)[0.01] == 0  # nothing below 10 ms
+    assert buckets[-1][1] == count
     assert _histogram(samples, "vllm:time_per_output_token_seconds") == (buckets, count, total)  # the old name
     _, requests, per_request = _histogram(samples, "vllm:request_time_per_output_token_seconds")
     assert requests == 4 and step * 0.95 < per_request / requests < step * 3

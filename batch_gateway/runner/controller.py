@@ -129,8 +129,8 @@ class ConcurrencyController:
     # --- our requests -----------------------------------------------------------------------------
 
     def on_send(self, now: float) -> int:
-        """A request goes out; returns its epoch. Close every send with exactly one of on_success, on_backpressure
-        or on_other."""
+        """A request goes out; returns its epoch. Close every send with exactly one of on_success, on_backpressure,
+        on_other or on_warm_up."""
         self._account(now)
         self._sends += 1
         self._inflight += 1
@@ -182,6 +182,12 @@ class ConcurrencyController:
         else:
             self._backoff *= BACKOFF
             self._set(self._limit * BACKOFF)
+
+    def on_warm_up(self, now: float, *, answered: bool) -> None:
+        """A prefix warm-up (a one-token copy of a group's head) has its result: it held an engine slot and, when
+        `answered`, counts among the engine's finished requests, but its latency says nothing of the batch's."""
+        self._close(now)
+        self._answered += answered
 
     def on_other(self, now: float, *, epoch: int) -> None:
         """An answer that says nothing about load (a 4xx, a 500 for a broken request, no connection at all)."""

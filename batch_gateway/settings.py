@@ -181,6 +181,13 @@ class Settings:
         "engine's prefix cache is reused; off = input order.",
         group="runner",
     )
+    prefix_warm_up: bool = setting(
+        True,
+        "With prefix ordering, warm each group's prefix with a one-token copy of its head, so its followers go out "
+        "while the head itself runs (one extra request and output token per group; never for engines with a prefix "
+        "cache per slot, such as llama.cpp); off = followers wait for the head to finish.",
+        group="runner",
+    )
     retry_budget: float = setting(
         0.2,
         "Retries allowed per batch, as a share of its requests (at least 100), before requests give up.",

@@ -118,16 +118,19 @@ def run_once(config: SimConfig, data: bytes, ordering: bool = True, endpoints: i
     if result.batch.status != "completed":
         raise RuntimeError(f"the batch ended {result.batch.status}")
     usage = result.batch.usage
-    hits, queries = sum(s["prefix_cache_hits"] for s in stats), sum(s["prefix_cache_queries"] for s in stats)
+    assert usage is not None
+    # The lines' prompt tokens the engine did not compute: the warm-ups' prompts count as computed for the batch.
+    computed = sum(s["prefill_tokens"] for s in stats)
     windows = [ep.get("prefix_window") or {} for ep in run_stats["endpoints"].values()]
     controllers = [
         {key: ep.get(key) for key in ("limit", "regime", "capacity", "decreases", "interactive_load")}
         for ep in run_stats["endpoints"].values()
     ]
     return {
-        "hit_rate": hits / queries,
+        "hit_rate": 1 - computed / usage.input_tokens,
+        "warm_ups": run_stats["prefix_warm_ups"],
         "cached_share": usage.input_tokens_details.cached_tokens / usage.input_tokens if usage else None,
-        "prefill_tokens": sum(s["prefill_tokens"] for s in stats),
+        "prefill_tokens": computed,
         "dispatch_seconds": run_stats["dispatch_seconds"],
         "requests": result.batch.request_counts.total,
         "preemptions": sum(s["preemptions"] for s in stats),
@@ -148,7 +151,7 @@ def _window(r: dict) -> str:
             parts.append(f"cache size, held back {w['held_back']:,}×")
         else:
             parts.append(mode)
-    return "; ".join(parts)
+    return "; ".join(parts) + (f"; {r['warm_ups']:,} warm-ups" if r["warm_ups"] else "")
 
 
 def _row(label: str, cache: str, info: str, r: dict, ideal: float, base: dict | None, target: float | None) -> dict:
@@ -259,14 +262,16 @@ def run() -> None:
 
     body = f"""
 `python -m benchmarks prefix`. Shuffled input, run by the real runner with default settings against a fresh simulator
-(default cost model, real time, {MAX_TOKENS} output tokens a request). Hit rate = the simulator's
-`prefix_cache_hits / prefix_cache_queries` (prompt tokens); the ideal computes each distinct block once (hit rate
-{main.ideal:.1%} for the main case). Throughput is requests over the runner's dispatch time, against the same batch
+(default cost model, real time, {MAX_TOKENS} output tokens a request). Hit rate = the share of the lines' prompt
+tokens the simulator did not compute (`1 - prefill_tokens / the batch's input_tokens`: what the prefix warm-ups
+compute counts against it); the ideal computes each distinct block once (hit rate {main.ideal:.1%} for the main
+case). Throughput is requests over the runner's dispatch time, against the same batch
 with an unbounded cache. A small cache is `--cache-blocks` (the prefix cache keeps at most that many blocks, while
 running sequences get the whole KV cache), sized as a share of the {main.shared:,} blocks that two or more requests
 share; the runner reads it from `/metrics` ("read") or the simulator hides it and the runner learns its window from
 `cached_tokens` ("hidden"). "Window at the end": per endpoint, how the window was set and how often a group had to
-wait (cache size read), or the number of open groups it had learnt and how often a miss cut it; "controller at the
+wait (cache size read), or the number of open groups it had learnt and how often a miss cut it, and the prefix
+warm-ups sent (one-token copies of group heads, `--prefix-warm-up`); "controller at the
 end": the endpoint's concurrency limit and regime ("shared" means it believed others were using the engine).
 
 **Groups of {PER_GROUP} sharing a ~400-token prompt** ({GROUPS * PER_GROUP:,} requests; issue #13's targets: ≥ 95%,

@@ -68,6 +68,7 @@ class ConcurrencyController:
         self._sends = 0  # the n-th send gets epoch n
         self._inflight = 0
         self._inflight_area = 0.0  # ∫ in-flight dt since the last reading
+        self._peak_inflight = 0  # the most in flight since the last reading
         self._accounted_at = 0.0
         self._cut_epoch = 0  # sends up to this epoch were out at the last backpressure cut
         self._backoff = 1.0
@@ -129,11 +130,12 @@ class ConcurrencyController:
     # --- our requests -----------------------------------------------------------------------------
 
     def on_send(self, now: float) -> int:
-        """A request goes out; returns its epoch. Close every send with exactly one of on_success, on_backpressure
-        or on_other."""
+        """A request goes out; returns its epoch. Close every send with exactly one of on_success, on_backpressure,
+        on_other or on_warm_up."""
         self._account(now)
         self._sends += 1
         self._inflight += 1
+        self._peak_inflight = max(self._peak_inflight, self._inflight)
         return self._sends
 
     def on_success(
@@ -183,6 +185,12 @@ class ConcurrencyController:
             self._backoff *= BACKOFF
             self._set(self._limit * BACKOFF)
 
+    def on_warm_up(self, now: float, *, answered: bool) -> None:
+        """A prefix warm-up (a one-token copy of a group's head) has its result: it held an engine slot and, when
+        `answered`, counts among the engine's finished requests, but its latency says nothing of the batch's."""
+        self._close(now)
+        self._answered += answered
+
     def on_other(self, now: float, *, epoch: int) -> None:
         """An answer that says nothing about load (a 4xx, a 500 for a broken request, no connection at all)."""
         self._close(now)
@@ -224,8 +232,14 @@ class ConcurrencyController:
         self._learn_step(now, reading, previous, peers)
         # The other runners as they published themselves, up to a reading ago: each fills up to its limit within
         # moments, or drains down to it over a service time, so the larger of the two is what it holds now, or more.
-        batch_inflight = self._inflight + sum(max(p.inflight, p.limit) for p in peers)
-        self.others.observe(now, reading, peers, batch_inflight, self._answered)
+        peers_inflight = sum(max(p.inflight, p.limit) for p in peers)
+        batch_inflight = self._inflight + peers_inflight
+        # The gauges were read some time during the scrape, not now: when many of our requests end at once (a prefix
+        # group's followers), the engine may still count requests we no longer do. Against our most in flight since
+        # the last reading, those are not taken for someone else's.
+        ours_lately = max(self._peak_inflight, self._inflight)
+        self._peak_inflight = self._inflight
+        self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered)
         self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
         queued = self.knee.queued(
             now, reading, step=self._step, ours=self.regime is Regime.OURS, answered=self.service_time is not None

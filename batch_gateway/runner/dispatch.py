@@ -38,6 +38,7 @@ from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.share import RunnerLoad
 from batch_gateway.runner.upstream import Exchange, Outcome, UpstreamClient, usage_of
+from batch_gateway.runner.warm_up import warm_up_body
 from batch_gateway.store.parts import ResultKind
 
 # Called with (line, kind, usage, encoded result line) once a line has its final result.
@@ -50,6 +51,7 @@ METRICS_INTERVAL = 0.5  # a batch yields to arriving users within about this plu
 METRICS_RETRY_INTERVAL = 10.0
 FIRST_LOOK_SECONDS = 1.0  # an endpoint's /metrics is read once before its first request, for at most this long
 BACKLOG_POLL_SECONDS = 0.2
+WARM_UP_MISSES = 3  # prefix warm-ups that fail in a row before an endpoint gets no more of them
 
 
 class _Envelope(msgspec.Struct):
@@ -150,6 +152,9 @@ class Dispatcher:
         self.retries = 0
         self.preempted = 0
         self.preempted_tokens = 0.0  # estimated decode tokens the preempted requests had generated (wasted)
+        self.warm_ups = 0  # prefix warm-ups sent (warm_up.py)...
+        self.warm_ups_failed = 0  # ...and those that got no answer: their groups waited for their heads instead
+        self._warm_up_misses: dict[Endpoint, int] = {}  # warm-ups failed in a row, per endpoint
 
     async def run(self) -> None:
         """Send every line the scheduler hands out; return when all have a result or `stop()` was called."""
@@ -251,6 +256,10 @@ class Dispatcher:
         body = bytes(envelope.body)
         attempt = 1
         try:
+            if self.scheduler.warming(line):
+                await self._warm_up(endpoint, line, body, probe)
+                if self.stopped:
+                    return  # the line gets no result here (cancelled, expired or resumed later)
             while True:
                 if permit is None:
                     admitted = await self._admission(endpoint)
@@ -309,6 +318,40 @@ class Dispatcher:
             if permit is not None:
                 permit.release()
             self._wake.set()
+
+    async def _warm_up(self, endpoint: Endpoint, line: int, body: bytes, probe: bool) -> None:
+        """Send the one-token copy of a group's head (warm_up.py), once, in the head's slot; its followers may go
+        when it is answered. A probe of an open circuit goes as itself: its answer must be the line's."""
+        warm = None if probe else warm_up_body(self.path, body)
+        usage = None
+        if warm is not None:
+            self.warm_ups += 1
+            endpoint.controller.on_send(time.monotonic())
+            runner_metrics.INFLIGHT.inc()
+            try:
+                exchange = await self._send(endpoint, warm)
+            finally:
+                runner_metrics.INFLIGHT.dec()
+            if exchange is not None and exchange.outcome is Outcome.OK:
+                usage = usage_of(exchange.body)
+                self._warm_up_misses[endpoint] = 0
+            else:
+                self.warm_ups_failed += 1
+                self._warm_up_misses[endpoint] = misses = self._warm_up_misses.get(endpoint, 0) + 1
+                if misses == WARM_UP_MISSES:  # the engine rejects the copies, or is failing: stop adding to it
+                    self.scheduler.warm_up_heads(self.endpoints.index(endpoint), False)
+                    self.log.warning(
+                        "runner.prefix_warm_ups_stopped",
+                        endpoint=endpoint.name,
+                        status=exchange.status if exchange is not None else None,
+                        note="groups' followers wait for their heads instead",
+                    )
+            endpoint.controller.on_warm_up(time.monotonic(), answered=usage is not None)
+        if usage is None:
+            self.scheduler.on_warmed(line, False)
+            return
+        self.scheduler.on_warmed(line, True, usage.prompt_tokens, usage.cached_tokens)
+        self._wake.set()  # its followers may go
 
     async def _send(self, endpoint: Endpoint, body: bytes) -> Exchange | None:
         """One attempt; None if it was preempted (only with `preempt`)."""
@@ -489,6 +532,7 @@ class Dispatcher:
     def _engine_cache(self, index: int, snapshot: EngineSnapshot) -> None:
         if snapshot.slot_caches:
             self.scheduler.limit_pool_inflight(index, 1)
+            self.scheduler.warm_up_heads(index, False)  # a warm-up would leave its prefix in a slot of its own
         self.scheduler.windows[index].observe(snapshot.cache_tokens, snapshot.cache_held)
         self._wake.set()  # the window may have room now
 

@@ -285,6 +285,8 @@ class BatchRunner:
             model, batch.endpoint, await resolve_endpoints(endpoints_for(catalog.routes, model))
         )
         scheduler = plan(ingested, done, settings.prefix_ordering, endpoints=len(urls))
+        for index in range(len(urls)):
+            scheduler.warm_up_heads(index, settings.prefix_ordering and settings.prefix_warm_up)
         endpoints = [
             Endpoint(
                 url,

@@ -22,6 +22,8 @@ class DispatchStats(msgspec.Struct):
     retries: int
     preempted: int
     preempted_tokens_estimate: int
+    prefix_warm_ups: int  # one-token copies of group heads sent (runner/warm_up.py)
+    prefix_warm_ups_failed: int
     ended: StopReason
     deadline: dict[str, Any] | None  # the deadline tracker's outlook (runner/deadline.py); None without a tracker
     endpoints: dict[str, dict[str, Any]]  # by name: the controller's figures, the circuit's, the prefix window's
@@ -46,6 +48,8 @@ class DispatchStats(msgspec.Struct):
             retries=dispatcher.retries,
             preempted=dispatcher.preempted,
             preempted_tokens_estimate=round(dispatcher.preempted_tokens),
+            prefix_warm_ups=dispatcher.warm_ups,
+            prefix_warm_ups_failed=dispatcher.warm_ups_failed,
             ended=ended,
             deadline=deadline,
             endpoints={

@@ -37,9 +37,15 @@ fewer new groups: groups balance by load. Each endpoint has its own window. The 
    open here. After it succeeds, both endpoints drain the pool. Without this, one huge group (every request sharing a
    system prompt) would keep all but one endpoint idle.
 
+**Warm-ups** (`warm_up_heads`, on engines with one shared prefix cache). A request that opens pools (a group's head,
+a stand-in) is handed out `warming`: the dispatcher first sends a one-token copy of it (`warm_up.py`) and reports
+`on_warmed`. Once the copy is answered, the prefix is cached, so the pools open at once and the children go out beside
+the request itself; if the copy failed, they wait for the request as without one.
+
 **Contract.** The dispatcher retries a request itself. The scheduler hands out each request exactly once and needs
 exactly one `on_finished(line, success, ...)` per handed-out request, whatever its final outcome, with the answer's
-prompt and cached tokens when it has them (the window learns from them).
+prompt and cached tokens when it has them (the window learns from them); before it, one `on_warmed` if it was handed
+out `warming`.
 
 **Memory.** For n requests: the lines (int64), the children index (int32) and its offsets (int64), the depths
 (uint8), about 21 bytes per request. Only pools that are open or waiting for a stand-in, and requests in flight, are
@@ -81,7 +87,7 @@ class _Pool:
 class _Flight:
     """A request handed out and not finished."""
 
-    __slots__ = ("endpoint", "follower", "heads", "position", "source")
+    __slots__ = ("endpoint", "follower", "heads", "opened", "position", "source", "warmed", "warming")
 
     def __init__(self, position: int, endpoint: int, heads: _Pool | None, source: _Pool | None, follower: bool) -> None:
         self.position = position
@@ -89,6 +95,9 @@ class _Flight:
         self.heads = heads  # the pool it stands in for as head
         self.source = source  # the open pool it came from (a follower, or a child that opens a subtree)
         self.follower = follower  # from an open pool, without children of its own
+        self.warming = False  # a head whose warm-up goes first
+        self.warmed = False  # its warm-up succeeded: the pools it heads are open already...
+        self.opened: _Pool | None = None  # ...its own among them, if it has children
 
 
 class GroupScheduler:
@@ -134,6 +143,7 @@ class GroupScheduler:
         self._retry: list[deque[_Pool]] = [deque() for _ in range(endpoints)]  # pools needing a stand-in here
         self._inflight: dict[int, _Flight] = {}  # by line
         self._pool_cap: list[int | None] = [None] * endpoints  # most children of one pool in flight, per endpoint
+        self._warm_ups = [False] * endpoints  # heads on the endpoint go out as a warm-up first
         self.windows = [PrefixWindow() for _ in range(endpoints)]
         self.handed_out = 0
         self.joins = 0
@@ -163,6 +173,41 @@ class GroupScheduler:
         engine keeps one prefix per slot, so this rule takes the place of the window there."""
         self._pool_cap[endpoint] = cap
         self.windows[endpoint].enabled = cap is None
+
+    def warm_up_heads(self, endpoint: int, on: bool = True) -> None:
+        """Heads handed out for `endpoint` from now on are `warming`: the dispatcher first sends a copy that generates
+        one token, which computes and caches the prefix, then calls `on_warmed`, and then sends the head itself."""
+        self._warm_ups[endpoint] = on
+
+    def warming(self, line: int) -> bool:
+        """Whether the handed-out `line` heads groups and wants its warm-up sent first."""
+        flight = self._inflight.get(line)
+        return flight is not None and flight.warming
+
+    def on_warmed(self, line: int, success: bool, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
+        """The warm-up of a `warming` line has its result (with its answer's usage). On success the prefix the line
+        heads is cached on its endpoint, so the pools it heads open now, while the line itself, still in flight, goes
+        out; otherwise they open when the line finishes, as without a warm-up."""
+        flight = self._inflight.get(line)
+        if flight is None or not flight.warming:
+            raise ValueError(f"line {line} is not warming")
+        flight.warming = False
+        if not success:
+            return
+        flight.warmed = True
+        endpoint, position, heads = flight.endpoint, flight.position, flight.heads
+        window = self.windows[endpoint]
+        if heads is not None:
+            heads.heading &= ~(1 << endpoint)
+            if prompt_tokens:
+                window.resize(heads.parent, prompt_tokens - cached_tokens)
+            self._settle(heads, endpoint, True)
+        begin, end = int(self._offsets[position + 1]), int(self._offsets[position + 2])
+        if end > begin:
+            if prompt_tokens:
+                window.resize(position, prompt_tokens - cached_tokens)
+            flight.opened = _Pool(position, begin, end)
+            self._settle(flight.opened, endpoint, True)
 
     def next_ready(self, endpoint: int = 0) -> int | None:
         """The next request (line index) for `endpoint`, or None if nothing may go there right now. When None and
@@ -224,6 +269,14 @@ class GroupScheduler:
                 if success:
                     self._judge(source, position, window, prompt_tokens, cached_tokens)
             self._close_if_idle(source, endpoint)
+        if flight.warmed:  # its pools opened with its warm-up, which sized them: they close once all is done
+            if heads is not None:
+                window.release(heads.parent)
+                self._close_if_idle(heads, endpoint)
+            if flight.opened is not None:
+                window.release(position)
+                self._close_if_idle(flight.opened, endpoint)
+            return
         if heads is not None:  # a stand-in for its pool's parent
             heads.heading &= ~bit
             window.release(heads.parent)
@@ -337,7 +390,9 @@ class GroupScheduler:
         if opens is not None:  # it heads a group of its own: the group opens here
             window.open(position, opens)
             window.hold(position)
-        self._inflight[line] = _Flight(position, endpoint, heads, source, follower)
+        flight = _Flight(position, endpoint, heads, source, follower)
+        flight.warming = self._warm_ups[endpoint] and (heads is not None or opens is not None)
+        self._inflight[line] = flight
         self.handed_out += 1
         return line
 

@@ -60,20 +60,29 @@ def grouped() -> bytes:
     return ("\n".join(json.dumps(x) for x in lines) + "\n").encode()
 
 
-@pytest.mark.parametrize("hide_cache_info", [False, True], ids=["size_read", "size_learnt"])
-def test_a_small_cache_keeps_most_of_the_ideal_hit_rate(tmp_path, hide_cache_info):
+@pytest.mark.parametrize(
+    "hide_cache_info,warm_up",
+    [(False, True), (True, True), (False, False)],
+    ids=["size_read", "size_learnt", "size_read_no_warm_ups"],
+)
+def test_a_small_cache_keeps_most_of_the_ideal_hit_rate(tmp_path, hide_cache_info, warm_up):
     # Each prompt is 24 blocks of 16 tokens; the prefix cache keeps 160 blocks: about 6 of the 40 prompts.
     config = SimConfig(time_scale=0.2, max_num_seqs=32, cache_blocks=160, hide_cache_info=hide_cache_info)
     data = grouped()
     with SimServer(config) as sim:
-        settings = Settings(data_dir=str(tmp_path), upstream=[sim.url], log_format="json")
+        settings = Settings(data_dir=str(tmp_path), upstream=[sim.url], log_format="json", prefix_warm_up=warm_up)
         batch_id = asyncio.run(create_batch(settings, data))
         with open(tmp_path / "runner.log", "ab") as log:
             assert start_runner(settings, batch_id, log).wait(180) == 0
         batch, out, err = asyncio.run(results(settings, batch_id))
         stats = httpx.get(sim.url + "/sim/stats").json()
-        window = next(iter(asyncio.run(run_stats(settings, batch_id))["endpoints"].values()))["prefix_window"]
+        dispatch = asyncio.run(run_stats(settings, batch_id))
+        window = next(iter(dispatch["endpoints"].values()))["prefix_window"]
     assert batch.status == "completed" and len(out) == GROUPS * PER_GROUP and not err
+    # With warm-ups, each group's head first went as a one-token copy; the engine served those besides the lines.
+    warm_ups = dispatch["prefix_warm_ups"]
+    assert (warm_ups >= GROUPS if warm_up else warm_ups == 0) and not dispatch["prefix_warm_ups_failed"]
+    assert stats["completed"] == GROUPS * PER_GROUP + warm_ups
     ideal = ideal_hit_rate(data, config.block_size)
     assert stats["prefix_cache_hit_rate"] >= 0.85 * ideal, (stats["prefix_cache_hit_rate"] / ideal, window)
     assert window["mode"] == ("learnt" if hide_cache_info else "cache_size"), window

@@ -122,13 +122,17 @@ def random_plan(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
     return keys, plan_order(keys)
 
 
+@pytest.mark.parametrize("warm_ups", [False, True], ids=["heads", "warm-ups"])
 @pytest.mark.parametrize("endpoints,seed", [(1, 1), (2, 2), (3, 3)])
-def test_exactly_once_no_deadlock_and_one_cold_request_per_prefix_per_endpoint(endpoints, seed):
+def test_exactly_once_no_deadlock_and_one_cold_request_per_prefix_per_endpoint(endpoints, seed, warm_ups):
     rng = np.random.default_rng(seed)
     n = 1500
     keys, order = random_plan(rng, n)
     depths = shared_depths(keys, order)
     s = GroupScheduler(order, depths=depths, endpoints=endpoints)
+    for endpoint in range(endpoints):
+        s.warm_up_heads(endpoint, warm_ups)
+    warmed_ups = 0
     depth_of = dict(zip(order.tolist(), depths.tolist(), strict=True))
     handed: list[int] = []
     inflight: list[tuple[int, int]] = []  # (line, endpoint)
@@ -152,14 +156,45 @@ def test_exactly_once_no_deadlock_and_one_cold_request_per_prefix_per_endpoint(e
                 progressed = True
         assert progressed or inflight, "deadlock: nothing in flight and nothing handed out"
         if inflight:
-            line, endpoint = inflight.pop(int(rng.integers(len(inflight))))
+            i = int(rng.integers(len(inflight)))
+            line, endpoint = inflight[i]
             ok = bool(rng.random() < 0.85)
-            if ok:
+            if ok:  # its whole prompt is cached now (a warm-up computes the same prompt)
                 row = keys[line]
                 warm[endpoint].update(tuple(row[:k]) for k in range(1, MAX_BLOCKS + 1) if row[k - 1])
-            s.on_finished(line, success=ok)
+            if s.warming(line):  # its warm-up is answered; the line itself stays in flight
+                s.on_warmed(line, success=ok)
+                warmed_ups += 1
+            else:
+                inflight.pop(i)
+                s.on_finished(line, success=ok)
     assert sorted(handed) == list(range(n))
     assert s.inflight == 0 and s.pending == 0
+    assert (warmed_ups > 20) is warm_ups
+    assert all(not w.snapshot()["open_groups"] for w in s.windows)  # every group closed
+
+
+def test_a_warmed_up_head_lets_its_followers_go_while_it_runs():
+    s = GroupScheduler(np.array([10, 11, 12, 20, 21]), np.array([0, 0, 0, 1, 1]))
+    s.warm_up_heads(0)
+    assert drain(s) == [10, 20] and s.warming(10) and s.warming(20)
+    s.on_warmed(10, success=True, prompt_tokens=400, cached_tokens=0)
+    assert not s.warming(10)
+    assert drain(s) == [11, 12]  # beside the head itself, which is still in flight
+    s.on_finished(11, success=True)
+    s.on_finished(12, success=True)
+    assert s.windows[0].snapshot()["open_groups"] == 2  # group 0 stays open while its head runs
+    s.on_finished(10, success=True)
+    assert drain(s) == []  # its followers went once only
+    # A warm-up that fails leaves its group waiting for the head, as without one.
+    s.on_warmed(20, success=False)
+    assert drain(s) == []
+    s.on_finished(20, success=True)
+    assert drain(s) == [21]
+    s.on_finished(21, success=True)
+    assert s.done and s.inflight == 0 and s.windows[0].snapshot()["open_groups"] == 0
+    with pytest.raises(ValueError, match="not warming"):
+        s.on_warmed(10, success=True)
 
 
 def test_groups_stick_to_their_endpoint():

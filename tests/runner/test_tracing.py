@@ -30,6 +30,7 @@ def run_traced(tmp_path, receiver: OtlpReceiver | None, ratio: float) -> tuple[s
             log_format="json",
             otlp_endpoint=receiver.url if receiver else "",
             trace_upstream_sample_ratio=ratio,
+            prefix_warm_up=False,  # one traced request per line
         )
         batch_id = asyncio.run(create_batch(settings, chat_lines(LINES)))
         with open(tmp_path / "runner.log", "ab") as log:

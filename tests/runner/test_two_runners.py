@@ -17,7 +17,10 @@ pytestmark = pytest.mark.process
 
 def test_only_one_of_two_simultaneous_runners_runs_the_batch(tmp_path):
     with SimServer(SimConfig(time_scale=0.2, max_num_seqs=8)) as sim:
-        settings = Settings(data_dir=str(tmp_path), upstream=[sim.url], log_format="json", runner_lease_seconds=5)
+        # Without prefix warm-ups: this counts what the lines themselves sent.
+        settings = Settings(
+            data_dir=str(tmp_path), upstream=[sim.url], log_format="json", runner_lease_seconds=5, prefix_warm_up=False
+        )
         batch_id = asyncio.run(create_batch(settings, chat_lines(60, max_tokens=8)))
         with open(tmp_path / "runners.log", "ab") as log:
             first, second = start_runner(settings, batch_id, log), start_runner(settings, batch_id, log)

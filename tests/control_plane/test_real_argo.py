@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from batch_gateway.executor.argo import workflow_name
+from batch_gateway.settings import Settings
 from tests.control_plane.cluster import NAMESPACE
 from tests.control_plane.conftest import DEADLINE_GRACE_SECONDS, SHORT_WINDOW
 from tests.helpers import chat_lines, jsonl, wait_for
@@ -271,6 +272,8 @@ def test_a_hung_runner_hits_the_deadline_and_the_exit_handler_ends_the_batch(gat
     workflow = wait_for_workflow(plane, batch_id, phases=("Running",))
     assert workflow["spec"]["activeDeadlineSeconds"] <= 60 + int(DEADLINE_GRACE_SECONDS)  # the batch's, not 26 h
     wait_until(lambda: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
+    # The counts include results not yet durable: a few checkpoints later, some are (the batch takes ~10 s in all).
+    time.sleep(4 * Settings().checkpoint_interval)
     (pod,) = runner_pods(plane, batch_id)
     os.killpg(pod.process.pid, signal.SIGSTOP)
     try:

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from batch_gateway.runner.prefix_window import MARGIN
 from batch_gateway.sim import SimConfig
 from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess
@@ -39,6 +40,7 @@ SHAPE_SHARE = 0.2  # cache of the other shapes
 # The whole-cache case kept from before: 50 system prompts of ~1,000 tokens, 40 requests each.
 LONG_PROMPTS, LONG_PER_PROMPT, LONG_WORDS = 50, 40, 700
 DEFAULT_TARGET = 0.95
+CEILING_SEQS = (110, 90, 70)  # the engine's max_num_seqs, to show what fewer running requests cost
 
 
 def _prompt(body: dict, block_size: int):
@@ -85,6 +87,16 @@ def tree_bodies(systems: int, shots: int, questions: int, seed: int = 5) -> list
                 bodies.append(chat_body(examples + "\n" + question, MAX_TOKENS, system=system))
     random.Random(seed).shuffle(bodies)
     return bodies
+
+
+def blocks_per_sequence(bodies: list[dict], block_size: int, per_group: int) -> tuple[float, float]:
+    """What a running request holds in the cache, in blocks: its own full blocks (its prompt beyond the shared ones,
+    and its output), and its part of its group's shared prefix."""
+    prompts = [_prompt(body, block_size) for body in bodies]
+    counts = Counter(h for prompt in prompts for h in prompt.block_hashes)
+    shared = [sum(1 for h in prompt.block_hashes if counts[h] > 1) for prompt in prompts]
+    own = [(prompt.tokens + MAX_TOKENS) // block_size - n for prompt, n in zip(prompts, shared, strict=True)]
+    return sum(own) / len(own), sum(shared) / len(shared) / per_group
 
 
 @dataclass
@@ -214,6 +226,18 @@ def run() -> None:
                     f"{rate:.0%}: {'met' if rate >= THROUGHPUT_TARGET else '**missed**'}",
                 )
             )
+    # What the smallest cache allows at best: the engine's throughput with fewer running sequences (unbounded cache).
+    own, part = blocks_per_sequence(main.bodies, SimConfig().block_size, PER_GROUP)
+    smallest = int(main.shared * SHARES[-1])
+    ceiling_rows = []
+    for seqs in CEILING_SEQS:
+        r = run_once(SimConfig(max_num_seqs=seqs), main.data)
+        rate = r["requests"] / r["dispatch_seconds"]
+        base_rate = unbounded["requests"] / unbounded["dispatch_seconds"]
+        print(f"  max_num_seqs {seqs}: {rate:.1f} requests/s", flush=True)
+        ceiling_rows.append(
+            {"engine's max running sequences": seqs, "requests/s": f"{rate:.1f}", "vs 128": f"{rate / base_rate:.0%}"}
+        )
     # Today's order without grouping, at the smallest cache: what ordering is worth.
     blocks = int(main.shared * SHARES[-1])
     r = measure(main, f"{SHARES[-1]:.0%}", SimConfig(cache_blocks=blocks), "read", ordering=False)
@@ -279,6 +303,13 @@ end": the endpoint's concurrency limit and regime ("shared" means it believed ot
 unbounded cache's throughput):
 
 {report.table(rows)}
+**What a cache holding {SHARES[-1]:.0%} of the prompts allows.** Each running request holds {own:.1f} blocks of its
+own (the end of its prompt and its output) and shares its group's prefix ({part * PER_GROUP:.1f} blocks) with
+{PER_GROUP - 1} others: the {smallest:,} blocks hold the working set of about {smallest / (own + part):.0f} running
+requests, filled to the brim. The engine runs up to 128 (with a queue, in the unbounded runs); with fewer, it is
+slower (unbounded cache, the engine's `max_num_seqs` lowered; the window fills {MARGIN:.0%} of the cache):
+
+{report.table(ceiling_rows)}
 **Other shapes** with a cache holding {SHAPE_SHARE:.0%} of their prompts: groups of 3; a few-shot prompt tree three
 levels deep (20 system prompts of ~200 tokens, each with 5 few-shot blocks of ~200 tokens, each with 6 questions: the
 system prompt is computed once, each few-shot block once); the main case over two endpoints (two simulators, each

@@ -36,6 +36,17 @@ CORRECTION_RANGE = (0.7, 1.3)  # ...and how far
 MAX_GROWTH_PER_READING = 0.25  # shared: a budget increase moves at most this share of the batch per reading
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
+# A fractional limit is kept on average: one request more for that fraction of each period. The period is long enough
+# for the in-flight count to follow the lower limit, which it does only as requests end.
+DITHER_PERIOD = 2.0  # seconds at least...
+DITHER_SERVICE_TIMES = 4.0  # ...or this many of our requests' service times
+
+
+def dithered(share: float, phase: float) -> int:
+    """A share of requests in flight as a whole number at `phase` (0 to 1) of a dithering period: one more than its
+    whole part for its fraction of the period, so that it is kept on average."""
+    whole = math.floor(share)
+    return whole + (1 if share - whole > phase else 0)
 
 
 class Regime(enum.Enum):
@@ -53,7 +64,10 @@ class ConcurrencyController:
         maximum: int = 256,
         fixed: int | None = None,
         slowdown: float = 1.3,
+        phase: float = 0.0,
     ) -> None:
+        """`phase` (0 to 1) places this controller's extra request within each dithering period: runners sharing an
+        engine should have different ones, so that they do not all take their extra at once."""
         if fixed is not None:
             if fixed < 1:
                 raise ValueError(f"fixed concurrency must be at least 1, got {fixed}")
@@ -65,6 +79,8 @@ class ConcurrencyController:
         self.minimum, self.maximum, self.slowdown = minimum, maximum, slowdown
         self.fixed = fixed is not None
         self._limit = float(max(minimum, min(maximum, initial)))
+        self._phase_offset = phase % 1.0
+        self._phase = 1.0  # where the last reading fell in the dithering period; 1.0: no extra before one
         self._sends = 0  # the n-th send gets epoch n
         self._inflight = 0
         self._inflight_area = 0.0  # ∫ in-flight dt since the last reading
@@ -96,7 +112,9 @@ class ConcurrencyController:
 
     @property
     def limit(self) -> int:
-        return max(self.minimum, int(self._limit))
+        """The requests allowed in flight now. A share of 2.9 is 3 for 90% of the time, not 2: runners splitting a
+        small engine would otherwise get shares a third apart (2 and 3) for a difference of 0.1 in their sums."""
+        return max(self.minimum, min(self.maximum, dithered(self._limit, self._phase)))
 
     @property
     def capacity(self) -> float | None:
@@ -125,7 +143,7 @@ class ConcurrencyController:
     @property
     def excess(self) -> int:
         """Requests in flight beyond the limit: what `--preempt` may abort while the engine is shared."""
-        return max(0, self._inflight - self.limit) if self.regime is Regime.SHARED else 0
+        return max(0, self._inflight - math.ceil(self._limit)) if self.regime is Regime.SHARED else 0
 
     # --- our requests -----------------------------------------------------------------------------
 
@@ -228,6 +246,8 @@ class ConcurrencyController:
         if reading.waiting < 0 or reading.running < 0:
             raise ValueError("waiting and running must not be negative")
         previous, self._previous = self._previous, (now, reading)
+        period = max(DITHER_PERIOD, DITHER_SERVICE_TIMES * (self.service_time or 0.0))
+        self._phase = (now / period + self._phase_offset) % 1.0
         interval = now - previous[0] if previous else None
         self._learn_step(now, reading, previous, peers)
         # The other runners as they published themselves, up to a reading ago: each fills up to its limit within

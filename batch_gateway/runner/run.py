@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import time
 import uuid
@@ -295,6 +296,7 @@ class BatchRunner:
                     maximum=settings.max_concurrency,
                     fixed=settings.fixed_concurrency or None,
                     slowdown=settings.interactive_slowdown,
+                    phase=random.random(),  # runners sharing an engine take their fractional extras at different times
                 ),
                 name=f"endpoint-{index}",
             )

@@ -9,6 +9,7 @@ docs/operations.md) are written against these names.
 from __future__ import annotations
 
 import asyncio
+import collections
 
 from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -43,10 +44,19 @@ NEAR_DEADLINE = Gauge(
     "Batches not yet ended in the last fifth of their completion window (at risk of expiring).",
     registry=REGISTRY,
 )
-# Deadlines (admission.py, runner/deadline.py): one series per batch not yet ended, refreshed at every scrape.
+# Deadlines (admission.py, runner/deadline.py): one series per running batch (as many as runner slots) and per waiting
+# batch at the head of the queue, refreshed at every scrape; the rest of a long queue only in its tenant's count
+# (each batch's run_stats gives its place).
+QUEUE_SERIES = 100
+WAITING = Gauge(
+    "batch_gateway_batches_waiting",
+    "Batches waiting in the admission queue, by tenant.",
+    ["tenant"],
+    registry=REGISTRY,
+)
 QUEUE_POSITION = Gauge(
     "batch_gateway_batch_queue_position",
-    "A waiting batch's place in the admission queue (1 starts next).",
+    f"A waiting batch's place in the admission queue (1 starts next), for the first {QUEUE_SERIES}.",
     ["batch_id", "tenant"],
     registry=REGISTRY,
 )
@@ -110,10 +120,13 @@ async def metrics(request: Request) -> Response:
 
 
 async def _deadlines(services: Services) -> None:
-    for gauge in (QUEUE_POSITION, PROJECTED_START, PROJECTED_END, AT_RISK, UNREACHABLE):
+    for gauge in (WAITING, QUEUE_POSITION, PROJECTED_START, PROJECTED_END, AT_RISK, UNREACHABLE):
         gauge.clear()  # batches that started or ended since the last scrape drop out
     if services.executor is not None:
-        for place in services.executor.queue():
+        queue = services.executor.queue()
+        for tenant, count in collections.Counter(place.batch.tenant for place in queue).items():
+            WAITING.labels(tenant).set(count)
+        for place in queue[:QUEUE_SERIES]:
             labels = (place.batch.batch_id, place.batch.tenant)
             QUEUE_POSITION.labels(*labels).set(place.position)
             if place.projected_start is not None:

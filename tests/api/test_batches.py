@@ -562,3 +562,25 @@ def test_run_stats_of_a_running_batch_show_its_runners_forecast_and_so_do_the_me
     assert batch.id not in text
     # Another tenant's batch is not found, whatever it stands.
     assert server.http().get("/v1/batches/batch_missing/run_stats").status_code == 404
+
+
+def test_a_long_queue_has_series_for_its_head_and_a_count_for_each_tenant(server, monkeypatch):
+    """Per-batch series stay bounded however many batches wait: the first QUEUE_SERIES of the queue, and each tenant's
+    count of the rest with them (run_stats gives any batch's place)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from batch_gateway.admission import Place, Waiting
+    from batch_gateway.api.metrics import QUEUE_SERIES
+
+    queue = [
+        Place(Waiting(f"batch_{i:04d}", "globex" if i % 3 == 0 else "acme", 0.0, 0.0), i + 1, None)
+        for i in range(QUEUE_SERIES + 150)
+    ]
+    monkeypatch.setattr(server.services.executor, "queue", lambda: queue)
+    samples = [
+        s for family in text_string_to_metric_families(server.http().get("/metrics").text) for s in family.samples
+    ]
+    positions = {s.labels["batch_id"]: s.value for s in samples if s.name == "batch_gateway_batch_queue_position"}
+    assert positions == {f"batch_{i:04d}": i + 1 for i in range(QUEUE_SERIES)}
+    waiting = {s.labels["tenant"]: s.value for s in samples if s.name == "batch_gateway_batches_waiting"}
+    assert waiting == {"globex": 84, "acme": 166}

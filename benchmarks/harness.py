@@ -167,7 +167,12 @@ class LocalStack:
 
 
 def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM (a runner checkpoints and exits), then SIGKILL if it lingers."""
+    """SIGTERM (a runner checkpoints and exits), then SIGKILL if it lingers; then wait for the processes it started
+    (`serve`'s runners checkpoint once it has gone: a caller removing their data directory must not race them)."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -175,6 +180,10 @@ def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    _, lingering = psutil.wait_procs(children, timeout=grace)
+    for child in lingering:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def free_port() -> int:

@@ -131,7 +131,10 @@ async def test_processes_sharing_the_file_migrate_once_and_claim_each_batch_once
         deadline = time.monotonic() + 30
         while len(list(flags.glob("ready-*"))) < len(procs):
             assert time.monotonic() < deadline, "contenders did not start"
-            assert all(p.returncode is None for p in procs), "a contender died"
+            for p in procs:
+                if p.returncode is not None:
+                    _, err = await p.communicate()
+                    raise AssertionError(f"a contender died before it was ready: {err.decode()[-2000:]}")
             await asyncio.sleep(0.02)
         (flags / "migrate").touch()
 

@@ -388,11 +388,11 @@ def run_gc(plane) -> dict:
 def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expired_files(gateway, s3_session):
     client, plane = gateway.client, gateway.plane
     # Two batches whose Workflows are deleted mid-run (the runner pods go with them); one is also overdue. Each
-    # takes about 30 s alone, and its Workflow goes as soon as it has results: a batch of 200 tokens a line once
-    # finished while CI waited for the other's first results.
+    # takes about 30 s alone: a batch of 200 tokens a line once finished while CI waited for the other's first results.
     kept, overdue = create_batch(client, 200, max_tokens=600), create_batch(client, 200, max_tokens=600)
     for batch_id in (kept, overdue):
         wait_until(lambda batch_id=batch_id: completed_lines(client, batch_id) > 0, "the first results", plane=plane)
+    for batch_id in (kept, overdue):
         plane.kubectl("delete", "workflow", workflow_name(batch_id), "--wait=false")
     for batch_id in (kept, overdue):
         wait_until(

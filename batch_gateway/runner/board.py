@@ -49,15 +49,14 @@ class LoadBoard:
         demand: int,
         completed: int,
         weight: float = 1.0,
+        budget: float = 0.0,
         wait: float = 0.25,
     ) -> list[RunnerLoad]:
         """Publish this runner's load and read the others'; if the database does not answer within `wait` seconds,
         the exchange goes on in the background and the others' loads as last read are returned."""
         task = self._exchanges.get(endpoint)
         if task is None:  # one exchange per endpoint at a time
-            load = RunnerLoad(
-                self.owner, inflight, limit, demand, completed, weight, at=time.time(), tenant=self.tenant
-            )
+            load = RunnerLoad(self.owner, inflight, limit, demand, completed, weight, time.time(), self.tenant, budget)
             task = self._exchanges[endpoint] = asyncio.create_task(self._exchange(endpoint, load))
             task.add_done_callback(lambda _: self._exchanges.pop(endpoint, None))
         with contextlib.suppress(asyncio.TimeoutError):

@@ -5,10 +5,11 @@ docs/controller.md explains the policy; the pieces:
 
 * `presence.py` tells who is using the engine (regime *ours* or *shared*) and how much of it others hold;
 * `knee.py`, while it is ours: slow start to the engine's knee, then the total stays there, probed upward now and then;
-* here, while it is shared: the budget `(slowdown - 1)·a/m_batch` from the step-time fit (`step_model.py`), never
-  more than the room others' load leaves, cut at once when they queue; and, in every regime, hard backpressure (429,
-  503, timeouts) halving what the runner takes once per flight, the split between batch runners (`share.py`), and
-  the *blind* regime (no usable `/metrics`): additive increase, multiplicative decrease.
+* here, while it is shared: the budget `(slowdown - 1)·a/m_batch` from the step-time fit (`step_model.py`), the
+  mean of what the runners on the engine make of it, never more than the room others' load leaves, cut at once when
+  they queue; and, in every regime, hard backpressure (429, 503, timeouts) halving what the runner takes once per
+  flight, the split between batch runners (`share.py`), and the *blind* regime (no usable `/metrics`): additive
+  increase, multiplicative decrease.
 
 With `fixed`, the limit never moves; signals are still recorded for the snapshot.
 """
@@ -103,6 +104,7 @@ class ConcurrencyController:
         self._cap_until = -math.inf  # shared: after a queue, the total stays at its cut this long
         self._cap = math.inf
         self._correction = 1.0  # shared: learnt factor on the fit's budget
+        self.budget_view = 0.0  # shared: the budget by this runner's own fit, published for the others (0: none)
         self.regime = Regime.BLIND
         # Reported.
         self.last_budget: dict[str, float] | None = None
@@ -278,7 +280,9 @@ class ConcurrencyController:
                 service_time=self.service_time,
             )
         else:
-            total = self._total_shared(now, reading, batch_inflight, queued)
+            total = self._total_shared(now, reading, batch_inflight, queued, peers)
+        if self.regime is not Regime.SHARED:
+            self.budget_view = 0.0
         self._total = total
         mine = demand if demand is not None else self.maximum
         shares = allocate(total, [mine, *(p.demand for p in peers)], [weight, *(p.weight for p in peers)])
@@ -310,7 +314,9 @@ class ConcurrencyController:
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         self._lowest_step = min(self._lowest_step, self._step)
 
-    def _total_shared(self, now: float, reading: EngineReading, batch_inflight: float, queued: bool) -> float:
+    def _total_shared(
+        self, now: float, reading: EngineReading, batch_inflight: float, queued: bool, peers: Sequence[RunnerLoad]
+    ) -> float:
         interactive = self.others.load
         capacity = self.knee.capacity if self.knee.capacity is not None else math.inf
         # Room for their load with headroom for its bursts (a Poisson load's spread is its square root), and for
@@ -319,34 +325,13 @@ class ConcurrencyController:
             capacity - interactive - HEADROOM_SIGMAS * math.sqrt(interactive) - 1.0,
             capacity - self.others.now - 1.0,
         )
-        fit = self.model.fit
-        if fit is not None and self._step is not None:
-            # Without the batch their requests would also be shorter, so fewer of theirs would run at once (Little's
-            # law, for requests whose time is mostly decoding): with r = their running count per second of step,
-            # step_alone = a + m·r·step_alone, so step_alone = a / (1 - m·r). The step with the batch is
-            # (a + m·R_batch) / (1 - m·r), so their slowdown is 1 + m·R_batch / a, whatever their load: the batch may
-            # run (slowdown - 1)·a/m sequences. A slow correction takes up what the linear fit misses (others'
-            # requests costing more or less per sequence than ours), learnt only while this budget is what holds the
-            # batch and the batch is at it (no wind-up while something else holds it back).
-            a, m = fit.fixed, fit.per_batch
-            share = min(0.95, fit.per_other * interactive / self._step)
-            alone = a / (1.0 - share)
-            measured = self._step / alone
-            aim = 1.0 + (self.slowdown - 1.0) * (1.0 - BUDGET_MARGIN)
-            budget = (aim - 1.0) * a / m
-            if budget * self._correction <= room and now >= self._cap_until and batch_inflight >= 0.9 * self._total:
-                step = min(1.1, max(0.9, (aim / measured) ** CORRECTION_GAIN))
-                self._correction = min(CORRECTION_RANGE[1], max(CORRECTION_RANGE[0], self._correction * step))
-            budget *= self._correction
-            self.last_budget = {
-                "step_alone_s": alone,
-                "step_now_s": self._step,
-                "slowdown_now": measured,
-                "per_batch_sequence_s": m,
-                "per_other_sequence_s": fit.per_other,
-                "fixed_s": a,
-                "correction": self._correction,
-            }
+        self.budget_view = self._fit_budget(now, room, batch_inflight) or 0.0
+        # Every runner's fit is of the same engine, but each learnt it from its own history (its ramp, the load then),
+        # and two fits can differ by a fifth. Split by one runner's answer, the share would follow whose fit is
+        # larger, not the weights: all take the mean of their answers. One without a fit yet takes the others'.
+        views = [view for view in (self.budget_view, *(p.budget for p in peers)) if view > 0]
+        if views:
+            budget = sum(views) / len(views)
         elif self._step is not None:
             # No fit yet (the load has not varied enough): grow while the step stays within the budget of the lowest
             # step seen (which erred low: others were there), else shrink.
@@ -369,6 +354,41 @@ class ConcurrencyController:
         elif total < self._total:
             self.decreases["budget"] += 1
         return max(0.0, total)
+
+    def _fit_budget(self, now: float, room: float, batch_inflight: float) -> float | None:
+        """The sequences all batch work may run within the interactive budget, by this runner's step-time fit (None
+        without one)."""
+        fit = self.model.fit
+        if fit is None or self._step is None:
+            return None
+        interactive = self.others.load
+        # Without the batch their requests would also be shorter, so fewer of theirs would run at once (Little's
+        # law, for requests whose time is mostly decoding): with r = their running count per second of step,
+        # step_alone = a + m·r·step_alone, so step_alone = a / (1 - m·r). The step with the batch is
+        # (a + m·R_batch) / (1 - m·r), so their slowdown is 1 + m·R_batch / a, whatever their load: the batch may
+        # run (slowdown - 1)·a/m sequences. A slow correction takes up what the linear fit misses (others'
+        # requests costing more or less per sequence than ours), learnt only while this budget is what holds the
+        # batch and the batch is at it (no wind-up while something else holds it back).
+        a, m = fit.fixed, fit.per_batch
+        share = min(0.95, fit.per_other * interactive / self._step)
+        alone = a / (1.0 - share)
+        measured = self._step / alone
+        aim = 1.0 + (self.slowdown - 1.0) * (1.0 - BUDGET_MARGIN)
+        budget = (aim - 1.0) * a / m
+        if budget * self._correction <= room and now >= self._cap_until and batch_inflight >= 0.9 * self._total:
+            step = min(1.1, max(0.9, (aim / measured) ** CORRECTION_GAIN))
+            self._correction = min(CORRECTION_RANGE[1], max(CORRECTION_RANGE[0], self._correction * step))
+        budget *= self._correction
+        self.last_budget = {
+            "step_alone_s": alone,
+            "step_now_s": self._step,
+            "slowdown_now": measured,
+            "per_batch_sequence_s": m,
+            "per_other_sequence_s": fit.per_other,
+            "fixed_s": a,
+            "correction": self._correction,
+        }
+        return budget
 
     def _burst_queued(self, reading: EngineReading) -> bool:
         """One reading with more requests waiting than the arrivals of one step would explain (Poisson: mean plus
@@ -407,6 +427,7 @@ class ConcurrencyController:
             if fit
             else None,
             "budget": self.last_budget,
+            "budget_view": round(self.budget_view, 1),
             "waiting": previous.waiting if previous else None,
             "running": previous.running if previous else None,
             "kv_usage": previous.kv_usage if previous else None,

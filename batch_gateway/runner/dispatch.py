@@ -564,6 +564,7 @@ class Dispatcher:
                     demand=demand,
                     completed=controller.answered,
                     weight=weight,
+                    budget=controller.budget_view,
                 )
                 snapshot, peers = await asyncio.gather(scrape, exchange)
             if snapshot is None:

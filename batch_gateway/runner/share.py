@@ -1,7 +1,8 @@
 """Splitting the batch share of one engine between the batch runners that use it.
 
 Every runner on an endpoint publishes what it holds and what it could use (`RunnerLoad`) on a board in the metadata
-store, and reads everyone else's. From the same engine gauges each works out the same total for all batch work, and
+store, and reads everyone else's. From the same engine gauges each works out the same total for all batch work
+(beside interactive users, from the mean of the budgets their step-time fits give, which they publish too), and
 takes its own part of the same split: weighted max-min fairness, so a runner that needs less than an equal part (a
 batch near its end) leaves the rest to the others, and none waits for a probe to find the room.
 """

@@ -184,6 +184,7 @@ class RunnerLoad(msgspec.Struct, frozen=True):
     weight: float = 1.0
     at: float = 0.0  # when it was published (Unix seconds)
     tenant: str = ""  # whose batch it runs: a tenant's runners on one engine share the tenant's weight
+    budget: float = 0.0  # sequences all batch work may run within the interactive budget, by its own fit (0: none)
 
 
 class TenantPolicy(msgspec.Struct, frozen=True):

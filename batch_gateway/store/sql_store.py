@@ -58,7 +58,8 @@ _KEYS = ", ".join(rows.KEY_COLUMNS)
 _EVENTS = ", ".join(rows.WEBHOOK_EVENT_COLUMNS)
 _UPLOADS = ", ".join(rows.UPLOAD_COLUMNS)
 _PARTS = ", ".join(rows.UPLOAD_PART_COLUMNS)
-_LOADS = 'owner, inflight, "limit", demand, completed, weight, at, tenant'  # "limit" is a reserved word in PostgreSQL
+# "limit" is a reserved word in PostgreSQL
+_LOADS = 'owner, inflight, "limit", demand, completed, weight, at, tenant, budget'
 
 # Active batches past their deadline, and in the last fifth of their window (metrics, alerts).
 DEADLINES_SQL = (
@@ -519,10 +520,10 @@ class SqlStore(MetadataStore):
 
     async def share_load(self, endpoint: str, load: RunnerLoad, fresh_after: float) -> list[RunnerLoad]:
         await self._execute(
-            f"INSERT INTO runner_loads (endpoint, {_LOADS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO runner_loads (endpoint, {_LOADS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             'ON CONFLICT (endpoint, owner) DO UPDATE SET inflight = excluded.inflight, "limit" = excluded."limit", '
             "demand = excluded.demand, completed = excluded.completed, weight = excluded.weight, at = excluded.at, "
-            "tenant = excluded.tenant",
+            "tenant = excluded.tenant, budget = excluded.budget",
             (
                 endpoint,
                 load.owner,
@@ -533,6 +534,7 @@ class SqlStore(MetadataStore):
                 load.weight,
                 load.at,
                 load.tenant,
+                load.budget,
             ),
         )
         found = await self._rows(

@@ -150,7 +150,10 @@ class ModelEngine:
 
     @staticmethod
     def _loads(controllers: list[ConcurrencyController]) -> list[RunnerLoad]:
-        return [RunnerLoad(str(i), c.inflight, c.limit, c.maximum, c.answered) for i, c in enumerate(controllers)]
+        return [
+            RunnerLoad(str(i), c.inflight, c.limit, c.maximum, c.answered, budget=c.budget_view)
+            for i, c in enumerate(controllers)
+        ]
 
     def _poisson(self, mean: float) -> int:
         """Knuth's method; the means here are small (arrivals per step)."""

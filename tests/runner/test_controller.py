@@ -356,6 +356,23 @@ def test_two_runners_split_the_engine_fairly_alone_and_beside_users(board_lag):
             assert utilisation(engine, first + second, 120) >= 0.95
 
 
+@pytest.mark.parametrize("batch_extra", [0.0, 0.00005])
+def test_a_runner_that_joins_later_shares_equally_beside_users(batch_extra):
+    """Each runner fits the engine from its own history: one that joins while users are there never saw the first's
+    ramp, and their budgets differed by up to a third (limits 16 and 12.5, 36% apart in tokens). They agree on the
+    mean of their budgets, so the weights alone set the split."""
+    engine = ModelEngine(seed=2, batch_extra=batch_extra)
+    first, second = ConcurrencyController(), ConcurrencyController()
+    rate = engine.interactive_rate(0.4)
+    engine.run([first], 60, interactive_rate=lambda t: rate)
+    engine.run([first, second], 40, interactive_rate=lambda t: rate)
+    run = engine.run([first, second], 120, interactive_rate=lambda t: rate)
+    assert first.regime is second.regime is Regime.SHARED
+    assert first.budget_view > 0 and second.budget_view > 0
+    tokens = run.batch_tokens
+    assert abs(tokens[0] - tokens[1]) / statistics.mean(tokens) <= 0.1, tokens
+
+
 def test_a_fractional_share_is_kept_on_average_not_rounded_down():
     """Three runners splitting an engine of 10 by weights 2:1:1 take 5, 2.5 and 2.5; two sums that differ by a little
     (3.0 and 2.9) must not become 3 and 2, a third apart (the deadlines benchmark once split 30% and 19%)."""

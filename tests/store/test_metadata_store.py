@@ -524,9 +524,11 @@ async def test_claimed_webhook_events_are_leased_until_rescheduled_or_finished(s
     assert await store.claim_webhook_events(now=10_000, lease_seconds=30, limit=10) == []
 
 
-async def test_the_load_board_says_whose_batch_each_runner_runs(store: MetadataStore):
-    mine = RunnerLoad("a", inflight=1, limit=2, demand=3, completed=4, weight=0.5, at=100.0, tenant="acme")
+async def test_the_load_board_says_whose_batch_each_runner_runs_and_its_budget(store: MetadataStore):
+    mine = RunnerLoad("a", inflight=1, limit=2, demand=3, completed=4, weight=0.5, at=100.0, tenant="acme", budget=21.5)
     await store.share_load("http://e1", mine, fresh_after=0.0)
+    mine = RunnerLoad("a", inflight=1, limit=2, demand=3, completed=4, weight=0.5, at=100.0, tenant="acme", budget=19.0)
+    await store.share_load("http://e1", mine, fresh_after=0.0)  # replaced, budget and all
     other = RunnerLoad("b", inflight=1, limit=2, demand=3, completed=4, weight=2.0, at=100.0, tenant="globex")
     assert await store.share_load("http://e1", other, fresh_after=0.0) == [mine]
 

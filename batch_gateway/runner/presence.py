@@ -1,6 +1,7 @@
 """Who else is using the engine: its load (running + waiting) minus the batch runners' requests in flight is everyone
 else's, interactive users; the engine's count of finished requests minus the runners' answers says the same for users
-whose requests are too short to be caught running. A pure object fed by the controller at each reading."""
+whose requests are too short to be caught running, over a window that spans a few of their requests (3 s for busy
+users, up to 30 s for sparse ones). A pure object fed by the controller at each reading."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ PRESENCE_MIN = 1.5  # others' requests in the engine that mean someone is there.
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
 PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
 PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published
-COMPLETION_WINDOW = 3.0  # long enough to hold a few of their requests, short enough to notice they left
+COMPLETION_WINDOW = 3.0  # at least: long enough to hold a few of their requests, short enough to notice they left
+COMPLETION_HISTORY = 30.0  # at most: sparse users' finished requests are counted over up to this long...
+EXPECTED_COMPLETIONS = 8.0  # ...a span that holds this many of them at their rate over it
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
 
@@ -28,9 +31,14 @@ class Presence:
         self._completions: deque[tuple[float, float, float]] = deque()  # (time, engine's count, runners' count)
         self._readings = 0  # readings in a row with a sign of others
         self._seen_at = -math.inf
+        self._rate = 0.0  # others' finished requests per second over the history, while last seen (0: never)
         self.completion_rate: float | None = None  # the engine's finished requests per second, all clients
         self.load = 0.0  # others' requests on the engine, smoothed
         self.now = 0.0  # ...and at the last reading
+
+    def _since(self, start: float) -> tuple[float, float, float]:
+        """The oldest entry of the history at or after `start` (the newest if none is)."""
+        return next((entry for entry in self._completions if entry[0] >= start), self._completions[-1])
 
     def shared(self, now: float) -> bool:
         return now - self._seen_at <= INTERACTIVE_HOLD
@@ -45,31 +53,45 @@ class Presence:
     ) -> None:
         """One reading, beside what all batch runners hold (`batch_inflight`) and what this one has answered."""
         excess = reading.running + reading.waiting - batch_inflight
-        others_finished = engine_finished = 0.0
+        finished, rate = False, 0.0
         if reading.completed is not None:
             runners = float(answered + sum(p.completed for p in peers))
-            window = self._completions
-            if window and reading.completed < window[-1][1]:
-                window.clear()  # the engine restarted
-            window.append((now, reading.completed, runners))
-            while now - window[0][0] > COMPLETION_WINDOW:
-                window.popleft()
-            engine_finished = reading.completed - window[0][1]
-            others_finished = engine_finished - (runners - window[0][2])
-            span = now - window[0][0]
-            self.completion_rate = (reading.completed - window[0][1]) / span if span > 0 else None
+            history = self._completions
+            if history and reading.completed < history[-1][1]:
+                history.clear()  # the engine restarted
+            history.append((now, reading.completed, runners))
+            while now - history[0][0] > COMPLETION_HISTORY:
+                history.popleft()
+            recent = self._since(now - COMPLETION_WINDOW)
+            span = now - recent[0]
+            self.completion_rate = (reading.completed - recent[1]) / span if span > 0 else None
+            # Users who send a request a second or so leave gaps of several seconds, where a window of 3 s shows
+            # nobody (at 1.1 requests a second, a fifth of the time): the window spans a few of their requests at
+            # their rate when last seen (all the history, before they ever were). The lag that the threshold allows
+            # for is at the window's two ends, so it is allowed as over the shortest window, however long this one.
+            first = history[0]
+            rate = (reading.completed - first[1] - (runners - first[2])) / max(now - first[0], COMPLETION_WINDOW)
+            span = EXPECTED_COMPLETIONS / self._rate if self._rate else COMPLETION_HISTORY
+            start = self._since(now - min(COMPLETION_HISTORY, max(COMPLETION_WINDOW, span)))
+            engine_finished = reading.completed - start[1]
+            others_finished = engine_finished - (runners - start[2])
+            lag = PRESENCE_SHARE * engine_finished * COMPLETION_WINDOW / max(COMPLETION_WINDOW, now - start[0])
+            # Others' finished requests show users whose requests are too short to be caught running. Only without
+            # other runners: their published counts lag the engine's by up to a reading, which reads as others'.
+            finished = not peers and others_finished >= PRESENCE_COMPLETIONS + lag
         # Other runners publish a reading or two late, and one that ramps up meanwhile holds more than it said: a
         # share of what they hold is not taken for someone else's.
         threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + PEER_SLACK * sum(p.limit for p in peers)
         # Twice the threshold is someone there beyond doubt: the batch yields at this reading. A weaker sign (or any
         # sign while other runners share the engine) must show twice.
         certain = excess >= 2 * threshold and not peers
-        # Others' finished requests show users whose requests are too short to be caught running. Only without other
-        # runners: their published counts lag the engine's by up to a reading, which reads as others' requests.
-        finished = not peers and others_finished >= PRESENCE_COMPLETIONS + PRESENCE_SHARE * engine_finished
         present = certain or excess >= threshold or finished
         self._readings = self._readings + 1 if present else 0
         if certain or self._readings >= 2:
+            # Their rate is learnt as they stay, never unlearnt while they do: as they leave, a falling rate would
+            # widen the window over their last requests and keep them seen for as long again.
+            if rate > 0:
+                self._rate = max(self._rate, rate) if self.shared(now) else rate
             self._seen_at = now
         self.now = max(0.0, excess)
         self.load += INTERACTIVE_SMOOTHING * (self.now - self.load)

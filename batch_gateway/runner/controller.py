@@ -90,6 +90,7 @@ class ConcurrencyController:
         self._cut_epoch = 0  # sends up to this epoch were out at the last backpressure cut
         self._backoff = 1.0
         self._answered = 0  # our successes on this endpoint, all time
+        self._answered_tokens = 0  # ...and their output tokens
         self._since_increase = 0  # blind: answers since the last additive increase
         self.service_time: float | None = None  # smoothed latency of our requests
         self._own_per_token: list[float] = []  # since the last reading: our step-time evidence without the engine's
@@ -172,6 +173,7 @@ class ConcurrencyController:
             raise ValueError("latency and token counts must not be negative")
         self._close(now)
         self._answered += 1
+        self._answered_tokens += output_tokens
         self.service_time = (
             latency
             if self.service_time is None
@@ -210,6 +212,7 @@ class ConcurrencyController:
         `answered`, counts among the engine's finished requests, but its latency says nothing of the batch's."""
         self._close(now)
         self._answered += answered
+        self._answered_tokens += answered  # its one token
 
     def on_other(self, now: float, *, epoch: int) -> None:
         """An answer that says nothing about load (a 4xx, a 500 for a broken request, no connection at all)."""
@@ -261,7 +264,7 @@ class ConcurrencyController:
         # the last reading, those are not taken for someone else's.
         ours_lately = max(self._peak_inflight, self._inflight)
         self._peak_inflight = self._inflight
-        self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered)
+        self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered, self._answered_tokens)
         self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
         queued = self.knee.queued(
             now, reading, step=self._step, ours=self.regime is Regime.OURS, answered=self.service_time is not None

@@ -37,6 +37,7 @@ _WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _COMPLETED = ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count")
+_FINISHED_TOKENS = ("llamacpp:tokens_predicted_total",)  # counted as each request ends (vLLM's count as generated)
 # (sum of per-token times, tokens) pairs, newest names first.
 _TOKEN_TIMES = (
     ("vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count"),
@@ -147,6 +148,7 @@ class EngineMeter:
             step_seconds=step,
             running_mean=running_mean,
             completed=_first(values, _COMPLETED),
+            finished_tokens=_first(values, _FINISHED_TOKENS),
             queue_seconds=queue,
         )
         return EngineSnapshot(

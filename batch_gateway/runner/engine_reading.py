@@ -15,4 +15,7 @@ class EngineReading:
     step_seconds: float | None = None  # mean inter-token latency since the previous reading, if the engine says
     running_mean: float | None = None  # sequences decoding on average over that time (its ITL sum / the time)
     completed: float | None = None  # requests it finished, all clients, since it started
+    # Output tokens of the requests it finished, all clients, since it started, where the engine counts them as each
+    # request ends (llama.cpp): users' share of them shows users that publish no count of finished requests.
+    finished_tokens: float | None = None
     queue_seconds: float | None = None  # mean time the requests admitted since the previous reading had waited

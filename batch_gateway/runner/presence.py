@@ -1,7 +1,8 @@
 """Who else is using the engine: its load (running + waiting) minus the batch runners' requests in flight is everyone
 else's, interactive users; the engine's count of finished requests minus the runners' answers says the same for users
-whose requests are too short to be caught running, over a window that spans a few of their requests (3 s for busy
-users, up to 30 s for sparse ones). A pure object fed by the controller at each reading."""
+whose requests are too short to be caught running (llama.cpp counts no finished requests, only their output tokens,
+against ours), over a window that spans a few of their requests (3 s for busy users, up to 30 s for sparse ones). A
+pure object fed by the controller at each reading."""
 
 from __future__ import annotations
 
@@ -32,9 +33,23 @@ class Presence:
         self._readings = 0  # readings in a row with a sign of others
         self._seen_at = -math.inf
         self._rate = 0.0  # others' finished requests per second over the history, while last seen (0: never)
+        self._counting = "requests"  # what the history counts: finished requests, or their output tokens
         self.completion_rate: float | None = None  # the engine's finished requests per second, all clients
         self.load = 0.0  # others' requests on the engine, smoothed
         self.now = 0.0  # ...and at the last reading
+
+    @staticmethod
+    def _finished(
+        reading: EngineReading, peers: Sequence[RunnerLoad], answered: int, answered_tokens: float
+    ) -> tuple[float | None, float, float]:
+        """The engine's count of finished work, the batch runners' count of the same, and the unit of one request:
+        finished requests (vLLM), or, alone on an engine that counts only the output tokens of finished requests
+        (llama.cpp), those tokens, a request being as many as the runner's answers had on average."""
+        if reading.completed is not None:
+            return reading.completed, float(answered + sum(p.completed for p in peers)), 1.0
+        if reading.finished_tokens is not None and not peers and answered and answered_tokens > 0:
+            return reading.finished_tokens, answered_tokens, answered_tokens / answered
+        return None, 0.0, 1.0
 
     def _since(self, start: float) -> tuple[float, float, float]:
         """The oldest entry of the history at or after `start` (the newest if none is)."""
@@ -50,31 +65,35 @@ class Presence:
         peers: Sequence[RunnerLoad],
         batch_inflight: float,
         answered: int,
+        answered_tokens: float = 0.0,
     ) -> None:
-        """One reading, beside what all batch runners hold (`batch_inflight`) and what this one has answered."""
+        """One reading, beside what all batch runners hold (`batch_inflight`) and what this one has answered (requests,
+        and their output tokens)."""
         excess = reading.running + reading.waiting - batch_inflight
         finished, rate = False, 0.0
-        if reading.completed is not None:
-            runners = float(answered + sum(p.completed for p in peers))
+        count, runners, unit = self._finished(reading, peers, answered, answered_tokens)
+        if count is not None:
             history = self._completions
-            if history and reading.completed < history[-1][1]:
-                history.clear()  # the engine restarted
-            history.append((now, reading.completed, runners))
+            counting = "requests" if reading.completed is not None else "tokens"
+            if history and (count < history[-1][1] or counting != self._counting):
+                history.clear()  # the engine restarted, or the count is of something else now
+            self._counting = counting
+            history.append((now, count, runners))
             while now - history[0][0] > COMPLETION_HISTORY:
                 history.popleft()
             recent = self._since(now - COMPLETION_WINDOW)
             span = now - recent[0]
-            self.completion_rate = (reading.completed - recent[1]) / span if span > 0 else None
+            self.completion_rate = (count - recent[1]) / unit / span if span > 0 else None
             # Users who send a request a second or so leave gaps of several seconds, where a window of 3 s shows
             # nobody (at 1.1 requests a second, a fifth of the time): the window spans a few of their requests at
             # their rate when last seen (all the history, before they ever were). The lag that the threshold allows
             # for is at the window's two ends, so it is allowed as over the shortest window, however long this one.
             first = history[0]
-            rate = (reading.completed - first[1] - (runners - first[2])) / max(now - first[0], COMPLETION_WINDOW)
+            rate = (count - first[1] - (runners - first[2])) / unit / max(now - first[0], COMPLETION_WINDOW)
             span = EXPECTED_COMPLETIONS / self._rate if self._rate else COMPLETION_HISTORY
             start = self._since(now - min(COMPLETION_HISTORY, max(COMPLETION_WINDOW, span)))
-            engine_finished = reading.completed - start[1]
-            others_finished = engine_finished - (runners - start[2])
+            engine_finished = (count - start[1]) / unit
+            others_finished = engine_finished - (runners - start[2]) / unit
             lag = PRESENCE_SHARE * engine_finished * COMPLETION_WINDOW / max(COMPLETION_WINDOW, now - start[0])
             # Others' finished requests show users whose requests are too short to be caught running. Only without
             # other runners: their published counts lag the engine's by up to a reading, which reads as others'.

@@ -77,6 +77,8 @@ def test_llama_cpp_generation_time_gives_its_per_token_latency_and_busy_slots():
     snapshot = meter.read(scrape(14.0, 140), at=1.0)  # 4 slots busy for 1 s: 40 tokens at 100 ms each
     assert snapshot.slot_caches
     assert snapshot.reading.step_seconds == pytest.approx(0.1) and snapshot.reading.running_mean == pytest.approx(4.0)
+    # It counts no finished requests, only their output tokens as each ends: what shows users there (presence.py).
+    assert snapshot.reading.completed is None and snapshot.reading.finished_tokens == 140
 
 
 def test_an_endpoint_without_queue_gauges_gives_no_reading():

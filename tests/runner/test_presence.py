@@ -17,9 +17,15 @@ BATCH_RATE = 3.0  # the batch's answers per second (one sequence on a small engi
 ANSWER_LAG = 0.05  # the runner counts an answer up to this long after the engine does
 
 
-def shared_over_time(user_rate: float, users_until: float, seconds: float, seed: int) -> list[tuple[float, bool]]:
+USER_TOKENS, BATCH_TOKENS = 16, 32  # output tokens of a user's request and of a batch request
+
+
+def shared_over_time(
+    user_rate: float, users_until: float, seconds: float, seed: int, *, tokens_only: bool = False
+) -> list[tuple[float, bool]]:
     """Feed a Presence the readings of an engine that runs one batch sequence and users' short requests arriving as
-    a Poisson stream until `users_until`; returns (time, shared) per reading."""
+    a Poisson stream until `users_until`; returns (time, shared) per reading. `tokens_only`: the engine counts no
+    finished requests, only their output tokens as each ends (llama.cpp)."""
     rng = random.Random(seed)
     users: list[float] = []
     t = rng.expovariate(user_rate) if user_rate else seconds
@@ -33,20 +39,28 @@ def shared_over_time(user_rate: float, users_until: float, seconds: float, seed:
         t += rng.expovariate(BATCH_RATE)
     presence, out, now = Presence(), [], READING
     while now < seconds:
-        completed = sum(u + USER_REQUEST <= now for u in users) + sum(b <= now for b in batch)
+        users_done = sum(u + USER_REQUEST <= now for u in users)
+        batch_done = sum(b <= now for b in batch)
         answered = sum(b + rng.uniform(0, ANSWER_LAG) <= now for b in batch)
         running = 1 + sum(u <= now < u + USER_REQUEST for u in users)
-        presence.observe(now, EngineReading(running=running, waiting=0, completed=completed), [], 1, answered)
+        if tokens_only:
+            finished = users_done * USER_TOKENS + batch_done * BATCH_TOKENS
+            reading = EngineReading(running=running, waiting=0, finished_tokens=finished)
+        else:
+            reading = EngineReading(running=running, waiting=0, completed=users_done + batch_done)
+        presence.observe(now, reading, [], 1, answered, answered * BATCH_TOKENS)
         out.append((now, presence.shared(now)))
         now += READING
     return out
 
 
+@pytest.mark.parametrize("tokens_only", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sparse_users_are_seen_between_their_requests(seed):
+def test_sparse_users_are_seen_between_their_requests(seed, tokens_only):
     """At 1.1 requests a second (llama.cpp's 20% load in the real-engine benchmark), a window of 3 s showed nobody a
-    fifth of the time, and each time the batch filled the engine under the next user's request."""
-    readings = shared_over_time(1.1, users_until=600, seconds=600, seed=seed)
+    fifth of the time, and each time the batch filled the engine under the next user's request. llama.cpp counts no
+    finished requests; without its count of finished tokens, one user's request at a time was never seen at all."""
+    readings = shared_over_time(1.1, users_until=600, seconds=600, seed=seed, tokens_only=tokens_only)
     seen = [shared for t, shared in readings if t > 10]
     assert sum(seen) / len(seen) >= 0.95
 
@@ -63,6 +77,7 @@ def test_users_are_let_go_soon_after_they_leave(user_rate, within):
         assert not any(shared for t, shared in readings if t > back)
 
 
-def test_the_batch_alone_is_never_taken_for_users():
-    readings = shared_over_time(0.0, users_until=0, seconds=600, seed=4)
+@pytest.mark.parametrize("tokens_only", [False, True])
+def test_the_batch_alone_is_never_taken_for_users(tokens_only):
+    readings = shared_over_time(0.0, users_until=0, seconds=600, seed=4, tokens_only=tokens_only)
     assert not any(shared for _, shared in readings)

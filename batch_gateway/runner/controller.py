@@ -116,7 +116,8 @@ class ConcurrencyController:
     @property
     def limit(self) -> int:
         """The requests allowed in flight now. A share of 2.9 is 3 for 90% of the time, not 2: runners splitting a
-        small engine would otherwise get shares a third apart (2 and 3) for a difference of 0.1 in their sums."""
+        small engine would otherwise get shares a third apart (2 and 3) for a difference of 0.1 in their sums. A lone
+        runner beside interactive users rounds down."""
         return max(self.minimum, min(self.maximum, dithered(self._limit, self._phase)))
 
     @property
@@ -251,8 +252,6 @@ class ConcurrencyController:
         if reading.waiting < 0 or reading.running < 0:
             raise ValueError("waiting and running must not be negative")
         previous, self._previous = self._previous, (now, reading)
-        period = max(DITHER_PERIOD, DITHER_SERVICE_TIMES * (self.service_time or 0.0))
-        self._phase = (now / period + self._phase_offset) % 1.0
         interval = now - previous[0] if previous else None
         self._learn_step(now, reading, previous, peers)
         # The other runners as they published themselves, up to a reading ago: each fills up to its limit within
@@ -266,6 +265,14 @@ class ConcurrencyController:
         self._peak_inflight = self._inflight
         self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered, self._answered_tokens)
         self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
+        if self.regime is Regime.SHARED and not peers:
+            # The budget is a ceiling on others' slowdown, and one sequence more for part of the time is what their
+            # p99 sees (on a CPU engine, one sequence can be a third of the budget): alone, round it down. Beside
+            # other runners, each keeps its part on average, or their split would follow the rounding.
+            self._phase = 1.0
+        else:
+            period = max(DITHER_PERIOD, DITHER_SERVICE_TIMES * (self.service_time or 0.0))
+            self._phase = (now / period + self._phase_offset) % 1.0
         queued = self.knee.queued(
             now, reading, step=self._step, ours=self.regime is Regime.OURS, answered=self.service_time is not None
         )
@@ -380,6 +387,8 @@ class ConcurrencyController:
         budget = (aim - 1.0) * a / m
         if budget * self._correction <= room and now >= self._cap_until and batch_inflight >= 0.9 * self._total:
             step = min(1.1, max(0.9, (aim / measured) ** CORRECTION_GAIN))
+            if measured < 1.0:  # no batch can make them faster: the fit is off, and says nothing of room to grow
+                step = min(step, 1.0)
             self._correction = min(CORRECTION_RANGE[1], max(CORRECTION_RANGE[0], self._correction * step))
         budget *= self._correction
         self.last_budget = {

@@ -4,6 +4,7 @@ fill the engine when alone, keep others' slowdown within the budget, yield fast,
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 
@@ -126,26 +127,68 @@ def test_other_batch_runners_are_not_taken_for_interactive_users():
     assert c.regime is Regime.OURS
 
 
+def shared_controller(interactive: int) -> tuple[ConcurrencyController, float]:
+    """A controller that learnt an engine with a = 10 ms and m = 0.1 ms, then ran beside `interactive` users'
+    sequences for 10 s; returns it and the time."""
+    c = ConcurrencyController(initial=8, slowdown=1.3)
+    answered(c, 0.0)
+    t = 0.0
+    for batch in (8, 16, 32, 64, 48, 24, 8, 40):  # readings at several loads teach the step model
+        t += 0.5
+        c.on_engine(t, reading(batch, step_seconds=0.010 + 0.0001 * batch, running_mean=batch))
+    for _ in range(20):
+        t += 0.5
+        fill(c, t)
+        running = interactive + c.inflight
+        c.on_engine(t, reading(running, step_seconds=0.010 + 0.0001 * running, running_mean=running))
+    return c, t
+
+
 def test_shared_budget_is_the_slowdown_times_fixed_over_per_sequence_cost():
     # An engine with a = 10 ms and m = 0.1 ms: at slowdown 1.3 the batch may run (0.3)·10/0.1 = 30 sequences,
     # whatever the interactive load.
     for interactive in (10, 40, 70):
-        c = ConcurrencyController(initial=8, slowdown=1.3)
-        answered(c, 0.0)
-        t = 0.0
-        for batch in (8, 16, 32, 64, 48, 24, 8, 40):  # readings at several loads teach the step model
-            t += 0.5
-            c.on_engine(t, reading(batch, step_seconds=0.010 + 0.0001 * batch, running_mean=batch))
-        for _ in range(20):
-            t += 0.5
-            fill(c, t)
-            running = interactive + c.inflight
-            c.on_engine(t, reading(running, step_seconds=0.010 + 0.0001 * running, running_mean=running))
+        c, _ = shared_controller(interactive)
         assert c.regime is Regime.SHARED
         budget = c.snapshot()["budget"]
         assert budget["fixed_s"] == pytest.approx(0.010, rel=0.05)
         assert budget["per_batch_sequence_s"] == pytest.approx(0.0001, rel=0.05)
         assert c.limit == pytest.approx(0.3 * 0.010 / 0.0001 * (1 - 0.03), abs=3), interactive
+
+
+def test_a_lone_runner_beside_users_rounds_its_budget_down():
+    """The budget is a ceiling on their slowdown: a total of 29.6 sequences is 29, never 30 for part of the time (on a
+    CPU engine one sequence can be a third of the budget)."""
+    c, t = shared_controller(40)
+    fractions = 0
+    for _ in range(80):
+        t += 0.5
+        fill(c, t)
+        running = 40 + c.inflight
+        c.on_engine(t, reading(running, step_seconds=0.010 + 0.0001 * running, running_mean=running))
+        total = c.snapshot()["total_for_batch"]
+        fractions += total % 1 >= 0.2
+        assert c.limit <= math.floor(total + 0.05), (t, total)
+    assert c.regime is Regime.SHARED
+    assert fractions >= 20  # the total was well above a whole number often enough to be rounded up
+
+
+def test_a_fit_that_says_the_batch_speeds_them_up_earns_no_more_room():
+    """A step below what the fit says they would have alone (llama.cpp counts per-token time as requests end, so its
+    readings lag the load): the fit is off there, and the correction must not grow the budget on it."""
+    c, t = shared_controller(40)
+    below = 0
+    for _ in range(20):
+        before = c.snapshot()["budget"]["correction"]
+        t += 0.5
+        fill(c, t)
+        running = 40 + c.inflight
+        c.on_engine(t, reading(running, step_seconds=0.008, running_mean=running))
+        budget = c.snapshot()["budget"]
+        if budget["slowdown_now"] < 1.0:
+            below += 1
+            assert budget["correction"] <= before
+    assert below >= 10
 
 
 def test_when_others_queue_the_batch_cuts_at_once_and_keeps_the_room_free():

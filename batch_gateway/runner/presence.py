@@ -98,6 +98,8 @@ class Presence:
             # Others' finished requests show users whose requests are too short to be caught running. Only without
             # other runners: their published counts lag the engine's by up to a reading, which reads as others'.
             finished = not peers and others_finished >= PRESENCE_COMPLETIONS + lag
+        else:
+            self._completions.clear()  # nothing comparable now (other runners' tokens are not on the board)
         # Other runners publish a reading or two late, and one that ramps up meanwhile holds more than it said: a
         # share of what they hold is not taken for someone else's.
         threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + PEER_SLACK * sum(p.limit for p in peers)

@@ -337,7 +337,7 @@ class ConcurrencyController:
         )
         self.budget_view = self._fit_budget(now, room, batch_inflight) or 0.0
         # Every runner's fit is of the same engine, but each learnt it from its own history (its ramp, the load then),
-        # and two fits can differ by a fifth. Split by one runner's answer, the share would follow whose fit is
+        # and two fits can differ by a third. Split by one runner's answer, the share would follow whose fit is
         # larger, not the weights: all take the mean of their answers. One without a fit yet takes the others'.
         views = [view for view in (self.budget_view, *(p.budget for p in peers)) if view > 0]
         if views:

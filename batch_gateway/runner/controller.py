@@ -24,7 +24,7 @@ from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import QUEUE_ALLOWANCE, Knee
 from batch_gateway.runner.presence import Presence
 from batch_gateway.runner.share import RunnerLoad, allocate
-from batch_gateway.runner.step_model import StepModel
+from batch_gateway.runner.step_model import LoadHistory, StepModel
 
 BACKOFF = 0.5  # cut on hard backpressure, once per flight
 BACKOFF_RECOVERY = 1.25  # per reading without backpressure, back toward 1
@@ -96,6 +96,7 @@ class ConcurrencyController:
         self._own_per_token: list[float] = []  # since the last reading: our step-time evidence without the engine's
         # The engine.
         self.model = StepModel()
+        self._loads = LoadHistory()
         self._previous: tuple[float, EngineReading] | None = None
         self._step: float | None = None  # smoothed measured step time
         self._lowest_step = math.inf
@@ -306,20 +307,29 @@ class ConcurrencyController:
         peers: Sequence[RunnerLoad],
     ) -> None:
         """Feed the step model: the engine's mean inter-token latency since the last reading (or, without it, our own
-        answers' latency per output token) against the batch's and everyone else's sequences over that time."""
+        answers' latency per output token) against the batch's and everyone else's sequences over the time it
+        describes."""
         own, self._own_per_token = self._own_per_token, []
         batch = self._mean_inflight(now, previous[0] if previous else None) + sum(p.inflight for p in peers)
-        step = reading.step_seconds
-        if step is None and own:
-            step = sorted(own)[len(own) // 2]
-        if step is None or step <= 0:
-            return
         # Over the interval, not at its two ends: two snapshots of a count that moved in between would bias the
         # slopes toward zero (errors in the regressors).
         if reading.running_mean is not None:
             running = reading.running_mean
         else:
             running = (reading.running + previous[1].running) / 2 if previous else reading.running
+        if previous:
+            self._loads.add(previous[0], now, batch=min(batch, running), running=running)
+        step, lagging = reading.step_seconds, reading.counted_at_end
+        if step is None and own:
+            step, lagging = sorted(own)[len(own) // 2], True
+        if step is None or step <= 0:
+            return
+        if lagging and previous and self._answered:
+            # The step of requests that ended in the interval, each over its decoding (its tokens times the step):
+            # the loads of that time, not of the interval, are what made it.
+            decoding = self._answered_tokens / self._answered * step
+            middle = (previous[0] + now) / 2
+            batch, running = self._loads.mean(middle - decoding, middle) or (batch, running)
         self.model.observe(step, batch=min(batch, running), others=max(0.0, running - batch))
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         self._lowest_step = min(self._lowest_step, self._step)

@@ -19,3 +19,9 @@ class EngineReading:
     # request ends (llama.cpp): users' share of them shows users that publish no count of finished requests.
     finished_tokens: float | None = None
     queue_seconds: float | None = None  # mean time the requests admitted since the previous reading had waited
+
+    @property
+    def counted_at_end(self) -> bool:
+        """The step time is the mean over the requests that ended since the previous reading, each over its whole
+        decoding (llama.cpp), not over the time since that reading (vLLM's histograms, counted as tokens are made)."""
+        return self.finished_tokens is not None

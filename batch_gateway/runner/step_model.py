@@ -20,6 +20,7 @@ larger slope.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 FORGETTING = 0.95  # along each reading's direction: what readings keep showing is weighed over ~20 readings (10 s)
@@ -28,6 +29,7 @@ PRIOR_VARIANCE = 1e6  # weak prior: the first readings decide
 MIN_READINGS = 5
 MIN_SPREAD = 0.3  # a load must have varied by this share of its largest value before its slope is trusted
 MIN_SPREAD_SEQUENCES = 2.0  # ...and by at least this many sequences
+LOAD_HISTORY_SECONDS = 120.0  # loads kept for readings that describe the past (the longest requests' decoding)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,35 @@ class StepModel:
         if per_batch <= 0 or fixed <= 0:
             return None  # not a plausible engine (yet): noise dominates
         return StepFit(fixed, per_batch, per_other)
+
+
+class LoadHistory:
+    """The batch's and everyone's mean sequences over each interval between readings, for the readings that describe
+    a longer past. An engine that counts per-token time as each request ends (llama.cpp) reports, at each reading, the
+    mean step of the requests that ended since the last one, each over its whole decoding: paired with the last
+    interval's load, the steps of a ramp land on the counts of a later time, which flattens the slope and inflates the
+    intercept."""
+
+    def __init__(self) -> None:
+        self._intervals: deque[tuple[float, float, float, float]] = deque()  # (start, end, batch, running)
+
+    def add(self, start: float, end: float, *, batch: float, running: float) -> None:
+        if end <= start:
+            return
+        self._intervals.append((start, end, batch, running))
+        while self._intervals and self._intervals[0][1] < end - LOAD_HISTORY_SECONDS:
+            self._intervals.popleft()
+
+    def mean(self, start: float, end: float) -> tuple[float, float] | None:
+        """(batch, running) on average over [start, end], as far as the history covers it; None where it does not."""
+        covered = batch = running = 0.0
+        for begin, finish, interval_batch, interval_running in self._intervals:
+            overlap = min(end, finish) - max(start, begin)
+            if overlap > 0:
+                covered += overlap
+                batch += overlap * interval_batch
+                running += overlap * interval_running
+        return (batch / covered, running / covered) if covered > 0 else None
 
 
 def _solve(matrix: list[list[float]], vector: list[float]) -> list[float] | None:

@@ -28,6 +28,7 @@ class Sequence:
     owner: int  # the batch runner's index, or -1 for an interactive user
     sent_at: float
     epoch: int = 0
+    decoding: float = 0.0  # seconds of the steps it ran in
 
 
 @dataclass
@@ -53,10 +54,15 @@ class ModelEngine:
         seed: int = 1,
         batch_extra: float = 0.0,
         board_lag: int = 1,
+        counts_at_end: bool = False,
     ) -> None:
         self.fixed, self.per_sequence, self.capacity = fixed, per_sequence, capacity
         self.batch_extra = batch_extra
         self.board_lag = board_lag  # readings by which what the runners read on the board is late
+        # llama.cpp's way: per-token time and output tokens are counted as each request ends, and there is no count
+        # of finished requests; vLLM's way (the default): its histograms count every token as it is made.
+        self.counts_at_end = counts_at_end
+        self.finished_tokens = 0
         self.batch_tokens, self.interactive_tokens = batch_tokens, interactive_tokens
         self.reading_interval = reading_interval
         self.rng = random.Random(seed)
@@ -106,14 +112,21 @@ class ModelEngine:
             for _ in range(self._poisson(interactive_rate(self.now) * step)):
                 self.waiting.append(Sequence(self.interactive_tokens, -1, self.now))
             self.now += step
-            tokens += len(self.running)
-            token_time += len(self.running) * step
+            if not self.counts_at_end:
+                tokens += len(self.running)
+                token_time += len(self.running) * step
             finished = [s for s in self.running if s.tokens_left <= 1]
             for seq in self.running:
                 seq.tokens_left -= 1
+                seq.decoding += step
             for seq in finished:
                 self.running.remove(seq)
                 self.completed += 1
+                length = self.batch_tokens if seq.owner >= 0 else self.interactive_tokens
+                self.finished_tokens += length
+                if self.counts_at_end:
+                    tokens += length
+                    token_time += seq.decoding
                 if seq.owner < 0:
                     run.interactive.append((seq.sent_at, self.now - seq.sent_at))
                 else:
@@ -126,8 +139,9 @@ class ModelEngine:
                     running=len(self.running),
                     waiting=len(self.waiting),
                     step_seconds=token_time / tokens if tokens else None,
-                    running_mean=token_time / (self.now - last_reading),
-                    completed=self.completed,
+                    running_mean=None if self.counts_at_end else token_time / (self.now - last_reading),
+                    completed=None if self.counts_at_end else self.completed,
+                    finished_tokens=self.finished_tokens if self.counts_at_end else None,
                     queue_seconds=queue_sum / queue_count if queue_count else None,
                 )
                 published = board[0]

@@ -13,7 +13,7 @@ import pytest
 from batch_gateway.runner.controller import ConcurrencyController, Regime, dithered
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.share import allocate
-from batch_gateway.runner.step_model import StepModel
+from batch_gateway.runner.step_model import LoadHistory, StepModel
 from batch_gateway.store.metadata import RunnerLoad
 from tests.runner.model_engine import ModelEngine, percentile
 
@@ -295,6 +295,15 @@ def test_the_step_model_keeps_the_batch_slope_it_learnt_while_the_batch_holds_st
     assert all(abs(b / truth - 1) < 0.15 for b in budgets[100:]), (min(budgets), max(budgets), truth)
 
 
+def test_the_load_history_weighs_each_interval_by_its_overlap_with_the_window():
+    history = LoadHistory()
+    history.add(0.0, 1.0, batch=2.0, running=4.0)
+    history.add(1.0, 2.0, batch=6.0, running=8.0)
+    assert history.mean(0.5, 2.0) == pytest.approx((14 / 3, 20 / 3))  # half of the first, all of the second
+    assert history.mean(-5.0, 0.5) == (2.0, 4.0)  # only what it covers
+    assert history.mean(3.0, 4.0) is None
+
+
 def test_allocation_is_weighted_max_min_fair():
     assert allocate(90, [100, 100, 100]) == [30, 30, 30]
     assert allocate(90, [10, 100, 100]) == [10, 40, 40]  # what one does not need goes to the others
@@ -428,3 +437,20 @@ def test_a_fractional_share_is_kept_on_average_not_rounded_down():
     c = ConcurrencyController(initial=5)
     c.on_backpressure(0.0, epoch=c.on_send(0.0), kind="429")
     assert c.limit == 2
+
+
+@pytest.mark.parametrize("seed", [3, 7])
+def test_readings_counted_as_requests_end_are_paired_with_the_loads_they_describe(seed):
+    """llama.cpp counts per-token time as each request ends: a reading is the mean step of the requests that ended
+    since the last one, each over its whole decoding. Paired with the last half second's load, the fit put part of
+    others' slope on the batch's (m_batch 0.00013-0.00016 s against 0.0001, m_others 0.00006-0.00007), and the batch
+    made 71-85% of the tokens its budget allows."""
+    engine = ModelEngine(seed=seed, counts_at_end=True)
+    rate = engine.interactive_rate(0.4)
+    controller = ConcurrencyController(slowdown=1.3)
+    engine.run([controller], 200, interactive_rate=lambda t: rate)
+    assert controller.regime is Regime.SHARED
+    fit = controller.model.fit
+    assert fit.fixed == pytest.approx(engine.fixed, rel=0.1)
+    assert fit.per_batch == pytest.approx(engine.per_sequence, rel=0.15)
+    assert fit.per_other == pytest.approx(engine.per_sequence, rel=0.25)

@@ -20,6 +20,7 @@ PEER_SLACK = 0.25  # share of the other runners' published limits that may be th
 COMPLETION_WINDOW = 3.0  # at least: long enough to hold a few of their requests, short enough to notice they left
 COMPLETION_HISTORY = 30.0  # at most: sparse users' finished requests are counted over up to this long...
 EXPECTED_COMPLETIONS = 8.0  # ...a span that holds this many of them at their rate over it
+RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a shorter one is too noisy to keep)
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
 
@@ -86,10 +87,13 @@ class Presence:
             self.completion_rate = (count - recent[1]) / unit / span if span > 0 else None
             # Users who send a request a second or so leave gaps of several seconds, where a window of 3 s shows
             # nobody (at 1.1 requests a second, a fifth of the time): the window spans a few of their requests at
-            # their rate when last seen (all the history, before they ever were). The lag that the threshold allows
-            # for is at the window's two ends, so it is allowed as over the shortest window, however long this one.
+            # their rate when last seen (all the history, before they ever were, or while the history is too short to
+            # tell: the first seconds' estimates spread widely, and the highest of them, kept, would keep the window
+            # short). The lag that the threshold allows for is at the window's two ends, so it is allowed as over the
+            # shortest window, however long this one.
             first = history[0]
-            rate = (count - first[1] - (runners - first[2])) / unit / max(now - first[0], COMPLETION_WINDOW)
+            if now - first[0] >= RATE_SPAN:
+                rate = (count - first[1] - (runners - first[2])) / unit / (now - first[0])
             span = EXPECTED_COMPLETIONS / self._rate if self._rate else COMPLETION_HISTORY
             start = self._since(now - min(COMPLETION_HISTORY, max(COMPLETION_WINDOW, span)))
             engine_finished = (count - start[1]) / unit

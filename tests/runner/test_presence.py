@@ -8,8 +8,10 @@ import random
 
 import pytest
 
+from batch_gateway.runner.controller import ConcurrencyController, Regime
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.presence import Presence
+from tests.runner.model_engine import ModelEngine
 
 READING = 0.5  # seconds between readings (dispatch.METRICS_INTERVAL)
 USER_REQUEST = 0.3  # seconds a user's request runs: mostly between two readings, so rarely caught running
@@ -81,3 +83,22 @@ def test_users_are_let_go_soon_after_they_leave(user_rate, within):
 def test_the_batch_alone_is_never_taken_for_users(tokens_only):
     readings = shared_over_time(0.0, users_until=0, seconds=600, seed=4, tokens_only=tokens_only)
     assert not any(shared for _, shared in readings)
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_users_stay_seen_from_the_runner_s_first_seconds_on_a_small_engine(seed):
+    """A runner that starts beside users on a small engine that counts only finished tokens (llama.cpp's way, 8
+    slots) learnt their rate from its first seconds' history, when one more or fewer of their requests moves the
+    estimate by half, and kept the highest such estimate: about 2.7 times their rate, so a window of 3 s, where they
+    went unseen for seconds at a time (27-29 readings in two minutes), and the batch went back to the knee under
+    their next requests. Their rate is learnt from 15 s of history or more."""
+    small = {"fixed": 0.005, "per_sequence": 0.006, "capacity": 8, "batch_tokens": 32, "interactive_tokens": 16}
+    engine = ModelEngine(seed=seed, counts_at_end=True, **small)
+    rate = engine.interactive_rate(0.2)
+    controller = ConcurrencyController()
+    lapsed = []
+    for reading in range(240):
+        engine.run([controller], READING, interactive_rate=lambda t: rate)
+        if reading * READING > 10 and controller.regime is not Regime.SHARED:
+            lapsed.append(engine.now)
+    assert not lapsed

@@ -411,9 +411,11 @@ sequence adds its own matrix products, so `m` is a large share of `a`, and `0.3�
 sequences a batch may run while interactive users keep within 1.3× of their latency alone. Beside that, llama.cpp
 computes a new prompt in the same loop that generates everyone's tokens, so each batch request that starts stalls
 every interactive sequence for its prompt's time; and the engine, the runner and the load generator share the same
-two cores. The fits themselves are rough here: llama.cpp counts per-token time as each request ends, so a reading
-lags the load the fit pairs it with, which flattens `m` and inflates `a` (a fit of `a` ≈ 46 ms and `m` ≈ 4 ms lets
-the batch run three or four sequences where one is at the budget; docs/controller.md, "Limits"). With 60-200 users'
+two cores. llama.cpp counts per-token time as each request ends, so each reading describes the requests that ended
+since the last one, over their whole decoding: the runner pairs it with the loads of that time, not of the last half
+second (paired with the last half second, the fits were `a` ≈ 46 ms and `m` ≈ 4 ms, and let the batch run three or
+four sequences where one is at the budget). The engine itself, measured alone with a closed loop of the batch mix,
+took 9, 16, 21, 23, 36 and 40 ms per token at 1, 2, 3, 4, 6 and 8 sequences. With 60-200 users'
 requests in a window, p99 is about their slowest one or two, so it moves a lot between runs of the same setting.
 """
     report.write_section(

@@ -414,8 +414,9 @@ every interactive sequence for its prompt's time; and the engine, the runner and
 two cores. llama.cpp counts per-token time as each request ends, so each reading describes the requests that ended
 since the last one, over their whole decoding: the runner pairs it with the loads of that time, not of the last half
 second (paired with the last half second, the fits were `a` ≈ 46 ms and `m` ≈ 4 ms, and let the batch run three or
-four sequences where one is at the budget). The engine itself, measured alone with a closed loop of the batch mix,
-took 9, 16, 21, 23, 36 and 40 ms per token at 1, 2, 3, 4, 6 and 8 sequences. With 60-200 users'
+four sequences where one is at the budget). For comparison, the engine alone (measured once, outside this command,
+with closed loops of the batch mix and nothing else on the machine) took 9, 16, 21, 23, 36 and 40 ms per token at 1,
+2, 3, 4, 6 and 8 sequences: by least squares `a` ≈ 7 ms, `m` ≈ 4.4 ms. With 60-200 users'
 requests in a window, p99 is about their slowest one or two, so it moves a lot between runs of the same setting.
 """
     report.write_section(

@@ -6,7 +6,8 @@ what the controller's policy depends on: a step costs `fixed + per_sequence × r
 sequence: long prompts and contexts cost more per step than short chat turns); each running sequence gets
 one token per step; at most `capacity` run and the rest wait in FIFO order; interactive users arrive as a Poisson
 stream. Every `reading_interval` each batch runner's controller gets the engine's gauges (with vLLM's histograms as
-rates since its last reading) and the other runners' loads as they published them at their previous reading.
+rates since its last reading, or with `counts_at_end` llama.cpp's counters, which move as each request ends) and the
+other runners' loads as they published them at their previous reading.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ HEADROOM_SIGMAS = 2.0  # room left for the interactive load's bursts, in standar
 CORRECTION_GAIN = 0.2  # how fast the measured slowdown corrects the fit's budget...
 CORRECTION_RANGE = (0.7, 1.3)  # ...and how far
 MAX_GROWTH_PER_READING = 0.25  # shared: a budget increase moves at most this share of the batch per reading
+NO_FIT_YIELD = 0.75  # shared, without a fit of the engine's step time: the batch shrinks by this per reading
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
 # A fractional limit is kept on average: one request more for that fraction of each period. The period is long enough
@@ -352,10 +353,15 @@ class ConcurrencyController:
         views = [view for view in (self.budget_view, *(p.budget for p in peers)) if view > 0]
         if views:
             budget = sum(views) / len(views)
+        elif self._step is not None and self.model.batch_varied:
+            # No plausible fit although the batch's count has varied: grow while the step stays within the budget of
+            # the lowest step seen (which erred high: the batch was there too), else shrink.
+            budget = batch_inflight * (2.0 if self._step < self.slowdown * self._lowest_step else NO_FIT_YIELD)
         elif self._step is not None:
-            # No fit yet (the load has not varied enough): grow while the step stays within the budget of the lowest
-            # step seen (which erred low: others were there), else shrink.
-            budget = batch_inflight * (2.0 if self._step < self.slowdown * self._lowest_step else 0.75)
+            # No fit yet, and the batch has held one count: nothing tells how much of the step is its. Yield, which
+            # puts them first and gives the fit the spread it needs (on llama.cpp a short batch held 4 sequences to
+            # its end beside a user, 3.75 times slower than alone, and never had a fit).
+            budget = batch_inflight * NO_FIT_YIELD
         else:
             budget = batch_inflight
         total = min(room, budget)

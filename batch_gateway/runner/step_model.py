@@ -43,13 +43,19 @@ class StepFit:
 
 
 class _Spread:
-    __slots__ = ("high", "low")
+    __slots__ = ("count", "high", "low", "total")
 
     def __init__(self) -> None:
         self.low, self.high = float("inf"), 0.0
+        self.total, self.count = 0.0, 0
 
     def add(self, value: float) -> None:
         self.low, self.high = min(self.low, value), max(self.high, value)
+        self.total, self.count = self.total + value, self.count + 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
 
     @property
     def enough(self) -> bool:
@@ -96,6 +102,11 @@ class StepModel:
         self._others.add(others)
 
     @property
+    def batch_varied(self) -> bool:
+        """The batch's own count has varied enough to tell its slope."""
+        return self._batch.enough
+
+    @property
     def fit(self) -> StepFit | None:
         """The current fit, once it rests on enough readings at different loads; None before."""
         if self.readings < MIN_READINGS:
@@ -104,7 +115,12 @@ class StepModel:
         if not self._batch.enough:
             if not self._others.enough:
                 return None
-            per_batch = per_other  # the batch's own load has not varied yet: one slope for all
+            # The batch's own load has not varied yet: one slope for all. Its count has stayed near one level, where
+            # only the sum `a + m_batch·level` is told apart from the rest; the fixed cost is that sum less the
+            # shared slope's part (the split the least squares made of it is arbitrary).
+            level = self._batch.mean
+            fixed += (per_batch - per_other) * level
+            per_batch = per_other
         if not self._others.enough or per_other <= 0:
             per_other = per_batch
         if per_batch <= 0 or fixed <= 0:

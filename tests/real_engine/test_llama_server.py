@@ -158,3 +158,5 @@ def test_controller_settles_and_interactive_latency_holds(gateway_factory, llama
     # The controller tolerates a request or two waiting at a step boundary (its queue allowance), no more.
     assert controller["limit"] <= 8 + 2
     assert deferred and max(deferred) <= 1, f"requests queued in the engine: {deferred}"
+    # The user is seen: llama.cpp counts no finished requests, only their output tokens as each ends.
+    assert controller["regime"] == "shared"

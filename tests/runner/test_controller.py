@@ -274,6 +274,35 @@ def test_the_step_model_learns_what_each_kind_of_sequence_costs_and_forgets_an_o
     assert model.fit.per_batch == pytest.approx(0.0003, rel=0.05)
 
 
+def test_while_the_batch_holds_one_count_its_part_of_the_step_is_not_taken_for_the_fixed_cost():
+    """Others' load varies, the batch's does not: the readings tell `a + m·8` as one sum, and the least squares split
+    it at random (it said a = 0.17 ms for a = 10 ms, a budget of half a sequence where 30 fit)."""
+    model = StepModel()
+    for i in range(20):
+        others = 5 + (i * 13) % 60
+        model.observe(0.010 + 0.0001 * (8 + others), batch=8, others=others)
+    fit = model.fit
+    assert fit.fixed == pytest.approx(0.010, rel=0.01) and fit.per_batch == pytest.approx(0.0001, rel=0.01)
+
+
+def test_beside_users_without_a_fit_the_batch_yields_until_its_count_has_varied():
+    """Nothing tells how much of the step is the batch's while it holds one count: it gives way (users first), which
+    also gives the fit the spread it needs. On llama.cpp a short batch held 4 sequences to its end beside a user."""
+    c = ConcurrencyController(initial=8)
+    answered(c, 0.0)
+    sent: list[int] = []
+    limits = []
+    for i in range(1, 5):  # a fit needs five readings
+        now = i * 0.5
+        for epoch in sent[:2]:  # each request takes about two readings
+            c.on_success(now, latency=1.0, output_tokens=64, epoch=epoch)
+        sent = sent[2:] + fill(c, now)
+        c.on_engine(now, reading(c.inflight + 5, step_seconds=0.030, running_mean=c.inflight + 5))
+        limits.append(c.limit)
+    assert c.regime is Regime.SHARED and c.model.fit is None
+    assert limits[-1] < limits[0] < 8, limits
+
+
 def test_the_step_model_keeps_the_batch_slope_it_learnt_while_the_batch_holds_steady():
     """While the batch sits at its budget only others' load varies: the readings then tell the step's fixed cost plus
     the batch's part as one sum, never how it splits. The split learnt during the ramp must not fade into noise."""

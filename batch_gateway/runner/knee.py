@@ -1,6 +1,7 @@
 """The engine's knee while only batch runners use it: slow start doubles the batch's total once per service time
 until the engine queues; its running count then is its capacity, and the total stays there, probed upward now and
-then. Past the knee more requests only queue. A pure object fed by the controller at each reading."""
+then. Past the knee more requests only queue. What was given to interactive users is taken back at slow start's
+pace. A pure object fed by the controller at each reading."""
 
 from __future__ import annotations
 
@@ -81,19 +82,21 @@ class Knee:
                 self.queue_cuts += 1
             self._probe_at = self.hold(now, service_time)
             return self.capacity
-        if self.capacity is not None and total < self.capacity:
-            return self.capacity  # given back to interactive users who have left: take it again at once
         using = batch_inflight >= 0.9 * total
         unseen = batch_inflight - reading.running - reading.waiting > 1 + UNSEEN_SHARE * batch_inflight
         if not using or unseen:
             return total  # the last increase is not in use (or not in the engine's gauges) yet
-        if self.slow_start:
+        refill = self.capacity is not None and total < self.capacity
+        if self.slow_start or refill:
             # Double once per service time, as TCP does once per round trip: a request that overshoots the knee waits
-            # a whole service time in the queue, and cannot be called back.
+            # a whole service time in the queue, and cannot be called back. Below a knee already known (what was
+            # given to users who seem to have left), the same pace up to it, as TCP's slow start up to its
+            # threshold: users who only paused come back to an engine that is not yet full, and are seen again.
             if service_time is None or interval is None:
                 return total
             self.increases += 1
-            return max(total + 1, total * 2 ** (min(interval, service_time) / max(service_time, 1e-3)))
+            grown = max(total + 1, total * 2 ** (min(interval, service_time) / max(service_time, 1e-3)))
+            return min(grown, self.capacity) if refill and self.capacity is not None else grown
         if now >= self._probe_at:
             self._probe_at = self.hold(now, service_time)
             self.increases += 1

@@ -86,8 +86,9 @@ class Knee:
         unseen = batch_inflight - reading.running - reading.waiting > 1 + UNSEEN_SHARE * batch_inflight
         if not using or unseen:
             return total  # the last increase is not in use (or not in the engine's gauges) yet
-        refill = self.capacity is not None and total < self.capacity
-        if self.slow_start or refill:
+        # Below a knee already known, the total refills up to it; otherwise slow start has no ceiling.
+        ceiling = self.capacity if self.capacity is not None and total < self.capacity else math.inf
+        if self.slow_start or ceiling < math.inf:
             # Double once per service time, as TCP does once per round trip: a request that overshoots the knee waits
             # a whole service time in the queue, and cannot be called back. Below a knee already known (what was
             # given to users who seem to have left), the same pace up to it, as TCP's slow start up to its
@@ -96,7 +97,7 @@ class Knee:
                 return total
             self.increases += 1
             grown = max(total + 1, total * 2 ** (min(interval, service_time) / max(service_time, 1e-3)))
-            return min(grown, self.capacity) if refill and self.capacity is not None else grown
+            return min(grown, ceiling)
         if now >= self._probe_at:
             self._probe_at = self.hold(now, service_time)
             self.increases += 1

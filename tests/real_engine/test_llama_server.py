@@ -85,17 +85,31 @@ def test_batch_completes_with_real_model_output(gateway_factory, llama):
     assert done.usage.output_tokens == sum(o["response"]["body"]["usage"]["completion_tokens"] for o in outputs)
 
 
-def test_prefix_ordering_raises_cached_tokens(gateway_factory, llama):
+@pytest.fixture(scope="module")
+def llama_slot_caches():
+    """llama-server without its host-memory prompt cache (`--cache-ram 0`): each slot's own KV cache is the only
+    prefix cache, as when the engine's cache is scarce."""
+    with LlamaServer(slots=8, context=8192, options=("--cache-ram", "0")) as url:
+        yield url
+
+
+# Input order's share depends on timing with the host-memory cache: a request misses only when it runs beside its
+# group's head (57-64% measured). Without that cache, heads of other groups evict it from the slots (17-18%).
+@pytest.mark.parametrize(("engine", "margin"), [("llama", 0.05), ("llama_slot_caches", 0.3)])
+def test_prefix_ordering_raises_cached_tokens(gateway_factory, request, engine, margin):
+    url = request.getfixturevalue(engine)
+    groups, per_group = 8, 5
     results = {}
     for name, ordering, seed in (("input_order", "false", 3), ("prefix_order", "true", 4)):
-        gateway = gateway_factory(f"smollm2={llama}", env={"BATCH_GATEWAY_PREFIX_ORDERING": ordering}, name=name)
-        _, done = run_batch(gateway, grouped_lines(groups=8, per_group=5, seed=seed))
+        gateway = gateway_factory(f"smollm2={url}", env={"BATCH_GATEWAY_PREFIX_ORDERING": ordering}, name=name)
+        _, done = run_batch(gateway, grouped_lines(groups=groups, per_group=per_group, seed=seed))
         assert done.status == "completed" and done.request_counts.failed == 0
         results[name] = done.usage.input_tokens_details.cached_tokens / done.usage.input_tokens
         gateway.stop()
     print("cached share of prompt tokens:", results)
-    assert results["prefix_order"] > results["input_order"] + 0.15
-    assert results["prefix_order"] > 0.5
+    # The ideal: every request but each group's first finds its prompt, which is ~98% shared prefix.
+    assert results["prefix_order"] >= 0.95 * (per_group - 1) / per_group
+    assert results["prefix_order"] > results["input_order"] + margin
 
 
 def test_controller_settles_and_interactive_latency_holds(gateway_factory, llama):

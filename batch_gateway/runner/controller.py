@@ -124,8 +124,12 @@ class ConcurrencyController:
 
     @property
     def capacity(self) -> float | None:
-        """The engine's concurrency at its knee, once the batch's own queue has shown it."""
+        """The engine's concurrency at its knee, once the batch's own queue has shown it or the engine has stated it."""
         return self.knee.capacity
+
+    def on_slots(self, slots: int) -> None:
+        """The engine states that it runs at most `slots` requests at once (llama.cpp)."""
+        self.knee.know_slots(slots)
 
     @property
     def interactive_load(self) -> float:

@@ -32,7 +32,7 @@ from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.circuit import Circuit
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.deadline import DeadlineTracker
-from batch_gateway.runner.engine_metrics import EngineMeter, EngineSnapshot
+from batch_gateway.runner.engine_metrics import EngineMeter, EngineSnapshot, stated_slots
 from batch_gateway.runner.ingest import Ingested, read_request
 from batch_gateway.runner.limiter import AdaptiveLimiter, Permit
 from batch_gateway.runner.schedule import GroupScheduler
@@ -155,6 +155,7 @@ class Dispatcher:
         self.warm_ups = 0  # prefix warm-ups sent (warm_up.py)...
         self.warm_ups_failed = 0  # ...and those that got no answer: their groups waited for their heads instead
         self._warm_up_misses: dict[Endpoint, int] = {}  # warm-ups failed in a row, per endpoint
+        self._slots_asked: set[int] = set()  # endpoints asked for their slot count (by index)
 
     async def run(self) -> None:
         """Send every line the scheduler hands out; return when all have a result or `stop()` was called."""
@@ -528,6 +529,18 @@ class Dispatcher:
             return
         if snapshot is not None:
             self._engine_cache(index, snapshot)
+            await self._ask_slots(index, endpoint, snapshot)
+
+    async def _ask_slots(self, index: int, endpoint: Endpoint, snapshot: EngineSnapshot) -> None:
+        """Once per endpoint: how many requests an engine with a slot per request (llama.cpp) runs at once. The batch
+        then never sends more than that: a request waiting in the engine takes the next slot freed, and with it the
+        prefix its next follower would have found there."""
+        if not snapshot.slot_caches or index in self._slots_asked:
+            return
+        self._slots_asked.add(index)
+        slots = await stated_slots(self.client, endpoint.url)
+        if slots is not None:
+            endpoint.controller.on_slots(slots)
 
     def _engine_cache(self, index: int, snapshot: EngineSnapshot) -> None:
         if snapshot.slot_caches:
@@ -572,6 +585,7 @@ class Dispatcher:
                 continue
             failures = 0
             self._engine_cache(index, snapshot)
+            await self._ask_slots(index, endpoint, snapshot)
             controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand, weight=weight)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:

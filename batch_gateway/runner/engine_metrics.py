@@ -13,7 +13,7 @@ previous scrape of the same endpoint, which is what the controller needs over an
 
 llama.cpp's server (`--metrics`) has no histograms, but `tokens_predicted_seconds_total` adds up each slot's
 generation time, so the same two quotients give its per-token latency and its busy slots. An engine with a prefix
-cache per slot is recognised by llama.cpp's names.
+cache per slot is recognised by llama.cpp's names; how many slots it has, by `total_slots` in its `/props`.
 
 The KV cache's size comes from vLLM's `vllm:cache_config_info`, a gauge of 1 whose labels are the engine's
 CacheConfig (`num_gpu_blocks` × `block_size` tokens; `num_gpu_blocks` is "None" until the engine has profiled its
@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from batch_gateway.runner.engine_reading import EngineReading
@@ -33,7 +34,8 @@ from batch_gateway.runner.engine_reading import EngineReading
 if TYPE_CHECKING:
     from batch_gateway.runner.upstream import UpstreamClient
 
-_WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
+_DEFERRED = "llamacpp:requests_deferred"  # requests that found no free slot
+_WAITING = ("vllm:num_requests_waiting", _DEFERRED)
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _COMPLETED = ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count")
@@ -150,6 +152,7 @@ class EngineMeter:
             completed=_first(values, _COMPLETED),
             finished_tokens=_first(values, _FINISHED_TOKENS),
             queue_seconds=queue,
+            waiting_means_full=_DEFERRED in values and "vllm:num_requests_waiting" not in values,
         )
         return EngineSnapshot(
             reading,
@@ -162,6 +165,22 @@ class EngineMeter:
         """Read the endpoint's /metrics; None when it has none usable (or did not answer in time)."""
         text = await client.get_text(endpoint + "/metrics", timeout=5.0)
         return None if text is None else self.read(text, at)
+
+
+class _Props(msgspec.Struct):
+    total_slots: int | None = None
+
+
+async def stated_slots(client: UpstreamClient, endpoint: str) -> int | None:
+    """How many requests a llama.cpp server runs at once (`total_slots` in its /props); None if it does not say."""
+    text = await client.get_text(endpoint + "/props", timeout=5.0)
+    if text is None:
+        return None
+    try:
+        slots = msgspec.json.decode(text, type=_Props).total_slots
+    except msgspec.DecodeError:  # includes msgspec.ValidationError
+        return None
+    return slots if slots and slots > 0 else None
 
 
 def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:

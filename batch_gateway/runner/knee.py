@@ -1,7 +1,8 @@
 """The engine's knee while only batch runners use it: slow start doubles the batch's total once per service time
 until the engine queues; its running count then is its capacity, and the total stays there, probed upward now and
 then. Past the knee more requests only queue. What was given to interactive users is taken back at slow start's
-pace. A pure object fed by the controller at each reading."""
+pace. An engine that states how many requests it runs at once (llama.cpp's slots) has its knee there from the start,
+and nothing probes past it. A pure object fed by the controller at each reading."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections import deque
 from batch_gateway.runner.engine_reading import EngineReading
 
 QUEUE_STEPS = 3.0  # admitted requests that waited this many steps on average mean a queue
-QUEUE_ALLOWANCE = 1.0  # without queue times: waiting requests that are only arrivals between two steps...
+QUEUE_ALLOWANCE = 1.0  # without queue times: waiting requests that may be only arrivals between two steps...
 QUEUE_ALLOWANCE_SHARE = 0.01  # ...plus this share of the running batch
 KV_FULL = 0.95  # KV-cache usage at which the engine starts preempting: as good as a queue
 CAPACITY_MEMORY = 10.0  # seconds over which the largest running count stands for the engine's capacity
@@ -26,10 +27,17 @@ class Knee:
         self._running_seen: deque[tuple[float, float]] = deque()  # (time, running), decreasing: head is the max
         self._queued_readings = 0
         self.capacity: float | None = None  # the engine's concurrency at its knee, once a queue has shown it
+        self.slots: int | None = None  # the engine's concurrency as it states it
         self.slow_start = True
         self._probe_at = -math.inf
         self.increases = 0
         self.queue_cuts = 0
+
+    def know_slots(self, slots: int) -> None:
+        """The engine runs at most `slots` requests at once and says so: that is its knee. A request past it waits in
+        the engine and takes the next slot freed, whatever prefix that slot holds (llama.cpp keeps one per slot)."""
+        self.slots = slots
+        self.capacity = float(slots)
 
     def hold(self, now: float, service_time: float | None) -> float:
         """When the next probe may go: a queue or a probe holds the total for a while."""
@@ -51,13 +59,16 @@ class Knee:
             waited = reading.queue_seconds > QUEUE_STEPS * step and reading.waiting > 0
             needed = 2
         else:
-            waited = reading.waiting > QUEUE_ALLOWANCE + QUEUE_ALLOWANCE_SHARE * reading.running
+            # An engine whose waiting requests found every slot taken (llama.cpp) has no arrivals to allow for. There a
+            # request held waiting takes the next slot freed, before the follower of the prefix that slot holds.
+            allowance = 0.0 if reading.waiting_means_full else QUEUE_ALLOWANCE + QUEUE_ALLOWANCE_SHARE * reading.running
+            waited = reading.waiting > allowance
             needed = 3
         kv_full = reading.kv_usage is not None and reading.kv_usage >= KV_FULL
         self._queued_readings = self._queued_readings + 1 if (waited and reading.running >= 1) or kv_full else 0
         if self._queued_readings < (1 if kv_full else needed):
             return False
-        if ours:
+        if ours and self.slots is None:
             # Only the batch's own queue shows the knee: beside others, a burst of theirs queues at any running count.
             self.capacity = seen[0][1]
         if answered:
@@ -82,6 +93,8 @@ class Knee:
                 self.queue_cuts += 1
             self._probe_at = self.hold(now, service_time)
             return self.capacity
+        if self.slots is not None and total >= self.slots:
+            return float(self.slots)
         using = batch_inflight >= 0.9 * total
         unseen = batch_inflight - reading.running - reading.waiting > 1 + UNSEEN_SHARE * batch_inflight
         if not using or unseen:

@@ -85,6 +85,43 @@ def test_a_queue_beside_others_does_not_lower_the_capacity_learnt_alone():
     assert ours[2] >= 128 and c.capacity == 128
 
 
+def test_an_engine_that_states_its_slots_is_filled_to_them_and_never_past():
+    """llama.cpp: a request past its slots waits in the engine and takes the next slot freed, with the prefix cached
+    there for another request; slow start climbs to the slots and no probe goes past them."""
+    c = ConcurrencyController(initial=2, maximum=256)
+    c.on_slots(8)
+    answered(c, 0.5)
+    limits = []
+    for second in range(1, 40):
+        fill(c, second - 0.5)
+        c.on_engine(float(second), reading(c.inflight, step_seconds=0.02))
+        limits.append(c.limit)
+    assert limits[:3] == [2, 4, 8] and max(limits) == 8 and c.capacity == 8
+
+
+@pytest.mark.parametrize("waiting_means_full", [True, False])
+def test_one_request_waiting_is_a_queue_where_waiting_means_every_slot_is_taken(waiting_means_full):
+    """llama.cpp defers a request only when no slot is free; vLLM's waiting requests include arrivals between two
+    steps, so there one waiting request is allowed for."""
+    c = ConcurrencyController(initial=8, maximum=256)
+    answered(c, 0.5)
+    limits = []
+    for second in range(1, 40):
+        while c.inflight > c.limit:  # what the controller gave up finishes
+            c.on_success(second - 0.6, latency=1.0, output_tokens=64, epoch=1)
+        fill(c, second - 0.5)
+        running = min(8, c.inflight)
+        waiting = c.inflight - running
+        c.on_engine(float(second), reading(running, waiting, step_seconds=0.02, waiting_means_full=waiting_means_full))
+        limits.append(c.limit)
+    assert c.capacity == 8  # slow start overshot to 16 and met the queue
+    above = sum(limit > 8 for limit in limits[10:])
+    if waiting_means_full:  # each probe to 9 (one every 10 s) is cut back after three readings
+        assert above <= 6
+    else:  # the probe's one waiting request passes for an arrival, until the next probe makes two
+        assert above >= 12
+
+
 def test_hard_backpressure_halves_once_per_flight():
     c = ConcurrencyController(initial=64)
     epochs = fill(c, 0.0)

@@ -53,6 +53,7 @@ def test_vllm_histograms_give_the_step_time_and_the_sequences_decoding_over_the_
     assert reading.running_mean == pytest.approx(40.0)
     assert reading.queue_seconds == pytest.approx(0.05)
     assert (reading.running, reading.waiting, reading.kv_usage, reading.completed) == (40, 0, 0.25, 30)
+    assert not reading.waiting_means_full  # vLLM's waiting requests include arrivals between two steps
 
 
 def test_a_restarted_engine_resets_its_counters_without_a_bogus_rate():
@@ -75,7 +76,7 @@ def test_llama_cpp_generation_time_gives_its_per_token_latency_and_busy_slots():
     meter = EngineMeter()
     meter.read(scrape(10.0, 100), at=0.0)
     snapshot = meter.read(scrape(14.0, 140), at=1.0)  # 4 slots busy for 1 s: 40 tokens at 100 ms each
-    assert snapshot.slot_caches
+    assert snapshot.slot_caches and snapshot.reading.waiting_means_full  # deferred: no slot was free
     assert snapshot.reading.step_seconds == pytest.approx(0.1) and snapshot.reading.running_mean == pytest.approx(4.0)
     # It counts no finished requests, only their output tokens as each ends: what shows users there (presence.py).
     assert snapshot.reading.completed is None and snapshot.reading.finished_tokens == 140

@@ -6,6 +6,7 @@ import socket
 import pytest
 from aiohttp import web
 
+from batch_gateway.runner.engine_metrics import stated_slots
 from batch_gateway.runner.upstream import Exchange, Outcome, UpstreamClient, usage_of
 from batch_gateway.upstreams.routes import endpoints_for, normalize_root, parse_upstreams
 
@@ -59,6 +60,8 @@ async def upstream():
         seen.update(request.headers)
         if request.path == "/slow":
             await asyncio.sleep(1)
+        if request.path == "/llama/props":
+            return web.json_response({"total_slots": 8, "model_path": "/models/x.gguf"})
         if request.path == "/busy":
             return web.Response(status=429, headers={"retry-after-ms": "1500"}, text="busy")
         body = await request.read()
@@ -98,6 +101,13 @@ async def test_no_answer_is_an_exchange_with_status_zero_not_an_exception(upstre
     assert "127.0.0.1" not in refused.failure  # error lines reach tenants: never an internal address
     assert slow.status == 0 and slow.failure.startswith("timeout") and slow.outcome is Outcome.FAILED
     assert metrics is None
+
+
+async def test_a_llama_cpp_server_states_its_slots_in_its_props(upstream):
+    url, _ = upstream
+    async with UpstreamClient() as client:
+        assert await stated_slots(client, url + "/llama") == 8
+        assert await stated_slots(client, url) is None  # not llama.cpp's props
 
 
 def test_what_each_answer_means_for_its_line():

@@ -109,7 +109,11 @@ class Knee:
             if service_time is None or interval is None:
                 return total
             self.increases += 1
-            grown = max(total + 1, total * 2 ** (min(interval, service_time) / max(service_time, 1e-3)))
+            grown = total * 2 ** (min(interval, service_time) / max(service_time, 1e-3))
+            if ceiling == math.inf:
+                # At least one more per reading, or a first slow start from one would wait on the dithering. Not in a
+                # refill: on a CPU engine the batch may hold one sequence, and one more per reading doubles it at once.
+                grown = max(total + 1, grown)
             return min(grown, ceiling)
         if now >= self._probe_at:
             self._probe_at = self.hold(now, service_time)

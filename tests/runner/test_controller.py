@@ -12,6 +12,7 @@ import pytest
 
 from batch_gateway.runner.controller import ConcurrencyController, Regime, dithered
 from batch_gateway.runner.engine_reading import EngineReading
+from batch_gateway.runner.knee import Knee
 from batch_gateway.runner.share import allocate
 from batch_gateway.runner.step_model import LoadHistory, StepModel
 from batch_gateway.store.metadata import RunnerLoad
@@ -120,6 +121,22 @@ def test_one_request_waiting_is_a_queue_where_waiting_means_every_slot_is_taken(
         assert above <= 6
     else:  # the probe's one waiting request passes for an arrival, until the next probe makes two
         assert above >= 12
+
+
+def test_a_refill_from_one_sequence_doubles_once_per_service_time_not_once_per_reading():
+    """On a CPU engine the batch may hold one sequence beside users; when they seem gone, it must not be at four
+    sequences a second later (readings half a second apart, service time 2 s)."""
+    knee = Knee()
+    knee.know_slots(8)
+    total, totals = 1.0, []
+    for n in range(1, 9):
+        inflight = math.ceil(total)  # the dithered limit reaches the next whole count part of the time
+        reading = EngineReading(running=inflight, waiting=0)
+        total = knee.total(
+            n * 0.5, reading, total=total, batch_inflight=inflight, queued=False, interval=0.5, service_time=2.0
+        )
+        totals.append(total)
+    assert totals[3] == pytest.approx(2.0) and totals[7] == pytest.approx(4.0)
 
 
 def test_hard_backpressure_halves_once_per_flight():

@@ -34,8 +34,9 @@ class Knee:
         self.queue_cuts = 0
 
     def know_slots(self, slots: int) -> None:
-        """The engine runs at most `slots` requests at once and says so: that is its knee. A request past it waits in
-        the engine and takes the next slot freed, whatever prefix that slot holds (llama.cpp keeps one per slot)."""
+        """The engine runs at most `slots` requests at once and says so: that is its knee (until a queue shows fewer:
+        an engine restarted with fewer slots). A request past it waits in the engine and takes the next slot freed,
+        whatever prefix that slot holds (llama.cpp keeps one per slot)."""
         self.slots = slots
         self.capacity = float(slots)
 
@@ -68,7 +69,7 @@ class Knee:
         self._queued_readings = self._queued_readings + 1 if (waited and reading.running >= 1) or kv_full else 0
         if self._queued_readings < (1 if kv_full else needed):
             return False
-        if ours and self.slots is None:
+        if ours:
             # Only the batch's own queue shows the knee: beside others, a burst of theirs queues at any running count.
             self.capacity = seen[0][1]
         if answered:
@@ -93,8 +94,8 @@ class Knee:
                 self.queue_cuts += 1
             self._probe_at = self.hold(now, service_time)
             return self.capacity
-        if self.slots is not None and total >= self.slots:
-            return float(self.slots)
+        if self.slots is not None and self.capacity is not None and total >= self.capacity:
+            return self.capacity  # the stated slots, or fewer if a queue has shown fewer since (a restarted engine)
         using = batch_inflight >= 0.9 * total
         unseen = batch_inflight - reading.running - reading.waiting > 1 + UNSEEN_SHARE * batch_inflight
         if not using or unseen:

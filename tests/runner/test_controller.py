@@ -98,6 +98,13 @@ def test_an_engine_that_states_its_slots_is_filled_to_them_and_never_past():
         c.on_engine(float(second), reading(c.inflight, step_seconds=0.02))
         limits.append(c.limit)
     assert limits[:3] == [2, 4, 8] and max(limits) == 8 and c.capacity == 8
+    for second in range(40, 60):  # the engine restarted with 6 slots: the 2 it cannot run wait
+        while c.inflight > c.limit:
+            c.on_success(second - 0.6, latency=1.0, output_tokens=64, epoch=1)
+        fill(c, second - 0.5)
+        running = min(6, c.inflight)
+        c.on_engine(float(second), reading(running, c.inflight - running, step_seconds=0.02, waiting_means_full=True))
+    assert c.capacity == 6 and c.limit == 6
 
 
 @pytest.mark.parametrize("waiting_means_full", [True, False])

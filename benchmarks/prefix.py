@@ -325,7 +325,8 @@ with its own cache of that size; groups stick to the endpoint whose cache holds 
 
 {report.table(default_rows)}
 On the real engine (llama.cpp, a prefix cache per slot) the runner keeps sending a group's followers one at a time,
-and the window stays off; the real-engine section reports its cached prompt tokens in the runner's order against
-input order.
+the window stays off, and the batch never has more requests there than the engine's slots; the real-engine section
+reports its cached prompt tokens in the runner's order against input order, with llama.cpp's host-memory prompt
+cache and without it.
 """
     report.write_section(NAME, TITLE, body, summary)

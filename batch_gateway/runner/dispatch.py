@@ -528,24 +528,20 @@ class Dispatcher:
         except TimeoutError:
             return
         if snapshot is not None:
-            self._engine_cache(index, snapshot)
-            await self._ask_slots(index, endpoint, snapshot)
+            await self._engine_cache(index, endpoint, snapshot)
 
-    async def _ask_slots(self, index: int, endpoint: Endpoint, snapshot: EngineSnapshot) -> None:
-        """Once per endpoint: how many requests an engine with a slot per request (llama.cpp) runs at once. The batch
-        then never sends more than that: a request waiting in the engine takes the next slot freed, and with it the
-        prefix its next follower would have found there."""
-        if not snapshot.slot_caches or index in self._slots_asked:
-            return
-        self._slots_asked.add(index)
-        slots = await stated_slots(self.client, endpoint.url)
-        if slots is not None:
-            endpoint.controller.on_slots(slots)
-
-    def _engine_cache(self, index: int, snapshot: EngineSnapshot) -> None:
+    async def _engine_cache(self, index: int, endpoint: Endpoint, snapshot: EngineSnapshot) -> None:
+        """The engine's cache as the scheduler needs it. An engine with a prefix cache per slot (llama.cpp) is asked
+        once how many slots it has, and the batch never sends more: a request waiting there takes the next slot
+        freed, and with it the prefix another group's next request would have found."""
         if snapshot.slot_caches:
             self.scheduler.limit_pool_inflight(index, 1)
             self.scheduler.warm_up_heads(index, False)  # a warm-up would leave its prefix in a slot of its own
+            if index not in self._slots_asked:
+                self._slots_asked.add(index)
+                slots = await stated_slots(self.client, endpoint.url)
+                if slots is not None:
+                    endpoint.controller.on_slots(slots)
         self.scheduler.windows[index].observe(snapshot.cache_tokens, snapshot.cache_held)
         self._wake.set()  # the window may have room now
 
@@ -584,8 +580,7 @@ class Dispatcher:
                 failures += 1
                 continue
             failures = 0
-            self._engine_cache(index, snapshot)
-            await self._ask_slots(index, endpoint, snapshot)
+            await self._engine_cache(index, endpoint, snapshot)
             controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand, weight=weight)
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:

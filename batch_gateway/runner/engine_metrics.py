@@ -173,7 +173,7 @@ class _Props(msgspec.Struct):
 
 async def stated_slots(client: UpstreamClient, endpoint: str) -> int | None:
     """How many requests a llama.cpp server runs at once (`total_slots` in its /props); None if it does not say."""
-    text = await client.get_text(endpoint + "/props", timeout=5.0)
+    text = await client.get_text(endpoint + "/props", timeout=2.0)  # it answered /metrics: /props takes milliseconds
     if text is None:
         return None
     try:

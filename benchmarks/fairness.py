@@ -42,7 +42,7 @@ def run_case(
     """Two tenants' batches, the second `head_start` s after the first, beside interactive users at `rate`
     requests/s (0: none); figures over the WINDOW that opens `settle` s after the later batch started."""
     batches = [Batch("tenant-a", tenant="tenant-a"), Batch("tenant-b", tenant="tenant-b", start_after=head_start)]
-    mixed = run_mixed(sim, stack, [(head_start + settle + WINDOW, rate)], batches, requests, seed)
+    mixed = run_mixed(sim, stack, [(head_start + settle, rate), (WINDOW, rate)], batches, requests, seed)
     start = mixed.started + head_start + settle
     figures = mixed.figures(start, start + WINDOW)
     figures["limits"] = [b.limit(start, start + WINDOW) for b in mixed.batches]
@@ -66,7 +66,7 @@ def run() -> None:
                 flush=True,
             )
         rate = INTERACTIVE_SHARE * capacity["tokens_per_s"] / INTERACTIVE_TOKENS
-        alone = run_mixed(sim, None, [(INTERACTIVE_SETTLE + WINDOW, rate)], [])
+        alone = run_mixed(sim, None, [(INTERACTIVE_SETTLE, rate), (WINDOW, rate)], [])
         alone_figures = alone.figures(alone.started + INTERACTIVE_SETTLE, alone.started + INTERACTIVE_SETTLE + WINDOW)
         both, beside = run_case(sim, stack, 0.0, rate, INTERACTIVE_SETTLE, requests, 3)
         both.save("fairness-beside-interactive")

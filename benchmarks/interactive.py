@@ -5,7 +5,8 @@ For each share, an open-loop Poisson stream of short chat turns goes straight to
 batch through the real runner with defaults; then beside the same batch at fixed concurrencies (a coarse pass, then a
 bisection), whose best setting within budget is the oracle (it needs to know the load in advance; the controller must
 not); then beside the peer's baseline (benchmarks/peer.py: AIMD on 429/5xx between 5 and 10, as llm-d's batch
-gateway). Every run uses the same interactive arrivals (same seed), so the runs differ only by the batch beside them.
+gateway). The window every run measures is the same stream of interactive requests (same arrivals, same bodies),
+whatever warm-up came before it, so the runs differ only by the batch beside them.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def measure_share(
     alone: dict | None = None
 
     def measure(label: str, batch: Batch | None, warmup: float, keep: bool = False) -> dict:
-        mixed = run_mixed(sim, stack, [(warmup + WINDOW, rate)], [batch] if batch else [], requests, next(seeds))
+        mixed = run_mixed(sim, stack, [(warmup, rate), (WINDOW, rate)], [batch] if batch else [], requests, next(seeds))
         start = mixed.started + warmup
         figures = mixed.figures(start, start + WINDOW)
         if keep:
@@ -232,9 +233,10 @@ runner and the load generators (separate processes) share the machine's 2 cores 
 Capacity: {cap * TIME_SCALE:,.0f} output tokens/s (a direct closed loop of 256 requests of the batch mix).
 
 Interactive users: open-loop Poisson arrivals of short chat turns (~35-token prompt, {INTERACTIVE_TOKENS} output
-tokens) straight to the simulator, at 20%, 40% and 60% of capacity; the same arrivals (same seed) in every run of a
-share. The batch: {requests:,} requests of the utilisation mix (~110-token prompts, 64-192 output tokens), through the
-real runner process, cancelled after the window (its run_stats, the controller's last snapshot, are read then). Each
+tokens) straight to the simulator, at 20%, 40% and 60% of capacity. The measured window is a Poisson stream of its
+own: the same requests at the same moments in every run of a share, whatever warm-up came before it. The batch:
+{requests:,} requests of the utilisation mix (~110-token prompts, 64-192 output tokens), through the real runner
+process, cancelled after the window (its run_stats, the controller's last snapshot, are read then). Each
 run measures a {WINDOW:.0f}-s window of requests sent after a warm-up that starts with the batch client: alone
 {WARMUP["alone"]:.0f} s, defaults {WARMUP["defaults"]:.0f} s (process start, slow start, learning the step curve), fixed
 {WARMUP["fixed"]:.0f} s, peer {WARMUP["peer"]:.0f} s. Batch tokens/s are the batch's answers received in the window.

@@ -9,12 +9,14 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
 
 from benchmarks.rawhttp import RawPool
+
+PHASE_BODIES = 1_000_000  # phase n sends bodies n·PHASE_BODIES onward
 
 
 class _Usage(msgspec.Struct):
@@ -100,38 +102,47 @@ async def poisson_phases(
     path: str = "/v1/chat/completions",
     started: float | None = None,
 ) -> LoadResult:
-    """Open loop with a rate that changes: `phases` is [(seconds, requests per second)], one after the other, each a
-    Poisson stream of its own (a rate of 0 sends nothing for that long). Every request is awaited, so the call
-    returns when the last answer is in. `started`: the monotonic time the first phase begins (default now)."""
+    """Open loop with a rate that changes: `phases` is [(seconds, requests per second)], one after the other (see
+    `arrivals`). Every request is awaited, so the call returns when the last answer is in. `started`: the monotonic
+    time the first phase begins (default now)."""
     pool = RawPool(url)
     result = LoadResult()
-    rng = random.Random(seed)
     tasks: set[asyncio.Task] = set()
-    phase_start = time.monotonic() if started is None else started
-    i = 0
+    start = time.monotonic() if started is None else started
     try:
-        for seconds, rate in phases:
-            next_at = phase_start
-            while rate > 0:
-                next_at += rng.expovariate(rate)
-                if next_at - phase_start >= seconds:
-                    break
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(_send(pool, path, body(i), result))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                i += 1
-            phase_start += seconds
-            delay = phase_start - time.monotonic()
+        for at, i in arrivals(phases, seed):
+            delay = start + at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            task = asyncio.create_task(_send(pool, path, body(i), result))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        delay = start + sum(seconds for seconds, _ in phases) - time.monotonic()  # a last phase of rate 0 lasts too
+        if delay > 0:
+            await asyncio.sleep(delay)
         if tasks:
             await asyncio.gather(*tasks)
     finally:
         pool.close()
     return result
+
+
+def arrivals(phases: list[tuple[float, float]], seed: int) -> Iterator[tuple[float, int]]:
+    """(seconds since the first phase began, body index) of each request of `phases` ([(seconds, requests per
+    second)]), each phase a Poisson stream of its own (a rate of 0 sends nothing for that long).
+
+    A phase's arrivals and bodies come from `seed` and its place in the list only, not from the phases before it: runs
+    that measure the same phase after warm-ups of different lengths compare the same requests, sent at the same
+    moments of the phase (a p99 of a few hundred requests is its slowest few, which differ from one draw to the
+    next). A phase of 0 seconds keeps the places of those after it."""
+    phase_start = 0.0
+    for n, (seconds, rate) in enumerate(phases):
+        rng = random.Random(f"{seed}/{n}")
+        at, i = rng.expovariate(rate) if rate > 0 else seconds, n * PHASE_BODIES
+        while at < seconds:
+            yield phase_start + at, i
+            at, i = at + rng.expovariate(rate), i + 1
+        phase_start += seconds
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -203,7 +203,7 @@ def run_mixed(
 ) -> Mixed:
     """Run the interactive `phases` ([(seconds, requests/s)]) with `batches` beside them, each of `requests` lines
     (`lines(requests, seed)`; every batch its own seed), each started `start_after` seconds after the first phase
-    began. The same `interactive_seed` gives the same arrivals."""
+    began. The same `interactive_seed` gives the same arrivals in each phase (`poisson_phases`)."""
     wait_idle(sim)
     runs: list[BatchRun] = []
     duration = sum(seconds for seconds, _ in phases)

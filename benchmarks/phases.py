@@ -90,9 +90,10 @@ def run() -> None:
         service = capacity["running"] / capacity["requests_per_s"]  # Little's law: a batch request's time at the knee
         rates = [share * cap / INTERACTIVE_TOKENS for share in SHARES]
         print(f"  capacity {cap * TIME_SCALE:,.0f} output tokens/s (model time); interactive alone", flush=True)
-        # Alone: only the phases with users (a phase of rate 0 draws no random numbers, so the arrivals are the same).
+        # Alone: only the phases with users (the others last 0 s there, so each phase keeps its place and arrivals).
         users = [i for i, share in enumerate(SHARES) if share > 0]
-        alone = run_mixed(sim, None, [(PHASE, rates[i]) for i in users], [])
+        alone_phases = [(PHASE if share > 0 else 0.0, rate) for share, rate in zip(SHARES, rates, strict=True)]
+        alone = run_mixed(sim, None, alone_phases, [])
         print("  with a batch through the runner (defaults)", flush=True)
         requests = int(capacity["requests_per_s"] * (PHASE * len(SHARES) + 30))
         mixed = run_mixed(sim, stack, [(PHASE, rate) for rate in rates], [Batch("defaults")], requests, seed=1)

@@ -190,7 +190,7 @@ def measure_share(
         mixed = run_mixed(
             engine,
             stack,
-            [(warmup + WINDOW, rate)],
+            [(warmup, rate), (WINDOW, rate)],
             [batch] if batch else [],
             requests,
             next(seeds),
@@ -429,13 +429,13 @@ prompts a slot gave up in host memory (`--cache-ram`, 8 GiB) and restores them. 
 {cap["interactive"]["tokens_per_s"]:.1f} output tokens/s with the interactive mix (~50-token prompts with the chat
 template, {INTERACTIVE_TOKENS} output tokens). llama.cpp computes prompts in the same loop as everyone's tokens, so its
 capacity in output tokens depends on the mix: the interactive shares (20%, 40%, 60%) are of the interactive mix's
-capacity. Interactive users: open-loop Poisson arrivals straight to the engine, the same arrivals in every run of a
-share. Each run measures {WINDOW:.0f} s after a warm-up (alone {WARMUP["alone"]:.0f} s, defaults
-{WARMUP["defaults"]:.0f} s, fixed {WARMUP["fixed"]:.0f} s, peer {WARMUP["peer"]:.0f} s); with about one request a
-second at 20%, p99 is close to the slowest request of the window. The oracle sweeps fixed {", ".join(map(str, COARSE))}
-(stopping at the first over budget) and bisects once; the peer's baseline is benchmarks/peer.py (AIMD between 5 and 10
-in flight). Per-token × is llama.cpp's own per-token generation time (`tokens_predicted_seconds_total /
-tokens_predicted_total`, counted when a request ends) against alone.
+capacity. Interactive users: open-loop Poisson arrivals straight to the engine. Each run measures {WINDOW:.0f} s, a
+Poisson stream of its own (the same requests at the same moments in every run of a share), after a warm-up (alone
+{WARMUP["alone"]:.0f} s, defaults {WARMUP["defaults"]:.0f} s, fixed {WARMUP["fixed"]:.0f} s, peer
+{WARMUP["peer"]:.0f} s); with about one request a second at 20%, p99 is close to the slowest request of the window.
+The oracle sweeps fixed {", ".join(map(str, COARSE))} (stopping at the first over budget) and bisects once; the
+peer's baseline is benchmarks/peer.py (AIMD between 5 and 10 in flight). Per-token × is llama.cpp's own per-token
+generation time (`tokens_predicted_seconds_total / tokens_predicted_total`, counted when a request ends) against alone.
 {"".join(sections)}
 **Why a CPU engine cannot give a batch much within the budget.** The runner learns the engine's step time as
 `a + m·R` for R running sequences (run_stats `endpoints.*.step_fit`, last snapshot of each run):

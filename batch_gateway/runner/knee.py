@@ -72,8 +72,10 @@ class Knee:
         if ours:
             # Only the batch's own queue shows the knee: beside others, a burst of theirs queues at any running count.
             self.capacity = seen[0][1]
-        if answered:
-            self.slow_start = False
+            if answered:
+                self.slow_start = False
+        # Beside others slow start goes on: it is the way to the knee once they leave, when the knee is not yet known
+        # (else the batch would creep up one probe at a time).
         return True
 
     def total(
@@ -110,7 +112,9 @@ class Knee:
             if service_time is None or interval is None:
                 return total
             self.increases += 1
-            grown = total * 2 ** (min(interval, service_time) / max(service_time, 1e-3))
+            # From one sequence at least: beside users the total may have come down to none (their room, or a pause),
+            # while the runner still holds its minimum.
+            grown = max(total, 1.0) * 2 ** (min(interval, service_time) / max(service_time, 1e-3))
             if ceiling == math.inf:
                 # At least one more per reading, or a first slow start from one would wait on the dithering. Not in a
                 # refill: on a CPU engine the batch may hold one sequence, and one more per reading doubles it at once.

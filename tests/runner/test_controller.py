@@ -146,6 +146,21 @@ def test_a_refill_from_one_sequence_doubles_once_per_service_time_not_once_per_r
     assert totals[3] == pytest.approx(2.0) and totals[7] == pytest.approx(4.0)
 
 
+def test_a_refill_from_a_total_of_none_grows_too():
+    """Beside users the batch's total can come down to nothing (their room on a small engine, or a pause) while the
+    runner holds its minimum: when they seem gone, the refill must grow from there, not stay at nothing."""
+    knee = Knee()
+    knee.know_slots(8)
+    total = 0.0
+    for n in range(1, 13):
+        inflight = max(1, math.ceil(total))
+        reading = EngineReading(running=inflight, waiting=0)
+        total = knee.total(
+            n * 0.5, reading, total=total, batch_inflight=inflight, queued=False, interval=0.5, service_time=2.0
+        )
+    assert total == pytest.approx(8.0)  # one, doubled per service time over six seconds: the slots
+
+
 def test_hard_backpressure_halves_once_per_flight():
     c = ConcurrencyController(initial=64)
     epochs = fill(c, 0.0)
@@ -308,7 +323,7 @@ def test_limits_stay_within_bounds_whatever_the_readings():
                 queue_seconds=0.5 if i % 7 == 0 else 0.0,
             ),
         )
-        assert 2 <= c.limit <= 40
+        assert c.limit == 0 if c.paused else 2 <= c.limit <= 40  # a pause beside users is below any minimum
 
 
 def test_fixed_never_moves():
@@ -551,3 +566,30 @@ def test_readings_counted_as_requests_end_are_paired_with_the_loads_they_describ
     assert fit.fixed == pytest.approx(engine.fixed, rel=0.1)
     assert fit.per_batch == pytest.approx(engine.per_sequence, rel=0.15)
     assert fit.per_other == pytest.approx(engine.per_sequence, rel=0.25)
+
+
+def test_where_one_batch_sequence_is_over_their_budget_the_batch_waits_while_they_are_there():
+    """On two CPU cores a sequence costs more than half a step's fixed part (llama.cpp with SmolLM2-135M: a ≈ 7 ms,
+    m ≈ 4.4 ms): one batch sequence slows users by about 1.6×. Beside them the batch waits; when they leave, it fills
+    the engine again."""
+
+    def engine() -> ModelEngine:
+        return ModelEngine(
+            fixed=0.007, per_sequence=0.0044, capacity=8, batch_tokens=32, interactive_tokens=16, counts_at_end=True
+        )
+
+    users = engine().interactive_rate(0.2)
+
+    def rate(t: float) -> float:
+        return users if t < 120 else 0.0
+
+    alone = engine().run([], 120, interactive_rate=rate)
+    c = ConcurrencyController()
+    run = engine().run([c], 180, interactive_rate=rate)
+    waited = [s["limits"][0] == 0 for s in run.samples if 30 <= s["t"] < 120]
+    assert sum(waited) >= 0.95 * len(waited) and c.decreases["pause"] >= 1
+    ratio = percentile(run.latencies(30, 120), 0.99) / percentile(alone.latencies(30, 120), 0.99)
+    assert ratio <= 1.3, f"p99 {ratio:.2f}× alone"
+    # When they leave, slow start goes on to the engine's knee (not known yet: the batch never had it alone).
+    back = next(s["t"] for s in run.samples if s["t"] > 120 and s["limits"][0] >= 8)
+    assert back - 120 <= 25 and c.regime is Regime.OURS and c.capacity == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -17,6 +18,7 @@ from tests.helpers import jsonl, wait_for
 
 pytestmark = pytest.mark.real_engine
 
+USER_SECONDS = 60.0  # how long the user chats beside the batch
 # Long enough that prefix reuse matters: ~600 tokens of shared system prompt per group.
 SYSTEM = (
     "You are support agent {g} for the ACME {g} product line. " + "Follow the ACME policy handbook carefully. " * 60
@@ -159,9 +161,13 @@ def test_controller_settles_and_interactive_latency_holds(gateway_factory, llama
     stop = threading.Event()
     thread = threading.Thread(target=interactive, args=(stop, shared, deferred))
     thread.start()
-    done = wait_for(client, batch.id, timeout=300, interval=0.5)
+    # The user chats for up to a minute. On two CPU cores one batch sequence may be over their budget, and then the
+    # batch waits while they are there: it must finish once they have left.
+    with contextlib.suppress(AssertionError):
+        wait_for(client, batch.id, timeout=USER_SECONDS, interval=0.5)
     stop.set()
     thread.join()
+    done = wait_for(client, batch.id, timeout=300, interval=0.5)
 
     assert done.status == "completed"
     assert done.request_counts.failed == 0, "the controller must settle without 429s or timeouts"
@@ -169,10 +175,12 @@ def test_controller_settles_and_interactive_latency_holds(gateway_factory, llama
     (controller,) = stats["endpoints"].values()
     print(
         f"interactive p50 alone {statistics.median(alone):.2f}s, with batch {statistics.median(shared):.2f}s; "
-        f"engine queue max {max(deferred, default=0)}; final limit {controller['limit']}, retries {stats['retries']}"
+        f"engine queue max {max(deferred, default=0)}; final limit {controller['limit']}, retries {stats['retries']}, "
+        f"pauses {controller['decreases']['pause']}, budget {controller['budget']}"
     )
     assert stats["retries"] == 0
     assert controller["capacity"] == 8 and controller["limit"] <= 8  # the slots, as its /props states them
     assert deferred and max(deferred) <= 1, f"requests queued in the engine: {deferred}"
-    # The user is seen: llama.cpp counts no finished requests, only their output tokens as each ends.
-    assert controller["regime"] == "shared"
+    # The user is seen: llama.cpp counts no finished requests, only their output tokens as each ends. Either the batch
+    # ended beside them, or it waited for them and ended after they left.
+    assert controller["regime"] == "shared" or controller["decreases"]["pause"] >= 1, controller

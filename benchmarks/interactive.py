@@ -5,8 +5,9 @@ For each share, an open-loop Poisson stream of short chat turns goes straight to
 batch through the real runner with defaults; then beside the same batch at fixed concurrencies (a coarse pass, then a
 bisection), whose best setting within budget is the oracle (it needs to know the load in advance; the controller must
 not); then beside the peer's baseline (benchmarks/peer.py: AIMD on 429/5xx between 5 and 10, as llm-d's batch
-gateway). The window every run measures is the same stream of interactive requests (same arrivals, same bodies),
-whatever warm-up came before it, so the runs differ only by the batch beside them.
+gateway). The window every run measures has the same interactive arrivals, whatever warm-up came before it, and
+bodies alike (each run its own, or the engine's prefix cache would serve later runs the prompts of earlier ones), so
+the runs differ only by the batch beside them.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ Capacity: {cap * TIME_SCALE:,.0f} output tokens/s (a direct closed loop of 256 r
 
 Interactive users: open-loop Poisson arrivals of short chat turns (~35-token prompt, {INTERACTIVE_TOKENS} output
 tokens) straight to the simulator, at 20%, 40% and 60% of capacity. The measured window is a Poisson stream of its
-own: the same requests at the same moments in every run of a share, whatever warm-up came before it. The batch:
+own: requests at the same moments in every run of a share, whatever warm-up came before it, with bodies alike but
+each run's own (the engine's prefix cache would otherwise serve a run the prompts an earlier one sent). The batch:
 {requests:,} requests of the utilisation mix (~110-token prompts, 64-192 output tokens), through the real runner
 process, cancelled after the window (its run_stats, the controller's last snapshot, are read then). Each
 run measures a {WINDOW:.0f}-s window of requests sent after a warm-up that starts with the batch client: alone

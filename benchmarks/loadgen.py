@@ -16,7 +16,8 @@ import msgspec
 
 from benchmarks.rawhttp import RawPool
 
-PHASE_BODIES = 1_000_000  # phase n sends bodies n·PHASE_BODIES onward
+PHASE_BODIES = 1_000_000  # phase n of draw d sends bodies d·DRAW_BODIES + n·PHASE_BODIES onward
+DRAW_BODIES = 100_000_000
 
 
 class _Usage(msgspec.Struct):
@@ -101,16 +102,17 @@ async def poisson_phases(
     seed: int = 7,
     path: str = "/v1/chat/completions",
     started: float | None = None,
+    draw: int = 0,
 ) -> LoadResult:
     """Open loop with a rate that changes: `phases` is [(seconds, requests per second)], one after the other (see
     `arrivals`). Every request is awaited, so the call returns when the last answer is in. `started`: the monotonic
-    time the first phase begins (default now)."""
+    time the first phase begins (default now); `draw`: which bodies are sent (see `arrivals`)."""
     pool = RawPool(url)
     result = LoadResult()
     tasks: set[asyncio.Task] = set()
     start = time.monotonic() if started is None else started
     try:
-        for at, i in arrivals(phases, seed):
+        for at, i in arrivals(phases, seed, draw):
             delay = start + at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -127,18 +129,19 @@ async def poisson_phases(
     return result
 
 
-def arrivals(phases: list[tuple[float, float]], seed: int) -> Iterator[tuple[float, int]]:
+def arrivals(phases: list[tuple[float, float]], seed: int, draw: int = 0) -> Iterator[tuple[float, int]]:
     """(seconds since the first phase began, body index) of each request of `phases` ([(seconds, requests per
     second)]), each phase a Poisson stream of its own (a rate of 0 sends nothing for that long).
 
     A phase's arrivals and bodies come from `seed` and its place in the list only, not from the phases before it: runs
     that measure the same phase after warm-ups of different lengths compare the same requests, sent at the same
     moments of the phase (a p99 of a few hundred requests is its slowest few, which differ from one draw to the
-    next). A phase of 0 seconds keeps the places of those after it."""
+    next). A phase of 0 seconds keeps the places of those after it. Each `draw` has bodies of its own (alike, but not
+    the same): an engine with a prompt cache would otherwise serve a run the prompts an earlier run sent."""
     phase_start = 0.0
     for n, (seconds, rate) in enumerate(phases):
         rng = random.Random(f"{seed}/{n}")
-        at, i = rng.expovariate(rate) if rate > 0 else seconds, n * PHASE_BODIES
+        at, i = rng.expovariate(rate) if rate > 0 else seconds, draw * DRAW_BODIES + n * PHASE_BODIES
         while at < seconds:
             yield phase_start + at, i
             at, i = at + rng.expovariate(rate), i + 1

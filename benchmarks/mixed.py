@@ -203,7 +203,8 @@ def run_mixed(
 ) -> Mixed:
     """Run the interactive `phases` ([(seconds, requests/s)]) with `batches` beside them, each of `requests` lines
     (`lines(requests, seed)`; every batch its own seed), each started `start_after` seconds after the first phase
-    began. The same `interactive_seed` gives the same arrivals in each phase (`poisson_phases`)."""
+    began. The same `interactive_seed` gives the same arrivals in each phase (`poisson_phases`); the users' bodies are
+    `seed`'s own, so that a run does not find the prompts of an earlier one in the engine's prompt cache."""
     wait_idle(sim)
     runs: list[BatchRun] = []
     duration = sum(seconds for seconds, _ in phases)
@@ -262,7 +263,7 @@ def run_mixed(
                 launch(n, run)
 
             delayed = [asyncio.create_task(later(n, run)) for n, run in enumerate(runs) if run.batch.start_after > 0]
-            load = await poisson_phases(sim.url, interactive, phases, seed=interactive_seed, started=started)
+            load = await poisson_phases(sim.url, interactive, phases, seed=interactive_seed, started=started, draw=seed)
             await asyncio.gather(*delayed)
             return load
 

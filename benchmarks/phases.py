@@ -93,7 +93,7 @@ def run() -> None:
         # Alone: only the phases with users (the others last 0 s there, so each phase keeps its place and arrivals).
         users = [i for i, share in enumerate(SHARES) if share > 0]
         alone_phases = [(PHASE if share > 0 else 0.0, rate) for share, rate in zip(SHARES, rates, strict=True)]
-        alone = run_mixed(sim, None, alone_phases, [])
+        alone = run_mixed(sim, None, alone_phases, [], seed=2)  # users' bodies of their own (see run_mixed)
         print("  with a batch through the runner (defaults)", flush=True)
         requests = int(capacity["requests_per_s"] * (PHASE * len(SHARES) + 30))
         mixed = run_mixed(sim, stack, [(PHASE, rate) for rate in rates], [Batch("defaults")], requests, seed=1)

@@ -432,7 +432,8 @@ prompts a slot gave up in host memory (`--cache-ram`, 8 GiB) and restores them. 
 template, {INTERACTIVE_TOKENS} output tokens). llama.cpp computes prompts in the same loop as everyone's tokens, so its
 capacity in output tokens depends on the mix: the interactive shares (20%, 40%, 60%) are of the interactive mix's
 capacity. Interactive users: open-loop Poisson arrivals straight to the engine. Each run measures {WINDOW:.0f} s, a
-Poisson stream of its own (the same requests at the same moments in every run of a share), after a warm-up (alone
+Poisson stream of its own (requests at the same moments in every run of a share, with bodies alike but each run's
+own: llama.cpp's prompt cache would otherwise serve a run the prompts an earlier one sent), after a warm-up (alone
 {WARMUP["alone"]:.0f} s, defaults {WARMUP["defaults"]:.0f} s, fixed {WARMUP["fixed"]:.0f} s, peer
 {WARMUP["peer"]:.0f} s); with about one request a second at 20%, p99 is close to the slowest request of the window.
 The oracle sweeps fixed {", ".join(map(str, COARSE))} (stopping at the first over budget) and bisects once; the

@@ -65,6 +65,10 @@ def test_a_measured_phase_has_the_same_requests_whatever_warm_up_came_before_it(
 
     short, long = window(4.0), window(15.0)
     assert len(short) > 400 and short == long
+    # Another draw: the same moments, bodies of its own (an engine's prompt cache must not serve one run another's).
+    other = list(arrivals([(4.0, 20.0), (30.0, 20.0)], seed=11, draw=3))
+    mine = list(arrivals([(4.0, 20.0), (30.0, 20.0)], seed=11))
+    assert [at for at, _ in other] == [at for at, _ in mine] and not {i for _, i in other} & {i for _, i in mine}
     # Each phase lasts its length at its rate, a phase of rate 0 included, and a phase of 0 s keeps the places after it.
     sent = list(arrivals([(10.0, 0.0), (10.0, 50.0)], seed=3))
     assert all(10.0 <= at < 20.0 for at, _ in sent) and 400 < len(sent) < 600

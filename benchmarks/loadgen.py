@@ -134,10 +134,10 @@ def arrivals(phases: list[tuple[float, float]], seed: int, draw: int = 0) -> Ite
     second)]), each phase a Poisson stream of its own (a rate of 0 sends nothing for that long).
 
     A phase's arrivals and bodies come from `seed` and its place in the list only, not from the phases before it: runs
-    that measure the same phase after warm-ups of different lengths compare the same requests, sent at the same
-    moments of the phase (a p99 of a few hundred requests is its slowest few, which differ from one draw to the
-    next). A phase of 0 seconds keeps the places of those after it. Each `draw` has bodies of its own (alike, but not
-    the same): an engine with a prompt cache would otherwise serve a run the prompts an earlier run sent."""
+    that measure the same phase after warm-ups of different lengths send their requests at the same moments of the
+    phase (a p99 of a few hundred requests is its slowest few, which differ from one draw of arrivals to the next). A
+    phase of 0 seconds keeps the places of those after it. Each `draw` has bodies of its own (alike, but not the same):
+    an engine with a prompt cache would otherwise serve a run the prompts an earlier run sent."""
     phase_start = 0.0
     for n, (seconds, rate) in enumerate(phases):
         rng = random.Random(f"{seed}/{n}")

@@ -16,7 +16,8 @@ from batch_gateway.runner.share import RunnerLoad
 PRESENCE_MIN = 1.5  # others' requests in the engine that mean someone is there...
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
 PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
-PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published
+PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published...
+PEER_GROWTH_MAX = 1.0  # ...or, for one whose last publications grew by more, that growth, up to doubling (slow start)
 COMPLETION_WINDOW = 3.0  # at least: long enough to hold a few of their requests, short enough to notice they left
 COMPLETION_HISTORY = 30.0  # at most: sparse users' finished requests are counted over up to this long...
 EXPECTED_COMPLETIONS = 8.0  # ...a span that holds this many of them at their rate over it
@@ -39,6 +40,7 @@ class Presence:
         self.completion_rate: float | None = None  # the engine's finished requests per second, all clients
         self.load = 0.0  # others' requests on the engine, smoothed
         self.now = 0.0  # ...and at the last reading
+        self._published: dict[str, tuple[float, float, float]] = {}  # runner → (published at, limit before, limit)
 
     @staticmethod
     def _finished(
@@ -109,9 +111,7 @@ class Presence:
             finished = not peers and others_finished >= PRESENCE_COMPLETIONS + lag
         else:
             self._completions.clear()  # nothing comparable now (other runners' tokens are not on the board)
-        # Other runners publish a reading or two late, and one that ramps up meanwhile holds more than it said: a
-        # share of what they hold is not taken for someone else's.
-        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + PEER_SLACK * sum(p.limit for p in peers)
+        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + self._peer_slack(peers)
         # Twice the threshold is someone there beyond doubt: the batch yields at this reading. A weaker sign (or any
         # sign while other runners share the engine) must show twice.
         certain = excess >= 2 * threshold and not peers
@@ -125,3 +125,23 @@ class Presence:
             self._seen_at = now
         self.now = max(0.0, excess)
         self.load += INTERACTIVE_SMOOTHING * (self.now - self.load)
+
+    def _peer_slack(self, peers: Sequence[RunnerLoad]) -> float:
+        """What the other runners may hold beyond the limits they published, not to be taken for someone else's. Each
+        publishes a reading or two late, and one that grows meanwhile holds more than it said: a share of its limit,
+        or, for one whose last two publications grew by more (slow start doubles per service time, and two runners
+        that started together grow a reading or two apart), that growth over two readings, up to doubling. Counted
+        as a fixed share, a peer's slow start (11 to 17 in one reading) was taken for users, and two runners started
+        together gave each other the engine for 20 s, at 88% of its capacity."""
+        slack = 0.0
+        published = {}
+        for peer in peers:
+            at, before, limit = self._published.get(peer.owner, (peer.at, peer.limit, peer.limit))
+            if peer.at != at:  # a new publication since the last reading
+                before, limit = limit, peer.limit
+            published[peer.owner] = (peer.at, before, limit)
+            # Up to two readings late: its growth between its last two publications, twice over.
+            growth = (limit / before) ** 2 - 1.0 if before > 0 else PEER_GROWTH_MAX if limit > 0 else 0.0
+            slack += min(PEER_GROWTH_MAX, max(PEER_SLACK, growth)) * peer.limit
+        self._published = published
+        return slack

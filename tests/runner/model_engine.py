@@ -99,7 +99,8 @@ class ModelEngine:
         token_time = 0.0  # Σ running × step: the inter-token-latency histogram's sum
         tokens = 0  # its count
         queue_sum, queue_count = 0.0, 0
-        board = deque([self._loads(controllers)] * self.board_lag)  # each runner tells the board before it sends
+        # Each runner tells the board before it sends.
+        board = deque([self._loads(controllers, self.now)] * self.board_lag)
         while self.now < end:
             for owner, controller in enumerate(controllers):
                 while controller.inflight < controller.limit:
@@ -149,7 +150,7 @@ class ModelEngine:
                 for owner, controller in enumerate(controllers):
                     peers = [load for load in published if load.owner != str(owner)]
                     controller.on_engine(self.now, reading, peers=peers)
-                board.append(self._loads(controllers))
+                board.append(self._loads(controllers, self.now))
                 board.popleft()
                 run.samples.append(
                     {
@@ -164,9 +165,9 @@ class ModelEngine:
         return run
 
     @staticmethod
-    def _loads(controllers: list[ConcurrencyController]) -> list[RunnerLoad]:
+    def _loads(controllers: list[ConcurrencyController], now: float) -> list[RunnerLoad]:
         return [
-            RunnerLoad(str(i), c.inflight, c.limit, c.maximum, c.answered, budget=c.budget_view)
+            RunnerLoad(str(i), c.inflight, c.limit, c.maximum, c.answered, at=now, budget=c.budget_view)
             for i, c in enumerate(controllers)
         ]
 

@@ -4,6 +4,7 @@ fill the engine when alone, keep others' slowdown within the budget, yield fast,
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -208,6 +209,26 @@ def test_other_batch_runners_are_not_taken_for_interactive_users():
     for t in (0.5, 1.0, 1.5):
         c.on_engine(t, reading(72), peers=[peer])
     assert c.regime is Regime.OURS
+
+
+def test_a_peer_in_slow_start_is_not_taken_for_users_and_users_beside_a_steady_one_are():
+    """What the engine shows of another runner is what it holds now; what the board shows is what it published a
+    reading or two ago. In slow start that is a third less or more, which a fixed share of its limit took for users:
+    two runners started together gave each other the engine for 20 s, at 88% of its capacity."""
+    c = ConcurrencyController(initial=8)
+    fill(c, 0.0)
+    published = [8, 11, 16, 23, 32, 45, 64, 64, 64, 64]  # doubling every two readings, then at its knee
+    t = 0.0
+    for now, later in itertools.pairwise(published):
+        t += 0.5
+        peer = RunnerLoad("other", inflight=now, limit=now, demand=256, completed=0, at=t - 0.25)
+        c.on_engine(t, reading(c.inflight + later), peers=[peer])  # it holds its next limit already
+        assert c.regime is Regime.OURS, t
+    for _ in range(2):  # users beside the peer at its knee
+        t += 0.5
+        peer = RunnerLoad("other", inflight=64, limit=64, demand=256, completed=0, at=t - 0.25)
+        c.on_engine(t, reading(c.inflight + 64 + 24), peers=[peer])
+    assert c.regime is Regime.SHARED
 
 
 def shared_controller(interactive: int) -> tuple[ConcurrencyController, float]:

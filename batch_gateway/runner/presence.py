@@ -20,7 +20,10 @@ PEER_SLACK = 0.25  # share of the other runners' published limits that may be th
 PEER_GROWTH_MAX = 1.0  # ...or, for one whose last publications grew by more, that growth, up to doubling (slow start)
 COMPLETION_WINDOW = 3.0  # at least: long enough to hold a few of their requests, short enough to notice they left
 COMPLETION_HISTORY = 30.0  # at most: sparse users' finished requests are counted over up to this long...
-EXPECTED_COMPLETIONS = 8.0  # ...a span that holds this many of them at their rate over it
+# ...a span that holds this many of them at their rate over it. Fewer than PRESENCE_COMPLETIONS of a Poisson count
+# of 12 is 1 in 2,000 (of 8: 1 in 70): with 8, users at 1.1 a second went unseen 1-7 times in ten minutes, and the
+# batch refilled under their next request each time (p99 2.8× on a model CPU engine).
+EXPECTED_COMPLETIONS = 12.0
 RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a shorter one is too noisy to keep)
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others, at most
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
@@ -29,7 +32,7 @@ INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load e
 class Presence:
     """Others' load on the engine, and whether anyone else is there: on two readings running, or on one that leaves
     no doubt; the engine is the batch's again `INTERACTIVE_HOLD` seconds after the last sign of anyone else, or sooner
-    for busy users (the time eight of their requests take)."""
+    for busy users (the time twelve of their requests take)."""
 
     def __init__(self) -> None:
         self._completions: deque[tuple[float, float, float]] = deque()  # (time, engine's count, runners' count)
@@ -60,7 +63,7 @@ class Presence:
         return next((entry for entry in self._completions if entry[0] >= start), self._completions[-1])
 
     def shared(self, now: float) -> bool:
-        # Users who send nothing for as long as eight of their requests take (the window's span) are gone: busy
+        # Users who send nothing for as long as twelve of their requests take (the window's span) are gone: busy
         # ones are let go sooner than the hold (3.5-4 s after they leave at 13 a second, against 8-8.5 s), and the
         # batch takes the engine back by slow start, so that a mistake costs little.
         hold = min(INTERACTIVE_HOLD, EXPECTED_COMPLETIONS / self._rate) if self._rate else INTERACTIVE_HOLD

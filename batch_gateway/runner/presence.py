@@ -22,7 +22,7 @@ COMPLETION_WINDOW = 3.0  # at least: long enough to hold a few of their requests
 COMPLETION_HISTORY = 30.0  # at most: sparse users' finished requests are counted over up to this long...
 # ...a span that holds this many of them at their rate over it. Fewer than PRESENCE_COMPLETIONS of a Poisson count
 # of 12 is 1 in 2,000 (of 8: 1 in 70): with 8, users at 1.1 a second went unseen 1-7 times in ten minutes, and the
-# batch refilled under their next request each time (p99 2.8× on a model CPU engine).
+# batch refilled under their next request each time (tests/runner/test_presence.py).
 EXPECTED_COMPLETIONS = 12.0
 RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a shorter one is too noisy to keep)
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others, at most

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import psutil
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# BENCH_DOC: the document to update, for a run from another checkout (a worktree kept still while the main one
+# changes): the section is merged into that file as it is when the run ends, so no other section goes back in time.
+DOC = Path(os.environ.get("BENCH_DOC") or Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
 ORDER = (
     "utilisation",
     "interactive",

@@ -37,6 +37,7 @@ CORRECTION_RANGE = (0.7, 1.3)  # ...and how far
 MAX_GROWTH_PER_READING = 0.25  # shared: a budget increase moves at most this share of the batch per reading
 NO_FIT_YIELD = 0.75  # shared, without a fit of the engine's step time: the batch shrinks by this per reading
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
+PROMPT_SMOOTHING = 0.02  # weight of a new answer in the computed prompt tokens per output token (~50 answers)
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
 # A fractional limit is kept on average: one request more for that fraction of each period. The period is long enough
 # for the in-flight count to follow the lower limit, which it does only as requests end.
@@ -100,6 +101,8 @@ class ConcurrencyController:
         self._loads = LoadHistory()
         self._previous: tuple[float, EngineReading] | None = None
         self._step: float | None = None  # smoothed measured step time
+        self._prompt = 0.0  # smoothed prompt tokens the engine computes per step
+        self._prompted = self._generated = 0.0  # our answers' computed prompt and output tokens, decaying sums
         self._lowest_step = math.inf
         self.knee = Knee()
         self._total = float(self._limit)  # what all batch runners together take
@@ -124,6 +127,11 @@ class ConcurrencyController:
         if self.paused:
             return 0
         return max(self.minimum, min(self.maximum, dithered(self._limit, self._phase)))
+
+    @property
+    def prompt_per_output(self) -> float:
+        """Prompt tokens the engine computed for our requests per output token of theirs (recent answers)."""
+        return self._prompted / self._generated if self._generated else 0.0
 
     @property
     def capacity(self) -> float | None:
@@ -192,6 +200,10 @@ class ConcurrencyController:
         )
         if output_tokens > 1:
             self._own_per_token.append(latency / output_tokens)
+        if prompt_tokens and output_tokens:
+            keep = 1.0 - PROMPT_SMOOTHING
+            self._prompted = keep * self._prompted + max(0, prompt_tokens - cached_tokens)
+            self._generated = keep * self._generated + output_tokens
         if self._previous is None or now - self._previous[0] > READINGS_TTL:
             self.regime = Regime.BLIND  # the gauges are gone (or never came): nobody else can be seen
             self.paused = False
@@ -342,8 +354,12 @@ class ConcurrencyController:
             decoding = self._answered_tokens / self._answered * step
             middle = (previous[0] + now) / 2
             batch, running = self._loads.mean(middle - decoding, middle) or (batch, running)
-        self.model.observe(step, batch=min(batch, running), others=max(0.0, running - batch))
+        # Prompt tokens computed per step describe the interval only where the step does (vLLM's histograms).
+        prompt = reading.prompt_per_step if reading.step_seconds is not None and not lagging else None
+        self.model.observe(step, batch=min(batch, running), others=max(0.0, running - batch), prompt=prompt or 0.0)
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
+        if prompt is not None:
+            self._prompt += STEP_SMOOTHING * (prompt - self._prompt)
         self._lowest_step = min(self._lowest_step, self._step)
 
     def _total_shared(
@@ -408,8 +424,10 @@ class ConcurrencyController:
         # run (slowdown - 1)·a/m sequences. A slow correction takes up what the linear fit misses (others'
         # requests costing more or less per sequence than ours), learnt only while this budget is what holds the
         # batch and the batch is at it (no wind-up while something else holds it back).
-        a, m = fit.fixed, fit.per_batch
-        share = min(0.95, fit.per_other * interactive / self._step)
+        a, m = fit.fixed, fit.per_batch_sequence(self.prompt_per_output)
+        # Their prefill is theirs too: what the engine computes beyond our steady share of it.
+        theirs = max(0.0, self._prompt - self.prompt_per_output * batch_inflight)
+        share = min(0.95, (fit.per_other * interactive + fit.per_prompt_token * theirs) / self._step)
         alone = a / (1.0 - share)
         measured = self._step / alone
         aim = 1.0 + (self.slowdown - 1.0) * (1.0 - BUDGET_MARGIN)
@@ -482,8 +500,10 @@ class ConcurrencyController:
             "step_s": self._step,
             "step_fit": {
                 "fixed_s": fit.fixed,
-                "per_batch_sequence_s": fit.per_batch,
+                "per_batch_sequence_s": fit.per_batch_sequence(self.prompt_per_output),
                 "per_other_sequence_s": fit.per_other,
+                "per_prompt_token_s": fit.per_prompt_token,
+                "prompt_per_output": round(self.prompt_per_output, 3),
             }
             if fit
             else None,

@@ -9,6 +9,9 @@ previous scrape of the same endpoint, which is what the controller needs over an
   its sum grows by (sequences decoding × step time) each step, and the change of the sum over the elapsed time is
   the time-averaged number of decoding sequences;
 * the mean time the requests admitted meanwhile had waited (`request_queue_time_seconds`);
+* the prompt tokens computed per step: vLLM's `prompt_tokens_total` less its `prefix_cache_hits_total` (tokens found
+  in the cache), over the steps of the interval (its duration over the mean step); the step model (step_model.py)
+  charges prefill to it, not to whoever was admitted;
 * the engine's count of finished requests (`request_success_total`).
 
 llama.cpp's server (`--metrics`) has no histograms, but `tokens_predicted_seconds_total` adds up each slot's
@@ -47,6 +50,7 @@ _TOKEN_TIMES = (
     ("llamacpp:tokens_predicted_seconds_total", "llamacpp:tokens_predicted_total"),
 )
 _QUEUE_TIMES = ("vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
+_PROMPT_TOKENS, _CACHE_HITS = "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total"
 _CACHE_INFO = "vllm:cache_config_info"
 
 
@@ -131,7 +135,7 @@ class EngineMeter:
         if waiting is None:
             return None
         last, self._last = self._last, _Scrape(at, values)
-        step = running_mean = queue = None
+        step = running_mean = queue = prompt = None
         if last is not None and at > last.at:
             for total_name, count_name in _TOKEN_TIMES:
                 seconds, tokens = _change(values, last.values, total_name), _change(values, last.values, count_name)
@@ -140,6 +144,9 @@ class EngineMeter:
                         step = seconds / tokens
                         running_mean = seconds / (at - last.at)
                     break
+            prompted, hits = _change(values, last.values, _PROMPT_TOKENS), _change(values, last.values, _CACHE_HITS)
+            if step is not None and prompted is not None and hits is not None:
+                prompt = max(0.0, prompted - hits) * step / (at - last.at)
             seconds, admitted = (_change(values, last.values, name) for name in _QUEUE_TIMES)
             if seconds is not None and admitted:
                 queue = seconds / admitted
@@ -152,6 +159,7 @@ class EngineMeter:
             completed=_first(values, _COMPLETED),
             finished_tokens=_first(values, _FINISHED_TOKENS),
             queue_seconds=queue,
+            prompt_per_step=prompt,
             waiting_means_full=_DEFERRED in values and "vllm:num_requests_waiting" not in values,
         )
         return EngineSnapshot(

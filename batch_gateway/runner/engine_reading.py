@@ -19,6 +19,7 @@ class EngineReading:
     # request ends (llama.cpp): users' share of them shows users that publish no count of finished requests.
     finished_tokens: float | None = None
     queue_seconds: float | None = None  # mean time the requests admitted since the previous reading had waited
+    prompt_per_step: float | None = None  # prompt tokens it computed per step since then (not found in its cache)
     # Its waiting requests found every slot taken (llama.cpp's deferred requests), rather than being arrivals the
     # engine has not yet scheduled (vLLM's waiting requests, which include those between two steps).
     waiting_means_full: bool = False

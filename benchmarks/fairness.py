@@ -17,7 +17,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import Batch, Mixed, run_mixed
-from benchmarks.report import verdict
+from benchmarks.report import times, verdict
 from benchmarks.workloads import batch_body
 
 NAME = "fairness"
@@ -165,7 +165,7 @@ every process, and the latencies of that run carry it.
             (
                 f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: interactive p99",
                 f"≤ {SLOWDOWN}× alone",
-                f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}",
+                f"{times(p99_ratio, SLOWDOWN)}: {verdict(p99_ratio <= SLOWDOWN)}",
             ),
             (
                 f"two tenants beside interactive at {INTERACTIVE_SHARE:.0%}: their throughputs",

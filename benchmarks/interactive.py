@@ -24,7 +24,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import SERIES_DIR, Batch, run_mixed
-from benchmarks.report import verdict
+from benchmarks.report import times, verdict
 from benchmarks.workloads import batch_body
 
 NAME = "interactive"
@@ -187,7 +187,7 @@ def write(config: SimConfig, cap: float, requests: int, per_share: dict) -> None
 ### {share:.0%} of capacity: {r["rate"]:.1f} interactive requests/s
 
 {report.table(rows)}
-Defaults: p99 **{p99_ratio:.2f}×** alone (target ≤ {SLOWDOWN}×: {verdict(p99_ratio <= SLOWDOWN)}), per-token
+Defaults: p99 **{times(p99_ratio, SLOWDOWN)}** alone (target ≤ {SLOWDOWN}×: {verdict(p99_ratio <= SLOWDOWN)}), per-token
 {itl_ratio:.2f}×, p50 {p50_ratio:.2f}×, batch **{of_oracle:.0%}** of the oracle's throughput (target ≥
 {TARGET_THROUGHPUT:.0%}: {verdict(of_oracle >= TARGET_THROUGHPUT)}; {of_both:.0%} of the p99-and-per-token oracle's).
 The peer's baseline: p99 {p["p99"] / alone["p99"]:.2f}×,
@@ -202,7 +202,7 @@ capacity {snapshot.get("capacity")}.
             (
                 f"{label}: p99 beside a batch (defaults; per-token latency in brackets)",
                 f"≤ {SLOWDOWN}× alone",
-                f"{p99_ratio:.2f}× ({itl_ratio:.2f}×): {verdict(p99_ratio <= SLOWDOWN)}",
+                f"{times(p99_ratio, SLOWDOWN)} ({itl_ratio:.2f}×): {verdict(p99_ratio <= SLOWDOWN)}",
             ),
             (
                 f"{label}: batch throughput (defaults) vs the oracle",

@@ -15,7 +15,7 @@ from benchmarks import report
 from benchmarks.harness import LocalStack, SimProcess, mean
 from benchmarks.loadgen import measure_capacity
 from benchmarks.mixed import Batch, Mixed, run_mixed
-from benchmarks.report import verdict
+from benchmarks.report import times, verdict
 from benchmarks.workloads import batch_body
 
 NAME = "phases"
@@ -179,7 +179,7 @@ process, and the latencies of that phase carry it.
 - The runner's last snapshot (at the end, after a minute alone): regime `{snapshot.get("regime")}`, limit
   {snapshot.get("limit")}, capacity {snapshot.get("capacity")}, step fit {snapshot.get("step_fit")}.
 
-**Targets: p99 ≤ {SLOWDOWN}× alone in each phase with users after {SETTLE:.0f} s — worst {worst:.2f}×
+**Targets: p99 ≤ {SLOWDOWN}× alone in each phase with users after {SETTLE:.0f} s — worst {times(worst, SLOWDOWN)}
 ({verdict(worst <= SLOWDOWN)}); ≥ {UTILISATION:.0%} utilisation within {RECOVERY:.0f} s of the users leaving —
 {fmt(recovery)} ({verdict(recovery is not None and recovery <= RECOVERY)}).**
 """
@@ -193,7 +193,7 @@ process, and the latencies of that phase carry it.
                 (
                     f"phases: p99 in phase {i + 1} ({SHARES[i]:.0%}) after {SETTLE:.0f} s",
                     f"≤ {SLOWDOWN}× alone",
-                    f"{r[0]:.2f}×: {verdict(r[0] <= SLOWDOWN)}",
+                    f"{times(r[0], SLOWDOWN)}: {verdict(r[0] <= SLOWDOWN)}",
                 )
                 for i, r in ratios.items()
             ],

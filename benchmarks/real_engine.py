@@ -35,7 +35,7 @@ from benchmarks.harness import LocalStack, StatsSampler
 from benchmarks.interactive import SLOWDOWN, best, sweep
 from benchmarks.loadgen import closed_loop
 from benchmarks.mixed import SERIES_DIR, Batch, run_mixed
-from benchmarks.report import verdict
+from benchmarks.report import times, verdict
 from benchmarks.workloads import batch_line, words
 from tests.fixtures.real_engine import LlamaServer
 
@@ -391,7 +391,7 @@ budget {snapshot.get("budget")}.
             (
                 f"real engine, interactive {share:.0%}: p99 beside a batch (defaults)",
                 f"≤ {SLOWDOWN}× alone",
-                f"{p99_ratio:.2f}×: {verdict(p99_ratio <= SLOWDOWN)}; batch {of_oracle} of the oracle",
+                f"{times(p99_ratio, SLOWDOWN)}: {verdict(p99_ratio <= SLOWDOWN)}; batch {of_oracle} of the oracle",
             )
         )
     if adaptive.get("step_fit"):

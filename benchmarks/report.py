@@ -133,6 +133,15 @@ def verdict(good: bool) -> str:
     return "met" if good else "**missed**"
 
 
+def times(ratio: float, bound: float) -> str:
+    """A ratio as `1.29×`, with the decimals it takes to tell it from the `bound` it is judged against: 1.3003 over a
+    bound of 1.3 is `1.3003×`, not a `1.30×` that reads as met while the verdict beside it says missed."""
+    for digits in (2, 3, 4):
+        if round(ratio, digits) != round(bound, digits):
+            return f"{ratio:.{digits}f}×"
+    return f"{ratio:.4f}×"
+
+
 def table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)\n"

@@ -7,6 +7,7 @@ from batch_gateway.sim.engine import Engine
 from batch_gateway.sim.metrics import render
 from benchmarks.harness import token_latency_totals
 from benchmarks.peer import Aimd
+from benchmarks.report import times
 
 
 def test_the_peer_starts_at_ten_halves_on_429_and_5xx_down_to_five_and_adds_one_per_ten_successes():
@@ -75,3 +76,9 @@ def test_a_measured_phase_has_the_same_requests_whatever_warm_up_came_before_it(
     assert [(round(at - 10.0, 9), i) for at, i in sent] == [
         (round(at, 9), i) for at, i in arrivals([(0.0, 7.0), (10.0, 50.0)], seed=3)
     ]
+
+
+def test_a_ratio_judged_against_a_bound_shows_the_decimals_that_tell_it_from_the_bound():
+    assert times(1.29, 1.3) == "1.29×"
+    assert times(1.3003, 1.3) == "1.3003×"  # missed, by a hair: not "1.30×"
+    assert times(1.296, 1.3) == "1.296×"  # met, by a hair

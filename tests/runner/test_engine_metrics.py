@@ -15,11 +15,24 @@ def vllm(
     queue_sum: float = 0.0,
     queue_count: float = 0.0,
     success: float = 0.0,
+    prompt: float | None = None,
+    hits: float = 0.0,
 ) -> str:
     labels = 'engine="0",model_name="m"'
+    prompts = (
+        [
+            "# TYPE vllm:prompt_tokens counter",
+            f"vllm:prompt_tokens_total{{{labels}}} {prompt}",
+            "# TYPE vllm:prefix_cache_hits counter",
+            f"vllm:prefix_cache_hits_total{{{labels}}} {hits}",
+        ]
+        if prompt is not None
+        else []
+    )
     return (
         "\n".join(
             [
+                *prompts,
                 "# TYPE vllm:num_requests_running gauge",
                 f"vllm:num_requests_running{{{labels}}} {running}",
                 "# TYPE vllm:num_requests_waiting gauge",
@@ -54,6 +67,18 @@ def test_vllm_histograms_give_the_step_time_and_the_sequences_decoding_over_the_
     assert reading.queue_seconds == pytest.approx(0.05)
     assert (reading.running, reading.waiting, reading.kv_usage, reading.completed) == (40, 0, 0.25, 30)
     assert not reading.waiting_means_full  # vLLM's waiting requests include arrivals between two steps
+
+
+def test_prompt_tokens_less_cache_hits_give_the_prompt_tokens_computed_per_step():
+    meter = EngineMeter()
+    assert meter.read(vllm(40, 0, itl_sum=100.0, itl_count=5000), at=10.0) is not None
+    no_counts = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000), at=12.0).reading
+    assert no_counts.prompt_per_step is None  # an engine that does not count them: no regressor
+    meter = EngineMeter()
+    meter.read(vllm(40, 0, itl_sum=100.0, itl_count=5000, prompt=1000, hits=200), at=10.0)
+    # Over 2 s of 20-ms steps (100 steps): 6,000 prompt tokens, 4,000 of them found in the prefix cache.
+    reading = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000, prompt=7000, hits=4200), at=12.0).reading
+    assert reading.prompt_per_step == pytest.approx(20.0)
 
 
 def test_a_restarted_engine_resets_its_counters_without_a_bogus_rate():

@@ -47,9 +47,6 @@ class StepFit:
     per_other: float  # m_others: seconds each of others' sequences adds
     per_prompt_token: float = 0.0  # p: seconds each prompt token computed in a step adds to it
 
-    def step(self, others: float, batch: float = 0.0) -> float:
-        return self.fixed + self.per_other * max(0.0, others) + self.per_batch * max(0.0, batch)
-
     def per_batch_sequence(self, prompt_per_output: float) -> float:
         """What one batch sequence adds to a step at a steady count: its own cost, and its prompt spread over the
         steps of its output (`prompt_per_output`: computed prompt tokens per output token)."""

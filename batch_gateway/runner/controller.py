@@ -355,7 +355,7 @@ class ConcurrencyController:
             middle = (previous[0] + now) / 2
             batch, running = self._loads.mean(middle - decoding, middle) or (batch, running)
         # Prompt tokens computed per step describe the interval only where the step does (vLLM's histograms).
-        prompt = reading.prompt_per_step if reading.step_seconds is not None and not lagging else None
+        prompt = None if lagging else reading.prompt_per_step
         self.model.observe(step, batch=min(batch, running), others=max(0.0, running - batch), prompt=prompt or 0.0)
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         if prompt is not None:

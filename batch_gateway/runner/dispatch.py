@@ -30,7 +30,7 @@ from batch_gateway import ids, wire
 from batch_gateway.runner import metrics as runner_metrics
 from batch_gateway.runner.board import LoadBoard
 from batch_gateway.runner.circuit import Circuit
-from batch_gateway.runner.controller import ConcurrencyController
+from batch_gateway.runner.controller import ConcurrencyController, Regime
 from batch_gateway.runner.deadline import DeadlineTracker
 from batch_gateway.runner.engine_metrics import EngineMeter, EngineSnapshot, stated_slots
 from batch_gateway.runner.ingest import Ingested, read_request
@@ -542,7 +542,11 @@ class Dispatcher:
                 slots = await stated_slots(self.client, endpoint.url)
                 if slots is not None:
                     endpoint.controller.on_slots(slots)
-        self.scheduler.windows[index].observe(snapshot.cache_tokens, snapshot.cache_held)
+        window = self.scheduler.windows[index]
+        window.observe(snapshot.cache_tokens, snapshot.cache_held)
+        window.observe_hits(
+            snapshot.cache_queried, snapshot.cache_found, alone=endpoint.controller.regime is Regime.OURS
+        )
         self._wake.set()  # the window may have room now
 
     async def _poll_metrics(self, index: int, endpoint: Endpoint) -> None:

@@ -21,7 +21,8 @@ cache per slot is recognised by llama.cpp's names; how many slots it has, by `to
 The KV cache's size comes from vLLM's `vllm:cache_config_info`, a gauge of 1 whose labels are the engine's
 CacheConfig (`num_gpu_blocks` × `block_size` tokens; `num_gpu_blocks` is "None" until the engine has profiled its
 memory), one series per engine (label `engine`); what its sequences hold is `vllm:kv_cache_usage_perc` of the same
-engine. Several engines behind one endpoint (data parallel) add up. The prefix window (prefix_window.py) uses both.
+engine. Several engines behind one endpoint (data parallel) add up. The prefix window (prefix_window.py) uses both,
+and the prefix cache's counters (`prefix_cache_queries_total`, `prefix_cache_hits_total`) over the interval.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ _TOKEN_TIMES = (
 )
 _QUEUE_TIMES = ("vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
 _PROMPT_TOKENS, _CACHE_HITS = "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total"
+_CACHE_QUERIES = "vllm:prefix_cache_queries_total"
 _CACHE_INFO = "vllm:cache_config_info"
 
 
@@ -66,6 +68,8 @@ class EngineSnapshot:
     slot_caches: bool  # llama.cpp: a prefix cache per slot, not one shared cache
     cache_tokens: float | None = None  # the KV cache's size in tokens, when the engine says
     cache_held: float | None = None  # tokens of it its running sequences hold
+    cache_queried: float | None = None  # prompt tokens looked up in the prefix cache since the last scrape...
+    cache_found: float | None = None  # ...and found there
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ class EngineMeter:
         if waiting is None:
             return None
         last, self._last = self._last, _Scrape(at, values)
-        step = running_mean = queue = prompt = None
+        step = running_mean = queue = prompt = queried = found = None
         if last is not None and at > last.at:
             for total_name, count_name in _TOKEN_TIMES:
                 seconds, tokens = _change(values, last.values, total_name), _change(values, last.values, count_name)
@@ -144,9 +148,10 @@ class EngineMeter:
                         step = seconds / tokens
                         running_mean = seconds / (at - last.at)
                     break
-            prompted, hits = _change(values, last.values, _PROMPT_TOKENS), _change(values, last.values, _CACHE_HITS)
-            if step is not None and prompted is not None and hits is not None:
-                prompt = max(0.0, prompted - hits) * step / (at - last.at)
+            prompted, found = _change(values, last.values, _PROMPT_TOKENS), _change(values, last.values, _CACHE_HITS)
+            queried = _change(values, last.values, _CACHE_QUERIES)
+            if step is not None and prompted is not None and found is not None:
+                prompt = max(0.0, prompted - found) * step / (at - last.at)
             seconds, admitted = (_change(values, last.values, name) for name in _QUEUE_TIMES)
             if seconds is not None and admitted:
                 queue = seconds / admitted
@@ -167,6 +172,8 @@ class EngineMeter:
             slot_caches=any(name.startswith("llamacpp:") for name in values),
             cache_tokens=parsed.cache_tokens,
             cache_held=parsed.cache_held,
+            cache_queried=queried if found is not None else None,
+            cache_found=found if queried is not None else None,
         )
 
     async def scrape(self, client: UpstreamClient, endpoint: str, at: float) -> EngineSnapshot | None:

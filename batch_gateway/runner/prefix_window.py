@@ -22,9 +22,12 @@ shared blocks of the prefix tree count once.
 `usage.prompt_tokens_details.cached_tokens` against the prefix it shares with its group. A follower that found less
 (its prefix was evicted, or most of it) cuts the window by DECREASE, once per round (only groups opened after the
 last cut can cut again); a group whose first judged follower found its whole prefix grows it by SLOW_START_GROWTH
-(slow start, until the first miss) or by 1/window (after: one group per round). An engine that never reports a
-cached token (vLLM without `--enable-prompt-tokens-details`, no prefix caching, no usage at all) gives no signal:
-after SILENT_FOLLOWERS followers without one, the window stops counting.
+(slow start, until the first miss) or by 1/window (after: one group per round). A follower tells of a miss only
+with its whole answer, and an engine busy recomputing evicted prefixes takes seconds over that while slow start keeps
+opening groups; vLLM's prefix-cache counters tell as it happens: while only batch work uses the engine (others'
+prompts would dilute the ratio), a reading whose hit ratio falls under EVICTING times the usual one cuts the window as
+a miss does. An engine that never reports a cached token (vLLM without `--enable-prompt-tokens-details`, no prefix
+caching, no usage at all) gives no signal: after SILENT_FOLLOWERS followers without one, the window stops counting.
 
 The learnt window counts groups, a subtree (a few-shot block under a system prompt, say) as one of its own; the
 cache-size window counts every group's own blocks. Small groups (a prefix under SMALL_PREFIX_TOKENS) are never held
@@ -60,6 +63,13 @@ DECREASE = 0.5
 FULL_HIT = 0.9  # share of the expected prefix a follower must find to count as a full hit...
 HIT_SLACK_TOKENS = 32  # ...less about two blocks (engines cache whole blocks and compute a prompt's last token)
 SILENT_FOLLOWERS = 16
+# The engine's prefix-cache counters over a reading: a hit ratio under EVICTING times the usual one says prefixes are
+# being evicted. Against the simulator (groups of 10, benchmarks/prefix.py), readings without a miss fell to 0.75 of
+# the usual ratio with the mix of heads and followers; while prefixes were evicted, to 0.1-0.55. Readings with fewer
+# prompt tokens looked up than COUNTED_QUERIES say too little.
+EVICTING = 0.6
+USUAL_MEMORY = 0.2  # weight of each reading in the usual hit ratio
+COUNTED_QUERIES = 2000.0
 PRIVATE_MEMORY = 0.1  # weight of each answer in the mean of a follower's own tokens
 
 _CUMULATIVE = [sum(BLOCK_SIZES[:d]) for d in range(len(BLOCK_SIZES) + 1)]
@@ -111,10 +121,12 @@ class PrefixWindow:
         self._opened = 0
         self._cut_at = 0  # groups opened up to the last cut (their misses cannot cut again)
         self._seen_cached = False
+        self._usual_ratio: float | None = None  # the engine's usual prefix-cache hit ratio while nobody else uses it
         self.judged = 0
         self.full_hits = 0
         self.misses = 0
         self.cuts = 0
+        self.evicting = 0  # readings whose hit ratio said prefixes were being evicted
         self.held_back = 0  # times a group could not open
 
     # --- what the engine says ------------------------------------------------------------------
@@ -122,6 +134,21 @@ class PrefixWindow:
     def observe(self, capacity: float | None, held: float | None) -> None:
         self.capacity = capacity if capacity else None
         self.held = held or 0.0
+
+    def observe_hits(self, queried: float | None, found: float | None, *, alone: bool) -> None:
+        """The prompt tokens the engine looked up in its prefix cache since the last reading, and found there. While
+        only batch work uses the engine, a reading whose hit ratio falls well under the usual one cuts the learnt
+        window, once per round, as a follower's miss does, but as the misses happen."""
+        if not (self.learning and alone and queried and found is not None and queried >= COUNTED_QUERIES):
+            return
+        ratio = found / queried
+        usual = self._usual_ratio
+        if usual is not None and ratio < EVICTING * usual:
+            self.evicting += 1
+            if self._opened > self._cut_at:
+                self._cut()
+            return
+        self._usual_ratio = ratio if usual is None else usual + USUAL_MEMORY * (ratio - usual)
 
     @property
     def learning(self) -> bool:
@@ -242,11 +269,14 @@ class PrefixWindow:
         self.misses += 1
         group = self._open.get(key)
         if self.learning and group is not None and group.opened > self._cut_at:
-            self.groups = max(1.0, min(self.groups, float(self._counted)) * DECREASE)
-            self.threshold = self.groups
-            self._cut_at = self._opened
-            self.cuts += 1
+            self._cut()
         return False
+
+    def _cut(self) -> None:
+        self.groups = max(1.0, min(self.groups, float(self._counted)) * DECREASE)
+        self.threshold = self.groups
+        self._cut_at = self._opened
+        self.cuts += 1
 
     def unheard(self) -> None:
         """A follower's answer said nothing of its tokens (no usage): as silent as one without cached tokens."""
@@ -275,5 +305,6 @@ class PrefixWindow:
             "full_hits": self.full_hits,
             "misses": self.misses,
             "cuts": self.cuts,
+            "evicting_readings": self.evicting,
             "held_back": self.held_back,
         }

@@ -17,6 +17,7 @@ def vllm(
     success: float = 0.0,
     prompt: float | None = None,
     hits: float = 0.0,
+    queries: float | None = None,
 ) -> str:
     labels = 'engine="0",model_name="m"'
     prompts = (
@@ -29,6 +30,11 @@ def vllm(
         if prompt is not None
         else []
     )
+    if queries is not None:
+        prompts += [
+            "# TYPE vllm:prefix_cache_queries counter",
+            f"vllm:prefix_cache_queries_total{{{labels}}} {queries}",
+        ]
     return (
         "\n".join(
             [
@@ -79,6 +85,17 @@ def test_prompt_tokens_less_cache_hits_give_the_prompt_tokens_computed_per_step(
     # Over 2 s of 20-ms steps (100 steps): 6,000 prompt tokens, 4,000 of them found in the prefix cache.
     reading = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000, prompt=7000, hits=4200), at=12.0).reading
     assert reading.prompt_per_step == pytest.approx(20.0)
+
+
+def test_the_prefix_cache_counters_give_the_tokens_looked_up_and_found_since_the_last_scrape():
+    meter = EngineMeter()
+    meter.read(vllm(40, 0, itl_sum=100.0, itl_count=5000, prompt=1000, hits=200, queries=900), at=10.0)
+    snapshot = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000, prompt=7000, hits=4200, queries=6900), at=12.0)
+    assert (snapshot.cache_queried, snapshot.cache_found) == (6000, 4000)
+    meter = EngineMeter()  # without the lookups' counter, the hits alone say nothing of the ratio
+    meter.read(vllm(40, 0, itl_sum=100.0, itl_count=5000, prompt=1000, hits=200), at=10.0)
+    snapshot = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000, prompt=7000, hits=4200), at=12.0)
+    assert snapshot.cache_queried is None and snapshot.cache_found is None
 
 
 def test_a_restarted_engine_resets_its_counters_without_a_bogus_rate():

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from batch_gateway.runner.prefix_window import (
+    COUNTED_QUERIES,
     DECREASE,
+    EVICTING,
     INITIAL_GROUPS,
     MARGIN,
     SILENT_FOLLOWERS,
@@ -101,6 +103,38 @@ def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hit
     before = window.groups
     s.on_finished(fresh[1] + 1, True, prompt_tokens=780, cached_tokens=752)
     assert window.groups == pytest.approx(before + 1 / before)
+
+
+def test_a_reading_whose_hit_ratio_collapses_cuts_the_learnt_window_before_any_follower_answers():
+    s = groups_plan(groups=30, size=3)
+    window = s.windows[0]
+    heads = drain(s)
+    for head in heads:
+        s.on_finished(head, True, prompt_tokens=780, cached_tokens=0)
+    assert len(drain(s)) == 2 * INITIAL_GROUPS  # the followers are in flight; none has answered
+    queried = 20 * COUNTED_QUERIES
+    for ratio in (0.85, 0.8, 0.9):  # the usual ratio; readings differ with the mix of heads and followers
+        window.observe_hits(queried, ratio * queried, alone=True)
+    window.observe_hits(queried, 0.85 * (EVICTING + 0.05) * queried, alone=True)  # a dip within the noise
+    assert window.cuts == 0
+    window.observe_hits(COUNTED_QUERIES / 2, 0.0, alone=True)  # too few lookups to judge
+    window.observe_hits(queried, 0.1 * queried, alone=False)  # others use the engine: their prompts dilute it
+    assert window.cuts == 0 and window.evicting == 0
+    window.observe_hits(queried, 0.1 * queried, alone=True)  # prefixes are being evicted
+    assert window.cuts == 1 and window.groups == pytest.approx(INITIAL_GROUPS * DECREASE)
+    window.observe_hits(queried, 0.2 * queried, alone=True)  # the same episode: no group opened since
+    assert window.cuts == 1 and window.evicting == 2
+    for line in range(1, 3 * INITIAL_GROUPS, 3):  # the followers' misses arrive later: same round, no second cut
+        s.on_finished(line, True, prompt_tokens=780, cached_tokens=0)
+    assert window.cuts == 1 and window.misses == INITIAL_GROUPS
+
+
+def test_a_known_cache_size_ignores_the_hit_ratio():
+    window = PrefixWindow()
+    window.observe(capacity=10 * PREFIX, held=0.0)
+    for ratio in (0.85, 0.0):
+        window.observe_hits(20 * COUNTED_QUERIES, ratio * 20 * COUNTED_QUERIES, alone=True)
+    assert window.evicting == 0 and window.cuts == 0
 
 
 @pytest.mark.parametrize("prompt_tokens", [780, 0], ids=["no_cached_tokens", "no_usage"])

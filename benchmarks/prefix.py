@@ -142,6 +142,7 @@ def run_once(config: SimConfig, data: bytes, ordering: bool = True, endpoints: i
     return {
         "hit_rate": 1 - computed / usage.input_tokens,
         "warm_ups": run_stats["prefix_warm_ups"],
+        "joins": run_stats["prefix_joins"],
         "cached_share": usage.input_tokens_details.cached_tokens / usage.input_tokens if usage else None,
         "prefill_tokens": computed,
         "dispatch_seconds": run_stats["dispatch_seconds"],
@@ -167,7 +168,8 @@ def _window(r: dict) -> str:
             parts.append(f"cache size, held back {w['held_back']:,}×")
         else:
             parts.append(mode)
-    return "; ".join(parts) + (f"; {r['warm_ups']:,} warm-ups" if r["warm_ups"] else "")
+    joins = f" ({r['joins']:,} to join another endpoint's group)" if r["joins"] else ""
+    return "; ".join(parts) + (f"; {r['warm_ups']:,} warm-ups{joins}" if r["warm_ups"] else "")
 
 
 def _throughput(r: dict) -> float:

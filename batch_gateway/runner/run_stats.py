@@ -24,6 +24,7 @@ class DispatchStats(msgspec.Struct):
     preempted_tokens_estimate: int
     prefix_warm_ups: int  # one-token copies of group heads sent (runner/warm_up.py)
     prefix_warm_ups_failed: int
+    prefix_joins: int  # groups an endpoint took over from another's (its own stand-in head: the prefix once more)
     ended: StopReason
     deadline: dict[str, Any] | None  # the deadline tracker's outlook (runner/deadline.py); None without a tracker
     endpoints: dict[str, dict[str, Any]]  # by name: the controller's figures, the circuit's, the prefix window's
@@ -50,6 +51,7 @@ class DispatchStats(msgspec.Struct):
             preempted_tokens_estimate=round(dispatcher.preempted_tokens),
             prefix_warm_ups=dispatcher.warm_ups,
             prefix_warm_ups_failed=dispatcher.warm_ups_failed,
+            prefix_joins=dispatcher.scheduler.joins,
             ended=ended,
             deadline=deadline,
             endpoints={

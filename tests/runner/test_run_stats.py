@@ -20,6 +20,7 @@ def test_a_run_that_dispatched_shows_how_it_ended_and_its_endpoints_by_name():
         preempted_tokens_estimate=0,
         prefix_warm_ups=0,
         prefix_warm_ups_failed=0,
+        prefix_joins=0,
         ended=StopReason.CANCELLED,
         deadline={"at_risk": True, "unreachable": False},
         endpoints={"endpoint-0": {"limit": 4}},

@@ -36,6 +36,14 @@ CORRECTION_GAIN = 0.2  # how fast the measured slowdown corrects the fit's budge
 CORRECTION_RANGE = (0.7, 1.3)  # ...and how far
 MAX_GROWTH_PER_READING = 0.25  # shared: a budget increase moves at most this share of the batch per reading
 NO_FIT_YIELD = 0.75  # shared, without a fit of the engine's step time: the batch shrinks by this per reading
+# Shared, at one sequence: PROBE_FIRST seconds after it came to one, then this often, the batch steps aside (`_probe`)
+# for this many of its requests' service times and at least PROBE_SECONDS; PROBE_MEMORY is the weight of each probe's
+# measure in their mean.
+PROBE_FIRST = 10.0
+PROBE_EVERY = 30.0
+PROBE_SERVICE_TIMES = 2.0
+PROBE_SECONDS = 4.0
+PROBE_MEMORY = 0.5
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
 PROMPT_SMOOTHING = 0.02  # weight of a new answer in the computed prompt tokens per output token (~50 answers)
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
@@ -113,6 +121,12 @@ class ConcurrencyController:
         self.budget_view = 0.0  # shared: the budget by this runner's own fit, published for the others (0: none)
         self.regime = Regime.BLIND
         self.paused = False  # shared: not one batch sequence is within their budget, so the batch waits
+        self.probing = False  # shared, at one sequence: stepping aside to measure what it costs them (`_probe`)
+        self._probe_due: float | None = None
+        self._probe_until = -math.inf
+        self._probe_before = 0.0  # the step just before the probe, with the batch's one sequence
+        self.measured_slowdown: float | None = None  # their step with the batch's one over without, mean of probes
+        self.probes = 0
         # Reported.
         self.last_budget: dict[str, float] | None = None
         self.increases = 0
@@ -124,7 +138,7 @@ class ConcurrencyController:
         """The requests allowed in flight now. A share of 2.9 is 3 for 90% of the time, not 2: runners splitting a
         small engine would otherwise get shares a third apart (2 and 3) for a difference of 0.1 in their sums. A lone
         runner beside interactive users rounds down. 0 while the batch waits for them (`paused`)."""
-        if self.paused:
+        if self.paused or self.probing:
             return 0
         return max(self.minimum, min(self.maximum, dithered(self._limit, self._phase)))
 
@@ -164,7 +178,7 @@ class ConcurrencyController:
     @property
     def excess(self) -> int:
         """Requests in flight beyond the limit: what `--preempt` may abort while the engine is shared."""
-        allowed = 0 if self.paused else math.ceil(self._limit)
+        allowed = 0 if self.paused or self.probing else math.ceil(self._limit)
         return max(0, self._inflight - allowed) if self.regime is Regime.SHARED else 0
 
     # --- our requests -----------------------------------------------------------------------------
@@ -206,7 +220,7 @@ class ConcurrencyController:
             self._generated = keep * self._generated + output_tokens
         if self._previous is None or now - self._previous[0] > READINGS_TTL:
             self.regime = Regime.BLIND  # the gauges are gone (or never came): nobody else can be seen
-            self.paused = False
+            self._forget_probes()
         if self.regime is Regime.BLIND and not self.fixed:
             self._since_increase += 1
             if self._since_increase >= self._limit and self._inflight + 1 >= self._limit / 2:  # not app-limited
@@ -289,7 +303,7 @@ class ConcurrencyController:
         self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered, self._answered_tokens)
         self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
         if self.regime is not Regime.SHARED:
-            self.paused = False
+            self._forget_probes()
         if self.regime is Regime.SHARED and not peers:
             # The budget is a ceiling on others' slowdown, and one sequence more for part of the time is what their
             # p99 sees (on a CPU engine, one sequence can be a third of the budget): alone, round it down. Beside
@@ -378,10 +392,13 @@ class ConcurrencyController:
         # and two fits can differ by a third. Split by one runner's answer, the share would follow whose fit is
         # larger, not the weights: all take the mean of their answers. One without a fit yet takes the others'.
         views = [view for view in (self.budget_view, *(p.budget for p in peers)) if view > 0]
-        if views:
-            budget = sum(views) / len(views)
-            if self._pause(budget):
-                return 0.0
+        if self._probe(now, peers):
+            return 0.0
+        agreed = sum(views) / len(views) if views else None
+        if (agreed is not None or self.measured_slowdown is not None) and self._pause(agreed or math.inf):
+            return 0.0
+        if agreed is not None:
+            budget = agreed
         elif self._step is not None and self.model.batch_varied:
             # No plausible fit although the batch's count has varied: grow while the step stays within the budget of
             # the lowest step seen (which erred high: the batch was there too), else shrink.
@@ -457,16 +474,59 @@ class ConcurrencyController:
     def _pause(self, budget: float) -> bool:
         """Whether the batch waits while others use the engine: by the fit, not one batch sequence is within their
         budget (a CPU engine, where a sequence costs a large share of a step), and the step the batch's sequences made
-        showed them over it (a fit alone may be off). Once paused the batch shows nothing more, and waits until they
-        leave. Every runner on the engine takes the same mean budget, so they wait together."""
+        showed them over it (a fit alone may be off); or the probes measured its one sequence over it (`_probe`).
+        Once paused the batch shows nothing more, and waits until they leave. Every runner on the engine takes the
+        same mean budget, so they wait together."""
         over = self.last_budget is None or self.last_budget["slowdown_now"] > self.slowdown  # None: peers' fits say
-        if budget >= 1.0 or not (self.paused or over):
+        measured_over = self.measured_slowdown is not None and self.measured_slowdown > self.slowdown
+        if measured_over:
+            budget = 0.0  # what users measured beats the fit
+        if budget >= 1.0 or not (self.paused or over or measured_over):
             self.paused = False
             return False
         if not self.paused:
             self.decreases["pause"] += 1
         self.paused = True
         return True
+
+    def _probe(self, now: float, peers: Sequence[RunnerLoad]) -> bool:
+        """Whether the batch steps aside now, to measure what its one sequence costs them. While it holds one beside
+        users, the readings tell only the sum of its cost and the fixed one, and the split the fit keeps came from
+        another time (its ramp, other loads): on llama.cpp at 60%, a fit made while the batch ramped down to one put
+        the fixed cost at 46 ms (7 ms alone) and one sequence at 1.003× their step alone, where they measured 1.48×.
+        Soon after it comes to one sequence, then every PROBE_EVERY seconds, it steps aside long enough for its last
+        request to end and some of theirs to run without it; their step at the end of that, against the step just
+        before, is what the one sequence costs them (the mean over probes: their load moves between the two). Over
+        their budget, the batch waits until they leave (`_pause`). A lone runner only: beside others, its one is not
+        the whole batch."""
+        if self.probing:
+            if now < self._probe_until:
+                return True
+            self.probing = False
+            if self._step:
+                measured = self._probe_before / self._step
+                previous = self.measured_slowdown
+                self.measured_slowdown = (
+                    measured if previous is None else previous + PROBE_MEMORY * (measured - previous)
+                )
+        if peers or self.paused or self._total >= 2.0 or self._step is None:
+            self._probe_due = None
+            return False
+        if self._probe_due is None:
+            self._probe_due = now + min(PROBE_FIRST, PROBE_EVERY)
+        if now < self._probe_due:
+            return False
+        self._probe_before = self._step
+        self._probe_until = now + max(PROBE_SECONDS, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
+        self._probe_due = self._probe_until + PROBE_EVERY
+        self.probes += 1
+        self.probing = True
+        return True
+
+    def _forget_probes(self) -> None:
+        """Users gone (or unseen): what a pause or a probe measured of them is theirs, not the next ones'."""
+        self.paused = self.probing = False
+        self.measured_slowdown = self._probe_due = None
 
     def _burst_queued(self, reading: EngineReading) -> bool:
         """One reading with more requests waiting than the arrivals of one step would explain (Poisson: mean plus
@@ -493,6 +553,8 @@ class ConcurrencyController:
             "inflight": self._inflight,
             "regime": "fixed" if self.fixed else self.regime.value,
             "paused": self.paused,
+            "probes": self.probes,
+            "measured_slowdown": self.measured_slowdown,
             "total_for_batch": round(self._total, 1),
             "capacity": self.knee.capacity,
             "slow_start": self.knee.slow_start,

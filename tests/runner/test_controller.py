@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 
-from batch_gateway.runner.controller import ConcurrencyController, Regime, dithered
+from batch_gateway.runner.controller import PROBE_EVERY, PROBE_FIRST, ConcurrencyController, Regime, dithered
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import Knee
 from batch_gateway.runner.share import allocate
@@ -664,3 +664,53 @@ def test_where_one_batch_sequence_is_over_their_budget_the_batch_waits_while_the
     # When they leave, slow start goes on to the engine's knee (not known yet: the batch never had it alone).
     back = next(s["t"] for s in run.samples if s["t"] > 120 and s["limits"][0] >= 8)
     assert back - 120 <= 25 and c.regime is Regime.OURS and c.capacity == 8
+
+
+def _one_sequence_beside_users(
+    seed: int, batch_extra: float, probes: bool, monkeypatch
+) -> tuple[float, int, ConcurrencyController]:
+    """A batch held at one sequence by users at 60% of an 8-slot engine for a minute; then its requests grow dearer
+    (`batch_extra` per step: longer contexts, say). Users' p99 over the last two minutes against alone, the batch's
+    tokens, and its controller."""
+    monkeypatch.setattr("batch_gateway.runner.controller.PROBE_FIRST", PROBE_FIRST if probes else math.inf)
+    monkeypatch.setattr("batch_gateway.runner.controller.PROBE_EVERY", PROBE_EVERY if probes else math.inf)
+
+    def engine() -> ModelEngine:
+        return ModelEngine(
+            fixed=0.05, per_sequence=0.0044, capacity=8, batch_tokens=32, interactive_tokens=16, counts_at_end=True,
+            seed=seed,
+        )  # fmt: skip
+
+    users = engine().interactive_rate(0.6)
+    alone = engine().run([], 240, interactive_rate=lambda t: users)
+    c = ConcurrencyController()
+    c.on_slots(8)
+    model = engine()
+    run = model.run([c], 60, interactive_rate=lambda t: users)
+    model.batch_extra = batch_extra
+    run = model.run([c], 180, interactive_rate=lambda t: users, run=run)
+    ratio = percentile(run.latencies(120, 240), 0.99) / percentile(alone.latencies(120, 240), 0.99)
+    return ratio, run.batch_tokens[0], c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_held_at_one_sequence_steps_aside_to_measure_what_it_costs_users(seed, monkeypatch):
+    """At one sequence the fit cannot tell the batch's cost from the fixed one (its count never moves), so a change
+    of that cost goes unseen: here each batch sequence comes to add 40 ms to a 50 ms step, and the fit put it at
+    1.4-3.9 ms, users' p99 at 2.0-2.9× alone. Now and then the batch steps aside for a few seconds and compares their
+    step without it: it measures 1.4-1.6× and waits while they are there."""
+    ratio, _, _ = _one_sequence_beside_users(seed, 0.04, probes=False, monkeypatch=monkeypatch)
+    assert ratio > 1.5, "without probes the budget should break here, or this test shows nothing"
+    ratio, _, c = _one_sequence_beside_users(seed, 0.04, probes=True, monkeypatch=monkeypatch)
+    assert c.paused and c.measured_slowdown > c.slowdown
+    assert ratio <= 1.3, f"p99 {ratio:.2f}× alone"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_where_one_sequence_is_within_their_budget_the_probes_cost_the_batch_little(seed, monkeypatch):
+    _, without, _ = _one_sequence_beside_users(seed, 0.0, probes=False, monkeypatch=monkeypatch)
+    ratio, tokens, c = _one_sequence_beside_users(seed, 0.0, probes=True, monkeypatch=monkeypatch)
+    assert c.probes >= 3 and not c.paused and c.measured_slowdown < c.slowdown
+    assert tokens >= 0.85 * without and ratio <= 1.3

@@ -395,7 +395,9 @@ class ConcurrencyController:
         if self._probe(now, peers):
             return 0.0
         agreed = sum(views) / len(views) if views else None
-        if (agreed is not None or self.measured_slowdown is not None) and self._pause(agreed or math.inf):
+        if (agreed is not None or self.measured_slowdown is not None) and self._pause(
+            math.inf if agreed is None else agreed
+        ):
             return 0.0
         if agreed is not None:
             budget = agreed

@@ -137,7 +137,8 @@ class ConcurrencyController:
     def limit(self) -> int:
         """The requests allowed in flight now. A share of 2.9 is 3 for 90% of the time, not 2: runners splitting a
         small engine would otherwise get shares a third apart (2 and 3) for a difference of 0.1 in their sums. A lone
-        runner beside interactive users rounds down. 0 while the batch waits for them (`paused`)."""
+        runner beside interactive users rounds down. 0 while the batch waits for them (`paused`) or steps aside to
+        measure what it costs them (`probing`)."""
         if self.paused or self.probing:
             return 0
         return max(self.minimum, min(self.maximum, dithered(self._limit, self._phase)))
@@ -178,7 +179,9 @@ class ConcurrencyController:
     @property
     def excess(self) -> int:
         """Requests in flight beyond the limit: what `--preempt` may abort while the engine is shared."""
-        allowed = 0 if self.paused or self.probing else math.ceil(self._limit)
+        # Not for a probe: it only measures, and its wait lets the last request end (aborting one every 30 s would
+        # waste its tokens).
+        allowed = 0 if self.paused else math.ceil(self._limit)
         return max(0, self._inflight - allowed) if self.regime is Regime.SHARED else 0
 
     # --- our requests -----------------------------------------------------------------------------

@@ -714,3 +714,14 @@ def test_where_one_sequence_is_within_their_budget_the_probes_cost_the_batch_lit
     ratio, tokens, c = _one_sequence_beside_users(seed, 0.0, probes=True, monkeypatch=monkeypatch)
     assert c.probes >= 3 and not c.paused and c.measured_slowdown < c.slowdown
     assert tokens >= 0.85 * without and ratio <= 1.3
+
+
+def test_a_probe_steps_aside_without_aborting_the_request_in_flight(monkeypatch):
+    """`--preempt` aborts what is over the limit while users wait; a probe only measures: its wait lets the batch's
+    last request end, so nothing is aborted (and re-sent) for it."""
+    _, _, c = _one_sequence_beside_users(1, 0.0, probes=True, monkeypatch=monkeypatch)
+    assert c.probes >= 1 and c.regime is Regime.SHARED
+    c.probing = True
+    while c.inflight < 1:
+        c.on_send(240.0)
+    assert c.limit == 0 and c.excess == 0

@@ -125,6 +125,9 @@ class ConcurrencyController:
         self._probe_due: float | None = None
         self._probe_until = -math.inf
         self._probe_before = 0.0  # the step just before the probe, with the batch's one sequence
+        # Their steps read during the probe that describe a time without the batch, as read (the smoothed step would
+        # carry the one before into them).
+        self._probe_steps: list[float] = []
         self.measured_slowdown: float | None = None  # their step with the batch's one over without, mean of probes
         self.probes = 0
         # Reported.
@@ -377,6 +380,8 @@ class ConcurrencyController:
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         if prompt is not None:
             self._prompt += STEP_SMOOTHING * (prompt - self._prompt)
+        if self.probing and batch == 0.0 and reading.step_seconds is not None:
+            self._probe_steps.append(reading.step_seconds)
         self._lowest_step = min(self._lowest_step, self._step)
 
     def _total_shared(
@@ -500,16 +505,19 @@ class ConcurrencyController:
         another time (its ramp, other loads): on llama.cpp at 60%, a fit made while the batch ramped down to one put
         the fixed cost at 46 ms (7 ms alone) and one sequence at 1.003× their step alone, where they measured 1.48×.
         Soon after it comes to one sequence, then every PROBE_EVERY seconds, it steps aside long enough for its last
-        request to end and some of theirs to run without it; their step at the end of that, against the step just
-        before, is what the one sequence costs them (the mean over probes: their load moves between the two). Over
-        their budget, the batch waits until they leave (`_pause`). A lone runner only: beside others, its one is not
-        the whole batch."""
+        request to end and some of theirs to run without it; the step just before, against their steps read during
+        the probe that describe a time the batch ran nothing (llama.cpp's describe the requests that ended, over their
+        whole decoding), is what the one sequence costs them (the mean over probes: their load moves between the two).
+        The smoothed step at the probe's end, used before, carried the one before into the measure: 1.3-1.5× where
+        one sequence cost them 1.8×. A probe that read none of their steps alone measures nothing. Over their
+        budget, the batch waits until they leave (`_pause`). A lone runner only: beside others, its one is not the
+        whole batch."""
         if self.probing:
             if now < self._probe_until:
                 return True
             self.probing = False
-            if self._step:
-                measured = self._probe_before / self._step
+            if self._probe_steps:  # a probe during which none of their steps was read measured nothing
+                measured = self._probe_before / (sum(self._probe_steps) / len(self._probe_steps))
                 previous = self.measured_slowdown
                 self.measured_slowdown = (
                     measured if previous is None else previous + PROBE_MEMORY * (measured - previous)
@@ -523,6 +531,7 @@ class ConcurrencyController:
             return False
         self._probe_before = self._step
         self._probe_until = now + max(PROBE_SECONDS, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
+        self._probe_steps = []
         self._probe_due = self._probe_until + PROBE_EVERY
         self.probes += 1
         self.probing = True

@@ -508,8 +508,8 @@ class ConcurrencyController:
         request to end and some of theirs to run without it; the step just before, against their steps read during
         the probe that describe a time the batch ran nothing (llama.cpp's describe the requests that ended, over their
         whole decoding), is what the one sequence costs them (the mean over probes: their load moves between the two).
-        The smoothed step at the probe's end, used before, carried the one before into the measure: 1.3-1.5× where
-        one sequence cost them 1.8×. A probe that read none of their steps alone measures nothing. Over their
+        (The smoothed step at the probe's end, used before, kept the step before in it: unchanged when no reading
+        came, it measured exactly 1.0.) A probe that read none of their steps alone measures nothing. Over their
         budget, the batch waits until they leave (`_pause`). A lone runner only: beside others, its one is not the
         whole batch."""
         if self.probing:

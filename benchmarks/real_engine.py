@@ -184,8 +184,8 @@ def run_batch(stack: LocalStack, data: bytes, **settings: object) -> dict:
 def measure_share(
     stack: LocalStack, engine: LlamaEngine, share: float, rate: float, requests: int, seeds: Iterator[int]
 ) -> dict:
-    """One share: the users alone (twice: see `pooled`), then beside the batch with defaults, each fixed limit and the
-    peer."""
+    """One share: the users alone, beside the batch with defaults, alone again (see `pooled`), then beside each fixed
+    limit and the peer."""
     alone: dict | None = None
 
     def measure(label: str, batch: Batch | None, warmup: float) -> dict:
@@ -217,9 +217,12 @@ def measure_share(
         )
         return figures
 
-    first, second = (measure(f"alone {n}", None, WARMUP["alone"]) for n in (1, 2))
-    alone = pooled([first, second])
+    # The alone runs bracket the runner's: llama.cpp here slows by itself over successive runs (users alone five
+    # times in a row: 21.5, then ~25 ms per token), so runs after the baseline would carry that drift as the runner's.
+    alone = first = measure("alone 1", None, WARMUP["alone"])
     defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"])
+    second = measure("alone 2", None, WARMUP["alone"])
+    alone = pooled([first, second])
     fixed = sweep(
         lambda f: measure(f"fixed {f}", Batch(f"fixed {f}", settings={"fixed_concurrency": f}), WARMUP["fixed"]),
         alone,
@@ -464,9 +467,11 @@ Poisson stream of its own (requests at the same moments in every run of a share,
 own: llama.cpp's prompt cache would otherwise serve a run the prompts an earlier one sent), after a warm-up (alone
 {WARMUP["alone"]:.0f} s, defaults {WARMUP["defaults"]:.0f} s, fixed {WARMUP["fixed"]:.0f} s, peer
 {WARMUP["peer"]:.0f} s); with about one request a second at 20%, p99 is close to the slowest request of the window.
-The users alone run twice, and the baseline is the two windows' requests together: the rows of each run against it
-show how far one run of the same setting moves by itself (outside this command, four runs alone at 20% had p99 from
-0.68 to 0.75 s and per-token times from 13.2 to 14.4 ms, and two beside a paused batch 0.67 and 0.77 s).
+The users alone run twice, before and after the defaults run, and the baseline is the two windows' requests
+together: the rows of each run against it show how far one run of the same setting moves by itself (outside this
+command, four runs alone at 20% had p99 from 0.68 to 0.75 s and per-token times from 13.2 to 14.4 ms; five at 40% on a
+fresh server, 21.5 ms per token in the first and about 25 ms in the later ones: the engine slows by itself over
+successive runs, and the fixed settings and the peer, later still, carry more of that).
 The oracle sweeps fixed {", ".join(map(str, COARSE))} (stopping at the first over budget) and bisects once; the
 peer's baseline is benchmarks/peer.py (AIMD between 5 and 10 in flight). Per-token × is llama.cpp's own per-token
 generation time (`tokens_predicted_seconds_total / tokens_predicted_total`, counted when a request ends) against alone.

@@ -394,7 +394,7 @@ def write(
 
         row = functools.partial(table_row, alone=alone, oracle_rate=oracle_rate if oracle else None)
         rows = [row("interactive alone (runs 1 and 2 together)", alone, baseline=True)]
-        rows += [row(f"alone, run {n}", run) for n, run in enumerate(r.get("alone_runs", []), 1)]
+        rows += [row(f"alone, run {n}", run) for n, run in enumerate(r["alone_runs"], 1)]
         rows.append(row("**defaults**", r["defaults"]))
         rows.append(
             row(f"**oracle** (p99): fixed {oracle[0]}", oracle[1])

@@ -1,3 +1,3 @@
-from batch_gateway.cli import main
+from batch_gateway.cli import entry
 
-raise SystemExit(main())
+entry()

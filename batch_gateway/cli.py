@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
+import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
@@ -110,6 +113,27 @@ def _policy_from(args: argparse.Namespace, current: TenantPolicy) -> TenantPolic
     if cap is not None and cap < 0:
         raise ValueError(f"--max-running must be 0 (no cap) or more, got {args.max_running}")
     return TenantPolicy(weight=weight, max_running=cap)
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The `batch-gateway` script and `python -m batch_gateway[.runner]`: `main`, then exit with its code."""
+    exit_without_finalizing(main(argv))
+
+
+def exit_without_finalizing(code: int) -> NoReturn:
+    """Exit with `code` without tearing the interpreter down.
+
+    obstore does its I/O on tokio threads that take the GIL to hand results back, some of them just after the
+    awaited call has returned. On Python before 3.14 a thread that takes the GIL while the interpreter finalizes is
+    ended with pthread_exit, which Rust turns into an abort: a runner that had finished its batch then exits with
+    SIGABRT (-6) instead of its code, and its executor takes a finished run for a crash. Every command has closed what
+    it opened before `main` returns, so only the log streams are left to flush.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or file: nothing more can reach it
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """`python -m batch_gateway.runner --batch-id ID`: run one batch (the same as `batch-gateway runner`)."""
 
-from batch_gateway.cli import main
+import sys
+
+from batch_gateway.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main(["runner", *__import__("sys").argv[1:]]))
+    entry(["runner", *sys.argv[1:]])

@@ -23,7 +23,7 @@ def test_a_busy_metrics_port_costs_the_metrics_not_the_batch(tmp_path):
         settings = Settings(data_dir=str(tmp_path), upstream=[sim.url], log_format="json", runner_metrics_port=port)
         batch_id = asyncio.run(create_batch(settings, chat_lines(5)))
         with open(tmp_path / "runner.log", "ab") as log:
-            assert start_runner(settings, batch_id, log).wait(60) == 0
+            assert start_runner(settings, batch_id, log).wait(60) == 0, (tmp_path / "runner.log").read_text()
         batch, out, _ = asyncio.run(results(settings, batch_id))
     assert batch.status == "completed" and len(out) == 5
     assert "runner.metrics_port_unavailable" in (tmp_path / "runner.log").read_text()

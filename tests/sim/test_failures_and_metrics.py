@@ -297,16 +297,18 @@ def test_inter_token_latency_is_the_step_time_of_the_cost_model(start_sim):
     samples = _samples(httpx.get(server.url + "/metrics").text)
     buckets, count, total = _histogram(samples, "vllm:inter_token_latency_seconds")
     assert count == 4 * 10  # one latency per token after each sequence's first
-    # At least the step the cost model gives; a busy machine only makes steps longer (the bound is loose on purpose:
-    # timing belongs to benchmarks).
-    # No per-sample floor: the simulator keeps a schedule, so the step after a late one (a busy CPU) is short.
-    assert step * 0.95 < total / count < step * 3
+    _, ttft_count, ttft_total = _histogram(samples, "vllm:time_to_first_token_seconds")
+    assert ttft_count == 4 and ttft_total / 4 >= step * 0.95  # the prefill step, plus the time to get going
+    # The steps the cost model gives; a busy machine only makes them longer (the upper bound is loose on purpose:
+    # timing belongs to benchmarks). The simulator keeps a schedule, so the step after a late one is short: a
+    # sequence's latencies after a late first token add up to less than its ten steps (in one CI run, 0.93 of them),
+    # but with that first token, no less than all eleven (the last one comes no sooner than planned).
+    assert (ttft_total + total) / 4 >= 11 * step * 0.95
+    assert total / count < step * 3
     assert buckets[-1][1] == count
     assert _histogram(samples, "vllm:time_per_output_token_seconds") == (buckets, count, total)  # the old name
     _, requests, per_request = _histogram(samples, "vllm:request_time_per_output_token_seconds")
-    assert requests == 4 and step * 0.95 < per_request / requests < step * 3
-    _, ttft_count, ttft_total = _histogram(samples, "vllm:time_to_first_token_seconds")
-    assert ttft_count == 4 and ttft_total / 4 >= step * 0.95  # the prefill step, plus the time to get going
+    assert requests == 4 and per_request * 10 == pytest.approx(total)  # each request's latencies over its 10 tokens
 
 
 def test_queue_and_e2e_latency_are_observed_when_a_request_finishes(start_sim):

@@ -100,12 +100,14 @@ def test_with_fcfs_it_waits_its_turn(start_sim):
 
 
 def test_priority_orders_the_queue_and_ties_go_by_arrival(start_sim):
-    server = start_sim(scheduling_policy="priority", max_num_seqs=1, time_scale=0.1)
+    # The order is read as the client gets the answers: 5 ms steps, so that one request ends 100 ms after the one
+    # before and a busy client cannot take two answers in the other order (1 ms steps, 3 ms apart, once did).
+    server = start_sim(scheduling_policy="priority", max_num_seqs=1, time_scale=0.5)
     httpx.post(server.url + "/sim/pause")
     order: list[str] = []
 
     async def one(http: httpx.AsyncClient, name: str, priority: int) -> None:
-        response = await http.post("/v1/chat/completions", json={**chat(name, max_tokens=3), "priority": priority})
+        response = await http.post("/v1/chat/completions", json={**chat(name, max_tokens=20), "priority": priority})
         assert response.status_code == 200
         order.append(name)
 

@@ -49,7 +49,11 @@ BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 METRICS_INTERVAL = 0.5  # a batch yields to arriving users within about this plus one of its service times
 METRICS_RETRY_INTERVAL = 10.0
-FIRST_LOOK_SECONDS = 1.0  # an endpoint's /metrics is read once before its first request, for at most this long
+# Before an endpoint's first request its gauges are read, for at most this long: once, or twice half a second apart
+# when the first reading shows a sign of someone else that a second must confirm. A batch that starts beside users
+# then starts within their budget, not at its initial limit (on llama.cpp, a new batch's first 8 requests held every
+# slot for 5 s while users queued 8 deep).
+FIRST_LOOK_SECONDS = 1.5
 BACKLOG_POLL_SECONDS = 0.2
 WARM_UP_MISSES = 3  # prefix warm-ups that fail in a row before an endpoint gets no more of them
 
@@ -156,11 +160,11 @@ class Dispatcher:
         self.warm_ups_failed = 0  # ...and those that got no answer: their groups waited for their heads instead
         self._warm_up_misses: dict[Endpoint, int] = {}  # warm-ups failed in a row, per endpoint
         self._slots_asked: set[int] = set()  # endpoints asked for their slot count (by index)
+        self._looked = [asyncio.Event() for _ in endpoints]  # per endpoint: its first reading is in (or none came)
 
     async def run(self) -> None:
         """Send every line the scheduler hands out; return when all have a result or `stop()` was called."""
         self._fd = os.open(self.ingested.path, os.O_RDONLY)
-        await asyncio.gather(*(self._first_look(i, ep) for i, ep in enumerate(self.endpoints)))
         pollers = [asyncio.create_task(self._poll_metrics(i, ep)) for i, ep in enumerate(self.endpoints)]
         try:
             await asyncio.gather(*(self._feed(i, ep) for i, ep in enumerate(self.endpoints)))
@@ -194,6 +198,10 @@ class Dispatcher:
     # ------------------------------------------------------------------------------------------
 
     async def _feed(self, index: int, endpoint: Endpoint) -> None:
+        # The engine's cache (the prefix window's size), whether it keeps a prefix cache per slot, and who else uses
+        # it, before the first request: the first groups go out as the engine can hold them, and within users' budget.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._looked[index].wait(), FIRST_LOOK_SECONDS)
         while not self.stopped:
             if self.backlogged():  # the object store is down: results pile up in memory, so wait for it
                 await asyncio.sleep(BACKLOG_POLL_SECONDS)
@@ -519,17 +527,6 @@ class Dispatcher:
         runner_metrics.REQUESTS.labels(outcome="ok" if kind == ResultKind.OUTPUT else "error").inc()
         self.sink(line, kind, usage if kind == ResultKind.OUTPUT else None, wire.encode_result_line(result))
 
-    async def _first_look(self, index: int, endpoint: Endpoint) -> None:
-        """Before the first request: the engine's cache (the prefix window's size) and whether it keeps a prefix cache
-        per slot, so that the first groups already go out as the engine can hold them."""
-        scrape = EngineMeter().scrape(self.client, endpoint.url, time.monotonic())
-        try:
-            snapshot = await asyncio.wait_for(scrape, FIRST_LOOK_SECONDS)
-        except TimeoutError:
-            return
-        if snapshot is not None:
-            await self._engine_cache(index, endpoint, snapshot)
-
     async def _engine_cache(self, index: int, endpoint: Endpoint, snapshot: EngineSnapshot) -> None:
         """The engine's cache as the scheduler needs it. An engine with a prefix cache per slot (llama.cpp) is asked
         once how many slots it has, and the batch never sends more: a request waiting there takes the next slot
@@ -560,10 +557,13 @@ class Dispatcher:
             await self.board.exchange(
                 endpoint.url, inflight=0, limit=controller.limit, demand=self.scheduler.pending, completed=0
             )
+        first = True
         while True:
             # An endpoint without /metrics (or one that is down) is asked less often, but asked again: it may be
             # an engine restarting, whose gauges the controller wants back.
-            await asyncio.sleep(METRICS_INTERVAL if failures < 3 else METRICS_RETRY_INTERVAL)
+            if not first:
+                await asyncio.sleep(METRICS_INTERVAL if failures < 3 else METRICS_RETRY_INTERVAL)
+            first = False
             demand = controller.inflight + self.scheduler.pending
             weight = self._weight(controller, endpoint)
             scrape = meter.scrape(self.client, endpoint.url, time.monotonic())
@@ -582,10 +582,13 @@ class Dispatcher:
                 snapshot, peers = await asyncio.gather(scrape, exchange)
             if snapshot is None:
                 failures += 1
+                self._looked[index].set()  # no gauges to wait for
                 continue
             failures = 0
             await self._engine_cache(index, endpoint, snapshot)
             controller.on_engine(time.monotonic(), snapshot.reading, peers=peers, demand=demand, weight=weight)
+            if not controller.others.unconfirmed:
+                self._looked[index].set()
             endpoint.limiter.poke()  # a grown limit lets waiting dispatch loops in now, not at the next release
             if self.preempt and controller.excess:
                 self._preempt(endpoint, controller.excess)

@@ -43,6 +43,7 @@ class Presence:
         self.completion_rate: float | None = None  # the engine's finished requests per second, all clients
         self.load = 0.0  # others' requests on the engine, smoothed
         self.now = 0.0  # ...and at the last reading
+        self.unconfirmed = False  # the last reading showed a sign of others that the next must confirm
         self._published: dict[str, tuple[float, float, float]] = {}  # runner → (published at, limit before, limit)
 
     @staticmethod
@@ -120,6 +121,7 @@ class Presence:
         certain = excess >= 2 * threshold and not peers
         present = certain or excess >= threshold or finished
         self._readings = self._readings + 1 if present else 0
+        self.unconfirmed = present and not certain and self._readings < 2
         if certain or self._readings >= 2:
             # Their rate is learnt as they stay, never unlearnt while they do: as they leave, a falling rate would
             # widen the window over their last requests and keep them seen for as long again.

@@ -115,3 +115,48 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
     assert shared <= SLOTS // 2 - 1, "the batch did not leave the others room for their bursts"
     assert shared_waiting <= 0.5, "the others' requests queued"
     assert recovered >= 0.9 * SLOTS
+
+
+async def test_a_batch_that_starts_beside_users_starts_within_their_budget(tmp_path):
+    """Its first requests wait for a reading of the engine: sent at the initial limit, they took every slot of a small
+    engine from users for a whole service time (on llama.cpp, 8 requests of 5 s while users queued 8 deep)."""
+    with sim_process("--max-num-seqs", "8", "--time-scale", "0.5") as sim_url:
+        ingested = await ingest(
+            chunks(chat_lines(64, systems=64, max_tokens=64)),
+            tmp_path / "input.jsonl",
+            "/v1/chat/completions",
+            Limits(10_000, 1 << 20),
+            model_ok,
+        )
+        endpoint = Endpoint(sim_url, ConcurrencyController(initial=8))
+        lines = np.arange(ingested.count)
+        async with httpx.AsyncClient(timeout=60) as client, UpstreamClient() as upstream:
+            await client.post(sim_url + "/sim/load", json={"sequences": 6})  # users hold 6 of the 8 slots
+            dispatcher = Dispatcher(
+                batch_id="batch_test",
+                path="/v1/chat/completions",
+                ingested=ingested,
+                endpoints=[endpoint],
+                scheduler=GroupScheduler(lines, lines),
+                client=upstream,
+                sink=lambda *args: None,
+                budget=RetryBudget(ingested.count, 0.2),
+                max_attempts=3,
+                request_timeout=60,
+                log=structlog.get_logger("test"),
+            )
+            task = asyncio.create_task(dispatcher.run())
+            inflight, waiting = [], []
+            try:
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline:
+                    inflight.append(endpoint.controller.inflight)
+                    waiting.append((await client.get(sim_url + "/sim/stats")).json()["waiting"])
+                    await asyncio.sleep(0.02)
+            finally:
+                dispatcher.stop()
+                await dispatcher.abort(0)
+                task.cancel()
+    assert max(inflight) >= 1, "the batch sent nothing: this test shows nothing"
+    assert max(inflight) <= 2, f"the batch started with {max(inflight)} in flight beside users holding 6 of 8 slots"
+    assert max(waiting) <= 1  # an arrival waits for the next step; 8 at once would have waited for slots

@@ -108,3 +108,18 @@ def test_users_stay_seen_from_the_runner_s_first_seconds_on_a_small_engine(seed)
         if reading * READING > 10 and controller.regime is not Regime.SHARED:
             lapsed.append(engine.now)
     assert not lapsed
+
+
+def test_a_sign_of_others_that_needs_a_second_reading_is_told_as_unconfirmed():
+    """The runner holds its first requests while a first reading's sign of others waits for the second."""
+    presence = Presence()
+    presence.observe(0.0, EngineReading(running=2, waiting=0), [], batch_inflight=0, answered=0)
+    assert presence.unconfirmed and not presence.shared(0.0)
+    presence.observe(0.5, EngineReading(running=2, waiting=0), [], batch_inflight=0, answered=0)
+    assert not presence.unconfirmed and presence.shared(0.5)
+    fresh = Presence()  # many of them leave no doubt at once
+    fresh.observe(0.0, EngineReading(running=6, waiting=0), [], batch_inflight=0, answered=0)
+    assert not fresh.unconfirmed and fresh.shared(0.0)
+    idle = Presence()
+    idle.observe(0.0, EngineReading(running=0, waiting=0), [], batch_inflight=0, answered=0)
+    assert not idle.unconfirmed and not idle.shared(0.0)

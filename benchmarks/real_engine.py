@@ -68,8 +68,17 @@ class LlamaEngine:
 
     def __init__(self, server: LlamaServer, url: str) -> None:
         self.url = url
+        self.server = server
         self.process = server.process
         self._client = httpx.Client(timeout=10.0)
+
+    def restart(self) -> None:
+        """A fresh llama-server on the same port (under a second): llama.cpp here slows by itself over successive
+        runs (users alone five times in a row on one server: 21.5, then about 25 ms per token), so every run of the
+        interactive comparison starts from the same engine."""
+        self.server.__exit__(None, None, None)
+        self.server.__enter__()
+        self.process = self.server.process
 
     def read_stats(self, client: httpx.Client, itl: bool = False) -> dict:
         values = parse_metrics(client.get(self.url + "/metrics").text)
@@ -189,6 +198,7 @@ def measure_share(
     alone: dict | None = None
 
     def measure(label: str, batch: Batch | None, warmup: float) -> dict:
+        engine.restart()
         mixed = run_mixed(
             engine,
             stack,
@@ -217,8 +227,8 @@ def measure_share(
         )
         return figures
 
-    # The alone runs bracket the runner's: llama.cpp here slows by itself over successive runs (users alone five
-    # times in a row: 21.5, then ~25 ms per token), so runs after the baseline would carry that drift as the runner's.
+    # Every run on a fresh server (`LlamaEngine.restart`); the alone runs bracket the runner's all the same, to show
+    # how far two runs of the same setting move apart.
     alone = first = measure("alone 1", None, WARMUP["alone"])
     defaults = measure("defaults", Batch("defaults"), WARMUP["defaults"])
     second = measure("alone 2", None, WARMUP["alone"])
@@ -309,6 +319,7 @@ def run() -> None:
         ]
         engine = LlamaEngine(server, url)
         try:
+            engine.restart()  # capacity as every run meets the engine: fresh
             cap = {
                 "batch": capacity(engine, lambda i: msgspec.json.encode(mix_body(i, 99))),
                 "interactive": capacity(engine, interactive_body),
@@ -469,11 +480,12 @@ Poisson stream of its own (requests at the same moments in every run of a share,
 own: llama.cpp's prompt cache would otherwise serve a run the prompts an earlier one sent), after a warm-up (alone
 {WARMUP["alone"]:.0f} s, defaults {WARMUP["defaults"]:.0f} s, fixed {WARMUP["fixed"]:.0f} s, peer
 {WARMUP["peer"]:.0f} s); with about one request a second at 20%, p99 is close to the slowest request of the window.
-The users alone run twice, before and after the defaults run, and the baseline is the two windows' requests
-together: the rows of each run against it show how far one run of the same setting moves by itself (outside this
-command, four runs alone at 20% had p99 from 0.68 to 0.75 s and per-token times from 13.2 to 14.4 ms; five at 40% on a
-fresh server, 21.5 ms per token in the first and about 25 ms in the later ones: the engine slows by itself over
-successive runs, and the fixed settings and the peer, later still, carry more of that).
+Every run, and the capacity measure, starts on a fresh llama-server (restarted on the same port, under a second):
+on one server the engine slowed by itself over successive runs (outside this command, five runs alone at 40%: 21.5 ms
+per token in the first, about 25 ms in the later ones), so that later runs, and the shares measured after the first,
+met a slower engine than the capacity that set their load. The users alone run twice, before and after the defaults
+run, and the baseline is the two windows' requests together: the rows of each run against it show how far one run of
+the same setting moves by itself (outside this command, four runs alone at 20% had p99 from 0.68 to 0.75 s).
 The oracle sweeps fixed {", ".join(map(str, COARSE))} (stopping at the first over budget) and bisects once; the
 peer's baseline is benchmarks/peer.py (AIMD between 5 and 10 in flight). Per-token × is llama.cpp's own per-token
 generation time (`tokens_predicted_seconds_total / tokens_predicted_total`, counted when a request ends) against alone.

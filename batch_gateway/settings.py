@@ -149,7 +149,10 @@ class Settings:
         group="runner",
     )
     initial_concurrency: int = setting(
-        8, "In-flight requests per upstream endpoint when a runner starts.", group="runner"
+        8,
+        "In-flight requests per upstream endpoint when a runner starts on an engine only batch runners use (beside "
+        "others it starts within their budget: its first request waits for a reading of the engine's /metrics).",
+        group="runner",
     )
     max_concurrency: int = setting(256, "Upper bound of in-flight requests per upstream endpoint.", group="runner")
     fixed_concurrency: int = setting(

@@ -21,7 +21,7 @@ import structlog
 
 from batch_gateway.runner.controller import ConcurrencyController
 from batch_gateway.runner.dispatch import Dispatcher, Endpoint, RetryBudget
-from batch_gateway.runner.ingest import Limits, ingest
+from batch_gateway.runner.ingest import Ingested, Limits, ingest
 from batch_gateway.runner.schedule import GroupScheduler
 from batch_gateway.runner.upstream import UpstreamClient
 from tests.fixtures.processes import http_ok, spawn, stop
@@ -68,6 +68,24 @@ async def model_ok(model: str) -> None:
     return None
 
 
+def dispatcher_for(ingested: Ingested, endpoint: Endpoint, upstream: UpstreamClient) -> Dispatcher:
+    """The real dispatcher sending every line, in input order, to `endpoint`; results are dropped."""
+    lines = np.arange(ingested.count)
+    return Dispatcher(
+        batch_id="batch_test",
+        path="/v1/chat/completions",
+        ingested=ingested,
+        endpoints=[endpoint],
+        scheduler=GroupScheduler(lines, lines),
+        client=upstream,
+        sink=lambda *args: None,
+        budget=RetryBudget(ingested.count, 0.2),
+        max_attempts=3,
+        request_timeout=60,
+        log=structlog.get_logger("test"),
+    )
+
+
 async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
     with sim_process("--max-num-seqs", str(SLOTS), "--time-scale", "0.5") as sim_url:
         # Output lengths 16..47 tokens: equal lengths would finish in lockstep, and each lockstep refill reads as a
@@ -77,21 +95,8 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
             chunks(varied), tmp_path / "input.jsonl", "/v1/chat/completions", Limits(10_000, 1 << 20), model_ok
         )
         endpoint = Endpoint(sim_url, ConcurrencyController(initial=4, maximum=256))
-        lines = np.arange(ingested.count)
         async with httpx.AsyncClient(timeout=60) as client, UpstreamClient() as upstream:
-            dispatcher = Dispatcher(
-                batch_id="batch_test",
-                path="/v1/chat/completions",
-                ingested=ingested,
-                endpoints=[endpoint],
-                scheduler=GroupScheduler(lines, lines),
-                client=upstream,
-                sink=lambda *args: None,
-                budget=RetryBudget(ingested.count, 0.2),
-                max_attempts=3,
-                request_timeout=60,
-                log=structlog.get_logger("test"),
-            )
+            dispatcher = dispatcher_for(ingested, endpoint, upstream)
             task = asyncio.create_task(dispatcher.run())
             try:
                 await asyncio.sleep(12)  # slow start, and the knee it finds
@@ -129,22 +134,9 @@ async def test_a_batch_that_starts_beside_users_starts_within_their_budget(tmp_p
             model_ok,
         )
         endpoint = Endpoint(sim_url, ConcurrencyController(initial=8))
-        lines = np.arange(ingested.count)
         async with httpx.AsyncClient(timeout=60) as client, UpstreamClient() as upstream:
             await client.post(sim_url + "/sim/load", json={"sequences": 6})  # users hold 6 of the 8 slots
-            dispatcher = Dispatcher(
-                batch_id="batch_test",
-                path="/v1/chat/completions",
-                ingested=ingested,
-                endpoints=[endpoint],
-                scheduler=GroupScheduler(lines, lines),
-                client=upstream,
-                sink=lambda *args: None,
-                budget=RetryBudget(ingested.count, 0.2),
-                max_attempts=3,
-                request_timeout=60,
-                log=structlog.get_logger("test"),
-            )
+            dispatcher = dispatcher_for(ingested, endpoint, upstream)
             task = asyncio.create_task(dispatcher.run())
             inflight, waiting = [], []
             try:

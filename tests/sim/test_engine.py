@@ -7,8 +7,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from batch_gateway.runner.engine_metrics import parse_metrics
 from batch_gateway.sim.tokens import BYTES_PER_TOKEN
 from tests.helpers import eventually
 from tests.sim.conftest import SYSTEM, chat, post_all, send_while_paused, stats
@@ -74,8 +74,7 @@ def test_waiting_queue_grows_beyond_max_num_seqs(start_sim):
 
 def _e2e_latency(server) -> tuple[float, float]:
     """(sum, count) of the engine's own request latency histogram, as /metrics publishes it."""
-    text = httpx.get(server.url + "/metrics").text
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    samples = parse_metrics(httpx.get(server.url + "/metrics").text)
     return samples["vllm:e2e_request_latency_seconds_sum"], samples["vllm:e2e_request_latency_seconds_count"]
 
 

@@ -145,8 +145,11 @@ class Presence:
             if peer.at != at:  # a new publication since the last reading
                 before, limit = limit, peer.limit
             published[peer.owner] = (peer.at, before, limit)
-            # Up to two readings late: its growth between its last two publications, twice over.
-            growth = (limit / before) ** 2 - 1.0 if before > 0 else PEER_GROWTH_MAX if limit > 0 else 0.0
+            # Up to two readings late: its growth between its last two publications, twice over. A step of one request
+            # is a fractional share kept on average (`dithered`), not growth: from 1 to 2 it read as doubling, and
+            # took two of users' requests for the peer's.
+            grown = limit - 1.0 if limit - before <= 1.0 else limit
+            growth = (grown / before) ** 2 - 1.0 if before > 0 else PEER_GROWTH_MAX if limit > 0 else 0.0
             slack += min(PEER_GROWTH_MAX, max(PEER_SLACK, growth)) * peer.limit
         self._published = published
         return slack

@@ -12,6 +12,7 @@ import pytest
 from batch_gateway.runner.controller import ConcurrencyController, Regime
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.presence import Presence
+from batch_gateway.runner.share import RunnerLoad
 from tests.runner.model_engine import ModelEngine
 
 READING = 0.5  # seconds between readings (dispatch.METRICS_INTERVAL)
@@ -123,3 +124,14 @@ def test_a_sign_of_others_that_needs_a_second_reading_is_told_as_unconfirmed():
     idle = Presence()
     idle.observe(0.0, EngineReading(running=0, waiting=0), [], batch_inflight=0, answered=0)
     assert not idle.unconfirmed and not idle.shared(0.0)
+
+
+def test_a_peer_s_fractional_share_stepping_up_by_one_is_not_taken_for_growth():
+    """A runner keeps a share of 1.5 as 1 and 2 in turn (`dithered`). Read as growth, its step from 1 to 2 (doubling)
+    let it hold two requests beyond its limit, and hid users who hold three."""
+    presence = Presence()
+    for now, peer_limit in ((0.0, 1), (0.5, 2)):
+        peer = RunnerLoad("other", inflight=peer_limit, limit=peer_limit, demand=10, completed=0, at=now - 0.25)
+        running = 1 + peer_limit + 3  # ours, the peer's, the users'
+        presence.observe(now, EngineReading(running=running, waiting=0), [peer], 1 + peer_limit, answered=0)
+    assert presence.shared(0.5)

@@ -428,8 +428,8 @@ def write(
 Defaults: p99 {p99_ratio:.2f}× alone ({verdict(p99_ratio <= SLOWDOWN)}), batch {of_oracle} of the oracle's throughput.
 The runner's last snapshot: regime `{snapshot.get("regime")}`, limit {snapshot.get("limit")}, step fit {fit},
 budget {snapshot.get("budget")}; pauses {(snapshot.get("decreases") or {}).get("pause")}, queue cuts
-{(snapshot.get("decreases") or {}).get("queue")}, probes {snapshot.get("probes")} (their mean measure
-{snapshot.get("measured_slowdown")}).
+{(snapshot.get("decreases") or {}).get("queue")}, probes {snapshot.get("probes")} (each one's measure of users' step
+with the batch's one sequence over without it: {snapshot.get("probe_measures")}).
 """)
         summary.append(
             (

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import Sequence
 
 from batch_gateway.runner.engine_reading import EngineReading
@@ -44,6 +45,7 @@ PROBE_EVERY = 30.0
 PROBE_SERVICE_TIMES = 2.0
 PROBE_SECONDS = 4.0
 PROBE_MEMORY = 0.5
+PROBES_KEPT = 16  # each probe's own measure, for the snapshot
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
 PROMPT_SMOOTHING = 0.02  # weight of a new answer in the computed prompt tokens per output token (~50 answers)
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
@@ -130,6 +132,9 @@ class ConcurrencyController:
         self._probe_steps: list[float] = []
         self.measured_slowdown: float | None = None  # their step with the batch's one over without, mean of probes
         self.probes = 0
+        # Each probe's measure (None: it read none of their steps alone), kept when users leave and the mean is
+        # forgotten: what the probes found, for the snapshot.
+        self.probe_measures: deque[float | None] = deque(maxlen=PROBES_KEPT)
         # Reported.
         self.last_budget: dict[str, float] | None = None
         self.increases = 0
@@ -516,12 +521,14 @@ class ConcurrencyController:
             if now < self._probe_until:
                 return True
             self.probing = False
-            if self._probe_steps:  # a probe during which none of their steps was read measured nothing
+            measured = None  # a probe during which none of their steps was read measured nothing
+            if self._probe_steps:
                 measured = self._probe_before / (sum(self._probe_steps) / len(self._probe_steps))
                 previous = self.measured_slowdown
                 self.measured_slowdown = (
                     measured if previous is None else previous + PROBE_MEMORY * (measured - previous)
                 )
+            self.probe_measures.append(measured)
         if peers or self.paused or self._total >= 2.0 or self._step is None:
             self._probe_due = None
             return False
@@ -568,6 +575,7 @@ class ConcurrencyController:
             "regime": "fixed" if self.fixed else self.regime.value,
             "paused": self.paused,
             "probes": self.probes,
+            "probe_measures": [None if m is None else round(m, 3) for m in self.probe_measures],
             "measured_slowdown": self.measured_slowdown,
             "total_for_batch": round(self._total, 1),
             "capacity": self.knee.capacity,

@@ -11,7 +11,14 @@ import statistics
 
 import pytest
 
-from batch_gateway.runner.controller import PROBE_EVERY, PROBE_FIRST, ConcurrencyController, Regime, dithered
+from batch_gateway.runner.controller import (
+    BUDGET_MARGIN,
+    PROBE_EVERY,
+    PROBE_FIRST,
+    ConcurrencyController,
+    Regime,
+    dithered,
+)
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import Knee
 from batch_gateway.runner.share import allocate
@@ -257,7 +264,7 @@ def test_shared_budget_is_the_slowdown_times_fixed_over_per_sequence_cost():
         budget = c.snapshot()["budget"]
         assert budget["fixed_s"] == pytest.approx(0.010, rel=0.05)
         assert budget["per_batch_sequence_s"] == pytest.approx(0.0001, rel=0.05)
-        assert c.limit == pytest.approx(0.3 * 0.010 / 0.0001 * (1 - 0.03), abs=3), interactive
+        assert c.limit == pytest.approx(0.3 * 0.010 / 0.0001 * (1 - BUDGET_MARGIN), abs=3), interactive
 
 
 def test_a_lone_runner_beside_users_rounds_its_budget_down():
@@ -729,6 +736,8 @@ def test_a_probe_that_reads_none_of_their_steps_alone_measures_nothing(monkeypat
         c.on_engine(now, silent)
         assert now < 400, "no probe started"
     assert c.measured_slowdown == measured
+    assert len(c.probe_measures) == c.probes and c.probe_measures[-1] is None  # each probe's own, for the snapshot
+    assert c.snapshot()["probe_measures"][-1] is None
 
 
 def test_a_probe_steps_aside_without_aborting_the_request_in_flight(monkeypatch):

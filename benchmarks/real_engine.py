@@ -76,8 +76,7 @@ class LlamaEngine:
         """A fresh llama-server on the same port (under a second): llama.cpp here slows by itself over successive
         runs (users alone five times in a row on one server: 21.5, then about 25 ms per token), so every run of the
         interactive comparison starts from the same engine."""
-        self.server.__exit__(None, None, None)
-        self.server.__enter__()
+        self.server.restart()
         self.process = self.server.process
 
     def read_stats(self, client: httpx.Client, itl: bool = False) -> dict:

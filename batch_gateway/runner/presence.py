@@ -148,8 +148,12 @@ class Presence:
             # Up to two readings late: its growth between its last two publications, twice over. A step of one request
             # is a fractional share kept on average (`dithered`), not growth: from 1 to 2 it read as doubling, and
             # took two of users' requests for the peer's.
-            grown = limit - 1.0 if limit - before <= 1.0 else limit
-            growth = (grown / before) ** 2 - 1.0 if before > 0 else PEER_GROWTH_MAX if limit > 0 else 0.0
+            if before <= 0:
+                growth = PEER_GROWTH_MAX if limit > 0 else 0.0
+            elif limit - before <= 1.0:
+                growth = 0.0
+            else:
+                growth = (limit / before) ** 2 - 1.0
             slack += min(PEER_GROWTH_MAX, max(PEER_SLACK, growth)) * peer.limit
         self._published = published
         return slack

@@ -72,17 +72,22 @@ def test_waiting_queue_grows_beyond_max_num_seqs(start_sim):
     assert (final["running"], final["waiting"], final["completed"]) == (0, 0, 10)
 
 
-def _e2e_latency(server) -> tuple[float, float]:
-    """(sum, count) of the engine's own request latency histogram, as /metrics publishes it."""
+def _latency_sums(server) -> tuple[float, float, float]:
+    """(sum of end-to-end latency, sum of queue time, count) of the engine's own request histograms, as /metrics
+    publishes them."""
     samples = parse_metrics(httpx.get(server.url + "/metrics").text)
-    return samples["vllm:e2e_request_latency_seconds_sum"], samples["vllm:e2e_request_latency_seconds_count"]
+    return (
+        samples["vllm:e2e_request_latency_seconds_sum"],
+        samples["vllm:request_queue_time_seconds_sum"],
+        samples["vllm:e2e_request_latency_seconds_count"],
+    )
 
 
-def _closed_loop(server, concurrency: int, per_worker: int) -> tuple[float, float]:
-    """(output tokens per second of the engine's busy time, the engine's mean request latency) of `concurrency` workers
-    each sending `per_worker` requests in turn.
+def _closed_loop(server, concurrency: int, per_worker: int) -> tuple[float, float, float]:
+    """(output tokens per second of the engine's busy time, the engine's mean request latency, its mean queue time) of
+    `concurrency` workers each sending `per_worker` requests in turn.
 
-    Both are the engine's own figures, not the client's: the simulator shares this process with the clients, so on a
+    All are the engine's own figures, not the client's: the simulator shares this process with the clients, so on a
     busy machine the clients' wall clock measures the CPU and the clients' own time between requests, not the knee."""
 
     async def worker(http: httpx.AsyncClient, w: int) -> None:
@@ -94,12 +99,12 @@ def _closed_loop(server, concurrency: int, per_worker: int) -> tuple[float, floa
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             await asyncio.gather(*(worker(http, w) for w in range(concurrency)))
 
-    before, latency_before = server.stats(), _e2e_latency(server)
+    before, sums_before = server.stats(), _latency_sums(server)
     asyncio.run(run())
-    after, latency_after = server.stats(), _e2e_latency(server)
+    after, sums_after = server.stats(), _latency_sums(server)
     tokens = after["generation_tokens"] - before["generation_tokens"]
-    mean_latency = (latency_after[0] - latency_before[0]) / (latency_after[1] - latency_before[1])
-    return tokens / (after["busy_seconds"] - before["busy_seconds"]), mean_latency
+    e2e, queue, count = (a - b for a, b in zip(sums_after, sums_before, strict=True))
+    return tokens / (after["busy_seconds"] - before["busy_seconds"]), e2e / count, queue / count
 
 
 def test_throughput_knee_at_max_num_seqs(start_sim):
@@ -111,7 +116,12 @@ def test_throughput_knee_at_max_num_seqs(start_sim):
     beyond = _closed_loop(server, 8, 3)
     assert knee[0] > 1.5 * below[0]  # below the knee, concurrency buys throughput...
     assert beyond[0] < 1.25 * knee[0]  # ...past it, it does not...
-    assert beyond[1] > 1.5 * knee[1]  # ...and only latency grows (the queue)
+    # ...and only the queue grows. With clients that answer at once, eight workers' requests wait 0.83 of a service
+    # time on average (all but the first four wait one); clients slowed by a busy machine leave less of a queue (CI
+    # once measured a latency only 1.42 times the knee's), so the bound is a quarter of one, against almost none at
+    # the knee.
+    assert knee[2] < 0.1 * knee[1]
+    assert beyond[2] > 0.25 * knee[1], (knee, beyond)
 
 
 def test_kv_cache_full_makes_requests_wait_and_preempts(start_sim):

@@ -46,6 +46,7 @@ PROBE_SERVICE_TIMES = 2.0
 PROBE_SECONDS = 4.0
 PROBE_MEMORY = 0.5
 PROBES_KEPT = 16  # each probe's own measure, for the snapshot
+NO_TOKENS = (0.0, 0.0)  # (seconds, tokens) of users' tokens (`_others_tokens`), none yet
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
 PROMPT_SMOOTHING = 0.02  # weight of a new answer in the computed prompt tokens per output token (~50 answers)
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
@@ -106,6 +107,8 @@ class ConcurrencyController:
         self._since_increase = 0  # blind: answers since the last additive increase
         self.service_time: float | None = None  # smoothed latency of our requests
         self._own_per_token: list[float] = []  # since the last reading: our step-time evidence without the engine's
+        self._own_seconds = self._own_tokens = 0.0  # since the last reading: our answers' latencies and output tokens
+        self._own_token_time: float | None = None  # smoothed latency per output token of our answers
         # The engine.
         self.model = StepModel()
         self._loads = LoadHistory()
@@ -126,10 +129,10 @@ class ConcurrencyController:
         self.probing = False  # shared, at one sequence: stepping aside to measure what it costs them (`_probe`)
         self._probe_due: float | None = None
         self._probe_until = -math.inf
-        self._probe_before = 0.0  # the step just before the probe, with the batch's one sequence
-        # Their steps read during the probe that describe a time without the batch, as read (the smoothed step would
-        # carry the one before into them).
-        self._probe_steps: list[float] = []
+        # Their tokens' time and count (`_others_tokens`) while the batch held one sequence since the last probe, and
+        # during the probe while it held none: their step with it and without it.
+        self._beside = self._without = NO_TOKENS
+        self._probe_before: float | None = None
         self.measured_slowdown: float | None = None  # their step with the batch's one over without, mean of probes
         self.probes = 0
         # Each probe's measure (None: it read none of their steps alone), kept when users leave and the mean is
@@ -224,7 +227,15 @@ class ConcurrencyController:
             else (self.service_time + LATENCY_SMOOTHING * (latency - self.service_time))
         )
         if output_tokens > 1:
-            self._own_per_token.append(latency / output_tokens)
+            per_token = latency / output_tokens
+            self._own_per_token.append(per_token)
+            self._own_token_time = (
+                per_token
+                if self._own_token_time is None
+                else self._own_token_time + LATENCY_SMOOTHING * (per_token - self._own_token_time)
+            )
+        self._own_seconds += latency
+        self._own_tokens += output_tokens
         if prompt_tokens and output_tokens:
             keep = 1.0 - PROMPT_SMOOTHING
             self._prompted = keep * self._prompted + max(0, prompt_tokens - cached_tokens)
@@ -359,7 +370,9 @@ class ConcurrencyController:
         answers' latency per output token) against the batch's and everyone else's sequences over the time it
         describes."""
         own, self._own_per_token = self._own_per_token, []
-        batch = self._mean_inflight(now, previous[0] if previous else None) + sum(p.inflight for p in peers)
+        own_seconds, own_tokens, self._own_seconds, self._own_tokens = self._own_seconds, self._own_tokens, 0.0, 0.0
+        mine = self._mean_inflight(now, previous[0] if previous else None)
+        batch = mine + sum(p.inflight for p in peers)
         # Over the interval, not at its two ends: two snapshots of a count that moved in between would bias the
         # slopes toward zero (errors in the regressors).
         if reading.running_mean is not None:
@@ -385,9 +398,41 @@ class ConcurrencyController:
         self._step = step if self._step is None else self._step + STEP_SMOOTHING * (step - self._step)
         if prompt is not None:
             self._prompt += STEP_SMOOTHING * (prompt - self._prompt)
-        if self.probing and batch == 0.0 and reading.step_seconds is not None:
-            self._probe_steps.append(reading.step_seconds)
         self._lowest_step = min(self._lowest_step, self._step)
+        area = mine * (now - previous[0]) if previous else None
+        others = None if peers else self._others_tokens(reading, area, own_seconds, own_tokens)
+        if self.probing:
+            if batch == 0.0 and others is not None:
+                self._without = (self._without[0] + others[0], self._without[1] + others[1])
+        elif 0.9 <= batch <= 1.1:
+            if others is not None:
+                self._beside = (self._beside[0] + others[0], self._beside[1] + others[1])
+        else:
+            self._beside = NO_TOKENS  # their step beside one sequence, since it came to one
+
+    def _others_tokens(
+        self, reading: EngineReading, area: float | None, own_seconds: float, own_tokens: float
+    ) -> tuple[float, float] | None:
+        """Others' share of the reading's token time, and their tokens: the engine's less ours (None where it cannot
+        be told). Their step is not the engine's: beside one batch sequence, the engine's mean holds the batch's own
+        tokens, made in every step, also in those where nobody else runs (the cheapest), and theirs only in steps
+        where they run (docs/controller.md). On an engine that counts a request's tokens as it ends, ours are the
+        answers we had since the last reading, each over its latency; else our time in flight over the interval
+        (`area`), a token per our latency per token. Our latencies hold our prefill and queue too, so their share is,
+        if anything, taken for less than it is."""
+        if reading.step_seconds is None or not reading.step_tokens:
+            return None
+        per_token = self._own_token_time
+        if reading.counted_at_end:
+            ours = (own_seconds, own_tokens)
+        elif area == 0.0:
+            ours = NO_TOKENS
+        elif area is not None and per_token:
+            ours = (area, area / per_token)
+        else:
+            return None
+        seconds, tokens = reading.step_seconds * reading.step_tokens - ours[0], reading.step_tokens - ours[1]
+        return (seconds, tokens) if seconds > 0 and tokens >= 1 else None
 
     def _total_shared(
         self, now: float, reading: EngineReading, batch_inflight: float, queued: bool, peers: Sequence[RunnerLoad]
@@ -510,20 +555,20 @@ class ConcurrencyController:
         another time (its ramp, other loads): on llama.cpp at 60%, a fit made while the batch ramped down to one put
         the fixed cost at 46 ms (7 ms alone) and one sequence at 1.003× their step alone, where they measured 1.48×.
         Soon after it comes to one sequence, then every PROBE_EVERY seconds, it steps aside long enough for its last
-        request to end and some of theirs to run without it; the step just before, against their steps read during
-        the probe that describe a time the batch ran nothing (llama.cpp's describe the requests that ended, over their
-        whole decoding), is what the one sequence costs them (the mean over probes: their load moves between the two).
-        (The smoothed step at the probe's end, used before, kept the step before in it: unchanged when no reading
-        came, it measured exactly 1.0.) A probe that read none of their steps alone measures nothing. Over their
+        request to end and some of theirs to run without it; their step beside the one sequence since it came to one
+        (or since the last probe), against their step read during the probe where the readings describe a time the
+        batch ran nothing (llama.cpp's describe the requests that ended, over their whole decoding), is what the one
+        sequence costs them (the mean over probes: their load moves between the two). Both are theirs, not the
+        engine's (`_others_tokens`). A probe without their tokens on either side measures nothing. Over their
         budget, the batch waits until they leave (`_pause`). A lone runner only: beside others, its one is not the
         whole batch."""
         if self.probing:
             if now < self._probe_until:
                 return True
             self.probing = False
-            measured = None  # a probe during which none of their steps was read measured nothing
-            if self._probe_steps:
-                measured = self._probe_before / (sum(self._probe_steps) / len(self._probe_steps))
+            measured = None  # a probe that read none of their tokens on either side measured nothing
+            if self._probe_before is not None and self._without[1] > 0:
+                measured = self._probe_before / (self._without[0] / self._without[1])
                 previous = self.measured_slowdown
                 self.measured_slowdown = (
                     measured if previous is None else previous + PROBE_MEMORY * (measured - previous)
@@ -536,9 +581,9 @@ class ConcurrencyController:
             self._probe_due = now + min(PROBE_FIRST, PROBE_EVERY)
         if now < self._probe_due:
             return False
-        self._probe_before = self._step
+        self._probe_before = self._beside[0] / self._beside[1] if self._beside[1] > 0 else None
         self._probe_until = now + max(PROBE_SECONDS, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
-        self._probe_steps = []
+        self._beside = self._without = NO_TOKENS
         self._probe_due = self._probe_until + PROBE_EVERY
         self.probes += 1
         self.probing = True
@@ -548,6 +593,7 @@ class ConcurrencyController:
         """Users gone (or unseen): what a pause or a probe measured of them is theirs, not the next ones'."""
         self.paused = self.probing = False
         self.measured_slowdown = self._probe_due = None
+        self._beside = self._without = NO_TOKENS
 
     def _burst_queued(self, reading: EngineReading) -> bool:
         """One reading with more requests waiting than the arrivals of one step would explain (Poisson: mean plus

@@ -139,13 +139,13 @@ class EngineMeter:
         if waiting is None:
             return None
         last, self._last = self._last, _Scrape(at, values)
-        step = running_mean = queue = prompt = queried = found = None
+        step = step_tokens = running_mean = queue = prompt = queried = found = None
         if last is not None and at > last.at:
             for total_name, count_name in _TOKEN_TIMES:
                 seconds, tokens = _change(values, last.values, total_name), _change(values, last.values, count_name)
                 if seconds is not None and tokens is not None:
                     if tokens > 0:
-                        step = seconds / tokens
+                        step, step_tokens = seconds / tokens, tokens
                         running_mean = seconds / (at - last.at)
                     break
             prompted, found = _change(values, last.values, _PROMPT_TOKENS), _change(values, last.values, _CACHE_HITS)
@@ -160,6 +160,7 @@ class EngineMeter:
             waiting=waiting,
             kv_usage=_first(values, _KV_USAGE),
             step_seconds=step,
+            step_tokens=step_tokens,
             running_mean=running_mean,
             completed=_first(values, _COMPLETED),
             finished_tokens=_first(values, _FINISHED_TOKENS),

@@ -13,6 +13,7 @@ class EngineReading:
     waiting: float
     kv_usage: float | None = None
     step_seconds: float | None = None  # mean inter-token latency since the previous reading, if the engine says
+    step_tokens: float | None = None  # ...and the tokens it is the mean over
     running_mean: float | None = None  # sequences decoding on average over that time (its ITL sum / the time)
     completed: float | None = None  # requests it finished, all clients, since it started
     # Output tokens of the requests it finished, all clients, since it started, where the engine counts them as each

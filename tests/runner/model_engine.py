@@ -141,6 +141,7 @@ class ModelEngine:
                     running=len(self.running),
                     waiting=len(self.waiting),
                     step_seconds=token_time / tokens if tokens else None,
+                    step_tokens=tokens or None,
                     running_mean=None if self.counts_at_end else token_time / (self.now - last_reading),
                     completed=None if self.counts_at_end else self.completed,
                     finished_tokens=self.finished_tokens if self.counts_at_end else None,

@@ -24,7 +24,7 @@ from batch_gateway.runner.knee import Knee
 from batch_gateway.runner.share import allocate
 from batch_gateway.runner.step_model import LoadHistory, StepModel
 from batch_gateway.store.metadata import RunnerLoad
-from tests.runner.model_engine import ModelEngine, percentile
+from tests.runner.model_engine import ModelEngine, Run, percentile
 
 # --- exact reactions --------------------------------------------------------------------------------
 
@@ -738,6 +738,39 @@ def test_a_probe_that_reads_none_of_their_steps_alone_measures_nothing(monkeypat
     assert c.measured_slowdown == measured
     assert len(c.probe_measures) == c.probes and c.probe_measures[-1] is None  # each probe's own, for the snapshot
     assert c.snapshot()["probe_measures"][-1] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("counts_at_end", [True, False], ids=["llama.cpp-like", "vllm-like"])
+def test_a_probe_measures_users_step_not_the_engine_s(counts_at_end):
+    """Beside one batch sequence the engine's mean step holds the batch's own tokens, made in every step, also in those
+    where no user runs (the cheapest), and users' are made only where they run: with sparse users (20% of a small CPU
+    engine, where one sequence costs them 1.38-1.40× per token), the engine's step beside it was 1.03-1.05× theirs
+    alone, and probes that took it for theirs measured 1.24× (counted as requests end) and 1.15× (as tokens are made)
+    on average; taking theirs, 1.42× and 1.45×. A budget of 1.6 lets the batch hold one sequence and probe on (until
+    a probe's noise, or the fit, stops it); their measures, pooled over three runs."""
+
+    def engine(seed: int) -> ModelEngine:
+        return ModelEngine(
+            fixed=0.007, per_sequence=0.0044, capacity=8, batch_tokens=32, interactive_tokens=16,
+            counts_at_end=counts_at_end, seed=seed,
+        )  # fmt: skip
+
+    def users_per_token(run: Run) -> float:
+        return statistics.mean(latency / 16 for sent, latency in run.interactive if sent >= 30)
+
+    users = engine(1).interactive_rate(0.2)
+    truths, measures = [], []
+    for seed in (1, 2, 3):
+        alone = users_per_token(engine(seed).run([], 300, interactive_rate=lambda t: users))
+        fixed = [ConcurrencyController(fixed=1)]
+        truths.append(users_per_token(engine(seed).run(fixed, 300, interactive_rate=lambda t: users)) / alone)
+        c = ConcurrencyController(slowdown=1.6)
+        engine(seed).run([c], 300, interactive_rate=lambda t: users)
+        assert c.regime is Regime.SHARED
+        measures += [m for m in c.probe_measures if m is not None]
+    assert len(measures) >= 10
+    assert statistics.mean(measures) == pytest.approx(statistics.mean(truths), rel=0.08), (measures, truths)
 
 
 def test_a_probe_steps_aside_without_aborting_the_request_in_flight(monkeypatch):

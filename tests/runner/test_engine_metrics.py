@@ -68,7 +68,7 @@ def test_vllm_histograms_give_the_step_time_and_the_sequences_decoding_over_the_
     # Over 2 s: 40 sequences decoding 20-ms steps = 4,000 tokens whose latencies add up to 80 s.
     second = meter.read(vllm(40, 0, itl_sum=180.0, itl_count=9000, queue_sum=0.5, queue_count=10, success=30), at=12.0)
     reading = second.reading
-    assert reading.step_seconds == pytest.approx(0.020)
+    assert reading.step_seconds == pytest.approx(0.020) and reading.step_tokens == 4000
     assert reading.running_mean == pytest.approx(40.0)
     assert reading.queue_seconds == pytest.approx(0.05)
     assert (reading.running, reading.waiting, reading.kv_usage, reading.completed) == (40, 0, 0.25, 30)
@@ -120,6 +120,7 @@ def test_llama_cpp_generation_time_gives_its_per_token_latency_and_busy_slots():
     snapshot = meter.read(scrape(14.0, 140), at=1.0)  # 4 slots busy for 1 s: 40 tokens at 100 ms each
     assert snapshot.slot_caches and snapshot.reading.waiting_means_full  # deferred: no slot was free
     assert snapshot.reading.step_seconds == pytest.approx(0.1) and snapshot.reading.running_mean == pytest.approx(4.0)
+    assert snapshot.reading.step_tokens == 40  # the tokens of the requests that ended: users' share is told from it
     # It counts no finished requests, only their output tokens as each ends: what shows users there (presence.py).
     assert snapshot.reading.completed is None and snapshot.reading.finished_tokens == 140
 

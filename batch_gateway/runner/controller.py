@@ -47,6 +47,10 @@ PROBE_SECONDS = 4.0
 PROBE_MEMORY = 0.5
 PROBES_KEPT = 16  # each probe's own measure, for the snapshot
 NO_TOKENS = (0.0, 0.0)  # (seconds, tokens) of users' tokens (`_others_tokens`), none yet
+# A pause is a verdict on users' load of its time: this long after it, a lone runner tries one sequence again and
+# probes it (`_pause`); each trial that measures it over their budget doubles the wait, up to PAUSE_RETRY_MAX.
+PAUSE_RETRY_FIRST = 300.0
+PAUSE_RETRY_MAX = 3600.0
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
 PROMPT_SMOOTHING = 0.02  # weight of a new answer in the computed prompt tokens per output token (~50 answers)
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
@@ -138,6 +142,11 @@ class ConcurrencyController:
         # Each probe's measure (None: it read none of their steps alone), kept when users leave and the mean is
         # forgotten: what the probes found, for the snapshot.
         self.probe_measures: deque[float | None] = deque(maxlen=PROBES_KEPT)
+        self.trials = 0  # pauses tried again with one sequence (`_pause`)
+        self._trial_probes: int | None = None  # during a trial: the probes counted when it began
+        self.trial_within = False  # a trial's probe measured one sequence within their budget: it holds one
+        self._retry_at = math.inf
+        self._retry_wait = PAUSE_RETRY_FIRST
         # Reported.
         self.last_budget: dict[str, float] | None = None
         self.increases = 0
@@ -453,8 +462,8 @@ class ConcurrencyController:
         if self._probe(now, peers):
             return 0.0
         agreed = sum(views) / len(views) if views else None
-        if (agreed is not None or self.measured_slowdown is not None) and self._pause(
-            math.inf if agreed is None else agreed
+        if (agreed is not None or self.measured_slowdown is not None or self._trial_probes is not None) and self._pause(
+            now, math.inf if agreed is None else agreed, lone=not peers
         ):
             return 0.0
         if agreed is not None:
@@ -470,6 +479,8 @@ class ConcurrencyController:
             budget = batch_inflight * NO_FIT_YIELD
         else:
             budget = batch_inflight
+        if self._trial_probes is not None or self.trial_within:
+            budget = max(budget, 1.0)  # measured, not fitted: one sequence (`_pause`)
         total = min(room, budget)
         if not queued and self._burst_queued(reading):
             # More wait than arrivals between two steps explain: their queue must empty at once.
@@ -531,22 +542,52 @@ class ConcurrencyController:
         }
         return budget
 
-    def _pause(self, budget: float) -> bool:
+    def _pause(self, now: float, budget: float, *, lone: bool) -> bool:
         """Whether the batch waits while others use the engine: by the fit, not one batch sequence is within their
         budget (a CPU engine, where a sequence costs a large share of a step), and the step the batch's sequences made
         showed them over it (a fit alone may be off); or the probes measured its one sequence over it (`_probe`).
-        Once paused the batch shows nothing more, and waits until they leave. Every runner on the engine takes the
-        same mean budget, so they wait together."""
-        over = self.last_budget is None or self.last_budget["slowdown_now"] > self.slowdown  # None: peers' fits say
+        Every runner on the engine takes the same mean budget, so they wait together.
+
+        A waiting batch shows nothing more of what it costs them, and their load and its requests change over
+        minutes: a lone runner tries again PAUSE_RETRY_FIRST seconds after the pause (a *trial*), with one sequence
+        whatever its fit says (the fit has learnt nothing since), and the trial's probe (`_probe`, PROBE_FIRST
+        seconds later) rules. Over their budget, or no measure, and the batch waits again, twice as long as before
+        (at most PAUSE_RETRY_MAX, so that a trial's seconds over budget stay a small share of their time); within
+        it, the batch holds one sequence while the probes that follow keep it within."""
+        if not lone:  # beside other runners nothing probes: no trial, and nothing keeps a trial's measure true
+            self._trial_probes, self.trial_within = None, False
+        if self._trial_probes is not None:
+            if self.probing or self.probes == self._trial_probes:
+                return False  # one sequence, until the trial's probe has measured it
+            self._trial_probes = None
+            self.trial_within = self.measured_slowdown is not None and self.measured_slowdown <= self.slowdown
+            if not self.trial_within:
+                return self._start_pause(now)
         measured_over = self.measured_slowdown is not None and self.measured_slowdown > self.slowdown
+        if self.trial_within and not measured_over:
+            return False
+        over = self.last_budget is None or self.last_budget["slowdown_now"] > self.slowdown  # None: peers' fits say
         if measured_over:
             budget = 0.0  # what users measured beats the fit
         if budget >= 1.0 or not (self.paused or over or measured_over):
             self.paused = False
             return False
         if not self.paused:
-            self.decreases["pause"] += 1
+            return self._start_pause(now)
+        if lone and now >= self._retry_at:
+            self.paused = False
+            self.measured_slowdown = None  # their load of then, not of now
+            self._trial_probes = self.probes
+            self.trials += 1
+            self._retry_wait = min(PAUSE_RETRY_MAX, 2.0 * self._retry_wait)  # should this one fail
+            return False
+        return True
+
+    def _start_pause(self, now: float) -> bool:
+        self.decreases["pause"] += 1
         self.paused = True
+        self.trial_within = False
+        self._retry_at = now + self._retry_wait
         return True
 
     def _probe(self, now: float, peers: Sequence[RunnerLoad]) -> bool:
@@ -591,8 +632,9 @@ class ConcurrencyController:
 
     def _forget_probes(self) -> None:
         """Users gone (or unseen): what a pause or a probe measured of them is theirs, not the next ones'."""
-        self.paused = self.probing = False
-        self.measured_slowdown = self._probe_due = None
+        self.paused = self.probing = self.trial_within = False
+        self.measured_slowdown = self._probe_due = self._trial_probes = None
+        self._retry_at, self._retry_wait = math.inf, PAUSE_RETRY_FIRST
         self._beside = self._without = NO_TOKENS
 
     def _burst_queued(self, reading: EngineReading) -> bool:
@@ -621,6 +663,7 @@ class ConcurrencyController:
             "regime": "fixed" if self.fixed else self.regime.value,
             "paused": self.paused,
             "probes": self.probes,
+            "pause_trials": self.trials,
             "probe_measures": [None if m is None else round(m, 3) for m in self.probe_measures],
             "measured_slowdown": self.measured_slowdown,
             "total_for_batch": round(self._total, 1),

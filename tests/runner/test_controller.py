@@ -13,6 +13,7 @@ import pytest
 
 from batch_gateway.runner.controller import (
     BUDGET_MARGIN,
+    PAUSE_RETRY_FIRST,
     PROBE_EVERY,
     PROBE_FIRST,
     ConcurrencyController,
@@ -671,6 +672,78 @@ def test_where_one_batch_sequence_is_over_their_budget_the_batch_waits_while_the
     # When they leave, slow start goes on to the engine's knee (not known yet: the batch never had it alone).
     back = next(s["t"] for s in run.samples if s["t"] > 120 and s["limits"][0] >= 8)
     assert back - 120 <= 25 and c.regime is Regime.OURS and c.capacity == 8
+
+
+def _cpu_engine(seed: int = 1) -> ModelEngine:
+    """Two CPU cores' engine (llama.cpp with SmolLM2-135M: a ≈ 7 ms, m ≈ 4.4 ms), counting tokens as requests end."""
+    return ModelEngine(
+        fixed=0.007, per_sequence=0.0044, capacity=8, batch_tokens=32, interactive_tokens=16, counts_at_end=True,
+        seed=seed,
+    )  # fmt: skip
+
+
+def _runs_after(run: Run, since: float) -> list[tuple[float, float]]:
+    """(first, last) reading of each stretch after `since` in which the batch held anything."""
+    stretches: list[tuple[float, float]] = []
+    for sample in run.samples:
+        if sample["t"] < since or sample["limits"][0] == 0:
+            continue
+        if stretches and sample["t"] - stretches[-1][1] <= 1.0:
+            stretches[-1] = (stretches[-1][0], sample["t"])
+        else:
+            stretches.append((sample["t"], sample["t"]))
+    return stretches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trials", [True, False], ids=["trials", "no-trials"])
+def test_a_paused_batch_tries_one_sequence_again_and_holds_it_where_it_is_now_within_their_budget(trials, monkeypatch):
+    """A pause is a verdict on its time. Here one batch sequence costs users 1.4× and the batch waits; then its
+    requests grow cheaper (shorter contexts later in the file, say) while users stay. It used to wait as long as they
+    stayed, which beside an always-on service is until the batch expires: now PAUSE_RETRY_FIRST after the pause it
+    runs one sequence, its probe measures it within their budget, and it holds it."""
+    if not trials:
+        monkeypatch.setattr("batch_gateway.runner.controller.PAUSE_RETRY_FIRST", math.inf)
+    users = _cpu_engine().interactive_rate(0.2)
+    alone = _cpu_engine().run([], PAUSE_RETRY_FIRST + 270, interactive_rate=lambda t: users)
+    c, model = ConcurrencyController(), _cpu_engine()
+    run = model.run([c], 120, interactive_rate=lambda t: users)
+    assert c.paused and c.trials == 0
+    paused_at, before = model.now, run.batch_tokens[0]
+    model.batch_extra = -0.003  # a batch sequence now adds 1.4 ms to a step, not 4.4
+    run = model.run([c], PAUSE_RETRY_FIRST + 150, interactive_rate=lambda t: users, run=run)
+    if not trials:
+        assert c.paused and run.batch_tokens[0] == before, "without trials it should wait, or this shows nothing"
+        return
+    assert c.trials == 1 and c.trial_within and not c.paused and c.limit >= 1
+    assert c.measured_slowdown is not None and c.measured_slowdown <= c.slowdown
+    (start, _), *_ = _runs_after(run, paused_at)
+    assert paused_at + PAUSE_RETRY_FIRST - 120 <= start <= paused_at + PAUSE_RETRY_FIRST
+    assert run.batch_tokens[0] - before >= 0.5 * (model.now - start) / c.service_time * 32  # one sequence, mostly
+    last = (model.now - 100, model.now)
+    ratio = percentile(run.latencies(*last), 0.99) / percentile(alone.latencies(*last), 0.99)
+    assert ratio <= 1.3, f"p99 {ratio:.2f}× alone"
+
+
+@pytest.mark.slow
+def test_a_trial_that_measures_one_sequence_over_their_budget_waits_twice_as_long_before_the_next():
+    """Where one sequence still costs users too much (here each adds 8.4 ms to a 7 ms step), each trial costs them its
+    seconds of one sequence: the waits double (300 s, then 600 s), so that those stay a small share of their time.
+    (Where it costs them about their budget, 4.4 ms, a trial's single probe may measure it within: the batch holds
+    one sequence until the probes after it say otherwise.)"""
+    users = _cpu_engine().interactive_rate(0.2)
+    c, model = ConcurrencyController(), _cpu_engine()
+    model.batch_extra = 0.004
+    run = model.run([c], 120, interactive_rate=lambda t: users)
+    assert c.paused
+    paused_at = model.now
+    run = model.run([c], 3 * PAUSE_RETRY_FIRST + 60, interactive_rate=lambda t: users, run=run)
+    stretches = _runs_after(run, paused_at)
+    assert c.trials == 2 and len(stretches) == 2 and c.paused, stretches
+    (first, first_end), (second, second_end) = stretches
+    assert first_end - first <= 30.0 and second_end - second <= 30.0  # one sequence, then its probe
+    assert 2 * PAUSE_RETRY_FIRST <= second - first_end <= 2 * PAUSE_RETRY_FIRST + 30.0
+    assert c.measured_slowdown is not None and c.measured_slowdown > c.slowdown
 
 
 def _one_sequence_beside_users(

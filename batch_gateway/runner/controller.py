@@ -139,7 +139,7 @@ class ConcurrencyController:
         self._probe_before: float | None = None
         self.measured_slowdown: float | None = None  # their step with the batch's one over without, mean of probes
         self.probes = 0
-        # Each probe's measure (None: it read none of their steps alone), kept when users leave and the mean is
+        # Each probe's measure (None: it read none of their tokens on one side), kept when users leave and the mean is
         # forgotten: what the probes found, for the snapshot.
         self.probe_measures: deque[float | None] = deque(maxlen=PROBES_KEPT)
         self.trials = 0  # pauses tried again with one sequence (`_pause`)
@@ -600,9 +600,9 @@ class ConcurrencyController:
         (or since the last probe), against their step read during the probe where the readings describe a time the
         batch ran nothing (llama.cpp's describe the requests that ended, over their whole decoding), is what the one
         sequence costs them (the mean over probes: their load moves between the two). Both are theirs, not the
-        engine's (`_others_tokens`). A probe without their tokens on either side measures nothing. Over their
-        budget, the batch waits until they leave (`_pause`). A lone runner only: beside others, its one is not the
-        whole batch."""
+        engine's (`_others_tokens`). A probe that lacks their tokens on either side measures nothing. Over their
+        budget, the batch waits until they leave or a trial finds it within (`_pause`). A lone runner only: beside
+        others, its one is not the whole batch."""
         if self.probing:
             if now < self._probe_until:
                 return True

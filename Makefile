@@ -39,13 +39,14 @@ unit: install
 	$(BIN)/python -m pytest -m "$(UNIT_MARKERS)" $(PYTEST_ARGS)
 
 # The whole suite: unit, integration (PostgreSQL, Redis, an S3 server), end-to-end, the real-engine tests and the
-# control-plane tests (real Kubernetes and Argo, built once by scripts/install-control-plane.sh).
+# control-plane tests (real Kubernetes and Argo, built once by scripts/install-control-plane.sh). It ends with the 15
+# slowest tests, so that a CI run that grows says where the time went.
 test: install
 	scripts/ensure-services.sh
 	scripts/install-control-plane.sh
 	scripts/install-real-engine.sh
 	scripts/install-tools.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Everything except the tests that need the real llama.cpp engine or the control plane (only Argo's CRDs are fetched).
 test-quick: install

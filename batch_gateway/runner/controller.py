@@ -147,6 +147,7 @@ class ConcurrencyController:
         self.trial_within = False  # a trial's probe measured one sequence within their budget: it holds one
         self._retry_at = math.inf
         self._retry_wait = PAUSE_RETRY_FIRST
+        self._shared_at = -math.inf  # the last reading that showed others
         # Reported.
         self.last_budget: dict[str, float] | None = None
         self.increases = 0
@@ -333,7 +334,11 @@ class ConcurrencyController:
         self._peak_inflight = self._inflight
         self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered, self._answered_tokens)
         self.regime = Regime.SHARED if self.others.shared(now) else Regime.OURS
-        if self.regime is not Regime.SHARED:
+        if self.regime is Regime.SHARED:
+            if now - self._shared_at > PAUSE_RETRY_FIRST:
+                self._retry_wait = PAUSE_RETRY_FIRST  # gone longer than a wait: the trials' verdicts were on others
+            self._shared_at = now
+        else:
             self._forget_probes()
         if self.regime is Regime.SHARED and not peers:
             # The budget is a ceiling on others' slowdown, and one sequence more for part of the time is what their
@@ -631,10 +636,12 @@ class ConcurrencyController:
         return True
 
     def _forget_probes(self) -> None:
-        """Users gone (or unseen): what a pause or a probe measured of them is theirs, not the next ones'."""
+        """Users gone (or unseen): what a pause or a probe measured of them is theirs, not the next ones'. The wait
+        before a trial is kept: sparse users go unseen for seconds and are back, and the trials' verdicts on them
+        stand (it starts again from the first when others show after longer than a wait, `on_engine`)."""
         self.paused = self.probing = self.trial_within = False
         self.measured_slowdown = self._probe_due = self._trial_probes = None
-        self._retry_at, self._retry_wait = math.inf, PAUSE_RETRY_FIRST
+        self._retry_at = math.inf
         self._beside = self._without = NO_TOKENS
 
     def _burst_queued(self, reading: EngineReading) -> bool:

@@ -746,6 +746,27 @@ def test_a_trial_that_measures_one_sequence_over_their_budget_waits_twice_as_lon
     assert c.measured_slowdown is not None and c.measured_slowdown > c.slowdown
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("gone", [10.0, PAUSE_RETRY_FIRST + 60], ids=["a-moment", "longer-than-a-wait"])
+def test_users_unseen_for_a_moment_do_not_shorten_the_wait_before_the_next_trial(gone):
+    """Sparse users go unseen for seconds at a time (nobody in the engine, none of their requests ending): the batch
+    takes the engine back and pauses again when they show. A trial's verdict was on users who are still there: the
+    wait it doubled stands. Users gone for longer than a wait are others: the waits start again from the first."""
+    users = _cpu_engine().interactive_rate(0.2)
+    c, model = ConcurrencyController(), _cpu_engine()
+    model.batch_extra = 0.004  # one sequence is over their budget: every trial fails
+    run = model.run([c], 120 + PAUSE_RETRY_FIRST + 60, interactive_rate=lambda t: users)
+    assert c.trials == 1 and c.paused
+    run = model.run([c], gone, interactive_rate=lambda t: 0.0, run=run)
+    assert not c.paused and c.limit >= 1, "gone for this long, they should have been unseen, or this shows nothing"
+    back = model.now
+    run = model.run([c], 2 * PAUSE_RETRY_FIRST + 60, interactive_rate=lambda t: users, run=run)
+    repaused = next(end for start, end in _runs_after(run, back))
+    trials = [start for start, _ in _runs_after(run, repaused + 1.0)]
+    wait = 2 * PAUSE_RETRY_FIRST if gone < PAUSE_RETRY_FIRST else PAUSE_RETRY_FIRST
+    assert trials and wait <= trials[0] - repaused <= wait + 30.0, (repaused, trials)
+
+
 def _one_sequence_beside_users(
     seed: int, batch_extra: float, probes: bool, monkeypatch
 ) -> tuple[float, int, ConcurrencyController]:

@@ -508,6 +508,7 @@ class ConcurrencyController:
         without one)."""
         fit = self.model.fit
         if fit is None or self._step is None:
+            self.last_budget = None  # a budget of an earlier fit is of its time, not of now
             return None
         interactive = self.others.load
         # Without the batch their requests would also be shorter, so fewer of theirs would run at once (Little's

@@ -746,6 +746,20 @@ def test_a_trial_that_measures_one_sequence_over_their_budget_waits_twice_as_lon
     assert c.measured_slowdown is not None and c.measured_slowdown > c.slowdown
 
 
+def test_a_fit_that_turns_implausible_leaves_no_budget_behind():
+    """The budget the last plausible fit gave is of its time: once the fit says nothing (noise dominates), neither
+    the pause nor the snapshot reads it."""
+    engine = ModelEngine(seed=1)
+    users = engine.interactive_rate(0.4)
+    c = ConcurrencyController()
+    engine.run([c], 60, interactive_rate=lambda t: users)
+    assert c.regime is Regime.SHARED and c.last_budget is not None and c.snapshot()["budget"] is not None
+    c.model = StepModel()  # as if its readings had stopped telling the batch's cost apart: no fit
+    engine.run([c], 1, interactive_rate=lambda t: users)
+    assert c.regime is Regime.SHARED and c.model.fit is None
+    assert c.last_budget is None and c.snapshot()["budget"] is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gone", [10.0, PAUSE_RETRY_FIRST + 60], ids=["a-moment", "longer-than-a-wait"])
 def test_users_unseen_for_a_moment_do_not_shorten_the_wait_before_the_next_trial(gone):

@@ -312,13 +312,13 @@ def test_inter_token_latency_is_the_step_time_of_the_cost_model(start_sim):
 
 
 def test_queue_and_e2e_latency_are_observed_when_a_request_finishes(start_sim):
-    server = start_sim(time_scale=0.1)  # 1 ms steps: 400 tokens take long enough to pause it half-way
+    server = start_sim(time_scale=0.1)  # 1 ms steps: 2,000 tokens leave a busy client 2 s to pause it mid-way
     httpx.post(server.url + "/sim/pause")
     with httpx.Client(base_url=server.url, timeout=10) as http:
         import threading
 
         thread = threading.Thread(
-            target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(max_tokens=400)}
+            target=http.post, args=("/v1/chat/completions",), kwargs={"json": chat(max_tokens=2000)}
         )
         thread.start()
         eventually(lambda: stats(server)["waiting"] == 1, timeout=5, interval=0.005)

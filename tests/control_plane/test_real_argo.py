@@ -395,10 +395,13 @@ def test_gc_resubmits_deleted_workflows_expires_overdue_batches_and_deletes_expi
     for batch_id in (kept, overdue):
         plane.kubectl("delete", "workflow", workflow_name(batch_id), "--wait=false")
     for batch_id in (kept, overdue):
+        # The controller may still retry a runner it saw stopped before it saw its Workflow go (one CI run: attempt
+        # "(1)" started after the delete); that pod goes by the garbage collector, after its grace period (30 s).
         wait_until(
             lambda batch_id=batch_id: runner_pods(plane, batch_id)
             and all(r.done.is_set() for r in runner_pods(plane, batch_id)),
             "the runner pods to be gone",
+            timeout=180,
             plane=plane,
         )
         assert client.batches.retrieve(batch_id).status == "in_progress"

@@ -467,9 +467,11 @@ class ConcurrencyController:
         if self._probe(now, peers):
             return 0.0
         agreed = sum(views) / len(views) if views else None
-        if (agreed is not None or self.measured_slowdown is not None or self._trial_probes is not None) and self._pause(
-            now, math.inf if agreed is None else agreed, lone=not peers
-        ):
+        # Without a fit, a pause holds until a trial ends it (the rules below would scale its zero).
+        no_fit = 0.0 if self.paused else math.inf
+        if (
+            agreed is not None or self.paused or self.measured_slowdown is not None or self._trial_probes is not None
+        ) and self._pause(now, no_fit if agreed is None else agreed, lone=not peers):
             return 0.0
         if agreed is not None:
             budget = agreed

@@ -23,7 +23,7 @@ from batch_gateway.runner.controller import (
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import Knee
 from batch_gateway.runner.share import allocate
-from batch_gateway.runner.step_model import LoadHistory, StepModel
+from batch_gateway.runner.step_model import LoadHistory, StepFit, StepModel
 from batch_gateway.store.metadata import RunnerLoad
 from tests.runner.model_engine import ModelEngine, Run, percentile
 
@@ -758,6 +758,36 @@ def test_a_fit_that_turns_implausible_leaves_no_budget_behind():
     engine.run([c], 1, interactive_rate=lambda t: users)
     assert c.regime is Regime.SHARED and c.model.fit is None
     assert c.last_budget is None and c.snapshot()["budget"] is None
+
+
+class _NoFit(StepModel):
+    """A step model whose readings never tell the batch's cost apart (noise dominates): no fit, ever. A stand-in for
+    readings this virtual engine does not make noisy enough on its own."""
+
+    @property
+    def fit(self) -> StepFit | None:
+        return None
+
+
+@pytest.mark.slow
+def test_a_paused_lone_runner_tries_one_sequence_again_when_its_fit_is_gone():
+    """A pause ends by a trial, whatever the fit: a lone runner paused by its fit, whose fit then went away, used to
+    stay at zero for as long as users were there (the rules without a fit scale the batch's own count, zero, and
+    nothing asked for a trial). Now the trial comes PAUSE_RETRY_FIRST after the pause, its probe measures one
+    sequence over their budget, and the batch waits again."""
+    users = _cpu_engine().interactive_rate(0.2)
+    c, model = ConcurrencyController(), _cpu_engine()
+    model.batch_extra = 0.004  # one sequence is over their budget
+    run = model.run([c], 120, interactive_rate=lambda t: users)
+    assert c.paused and c.measured_slowdown is None, "paused by the fit alone, or this shows nothing"
+    paused_at = model.now
+    c.model = _NoFit()
+    run = model.run([c], PAUSE_RETRY_FIRST + 60, interactive_rate=lambda t: users, run=run)
+    stretches = _runs_after(run, paused_at)
+    assert c.trials == 1 and len(stretches) == 1 and c.paused, stretches
+    (start, end), *_ = stretches
+    assert paused_at + PAUSE_RETRY_FIRST - 120 <= start <= paused_at + PAUSE_RETRY_FIRST and end - start <= 30.0
+    assert c.measured_slowdown is not None and c.measured_slowdown > c.slowdown
 
 
 @pytest.mark.slow

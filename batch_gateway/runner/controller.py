@@ -38,12 +38,14 @@ CORRECTION_RANGE = (0.7, 1.3)  # ...and how far
 MAX_GROWTH_PER_READING = 0.25  # shared: a budget increase moves at most this share of the batch per reading
 NO_FIT_YIELD = 0.75  # shared, without a fit of the engine's step time: the batch shrinks by this per reading
 # Shared, at one sequence: PROBE_FIRST seconds after it came to one, then this often, the batch steps aside (`_probe`)
-# for this many of its requests' service times and at least PROBE_SECONDS; PROBE_MEMORY is the weight of each probe's
-# measure in their mean.
+# for this many of its requests' service times and at least PROBE_SECONDS, and for PROBE_CLEAR_SECONDS at least after
+# its last request ended (at most as long again: a request that does not end does not hold it); PROBE_MEMORY is the
+# weight of each probe's measure in their mean.
 PROBE_FIRST = 10.0
 PROBE_EVERY = 30.0
 PROBE_SERVICE_TIMES = 2.0
 PROBE_SECONDS = 4.0
+PROBE_CLEAR_SECONDS = 2.0
 PROBE_MEMORY = 0.5
 PROBES_KEPT = 16  # each probe's own measure, for the snapshot
 NO_TOKENS = (0.0, 0.0)  # (seconds, tokens) of users' tokens (`_others_tokens`), none yet
@@ -133,6 +135,8 @@ class ConcurrencyController:
         self.probing = False  # shared, at one sequence: stepping aside to measure what it costs them (`_probe`)
         self._probe_due: float | None = None
         self._probe_until = -math.inf
+        self._probe_wait = 0.0
+        self._probe_clear_since: float | None = None  # when the probe's batch had nothing in flight any more
         # Their tokens' time and count (`_others_tokens`) while the batch held one sequence since the last probe, and
         # during the probe while it held none: their step with it and without it.
         self._beside = self._without = NO_TOKENS
@@ -395,6 +399,8 @@ class ConcurrencyController:
             running = (reading.running + previous[1].running) / 2 if previous else reading.running
         if previous:
             self._loads.add(previous[0], now, batch=min(batch, running), running=running)
+        if self.probing and batch == 0.0 and self._probe_clear_since is None:
+            self._probe_clear_since = previous[0] if previous else now
         step, lagging = reading.step_seconds, reading.counted_at_end
         if step is None and own:
             step, lagging = sorted(own)[len(own) // 2], True
@@ -604,15 +610,17 @@ class ConcurrencyController:
         another time (its ramp, other loads): on llama.cpp at 60%, a fit made while the batch ramped down to one put
         the fixed cost at 46 ms (7 ms alone) and one sequence at 1.003× their step alone, where they measured 1.48×.
         Soon after it comes to one sequence, then every PROBE_EVERY seconds, it steps aside long enough for its last
-        request to end and some of theirs to run without it; their step beside the one sequence since it came to one
-        (or since the last probe), against their step read during the probe where the readings describe a time the
-        batch ran nothing (llama.cpp's describe the requests that ended, over their whole decoding), is what the one
-        sequence costs them (the mean over probes: their load moves between the two). Both are theirs, not the
-        engine's (`_others_tokens`). A probe that lacks their tokens on either side measures nothing. Over their
-        budget, the batch waits until they leave or a trial finds it within (`_pause`). A lone runner only: beside
-        others, its one is not the whole batch."""
+        request to end and some of theirs to run without it (PROBE_CLEAR_SECONDS after that request ended, at
+        least); their step beside the one sequence since it came to one (or since the last probe), against their step
+        read during the probe where the readings describe a time the batch ran nothing (llama.cpp's describe the
+        requests that ended, over their whole decoding), is what the one sequence costs them (the mean over probes:
+        their load moves between the two). Both are theirs, not the engine's (`_others_tokens`). A probe that lacks
+        their tokens on either side measures nothing. Over their budget, the batch waits until they leave or a trial
+        finds it within (`_pause`). A lone runner only: beside others, its one is not the whole batch."""
         if self.probing:
-            if now < self._probe_until:
+            clear = self._probe_clear_since
+            cleared_long_enough = clear is not None and now - clear >= PROBE_CLEAR_SECONDS
+            if now < self._probe_until or (not cleared_long_enough and now < self._probe_until + self._probe_wait):
                 return True
             self.probing = False
             measured = None  # a probe that read none of their tokens on either side measured nothing
@@ -631,7 +639,9 @@ class ConcurrencyController:
         if now < self._probe_due:
             return False
         self._probe_before = self._beside[0] / self._beside[1] if self._beside[1] > 0 else None
-        self._probe_until = now + max(PROBE_SECONDS, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
+        self._probe_wait = max(PROBE_SECONDS, PROBE_SERVICE_TIMES * (self.service_time or 0.0))
+        self._probe_until = now + self._probe_wait
+        self._probe_clear_since = None
         self._beside = self._without = NO_TOKENS
         self._probe_due = self._probe_until + PROBE_EVERY
         self.probes += 1

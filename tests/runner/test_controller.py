@@ -14,6 +14,7 @@ import pytest
 from batch_gateway.runner.controller import (
     BUDGET_MARGIN,
     PAUSE_RETRY_FIRST,
+    PROBE_CLEAR_SECONDS,
     PROBE_EVERY,
     PROBE_FIRST,
     ConcurrencyController,
@@ -876,6 +877,33 @@ def test_a_probe_that_reads_none_of_their_steps_alone_measures_nothing(monkeypat
     assert c.measured_slowdown == measured
     assert len(c.probe_measures) == c.probes and c.probe_measures[-1] is None  # each probe's own, for the snapshot
     assert c.snapshot()["probe_measures"][-1] is None
+
+
+def test_a_probe_reads_users_without_the_batch_for_a_while_after_its_last_request_ended(monkeypatch):
+    """On llama.cpp a batch request takes seconds, and one that started just before a probe outlasts most of it: a
+    probe timed from the moment it stepped aside compared users' step beside the batch with a second or two of theirs
+    without it (at 60%, a lull: one of theirs running where seven had been, a measure of 6.98×). Its time without the
+    batch now lasts PROBE_CLEAR_SECONDS at least, however long the last request took to end."""
+    _, _, c = _one_sequence_beside_users(1, 0.0, probes=True, monkeypatch=monkeypatch)
+    assert not c.paused and c.regime is Regime.SHARED
+    users = EngineReading(running=5, waiting=0, step_seconds=0.06, step_tokens=40, running_mean=5.0)
+    now, epoch = 240.0, 0
+    while c.inflight < 1:
+        epoch = c.on_send(now)
+    while not c.probing:
+        now += 0.5
+        c.on_engine(now, users)
+        assert now < 400, "no probe started"
+    now += 5.0  # the batch's last request ends 5 s into the probe (of 5.4 s as probes are timed)
+    c.on_engine(now, users)
+    while c.inflight:
+        c.on_success(now, latency=c.service_time * 3, output_tokens=32, epoch=epoch)
+    ended = now
+    while c.probing:
+        now += 0.5
+        c.on_engine(now, users)
+        assert now < ended + 60, "the probe never ended"
+    assert now - ended >= PROBE_CLEAR_SECONDS and c.probe_measures[-1] is not None
 
 
 @pytest.mark.slow

@@ -894,7 +894,7 @@ def test_a_probe_reads_users_without_the_batch_for_a_while_after_its_last_reques
         now += 0.5
         c.on_engine(now, users)
         assert now < 400, "no probe started"
-    now += 5.0  # the batch's last request ends 5 s into the probe (of 5.4 s as probes are timed)
+    now += 5.0  # the batch's last request ends 5 s into the probe (of 5.2 s here: two of its service times)
     c.on_engine(now, users)
     while c.inflight:
         c.on_success(now, latency=c.service_time * 3, output_tokens=32, epoch=epoch)

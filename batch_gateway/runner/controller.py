@@ -473,11 +473,12 @@ class ConcurrencyController:
         if self._probe(now, peers):
             return 0.0
         agreed = sum(views) / len(views) if views else None
-        # Without a fit, a pause holds until a trial ends it (the rules below would scale its zero).
-        no_fit = 0.0 if self.paused else math.inf
+        # Without a fit, a lone runner's pause holds until a trial ends it (the rules below would scale its zero).
+        # Beside other runners no trial comes; those rules scale the batch's count with theirs in it, as before.
+        held = self.paused and not peers
         if (
-            agreed is not None or self.paused or self.measured_slowdown is not None or self._trial_probes is not None
-        ) and self._pause(now, no_fit if agreed is None else agreed, lone=not peers):
+            agreed is not None or held or self.measured_slowdown is not None or self._trial_probes is not None
+        ) and self._pause(now, agreed if agreed is not None else 0.0 if held else math.inf, lone=not peers):
             return 0.0
         if agreed is not None:
             budget = agreed

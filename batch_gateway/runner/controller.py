@@ -476,9 +476,10 @@ class ConcurrencyController:
         # Without a fit, a lone runner's pause holds until a trial ends it (the rules below would scale its zero).
         # Beside other runners no trial comes; those rules scale the batch's count with theirs in it, as before.
         held = self.paused and not peers
+        pause_budget = (0.0 if held else math.inf) if agreed is None else agreed
         if (
             agreed is not None or held or self.measured_slowdown is not None or self._trial_probes is not None
-        ) and self._pause(now, agreed if agreed is not None else 0.0 if held else math.inf, lone=not peers):
+        ) and self._pause(now, pause_budget, lone=not peers):
             return 0.0
         if agreed is not None:
             budget = agreed

@@ -57,6 +57,11 @@ async def reconcile(services: Services, executor: Executor, report: GcReport) ->
             state = await executor.state(batch.id)
             if state == RunState.RUNNING or batch.id in leased:
                 continue  # its runner (perhaps one a previous `serve` started) handles cancel and expiry itself
+            # Read again after asking the executor: a runner that ended the batch since the list was read is no
+            # longer running, and the batch must not get another.
+            current = await services.metadata.get_batch(batch.id, None)
+            if current is None or current.terminal:
+                continue
             log.info("gc.resubmit", batch_id=batch.id, status=batch.status, run_state=state.value, overdue=overdue)
             await executor.submit(batch.id, tenant=batch.tenant, model=batch.model, deadline=batch.expires_at)
         except Exception:

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from batch_gateway import ids
+from batch_gateway.executor.base import RunState
 from batch_gateway.gc.collector import collect
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
@@ -68,6 +69,32 @@ async def test_gc_pass(tmp_path):
         assert await services.metadata.get_file("file-new", None) is not None
         assert await services.metadata.get_file("file-none", None) is not None
         assert (await collect(services, executor)).files_deleted == 0  # idempotent
+    finally:
+        await services.close()
+
+
+class _RunnerEndsMeanwhile(RecordingExecutor):
+    """The executor answers after the batch's runner ended it: between gc's read of the unfinished batches and its
+    question, as a short batch's runner can (CI saw a finished batch started again this way)."""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__()
+        self.services = services
+
+    async def state(self, batch_id: str) -> RunState:
+        await self.services.metadata.transition(batch_id, ["in_progress"], "completed", ids.now())
+        return RunState.FINISHED
+
+
+async def test_a_batch_its_runner_ended_while_gc_read_the_list_is_not_started_again(tmp_path):
+    services = await Services.open(Settings(data_dir=str(tmp_path)))
+    try:
+        await services.metadata.insert_batch(batch("batch_short", "in_progress", ids.now() + 999))
+        executor = _RunnerEndsMeanwhile(services)
+
+        report = await collect(services, executor)
+
+        assert executor.submitted == [] and report.resubmitted == 0
     finally:
         await services.close()
 

@@ -62,8 +62,8 @@ async def reconcile(services: Services, executor: Executor, report: GcReport) ->
             current = await services.metadata.get_batch(batch.id, None)
             if current is None or current.terminal:
                 continue
-            log.info("gc.resubmit", batch_id=batch.id, status=batch.status, run_state=state.value, overdue=overdue)
-            await executor.submit(batch.id, tenant=batch.tenant, model=batch.model, deadline=batch.expires_at)
+            log.info("gc.resubmit", batch_id=batch.id, status=current.status, run_state=state.value, overdue=overdue)
+            await executor.submit(batch.id, tenant=current.tenant, model=current.model, deadline=current.expires_at)
         except Exception:
             # One batch that cannot be handled now must not stop the pass for the others; the next pass retries.
             log.exception("gc.resubmit_failed", batch_id=batch.id)

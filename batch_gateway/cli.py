@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument(
         "--give-up",
         metavar="REASON",
-        help="Do not run the batch: end it failed with REASON, publishing the results its runners left in checkpoints "
-        "(what an executor does after repeated crashes).",
+        help="Do not run the batch: end it failed with REASON (cancelled, if its tenant cancelled it), publishing the "
+        "results its runners left in checkpoints (what an executor does after repeated crashes).",
     )
     settings_mod.add_arguments(runner)
 

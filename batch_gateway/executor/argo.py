@@ -14,8 +14,9 @@ passes a controller configured with `templateReferencing: Strict`. Why the `kube
   semaphore, a backstop) by deadline too, and an `activeDeadlineSeconds` that follows the batch's own window.
 - submit: the Workflow's name is derived from the batch id, so a retried create answers 409 AlreadyExists and nothing
   runs twice. A Workflow that already finished while the batch still is not terminal (the runner and the exit handler
-  both died) is replaced by a fresh one, up to MAX_RUNS times; then the batch is failed with a clear error (when the
-  executor has the metadata store) instead of being retried forever.
+  both died) is replaced by a fresh one, up to MAX_RUNS times; then the batch ends `failed` (`cancelled` if its tenant
+  cancelled it) without its files (when the executor has the metadata store) instead of being retried forever: the
+  tenant reads that its results could not be published, the operator's log names the Workflow and why it failed.
 - cancel: a merge patch `spec.shutdown: Stop`. Argo stops the runner pod (SIGTERM: it checkpoints and exits) and runs
   the exit handler, which finalises the batch as cancelled with its partial results. (`Terminate` would skip it.)
 - state: the Workflow's `status.phase`, for the reconciler.
@@ -42,10 +43,10 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from batch_gateway import admission, ids, wire
+from batch_gateway import admission, wire
 from batch_gateway.admission import Place, Plan, Running, SlotUsage, Waiting
 from batch_gateway.errors import StorageUnavailable
-from batch_gateway.executor.base import Executor, RunState
+from batch_gateway.executor.base import Executor, RunState, end_unpublished
 from batch_gateway.executor.kube import LABEL_VALUE_MAX, is_label_value, load_api_client
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import MetadataStore
@@ -381,20 +382,18 @@ class ArgoExecutor(Executor):
     async def _give_up(self, batch_id: str, name: str, workflow: dict[str, Any]) -> None:
         status = workflow.get("status") or {}
         reason = f"phase {status.get('phase')}" + (f": {status['message']}" if status.get("message") else "")
-        message = (
-            f"The batch's runner failed in {MAX_RUNS} Argo Workflows in a row (last one {name}, {reason}). See its "
-            f"logs in the Argo UI or with `argo logs -n {self.namespace} {name}`. Completed results were kept in "
-            "checkpoints."
+        # The Workflow, its namespace and Argo's message are for the operator; the tenant reads `UNPUBLISHED`.
+        log.error(
+            "argo.gave_up",
+            batch_id=batch_id,
+            workflow=name,
+            namespace=self.namespace,
+            runs=MAX_RUNS,
+            reason=reason,
+            logs=f"argo logs -n {self.namespace} {name}",
         )
-        log.error("argo.gave_up", batch_id=batch_id, workflow=name, runs=MAX_RUNS, reason=reason)
         if self.metadata is not None:
-            await self.metadata.transition(
-                batch_id,
-                list(wire.ACTIVE_STATUSES),
-                wire.BatchStatus.FAILED,
-                ids.now(),
-                errors=[wire.BatchError(code="runner_failed", message=message)],
-            )
+            await end_unpublished(self.metadata, batch_id)
 
     def _error(self, what: str, exc: ApiException) -> ArgoError:
         hint = {

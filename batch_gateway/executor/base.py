@@ -10,7 +10,9 @@ import abc
 import enum
 import math
 
+from batch_gateway import ids, wire
 from batch_gateway.admission import Place
+from batch_gateway.store.metadata import MetadataStore
 
 
 class RunState(enum.Enum):
@@ -50,3 +52,23 @@ class Executor(abc.ABC):
     def queue(self) -> list[Place]:
         """The waiting batches in the order they will start, as of the last admission pass."""
         return []
+
+
+# What the tenant reads when even the runner that gives up crashed: nothing of the executor's internals (Workflow
+# names, namespaces, Kubernetes' messages), which go to the operator's logs with the batch id.
+UNPUBLISHED = (
+    "The batch runner crashed repeatedly and its results could not be published; the operator can find why in the "
+    "runner's logs for this batch id."
+)
+
+
+async def end_unpublished(metadata: MetadataStore, batch_id: str) -> None:
+    """The last resort, when the runner that publishes what finished and ends the batch crashed too: the batch ends
+    without its files, `failed`, or `cancelled` if its tenant cancelled it (a cancelled batch ends cancelled)."""
+    errors = [wire.BatchError(code="runner_failed", message=UNPUBLISHED)]
+    running = [wire.BatchStatus.VALIDATING, wire.BatchStatus.IN_PROGRESS, wire.BatchStatus.FINALIZING]
+    now = ids.now()
+    if await metadata.transition(batch_id, running, wire.BatchStatus.FAILED, now, errors=errors) is None:
+        await metadata.transition(
+            batch_id, [wire.BatchStatus.CANCELLING], wire.BatchStatus.CANCELLED, now, errors=errors
+        )

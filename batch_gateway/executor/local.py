@@ -25,10 +25,10 @@ from collections import Counter
 
 import structlog
 
-from batch_gateway import admission, ids, wire
+from batch_gateway import admission
 from batch_gateway.admission import Place, Plan, Running, SlotUsage, Waiting
 from batch_gateway.errors import StorageUnavailable
-from batch_gateway.executor.base import Executor, RunState
+from batch_gateway.executor.base import Executor, RunState, end_unpublished
 from batch_gateway.runner.exits import EXIT_LEASE_HELD, EXIT_OK, EXIT_RETRY_LATER, OWNER_ENV, PARENT_ENV
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import MetadataStore
@@ -238,16 +238,4 @@ class LocalExecutor(Executor):
 
     async def _fail_without_files(self, batch_id: str) -> None:
         log.error("executor.give_up_crashed", batch_id=batch_id)
-        await self.metadata.transition(
-            batch_id,
-            list(wire.ACTIVE_STATUSES),
-            wire.BatchStatus.FAILED,
-            ids.now(),
-            errors=[
-                wire.BatchError(
-                    code="runner_failed",
-                    message="The batch runner crashed repeatedly and its results could not be published; see the "
-                    "server logs for this batch id.",
-                )
-            ],
-        )
+        await end_unpublished(self.metadata, batch_id)

@@ -45,7 +45,8 @@ ENDINGS: dict[StopReason, tuple[BatchStatus, list[BatchStatus]]] = {
     StopReason.COMPLETED: (BatchStatus.COMPLETED, [BatchStatus.FINALIZING]),
     StopReason.CANCELLED: (BatchStatus.CANCELLED, [BatchStatus.CANCELLING]),
     StopReason.EXPIRED: (BatchStatus.EXPIRED, [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING]),
-    StopReason.FAILED: (BatchStatus.FAILED, sorted(wire.ACTIVE_STATUSES)),
+    # Not from `cancelling`: a batch its tenant cancelled ends `cancelled` however its runner ended (`end`).
+    StopReason.FAILED: (BatchStatus.FAILED, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING]),
 }
 
 
@@ -128,9 +129,9 @@ class Finaliser:
 
     async def end(self, status: BatchStatus, sources: list[BatchStatus], changes: dict[str, Any]) -> BatchStatus:
         """Move the batch to `status` from one of `sources`; a batch cancelled meanwhile ends `cancelled` instead of
-        `completed` or `expired`."""
+        `completed`, `expired` or `failed`."""
         moved = await self.metadata.transition(self.batch_id, sources, status, ids.now(), **changes)
-        if moved is None and status in (BatchStatus.COMPLETED, BatchStatus.EXPIRED):
+        if moved is None and status in (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.FAILED):
             moved = await self.metadata.transition(
                 self.batch_id, [BatchStatus.CANCELLING], BatchStatus.CANCELLED, ids.now(), **changes
             )

@@ -116,7 +116,8 @@ class BatchRunner:
 
     async def give_up(self, reason: str) -> BatchStatus | None:
         """End the batch `failed` after its runners crashed for good, publishing every result they left in
-        checkpoints and every other line as `batch_failed`. Raises LeaseLost if a live runner owns the batch."""
+        checkpoints and every other line as `batch_failed` (`cancelled` and `batch_cancelled`, if its tenant cancelled
+        it). Raises LeaseLost if a live runner owns the batch."""
         return await self._claimed(lambda batch, span: self._give_up_claimed(batch, reason))
 
     def shutdown(self) -> bool:
@@ -231,10 +232,15 @@ class BatchRunner:
                 "end the batch", lambda: self.finaliser.end(*ENDINGS[StopReason.FAILED], {"errors": errors})
             )
         checkpoints = self._checkpoints(batch)
-        self.log.warning("runner.giving_up", reason=reason)
+        # A batch its tenant cancelled ends as asked: cancelled, its unfinished lines `batch_cancelled`.
+        cancelled = batch.status == BatchStatus.CANCELLING
+        self.log.warning("runner.giving_up", reason=reason, cancelled=cancelled)
+        ending = StopReason.CANCELLED if cancelled else StopReason.FAILED
         return await self.patiently(
             "finalise the batch",
-            lambda: self.finaliser.finalise(batch, ingested, checkpoints, StopReason.FAILED, errors=[error]),
+            lambda: self.finaliser.finalise(
+                batch, ingested, checkpoints, ending, errors=None if cancelled else [error]
+            ),
         )
 
     def _catalog(self) -> UpstreamCatalog:

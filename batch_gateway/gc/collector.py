@@ -32,6 +32,9 @@ from batch_gateway.store.objects import file_key
 
 PAGE = 100
 MAX_PAGES = 100  # at most 10,000 files a pass; the next pass continues
+# How long a deleted file keeps its place in its tenant's list: a client paging through its files while it deletes
+# them asks for the page after one it deleted, usually within seconds.
+FILE_CURSOR_SECONDS = 86400
 
 log = structlog.get_logger("gc")
 _skipped_uploads_said = threading.Event()
@@ -42,6 +45,7 @@ class GcReport:
     resubmitted: int = 0
     overdue: int = 0
     files_deleted: int = 0
+    file_cursors_forgotten: int = 0
     uploads_expired: int = 0
     upload_parts_deleted: int = 0
     uploads_aborted: int = 0
@@ -83,16 +87,18 @@ async def delete_expired_files(services: Services, report: GcReport) -> None:
 
 
 async def delete_hidden_files(services: Services, report: GcReport) -> None:
-    """Hidden files (deleted or expired) that no unfinished batch reads any more: bytes, then the row."""
+    """Hidden files (deleted or expired) that no unfinished batch reads any more: bytes, then the row; and the list
+    places of files deleted more than FILE_CURSOR_SECONDS ago."""
     for _ in range(MAX_PAGES):
         hidden = await services.metadata.deletable_hidden_files(PAGE)
         if not hidden:
-            return
+            break
         for record in hidden:
             await services.objects.delete(record.object_key)
             await services.metadata.delete_file(record.id, None)
             report.files_deleted += 1
             log.info("gc.file_deleted", file_id=record.id, tenant=record.tenant)
+    report.file_cursors_forgotten += await services.metadata.forget_file_cursors(ids.now() - FILE_CURSOR_SECONDS)
 
 
 async def expire_uploads(services: Services, report: GcReport) -> None:

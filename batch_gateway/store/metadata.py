@@ -253,7 +253,8 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete_file(self, file_id: str, tenant: str | None) -> bool:
-        """Delete the file's row, hidden or not."""
+        """Delete the file's row, hidden or not, keeping its place in its tenant's list for cursors a while
+        (`forget_file_cursors`)."""
 
     @abc.abstractmethod
     async def hide_file(self, file_id: str, tenant: str | None, now: int) -> FileRecord | None:
@@ -263,6 +264,11 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def file_in_use(self, file_id: str) -> bool:
         """Whether an unfinished batch reads this file as its input."""
+
+    @abc.abstractmethod
+    async def forget_file_cursors(self, deleted_before: int) -> int:
+        """Forget the list places of files deleted before then (a list's `after` naming one gives an empty page);
+        returns how many."""
 
     @abc.abstractmethod
     async def deletable_hidden_files(self, limit: int) -> list[FileRecord]:

@@ -13,8 +13,9 @@ connections and a small `Dialect` for the few places where the two databases dif
 Each statement commits on its own; only `complete_upload` and `migrate` group statements in a transaction. Rows come
 back as dicts from both.
 
-Cursor pagination looks up the `seq` of the `after` object inside the query; an `after` that is unknown, deleted or
-another tenant's gives an empty page.
+Cursor pagination looks up the `seq` of the `after` object inside the query; an `after` that is unknown or another
+tenant's gives an empty page. A deleted file's `seq` stays in `file_cursors` for a day (gc forgets older ones), so that
+a client deleting the files of each page as it lists them still finds the next page.
 """
 
 from __future__ import annotations
@@ -220,8 +221,12 @@ class SqlStore(MetadataStore):
             clauses.append("purpose = ?")
             params.append(purpose)
         if after is not None:
-            clauses.append(f"seq {'>' if order == 'asc' else '<'} (SELECT seq FROM files WHERE id = ? AND tenant = ?)")
-            params += [after, tenant]
+            # A file deleted since the client read its page keeps its place for a while (`file_cursors`).
+            clauses.append(
+                f"seq {'>' if order == 'asc' else '<'} COALESCE((SELECT seq FROM files WHERE id = ? AND tenant = ?), "
+                "(SELECT seq FROM file_cursors WHERE id = ? AND tenant = ?))"
+            )
+            params += [after, tenant, after, tenant]
         found = await self._rows(
             f"SELECT {_FILES} FROM files WHERE {' AND '.join(clauses)} ORDER BY seq {order.upper()} LIMIT ?",
             (*params, limit + 1),
@@ -230,7 +235,17 @@ class SqlStore(MetadataStore):
 
     async def delete_file(self, file_id: str, tenant: str | None) -> bool:
         scope, params = _tenant_scope(tenant)
-        return await self._execute(f"DELETE FROM files WHERE id = ?{scope}", (file_id, *params)) > 0
+        async with self._transaction() as tx:
+            await tx.execute(
+                "INSERT INTO file_cursors (id, tenant, seq, deleted_at) "
+                f"SELECT id, tenant, seq, COALESCE(deleted_at, ?) FROM files WHERE id = ?{scope} "
+                "ON CONFLICT (id) DO NOTHING",
+                (ids.now(), file_id, *params),
+            )
+            return await tx.execute(f"DELETE FROM files WHERE id = ?{scope}", (file_id, *params)) > 0
+
+    async def forget_file_cursors(self, deleted_before: int) -> int:
+        return await self._execute("DELETE FROM file_cursors WHERE deleted_at < ?", (deleted_before,))
 
     async def hide_file(self, file_id: str, tenant: str | None, now: int) -> FileRecord | None:
         scope, params = _tenant_scope(tenant)

@@ -341,6 +341,14 @@ def test_list_files_paginates_with_the_sdk(server, client):
     assert set(raw["data"][0]) == FILE_KEYS
 
 
+def test_deleting_every_file_while_the_sdk_pages_through_them_deletes_them_all(client):
+    """The SDK asks for the next page after the last file of the one before, which the loop has deleted."""
+    for i in range(5):
+        client.files.create(file=(f"f{i}.jsonl", chat_lines(1)), purpose="batch")
+    deleted = [client.files.delete(f.id).id for f in client.files.list(limit=2)]
+    assert len(deleted) == 5 and client.files.list().data == []
+
+
 def test_empty_file_list_has_null_ids(server):
     raw = server.http().get("/v1/files").json()
     assert raw == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}

@@ -1,5 +1,5 @@
-"""The gc pass: orphaned and overdue batches go back to the executor, expired files are deleted (object, then row),
-stale multipart uploads are aborted."""
+"""The gc pass: orphaned and overdue batches go back to the executor, expired files are deleted (object, then row;
+its place in its tenant's list a day later), stale multipart uploads are aborted."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from batch_gateway import ids
 from batch_gateway.executor.base import RunState
-from batch_gateway.gc.collector import collect
+from batch_gateway.gc.collector import FILE_CURSOR_SECONDS, collect
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.store.metadata import BatchRecord, FileRecord
@@ -229,5 +229,32 @@ async def test_gc_expires_uploads_and_deletes_the_parts_of_finished_ones(tmp_pat
         assert await metadata.stale_upload_parts(10) == []
         again = await collect(services, RecordingExecutor())
         assert (again.uploads_expired, again.upload_parts_deleted) == (0, 0)
+    finally:
+        await services.close()
+
+
+async def test_a_deleted_file_keeps_its_list_place_for_a_day(tmp_path):
+    services = await Services.open(Settings(data_dir=str(tmp_path)))
+    try:
+        now = ids.now()
+        for file_id, hidden_at in (("file-yesterday", now - FILE_CURSOR_SECONDS - 5), ("file-today", now - 5)):
+            await services.objects.put_bytes(file_key("t", file_id), b"x")
+            await services.metadata.insert_file(
+                FileRecord(
+                    id=file_id,
+                    tenant="t",
+                    bytes=1,
+                    created_at=1,
+                    filename="a",
+                    purpose="batch",
+                    object_key=file_key("t", file_id),
+                )
+            )
+            await services.metadata.hide_file(file_id, "t", hidden_at)
+
+        report = await collect(services, RecordingExecutor())
+
+        assert (report.files_deleted, report.file_cursors_forgotten) == (2, 1)
+        assert (await collect(services, RecordingExecutor())).file_cursors_forgotten == 0
     finally:
         await services.close()

@@ -134,6 +134,34 @@ async def test_list_files_after_an_unknown_or_foreign_id_is_an_empty_page(store:
             assert await store.list_files("acme", purpose=None, order=order, after=after, limit=10) == ([], False)
 
 
+async def test_list_files_after_a_deleted_file_goes_on_from_its_place_until_gc_forgets_it(store: MetadataStore):
+    """What `for f in client.files.list(): client.files.delete(f.id)` does: the SDK asks for the page after the last
+    file of the one before, which it has deleted meanwhile."""
+    records = [file_record() for _ in range(5)]
+    for record in records:
+        await store.insert_file(record)
+    foreign = file_record(tenant="other")
+    await store.insert_file(foreign)
+    first, _ = await store.list_files("acme", purpose=None, order="asc", after=None, limit=2)
+    for record in first:
+        assert await store.hide_file(record.id, "acme", 1_000) == record
+        assert await store.delete_file(record.id, "acme")
+    await store.hide_file(foreign.id, None, 1_000)
+    await store.delete_file(foreign.id, None)
+
+    def page(order: str, after: str):
+        return store.list_files("acme", purpose=None, order=order, after=after, limit=2)
+
+    assert await page("asc", first[-1].id) == (records[2:4], True)
+    assert await page("desc", first[-1].id) == ([], False)  # before it comes only the first, deleted too
+    assert await page("desc", first[0].id) == ([], False)
+    assert await page("asc", foreign.id) == ([], False)  # another tenant's place is not this one's
+
+    assert await store.forget_file_cursors(1_000) == 0  # deleted at 1,000: not before it
+    assert await store.forget_file_cursors(1_001) == 3
+    assert await page("asc", first[-1].id) == ([], False)
+
+
 async def test_list_files_rejects_a_bad_order_or_limit(store: MetadataStore):
     with pytest.raises(ValueError, match="order"):
         await store.list_files("acme", purpose=None, order="newest", after=None, limit=10)

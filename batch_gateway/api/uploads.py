@@ -48,6 +48,7 @@ log = structlog.get_logger("api.uploads")
 
 UPLOAD_TTL_SECONDS = 3600
 PART_MAX_BYTES = 64 * 1024 * 1024
+PARTS_ROOM = 2  # the parts an upload keeps may hold this many times its declared size (`PartUpload`)
 MAX_MIME_TYPE_CHARS = 255
 # Parts are small enough to write with little buffering: at most this many 8 MB chunks in flight to S3.
 PART_WRITE_CONCURRENCY = 2
@@ -179,9 +180,11 @@ async def add_upload_part(request: Request, upload_id: PathId, tenant: Tenant) -
 
 
 class PartUpload:
-    """One part in flight, streamed to its own object. Parallel parts each see the room left when they started, so
-    together they may overshoot the declared size by a few parts; `complete` checks the exact size, and gc deletes
-    whatever a finished upload leaves."""
+    """One part in flight, streamed to its own object. The parts may hold up to PARTS_ROOM times the declared size:
+    `complete` takes the parts its `part_ids` name and checks their exact size, so a part sent again (a client that
+    retried a part the server had stored) must not leave the last one without room. Parallel parts each see the room
+    left when they started, so together they may overshoot it by a few parts; gc deletes whatever a finished upload
+    leaves."""
 
     def __init__(self, services: Services, upload: UploadRecord) -> None:
         self.services = services
@@ -194,7 +197,8 @@ class PartUpload:
 
     async def run(self, request: Request) -> UploadPartRecord:
         metadata = self.services.metadata
-        self.room = self.upload.bytes - sum(p.bytes for p in await metadata.upload_parts(self.upload.id))
+        stored = sum(p.bytes for p in await metadata.upload_parts(self.upload.id))
+        self.room = PARTS_ROOM * self.upload.bytes - stored
         try:
             _, seen = await read_form(
                 request,
@@ -231,8 +235,9 @@ class PartUpload:
             self.size += len(chunk)
             if self.size > self.room:
                 raise InvalidRequest(
-                    f"The parts would hold more than the {self.upload.bytes} bytes upload {self.upload.id} was "
-                    "created for.",
+                    f"The parts would hold more than {PARTS_ROOM} times the {self.upload.bytes} bytes upload "
+                    f"{self.upload.id} was created for. Complete it with the ids of the parts that make up the file, "
+                    "or create a new upload.",
                     param="data",
                 )
             yield chunk

@@ -155,17 +155,27 @@ def test_a_file_over_the_purpose_limit_is_refused_at_create_as_openai_does(serve
         client.uploads.create(bytes=10_001, filename="a.bin", mime_type="x/y", purpose="user_data")
 
 
-def test_parts_over_the_declared_size_or_the_part_limit_are_refused_and_not_kept(server, client, monkeypatch):
+def test_parts_over_twice_the_declared_size_or_the_part_limit_are_refused_and_not_kept(server, client, monkeypatch):
     data = chat_lines(5)
     upload = start(client, data)
-    parts_of(client, upload.id, [data[:-10]])
-    with pytest.raises(openai.BadRequestError, match="more than the"):
+    parts_of(client, upload.id, [data, data[:-10]])
+    with pytest.raises(openai.BadRequestError, match="more than 2 times the"):
         client.uploads.parts.create(upload.id, data=data[-10:] + b"extra")
     monkeypatch.setattr(uploads_module, "PART_MAX_BYTES", 4)
     with pytest.raises(openai.BadRequestError, match="at most 4 bytes") as caught:
         client.uploads.parts.create(upload.id, data=data[-10:])
     assert caught.value.param == "data"
-    assert len([p for p in server.stored_objects() if "/uploads/" in str(p)]) == 1
+    assert len([p for p in server.stored_objects() if "/uploads/" in str(p)]) == 2
+
+
+def test_a_part_sent_twice_leaves_room_for_the_last_and_complete_takes_the_parts_it_names(client):
+    """A client that retried a part the server had stored (its answer lost) still sends the rest and completes."""
+    data = chat_lines(6)
+    upload = start(client, data)
+    head, _again = parts_of(client, upload.id, [data[:100], data[:100]])
+    (tail,) = parts_of(client, upload.id, [data[100:]])
+    done = client.uploads.complete(upload.id, part_ids=[head, tail], md5=hashlib.md5(data).hexdigest())
+    assert done.status == "completed" and client.files.content(done.file.id).content == data
 
 
 def test_a_part_form_without_data_is_400(server, client):

@@ -19,6 +19,7 @@ ORDER = (
     "utilisation",
     "interactive",
     "phases",
+    "sparse",
     "prefix",
     "overhead",
     "memory",
@@ -35,8 +36,8 @@ INTRO = """# Benchmarks
 How well batch-gateway's runner uses an engine, protects interactive users, reuses the prefix cache, and how little
 it costs: measured against the built-in vLLM simulator (`batch-gateway sim`) and a real engine (llama.cpp's
 llama-server on the CPU) on this machine, plus the HTTP API under load. `make bench` runs them all;
-`python -m benchmarks NAME [NAME ...]` runs some (utilisation, interactive, phases, prefix, overhead, memory, resume,
-faults, fairness, deadlines, real_engine, api). Each benchmark is one command, prints its
+`python -m benchmarks NAME [NAME ...]` runs some (utilisation, interactive, phases, sparse, prefix, overhead, memory,
+resume, faults, fairness, deadlines, real_engine, api). Each benchmark is one command, prints its
 figures and rewrites its own section below; the summary table is rebuilt from the sections. The figures are what was
 measured, next to the target, including where the target is missed.
 

@@ -10,8 +10,8 @@ connections and a small `Dialect` for the few places where the two databases dif
 - errors: which driver errors mean "the database cannot serve now" (`StorageUnavailable`), or a duplicate key;
 - migrations: the `schema_migrations` table and how processes starting together take turns.
 
-Each statement commits on its own; only `complete_upload` and `migrate` group statements in a transaction. Rows come
-back as dicts from both.
+Each statement commits on its own; only `complete_upload`, `delete_file` (the row and its list place) and `migrate`
+group statements in a transaction. Rows come back as dicts from both.
 
 Cursor pagination looks up the `seq` of the `after` object inside the query; an `after` that is unknown or another
 tenant's gives an empty page. A deleted file's `seq` stays in `file_cursors` for a day (gc forgets older ones), so that

@@ -31,6 +31,23 @@ def batch(batch_id: str, status: str, expires_at: int) -> BatchRecord:
     )
 
 
+async def stored_file(services: Services, file_id: str, *, expires_at: int | None = None, data: bytes = b"x") -> None:
+    """A file of tenant `t`: its bytes and its row."""
+    await services.objects.put_bytes(file_key("t", file_id), data)
+    await services.metadata.insert_file(
+        FileRecord(
+            id=file_id,
+            tenant="t",
+            bytes=len(data),
+            created_at=1,
+            filename="a",
+            purpose="batch",
+            object_key=file_key("t", file_id),
+            expires_at=expires_at,
+        )
+    )
+
+
 async def test_gc_pass(tmp_path):
     services = await Services.open(Settings(data_dir=str(tmp_path)))
     try:
@@ -44,19 +61,7 @@ async def test_gc_pass(tmp_path):
         ):
             await services.metadata.insert_batch(record)
         for file_id, expires_at in (("file-old", now - 10), ("file-new", now + 1000), ("file-none", None)):
-            await services.objects.put_bytes(file_key("t", file_id), b"x")
-            await services.metadata.insert_file(
-                FileRecord(
-                    id=file_id,
-                    tenant="t",
-                    bytes=1,
-                    created_at=1,
-                    filename="a",
-                    purpose="batch",
-                    object_key=file_key("t", file_id),
-                    expires_at=expires_at,
-                )
-            )
+            await stored_file(services, file_id, expires_at=expires_at)
         executor = RecordingExecutor(running={"batch_running"}, broken={"batch_broken"})
 
         report = await collect(services, executor)
@@ -105,19 +110,7 @@ async def test_an_unfinished_batch_keeps_its_deleted_or_expired_input_until_it_e
         now = ids.now()
         metadata = services.metadata
         for file_id, expires_at in (("file-deleted", None), ("file-expired", now - 10)):
-            await services.objects.put_bytes(file_key("t", file_id), b"input")
-            await metadata.insert_file(
-                FileRecord(
-                    id=file_id,
-                    tenant="t",
-                    bytes=5,
-                    created_at=1,
-                    filename="a",
-                    purpose="batch",
-                    object_key=file_key("t", file_id),
-                    expires_at=expires_at,
-                )
-            )
+            await stored_file(services, file_id, expires_at=expires_at, data=b"input")
             running = BatchRecord(
                 id=f"batch_{file_id}",
                 tenant="t",
@@ -238,18 +231,7 @@ async def test_a_deleted_file_keeps_its_list_place_for_a_day(tmp_path):
     try:
         now = ids.now()
         for file_id, hidden_at in (("file-yesterday", now - FILE_CURSOR_SECONDS - 5), ("file-today", now - 5)):
-            await services.objects.put_bytes(file_key("t", file_id), b"x")
-            await services.metadata.insert_file(
-                FileRecord(
-                    id=file_id,
-                    tenant="t",
-                    bytes=1,
-                    created_at=1,
-                    filename="a",
-                    purpose="batch",
-                    object_key=file_key("t", file_id),
-                )
-            )
+            await stored_file(services, file_id)
             await services.metadata.hide_file(file_id, "t", hidden_at)
 
         report = await collect(services, RecordingExecutor())

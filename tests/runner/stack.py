@@ -75,10 +75,11 @@ async def run_stats(settings: Settings, batch_id: str) -> dict:
         await services.close()
 
 
-def start_runner(settings: Settings, batch_id: str, log) -> subprocess.Popen:
+def start_runner(settings: Settings, batch_id: str, log, *args: str) -> subprocess.Popen:
+    """The runner process for the batch, with further command-line `args` (`--give-up REASON`)."""
     env = {**os.environ, **settings.to_env()}
     return spawn(
-        [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id, *args], env=env, stdout=log, stderr=log
     )
 
 

@@ -5,9 +5,7 @@ cancelled it meanwhile (a cancelled batch ends cancelled, whatever its runners d
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 
 import pytest
@@ -16,7 +14,6 @@ from batch_gateway import ids, wire
 from batch_gateway.services import Services
 from batch_gateway.settings import Settings
 from batch_gateway.sim import SimConfig, SimServer
-from tests.fixtures.processes import spawn
 from tests.helpers import chat_lines
 from tests.runner.stack import create_batch, results, start_runner
 
@@ -65,9 +62,7 @@ def test_giving_up_publishes_what_finished_and_ends_as_the_tenant_asked(tmp_path
             runner.wait()
             if cancelled:
                 asyncio.run(cancel(settings, batch_id))
-            command = [sys.executable, "-m", "batch_gateway.runner", "--batch-id", batch_id, "--give-up", "crashed"]
-            give_up = spawn(command, env={**os.environ, **settings.to_env()}, stdout=log, stderr=log)
-            assert give_up.wait(60) == 0
+            assert start_runner(settings, batch_id, log, "--give-up", "crashed").wait(60) == 0
     batch, out, err = asyncio.run(results(settings, batch_id))
     assert batch.status == ended
     assert len(out) >= 10 and {line["error"]["code"] for line in err} == {code}

@@ -10,7 +10,8 @@ A pass:
    the API) that no unfinished batch reads as its input: object first and then the row, so a crash in between leaves
    a row that the next pass deletes again (deleting a missing object is not an error). An unfinished batch's input
    keeps its bytes until the batch ends, so its runner can always read it again. Each step always takes the first page
-   of what is left, so it never skips rows the way offset pagination would;
+   of what is left, so it never skips rows the way offset pagination would. A deleted file's place in its tenant's
+   list (for a list's `after`) is forgotten FILE_CURSOR_SECONDS after it was deleted;
 3. expires the Uploads (the Uploads API) not completed within their hour, deleting the bytes a completion cut short
    may have written, and deletes the parts of every upload that is no longer open (completed, cancelled, expired);
 4. aborts the S3 multipart uploads (removes the local staging files) that writers killed mid-upload left behind,

@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.share import RunnerLoad
 
-PRESENCE_MIN = 1.5  # others' requests in the engine that mean someone is there...
+PRESENCE_MIN = 1.5  # beside other runners: others' requests in the engine that mean someone is there...
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
+# A lone runner knows its own requests exactly (against its most in flight since the last reading, the engine's count
+# never exceeded it in 150 readings of a full batch on the simulator): one request of someone else's is a sign.
+PRESENCE_ALONE = 1.0
 PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
 PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published...
 PEER_GROWTH_MAX = 1.0  # ...or, for one whose last publications grew by more, that growth, up to doubling (slow start)
@@ -25,19 +28,31 @@ COMPLETION_HISTORY = 30.0  # at most: sparse users' finished requests are counte
 # batch refilled under their next request each time (tests/runner/test_presence.py).
 EXPECTED_COMPLETIONS = 12.0
 RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a shorter one is too noisy to keep)
-INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others, at most
+INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others; busy users less...
+BUSY_RATE = EXPECTED_COMPLETIONS / INTERACTIVE_HOLD  # ...those finishing more requests a second than this
+# Sparse users (a request every few seconds, each caught running, with a gap before the next) are held for this many
+# times the longest of their last GAPS_KEPT gaps, once GAPS_LEARNT gaps of at most HOLD_MAX are known (a longer one is
+# a departure), up to HOLD_MAX. Of a Poisson stream's gaps, sixteen's longest is about 3.4 times their mean.
+HOLD_GAPS = 3.0
+GAPS_KEPT = 16
+GAPS_LEARNT = 2
+HOLD_MAX = 120.0
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
 
 
 class Presence:
     """Others' load on the engine, and whether anyone else is there: on two readings running, or on one that leaves
-    no doubt; the engine is the batch's again `INTERACTIVE_HOLD` seconds after the last sign of anyone else, or sooner
-    for busy users (the time twelve of their requests take)."""
+    no doubt (once they are seen, each sign counts); the engine is the batch's again `INTERACTIVE_HOLD` seconds after
+    the last sign of anyone else, sooner for busy users (the time twelve of their requests take), later for sparse
+    ones (three times their longest recent gap between requests, up to `HOLD_MAX`)."""
 
     def __init__(self) -> None:
         self._completions: deque[tuple[float, float, float]] = deque()  # (time, engine's count, runners' count)
         self._readings = 0  # readings in a row with a sign of others
         self._seen_at = -math.inf
+        self._caught = False  # the last reading caught someone else's request running (a confirmed sign)
+        self._caught_at = -math.inf
+        self._gaps: deque[float] = deque(maxlen=GAPS_KEPT)  # seconds between their requests caught running
         self._rate = 0.0  # others' finished requests per second over the history, while last seen (0: never)
         self._counting = "requests"  # what the history counts: finished requests, or their output tokens
         self.completion_rate: float | None = None  # the engine's finished requests per second, all clients
@@ -66,9 +81,26 @@ class Presence:
     def shared(self, now: float) -> bool:
         # Users who send nothing for as long as twelve of their requests take (the window's span) are gone: busy
         # ones are let go sooner than the hold (3.5-4 s after they leave at 13 a second, against 8-8.5 s), and the
-        # batch takes the engine back by slow start, so that a mistake costs little.
-        hold = min(INTERACTIVE_HOLD, EXPECTED_COMPLETIONS / self._rate) if self._rate else INTERACTIVE_HOLD
-        return now - self._seen_at <= hold
+        # batch takes the engine back by slow start, so that a mistake costs little. Sparse ones are held three times
+        # their longest recent gap, up to two minutes: a person chatting beside a batch sends a request every few
+        # seconds, and with a fixed hold each that came after a gap met the batch refilled. (Six times their mean gap
+        # let users at 0.1 a second go about twice in ten minutes: a mean of few gaps is often short.)
+        return now - self._seen_at <= self._hold()
+
+    def _hold(self) -> float:
+        if self._rate > BUSY_RATE:
+            return EXPECTED_COMPLETIONS / self._rate
+        if len(self._gaps) >= GAPS_LEARNT:
+            return min(HOLD_MAX, max(INTERACTIVE_HOLD, HOLD_GAPS * max(self._gaps)))
+        return INTERACTIVE_HOLD
+
+    def _threshold(self, batch_inflight: float, peers: Sequence[RunnerLoad]) -> float:
+        """Others' requests in the engine that are a sign of someone: beside other runners, past what their
+        publications may lag; alone, one."""
+        if peers:
+            return PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + self._peer_slack(peers)
+        self._published = {}
+        return PRESENCE_ALONE
 
     def observe(
         self,
@@ -115,14 +147,26 @@ class Presence:
             finished = not peers and others_finished >= PRESENCE_COMPLETIONS + lag
         else:
             self._completions.clear()  # nothing comparable now (other runners' tokens are not on the board)
-        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + self._peer_slack(peers)
-        # Twice the threshold is someone there beyond doubt: the batch yields at this reading. A weaker sign (or any
-        # sign while other runners share the engine) must show twice.
-        certain = excess >= 2 * threshold and not peers
-        present = certain or excess >= threshold or finished
+        threshold = self._threshold(batch_inflight, peers)
+        # Twice the threshold (and never fewer than three requests) is someone there beyond doubt: the batch yields
+        # at this reading. A weaker sign must show twice: always beside other runners; alone, unless others are known
+        # to be there already.
+        shared = self.shared(now)
+        certain = excess >= 2 * max(threshold, PRESENCE_MIN) and not peers
+        running = certain or excess >= threshold
+        present = running or finished
         self._readings = self._readings + 1 if present else 0
-        self.unconfirmed = present and not certain and self._readings < 2
-        if certain or self._readings >= 2:
+        confirmed = certain or self._readings >= 2 or (present and shared and not peers)
+        self.unconfirmed = present and not confirmed
+        # Sparse users' gaps, between their requests caught running (their finished requests, counted over a window,
+        # come and go with its ends).
+        caught = confirmed and running
+        if caught and not self._caught and now - self._caught_at <= HOLD_MAX:
+            self._gaps.append(now - self._caught_at)
+        self._caught = caught
+        if caught:
+            self._caught_at = now
+        if confirmed:
             # Their rate is learnt as they stay, never unlearnt while they do: as they leave, a falling rate would
             # widen the window over their last requests and keep them seen for as long again.
             if rate > 0:

@@ -104,7 +104,7 @@ class ConcurrencyController:
         self._sends = 0  # the n-th send gets epoch n
         self._inflight = 0
         self._inflight_area = 0.0  # ∫ in-flight dt since the last reading
-        self._peak_inflight = 0  # the most in flight since the last reading
+        self._peak_inflight = 0  # the most in flight since the scrape began (`on_scrape`), or the last reading
         self._accounted_at = 0.0
         self._cut_epoch = 0  # sends up to this epoch were out at the last backpressure cut
         self._backoff = 1.0
@@ -311,6 +311,11 @@ class ConcurrencyController:
 
     # --- the engine -------------------------------------------------------------------------------
 
+    def on_scrape(self) -> None:
+        """The engine's gauges are about to be read: what the batch holds from now until the reading is what they
+        may count of it."""
+        self._peak_inflight = self._inflight
+
     def on_engine(
         self,
         now: float,
@@ -333,7 +338,9 @@ class ConcurrencyController:
         batch_inflight = self._inflight + peers_inflight
         # The gauges were read some time during the scrape, not now: when many of our requests end at once (a prefix
         # group's followers), the engine may still count requests we no longer do. Against our most in flight since
-        # the last reading, those are not taken for someone else's.
+        # the scrape began, those are not taken for someone else's. (Since the last reading was too much: beside a
+        # full batch, whose count moves by a request or two as each ends and the next goes out, it hid one request
+        # of someone else's at four readings in five.)
         ours_lately = max(self._peak_inflight, self._inflight)
         self._peak_inflight = self._inflight
         self.others.observe(now, reading, peers, ours_lately + peers_inflight, self._answered, self._answered_tokens)

@@ -566,6 +566,7 @@ class Dispatcher:
             first = False
             demand = controller.inflight + self.scheduler.pending
             weight = self._weight(controller, endpoint)
+            controller.on_scrape()
             scrape = meter.scrape(self.client, endpoint.url, time.monotonic())
             if self.board is None:
                 snapshot, peers = await scrape, list[RunnerLoad]()

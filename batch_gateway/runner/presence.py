@@ -16,7 +16,7 @@ from batch_gateway.runner.share import RunnerLoad
 PRESENCE_MIN = 1.5  # beside other runners: others' requests in the engine that mean someone is there...
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
 # A lone runner knows its own requests exactly (against its most in flight since the last reading, the engine's count
-# never exceeded it in 150 readings of a full batch on the simulator): one request of someone else's is a sign.
+# never exceeded it in 157 readings of a full batch on the simulator): one request of someone else's is a sign.
 PRESENCE_ALONE = 1.0
 PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
 PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published...
@@ -31,11 +31,10 @@ RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a sh
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others; busy users less...
 BUSY_RATE = EXPECTED_COMPLETIONS / INTERACTIVE_HOLD  # ...those finishing more requests a second than this
 # Sparse users (a request every few seconds, each caught running, with a gap before the next) are held for this many
-# times the longest of their last GAPS_KEPT gaps, once GAPS_LEARNT gaps of at most HOLD_MAX are known (a longer one is
-# a departure), up to HOLD_MAX. Of a Poisson stream's gaps, sixteen's longest is about 3.4 times their mean.
+# times the longest of their last GAPS_KEPT gaps of at most HOLD_MAX (a longer one is a departure), up to HOLD_MAX:
+# from their second request on. Of a Poisson stream's gaps, sixteen's longest is about 3.4 times their mean.
 HOLD_GAPS = 3.0
 GAPS_KEPT = 16
-GAPS_LEARNT = 2
 HOLD_MAX = 120.0
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
 
@@ -90,7 +89,7 @@ class Presence:
     def _hold(self) -> float:
         if self._rate > BUSY_RATE:
             return EXPECTED_COMPLETIONS / self._rate
-        if len(self._gaps) >= GAPS_LEARNT:
+        if self._gaps:
             return min(HOLD_MAX, max(INTERACTIVE_HOLD, HOLD_GAPS * max(self._gaps)))
         return INTERACTIVE_HOLD
 

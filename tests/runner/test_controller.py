@@ -212,6 +212,23 @@ def test_others_on_the_engine_are_seen_at_once_when_many_and_after_two_readings_
     assert d.regime is Regime.OURS
 
 
+def test_one_request_of_someone_else_beside_a_full_batch_is_seen_against_what_the_batch_held_during_the_scrape():
+    """Beside a full batch the runner's count moves by a request as each of its requests goes out just before the one
+    it replaces ends. Against its most in flight since the last reading, one request of someone else's was hidden at
+    four readings in five, and a person sending a request every 10 s went unseen (the sparse benchmark). Against its
+    most since the scrape began, it is seen at the second reading."""
+    for scrape in (True, False):
+        c = ConcurrencyController(initial=128)
+        fill(c, 0.0)
+        for t in (0.5, 1.0):
+            epoch = c.on_send(t - 0.2)  # the next goes out...
+            c.on_success(t - 0.1, latency=1.0, output_tokens=64, epoch=epoch)  # ...and one ends: 128 again
+            if scrape:
+                c.on_scrape()
+            c.on_engine(t, reading(128 + 1))  # ours, and one of someone else's
+        assert (c.regime is Regime.SHARED) is scrape
+
+
 def test_other_batch_runners_are_not_taken_for_interactive_users():
     c = ConcurrencyController(initial=32)
     fill(c, 0.0)

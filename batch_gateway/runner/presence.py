@@ -30,6 +30,9 @@ EXPECTED_COMPLETIONS = 12.0
 RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a shorter one is too noisy to keep)
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others; busy users less...
 BUSY_RATE = EXPECTED_COMPLETIONS / INTERACTIVE_HOLD  # ...those finishing more requests a second than this
+# A lone runner, after someone's first request, before their gaps or rate are known: a person chatting beside a batch
+# sends the next within seconds to a minute. (Beside other runners, a sign may be a peer's growth: INTERACTIVE_HOLD.)
+FIRST_HOLD = 30.0
 # Sparse users (a request every few seconds, each caught running, with a gap before the next) are held for this many
 # times the longest of their last GAPS_KEPT gaps of at most HOLD_MAX (a longer one is a departure), up to HOLD_MAX:
 # from their second request on. Of a Poisson stream's gaps, sixteen's longest is about 3.4 times their mean.
@@ -43,12 +46,14 @@ class Presence:
     """Others' load on the engine, and whether anyone else is there: on two readings running, or on one that leaves
     no doubt (once they are seen, each sign counts); the engine is the batch's again `INTERACTIVE_HOLD` seconds after
     the last sign of anyone else, sooner for busy users (the time twelve of their requests take), later for sparse
-    ones (three times their longest recent gap between requests, up to `HOLD_MAX`)."""
+    ones (three times their longest recent gap between requests, up to `HOLD_MAX`), and `FIRST_HOLD` after a lone
+    runner's first sign of someone, before either is known."""
 
     def __init__(self) -> None:
         self._completions: deque[tuple[float, float, float]] = deque()  # (time, engine's count, runners' count)
         self._readings = 0  # readings in a row with a sign of others
         self._seen_at = -math.inf
+        self._alone = True  # no other runner on the engine at the last reading
         self._caught = False  # the last reading caught someone else's request running (a confirmed sign)
         self._caught_at = -math.inf
         self._gaps: deque[float] = deque(maxlen=GAPS_KEPT)  # seconds between their requests caught running
@@ -91,7 +96,7 @@ class Presence:
             return EXPECTED_COMPLETIONS / self._rate
         if self._gaps:
             return min(HOLD_MAX, max(INTERACTIVE_HOLD, HOLD_GAPS * max(self._gaps)))
-        return INTERACTIVE_HOLD
+        return FIRST_HOLD if self._alone else INTERACTIVE_HOLD
 
     def _threshold(self, batch_inflight: float, peers: Sequence[RunnerLoad]) -> float:
         """Others' requests in the engine that are a sign of someone: beside other runners, past what their
@@ -146,6 +151,7 @@ class Presence:
             finished = not peers and others_finished >= PRESENCE_COMPLETIONS + lag
         else:
             self._completions.clear()  # nothing comparable now (other runners' tokens are not on the board)
+        self._alone = not peers
         threshold = self._threshold(batch_inflight, peers)
         # Twice the threshold (and never fewer than three requests) is someone there beyond doubt: the batch yields
         # at this reading. A weaker sign must show twice: always beside other runners; alone, unless others are known

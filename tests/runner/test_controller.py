@@ -23,7 +23,7 @@ from batch_gateway.runner.controller import (
 )
 from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import Knee
-from batch_gateway.runner.presence import HOLD_MAX
+from batch_gateway.runner.presence import FIRST_HOLD, HOLD_MAX
 from batch_gateway.runner.share import allocate
 from batch_gateway.runner.step_model import LoadHistory, StepFit, StepModel
 from batch_gateway.store.metadata import RunnerLoad
@@ -207,8 +207,8 @@ def test_others_on_the_engine_are_seen_at_once_when_many_and_after_two_readings_
     fill(d, 0.0)
     d.on_engine(0.5, reading(32 + 20))  # twenty: certain
     assert d.regime is Regime.SHARED
-    for t in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0):  # gone: ours again after the hold
-        d.on_engine(t, reading(d.inflight))
+    for t in range(1, math.ceil(FIRST_HOLD) + 2):  # gone: ours again after the hold that follows a first sign
+        d.on_engine(float(t), reading(d.inflight))
     assert d.regime is Regime.OURS
 
 

@@ -94,15 +94,19 @@ def test_a_person_sending_a_request_every_few_seconds_stays_seen_across_their_ga
     assert sum(1 for before, now in itertools.pairwise(seen) if before and not now) <= 1
 
 
-def test_one_request_of_someone_else_holds_the_engine_only_briefly():
-    """A single sign (one request, or what looked like one) has no gap to hold across: the engine is the batch's again
-    after the 5 s hold, as before."""
-    presence = Presence()
-    for now in (10.0, 10.5):
-        presence.observe(now, EngineReading(running=2, waiting=0), [], batch_inflight=1, answered=0)
-    assert presence.shared(10.5)
-    presence.observe(11.0, EngineReading(running=1, waiting=0), [], batch_inflight=1, answered=0)
-    assert presence.shared(15.5) and not presence.shared(16.0)
+def test_someone_s_first_request_holds_the_engine_for_half_a_minute_beside_other_runners_for_5_s():
+    """After a first sign of someone, their gaps are not known yet: a lone runner holds the engine for the next
+    request of a person chatting (at 0.1 requests a second, with a 5 s hold, the one after their first met the batch
+    refilled). Beside other runners a sign may be a peer's growth, so the hold stays at 5 s."""
+    peer = RunnerLoad("other", inflight=4, limit=4, demand=10, completed=0, at=0.0)
+    for peers, hold in (([], 30.0), ([peer], 5.0)):
+        presence = Presence()
+        batch = 1 + 4 * len(peers)  # ours and the peer's
+        for now in (10.0, 10.5):
+            presence.observe(now, EngineReading(running=batch + 4, waiting=0), peers, batch, answered=0)
+        assert presence.shared(10.5)
+        presence.observe(11.0, EngineReading(running=batch, waiting=0), peers, batch, answered=0)
+        assert presence.shared(10.5 + hold) and not presence.shared(11.0 + hold)
 
 
 @pytest.mark.parametrize(("user_rate", "within"), [(13.0, 5.0), (1.1, 35.0), (0.3, 120.0)])

@@ -15,8 +15,8 @@ from batch_gateway.runner.share import RunnerLoad
 
 PRESENCE_MIN = 1.5  # beside other runners: others' requests in the engine that mean someone is there...
 PRESENCE_SHARE = 0.02  # ...plus this share of the batch's (what runners publish lags a little)
-# A lone runner knows its own requests exactly (against its most in flight since the last reading, the engine's count
-# never exceeded it in 157 readings of a full batch on the simulator): one request of someone else's is a sign.
+# A lone runner knows its own requests exactly (against its most in flight from the start of the scrape, the engine's
+# count never exceeded it in 213 readings of a full batch on the simulator): one request of someone else's is a sign.
 PRESENCE_ALONE = 1.0
 PRESENCE_COMPLETIONS = 3  # or others' finished requests in the completion window
 PEER_SLACK = 0.25  # share of the other runners' published limits that may be their growth since they published...

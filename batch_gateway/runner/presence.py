@@ -98,14 +98,6 @@ class Presence:
             return min(HOLD_MAX, max(INTERACTIVE_HOLD, HOLD_GAPS * max(self._gaps)))
         return FIRST_HOLD if self._alone else INTERACTIVE_HOLD
 
-    def _threshold(self, batch_inflight: float, peers: Sequence[RunnerLoad]) -> float:
-        """Others' requests in the engine that are a sign of someone: beside other runners, past what their
-        publications may lag; alone, one."""
-        if peers:
-            return PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + self._peer_slack(peers)
-        self._published = {}
-        return PRESENCE_ALONE
-
     def observe(
         self,
         now: float,
@@ -152,7 +144,9 @@ class Presence:
         else:
             self._completions.clear()  # nothing comparable now (other runners' tokens are not on the board)
         self._alone = not peers
-        threshold = self._threshold(batch_inflight, peers)
+        # Others' requests that are a sign of someone: beside other runners, past what their publications may lag.
+        slack = self._peer_slack(peers)
+        threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + slack if peers else PRESENCE_ALONE
         # Twice the threshold (and never fewer than three requests) is someone there beyond doubt: the batch yields
         # at this reading. A weaker sign must show twice: always beside other runners; alone, unless others are known
         # to be there already.
@@ -165,9 +159,13 @@ class Presence:
         self.unconfirmed = present and not confirmed
         # Sparse users' gaps, between their requests caught running (their finished requests, counted over a window,
         # come and go with its ends).
+        # A sign after they looked gone starts their gaps afresh (the one before it is the first, if not a departure).
         caught = confirmed and running
-        if caught and not self._caught and now - self._caught_at <= HOLD_MAX:
-            self._gaps.append(now - self._caught_at)
+        if caught and not self._caught:
+            if not shared:
+                self._gaps.clear()
+            if now - self._caught_at <= HOLD_MAX:
+                self._gaps.append(now - self._caught_at)
         self._caught = caught
         if caught:
             self._caught_at = now

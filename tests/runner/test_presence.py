@@ -173,3 +173,21 @@ def test_a_peer_s_fractional_share_stepping_up_by_one_is_not_taken_for_growth():
         running = 1 + peer_limit + 3  # ours, the peer's, the users'
         presence.observe(now, EngineReading(running=running, waiting=0), [peer], 1 + peer_limit, answered=0)
     assert presence.shared(0.5)
+
+
+def test_someone_who_comes_after_others_left_is_held_as_after_a_first_sign():
+    """The gaps of users who left are not the next person's: a sign after the engine looked the batch's starts them
+    afresh (a hold of three times an old gap of 20 s would have held this one for a minute)."""
+    presence = Presence()
+
+    def sign(now: float) -> None:
+        for t in (now, now + 0.5):
+            presence.observe(t, EngineReading(running=2, waiting=0), [], batch_inflight=1, answered=0)
+        presence.observe(now + 1.0, EngineReading(running=1, waiting=0), [], batch_inflight=1, answered=0)
+
+    sign(0.0)
+    sign(20.0)  # a gap of 19.5 s: held for 58.5 s
+    assert presence.shared(20.5 + 58.0)
+    assert not presence.shared(300.0)
+    sign(300.0)  # gone for minutes: a first sign again
+    assert presence.shared(300.5 + 30.0) and not presence.shared(301.0 + 30.0)

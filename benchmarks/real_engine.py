@@ -420,17 +420,20 @@ def write(
         if fit:
             fits.append((share, fit))
         of_oracle = f"{d['batch_rate'] / oracle_rate:.0%}" if oracle else "n/a (no fixed setting within budget)"
-        idle = (
-            " The batch finished no request in the window (the runner held it paused): what is over or under 1 there"
-            " is the engine's own spread between runs, as the two alone runs show."
-            if d["batch_rate"] == 0
-            else ""
+        verdict_line = (
+            f"Defaults: p99 {p99_ratio:.2f}× alone ({verdict(p99_ratio <= SLOWDOWN)}), batch {of_oracle} of the"
+            " oracle's throughput."
         )
+        if d["batch_rate"] == 0:
+            verdict_line += (
+                " The batch finished no request in the window (the runner held it paused): what is over or under 1"
+                " there is the engine's own spread between runs, as the two alone runs show."
+            )
         sections.append(f"""
 #### {share:.0%} of capacity: {r["rate"]:.2f} interactive requests/s
 
 {report.table(rows)}
-Defaults: p99 {p99_ratio:.2f}× alone ({verdict(p99_ratio <= SLOWDOWN)}), batch {of_oracle} of the oracle's throughput.{idle}
+{verdict_line}
 The runner's last snapshot: regime `{snapshot.get("regime")}`, limit {snapshot.get("limit")}, step fit {fit},
 budget {snapshot.get("budget")}; pauses {(snapshot.get("decreases") or {}).get("pause")}, queue cuts
 {(snapshot.get("decreases") or {}).get("queue")}, probes {snapshot.get("probes")} (each one's measure of users' step

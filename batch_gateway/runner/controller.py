@@ -54,14 +54,6 @@ NO_TOKENS = (0.0, 0.0)  # (seconds, tokens) of users' tokens (`_others_tokens`),
 PAUSE_RETRY_FIRST = 300.0
 PAUSE_RETRY_MAX = 3600.0
 LATENCY_SMOOTHING = 0.2  # weight of a new answer in the service-time estimate
-# While others use the engine, the batch's requests start at most this share of its service time over its limit
-# apart (`start_gap`): a little faster than they end, so slots do not stay free, but not several in one step. Each
-# start's prompt lengthens the engine's step for everyone; starts that bunch up (several of the batch's requests end
-# together and are refilled at once) are what users' slowest requests meet. Against the simulator (a plain client
-# holding 18 batch requests, users at 2 requests a second, three runs of 90 s), users' p99 over their mean went from
-# 17-23 ms to 12-22 ms and their standard deviation from 7.0-9.1 ms to 5.5-6.2 ms (0.33 s alone, 0.42 s beside the
-# batch), for the same slowdown per batch token.
-START_SPREAD = 0.8
 PROMPT_SMOOTHING = 0.02  # weight of a new answer in the computed prompt tokens per output token (~50 answers)
 BACKPRESSURE_KINDS = frozenset({"429", "503", "timeout"})
 # A fractional limit is kept on average: one request more for that fraction of each period. The period is long enough
@@ -208,14 +200,6 @@ class ConcurrencyController:
     def step_seconds(self) -> float | None:
         """The engine's step time (inter-token latency), smoothed."""
         return self._step
-
-    @property
-    def start_gap(self) -> float:
-        """Seconds between two of the batch's starts on this endpoint: 0 while the engine is the batch's (it fills
-        the engine at once), and START_SPREAD of a service time over the limit while others use it."""
-        if self.regime is not Regime.SHARED or self.service_time is None or self._limit < 1:
-            return 0.0
-        return START_SPREAD * self.service_time / self._limit
 
     @property
     def excess(self) -> int:

@@ -202,16 +202,10 @@ class Dispatcher:
         # it, before the first request: the first groups go out as the engine can hold them, and within users' budget.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._looked[index].wait(), FIRST_LOOK_SECONDS)
-        started = -math.inf
         while not self.stopped:
             if self.backlogged():  # the object store is down: results pile up in memory, so wait for it
                 await asyncio.sleep(BACKLOG_POLL_SECONDS)
                 continue
-            # Beside others, starts are spread (ConcurrencyController.start_gap): waiting before the permit, as the
-            # limiter's contract asks, so a start that waits holds no slot.
-            spread = started + endpoint.controller.start_gap - time.monotonic()
-            if spread > 0:
-                await asyncio.sleep(spread)
             probe = await self._until_admitted(endpoint)
             if probe is None:
                 return
@@ -226,7 +220,6 @@ class Dispatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            started = time.monotonic()
             task = asyncio.create_task(self._request(endpoint, permit, line, probe))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

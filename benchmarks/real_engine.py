@@ -424,10 +424,11 @@ def write(
             f"Defaults: p99 {p99_ratio:.2f}× alone ({verdict(p99_ratio <= SLOWDOWN)}), batch {of_oracle} of the"
             " oracle's throughput."
         )
-        if d["batch_rate"] == 0:
+        if d["batch_rate"] == 0 and not d["limit"]:
             verdict_line += (
-                " The batch finished no request in the window (the runner held it paused): what is over or under 1"
-                " there is the engine's own spread between runs, as the two alone runs show."
+                " The batch finished no request in the window and its limit was 0 throughout (the runner held it"
+                " paused): what is over or under 1 there is the engine's own spread between runs, as the two alone"
+                " runs show."
             )
         sections.append(f"""
 #### {share:.0%} of capacity: {r["rate"]:.2f} interactive requests/s

@@ -158,8 +158,8 @@ class Presence:
         confirmed = certain or self._readings >= 2 or (present and shared and not peers)
         self.unconfirmed = present and not confirmed
         # Sparse users' gaps, between their requests caught running (their finished requests, counted over a window,
-        # come and go with its ends).
-        # A sign after they looked gone starts their gaps afresh (the one before it is the first, if not a departure).
+        # come and go with its ends). A sign after they looked gone starts the gaps afresh: the gap back to the last
+        # sign is kept only within HOLD_MAX, where it may be a lapse of ours rather than someone's departure.
         caught = confirmed and running
         if caught and not self._caught:
             if not shared:

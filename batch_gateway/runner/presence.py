@@ -31,23 +31,28 @@ RATE_SPAN = 15.0  # their rate is learnt from a history at least this long (a sh
 INTERACTIVE_HOLD = 5.0  # the engine counts as shared this long after the last sign of others; busy users less...
 BUSY_RATE = EXPECTED_COMPLETIONS / INTERACTIVE_HOLD  # ...those finishing more requests a second than this
 # A lone runner, after someone's first request, before their gaps or rate are known: a person chatting beside a batch
-# sends the next within seconds to a minute. (Beside other runners, a sign may be a peer's growth: INTERACTIVE_HOLD.)
-FIRST_HOLD = 30.0
-# Sparse users (a request every few seconds, each caught running, with a gap before the next) are held for this many
-# times the longest of their last GAPS_KEPT gaps of at most HOLD_MAX (a longer one is a departure), up to HOLD_MAX:
-# from their second request on. Of a Poisson stream's gaps, sixteen's longest is about 3.4 times their mean.
-HOLD_GAPS = 3.0
+# sends the next within a minute (of one request every 10 s, one gap in 400 is longer; every 5 s, one in 160,000).
+# (Beside other runners, a sign may be a peer's growth: INTERACTIVE_HOLD.)
+FIRST_HOLD = 60.0
+# Sparse users (a request every few seconds, each caught running, with a gap before the next) are held, from their
+# second request on, for as long as their next gap exceeds with chance LAPSE_CHANCE, judged from the sum of their last
+# GAPS_KEPT gaps of at most HOLD_MAX (a longer one is a departure), up to HOLD_MAX. The gaps of a Poisson stream, of
+# whatever rate, exceed c times the sum of the n before with chance (1 + c)^-n, so c = LAPSE_CHANCE^(-1/n) - 1: few
+# gaps known mean a long hold (after one, the longest), sixteen of them 0.54 of their sum (8.6 times their mean).
+# Three times the longest of them let users go after their next gap 1 time in 4 with one gap known, 1 in 10 with two.
+LAPSE_CHANCE = 0.001
 GAPS_KEPT = 16
 HOLD_MAX = 120.0
 INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load estimate
 
 
 class Presence:
-    """Others' load on the engine, and whether anyone else is there: on two readings running, or on one that leaves
-    no doubt (once they are seen, each sign counts); the engine is the batch's again `INTERACTIVE_HOLD` seconds after
-    the last sign of anyone else, sooner for busy users (the time twelve of their requests take), later for sparse
-    ones (three times their longest recent gap between requests, up to `HOLD_MAX`), and `FIRST_HOLD` after a lone
-    runner's first sign of someone, before either is known."""
+    """Others' load on the engine, and whether anyone else is there: to a lone runner, on one reading that shows a
+    request not its own running; beside other runners, or from finished requests, on two readings, or on one that
+    leaves no doubt (once they are seen, each sign counts). The engine is the batch's again `INTERACTIVE_HOLD` seconds
+    after the last sign of anyone else, sooner for busy users (the time twelve of their requests take), later for
+    sparse ones (the gap their next exceeds with chance `LAPSE_CHANCE`, up to `HOLD_MAX`), and `FIRST_HOLD` after a
+    lone runner's first sign of someone, before either is known."""
 
     def __init__(self) -> None:
         self._completions: deque[tuple[float, float, float]] = deque()  # (time, engine's count, runners' count)
@@ -85,17 +90,19 @@ class Presence:
     def shared(self, now: float) -> bool:
         # Users who send nothing for as long as twelve of their requests take (the window's span) are gone: busy
         # ones are let go sooner than the hold (3.5-4 s after they leave at 13 a second, against 8-8.5 s), and the
-        # batch takes the engine back by slow start, so that a mistake costs little. Sparse ones are held three times
-        # their longest recent gap, up to two minutes: a person chatting beside a batch sends a request every few
-        # seconds, and with a fixed hold each that came after a gap met the batch refilled. (Six times their mean gap
-        # let users at 0.1 a second go about twice in ten minutes: a mean of few gaps is often short.)
+        # batch takes the engine back by slow start, so that a mistake costs little. Sparse ones are held for the gap
+        # their next request exceeds once in 1,000, up to two minutes: a person chatting beside a batch sends a request
+        # every few seconds, and with a fixed hold each that came after a gap met the batch refilled. (Six times their
+        # mean gap, or three times their longest, let users at 0.1 a second go: a mean or maximum of few gaps is
+        # often short.)
         return now - self._seen_at <= self._hold()
 
     def _hold(self) -> float:
         if self._rate > BUSY_RATE:
             return EXPECTED_COMPLETIONS / self._rate
         if self._gaps:
-            return min(HOLD_MAX, max(INTERACTIVE_HOLD, HOLD_GAPS * max(self._gaps)))
+            multiple = LAPSE_CHANCE ** (-1.0 / len(self._gaps)) - 1.0
+            return min(HOLD_MAX, max(INTERACTIVE_HOLD, multiple * sum(self._gaps)))
         return FIRST_HOLD if self._alone else INTERACTIVE_HOLD
 
     def observe(
@@ -147,12 +154,14 @@ class Presence:
         # Others' requests that are a sign of someone: beside other runners, past what their publications may lag.
         slack = self._peer_slack(peers)
         threshold = PRESENCE_MIN + PRESENCE_SHARE * batch_inflight + slack if peers else PRESENCE_ALONE
-        # Twice the threshold (and never fewer than three requests) is someone there beyond doubt: the batch yields
-        # at this reading. A weaker sign must show twice: always beside other runners; alone, unless others are known
+        # To a lone runner, which knows its own requests exactly, one request running that is not its own is someone
+        # there beyond doubt: the batch yields at this reading (asking for a second, a person's first request that
+        # spanned one reading went unconfirmed, and their next met the full batch too). Other signs must show twice:
+        # beside other runners, whose publications lag, and from finished requests; alone, unless others are known
         # to be there already.
         shared = self.shared(now)
-        certain = excess >= 2 * max(threshold, PRESENCE_MIN) and not peers
-        running = certain or excess >= threshold
+        running = excess >= threshold
+        certain = running and not peers
         present = running or finished
         self._readings = self._readings + 1 if present else 0
         confirmed = certain or self._readings >= 2 or (present and shared and not peers)

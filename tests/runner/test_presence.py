@@ -136,9 +136,9 @@ def test_a_sparse_person_is_held_by_the_gap_their_next_request_exceeds_once_in_1
 def test_users_are_let_go_soon_after_they_leave(user_rate, within):
     """The window spans a few of their requests at their rate, and the hold the gap their next request exceeds once in
     1,000, so sparse users are let go later than busy ones (in ten seeds: 18-35 s after they leave at 1.1 a second,
-    48-139 s at 0.3), never after the window's longest span (30 s) and the longest hold (120 s). Busy users are let go once twelve
-    of their requests' time has passed with no sign of them, sooner than the 5 s hold (8-8.5 s at 13 a second when the
-    hold alone applied)."""
+    48-139 s at 0.3), never after the window's longest span (30 s) and the longest hold (120 s). Busy users are let
+    go once twelve of their requests' time has passed with no sign of them, sooner than the 5 s hold (8-8.5 s at 13 a
+    second when the hold alone applied)."""
     for seed in (1, 2, 3):
         readings = shared_over_time(user_rate, users_until=60, seconds=240, seed=seed)
         assert any(shared for t, shared in readings if 30 < t < 60)

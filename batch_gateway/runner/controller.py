@@ -25,7 +25,7 @@ from batch_gateway.runner.engine_reading import EngineReading
 from batch_gateway.runner.knee import QUEUE_ALLOWANCE, Knee
 from batch_gateway.runner.presence import Presence
 from batch_gateway.runner.share import RunnerLoad, allocate
-from batch_gateway.runner.step_model import LoadHistory, StepModel
+from batch_gateway.runner.step_model import MIN_SPREAD_SEQUENCES, LoadHistory, StepModel
 
 BACKOFF = 0.5  # cut on hard backpressure, once per flight
 BACKOFF_RECOVERY = 1.25  # per reading without backpressure, back toward 1
@@ -488,11 +488,15 @@ class ConcurrencyController:
             agreed is not None or held or self.measured_slowdown is not None or self._trial_probes is not None
         ) and self._pause(now, pause_budget, lone=not peers):
             return 0.0
+        few = batch_inflight <= MIN_SPREAD_SEQUENCES
         if agreed is not None:
             budget = agreed
-        elif self._step is not None and self.model.batch_varied:
-            # No plausible fit although the batch's count has varied: grow while the step stays within the budget of
-            # the lowest step seen (which erred high: the batch was there too), else shrink.
+        elif self._step is not None and (self.model.batch_varied or (few and not self.others.now)):
+            # No plausible fit although the batch's count has varied, or none with too few sequences to vary by
+            # yielding, in a gap between others' requests (a runner whose first reading showed a user held one
+            # sequence for minutes beside sparse users: neither its count nor theirs varied enough for a fit; beside
+            # users who stay, its one sequence is probed instead). Grow while the step stays within the budget of the
+            # lowest step seen (which erred high: the batch was there too), else shrink.
             budget = batch_inflight * (2.0 if self._step < self.slowdown * self._lowest_step else NO_FIT_YIELD)
         elif self._step is not None:
             # No fit yet, and the batch has held one count: nothing tells how much of the step is its. Yield, which

@@ -27,7 +27,7 @@ from batch_gateway.runner.presence import FIRST_HOLD, HOLD_MAX
 from batch_gateway.runner.share import allocate
 from batch_gateway.runner.step_model import LoadHistory, StepFit, StepModel
 from batch_gateway.store.metadata import RunnerLoad
-from tests.runner.model_engine import ModelEngine, Run, percentile
+from tests.runner.model_engine import ModelEngine, Run, Sequence, percentile
 
 # --- exact reactions --------------------------------------------------------------------------------
 
@@ -970,3 +970,16 @@ def test_a_probe_steps_aside_without_aborting_the_request_in_flight(monkeypatch)
     while c.inflight < 1:
         c.on_send(240.0)
     assert c.limit == 0 and c.excess == 0
+
+
+def test_a_runner_whose_first_reading_shows_a_user_grows_to_a_fit_beside_sparse_users():
+    """Without a fit, the batch yields so that its count varies and one forms; started beside one user's request, it
+    had nothing to yield at one sequence, and beside users sending a request every 10 s neither its count nor theirs
+    varied: it held one sequence for minutes (the sparse benchmark: 88 tokens/s where the budget allows 1,440)."""
+    engine = ModelEngine(seed=3)
+    engine.running.append(Sequence(400, -1, 0.0))  # someone's long request, running as the batch starts
+    controller = ConcurrencyController()
+    controller.on_engine(0.0, reading(1))  # the runner sends nothing before its first reading (`dispatch`)
+    engine.run([controller], 60, interactive_rate=lambda t: 0.1)
+    assert controller.regime is Regime.SHARED and controller.model.fit is not None
+    assert controller.limit >= 10, controller.snapshot()

@@ -488,15 +488,18 @@ class ConcurrencyController:
             agreed is not None or held or self.measured_slowdown is not None or self._trial_probes is not None
         ) and self._pause(now, pause_budget, lone=not peers):
             return 0.0
-        few = batch_inflight <= MIN_SPREAD_SEQUENCES
+        # Too few sequences to vary by yielding, in a gap between others' requests, on an engine whose step describes
+        # the interval (llama.cpp's describes requests as they end, a service time late: grown on it, a batch beside
+        # users at 40% of llama.cpp went from one sequence to four, and their p99 to 1.75×).
+        few = batch_inflight <= MIN_SPREAD_SEQUENCES and not self.others.now and not reading.counted_at_end
         if agreed is not None:
             budget = agreed
-        elif self._step is not None and (self.model.batch_varied or (few and not self.others.now)):
+        elif self._step is not None and (self.model.batch_varied or few):
             # No plausible fit although the batch's count has varied, or none with too few sequences to vary by
-            # yielding, in a gap between others' requests (a runner whose first reading showed a user held one
-            # sequence for minutes beside sparse users: neither its count nor theirs varied enough for a fit; beside
-            # users who stay, its one sequence is probed instead). Grow while the step stays within the budget of the
-            # lowest step seen (which erred high: the batch was there too), else shrink.
+            # yielding (`few`: a runner whose first reading showed a user held one sequence for minutes beside sparse
+            # users, neither its count nor theirs varying enough for a fit; beside users who stay, its one sequence is
+            # probed instead). Grow while the step stays within the budget of the lowest step seen (which erred high:
+            # the batch was there too), else shrink.
             budget = batch_inflight * (2.0 if self._step < self.slowdown * self._lowest_step else NO_FIT_YIELD)
         elif self._step is not None:
             # No fit yet, and the batch has held one count: nothing tells how much of the step is its. Yield, which

@@ -983,3 +983,22 @@ def test_a_runner_whose_first_reading_shows_a_user_grows_to_a_fit_beside_sparse_
     engine.run([controller], 60, interactive_rate=lambda t: 0.1)
     assert controller.regime is Regime.SHARED and controller.model.fit is not None
     assert controller.limit >= 10, controller.snapshot()
+
+
+def test_on_an_engine_that_counts_at_end_a_runner_without_a_fit_does_not_grow_in_users_gaps():
+    """llama.cpp's step describes requests as they end, a service time late: grown on it in users' gaps, a batch
+    beside users at 40% of llama.cpp went from one sequence to four, and their p99 to 1.75× (the real-engine
+    benchmark, 2026-12-07). There the one sequence is probed instead."""
+    for counted_at_end in (False, True):
+        c = ConcurrencyController()
+        c.on_engine(0.0, reading(1))  # someone's request, before the batch sent anything
+        tokens = 0.0
+        for k in range(1, 9):
+            now = k * 0.5
+            fill(c, now)
+            answered(c, now, latency=0.5, tokens=16)
+            tokens += 16
+            extra = {"finished_tokens": tokens} if counted_at_end else {"completed": float(k)}
+            c.on_engine(now, reading(c.inflight, step_seconds=0.01, **extra))
+        assert c.regime is Regime.SHARED
+        assert (c.limit <= 1) is counted_at_end, (counted_at_end, c.snapshot())

@@ -490,7 +490,7 @@ class ConcurrencyController:
             return 0.0
         # Too few sequences to vary by yielding, in a gap between others' requests, on an engine whose step describes
         # the interval (llama.cpp's describes requests as they end, a service time late: grown on it, a batch beside
-        # users at 40% of llama.cpp went from one sequence to four, and their p99 to 1.75×).
+        # users at 40% of llama.cpp went from one sequence to four, and their p99 to 1.58×).
         few = batch_inflight <= MIN_SPREAD_SEQUENCES and not self.others.now and not reading.counted_at_end
         if agreed is not None:
             budget = agreed

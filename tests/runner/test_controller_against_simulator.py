@@ -91,7 +91,9 @@ async def test_converges_near_the_knee_retreats_and_recovers(tmp_path):
     with sim_process("--max-num-seqs", str(SLOTS), "--time-scale", "0.5") as sim_url:
         # Output lengths 16..47 tokens: equal lengths would finish in lockstep, and each lockstep refill reads as a
         # burst of waiting requests that no real mix of requests produces.
-        varied = b"".join(chat_lines(200, systems=200, max_tokens=16 + k, prefix=f"len{k}") for k in range(32))
+        # Enough for the 90 s it runs (a minute of it held as after a first sign, at the budget of an empty engine):
+        # with 6,400 lines the batch could run out before the end, and its limit with it.
+        varied = b"".join(chat_lines(400, systems=400, max_tokens=16 + k, prefix=f"len{k}") for k in range(32))
         ingested = await ingest(
             chunks(varied), tmp_path / "input.jsonl", "/v1/chat/completions", Limits(10_000, 1 << 20), model_ok
         )

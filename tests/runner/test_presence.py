@@ -174,7 +174,7 @@ def test_users_stay_seen_from_the_runner_s_first_seconds_on_a_small_engine(seed)
 
 def test_a_sign_of_others_that_needs_a_second_reading_is_told_as_unconfirmed():
     """The runner holds its first requests while a first reading's sign of others waits for the second: beside other
-    runners (whose publications lag), unless it leaves no doubt."""
+    runners, whose publications lag. A lone runner takes one reading's."""
     peer = RunnerLoad("other", inflight=4, limit=4, demand=10, completed=0, at=0.0)
     presence = Presence()
     presence.observe(0.0, EngineReading(running=5 + 3, waiting=0), [peer], batch_inflight=5, answered=0)

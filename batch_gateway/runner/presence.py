@@ -48,8 +48,8 @@ INTERACTIVE_SMOOTHING = 0.3  # weight of a new reading in the interactive-load e
 
 class Presence:
     """Others' load on the engine, and whether anyone else is there: to a lone runner, on one reading that shows a
-    request not its own running; beside other runners, or from finished requests, on two readings, or on one that
-    leaves no doubt (once they are seen, each sign counts). The engine is the batch's again `INTERACTIVE_HOLD` seconds
+    request not its own running; beside other runners, or from finished requests alone, on two readings (once they
+    are seen, each sign counts). The engine is the batch's again `INTERACTIVE_HOLD` seconds
     after the last sign of anyone else, sooner for busy users (the time twelve of their requests take), later for
     sparse ones (the gap their next exceeds with chance `LAPSE_CHANCE`, up to `HOLD_MAX`), and `FIRST_HOLD` after a
     lone runner's first sign of someone, before either is known."""

@@ -1,5 +1,6 @@
-"""Fixtures of the control-plane tests: one real Kubernetes control plane and Argo per session (tests/control_plane/
-cluster.py), templates/ applied to it with kubectl, and `batch-gateway serve --executor argo` in front of it.
+"""Fixtures of the control-plane tests: one real Kubernetes control plane and Argo for this package's tests
+(tests/control_plane/cluster.py; stopped after them, so that it takes no CPU from the suite's timing-sensitive runner
+tests), templates/ applied to it with kubectl, and `batch-gateway serve --executor argo` in front of it.
 
 Deselect these tests with `-m "not control_plane"`; they need scripts/install-control-plane.sh to have run.
 """
@@ -72,7 +73,7 @@ def s3_session() -> Iterator[S3Server]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane(tmp_path_factory) -> Iterator[ControlPlane]:
     base_env = host_environment() | {"PATH": f"{EXECUTABLES}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), base_env=base_env)

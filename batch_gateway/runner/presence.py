@@ -97,6 +97,12 @@ class Presence:
         # often short.)
         return now - self._seen_at <= self._hold()
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the others are sparse users, held by their gaps (a request every few seconds, each caught running,
+        with the engine theirs alone in between) rather than by their rate."""
+        return self._rate <= BUSY_RATE and bool(self._gaps)
+
     def _hold(self) -> float:
         if self._rate > BUSY_RATE:
             return EXPECTED_COMPLETIONS / self._rate

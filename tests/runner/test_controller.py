@@ -17,6 +17,7 @@ from batch_gateway.runner.controller import (
     PROBE_CLEAR_SECONDS,
     PROBE_EVERY,
     PROBE_FIRST,
+    SPARSE_MARGIN,
     ConcurrencyController,
     Regime,
     dithered,
@@ -288,6 +289,27 @@ def test_shared_budget_is_the_slowdown_times_fixed_over_per_sequence_cost():
         assert budget["fixed_s"] == pytest.approx(0.010, rel=0.05)
         assert budget["per_batch_sequence_s"] == pytest.approx(0.0001, rel=0.05)
         assert c.limit == pytest.approx(0.3 * 0.010 / 0.0001 * (1 - BUDGET_MARGIN), abs=3), interactive
+
+
+def test_beside_sparse_users_the_budget_aims_lower_by_the_sparse_margin():
+    """Their p99 is the slowest of few requests, each meeting the batch as it happens to be: beside a person whose
+    request runs for one reading in eight, the batch runs (0.3)·10/0.1·(1 - SPARSE_MARGIN) sequences."""
+    c = ConcurrencyController(initial=8, slowdown=1.3)
+    answered(c, 0.0)
+    t = 0.0
+    for batch in (8, 16, 32, 64, 48, 24, 8, 40):
+        t += 0.5
+        c.on_engine(t, reading(batch, step_seconds=0.010 + 0.0001 * batch, running_mean=batch))
+    for n in range(160):
+        t += 0.5
+        while c.inflight > c.limit:
+            c.on_success(t, latency=1.0, output_tokens=64, epoch=1)
+        fill(c, t)
+        running = c.inflight + (1 if n % 8 == 0 else 0)
+        c.on_scrape()
+        c.on_engine(t, reading(running, step_seconds=0.010 + 0.0001 * running, running_mean=running))
+    assert c.regime is Regime.SHARED and c.others.sparse
+    assert c.limit == pytest.approx(0.3 * 0.010 / 0.0001 * (1 - SPARSE_MARGIN), abs=1.5)
 
 
 def test_a_lone_runner_beside_users_rounds_its_budget_down():

@@ -106,7 +106,7 @@ class Presence:
     def _hold(self) -> float:
         if self._rate > BUSY_RATE:
             return EXPECTED_COMPLETIONS / self._rate
-        if self._gaps:
+        if self.sparse:
             multiple = LAPSE_CHANCE ** (-1.0 / len(self._gaps)) - 1.0
             return min(HOLD_MAX, max(INTERACTIVE_HOLD, multiple * sum(self._gaps)))
         return FIRST_HOLD if self._alone else INTERACTIVE_HOLD

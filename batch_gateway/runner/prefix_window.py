@@ -16,7 +16,9 @@ vLLM counts cached blocks that no sequence holds as free, so the prefixes waitin
 its usage; prefixes held by running requests are inside it, or inside our own estimate of what our requests hold
 (their group's prefix once, plus each one's own tokens), which also covers an engine whose usage leaves the prefix
 cache out (the simulator's capped cache). A group counts only the blocks it adds to its parent's prefix, so the
-shared blocks of the prefix tree count once.
+shared blocks of the prefix tree count once; and once its followers and its head are answered, a group whose
+subtrees are still to come counts only the part of its prefix they share (its head opened a few-shot block under a
+system prompt: that block's questions are done, the system prompt's other blocks still need it).
 
 **Learnt.** Without the cache's size, the window is a number of open groups, learnt from the answers: a follower's
 `usage.prompt_tokens_details.cached_tokens` against the prefix it shares with its group. A follower that found less
@@ -233,6 +235,12 @@ class PrefixWindow:
         else:
             self._idle_tokens += group.tokens
         self._counted += group.tokens >= SMALL_PREFIX_TOKENS
+
+    def shrink(self, key: int, tokens: float) -> None:
+        """What is left of the group needs only `tokens` of its prefix in the cache, if that is less than it has."""
+        group = self._open.get(key)
+        if group is not None and 0 < tokens < group.tokens:
+            self.resize(key, tokens)
 
     def _move(self, tokens: float, busy: bool) -> None:
         sign = 1 if busy else -1

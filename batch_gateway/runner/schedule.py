@@ -67,12 +67,14 @@ JOIN_CANDIDATES = 4  # pools examined per other endpoint when joining: the front
 class _Pool:
     """The children of one parent: children[cursor:end] are still to go out."""
 
-    __slots__ = ("best", "cursor", "end", "heading", "inflight", "judged", "parent", "warm")
+    __slots__ = ("best", "cursor", "deep", "end", "heading", "inflight", "judged", "parent", "subtrees", "warm")
 
     def __init__(self, parent: int, cursor: int, end: int, warm: int = 0) -> None:
         self.parent = parent
         self.cursor = cursor
         self.end = end
+        self.subtrees = end  # children[subtrees:end] open subtrees of their own (set by the scheduler)
+        self.deep = 0  # requests in flight that need the group's whole prefix: its followers, its warmed head
         self.warm = warm  # bit e: open on endpoint e
         self.heading = 0  # bit e: a stand-in head is in flight on endpoint e
         self.inflight = 0  # children handed out from the open pool and not finished
@@ -206,7 +208,8 @@ class GroupScheduler:
         if end > begin:
             if prompt_tokens:
                 window.resize(position, prompt_tokens - cached_tokens)
-            flight.opened = _Pool(position, begin, end)
+            flight.opened = self._pool(position, begin, end)
+            flight.opened.deep = 1  # the head itself, still in flight
             self._settle(flight.opened, endpoint, True)
 
     def next_ready(self, endpoint: int = 0) -> int | None:
@@ -268,6 +271,8 @@ class GroupScheduler:
                 window.follower_done(prompt_tokens, cached_tokens)
                 if success:
                     self._judge(source, position, window, prompt_tokens, cached_tokens)
+                source.deep -= 1
+                self._shrink_if_shallow(source)
             self._close_if_idle(source, endpoint)
         if flight.warmed:  # its pools opened with its warm-up, which sized them: they close once all is done
             if heads is not None:
@@ -275,6 +280,8 @@ class GroupScheduler:
                 self._close_if_idle(heads, endpoint)
             if flight.opened is not None:
                 window.release(position)
+                flight.opened.deep -= 1
+                self._shrink_if_shallow(flight.opened)
                 self._close_if_idle(flight.opened, endpoint)
             return
         if heads is not None:  # a stand-in for its pool's parent
@@ -288,7 +295,7 @@ class GroupScheduler:
             window.release(position)
             if success and prompt_tokens:
                 window.resize(position, prompt_tokens - cached_tokens)
-            self._settle(_Pool(position, begin, end), endpoint, success)
+            self._settle(self._pool(position, begin, end), endpoint, success)
 
     # ------------------------------------------------------------------------------------------
 
@@ -302,6 +309,33 @@ class GroupScheduler:
         if below <= own:
             return None
         return prefix_tokens(below) - prefix_tokens(own)
+
+    def _pool(self, parent: int, begin: int, end: int) -> _Pool:
+        """The open pool of `parent`'s children, knowing where its children that open subtrees begin (they come
+        after its followers)."""
+        pool = _Pool(parent, begin, end)
+        children, offsets = self._children, self._offsets
+        low, high = begin, end
+        while low < high:
+            middle = (low + high) // 2
+            child = int(children[middle])
+            if offsets[child + 2] > offsets[child + 1]:
+                high = middle
+            else:
+                low = middle + 1
+        pool.subtrees = low
+        return pool
+
+    def _shrink_if_shallow(self, pool: _Pool) -> None:
+        """Once a group's followers are all answered, and its head too, what is left of it (heads of subtrees) needs
+        only the part of its prefix they share: the rest (a few-shot block whose questions are done, under a system
+        prompt that other few-shot blocks share) no longer counts against the cache."""
+        if pool.deep or pool.cursor < pool.subtrees or pool.subtrees >= pool.end:
+            return
+        deepest = int(self._depths[self._children[pool.subtrees : pool.end]].max())
+        tokens = prefix_tokens(deepest) - prefix_tokens(int(self._depths[pool.parent]))
+        for window in self.windows:
+            window.shrink(pool.parent, tokens)
 
     def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int) -> None:
         """Did a follower find its group's prefix in the cache? Prefixes too small to tell are not judged."""
@@ -385,8 +419,9 @@ class GroupScheduler:
         follower = source is not None and opens is None
         if source is not None:
             window.hold(source.parent)
-        if follower:
-            window.follower_sent()
+            if follower:
+                window.follower_sent()
+                source.deep += 1
         if opens is not None:  # it heads a group of its own: the group opens here
             window.open(position, opens)
             window.hold(position)

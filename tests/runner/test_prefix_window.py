@@ -76,6 +76,46 @@ def test_shared_blocks_of_the_prefix_tree_count_once():
     assert window.working() == pytest.approx(whole + 700 + branch)  # the branch's head said what it computed
 
 
+TREE = np.array([0, 6, 6, 5, 6, 5, 6], dtype=np.uint8)  # a system prompt (5 blocks), three few-shot branches (6)
+
+
+def test_once_a_branch_is_answered_its_group_counts_only_what_the_other_branches_share():
+    s = GroupScheduler(np.arange(7), depths=TREE)
+    window = s.windows[0]
+    whole, system, branch = prefix_tokens(6), prefix_tokens(5), prefix_tokens(6) - prefix_tokens(5)
+    window.observe(capacity=(whole + branch) / MARGIN + 1, held=0.0)  # the head's branch and one other
+    assert drain(s) == [0]
+    s.on_finished(0, True)
+    assert drain(s) == [1, 2, 3]  # the third branch's head waits for room
+    s.on_finished(1, True)
+    assert drain(s) == []  # one of the head's questions still runs: its branch stays
+    s.on_finished(2, True)
+    # The head's branch is done; its group now holds the system prompt only, and the third branch fits.
+    assert window.working() == pytest.approx(system + branch)
+    assert drain(s) == [5]
+    for line in (3, 4, 5, 6):
+        s.on_finished(line, True)
+        drain(s)
+    assert s.done and window.working() == pytest.approx(0, abs=1e-6)
+
+
+def test_a_warmed_head_still_running_keeps_its_whole_branch_counted():
+    s = GroupScheduler(np.arange(7), depths=TREE)
+    s.warm_up_heads(0)
+    window = s.windows[0]
+    whole, system = prefix_tokens(6), prefix_tokens(5)
+    window.observe(capacity=100 * whole, held=0.0)
+    assert drain(s) == [0]
+    s.on_warmed(0, True)
+    assert drain(s) == [1, 2, 3, 5]
+    s.on_finished(1, True)
+    s.on_finished(2, True)
+    assert window.working() > whole  # the head itself still computes on the whole prefix
+    s.on_finished(0, True)
+    branches = 2 * (prefix_tokens(6) - prefix_tokens(5))
+    assert window.working() == pytest.approx(system + branches)
+
+
 def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hits():
     s = groups_plan(groups=30, size=3)
     window = s.windows[0]

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass
+
+import httpx
 
 from batch_gateway.runner.prefix_window import MARGIN
 from batch_gateway.sim import SimConfig
@@ -41,7 +44,8 @@ SHAPE_SHARE = 0.2  # cache of the other shapes
 LONG_PROMPTS, LONG_PER_PROMPT, LONG_WORDS = 50, 40, 700
 DEFAULT_TARGET = 0.95
 LEARNT_RUNS = 3  # the learnt window's runs vary by several percent: the main case's table shows the median of these
-CEILING_SEQS = (110, 90, 70)  # the engine's max_num_seqs, to show what fewer running requests cost
+CEILING_SEQS = (110, 90, 70)
+SAMPLE_SECONDS = 0.1  # the engine's max_num_seqs, to show what fewer running requests cost
 
 
 def _prompt(body: dict, block_size: int):
@@ -91,13 +95,44 @@ def tree_bodies(systems: int, shots: int, questions: int, seed: int = 5) -> list
 
 
 def blocks_per_sequence(bodies: list[dict], block_size: int, per_group: int) -> tuple[float, float]:
-    """What a running request holds in the cache, in blocks: its own full blocks (its prompt beyond the shared ones,
-    and its output), and its part of its group's shared prefix."""
+    """What a running request holds in the prefix cache, in blocks: its own full prompt blocks beyond the shared ones
+    (the simulator caches prompt blocks; its output stays outside the cache's cap), and its part of its group's shared
+    prefix."""
     prompts = [_prompt(body, block_size) for body in bodies]
     counts = Counter(h for prompt in prompts for h in prompt.block_hashes)
     shared = [sum(1 for h in prompt.block_hashes if counts[h] > 1) for prompt in prompts]
-    own = [(prompt.tokens + MAX_TOKENS) // block_size - n for prompt, n in zip(prompts, shared, strict=True)]
+    own = [len(prompt.block_hashes) - n for prompt, n in zip(prompts, shared, strict=True)]
     return sum(own) / len(own), sum(shared) / len(shared) / per_group
+
+
+class RunningSampler:
+    """The engines' running sequences, sampled every SAMPLE_SECONDS from /sim/stats while they have work: what the
+    window and the controller let run."""
+
+    def __init__(self, sims: list[SimProcess]) -> None:
+        self._urls = [sim.url + "/sim/stats" for sim in sims]
+        self._samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> RunningSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        with httpx.Client(timeout=5.0) as client:
+            while not self._stop.wait(SAMPLE_SECONDS):
+                stats = [client.get(url).json() for url in self._urls]
+                if any(s["running"] or s["waiting"] for s in stats):
+                    self._samples.append(sum(s["running"] for s in stats))
+
+    @property
+    def mean(self) -> float:
+        return sum(self._samples) / len(self._samples) if self._samples else 0.0
 
 
 @dataclass
@@ -122,7 +157,8 @@ def run_once(config: SimConfig, data: bytes, ordering: bool = True, endpoints: i
             sim.start()
         with LocalStack([sim.url for sim in sims], prefix_ordering=ordering) as stack:
             batch_id = asyncio.run(stack.create_batch(data))
-            result = stack.run_runner(batch_id, timeout=900)
+            with RunningSampler(sims) as running:
+                result = stack.run_runner(batch_id, timeout=900)
             stats = [sim.stats() for sim in sims]
             run_stats = asyncio.run(stack.run_stats(batch_id))
     finally:
@@ -151,6 +187,7 @@ def run_once(config: SimConfig, data: bytes, ordering: bool = True, endpoints: i
         "windows": windows,
         "controllers": controllers,
         "per_endpoint": [s["completed"] for s in stats],
+        "running": running.mean,
     }
 
 
@@ -188,6 +225,7 @@ def _row(label: str, cache: str, info: str, r: dict, ideal: float, base: dict | 
         "target": f"≥ {target:.0%}: {'met' if of_ideal >= target else '**missed**'}" if target else "",
         "requests/s": f"{rate:.1f}",
         "vs unbounded": "",
+        "engine's running sequences (mean)": f"{r['running']:.0f}",
         "prompt tokens computed": f"{r['prefill_tokens']:,}",
         "window at the end": _window(r),
         "controller at the end": "; ".join(f"limit {c['limit']}, {c['regime']}" for c in r["controllers"]),
@@ -229,6 +267,8 @@ def run() -> None:
                 (measure(main, cache, config, info) for _ in range(LEARNT_RUNS if hidden else 1)), key=_throughput
             )
             r = runs[len(runs) // 2]
+            if share == SHARES[-1] and not hidden:
+                smallest_read = r
             row = _row(main.label, cache, info, r, main.ideal, unbounded, TARGETS[share])
             if len(runs) > 1:
                 row["vs unbounded"] += (
@@ -329,11 +369,17 @@ end": the endpoint's concurrency limit and regime ("shared" means it believed ot
 unbounded cache's throughput):
 
 {report.table(rows)}
-**What a cache holding {SHARES[-1]:.0%} of the prompts allows.** Each running request holds {own:.1f} blocks of its
-own (the end of its prompt and its output) and shares its group's prefix ({part * PER_GROUP:.1f} blocks) with
-{PER_GROUP - 1} others: the {smallest:,} blocks hold the working set of about {smallest / (own + part):.0f} running
-requests, filled to the brim. The engine runs up to {full_seqs} (with a queue, in the unbounded runs); with fewer, it is
-slower (unbounded cache, the engine's `max_num_seqs` lowered; the window fills {MARGIN:.0%} of the cache):
+**What a cache holding {SHARES[-1]:.0%} of the prompts allows.** Each running request caches {own:.1f} blocks of its
+own (the rest of its prompt; the simulator keeps output blocks outside the cap) and shares its group's prefix
+({part * PER_GROUP:.1f} blocks) with {PER_GROUP - 1} others: were every block one a running request holds, the
+{smallest:,} blocks would hold about {smallest / (own + part):.0f} running requests. They cannot all be: the cache
+evicts the least recently freed block first, so a prefix that its warm-up has just computed and that waits for its
+followers goes before the blocks that requests finishing after it free, and every request admitted caches blocks of
+its own, which evict. The window keeps what the runner estimates its groups need to {MARGIN:.0%} of the cache (more
+lost hits and throughput when it was tried: `prefix_window.MARGIN`), and the engine ran
+{smallest_read["running"]:.0f} sequences on average with the size read, against {unbounded["running"]:.0f} with
+the unbounded cache (up to {full_seqs}, with a queue). With fewer running sequences the engine is slower (unbounded
+cache, the engine's `max_num_seqs` lowered):
 
 {report.table(ceiling_rows)}
 **Other shapes** with a cache holding {SHAPE_SHARE:.0%} of their prompts: groups of 3; a few-shot prompt tree three

@@ -44,8 +44,8 @@ SHAPE_SHARE = 0.2  # cache of the other shapes
 LONG_PROMPTS, LONG_PER_PROMPT, LONG_WORDS = 50, 40, 700
 DEFAULT_TARGET = 0.95
 LEARNT_RUNS = 3  # the learnt window's runs vary by several percent: the main case's table shows the median of these
-CEILING_SEQS = (110, 90, 70)
-SAMPLE_SECONDS = 0.1  # the engine's max_num_seqs, to show what fewer running requests cost
+CEILING_SEQS = (110, 90, 70)  # the engine's max_num_seqs, to show what fewer running requests cost
+SAMPLE_SECONDS = 0.1  # how often the engines' running sequences are read during a run
 
 
 def _prompt(body: dict, block_size: int):

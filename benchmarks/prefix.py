@@ -375,8 +375,8 @@ own (the rest of its prompt; the simulator keeps output blocks outside the cap) 
 {smallest:,} blocks would hold about {smallest / (own + part):.0f} running requests. They cannot all be: the cache
 evicts the least recently freed block first, so a prefix that its warm-up has just computed and that waits for its
 followers goes before the blocks that requests finishing after it free, and every request admitted caches blocks of
-its own, which evict. The window keeps what the runner estimates its groups need to {MARGIN:.0%} of the cache (more
-lost hits and throughput when it was tried: `prefix_window.MARGIN`), and the engine ran
+its own, which evict. The window keeps what the runner estimates its groups need to {MARGIN:.0%} of the cache (a higher
+fill lost hits when it was tried: `prefix_window.MARGIN`), and the engine ran
 {smallest_read["running"]:.0f} sequences on average with the size read, against {unbounded["running"]:.0f} with
 the unbounded cache (up to {full_seqs}, with a queue). With fewer running sequences the engine is slower (unbounded
 cache, the engine's `max_num_seqs` lowered):

@@ -52,9 +52,11 @@ from batch_gateway.runner.prefix import BLOCK_SIZES
 
 # Share of the cache the working set may fill. Eviction is least recently freed first, so a prefix waiting for its
 # followers goes before the blocks freed after it: the rest of the cache has to absorb that churn. With prefix
-# warm-ups a prefix waits about one engine step. Against the simulator with a cache holding a tenth of the prompts
+# warm-ups a prefix waits about one engine step (32 ms at the median, 120-135 ms at the 90th percentile, and the
+# prefixes lost are in that tail). Against the simulator with a cache holding a tenth of the prompts
 # (benchmarks/prefix.py): 0.5 kept every hit at 90-91% of the unbounded cache's throughput; 0.7 kept 98-100% of the
-# hits at 91-94%; 0.85 lost 6-10% of the hits and fell to 78-86%.
+# hits at 91-94%; 0.85 lost 6-10% of the hits and fell to 78-86%. Measured again on 6219330 (two runs each, nothing
+# else running): 0.7 kept 97.0-99.2% of the hits, 0.85 95.5-97.0%, at throughputs that overlapped.
 MARGIN = 0.7
 BYTES_PER_TOKEN = 4.0  # estimate of a prefix's tokens from its bytes, until its head's answer says
 LOWER_BYTES_PER_TOKEN = 6.0  # a safe lower bound of a shared prefix's tokens (judging hits)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ import msgspec
 
 from batch_gateway.sim import bodies, metrics
 from batch_gateway.sim.config import SimConfig
-from batch_gateway.sim.engine import Engine
+from batch_gateway.sim.engine import Engine, Sequence
 from batch_gateway.sim.requests import EMBEDDINGS, ENDPOINTS, MODERATIONS, Job, RequestError, decode_body, parse_job
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -33,6 +34,7 @@ Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 _json = msgspec.json.Encoder()
 _JSON = b"application/json"
 _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+_EVENTS = b"text/event-stream"
 _SIM_VERSION = "0.1.0-sim"
 
 
@@ -74,9 +76,9 @@ class SimApp:
             if path in ENDPOINTS:
                 if method != "POST":
                     raise RequestError(405, f"Method {method} not allowed on {path}; use POST.")
-                answer = await self._generate(path, raw, receive)
+                answer = await self._generate(path, raw, scope, receive, send)
                 if answer is None:
-                    return  # the client went away; nobody to answer
+                    return  # streamed, or the client went away
             else:
                 answer = self._control(method, path, raw)
                 if path == "/metrics":
@@ -85,26 +87,20 @@ class SimApp:
             body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
             answer = (exc.status, _json.encode(body), exc.headers)
         status, payload, headers = answer
-        request_id = (
-            next((v for k, v in scope["headers"] if k == b"x-request-id"), None) or secrets.token_hex(16).encode()
-        )
         await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"x-request-id", request_id),
-                    *headers,
-                ],
-            }
+            _start(
+                status,
+                scope,
+                [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()), *headers],
+            )
         )
         await send({"type": "http.response.body", "body": payload})
 
     # --- the engine endpoints -----------------------------------------------------------------------
 
-    async def _generate(self, path: str, raw: bytes, receive: Receive) -> Answer | None:
+    async def _generate(
+        self, path: str, raw: bytes, scope: dict[str, Any], receive: Receive, send: Send
+    ) -> Answer | None:
         job = parse_job(path, decode_body(raw), self.config)
         injected = self._inject_failure()
         if injected == "timeout":
@@ -112,6 +108,10 @@ class SimApp:
             if not finished:
                 return None
             raise RequestError(504, "Injected timeout: the engine did not answer in time.", type="server_error")
+        self._check_fits(job)
+        if job.stream:
+            await self._stream(job, scope, receive, send)
+            return None
         if self.config.instant:  # nothing to wait for: skip the disconnect watch and its overhead
             result = await self._run(job)
         else:
@@ -120,10 +120,8 @@ class SimApp:
                 return None
         return 200, _json.encode(result), []
 
-    async def _run(self, job: Job) -> dict[str, Any]:
+    def _check_fits(self, job: Job) -> None:
         engine = self.engines[job.model]
-        finish = "length" if job.length_limited else "stop"
-        pooling = job.endpoint in (EMBEDDINGS, MODERATIONS)
         for prompt, tokens in zip(job.prompts, job.output_tokens, strict=True):
             if not engine.fits(prompt.tokens + tokens):
                 raise RequestError(
@@ -132,13 +130,64 @@ class SimApp:
                     f"holds {self.config.kv_blocks * self.config.block_size}.",
                     param="max_tokens",
                 )
-        runs = [
-            engine.generate(prompt, tokens, pooling=pooling, finish_reason=finish, priority=job.priority)
-            for prompt, tokens in zip(job.prompts, job.output_tokens, strict=True)
-            for _ in range(job.n)
+
+    def _runs(
+        self, job: Job, on_token: Callable[[int], Callable[[Sequence], None]] | None = None
+    ) -> list[Awaitable[Sequence]]:
+        """The job's sequences (for each prompt, its `n`), each told of its tokens through `on_token(index)`."""
+        engine = self.engines[job.model]
+        finish = "length" if job.length_limited else "stop"
+        pooling = job.endpoint in (EMBEDDINGS, MODERATIONS)
+        pairs = [pair for pair in zip(job.prompts, job.output_tokens, strict=True) for _ in range(job.n)]
+        return [
+            engine.generate(
+                prompt,
+                tokens,
+                pooling=pooling,
+                finish_reason=finish,
+                priority=job.priority,
+                on_token=on_token(index) if on_token else None,
+            )
+            for index, (prompt, tokens) in enumerate(pairs)
         ]
+
+    async def _run(self, job: Job) -> dict[str, Any]:
+        runs = self._runs(job)
         sequences = [await runs[0]] if len(runs) == 1 else list(await asyncio.gather(*runs))
         return bodies.build(job, sequences)
+
+    async def _stream(self, job: Job, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """Answer in server-sent events as the tokens come, as vLLM does; a client that goes away aborts the job."""
+        tokens: asyncio.Queue[tuple[int, Sequence, int]] = asyncio.Queue()  # a step's: (choice, sequence, upto)
+
+        def told(index: int) -> Callable[[Sequence], None]:
+            return lambda sequence: tokens.put_nowait((index, sequence, sequence.generated))
+
+        runs = [asyncio.ensure_future(run) for run in self._runs(job, told)]
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        sid, created = bodies.stream_id(job), int(time.time())
+        try:
+            await send(_start(200, scope, [(b"content-type", _EVENTS), (b"cache-control", b"no-cache")]))
+            sent = [0] * len(runs)
+            left = len(runs)
+            while left:
+                taking = asyncio.ensure_future(tokens.get())
+                await asyncio.wait((taking, watcher), return_when=asyncio.FIRST_COMPLETED)
+                if not taking.done():
+                    taking.cancel()
+                    return  # the client went away: `finally` aborts the sequences
+                index, sequence, upto = taking.result()
+                events = bodies.stream_chunks(job, sid, created, index, sequence, sent[index], upto)
+                sent[index] = upto
+                left -= upto >= sequence.output_tokens
+                await send({"type": "http.response.body", "body": _events(events), "more_body": True})
+            sequences = [await run for run in runs]
+            last = [bodies.usage_chunk(job, sid, created, sequences)] if job.include_usage else []
+            await send({"type": "http.response.body", "body": _events(last) + b"data: [DONE]\n\n"})
+        finally:
+            watcher.cancel()
+            for run in runs:
+                run.cancel()  # a finished one ignores it; an unfinished one is aborted in the engine
 
     def _inject_failure(self) -> str | None:
         config = self.config
@@ -252,6 +301,16 @@ class SimApp:
         totals["prefix_cache_hit_rate"] = totals.get("prefix_cache_hits", 0) / queries if queries else 0.0
         totals["kv_cache_usage"] = max(s["kv_cache_usage"] for s in per_model.values())
         return {**totals, "injected": dict(self.injected), "models": per_model}
+
+
+def _start(status: int, scope: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The response's start, with the caller's x-request-id echoed (or a new one)."""
+    request_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), None) or secrets.token_hex(16).encode()
+    return {"type": "http.response.start", "status": status, "headers": [*headers, (b"x-request-id", request_id)]}
+
+
+def _events(chunks: list[dict[str, Any]]) -> bytes:
+    return b"".join(b"data: " + _json.encode(chunk) + b"\n\n" for chunk in chunks)
 
 
 async def _unless_disconnected(work: Awaitable[Any], receive: Receive) -> tuple[bool, Any]:

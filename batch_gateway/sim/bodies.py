@@ -84,12 +84,57 @@ def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
     }
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+def stream_id(job: Job) -> str:
+    return ("chatcmpl-" if job.endpoint == CHAT else "cmpl-") + secrets.token_hex(16)
+
+
+def stream_chunks(
+    job: Job, sid: str, created: int, index: int, sequence: Sequence, sent: int, upto: int
+) -> list[dict[str, Any]]:
+    """The chunks for output tokens `sent` to `upto` of `sequence` (choice `index`), made in one step: on its first
+    token a chat answer starts with the role (as vLLM's does), then the new text, with the finish reason on its
+    last token."""
+    key = sequence.prompt.key + index % job.n
+    text = output_text(key, upto)[len(output_text(key, sent)) :]
+    finish = None
+    if upto >= sequence.output_tokens:
+        finish = "length" if job.length_limited else "stop"
+    usage = _usage(sequence.prompt.tokens, upto, None) if job.continuous_usage else None
+    choices: list[dict[str, Any]]
+    if job.endpoint == CHAT:
+        deltas = [{"role": "assistant", "content": ""}] if sent == 0 else []
+        deltas.append({"content": text})
+        choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+        choices[-1]["finish_reason"] = finish
+        kind = "chat.completion.chunk"
+    else:
+        choices = [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]
+        kind = "text_completion"
+    chunks = []
+    for choice in choices:
+        chunk = {"id": sid, "object": kind, "created": created, "model": job.model, "choices": [choice]}
+        if usage is not None:
+            chunk["usage"] = usage
+        chunks.append(chunk)
+    return chunks
+
+
+def usage_chunk(job: Job, sid: str, created: int, sequences: list[Sequence]) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, the whole answer's usage."""
+    prompt_tokens = sum(p.tokens for p in job.prompts)
+    cached = sum(sequences[i * job.n].cached_tokens or 0 for i in range(len(job.prompts)))
+    kind = "chat.completion.chunk" if job.endpoint == CHAT else "text_completion"
+    usage = _usage(prompt_tokens, sum(s.generated for s in sequences), cached)
+    return {"id": sid, "object": kind, "created": created, "model": job.model, "choices": [], "usage": usage}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        # vLLM's continuous usage (in every chunk of a stream) leaves the details out
+        **({"prompt_tokens_details": {"cached_tokens": cached}} if cached is not None else {}),
     }
 
 

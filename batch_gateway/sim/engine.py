@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -82,6 +83,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     queued: float = 0.0  # seconds from arrival to the first admission
+    on_token: Callable[[Sequence], None] | None = None  # told of every output token (a streamed answer)
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prompt.tokens
@@ -172,11 +174,13 @@ class Engine:
         pooling: bool = False,
         finish_reason: str = "length",
         priority: int = 0,
+        on_token: Callable[[Sequence], None] | None = None,
     ) -> Sequence:
         """Run one sequence to completion. Cancelling the caller aborts it and frees its slot, as vLLM does.
 
         `finish_reason` is what its end will be reported as: "length" when it ends at max_tokens, "stop" when the
-        simulated model ends by itself. `priority` orders it under the priority policy (lower first).
+        simulated model ends by itself. `priority` orders it under the priority policy (lower first). `on_token`
+        is called at the end of every step that gives it output tokens (a streamed answer).
         """
         self.start()
         loop = asyncio.get_running_loop()
@@ -189,6 +193,7 @@ class Engine:
             pooling=pooling,
             finish_reason=finish_reason,
             priority=priority,
+            on_token=on_token,
         )
         self.waiting.add(sequence)
         self.stats.requests += 1
@@ -419,6 +424,8 @@ class Engine:
             new = sequence.output_tokens - sequence.generated if instant else 1
             sequence.generated += new
             self.stats.generation_tokens += new
+            if sequence.on_token is not None:
+                sequence.on_token(sequence)
             if sequence.generated >= sequence.output_tokens:
                 self._finish(sequence, sequence.finish_reason, now)
                 finished = True

@@ -54,6 +54,9 @@ class Job:
     dimensions: int = 0
     base64: bool = False
     priority: int = 0  # vLLM's extension: lower is scheduled first under --scheduling-policy priority
+    stream: bool = False  # answer in server-sent events, a chunk per token (chat and completions)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage in every chunk
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -72,8 +75,7 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
     model = body.get("model", config.models[0])  # vLLM serves its one model when none is named
     if model not in config.models:
         raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-    if body.get("stream"):
-        raise RequestError(400, "Streaming is not supported by the simulator; send stream: false.", param="stream")
+    stream, include_usage, continuous_usage = _streaming(endpoint, body)
     priority = _priority(body, config)
     block = config.block_size
     if endpoint == CHAT:
@@ -114,7 +116,41 @@ def parse_job(endpoint: str, body: dict[str, Any], config: SimConfig) -> Job:
                 code="context_length_exceeded",
             )
         outputs.append(wanted)
-    return Job(endpoint, model, prompts, outputs, n=n, length_limited=asked is not None, priority=priority)
+    return Job(
+        endpoint,
+        model,
+        prompts,
+        outputs,
+        n=n,
+        length_limited=asked is not None,
+        priority=priority,
+        stream=stream,
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
+    )
+
+
+def _streaming(endpoint: str, body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """`stream` and its `stream_options`, as vLLM reads them: (stream, include_usage, continuous_usage_stats)."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream not in (None, False, True):
+        raise RequestError(400, "stream must be a boolean.", param="stream")
+    if stream and endpoint not in (CHAT, COMPLETIONS):
+        raise RequestError(
+            400,
+            "The simulator streams /v1/chat/completions and /v1/completions only; send stream: false.",
+            param="stream",
+        )
+    if options is None:
+        return bool(stream), False, False
+    if not stream:
+        raise RequestError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+    if not isinstance(options, dict):
+        raise RequestError(400, "stream_options must be an object.", param="stream_options")
+    include, continuous = options.get("include_usage"), options.get("continuous_usage_stats")
+    if include not in (None, False, True) or continuous not in (None, False, True):
+        raise RequestError(400, "stream_options' fields must be booleans.", param="stream_options")
+    return True, bool(include), bool(include and continuous)
 
 
 def _priority(body: dict[str, Any], config: SimConfig) -> int:

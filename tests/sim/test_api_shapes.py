@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -114,7 +115,9 @@ def test_unknown_model_is_404_model_not_found(client, sim):
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/chat/completions", {**chat(), "stream": True}, "stream"),
+        ("/v1/responses", {"model": "sim-model", "input": "hi", "stream": True}, "stream"),
+        ("/v1/chat/completions", {**chat(), "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", {**chat(), "stream": True, "stream_options": []}, "stream_options"),
         ("/v1/chat/completions", {"model": "sim-model", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "sim-model", "messages": [{"content": "no role"}]}, "messages"),
         ("/v1/chat/completions", {**chat(), "max_tokens": 0}, "max_tokens"),
@@ -169,3 +172,46 @@ def test_responses_take_a_prompt_template_or_a_conversation_instead_of_input(cli
         response = client.responses.create(model="sim-model", max_output_tokens=4, **extra)
         assert response.object == "response" and response.usage.input_tokens > 0
     assert _error(httpx.post(sim.url + "/v1/responses", json={"model": "sim-model"}), 400)["param"] == "input"
+
+
+def test_chat_streams_its_tokens_with_usage_at_the_end(client):
+    whole = client.chat.completions.create(**chat("streamed", max_tokens=5))
+    chunks = list(
+        client.chat.completions.create(
+            **chat("streamed", max_tokens=5), stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert len(finishes) == 1 + 5  # the role, then a chunk per token
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 5
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert last.usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: its blocks were cached
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_stream_with_vllms_continuous_usage(sim):
+    body = {
+        "model": "sim-model",
+        "prompt": "count with me",
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    with httpx.stream("POST", sim.url + "/v1/completions", json=body) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "text/event-stream"
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    tokens = chunks[:-1]
+    assert [c["usage"]["completion_tokens"] for c in tokens] == [1, 2, 3]
+    assert all("prompt_tokens_details" not in c["usage"] for c in tokens)  # as vLLM's continuous usage
+    whole = httpx.post(sim.url + "/v1/completions", json={**body, "stream": False, "stream_options": None}).json()
+    assert "".join(c["choices"][0]["text"] for c in tokens) == whole["choices"][0]["text"]
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -200,3 +201,13 @@ def test_each_model_has_its_own_engine(start_sim):
     asyncio.run(post_all(server.url, [chat(str(i), model="small") for i in range(3)] + [chat("x", model="large")]))
     per_model = stats(server)["models"]
     assert per_model["small"]["completed"] == 3 and per_model["large"]["completed"] == 1
+
+
+def test_a_stream_closed_early_aborts_its_request(start_sim):
+    server = start_sim(time_scale=1.0, max_num_seqs=1)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**chat(max_tokens=1000), "stream": True}) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+    eventually(lambda: stats(server)["aborted"] == 1, timeout=5, interval=0.005)
+    assert stats(server)["running"] == 0  # the slot is free again
+    assert stats(server)["generation_tokens"] < 1000

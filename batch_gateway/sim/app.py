@@ -4,10 +4,10 @@ Raw ASGI (no framework) and msgspec keep the per-request overhead tiny, so the g
 against the simulator in zero-latency mode.
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (each with vLLM's optional integer
-`priority`; chat and completions stream with `stream: true`, as vLLM's do); GET /v1/models, /health, /version, /metrics; POST /reset_prefix_cache (as vLLM's). Test hooks: GET
-/sim/stats (JSON counters), POST /sim/load (`{"sequences": N, "context_tokens": 512, "model": ...}`: N interactive
-sequences that take slots until set back to 0), POST /sim/pause and /sim/resume (hold the scheduler, so arrivals pile
-up and are admitted in one step).
+`priority`; chat and completions stream with `stream: true`, as vLLM's do); GET /v1/models, /health, /version,
+/metrics; POST /reset_prefix_cache (as vLLM's). Test hooks: GET /sim/stats (JSON counters), POST /sim/load
+(`{"sequences": N, "context_tokens": 512, "model": ...}`: N interactive sequences that take slots until set back to
+0), POST /sim/pause and /sim/resume (hold the scheduler, so arrivals pile up and are admitted in one step).
 """
 
 from __future__ import annotations

@@ -365,10 +365,10 @@ running sequences get the whole KV cache), sized as a share of the {main.shared:
 share; the runner reads it from `/metrics` ("read") or the simulator hides it and the runner learns its window from
 `cached_tokens` ("hidden"). The main case runs {RUNS} times with each cache: its table shows the median run by
 throughput, and the range (the unbounded cache's runs in brackets). "Window at the end": per endpoint, how the
-window was set and how often a group had to wait (cache size read), or the number of open groups it had learnt, how often a miss or a reading of the prefix
-cache's counters cut it, and the readings that said prefixes were being evicted, and the prefix
-warm-ups sent (one-token copies of group heads, `--prefix-warm-up`); "controller at the
-end": the endpoint's concurrency limit and regime ("shared" means it believed others were using the engine).
+window was set and how often a group had to wait (cache size read), or the number of open groups it had learnt,
+how often a miss or a reading of the prefix cache's counters cut it, and the readings that said prefixes were being
+evicted, and the prefix warm-ups sent (one-token copies of group heads, `--prefix-warm-up`); "controller at the end":
+the endpoint's concurrency limit and regime ("shared" means it believed others were using the engine).
 
 **Groups of {PER_GROUP} sharing a ~400-token prompt** ({GROUPS * PER_GROUP:,} requests; issue #13's targets: ≥ 95%,
 90% and 85% of the ideal with caches holding 40%, 20% and 10% of the prompts, at ≥ {THROUGHPUT_TARGET:.0%} of the

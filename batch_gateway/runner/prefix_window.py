@@ -238,11 +238,16 @@ class PrefixWindow:
             self._idle_tokens += group.tokens
         self._counted += group.tokens >= SMALL_PREFIX_TOKENS
 
-    def shrink(self, key: int, tokens: float) -> None:
-        """What is left of the group needs only `tokens` of its prefix in the cache, if that is less than it has."""
+    def shrink(self, key: int, tokens: float, estimated: float) -> None:
+        """What is left of the group needs only part of its prefix in the cache: `tokens` of the `estimated` whole,
+        both estimates from the key blocks. The group's size may have been measured since (its head's answer): the
+        part keeps its share of that measure."""
         group = self._open.get(key)
-        if group is not None and 0 < tokens < group.tokens:
-            self.resize(key, tokens)
+        if group is None or estimated <= 0:
+            return
+        part = tokens * group.tokens / estimated
+        if 0 < part < group.tokens:
+            self.resize(key, part)
 
     def _move(self, tokens: float, busy: bool) -> None:
         sign = 1 if busy else -1

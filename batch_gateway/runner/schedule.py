@@ -333,9 +333,12 @@ class GroupScheduler:
         if pool.deep or pool.cursor < pool.subtrees or pool.subtrees >= pool.end:
             return
         deepest = int(self._depths[self._children[pool.subtrees : pool.end]].max())
-        tokens = prefix_tokens(deepest) - prefix_tokens(int(self._depths[pool.parent]))
+        own = prefix_tokens(int(self._depths[pool.parent]))
+        whole = self._opens(pool.parent)  # the estimate the group was opened with
+        if whole is None:
+            return
         for window in self.windows:
-            window.shrink(pool.parent, tokens)
+            window.shrink(pool.parent, prefix_tokens(deepest) - own, whole)
 
     def _judge(self, pool: _Pool, position: int, window: PrefixWindow, prompt: int, cached: int) -> None:
         """Did a follower find its group's prefix in the cache? Prefixes too small to tell are not judged."""

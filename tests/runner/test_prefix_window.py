@@ -115,6 +115,23 @@ def test_a_warmed_head_still_running_keeps_its_whole_branch_counted():
     assert window.working() == pytest.approx(system + branches)
 
 
+def test_a_branch_measured_larger_than_its_estimate_keeps_that_scale_when_it_shrinks():
+    # The head's warm-up computed half as much again as the key blocks suggested: the system prompt the group keeps
+    # once its branch is done is scaled alike, not taken back to the estimate.
+    s = GroupScheduler(np.arange(7), depths=TREE)
+    s.warm_up_heads(0)
+    window = s.windows[0]
+    whole, system, branches = prefix_tokens(6), prefix_tokens(5), 2 * (prefix_tokens(6) - prefix_tokens(5))
+    window.observe(capacity=100 * whole, held=0.0)
+    assert drain(s) == [0]
+    s.on_warmed(0, True, prompt_tokens=round(1.5 * whole), cached_tokens=0)
+    assert drain(s) == [1, 2, 3, 5]
+    assert window.working() == pytest.approx(round(1.5 * whole) + branches)
+    for line in (1, 2, 0):
+        s.on_finished(line, True)
+    assert window.working() == pytest.approx(system * round(1.5 * whole) / whole + branches)
+
+
 def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hits():
     s = groups_plan(groups=30, size=3)
     window = s.windows[0]

@@ -99,37 +99,41 @@ def test_once_a_branch_is_answered_its_group_counts_only_what_the_other_branches
     assert s.done and window.working() == pytest.approx(0, abs=1e-6)
 
 
-def test_a_warmed_head_still_running_keeps_its_whole_branch_counted():
+WHOLE, SYSTEM = prefix_tokens(6), prefix_tokens(5)  # TREE's first branch: its whole prefix, its system prompt
+BRANCHES = 2 * (WHOLE - SYSTEM)  # the other two branches' own parts
+
+
+def warmed_tree(measured: int = 0) -> tuple[GroupScheduler, PrefixWindow]:
+    """TREE with its first head warmed (its warm-up's answer measuring `measured` tokens, if any) and everything it
+    opened handed out: its two questions and the other branches' heads."""
     s = GroupScheduler(np.arange(7), depths=TREE)
     s.warm_up_heads(0)
     window = s.windows[0]
-    whole, system, branches = prefix_tokens(6), prefix_tokens(5), 2 * (prefix_tokens(6) - prefix_tokens(5))
-    window.observe(capacity=100 * whole, held=0.0)
+    window.observe(capacity=100 * WHOLE, held=0.0)
     assert drain(s) == [0]
-    s.on_warmed(0, True)
+    s.on_warmed(0, True, prompt_tokens=measured, cached_tokens=0)
     assert drain(s) == [1, 2, 3, 5]
+    return s, window
+
+
+def test_a_warmed_head_still_running_keeps_its_whole_branch_counted():
+    s, window = warmed_tree()
     s.on_finished(1, True)
     s.on_finished(2, True)
-    assert window.working() == pytest.approx(whole + branches)  # the head itself still computes on the whole prefix
+    assert window.working() == pytest.approx(WHOLE + BRANCHES)  # the head itself still computes on the whole prefix
     s.on_finished(0, True)
-    assert window.working() == pytest.approx(system + branches)
+    assert window.working() == pytest.approx(SYSTEM + BRANCHES)
 
 
 def test_a_branch_measured_larger_than_its_estimate_keeps_that_scale_when_it_shrinks():
     # The head's warm-up computed half as much again as the key blocks suggested: the system prompt the group keeps
     # once its branch is done is scaled alike, not taken back to the estimate.
-    s = GroupScheduler(np.arange(7), depths=TREE)
-    s.warm_up_heads(0)
-    window = s.windows[0]
-    whole, system, branches = prefix_tokens(6), prefix_tokens(5), 2 * (prefix_tokens(6) - prefix_tokens(5))
-    window.observe(capacity=100 * whole, held=0.0)
-    assert drain(s) == [0]
-    s.on_warmed(0, True, prompt_tokens=round(1.5 * whole), cached_tokens=0)
-    assert drain(s) == [1, 2, 3, 5]
-    assert window.working() == pytest.approx(round(1.5 * whole) + branches)
+    measured = round(1.5 * WHOLE)
+    s, window = warmed_tree(measured)
+    assert window.working() == pytest.approx(measured + BRANCHES)
     for line in (1, 2, 0):
         s.on_finished(line, True)
-    assert window.working() == pytest.approx(system * round(1.5 * whole) / whole + branches)
+    assert window.working() == pytest.approx(SYSTEM * measured / WHOLE + BRANCHES)
 
 
 def test_the_learnt_window_halves_on_a_miss_once_per_round_and_grows_on_full_hits():

@@ -9,8 +9,9 @@ per group; its answer is thrown away.
 
 A copy that streams, opens the group at its first chunk and generates a few tokens more (so that the prefix stays
 held, not idle, while the followers are admitted) was measured against this one with the simulator's streaming
-(benchmarks/prefix.py's cache of a tenth of the prompts, size read, five runs each, alternating): 115-121 requests/s
-against 120-127, and no more hits. It was not taken up.
+(benchmarks/prefix.py's cache of a tenth of the prompts, size read): no gain in throughput or hits. Five runs each,
+alternating: 115-121 requests/s against 120-127; a later set: 121-126 (four runs) against 120-126 (eight, just
+before). It was not taken up.
 
 The copy changes the generation limits only: `max_tokens` (and `max_completion_tokens`, `max_output_tokens`) of 1, one
 choice, no streaming, no minimum length (and a Responses copy is not stored). The prompt, model, tools and chat template

@@ -22,9 +22,7 @@ def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
     if job.endpoint == MODERATIONS:
         return _moderations(job)
     finish = "length" if job.length_limited else "stop"
-    prompt_tokens = sum(p.tokens for p in job.prompts)
-    cached = sum(sequences[i * job.n].cached_tokens or 0 for i in range(len(job.prompts)))
-    completion_tokens = sum(s.generated for s in sequences)
+    prompt_tokens, completion_tokens, cached = _counts(job, sequences)
     texts = [output_text(s.prompt.key + i % job.n, s.generated) for i, s in enumerate(sequences)]
     created = int(time.time())
     if job.endpoint == CHAT:
@@ -84,6 +82,16 @@ def build(job: Job, sequences: list[Sequence]) -> dict[str, Any]:
     }
 
 
+def _counts(job: Job, sequences: list[Sequence]) -> tuple[int, int, int]:
+    """The answer's prompt, completion and cached tokens (the cache hit of each prompt's first sequence)."""
+    prompt_tokens = sum(p.tokens for p in job.prompts)
+    cached = sum(sequences[i * job.n].cached_tokens or 0 for i in range(len(job.prompts)))
+    return prompt_tokens, sum(s.generated for s in sequences), cached
+
+
+_CHUNK_OBJECTS = {CHAT: "chat.completion.chunk", COMPLETIONS: "text_completion"}
+
+
 def stream_id(job: Job) -> str:
     return ("chatcmpl-" if job.endpoint == CHAT else "cmpl-") + secrets.token_hex(16)
 
@@ -106,13 +114,17 @@ def stream_chunks(
         deltas.append({"content": text})
         choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
         choices[-1]["finish_reason"] = finish
-        kind = "chat.completion.chunk"
     else:
         choices = [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]
-        kind = "text_completion"
     chunks = []
     for choice in choices:
-        chunk = {"id": sid, "object": kind, "created": created, "model": job.model, "choices": [choice]}
+        chunk = {
+            "id": sid,
+            "object": _CHUNK_OBJECTS[job.endpoint],
+            "created": created,
+            "model": job.model,
+            "choices": [choice],
+        }
         if usage is not None:
             chunk["usage"] = usage
         chunks.append(chunk)
@@ -121,11 +133,15 @@ def stream_chunks(
 
 def usage_chunk(job: Job, sid: str, created: int, sequences: list[Sequence]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, the whole answer's usage."""
-    prompt_tokens = sum(p.tokens for p in job.prompts)
-    cached = sum(sequences[i * job.n].cached_tokens or 0 for i in range(len(job.prompts)))
-    kind = "chat.completion.chunk" if job.endpoint == CHAT else "text_completion"
-    usage = _usage(prompt_tokens, sum(s.generated for s in sequences), cached)
-    return {"id": sid, "object": kind, "created": created, "model": job.model, "choices": [], "usage": usage}
+    usage = _usage(*_counts(job, sequences))
+    return {
+        "id": sid,
+        "object": _CHUNK_OBJECTS[job.endpoint],
+        "created": created,
+        "model": job.model,
+        "choices": [],
+        "usage": usage,
+    }
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None) -> dict[str, Any]:

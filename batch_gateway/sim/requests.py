@@ -54,7 +54,7 @@ class Job:
     dimensions: int = 0
     base64: bool = False
     priority: int = 0  # vLLM's extension: lower is scheduled first under --scheduling-policy priority
-    stream: bool = False  # answer in server-sent events, a chunk per token (chat and completions)
+    stream: bool = False  # answer in server-sent events as the steps give tokens (chat and completions)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage in every chunk
 
